@@ -1,0 +1,64 @@
+"""`hspace <stage> [--config conf.yaml] [key=value ...]`: the command-line entry point.
+
+``key`` is a dotted path into conf.yaml (``generate.num_samples=1000``). Without
+``--config``, ./conf.yaml is used when it exists, else the built-in defaults. Problems the
+user can fix (bad config, missing model, corrupt data) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .errors import HSpaceError
+
+#: stage name -> ("module:function", help). Each function takes the validated config.
+STAGES: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.stages.run:run_all", "the main job: every stage in order"),
+    "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
+    "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
+    "config": ("pipeline.cli:print_config", "print the resolved configuration"),
+}
+
+
+def print_config(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(cfg), end="")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hspace",
+        description="Discover, apply and evaluate editing directions in the h-space of diffusion models.",
+        epilog="Example: hspace generate run_dir=runs/x generate.num_samples=1000 trainer.devices=2",
+    )
+    sub = p.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for name, (_, help_) in STAGES.items():
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("--config", "-c", default=None, help="YAML config (default: ./conf.yaml if present)")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import load_config
+
+    try:
+        path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
+        cfg = load_config(path, args.overrides)
+        module, func = STAGES[args.stage][0].split(":")
+        getattr(importlib.import_module(module), func)(cfg)
+    except HSpaceError as e:
+        print(f"hspace {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Configuration: typed defaults, conf.yaml, dotted ``key=value`` overrides, validation.
+
+The dataclasses below are the schema and the defaults; ``conf.yaml`` at the project root
+spells the same values out with comments (a test keeps the two identical). Unknown or
+misspelt keys and values of the wrong type are errors naming the key and the valid ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "toyfaces"  # embedded name, local save_pretrained folder, or hub id
+    num_inference_steps: int = 20  # T
+    eta: Any = 0.0  # 0 = DDIM, 1 = DDPM-like, or a list of T values
+    hook: str = "after"  # where h lives: "after" (mid-block output) or "before" (its input)
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    device: Optional[str] = None  # null: cuda if available, else cpu (stages: set by the trainer)
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to lightning.Trainer: the same command runs on 1 CPU, 8 GPUs or several nodes."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: Any = "32-true"
+
+
+@dataclass
+class SampleConfig:
+    """`hspace sample`: a PNG grid of seeds (rows) x edit scales (columns)."""
+
+    seeds: List[int] = field(default_factory=lambda: list(range(8)))
+    directions: Optional[str] = None  # a directions file; null: no edit
+    direction: str = "0"  # name or index of the direction in that file
+    scales: List[float] = field(default_factory=lambda: [0.0])
+    out: Optional[str] = None  # default: <run_dir>/sample.png
+
+
+@dataclass
+class ToyTrainConfig:
+    """`hspace train-toy`: everything that determines the embedded default's weights."""
+
+    out_dir: str = "runs/train-toy"
+    steps: int = 18000
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup_steps: int = 300
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    seed: int = 0
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 2
+    correlations: Dict[str, float] = field(default_factory=lambda: {"glasses~hair": 0.6, "smile~eye_open": -0.5})
+    checkpoint_every: int = 250
+    sample_every: int = 1000
+
+
+@dataclass
+class HSpaceConfig:
+    run_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
+
+
+def defaults() -> DictConfig:
+    return OmegaConf.structured(HSpaceConfig)
+
+
+def _valid_keys(cfg: DictConfig, dotted: str) -> str:
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    where = f"under '{parent}'" if parent else "at the top level"
+    return f"valid keys {where}: {', '.join(keys)}"
+
+
+def _merge(cfg: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"unknown config key '{key}' in {source}; {_valid_keys(cfg, key)}") from None
+    except ValidationError as e:
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"invalid value for '{key}' in {source}: {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid configuration in {source}: {str(e).splitlines()[0]}") from None
+
+
+def parse_overrides(overrides: List[str]) -> dict:
+    """['a.b=1', 'c=[1,2]'] -> nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. generate.num_samples=1000)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: List[str] | None = None) -> DictConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    cfg = defaults()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
+        cfg = _merge(cfg, data, str(p))
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command-line overrides")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def config_hash(*parts) -> str:
+    """A short stable hash of JSON-able config parts (what determines a stage's output)."""
+    blob = json.dumps([to_dict(p) if isinstance(p, DictConfig) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

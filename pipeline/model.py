@@ -1,0 +1,338 @@
+"""HSpaceModel: sample, record, edit and invert an unconditional diffusion model in h-space.
+
+Conventions used throughout the project:
+
+- step index ``i`` runs in sampling order: ``i = 0`` is the first, noisiest step (timestep
+  ``timesteps[0]``, e.g. 900 for T=10), ``i = T-1`` the last;
+- ``h``: ``(B, T, C, H, W)``, the bottleneck activation at every step, recorded *before* any
+  edit is added;
+- ``delta_h``: ``(T, C, H, W)`` (same edit for every sample) or ``(B, T, C, H, W)``;
+- images: ``(B, 3, H, W)`` float in [-1, 1].
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from . import noise as noise_streams
+from .errors import InputError
+from .hooks import HOOK_POINTS, HSpaceHook
+from .schedule import ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule, predicted_x0
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class SampleOutput:
+    """Result of :meth:`HSpaceModel.sample`.
+
+    images: (B, 3, H, W) in [-1, 1]; h: (B, T, C, H, W) before edits; x_T: (B, 3, H, W);
+    seeds: the samples' seeds (None for samples given by their latents).
+    """
+
+    images: torch.Tensor
+    h: torch.Tensor
+    x_T: torch.Tensor
+    seeds: list[int] | None
+
+
+@dataclass
+class InversionOutput:
+    """Result of :meth:`HSpaceModel.invert`: x_T (B, 3, H, W) and h (B, T, C, H, W) on the way."""
+
+    x_T: torch.Tensor
+    h: torch.Tensor
+
+
+class HSpaceModel:
+    """A diffusers ``UNet2DModel`` with a DDIM sampler and read/write access to h-space.
+
+    ``eta``: 0 is DDIM, 1 DDPM-like, or a list of T values. ``hook``: "after" (mid-block
+    output, default) or "before" (mid-block input).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDIMScheduler,
+        num_inference_steps: int = 20,
+        eta: float | Sequence[float] = 0.0,
+        hook: str = "after",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        name_or_path: str | None = None,
+    ):
+        if hook not in HOOK_POINTS:
+            raise InputError(f"unknown hook point {hook!r}; choose one of {HOOK_POINTS}")
+        if not hasattr(unet, "mid_block") or unet.mid_block is None:
+            raise InputError("the U-Net has no mid_block, so it has no h-space bottleneck")
+        if int(num_inference_steps) < 1 or num_inference_steps > scheduler.config.num_train_timesteps:
+            raise InputError(
+                f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, got {num_inference_steps}"
+            )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = as_dtype(dtype)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        if unet.dtype != self.dtype:
+            self.unet.to(dtype=self.dtype)
+        self.scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+        self.scheduler.set_timesteps(int(num_inference_steps))
+        self.timesteps = self.scheduler.timesteps.clone().cpu()
+        self.name_or_path = name_or_path
+        self.hook_point = hook
+        self.hook = HSpaceHook(self.unet.mid_block, hook)
+        self.eta = eta_schedule(eta, self.num_steps)
+        self._h_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        num_inference_steps: int = 20,
+        eta: float | Sequence[float] = 0.0,
+        hook: str = "after",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "HSpaceModel":
+        """Load from an embedded name (``toyfaces``), a local ``save_pretrained`` folder, a hub id
+        or the HF cache (``HF_HUB_OFFLINE=1``)."""
+        from .loading import load_unet_and_scheduler
+
+        unet, scheduler = load_unet_and_scheduler(name_or_path, dtype=as_dtype(dtype))
+        return cls(unet, scheduler, num_inference_steps, eta, hook, device, dtype, name_or_path=str(name_or_path))
+
+    @classmethod
+    def from_config(cls, model_cfg, device: str | torch.device | None = None) -> "HSpaceModel":
+        """From the ``model`` section of conf.yaml; ``device`` overrides ``model.device``."""
+        return cls.from_pretrained(
+            model_cfg.name_or_path,
+            num_inference_steps=model_cfg.num_inference_steps,
+            eta=model_cfg.eta,
+            hook=model_cfg.hook,
+            device=device or model_cfg.device,
+            dtype=model_cfg.dtype,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_steps(self) -> int:
+        """T, the number of sampling steps."""
+        return len(self.timesteps)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+    @property
+    def h_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of h at the hook point (found with one tiny forward pass, then cached)."""
+        if self._h_shape is None:
+            with torch.no_grad():
+                self.unet(torch.zeros(1, *self.image_shape, device=self.device, dtype=self.dtype), int(self.timesteps[0]))
+            self._h_shape = tuple(self.hook.h.shape[1:])
+        return self._h_shape
+
+    def coefficients(self, eta: float | Sequence[float] | None = None):
+        """Per-step DDIM scalars (alpha_t, alpha_prev, sigma_t) for this model's timesteps."""
+        eta_t = self.eta if eta is None else eta_schedule(eta, self.num_steps)
+        return ddim_coefficients(self.scheduler.alphas_cumprod, self.timesteps, float(self.scheduler.final_alpha_cumprod), eta_t)
+
+    def describe(self) -> dict:
+        """Provenance: what determines this model's samples."""
+        return {
+            "name_or_path": self.name_or_path,
+            "scheduler": type(self.scheduler).__name__,
+            "scheduler_config": dict(self.scheduler.config),
+            "timesteps": self.timesteps.tolist(),
+            "eta": self.eta.tolist(),
+            "hook": self.hook_point,
+            "h_shape": list(self.h_shape),
+            "image_shape": list(self.image_shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    # ------------------------------------------------------------------ noise
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """x_T of each seed, (B, 3, H, W), from the seed's own stream."""
+        return noise_streams.randn(seeds, "x_T", self.image_shape)
+
+    def step_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """z_t of each seed for every step, (B, T, 3, H, W), from the seed's own stream."""
+        return noise_streams.randn(seeds, "z", (self.num_steps, *self.image_shape))
+
+    # ------------------------------------------------------------------ the U-Net
+    def eps(self, x_t: torch.Tensor, step: int) -> torch.Tensor:
+        """Noise prediction at step index ``step``; the hook's current edit applies."""
+        t = self.timesteps[step].to(self.device)
+        out = self.unet(x_t.to(device=self.device, dtype=self.dtype), t.expand(x_t.shape[0])).sample
+        return out.float()
+
+    def eps_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor) -> torch.Tensor:
+        """eps_t(x_t, h): the U-Net with its h replaced by ``h`` (B, C, H, W); differentiable in h."""
+        self.hook.replace, self.hook.delta = h, None
+        try:
+            return self.eps(x_t, step)
+        finally:
+            self.hook.clear()
+
+    # ------------------------------------------------------------------ sampling
+    def _per_sample(self, value: torch.Tensor | None, name: str, batch: int, trailing: tuple) -> torch.Tensor | None:
+        """Check an edit tensor: (T, *trailing) shared by all, or (B, T, *trailing)."""
+        if value is None:
+            return None
+        value = torch.as_tensor(value)
+        T = self.num_steps
+        if tuple(value.shape) == (T, *trailing):
+            value = value.unsqueeze(0).expand(batch, *value.shape)
+        elif tuple(value.shape) != (batch, T, *trailing):
+            raise InputError(
+                f"{name} has shape {tuple(value.shape)}; expected (T, C, H, W) = {(T, *trailing)} "
+                f"or (B, T, C, H, W) = {(batch, T, *trailing)}"
+            )
+        return value.to(device=self.device, dtype=torch.float32)
+
+    def _step_mask(self, steps: Iterable[int] | None) -> list[bool]:
+        if steps is None:
+            return [True] * self.num_steps
+        steps = [int(s) for s in steps]
+        bad = [s for s in steps if not 0 <= s < self.num_steps]
+        if bad:
+            raise InputError(f"steps {bad} out of range: step indices run 0..{self.num_steps - 1} (0 = first, noisiest)")
+        return [i in set(steps) for i in range(self.num_steps)]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        seeds: Sequence[int] | None = None,
+        *,
+        x_T: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        delta_h: torch.Tensor | None = None,
+        replace_h: torch.Tensor | None = None,
+        dx_T: torch.Tensor | None = None,
+        steps: Iterable[int] | None = None,
+        asyrp: bool = False,
+        eta: float | Sequence[float] | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Generate images while recording h, optionally editing it.
+
+        seeds: one per sample; x_T and the step noise z_t come from each seed's own streams.
+        x_T: (B, 3, H, W) start from given latents instead (e.g. an inversion's); with
+            ``eta > 0`` also give ``noise`` (B, T, 3, H, W) or ``seeds`` for the step noise.
+        delta_h: (T, C, H, W) or (B, T, C, H, W), added to h (vector arithmetic, paper Sec. 3).
+        replace_h: same shapes; h is replaced (the paper's Fig. 3 swap), before ``delta_h``.
+        dx_T: (3, H, W) or (B, 3, H, W) offset added to x_T (the noise-space baseline, Fig. 8).
+        steps: step indices where edits apply (default all).
+        asyrp: drive D_t from a second, unedited pass (Asyrp) instead of the edited one.
+        eta: override the model's eta for this call.
+        """
+        if x_T is None:
+            if seeds is None:
+                raise InputError("give seeds, or x_T (with noise or seeds when eta > 0)")
+            seeds = [int(s) for s in seeds]
+            x_T = self.initial_noise(seeds)
+        else:
+            x_T = torch.as_tensor(x_T, dtype=torch.float32)
+            if x_T.ndim != 4 or tuple(x_T.shape[1:]) != self.image_shape:
+                raise InputError(f"x_T has shape {tuple(x_T.shape)}; expected (B, {', '.join(map(str, self.image_shape))})")
+            if seeds is not None and len(seeds) != len(x_T):
+                raise InputError(f"got {len(seeds)} seeds for {len(x_T)} latents")
+        B = len(x_T)
+        if B == 0:
+            raise InputError("nothing to sample: empty seeds / x_T")
+        coef = self.coefficients(eta)
+        stochastic = bool((coef.sigma > 0).any())
+        z = None
+        if stochastic:
+            if noise is not None:
+                z = torch.as_tensor(noise, dtype=torch.float32)
+                if tuple(z.shape) != (B, self.num_steps, *self.image_shape):
+                    raise InputError(f"noise has shape {tuple(z.shape)}; expected {(B, self.num_steps, *self.image_shape)}")
+            elif seeds is not None:
+                z = self.step_noise(seeds)
+            else:
+                raise InputError("eta > 0 needs per-step noise: pass noise=(B, T, 3, H, W) or the samples' seeds")
+            z = z.to(self.device)
+        x = x_T.to(self.device)
+        if dx_T is not None:
+            dx_T = torch.as_tensor(dx_T, dtype=torch.float32)
+            if tuple(dx_T.shape[-3:]) != self.image_shape or dx_T.ndim not in (3, 4):
+                raise InputError(f"dx_T has shape {tuple(dx_T.shape)}; expected (3, H, W) or (B, 3, H, W)")
+            x = x + dx_T.to(self.device)
+        x_start = x.clone()
+        h_shape = self.h_shape
+        delta = self._per_sample(delta_h, "delta_h", B, h_shape)
+        replace = self._per_sample(replace_h, "replace_h", B, h_shape)
+        mask = self._step_mask(steps)
+        hs = torch.empty((B, self.num_steps, *h_shape), device=self.device, dtype=self.dtype)
+
+        for i in tqdm(range(self.num_steps), disable=not progress, desc="sampling", leave=False):
+            edited = mask[i] and (delta is not None or replace is not None)
+            if edited:
+                self.hook.delta = None if delta is None else delta[:, i]
+                self.hook.replace = None if replace is None else replace[:, i]
+            try:
+                eps = self.eps(x, i)
+            finally:
+                self.hook.clear()
+            hs[:, i] = self.hook.h
+            eps_direction = self.eps(x, i) if (asyrp and edited) else None
+            x = ddim_step(
+                x, eps, float(coef.alpha[i]), float(coef.alpha_prev[i]), float(coef.sigma[i]),
+                None if z is None else z[:, i], eps_direction,
+            )
+        return SampleOutput(images=x.clamp(-1, 1), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds))
+
+    # ------------------------------------------------------------------ inversion
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, progress: bool = False) -> InversionOutput:
+        """DDIM inversion (eta 0) of images (B, 3, H, W) in [-1, 1], recording h on the way.
+
+        Runs the sampling steps backwards, from the clean image up to the first sampling
+        timestep and no further, so that ``sample(x_T=out.x_T, eta=0)`` decodes back to the
+        images. ``h[:, i]`` is recorded by the pass that inverts sampling step i: the U-Net at
+        timestep ``timesteps[i]`` on the latent of step i+1 (the usual DDIM-inversion
+        approximation of x_t by its neighbour).
+        """
+        x = torch.as_tensor(images, dtype=torch.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise InputError(f"images have shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.image_shape))})")
+        if x.min() < -1.001 or x.max() > 1.001:
+            raise InputError("images must be scaled to [-1, 1] (use pipeline.images.from_uint8 for uint8 arrays)")
+        coef = self.coefficients(0.0)
+        x = x.to(self.device)
+        hs = torch.empty((len(x), self.num_steps, *self.h_shape), device=self.device, dtype=self.dtype)
+        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="inverting", leave=False):
+            eps = self.eps(x, i)
+            hs[:, i] = self.hook.h
+            x = ddim_inversion_step(x, eps, float(coef.alpha_prev[i]), float(coef.alpha[i]))
+        return InversionOutput(x_T=x, h=hs)
+
+    # ------------------------------------------------------------------ helpers
+    def predicted_x0(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
+        """P_t (eq. 3) at step index ``step``."""
+        return predicted_x0(x_t, eps, float(self.coefficients().alpha[step]))
+
+    @contextlib.contextmanager
+    def counting_passes(self):
+        """Context manager yielding a callable that returns the U-Net passes made inside it."""
+        start = self.hook.calls
+        yield lambda: self.hook.calls - start

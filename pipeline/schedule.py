@@ -1,0 +1,95 @@
+"""DDIM arithmetic of the paper (eq. 2-5) as pure tensor functions.
+
+Indices follow sampling order: step i goes from timestep ``timesteps[i]`` to
+``timesteps[i + 1]`` (or to the clean image after the last step). Step 0 is the first,
+noisiest step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class DDIMCoefficients:
+    """Per-step scalars, each (T,): alpha_t, alpha_{t-1} and sigma_t of eq. 2-5."""
+
+    alpha: torch.Tensor
+    alpha_prev: torch.Tensor
+    sigma: torch.Tensor
+    eta: torch.Tensor
+
+
+def eta_schedule(eta: float | Sequence[float], num_steps: int) -> torch.Tensor:
+    """A scalar eta or a list of T values -> (T,) float64 tensor, checked."""
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool):
+        values = [float(eta)] * num_steps
+    else:
+        try:
+            values = [float(e) for e in eta]
+        except (TypeError, ValueError):
+            raise InputError(f"eta must be a number or a list of numbers, got {eta!r}") from None
+        if len(values) != num_steps:
+            raise InputError(
+                f"eta has {len(values)} values but there are {num_steps} sampling steps; "
+                f"give one eta per step or a single number"
+            )
+    out = torch.tensor(values, dtype=torch.float64)
+    if (out < 0).any() or not torch.isfinite(out).all():
+        raise InputError(f"eta values must be finite and >= 0, got {values}")
+    return out
+
+
+def ddim_coefficients(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_cumprod: float, eta: torch.Tensor
+) -> DDIMCoefficients:
+    """alpha_t, alpha_prev (the next timestep's, or ``final_alpha_cumprod`` last) and sigma_t (eq. 5)."""
+    acp = alphas_cumprod.to(torch.float64)
+    alpha = acp[timesteps]
+    alpha_prev = torch.cat([acp[timesteps[1:]], torch.tensor([float(final_alpha_cumprod)], dtype=torch.float64)])
+    sigma = eta * torch.sqrt((1 - alpha_prev) / (1 - alpha)) * torch.sqrt(1 - alpha / alpha_prev)
+    return DDIMCoefficients(alpha, alpha_prev, sigma, eta)
+
+
+def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """P_t of eq. 3: the clean image predicted from x_t and the noise prediction."""
+    return (x_t - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: float,
+    alpha_prev: float,
+    sigma: float,
+    z: torch.Tensor | None = None,
+    eps_direction: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_{t-1} of eq. 2. ``eps`` drives P_t; ``eps_direction`` (default ``eps``) drives D_t.
+
+    Giving an unedited ``eps_direction`` is Asyrp; the default is the paper's symmetric
+    injection. ``z`` is the step's variance noise (needed when sigma > 0).
+    """
+    eps_d = eps if eps_direction is None else eps_direction
+    x = alpha_prev**0.5 * predicted_x0(x_t, eps, alpha) + max(0.0, 1 - alpha_prev - sigma**2) ** 0.5 * eps_d
+    if sigma > 0:
+        if z is None:
+            raise ValueError("a stochastic step (sigma > 0) needs its variance noise z")
+        x = x + sigma * z
+    return x
+
+
+def ddim_inversion_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """One deterministic DDIM step towards more noise: from noise level alpha_from to alpha_to."""
+    return alpha_to**0.5 * predicted_x0(x, eps, alpha_from) + (1 - alpha_to) ** 0.5 * eps
+
+
+def step_noise(x_next: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float, sigma: float) -> torch.Tensor:
+    """The z that makes ``ddim_step(x_t, eps, ...)`` land exactly on ``x_next`` (edit-friendly inversion)."""
+    if sigma <= 0:
+        raise ValueError("step noise is only defined for stochastic steps (sigma > 0)")
+    return (x_next - ddim_step(x_t, eps, alpha, alpha_prev, sigma, torch.zeros_like(x_t))) / sigma

@@ -1,0 +1,1 @@
+"""Stage entry points: each takes the validated config and reads/writes the run directory."""

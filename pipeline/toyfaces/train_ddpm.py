@@ -1,0 +1,185 @@
+"""`hspace train-toy`: train the embedded default DDPM on freshly rendered toy faces.
+
+Every batch is a pure function of (seed, step): the factors, the faces, the diffusion noise
+and the timesteps all come from generators seeded with both. Training is therefore
+reproducible from the seed and resumes exactly from its last checkpoint, even across
+machines or sessions. The result is saved with ``save_pretrained`` in the flat layout of the
+hub DDPM repositories (``config.json``, ``diffusion_pytorch_model.safetensors``,
+``scheduler_config.json``, ``model_index.json``), so ``HSpaceModel.from_pretrained`` loads it
+like ``google/ddpm-ema-celebahq-256``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from ..config import ToyTrainConfig, to_dict
+from ..images import from_uint8
+from .render import RESOLUTION, render_faces, sample_factors
+
+
+
+def build_unet(cfg: ToyTrainConfig) -> UNet2DModel:
+    """The toy U-Net: attention only in the mid block, whose output is h (C=128, 8x8)."""
+    n = len(cfg.block_out_channels)
+    return UNet2DModel(
+        sample_size=RESOLUTION,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+    )
+
+
+def build_scheduler() -> DDPMScheduler:
+    """The DDPM training schedule of the hub DDPMs (linear betas, 1000 steps)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+
+
+def training_batch(cfg: ToyTrainConfig, step: int) -> torch.Tensor:
+    """The faces of one step, (B, 3, 32, 32) in [-1, 1]; a pure function of (seed, step)."""
+    factors = sample_factors(cfg.batch_size, np.random.SeedSequence([cfg.seed, 1, step]), cfg.correlations)
+    return from_uint8(render_faces(factors))
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ToyDDPM(L.LightningModule):
+    """Epsilon-prediction DDPM with min-SNR loss weighting and an EMA copy of the weights."""
+
+    def __init__(self, cfg: ToyTrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)  # initial weights only; batches have their own generators
+        self.unet = build_unet(cfg)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.noise_scheduler = build_scheduler()
+        acp = self.noise_scheduler.alphas_cumprod
+        self.register_buffer("snr", acp / (1 - acp), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        x0 = training_batch(self.cfg, step).to(self.device)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, 2, step]).generate_state(1)[0]))
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(self.device)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        pred = self.unet(xt, t).sample
+        weight = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / self.snr[t]
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        decay = min(self.cfg.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.unet.parameters()):
+                e.lerp_(p, 1 - decay)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: _lr_factor(s, self.cfg.warmup_steps, self.cfg.steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Placeholder batches: the module renders its own data from the global step."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+def export_model(module: ToyDDPM, out_dir: str | os.PathLike, dtype=torch.float32) -> Path:
+    """Save the EMA U-Net and a DDPM scheduler in the flat hub-DDPM layout, atomically."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    unet = copy.deepcopy(module.ema).to(dtype=dtype, device="cpu")
+    unet.save_pretrained(tmp)
+    module.noise_scheduler.save_pretrained(tmp)
+    (tmp / "model_index.json").write_text(
+        json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                    "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2)
+    )
+    (tmp / "training.json").write_text(
+        json.dumps({"config": to_dict(module.cfg), "step": int(module.global_step)}, indent=2)
+    )
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+class _Export(L.Callback):
+    """Every `every` steps: export the EMA model and draw a sample grid of fixed seeds."""
+
+    def __init__(self, cfg: ToyTrainConfig):
+        self.cfg = cfg
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
+            export_model(module, Path(self.cfg.out_dir) / "model")
+        if step % self.cfg.sample_every == 0 or step == self.cfg.steps:
+            from .grids import save_model_grid
+
+            save_model_grid(Path(self.cfg.out_dir) / "model", Path(self.cfg.out_dir) / "samples" / f"step-{step:06d}.png")
+
+
+def train_toy(cfg: ToyTrainConfig) -> Path:
+    """Train (or resume) and return the exported model directory."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    module = ToyDDPM(cfg)
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        accelerator="auto",
+        devices=1,
+        logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=0),
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0),
+            _Export(cfg),
+        ],
+        enable_model_summary=False,
+        log_every_n_steps=25,
+    )
+    loader = torch.utils.data.DataLoader(_Steps(cfg.steps), batch_size=None, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    return export_model(module, out / "model")
+
+
+def run_train_toy(cfg) -> Path:
+    """CLI entry: ``hspace train-toy [train_toy.key=value ...]``."""
+    out = train_toy(cfg.train_toy)
+    print(f"trained model: {out}")
+    return out

@@ -1,0 +1,110 @@
+"""Model loading (local, pipeline layout, HF cache offline), configuration and the CLI skeleton."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline import HSpaceModel
+from pipeline.cli import main
+from pipeline.config import defaults, load_config, parse_overrides
+from pipeline.errors import ConfigError, ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_pretrained_flat_hub_layout(tiny_model_dir, tiny_unet):
+    m = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=4, eta=1.0, device="cpu")
+    assert m.timesteps.tolist() == [750, 500, 250, 0]
+    assert m.scheduler.config.clip_sample is False
+    assert type(m.scheduler).__name__ == "DDIMScheduler"
+    ref = HSpaceModel(tiny_unet, m.scheduler, num_inference_steps=4, eta=1.0, device="cpu")
+    assert torch.equal(m.sample([3]).images, ref.sample([3]).images)
+
+
+def test_from_pretrained_pipeline_layout(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    shutil.move(tmp_path / "pipe" / "unet" / "scheduler_config.json", tmp_path / "pipe" / "scheduler")
+    m = HSpaceModel.from_pretrained(str(tmp_path / "pipe"), num_inference_steps=2, device="cpu")
+    assert m.sample([0]).images.shape == (1, 3, 16, 16)
+
+
+def test_from_hf_cache_offline(tiny_model_dir, tmp_path):
+    """A hub id resolves from the HF cache with HF_HUB_OFFLINE=1 (the cache layout built by hand)."""
+    snap = tmp_path / "hub" / "models--someone--tiny-ddpm" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model_dir, snap)
+    (tmp_path / "hub" / "models--someone--tiny-ddpm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-ddpm" / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "from pipeline import HSpaceModel;"
+        "m = HSpaceModel.from_pretrained('someone/tiny-ddpm', num_inference_steps=3, device='cpu');"
+        "print(tuple(m.sample([1]).images.shape))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 3, 16, 16)" in out.stdout
+    missing = subprocess.run(
+        [sys.executable, "-c", "from pipeline import HSpaceModel; HSpaceModel.from_pretrained('someone/absent')"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode != 0
+    assert "ModelLoadError" in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
+
+
+def test_missing_or_unreadable_model_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        HSpaceModel.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="neither config.json nor unet/config.json"):
+        HSpaceModel.from_pretrained(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        HSpaceModel.from_pretrained(str(tmp_path / "broken"))
+
+
+def test_conf_yaml_spells_out_exactly_the_defaults():
+    shipped = yaml.safe_load((ROOT / "conf.yaml").read_text())
+    assert shipped == OmegaConf.to_container(defaults())
+
+
+def test_config_overrides_and_validation(tmp_path):
+    cfg = load_config(None, ["model.eta=[0, 1, 1]", "model.num_inference_steps=3", "run_dir=/x"])
+    assert list(cfg.model.eta) == [0, 1, 1] and cfg.model.num_inference_steps == 3 and cfg.run_dir == "/x"
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.nme'.*valid keys under 'model': device, dtype"):
+        load_config(None, ["model.nme=x"])
+    with pytest.raises(ConfigError, match="model.num_inference_steps"):
+        load_config(None, ["model.num_inference_steps=many"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["model.eta"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle:\n  eta: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle' in .*bad.yaml; valid keys at the top level"):
+        load_config(bad)
+
+
+def test_cli_reports_errors_in_one_line_with_exit_code_2(capsys):
+    assert main(["config", "trainer.devicez=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hspace config: error: unknown config key 'trainer.devicez'")
+    assert main(["sample", "model.name_or_path=/no/such/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_sample_writes_a_grid(tiny_model_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
+               "sample.seeds=[1,2,3]", f"sample.out={out}"])
+    assert rc == 0 and out.exists()
+    from PIL import Image
+
+    assert Image.open(out).size[1] > Image.open(out).size[0]  # 3 rows, 1 column
