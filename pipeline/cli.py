@@ -16,6 +16,7 @@ from .errors import HSpaceError
 #: stage name -> ("module:function", help). Each function takes the validated config.
 STAGES: dict[str, tuple[str, str]] = {
     "run": ("pipeline.stages.run:run_all", "the main job: every stage in order"),
+    "generate": ("pipeline.stages.generate:run_generate", "generate samples with h trajectories into a sharded dataset"),
     "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
     "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),

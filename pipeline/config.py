@@ -53,6 +53,16 @@ class SampleConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`hspace generate`: seeds first_seed .. first_seed + num_samples - 1 into <run_dir>/samples."""
+
+    first_seed: int = 0
+    num_samples: int = 512
+    batch_size: int = 64  # per process; one shard per batch
+    h_dtype: str = "float16"  # float16 | float32 | bfloat16
+
+
+@dataclass
 class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
@@ -77,6 +87,7 @@ class HSpaceConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
 
 

@@ -49,6 +49,7 @@ class SampleOutput:
     h: torch.Tensor
     x_T: torch.Tensor
     seeds: list[int] | None
+    latents: torch.Tensor | None = None  # (B, T, 3, H, W): x_t entering each step, if asked for
 
 
 @dataclass
@@ -128,6 +129,14 @@ class HSpaceModel:
             dtype=model_cfg.dtype,
         )
 
+    def to(self, device: str | torch.device) -> "HSpaceModel":
+        """Move the U-Net (and where noise is sent) to ``device``."""
+        device = torch.device(device)
+        if device != self.device:
+            self.unet.to(device)
+            self.device = device
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def num_steps(self) -> int:
@@ -154,6 +163,17 @@ class HSpaceModel:
         eta_t = self.eta if eta is None else eta_schedule(eta, self.num_steps)
         return ddim_coefficients(self.scheduler.alphas_cumprod, self.timesteps, float(self.scheduler.final_alpha_cumprod), eta_t)
 
+    def fingerprint(self) -> str:
+        """A short hash of the U-Net's weights (sums and squared sums of every tensor)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in sorted(self.unet.state_dict().items()):
+                p = p.detach().double()
+                h.update(f"{name}:{tuple(p.shape)}:{p.sum().item():.10e}:{p.square().sum().item():.10e}".encode())
+        return h.hexdigest()[:16]
+
     def describe(self) -> dict:
         """Provenance: what determines this model's samples."""
         return {
@@ -166,6 +186,7 @@ class HSpaceModel:
             "h_shape": list(self.h_shape),
             "image_shape": list(self.image_shape),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "weights_fingerprint": self.fingerprint(),
         }
 
     # ------------------------------------------------------------------ noise
@@ -230,6 +251,7 @@ class HSpaceModel:
         steps: Iterable[int] | None = None,
         asyrp: bool = False,
         eta: float | Sequence[float] | None = None,
+        return_latents: bool = False,
         progress: bool = False,
     ) -> SampleOutput:
         """Generate images while recording h, optionally editing it.
@@ -243,6 +265,7 @@ class HSpaceModel:
         steps: step indices where edits apply (default all).
         asyrp: drive D_t from a second, unedited pass (Asyrp) instead of the edited one.
         eta: override the model's eta for this call.
+        return_latents: also return x_t entering every step, ``.latents`` (B, T, 3, H, W).
         """
         if x_T is None:
             if seeds is None:
@@ -283,8 +306,11 @@ class HSpaceModel:
         replace = self._per_sample(replace_h, "replace_h", B, h_shape)
         mask = self._step_mask(steps)
         hs = torch.empty((B, self.num_steps, *h_shape), device=self.device, dtype=self.dtype)
+        latents = torch.empty((B, self.num_steps, *self.image_shape), device=self.device) if return_latents else None
 
         for i in tqdm(range(self.num_steps), disable=not progress, desc="sampling", leave=False):
+            if latents is not None:
+                latents[:, i] = x
             edited = mask[i] and (delta is not None or replace is not None)
             if edited:
                 self.hook.delta = None if delta is None else delta[:, i]
@@ -299,7 +325,8 @@ class HSpaceModel:
                 x, eps, float(coef.alpha[i]), float(coef.alpha_prev[i]), float(coef.sigma[i]),
                 None if z is None else z[:, i], eps_direction,
             )
-        return SampleOutput(images=x.clamp(-1, 1), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds))
+        return SampleOutput(images=x.clamp(-1, 1), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds),
+                            latents=latents)
 
     # ------------------------------------------------------------------ inversion
     @torch.no_grad()

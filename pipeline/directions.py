@@ -1,0 +1,111 @@
+"""Directions files: ``<run_dir>/directions/<name>.safetensors``.
+
+One tensor ``directions`` of shape ``(K, T, C, H, W)`` (K directions, each a full h-space
+trajectory, ready to be used as ``delta_h`` with scale 1), optional extra tensors (explained
+variance, singular values, ...) and JSON metadata: method, names of the K directions,
+timesteps, h shape, model, source run and the method's parameters.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import DatasetError, InputError
+
+_META_KEY = "hspace"
+
+
+@dataclass
+class Directions:
+    """K named h-space directions, ``directions``: (K, T, C, H, W), plus provenance."""
+
+    directions: torch.Tensor
+    names: list[str]
+    method: str
+    timesteps: list[int]
+    model: str | None = None
+    source_run: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.directions.ndim != 5:
+            raise InputError(f"directions must be (K, T, C, H, W), got shape {tuple(self.directions.shape)}")
+        if len(self.names) != len(self.directions):
+            raise InputError(f"{len(self.names)} names for {len(self.directions)} directions")
+        if len(self.timesteps) != self.directions.shape[1]:
+            raise InputError(f"{len(self.timesteps)} timesteps for directions with T={self.directions.shape[1]}")
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+    @property
+    def h_shape(self) -> tuple[int, int, int]:
+        return tuple(self.directions.shape[2:])
+
+    def index(self, key: str | int) -> int:
+        """Position of a direction given by name, or by index (an int or a numeric string)."""
+        if isinstance(key, str) and key in self.names:
+            return self.names.index(key)
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"no direction named {key!r}; names are {self.names}") from None
+        if not -len(self) <= i < len(self):
+            raise InputError(f"direction index {i} out of range: the file has {len(self)} directions")
+        return i % len(self)
+
+    def get(self, key: str | int) -> torch.Tensor:
+        """One direction, (T, C, H, W)."""
+        return self.directions[self.index(key)]
+
+    def subset(self, keys) -> "Directions":
+        idx = [self.index(k) for k in keys]
+        extras = {k: v[idx] for k, v in self.extras.items() if v.shape[:1] == (len(self),)}
+        return Directions(self.directions[idx], [self.names[i] for i in idx], self.method, self.timesteps,
+                          self.model, self.source_run, self.params, extras)
+
+    def metadata(self) -> dict:
+        return {"method": self.method, "names": self.names, "timesteps": list(map(int, self.timesteps)),
+                "h_shape": list(self.h_shape), "model": self.model, "source_run": self.source_run,
+                "params": self.params}
+
+
+def save_directions(d: Directions, path: str | os.PathLike) -> Path:
+    """Write atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"directions": d.directions.detach().float().cpu().contiguous()}
+    for k, v in d.extras.items():
+        if k == "directions":
+            raise InputError("'directions' is reserved for the main tensor")
+        tensors[k] = v.detach().cpu().contiguous()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(d.metadata(), default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_directions(path: str | os.PathLike) -> Directions:
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"directions file {path} does not exist; run the stage that writes it "
+                           f"(hspace pca / jacobian / supervised / disentangle) first")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise DatasetError(f"{path} is not a readable hspace directions file ({type(e).__name__}: {e})") from None
+    main = tensors.pop("directions")
+    return Directions(main, meta["names"], meta["method"], meta["timesteps"], meta.get("model"),
+                      meta.get("source_run"), meta.get("params", {}), tensors)

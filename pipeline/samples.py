@@ -1,0 +1,272 @@
+"""The samples dataset: ``<run_dir>/samples/``, sharded h trajectories that survive interruption.
+
+Layout::
+
+    samples/manifest.json                 model, scheduler, timesteps, eta, hook, h shape/dtype,
+                                          content hash, package versions, shard list
+    samples/shards/part-<first>-<last>-n<count>.arrow
+
+Each shard is an Arrow IPC stream in the Hugging Face ``datasets`` cache format (its schema
+carries the features), so ``datasets.Dataset.from_file`` reads it memory-mapped. Columns:
+``sample_id`` (int64; equals the seed for generated samples), ``seed`` (int64), ``image``
+(``datasets.Image``, PNG bytes) and ``h`` (``datasets.Array4D`` of shape (T, C, H, W),
+float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16).
+
+Why this format (measured on 256 trajectories of 20x128x8x8 float16, see README): Array4D
+costs 28% more disk than a flat fixed-size list (its nested lists carry offsets) but keeps the
+(T, C, H, W) shape for ``datasets`` users and reads 6x faster through ``datasets``' numpy
+formatting (800 vs 130 MB/s); our own reader (:func:`iter_h`) ignores the offsets and views
+the float16 values in place (zero-copy from the memory map), whatever the format.
+
+Shards are written to a temporary name, fsynced and renamed, so a crash never leaves a shard
+that a reader accepts; a shard that fails validation (truncated, wrong row count, wrong ids)
+is reported by name.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .errors import DatasetError
+
+SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
+MANIFEST = "manifest.json"
+FORMAT = "hspace-samples/1"
+H_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32),
+            "bfloat16": (np.uint16, torch.bfloat16)}
+
+
+def samples_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "samples"
+
+
+def shard_name(sample_ids: Sequence[int]) -> str:
+    return f"part-{min(sample_ids):010d}-{max(sample_ids):010d}-n{len(sample_ids)}.arrow"
+
+
+def features(h_shape_t: Sequence[int], h_dtype: str):
+    """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W)."""
+    from datasets import Array4D, Features, Image, Value
+
+    arrow_dtype = "uint16" if h_dtype == "bfloat16" else h_dtype
+    return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
+                     "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype)})
+
+
+def _array_type(feature):
+    from datasets.features.features import Array4DExtensionType
+
+    return Array4DExtensionType(shape=feature.shape, dtype=feature.dtype)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_shard(
+    directory: str | os.PathLike, sample_ids: Sequence[int], seeds: Sequence[int],
+    images: np.ndarray, h: torch.Tensor, h_dtype: str = "float16",
+) -> Path:
+    """Write one shard atomically. images: (B, H, W, 3) uint8; h: (B, T, C, H, W)."""
+    if h_dtype not in H_DTYPES:
+        raise DatasetError(f"unknown h dtype {h_dtype!r}; choose one of {sorted(H_DTYPES)}")
+    feats = features(h.shape[1:], h_dtype)
+    table = pa.Table.from_arrays(
+        [pa.array(np.asarray(sample_ids, dtype=np.int64)), pa.array(np.asarray(seeds, dtype=np.int64)),
+         pa.array([{"bytes": encode_png(im), "path": None} for im in images], type=feats["image"].pa_type),
+         pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype))],
+        schema=feats.arrow_schema,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / shard_name(sample_ids)
+    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _h_to_arrow_storage(h: torch.Tensor, h_dtype: str) -> pa.Array:
+    """(B, T, C, H, W) -> nested list storage of Array4D, built from one flat buffer."""
+    _, torch_dtype = H_DTYPES[h_dtype]
+    x = h.detach().to("cpu", torch_dtype).contiguous()
+    flat = x.view(torch.int16).numpy().view(np.uint16) if h_dtype == "bfloat16" else x.numpy()
+    arr: pa.Array = pa.array(flat.reshape(-1))
+    for size in reversed(x.shape[2:]):  # W, H, C: the per-sample list levels below T
+        n = len(arr) // size
+        arr = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * size), arr)
+    n = len(arr) // x.shape[1]
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * x.shape[1]), arr)
+
+
+# ---------------------------------------------------------------------- reading
+def _open_table(path: Path) -> pa.Table:
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise DatasetError(f"shard {path} is corrupt or truncated ({e}); delete it and re-run "
+                           f"`hspace generate` with the same configuration to regenerate its samples") from None
+
+
+def validate_shard(path: str | os.PathLike) -> np.ndarray:
+    """The shard's sample ids, after checking that it reads completely and matches its name."""
+    path = Path(path)
+    m = SHARD_RE.match(path.name)
+    if not m:
+        raise DatasetError(f"{path} is not a shard name (expected part-<first>-<last>-n<count>.arrow)")
+    ids = _open_table(path).column("sample_id").to_numpy()
+    first, last, count = (int(g) for g in m.groups())
+    if len(ids) != count or len(ids) == 0 or ids.min() != first or ids.max() != last or len(np.unique(ids)) != count:
+        raise DatasetError(f"shard {path} holds {len(ids)} rows / ids {ids.min() if len(ids) else '-'}.."
+                           f"{ids.max() if len(ids) else '-'}, not what its name says; it is corrupt: delete it "
+                           f"and re-run `hspace generate`")
+    return ids
+
+
+@dataclass
+class ShardScan:
+    """What a samples directory holds: valid shards with their ids, and corrupt ones."""
+
+    valid: dict[Path, np.ndarray]
+    corrupt: dict[Path, str]
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return np.concatenate(list(self.valid.values())) if self.valid else np.zeros(0, np.int64)
+
+
+def scan_shards(run_dir: str | os.PathLike) -> ShardScan:
+    valid, corrupt = {}, {}
+    for path in sorted((samples_dir(run_dir) / "shards").glob("part-*.arrow")):
+        try:
+            valid[path] = validate_shard(path)
+        except DatasetError as e:
+            corrupt[path] = str(e)
+    return ShardScan(valid, corrupt)
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict:
+    path = samples_dir(run_dir) / MANIFEST
+    if not path.exists():
+        raise DatasetError(f"no samples dataset in {run_dir} ({path} is missing); run `hspace generate run_dir={run_dir}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); re-run `hspace generate` to rewrite it") from None
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not an {FORMAT} manifest")
+    return manifest
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def shard_paths(run_dir: str | os.PathLike, require_complete: bool = True) -> list[Path]:
+    """The manifest's shards, checked to exist; with ``require_complete`` the run must be finished."""
+    manifest = read_manifest(run_dir)
+    if require_complete and not manifest.get("complete", False):
+        raise DatasetError(f"the samples dataset in {run_dir} is incomplete (generation was interrupted); "
+                           f"re-run the same `hspace generate` command to finish it")
+    paths = [samples_dir(run_dir) / "shards" / name for name in manifest["shards"]]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DatasetError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing); "
+                           f"re-run `hspace generate` to regenerate them")
+    return paths
+
+
+def load_samples(run_dir: str | os.PathLike):
+    """The samples dataset as one memory-mapped ``datasets.Dataset`` (sample_id, seed, image, h)."""
+    from datasets import Dataset, concatenate_datasets
+
+    parts = []
+    for path in shard_paths(run_dir):
+        try:
+            parts.append(Dataset.from_file(str(path)))
+        except Exception as e:  # datasets wraps arrow errors in several types
+            raise DatasetError(f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and "
+                               f"re-run `hspace generate`") from None
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype: str) -> torch.Tensor:
+    """Zero-copy (B, T, C, H, W) view of an Array4D column's values."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+    values = storage
+    for _ in range(4):
+        values = values.flatten()
+    np_dtype, torch_dtype = H_DTYPES[h_dtype]
+    flat = values.to_numpy(zero_copy_only=True)
+    with warnings.catch_warnings():  # the memory map is read-only, and so is this view
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(flat.view(np.int16) if h_dtype == "bfloat16" else flat)
+    if h_dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.view(len(arr), *h_shape_t)
+
+
+def decode_images(column) -> np.ndarray:
+    """An image column (PNG structs) -> (B, H, W, 3) uint8."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(v["bytes"])).convert("RGB")) for v in column.to_pylist()])
+
+
+def iter_samples(
+    run_dir: str | os.PathLike, batch_size: int = 256, images: bool = False, h: bool = True,
+    ids: Sequence[int] | None = None,
+) -> Iterator[dict]:
+    """Stream the dataset in batches: {"sample_id": (B,), "seed": (B,), "h": (B, T, C, H, W) torch,
+    "images": (B, H, W, 3) uint8 (if asked)}; h is a read-only view of the memory-mapped shard.
+
+    ``ids``: only these sample ids (in dataset order). Memory stays at one batch.
+    """
+    manifest = read_manifest(run_dir)
+    h_shape_t, h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
+    wanted = None if ids is None else set(int(i) for i in ids)
+    for path in shard_paths(run_dir):
+        table = _open_table(path)
+        sid = table.column("sample_id").to_numpy()
+        rows = np.arange(len(sid)) if wanted is None else np.flatnonzero([int(i) in wanted for i in sid])
+        for start in range(0, len(rows), batch_size):
+            sel = rows[start:start + batch_size]
+            part = table.take(pa.array(sel)) if wanted is not None else table.slice(int(sel[0]), len(sel))
+            out = {"sample_id": part.column("sample_id").to_numpy(), "seed": part.column("seed").to_numpy()}
+            if h:
+                out["h"] = _h_view(part.column("h"), h_shape_t, h_dtype)
+            if images:
+                out["images"] = decode_images(part.column("image"))
+            yield out
+
+
+def iter_h(run_dir: str | os.PathLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Just the h batches, (B, T, C, H, W), streamed."""
+    for batch in iter_samples(run_dir, batch_size):
+        yield batch["h"]

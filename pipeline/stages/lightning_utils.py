@@ -1,0 +1,84 @@
+"""Lightning wiring shared by the distributed stages (generate, annotate, evaluate)."""
+from __future__ import annotations
+
+import os
+import time
+
+import lightning as L
+import torch
+from tqdm.auto import tqdm
+
+
+def make_trainer(trainer_cfg, callbacks: list) -> L.Trainer:
+    """A predict-only Trainer from the ``trainer`` section; each stage brings its own sampler."""
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+    )
+
+
+def launching_rank() -> int:
+    """This process's global rank before the Trainer exists: 0 in the process the user started;
+    Lightning's launchers and cluster schedulers set these variables in the others."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def share_cpu_threads(trainer: L.Trainer) -> None:
+    """Several CPU processes on one machine: split the cores instead of oversubscribing them
+    (unless OMP_NUM_THREADS says otherwise)."""
+    if trainer.strategy.root_device.type == "cpu" and trainer.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        per_node = max(1, trainer.world_size // max(1, trainer.num_nodes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+
+
+class ItemsList(torch.utils.data.Dataset):
+    """A list of work items (e.g. lists of seeds), one item per batch."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def loader(items: list) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ItemsList(items), batch_size=None, shuffle=False,
+                                       collate_fn=lambda x: x)
+
+
+class ItemsProgress(L.Callback):
+    """A progress bar on rank 0 counting items (samples/images) per second across all ranks
+    (estimated as rank 0's rate times the world size)."""
+
+    def __init__(self, desc: str, total_items: int, count=len):
+        self.desc, self.total, self.count = desc, total_items, count
+        self.bar = None
+
+    def on_predict_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="samples", dynamic_ncols=True, smoothing=0.1)
+            self.start = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.bar is not None:
+            self.bar.update(min(self.count(batch) * trainer.world_size, self.total - self.bar.n))
+
+    def on_predict_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

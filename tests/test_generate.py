@@ -1,0 +1,156 @@
+"""`hspace generate`: multi-process equivalence, kill-and-resume, corrupt shards, conflicts."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import DatasetError
+from pipeline.samples import iter_samples, load_samples, read_manifest, samples_dir
+from pipeline.stages.generate import plan_batches, run_generate
+
+HSPACE = str(Path(sys.executable).parent / "hspace")
+
+
+def generate(run_dir, model_dir, *overrides, check=True, cwd=None, wait=True):
+    cmd = [HSPACE, "generate", f"run_dir={run_dir}", f"model.name_or_path={model_dir}",
+           "model.num_inference_steps=4", "trainer.accelerator=cpu", *overrides]
+    # one thread per process everywhere: CPU kernels round differently with other thread counts
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+        return subprocess.Popen(cmd, cwd=cwd or run_dir.parent, env=env, stdout=log, stderr=log, text=True)
+    out = subprocess.run(cmd, cwd=cwd or run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def dataset(run_dir) -> dict[int, tuple[torch.Tensor, np.ndarray]]:
+    """sample_id -> (h, image), read through the streaming reader."""
+    out = {}
+    for b in iter_samples(run_dir, batch_size=5, images=True):
+        for i, sid in enumerate(b["sample_id"]):
+            assert int(sid) not in out, "duplicate sample"
+            out[int(sid)] = (b["h"][i].clone(), b["images"][i])
+    return out
+
+
+def test_plan_batches_aligned_and_skips_done():
+    assert plan_batches(10, 7, 3, set()) == [[10, 11, 12], [13, 14, 15], [16]]
+    assert plan_batches(10, 7, 3, {10, 11, 12, 14}) == [[13, 15], [16]]
+    assert plan_batches(0, 4, 2, {0, 1, 2, 3}) == []
+
+
+def test_two_processes_equal_one_process(tmp_path, tiny_model_dir):
+    """DDP on gloo with 2 CPU processes writes exactly the dataset 1 process writes."""
+    one, two, other = tmp_path / "one", tmp_path / "two", tmp_path / "other"
+    generate(one, tiny_model_dir, "generate.num_samples=10", "generate.batch_size=3")
+    generate(two, tiny_model_dir, "generate.num_samples=10", "generate.batch_size=3",
+             "trainer.devices=2", "trainer.strategy=ddp")
+    generate(other, tiny_model_dir, "generate.num_samples=10", "generate.batch_size=4")
+    a, b, c = dataset(one), dataset(two), dataset(other)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(10))
+    for sid in a:
+        assert torch.equal(a[sid][0], b[sid][0]), "same batches must give bit-identical h"
+        assert np.array_equal(a[sid][1], b[sid][1])
+        torch.testing.assert_close(a[sid][0].float(), c[sid][0].float(), atol=2e-3, rtol=2e-3)
+    assert sorted(p.name for p in (two / "samples" / "shards").iterdir()) == \
+        sorted(p.name for p in (one / "samples" / "shards").iterdir())
+    assert read_manifest(two)["complete"] and read_manifest(two)["num_samples"] == 10
+
+
+def test_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, tiny_model_dir):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ("generate.num_samples=80", "generate.batch_size=2", "model.num_inference_steps=60")
+    proc = generate(killed, tiny_model_dir, *args, wait=False)
+    shards = killed / "samples" / "shards"
+    deadline = time.time() + 300
+    while not (shards.exists() and len(list(shards.glob("part-*.arrow"))) >= 3):
+        assert proc.poll() is None, "generation ended before it could be killed: " + \
+            (tmp_path / "killed.log").read_text()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(shards.glob("part-*.arrow")))
+    assert n_before < 40, "the kill came too late to test anything"
+    assert not read_manifest(killed)["complete"]
+    with pytest.raises(DatasetError, match="incomplete"):
+        load_samples(killed)
+    generate(killed, tiny_model_dir, *args)
+    generate(clean, tiny_model_dir, *args)
+    a, b = dataset(killed), dataset(clean)
+    assert sorted(a) == sorted(b) == list(range(80))
+    assert all(torch.equal(a[s][0], b[s][0]) and np.array_equal(a[s][1], b[s][1]) for s in a)
+
+
+def test_corrupt_shards_are_named_then_redone(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    generate(run, tiny_model_dir, "generate.num_samples=9", "generate.batch_size=3")
+    before = dataset(run)
+    shard = sorted((run / "samples" / "shards").glob("part-*.arrow"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(DatasetError, match=shard.name):
+        load_samples(run)
+    with pytest.raises(DatasetError, match=shard.name):
+        list(iter_samples(run))
+    out = generate(run, tiny_model_dir, "generate.num_samples=9", "generate.batch_size=3")
+    assert "regenerating" in out.stderr and shard.name in out.stderr
+    assert (run / "samples" / "corrupt" / shard.name).exists()
+    after = dataset(run)
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[s][0], before[s][0]) for s in after)
+    ds = load_samples(run).with_format("numpy")
+    assert ds.column_names == ["sample_id", "seed", "image", "h"] and len(ds) == 9
+    assert ds[0]["h"].shape == (4, 16, 8, 8)
+
+
+def test_conflicting_configuration_is_refused(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    generate(run, tiny_model_dir, "generate.num_samples=4", "generate.batch_size=2")
+    shards = sorted((run / "samples" / "shards").iterdir())
+    out = generate(run, tiny_model_dir, "generate.num_samples=4", "model.eta=1.0", check=False)
+    assert out.returncode == 2
+    assert "different configuration" in out.stderr and "eta" in out.stderr
+    assert sorted((run / "samples" / "shards").iterdir()) == shards
+    # extending the same configuration is fine and only adds the new seeds
+    generate(run, tiny_model_dir, "generate.num_samples=6", "generate.batch_size=2")
+    assert sorted(dataset(run)) == list(range(6))
+
+
+def test_different_weights_are_refused(tmp_path, tiny_model_dir):
+    from conftest import make_tiny_unet
+
+    other = tmp_path / "other-model"
+    make_tiny_unet(seed=1).save_pretrained(other)
+    (other / "scheduler_config.json").write_text((tiny_model_dir / "scheduler_config.json").read_text())
+    run = tmp_path / "run"
+    generate(run, tiny_model_dir, "generate.num_samples=2")
+    other_copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(other, other_copy)
+    out = generate(run, other_copy, "generate.num_samples=2", check=False)
+    assert out.returncode == 2 and "weights_fingerprint" in out.stderr
+
+
+def test_not_enough_disk_space_stops_before_writing(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}",
+                             "model.num_inference_steps=2", "generate.num_samples=100", "trainer.accelerator=cpu"])
+    with pytest.raises(DatasetError, match="not enough disk space"):
+        run_generate(cfg)
+    assert not list((samples_dir(tmp_path / "run")).rglob("*.arrow"))
