@@ -17,8 +17,14 @@ from .errors import HSpaceError
 STAGES: dict[str, tuple[str, str]] = {
     "run": ("pipeline.stages.run:run_all", "the main job: every stage in order"),
     "generate": ("pipeline.stages.generate:run_generate", "generate samples with h trajectories into a sharded dataset"),
+    "annotate": ("pipeline.stages.annotate:run_annotate", "score every sample with the configured annotators"),
+    "select": ("pipeline.stages.select:run_select", "top/bottom n samples per attribute, with contact sheets"),
+    "supervised": ("pipeline.stages.supervised:run_supervised", "supervised directions (eq. 10) from the selection"),
+    "disentangle": ("pipeline.stages.disentangle:run_disentangle", "remove projections onto other directions (eq. 11)"),
+    "edit": ("pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file"),
     "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
     "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
+    "train-toy-annotator": ("annotators.toy:run_train_toy_annotator", "train the toy-face annotator"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),
 }
 

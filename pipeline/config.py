@@ -63,6 +63,71 @@ class GenerateConfig:
 
 
 @dataclass
+class AnnotateConfig:
+    """`hspace annotate`: scores per sample -> <run_dir>/annotations.parquet."""
+
+    annotators: List[str] = field(default_factory=lambda: ["toy"])  # registered names or "module:factory"
+    options: Dict[str, Any] = field(default_factory=dict)  # per annotator, e.g. {clip: {model: ViT-B-32}}
+    batch_size: int = 256
+
+
+@dataclass
+class SelectConfig:
+    """`hspace select`: top n / bottom n samples per attribute -> <run_dir>/selection.parquet."""
+
+    attributes: List[str] = field(default_factory=lambda: ["smile", "eye_open", "glasses", "hat", "yaw", "hair"])
+    n: int = 50
+    balance: Optional[str] = None  # conditioning attribute: half of each side from either of its classes
+    threshold: float = 0.5  # class boundary of the balance attribute
+    contact_sheet_size: int = 10  # samples shown per side
+
+
+@dataclass
+class RealImagesConfig:
+    """Directions from two folders of real images through DDIM inversion (paper's BU3DFE case)."""
+
+    positive_dir: Optional[str] = None
+    negative_dir: Optional[str] = None
+    paired: bool = False  # pair files by name and average per-pair differences
+    name: str = "real"
+
+
+@dataclass
+class SupervisedConfig:
+    """`hspace supervised`: eq. 10 per attribute -> <run_dir>/directions/supervised.safetensors."""
+
+    attributes: List[str] = field(default_factory=list)  # empty: every attribute in selection.parquet
+    method: str = "mean_difference"  # mean_difference | logistic
+    convergence_ns: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+    convergence_draws: int = 10
+    seed: int = 0
+    real: RealImagesConfig = field(default_factory=RealImagesConfig)
+
+
+@dataclass
+class DisentangleConfig:
+    """`hspace disentangle`: eq. 11, primary -> directions to remove."""
+
+    source: Optional[str] = None  # default <run_dir>/directions/supervised.safetensors
+    pairs: Dict[str, List[str]] = field(default_factory=lambda: {
+        "glasses": ["hair"], "hair": ["glasses"], "smile": ["eye_open"], "eye_open": ["smile"]})
+
+
+@dataclass
+class EditConfig:
+    """`hspace edit`: seeds x scales grids for a directions file, or sequential edits (Fig. 11)."""
+
+    directions: Optional[str] = None  # a path, or pca | jacobian | supervised | disentangled | real
+    names: List[str] = field(default_factory=list)  # empty: every direction in the file
+    scales: List[float] = field(default_factory=list)  # empty: the file's suggested scales
+    seeds: List[int] = field(default_factory=lambda: [100000, 100001, 100002, 100003])
+    sequential: bool = False
+    asyrp: bool = False
+    x_T_space: bool = False  # apply the supervised directions' x_T-space version instead (Fig. 8)
+    out_dir: Optional[str] = None  # default <run_dir>/edits/<file>
+
+
+@dataclass
 class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
@@ -82,13 +147,31 @@ class ToyTrainConfig:
 
 
 @dataclass
+class ToyAnnotatorTrainConfig:
+    """`hspace train-toy-annotator`: the toy-face factor reader."""
+
+    out_dir: str = "runs/train-toy-annotator"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    width: int = 32
+    seed: int = 0
+
+
+@dataclass
 class HSpaceConfig:
     run_dir: str = "runs/demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
     train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
+    train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
 
 
 def defaults() -> DictConfig:
@@ -103,9 +186,24 @@ def _valid_keys(cfg: DictConfig, dotted: str) -> str:
     return f"valid keys {where}: {', '.join(keys)}"
 
 
+def _replace_mappings(merged: DictConfig, schema: DictConfig, other: dict, prefix: str = "") -> None:
+    """Mapping-valued options (disentangle.pairs, annotate.options) are replaced, not merged key
+    by key: a user's `pairs: {age: [gender]}` means exactly that pair, not the defaults plus it."""
+    for key, value in other.items():
+        node = schema.get(key) if isinstance(schema, DictConfig) else None
+        if not isinstance(node, DictConfig) or not isinstance(value, dict):
+            continue
+        if OmegaConf.get_type(node) is dict:
+            OmegaConf.update(merged, f"{prefix}{key}", value, merge=False)
+        else:
+            _replace_mappings(merged, node, value, f"{prefix}{key}.")
+
+
 def _merge(cfg: DictConfig, other, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(cfg, other)
+        merged = OmegaConf.merge(cfg, other)
+        _replace_mappings(merged, cfg, other)
+        return merged
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"unknown config key '{key}' in {source}; {_valid_keys(cfg, key)}") from None

@@ -119,7 +119,8 @@ def _h_to_arrow_storage(h: torch.Tensor, h_dtype: str) -> pa.Array:
 
 
 # ---------------------------------------------------------------------- reading
-def _open_table(path: Path) -> pa.Table:
+def open_shard(path: Path) -> pa.Table:
+    """A shard's table, memory-mapped (zero-copy); a clear error naming the file if it is damaged."""
     try:
         with pa.memory_map(str(path), "r") as source:
             return pa.ipc.open_stream(source).read_all()
@@ -134,7 +135,7 @@ def validate_shard(path: str | os.PathLike) -> np.ndarray:
     m = SHARD_RE.match(path.name)
     if not m:
         raise DatasetError(f"{path} is not a shard name (expected part-<first>-<last>-n<count>.arrow)")
-    ids = _open_table(path).column("sample_id").to_numpy()
+    ids = open_shard(path).column("sample_id").to_numpy()
     first, last, count = (int(g) for g in m.groups())
     if len(ids) != count or len(ids) == 0 or ids.min() != first or ids.max() != last or len(np.unique(ids)) != count:
         raise DatasetError(f"shard {path} holds {len(ids)} rows / ids {ids.min() if len(ids) else '-'}.."
@@ -252,7 +253,7 @@ def iter_samples(
     h_shape_t, h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
     wanted = None if ids is None else set(int(i) for i in ids)
     for path in shard_paths(run_dir):
-        table = _open_table(path)
+        table = open_shard(path)
         sid = table.column("sample_id").to_numpy()
         rows = np.arange(len(sid)) if wanted is None else np.flatnonzero([int(i) in wanted for i in sid])
         for start in range(0, len(rows), batch_size):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 torch.set_num_threads(2)
 

@@ -92,6 +92,15 @@ def test_config_overrides_and_validation(tmp_path):
         load_config(bad)
 
 
+def test_mapping_options_are_replaced_not_merged(tmp_path):
+    cfg = load_config(None, ["disentangle.pairs={age: [gender]}"])
+    assert OmegaConf.to_container(cfg.disentangle.pairs) == {"age": ["gender"]}
+    f = tmp_path / "c.yaml"
+    f.write_text("annotate:\n  options: {clip: {model: RN50}}\n")
+    assert OmegaConf.to_container(load_config(f).annotate.options) == {"clip": {"model": "RN50"}}
+    assert "glasses" in load_config(f).disentangle.pairs  # untouched sections keep their defaults
+
+
 def test_cli_reports_errors_in_one_line_with_exit_code_2(capsys):
     assert main(["config", "trainer.devicez=2"]) == 2
     err = capsys.readouterr().err

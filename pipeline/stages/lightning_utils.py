@@ -1,8 +1,10 @@
 """Lightning wiring shared by the distributed stages (generate, annotate, evaluate)."""
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -10,7 +12,13 @@ from tqdm.auto import tqdm
 
 
 def make_trainer(trainer_cfg, callbacks: list) -> L.Trainer:
-    """A predict-only Trainer from the ``trainer`` section; each stage brings its own sampler."""
+    """A predict-only Trainer from the ``trainer`` section; each stage brings its own sampler.
+
+    Lightning's start-up banner is silenced (our stages print their own one-line summaries)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,

@@ -1,0 +1,49 @@
+"""Matplotlib figures shared by the stages and the report: labelled image grids, atomic saving."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
+                      title: str = "", cell: float = 1.0, cell_titles: Sequence[Sequence[str]] | None = None):
+    """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None."""
+    rows, cols = len(images), max(len(r) for r in images)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 0.6, rows * cell + (0.5 if title else 0.2)),
+                             squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.12 if cell_titles else 0.04})
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < len(images[r]) and images[r][c] is not None:
+                ax.imshow(images[r][c], interpolation="nearest" if images[r][c].shape[0] <= 64 else "antialiased")
+            if cell_titles is not None and c < len(cell_titles[r]):
+                ax.set_title(cell_titles[r][c], fontsize=7, pad=2)
+            if r == 0 and c < len(col_labels):
+                ax.set_title(col_labels[c] if cell_titles is None else f"{col_labels[c]}\n{cell_titles[r][c]}", fontsize=8)
+        if r < len(row_labels):
+            axes[r][0].set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -1,0 +1,106 @@
+"""`hspace select`: per attribute, the top n and bottom n samples by annotator score.
+
+Writes ``<run_dir>/selection.parquet`` (attribute, side, rank, sample_id, score), which the
+supervised stage reads, and a contact sheet per attribute,
+``<run_dir>/contact_sheets/<attribute>.png``, for a person to check the annotator by eye.
+``select.balance`` names a conditioning attribute (e.g. gender): each side then takes half
+its samples from either class of that attribute, so the direction is not dragged along it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, DatasetError
+from .annotate import load_annotations
+
+
+def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = None,
+                      threshold: float = 0.5) -> tuple[pd.Series, pd.Series]:
+    """Top n and bottom n of ``scores`` (index: sample_id), NaNs ignored, ties broken by id.
+
+    With ``condition``, n/2 of each side come from condition > threshold and n/2 from the rest.
+    Returns two Series (sample_id -> score), best first / worst first.
+    """
+    s = scores.dropna()
+    if condition is None:
+        if len(s) < 2 * n:
+            raise DatasetError(f"{scores.name}: {len(s)} scored samples cannot give a top and a bottom {n}; "
+                               f"lower select.n or generate more samples")
+        order = s.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
+        return order.iloc[:n], order.iloc[::-1].iloc[:n]
+    cond = condition.reindex(s.index)
+    high, low = s[cond > threshold], s[cond <= threshold]
+    half = n // 2
+    tops, bottoms = [], []
+    for part, k in ((high, half), (low, n - half)):
+        t, b = select_top_bottom(part.rename(scores.name), k)
+        tops.append(t)
+        bottoms.append(b)
+    return (pd.concat(tops).sort_values(ascending=False, kind="stable"),
+            pd.concat(bottoms).sort_values(ascending=True, kind="stable"))
+
+
+def selection_table(annotations: pd.DataFrame, attributes: list[str], n: int, balance: str | None = None,
+                    threshold: float = 0.5) -> pd.DataFrame:
+    """Long table: attribute, side ('top' | 'bottom'), rank (0 = most extreme), sample_id, score."""
+    df = annotations.set_index("sample_id")
+    missing = [a for a in attributes + ([balance] if balance else []) if a not in df.columns]
+    if missing:
+        raise ConfigError(f"no annotation column {missing}; annotations have {list(df.columns)}")
+    rows = []
+    for attr in attributes:
+        cond = df[balance] if balance and balance != attr else None
+        top, bottom = select_top_bottom(df[attr].rename(attr), n, cond, threshold)
+        for side, part in (("top", top), ("bottom", bottom)):
+            rows += [{"attribute": attr, "side": side, "rank": r, "sample_id": int(i), "score": float(v)}
+                     for r, (i, v) in enumerate(part.items())]
+    return pd.DataFrame(rows)
+
+
+def load_selection(run_dir) -> pd.DataFrame:
+    path = Path(run_dir) / "selection.parquet"
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; run `hspace select run_dir={run_dir}` first")
+    return pd.read_parquet(path)
+
+
+def contact_sheet(selection: pd.DataFrame, attribute: str, images: dict[int, np.ndarray], out: Path,
+                  per_side: int = 10) -> Path:
+    """A labelled PNG: the ``per_side`` most extreme samples on each side, with their scores."""
+    from ..figures import image_grid_figure, save_figure
+
+    sel = selection[selection.attribute == attribute]
+    grid, titles = [], []
+    for side in ("top", "bottom"):
+        part = sel[sel.side == side].sort_values("rank").head(per_side)
+        grid.append([images[int(i)] for i in part.sample_id])
+        titles.append([f"{v:.2f}" for v in part.score])
+    fig = image_grid_figure(grid, row_labels=["top", "bottom"], cell_titles=titles,
+                            title=f"{attribute}: highest (top) and lowest (bottom) scores")
+    return save_figure(fig, out)
+
+
+def run_select(cfg) -> pd.DataFrame:
+    from ..samples import iter_samples
+
+    run_dir = Path(cfg.run_dir)
+    annotations = load_annotations(run_dir)
+    attributes = list(cfg.select.attributes) or [c for c in annotations.columns if c != "sample_id"]
+    table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold)
+    out = run_dir / "selection.parquet"
+    tmp = out.with_name(".selection.parquet.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    shown = table[table["rank"] < cfg.select.contact_sheet_size]
+    images = {}
+    for b in iter_samples(run_dir, batch_size=256, images=True, h=False, ids=sorted(set(shown.sample_id))):
+        images.update(zip(b["sample_id"].tolist(), b["images"]))
+    sheets = [contact_sheet(table, a, images, run_dir / "contact_sheets" / f"{a}.png", cfg.select.contact_sheet_size)
+              for a in attributes]
+    print(f"hspace select: top/bottom {cfg.select.n} for {len(attributes)} attributes -> {out}; "
+          f"contact sheets in {sheets[0].parent}")
+    return table

@@ -1,0 +1,173 @@
+"""`hspace supervised`: directions from annotated samples (eq. 10), and from real images.
+
+Reads ``selection.parquet`` (top/bottom samples per attribute) and their recorded h, and
+writes ``<run_dir>/directions/supervised.safetensors``: per attribute, mean h of the top
+minus mean h of the bottom samples at every step (unnormalised, as in the paper; edit scales
+around +-1). Also stored in that file: the same directions in x_T space (``x_T_directions``,
+the Fig. 8 baseline), and with ``supervised.method=logistic`` a logistic-regression normal
+instead of the mean difference (held-out accuracy reported). ``convergence.csv`` and
+``convergence.png`` show how the direction converges with n, in h-space and in x_T-space.
+
+With ``supervised.real.positive_dir`` / ``negative_dir`` it also writes ``real.safetensors``:
+the direction between two folders of real images, through DDIM inversion (the paper's BU3DFE
+experiment), paired by file name when ``supervised.real.paired`` is true.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import noise
+from ..directions import Directions, save_directions
+from ..errors import ConfigError, DatasetError
+from ..images import from_uint8
+from ..model import HSpaceModel
+from ..samples import iter_samples, read_manifest
+from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
+from .select import load_selection
+
+
+def gather_h(run_dir, ids) -> dict[int, torch.Tensor]:
+    """sample_id -> h (T, C, H, W), copied out of the memory map (float16 stays float16)."""
+    out = {}
+    for b in iter_samples(run_dir, batch_size=256, ids=ids):
+        out.update({int(i): h.clone() for i, h in zip(b["sample_id"], b["h"])})
+    missing = set(map(int, ids)) - set(out)
+    if missing:
+        raise DatasetError(f"samples {sorted(missing)[:5]} are selected but not in the samples dataset")
+    return out
+
+
+def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
+    selection = load_selection(run_dir)
+    attributes = list(sup_cfg.attributes) or list(dict.fromkeys(selection.attribute))
+    unknown = set(attributes) - set(selection.attribute)
+    if unknown:
+        raise ConfigError(f"supervised.attributes {sorted(unknown)} are not in selection.parquet "
+                          f"(selected: {sorted(set(selection.attribute))}); add them to select.attributes")
+    h = gather_h(run_dir, sorted(set(selection.sample_id)))
+    manifest = read_manifest(run_dir)
+    ids = sorted(set(map(int, selection.sample_id)))  # generated samples: sample_id == seed
+    x_T = dict(zip(ids, noise.randn(ids, "x_T", manifest["image_shape"])))
+    directions, x_dirs, info, curves = [], [], {}, []
+    for attr in attributes:
+        sel = selection[selection.attribute == attr]
+        top = sel[sel.side == "top"].sort_values("rank").sample_id.tolist()
+        bottom = sel[sel.side == "bottom"].sort_values("rank").sample_id.tolist()
+        pos, neg = torch.stack([h[i] for i in top]), torch.stack([h[i] for i in bottom])
+        xpos, xneg = torch.stack([x_T[i] for i in top]), torch.stack([x_T[i] for i in bottom])
+        d = mean_difference(pos, neg)
+        if sup_cfg.method == "logistic":
+            X = torch.cat([pos, neg]).flatten(1).float().numpy()
+            y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+            w, acc, acc_std = logistic_direction(X, y, seed=sup_cfg.seed)
+            w = torch.from_numpy(w).view_as(d)
+            d = w * float((d.flatten() @ w.flatten()))  # the class-mean gap along the normal
+            info[attr] = {"cv_accuracy": acc, "cv_accuracy_std": acc_std}
+        elif sup_cfg.method != "mean_difference":
+            raise ConfigError(f"supervised.method={sup_cfg.method!r}; choose mean_difference or logistic")
+        directions.append(d)
+        x_dirs.append(mean_difference(xpos, xneg))
+        ns = [n for n in sup_cfg.convergence_ns if n <= len(top)]
+        for space, (p, q) in (("h", (pos.flatten(1), neg.flatten(1))), ("x_T", (xpos.flatten(1), xneg.flatten(1)))):
+            curves += [{"attribute": attr, "space": space, **row}
+                       for row in convergence_curve(p, q, ns, draws=sup_cfg.convergence_draws, seed=sup_cfg.seed)]
+    result = Directions(
+        torch.stack(directions), attributes, f"supervised/{sup_cfg.method}", manifest["model"]["timesteps"],
+        model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
+        params={"n": int(selection.groupby("attribute").size().max() // 2), "method": sup_cfg.method, "per_attribute": info},
+        extras={"x_T_directions": torch.stack(x_dirs)},
+    )
+    return result, pd.DataFrame(curves)
+
+
+def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
+    from ..figures import plt, save_figure
+
+    attrs = list(dict.fromkeys(curves.attribute))
+    fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.6), squeeze=False, sharey=True)
+    for ax, attr in zip(axes[0], attrs):
+        for space, style in (("h", "-o"), ("x_T", "--s")):
+            c = curves[(curves.attribute == attr) & (curves.space == space)]
+            ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=style, ms=3, capsize=2, label=f"{space}-space")
+        ax.set_xscale("log")
+        ax.set_title(attr, fontsize=9)
+        ax.set_xlabel("n per side", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("cosine to the full direction", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+# ---------------------------------------------------------------------- real images
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.Tensor]:
+    """Images of a folder (sorted by name), centre-cropped to square and resized: (n, 3, H, W) in [-1, 1]."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    arrays = []
+    for p in files:
+        im = Image.open(p).convert("RGB")
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        arrays.append(np.asarray(im.crop((left, top, left + s, top + s)).resize(size[::-1], Image.LANCZOS)))
+    return [p.stem for p in files], from_uint8(np.stack(arrays))
+
+
+def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired: bool = False,
+                         batch_size: int = 32) -> tuple[torch.Tensor, dict]:
+    """Direction from two folders of real images via DDIM inversion, recording h on the way."""
+    size = model.image_shape[1:]
+    names_p, pos = load_image_folder(positive_dir, size)
+    names_n, neg = load_image_folder(negative_dir, size)
+
+    def invert(x):
+        return torch.cat([model.invert(x[i:i + batch_size]).h.cpu() for i in range(0, len(x), batch_size)])
+
+    hp, hn = invert(pos), invert(neg)
+    if paired:
+        common = sorted(set(names_p) & set(names_n))
+        if not common:
+            raise DatasetError(f"supervised.real.paired: no file names in common between {positive_dir} and {negative_dir}")
+        ip, ineg = [names_p.index(c) for c in common], [names_n.index(c) for c in common]
+        return paired_difference(hp[ip], hn[ineg]), {"pairs": len(common)}
+    return mean_difference(hp, hn), {"positives": len(names_p), "negatives": len(names_n)}
+
+
+def run_supervised(cfg) -> Path:
+    run_dir = Path(cfg.run_dir)
+    directions, curves = supervised_directions(run_dir, cfg.supervised)
+    out = save_directions(directions, run_dir / "directions" / "supervised.safetensors")
+    tmp = run_dir / "directions" / ".convergence.csv.tmp"
+    curves.to_csv(tmp, index=False)
+    os.replace(tmp, run_dir / "directions" / "convergence.csv")
+    plot_convergence(curves, run_dir / "directions" / "convergence.png")
+    for attr, info in directions.params["per_attribute"].items():
+        print(f"  {attr}: logistic regression held-out accuracy {info['cv_accuracy']:.3f} +- {info['cv_accuracy_std']:.3f}")
+    print(f"hspace supervised: {len(directions)} directions ({', '.join(directions.names)}) -> {out}")
+    real = cfg.supervised.real
+    if real.positive_dir or real.negative_dir:
+        if not (real.positive_dir and real.negative_dir):
+            raise ConfigError("supervised.real needs both positive_dir and negative_dir")
+        model = HSpaceModel.from_config(cfg.model)
+        d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired)
+        path = save_directions(Directions(d[None], [real.name], "real/ddim-inversion", model.timesteps.tolist(),
+                                          model=model.name_or_path, source_run=str(run_dir.resolve()),
+                                          params={**info, "positive_dir": real.positive_dir,
+                                                  "negative_dir": real.negative_dir, "paired": real.paired}),
+                               run_dir / "directions" / "real.safetensors")
+        print(f"hspace supervised: real-image direction {real.name!r} ({info}) -> {path}")
+    return out
