@@ -1,0 +1,10 @@
+"""Annotators: networks that score generated images (attributes, pose, CLIP zero-shot).
+
+Build one by name with ``build_annotator(name, options, device)``; built-in names: ``clip``
+(annotators.clip), ``face_pose`` (annotators.face_pose), ``celeba`` and ``hopenet``
+(annotators.celeba), plus those of annotators.toy. The submodules are imported on demand, so
+importing this package stays light.
+"""
+from .base import ANNOTATORS, Annotator, build_annotator, register
+
+__all__ = ["ANNOTATORS", "Annotator", "build_annotator", "register"]
