@@ -176,3 +176,33 @@ def train_toy_annotator(cfg) -> Path:
 
 def run_train_toy_annotator(cfg) -> Path:
     return train_toy_annotator(cfg.train_toy_annotator)
+
+
+@register("toy_consistency")
+class ToyConsistency(Annotator):
+    """How much an image still looks like a toy face: the mean absolute difference (in [0, 1]
+    pixel units) between the image and a fresh render of the factors the toy annotator reads
+    off it. A clean toy face scores near 0; an edit that destroys the face scores high. This is
+    the toy domain's stand-in for "is a face still detected" (MTCNN does not see toy faces)."""
+
+    name = "toy_consistency"
+    attributes = ("render_error",)
+    input_size = (32, 32)
+
+    def __init__(self, weights: str | os.PathLike | None = None):
+        self.reader = ToyFaceAnnotator(weights)
+
+    def networks(self):
+        return self.reader.networks()
+
+    def to(self, device):
+        self.reader.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from pipeline.images import from_uint8
+
+        factors = {k: v.cpu().numpy() for k, v in self.reader.score(x).items()}
+        rerender = from_uint8(render_faces(factors)).to(x.device)
+        return {"render_error": ((x - rerender).abs().mean(dim=(1, 2, 3)) * 0.5)}

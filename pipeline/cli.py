@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "supervised": ("pipeline.stages.supervised:run_supervised", "supervised directions (eq. 10) from the selection"),
     "disentangle": ("pipeline.stages.disentangle:run_disentangle", "remove projections onto other directions (eq. 11)"),
     "edit": ("pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file"),
+    "evaluate": ("evaluation.stage:run_evaluate", "Table 1: effects of every edit on every attribute, held-out seeds"),
     "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
     "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
     "train-toy-annotator": ("annotators.toy:run_train_toy_annotator", "train the toy-face annotator"),

@@ -128,6 +128,26 @@ class EditConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`hspace evaluate`: Table 1 on held-out seeds -> <run_dir>/evaluation/."""
+
+    first_seed: int = 1_000_000  # seeds never used to find the directions
+    num_samples: int = 32  # per seed set
+    repeats: int = 3  # disjoint seed sets; the table reports mean +- std across them
+    batch_size: int = 32
+    scale: float = 1.0  # edit strength of the supervised / disentangled directions
+    match_norm: bool = True  # rescale each disentangled direction to its original's norm
+    scorer: str = "toy"  # the annotator that measures the attributes (clip for faces)
+    scorer_options: Dict[str, Any] = field(default_factory=dict)
+    attributes: List[str] = field(default_factory=list)  # measured columns; empty: the directions' own
+    normalize: bool = True  # effects in standard deviations of the unedited scores
+    quality: Optional[str] = "toy_consistency"  # image-quality annotator (face_pose for real faces)
+    quality_score: str = "render_error"  # its score to report (face_prob for face_pose)
+    pca_components: int = 4  # top PCA directions against as many norm-matched random ones
+    pca_scale: float = 2.0  # in standard deviations along the component
+
+
+@dataclass
 class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
@@ -170,6 +190,7 @@ class HSpaceConfig:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
     edit: EditConfig = field(default_factory=EditConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
     train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
 

@@ -1,0 +1,108 @@
+"""The arithmetic of the evaluation (paper Table 1), as pure functions on tables.
+
+The per-sample table has one row per (repeat, seed, direction) with, for every measured
+attribute ``a``, the score change ``d_<a>`` (edited minus original), plus ``pixel_change``
+and the image-quality score before/after. From it:
+
+- the **effect matrix**: rows = applied direction, columns = measured attribute, entry =
+  |mean score change| over a seed set, averaged over repeated seed sets (its spread across
+  sets is the reported standard deviation); optionally in units of the attribute's standard
+  deviation over the unedited samples, so attributes with different ranges compare;
+- the **strongest effect per row**, marked as in the paper's Table 1;
+- **PCA vs random** (paper Fig. 6 as a number): attribute change per unit of pixel change.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def attribute_columns(per_sample: pd.DataFrame) -> list[str]:
+    return [c[2:] for c in per_sample.columns if c.startswith("d_")]
+
+
+def effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(mean, std) matrices, index = direction (in order of appearance), columns = attributes.
+
+    Entry = |mean over the seed set of the score change| / scale[attribute], then mean and std
+    across repeats (std is 0 with a single repeat)."""
+    attrs = attribute_columns(per_sample)
+    scale = scale or {}
+    per_repeat = per_sample.groupby(["direction", "repeat"], sort=False)[[f"d_{a}" for a in attrs]].mean().abs()
+    per_repeat.columns = attrs
+    for a in attrs:
+        per_repeat[a] = per_repeat[a] / scale.get(a, 1.0)
+    order = list(dict.fromkeys(per_sample["direction"]))
+    grouped = per_repeat.groupby(level="direction", sort=False)
+    mean = grouped.mean().reindex(order)
+    std = grouped.std(ddof=1).reindex(order).fillna(0.0)
+    return mean, std
+
+
+def strongest(mean: pd.DataFrame) -> pd.Series:
+    """The measured attribute with the largest effect, per row."""
+    return mean.idxmax(axis=1)
+
+
+def own_attribute(direction: str) -> str:
+    """The attribute a direction is named after: 'glasses|hair' -> 'glasses'."""
+    return direction.split("|", 1)[0]
+
+
+def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str]) -> pd.DataFrame:
+    """Per direction: its own effect, the largest off-diagonal effect, and whether its own
+    attribute is the strongest; for disentangled rows also the change of the largest
+    off-diagonal effect against the original direction of the same attribute."""
+    rows = []
+    for d in mean.index:
+        own = own_attribute(d)
+        if own not in mean.columns:
+            continue
+        off = mean.loc[d].drop(own)
+        rows.append({"direction": d, "family": families.get(d, ""), "own_effect": mean.loc[d, own],
+                     "max_off_diagonal": off.max(), "max_off_attribute": off.idxmax(),
+                     "own_is_strongest": bool(mean.loc[d].idxmax() == own)})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    original = {r.direction: r.max_off_diagonal for r in out.itertuples() if r.family == "original"}
+    out["off_diagonal_vs_original"] = [
+        (r.max_off_diagonal - original[own_attribute(r.direction)]) if r.family == "disentangled"
+        and own_attribute(r.direction) in original else np.nan for r in out.itertuples()]
+    return out
+
+
+def pca_vs_random(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per direction of the PCA and random families: the largest attribute effect (as in the
+    effect matrix), the mean pixel change, and their ratio (attribute change per unit of pixel
+    change; higher means the edit is semantic rather than noise)."""
+    sub = per_sample[per_sample["family"].isin(["pca", "random"])]
+    if sub.empty:
+        return pd.DataFrame()
+    mean, _ = effect_matrix(sub, scale)
+    pixel = sub.groupby("direction", sort=False)["pixel_change"].mean()
+    fam = sub.groupby("direction", sort=False)["family"].first()
+    out = pd.DataFrame({"family": fam, "max_attribute_effect": mean.max(axis=1),
+                        "attribute": mean.idxmax(axis=1), "pixel_change": pixel})
+    out["effect_per_pixel_change"] = out["max_attribute_effect"] / out["pixel_change"].clip(lower=1e-12)
+    return out.reset_index()
+
+
+def table1_markdown(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], unit: str) -> str:
+    """The paper's Table-1 layout: one block per section (e.g. original / disentangled), rows =
+    applied direction, columns = measured effect, `mean ± std`, the strongest effect in bold."""
+    cols = list(sections[0][1].columns)
+    lines = [f"| Edit \\ Effect | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
+    for title, mean, std in sections:
+        lines.append(f"| *{title}* |" + " |" * len(cols))
+        best = strongest(mean)
+        for d in mean.index:
+            cells = []
+            for c in cols:
+                cell = f"{mean.loc[d, c]:.2f} ± {std.loc[d, c]:.2f}"
+                cells.append(f"**{cell}**" if c == best[d] else cell)
+            lines.append(f"| {d.replace('|', chr(92) + '|')} | {' | '.join(cells)} |")
+    lines.append("")
+    lines.append(f"Entries: |mean score change| over each seed set, averaged over seed sets (± std across sets), {unit}. "
+                 "Bold: the strongest effect of the row.")
+    return "\n".join(lines) + "\n"

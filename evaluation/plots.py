@@ -1,0 +1,61 @@
+"""Plots of the evaluation and the report (matplotlib)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.figures import plt, save_figure
+
+
+def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out: Path, unit: str) -> Path:
+    """One heatmap per section (rows: applied direction, columns: measured attribute), values
+    written in the cells, the strongest effect of each row outlined."""
+    vmax = max(float(m.values.max()) for _, m, _ in sections) or 1.0
+    ncol = len(sections[0][1].columns)
+    rows = [len(m) for _, m, _ in sections]
+    fig, axes = plt.subplots(len(sections), 1, figsize=(1.6 + 0.75 * ncol, 1.2 + 0.38 * sum(rows) + 0.5 * len(sections)),
+                             squeeze=False, layout="constrained", gridspec_kw={"height_ratios": rows})
+    for ax, (title, mean, std) in zip(axes[:, 0], sections):
+        im = ax.imshow(mean.values, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(ncol), mean.columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(mean.index)), mean.index, fontsize=8)
+        ax.set_title(title, fontsize=9, loc="left")
+        best = mean.values.argmax(axis=1)
+        for i in range(len(mean.index)):
+            for j in range(ncol):
+                v = mean.values[i, j]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 0.6 * vmax else "white", fontweight="bold" if j == best[i] else "normal")
+            ax.add_patch(plt.Rectangle((best[i] - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#ff5a36", lw=2))
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.9, label="|mean change| (SD)" if "standard" in unit else "|mean change|")
+    return save_figure(fig, out)
+
+
+def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10) -> Path:
+    """ratio: (T, K) explained variance ratio per step and component."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    T = ratio.shape[0]
+    cmap = plt.get_cmap("viridis")
+    for j in range(min(k, ratio.shape[1])):
+        ax.plot(range(T), ratio[:, j], "-o", ms=2.5, lw=1, color=cmap(j / max(1, min(k, ratio.shape[1]) - 1)),
+                label=f"PC{j + 1}")
+    ax.set_xticks(range(0, T, max(1, T // 10)), [str(timesteps[i]) for i in range(0, T, max(1, T // 10))], fontsize=7)
+    ax.set_xlabel("timestep (step index 0 = first, noisiest)", fontsize=8)
+    ax.set_ylabel("explained variance ratio", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("PCA of h per step", fontsize=9)
+    return save_figure(fig, out)
+
+
+def pca_vs_random_plot(pvr: pd.DataFrame, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    colors = {"pca": "#1f77b4", "random": "#aaaaaa"}
+    ax.bar(range(len(pvr)), pvr.effect_per_pixel_change, color=[colors[f] for f in pvr.family])
+    ax.set_xticks(range(len(pvr)), pvr.direction, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("attribute change / pixel change", fontsize=8)
+    ax.set_title("PCA directions vs norm-matched random directions (Fig. 6)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    return save_figure(fig, out)

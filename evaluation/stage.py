@@ -1,0 +1,266 @@
+"""`hspace evaluate`: the paper's Table 1 on held-out seeds, plus image-change and quality checks.
+
+Every direction of the supervised file ("original") and of the disentangled file is applied
+at ``evaluate.scale`` to ``evaluate.num_samples`` new seeds, in ``evaluate.repeats`` disjoint
+seed sets starting at ``evaluate.first_seed`` (never used to find the directions). The scorer
+(an annotator: CLIP with the paper's prompts for faces, the toy annotator for the toy domain)
+scores each original and edited image; also recorded per edit: the mean absolute pixel change
+and an image-quality score (MTCNN face probability, or the toy render error). The top PCA
+directions and as many norm-matched random directions are applied too (paper Fig. 6).
+
+``Trainer.predict`` over (seed set, batch of seeds): one Parquet part per batch, resumable;
+rank 0 merges them into ``<run_dir>/evaluation/per_sample.parquet`` and writes
+``table1.csv``/``table1.md`` (paper layout, strongest effect per row in bold), the heatmaps,
+``pca_vs_random.csv`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from pipeline.config import config_hash, to_dict
+from pipeline.directions import Directions, load_directions
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.model import HSpaceModel
+from pipeline.samples import write_json_atomic
+from pipeline.stages.lightning_utils import ItemsProgress, loader, make_trainer, share_cpu_threads
+
+from .metrics import disentanglement_summary, effect_matrix, pca_vs_random, table1_markdown
+
+
+def eval_dir(run_dir) -> Path:
+    return Path(run_dir) / "evaluation"
+
+
+# ---------------------------------------------------------------------- what to apply
+def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
+    """(name, family, delta (T, C, H, W)) for every edit to evaluate, scales applied."""
+    d = Path(run_dir) / "directions"
+    edits = []
+    original = load_directions(d / "supervised.safetensors")
+    for name, v in zip(original.names, original.directions):
+        edits.append((name, "original", ev_cfg.scale * v))
+    dis_path = d / "disentangled.safetensors"
+    if dis_path.exists():
+        dis = load_directions(dis_path)
+        for name, v in zip(dis.names, dis.directions):
+            if ev_cfg.match_norm and name.split("|")[0] in original.names:
+                v = v * (original.get(name.split("|")[0]).norm() / v.norm().clamp_min(1e-12))
+            edits.append((name, "disentangled", ev_cfg.scale * v))
+    pca_path = d / "pca.safetensors"
+    if ev_cfg.pca_components > 0 and pca_path.exists():
+        pca = load_directions(pca_path)
+        k = min(ev_cfg.pca_components, len(pca))
+        for i in range(k):
+            edits.append((pca.names[i], "pca", ev_cfg.pca_scale * pca.directions[i]))
+        if "random_directions" in pca.extras:
+            for i in range(k):
+                edits.append((f"random{i + 1}", "random", ev_cfg.pca_scale * pca.extras["random_directions"][i]))
+    return edits
+
+
+def seed_sets(ev_cfg) -> list[tuple[int, list[int]]]:
+    """(repeat, batch of seeds): disjoint seed sets of num_samples each, starting at first_seed."""
+    items = []
+    for r in range(ev_cfg.repeats):
+        start = ev_cfg.first_seed + r * ev_cfg.num_samples
+        for b in range(start, start + ev_cfg.num_samples, ev_cfg.batch_size):
+            items.append((r, list(range(b, min(b + ev_cfg.batch_size, start + ev_cfg.num_samples)))))
+    return items
+
+
+# ---------------------------------------------------------------------- Lightning
+class EvaluateModule(L.LightningModule):
+    """predict_step: one batch of seeds -> one row per (seed, edit) with all score changes."""
+
+    def __init__(self, model: HSpaceModel, edits, scorer, quality, quality_score: str | None):
+        super().__init__()
+        self.hmodel, self.edits, self.scorer, self.quality, self.quality_score = model, edits, scorer, quality, quality_score
+        self.unet = model.unet
+
+    def setup(self, stage: str) -> None:
+        share_cpu_threads(self.trainer)
+        for ann in (self.scorer, self.quality):
+            if ann is not None:
+                ann.to(self.trainer.strategy.root_device)
+
+    def _measure(self, images):
+        scores = self.scorer(images)
+        q = self.quality(images)[self.quality_score] if self.quality is not None else torch.full((len(images),), np.nan)
+        return scores, q
+
+    def predict_step(self, item, batch_idx: int):
+        repeat, seeds = item
+        self.hmodel.to(self.device)
+        base = self.hmodel.sample(seeds)
+        s0, q0 = self._measure(base.images)
+        rows = []
+        for name, family, delta in self.edits:
+            out = self.hmodel.sample(seeds, delta_h=delta)
+            s1, q1 = self._measure(out.images)
+            pixel = (out.images - base.images).abs().mean(dim=(1, 2, 3)).cpu() / 2  # in [0, 1] units
+            for i, seed in enumerate(seeds):
+                row = {"repeat": repeat, "seed": seed, "direction": name, "family": family,
+                       "pixel_change": float(pixel[i]), "quality_before": float(q0[i]), "quality_after": float(q1[i])}
+                row.update({f"o_{a}": float(s0[a][i]) for a in s0})
+                row.update({f"d_{a}": float(s1[a][i] - s0[a][i]) for a in s0})
+                rows.append(row)
+        return {"repeat": repeat, "seeds": seeds, "rows": rows}
+
+
+class PartWriter(BasePredictionWriter):
+    def __init__(self, directory: Path):
+        super().__init__(write_interval="batch")
+        self.directory = directory
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / part_name(prediction["repeat"], prediction["seeds"])
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(pa.Table.from_pylist(prediction["rows"]), tmp)
+        os.replace(tmp, path)
+
+
+def part_name(repeat: int, seeds) -> str:
+    return f"part-r{repeat:02d}-{min(seeds):010d}-{max(seeds):010d}.parquet"
+
+
+class EvaluateData(L.LightningDataModule):
+    def __init__(self, items):
+        super().__init__()
+        self.all_items = items
+
+    def setup(self, stage: str) -> None:
+        self.items = self.all_items[self.trainer.global_rank::self.trainer.world_size]
+
+    def predict_dataloader(self):
+        return loader(self.items)
+
+
+class Finish(L.Callback):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier("hspace-evaluate-end")
+        if trainer.is_global_zero:
+            self.fn()
+        trainer.strategy.barrier("hspace-evaluate-done")
+
+
+# ---------------------------------------------------------------------- outputs
+def write_results(run_dir, ev_cfg, items) -> dict:
+    out = eval_dir(run_dir)
+    parts = [out / "parts" / part_name(r, s) for r, s in items]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+        raise DatasetError(f"{len(missing)} evaluation parts are missing (e.g. {missing[0].name}); re-run hspace evaluate")
+    per_sample = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    tmp = out / ".per_sample.parquet.tmp"
+    per_sample.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "per_sample.parquet")
+    return summarise(per_sample, ev_cfg, out)
+
+
+def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
+    """Effect matrices, Table 1 (csv + markdown), heatmaps, PCA vs random, summary.json."""
+    from .plots import effect_heatmaps
+
+    attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
+    measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(per_sample.direction.str.split("|").str[0]) if a in attrs]
+    if not measured:
+        raise ConfigError(f"evaluate.attributes is empty and no direction is named after a scorer attribute ({attrs}); "
+                          f"list the attributes to measure")
+    unedited = per_sample.drop_duplicates(["repeat", "seed"])
+    scale = {a: float(unedited[f"o_{a}"].std(ddof=1)) if ev_cfg.normalize else 1.0 for a in measured}
+    keep = per_sample[["repeat", "seed", "direction", "family", "pixel_change", "quality_before", "quality_after"]
+                      + [f"d_{a}" for a in measured]]
+    sections, tables, families = [], [], dict(zip(per_sample.direction, per_sample.family))
+    for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
+        sub = keep[keep.family == family]
+        if sub.empty:
+            continue
+        mean, std = effect_matrix(sub, scale)
+        sections.append((title, mean, std))
+        tables.append(pd.concat({"mean": mean, "std": std}, axis=1).assign(family=family))
+    unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
+    pd.concat(tables).to_csv(out / "table1.csv")
+    (out / "table1.md").write_text(table1_markdown(sections, unit))
+    all_mean = pd.concat([s[1] for s in sections])
+    summary_rows = disentanglement_summary(all_mean, families)
+    summary_rows.to_csv(out / "disentanglement.csv", index=False)
+    quality = keep.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
+    quality.to_csv(out / "image_change.csv")
+    pvr = pca_vs_random(keep, scale)
+    if not pvr.empty:
+        pvr.to_csv(out / "pca_vs_random.csv", index=False)
+    effect_heatmaps(sections, out / "table1.png", unit)
+    summary = {
+        "num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
+        "scorer": ev_cfg.scorer, "measured": measured, "unit": unit,
+        "all_disentangled_own_strongest": bool(summary_rows[summary_rows.family == "disentangled"].own_is_strongest.all())
+        if not summary_rows.empty else None,
+        "disentangling_lowers_max_off_diagonal": bool((summary_rows.dropna(subset=["off_diagonal_vs_original"])
+                                                       .off_diagonal_vs_original < 0).all()) if not summary_rows.empty else None,
+    }
+    if not pvr.empty:
+        fam = pvr.groupby("family").effect_per_pixel_change.mean()
+        summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))
+        summary["random_effect_per_pixel"] = float(fam.get("random", np.nan))
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def evaluation_identity(run_dir, cfg) -> dict:
+    d = Path(run_dir) / "directions"
+    files = {p.name: p.stat().st_size + int(p.stat().st_mtime_ns) for p in sorted(d.glob("*.safetensors"))
+             if p.stem in ("supervised", "disentangled", "pca")}
+    ev = to_dict(cfg.evaluate)
+    return {"model": to_dict(cfg.model), "evaluate": ev, "directions": files}
+
+
+def run_evaluate(cfg) -> dict:
+    from annotators.base import build_annotator
+
+    run_dir, ev = Path(cfg.run_dir), cfg.evaluate
+    if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
+        raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
+    out = eval_dir(run_dir)
+    identity = evaluation_identity(run_dir, cfg)
+    stamp = out / "identity.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("hash") != config_hash(identity):
+        print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
+        shutil.rmtree(out / "parts", ignore_errors=True)
+    write_json_atomic(stamp, {"hash": config_hash(identity), "identity": identity})
+    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    edits = edit_list(run_dir, ev)
+    scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
+    quality = build_annotator(ev.quality, {}) if ev.quality else None
+    if quality is not None and ev.quality_score not in quality.attributes:
+        raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
+    items = seed_sets(ev)
+    todo = [it for it in items if not (out / "parts" / part_name(*it)).exists()]
+    if todo:
+        progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
+        trainer = make_trainer(cfg.trainer, [PartWriter(out / "parts"), progress,
+                                             Finish(lambda: write_results(run_dir, ev, items))])
+        trainer.predict(EvaluateModule(model, edits, scorer, quality, ev.quality_score), datamodule=EvaluateData(todo),
+                        return_predictions=False)
+        if not trainer.is_global_zero:
+            return {}
+    else:
+        write_results(run_dir, ev, items)
+    summary = json.loads((out / "summary.json").read_text())
+    print((out / "table1.md").read_text())
+    print(f"hspace evaluate: {len(edits)} edits x {ev.repeats * ev.num_samples} samples -> {out}")
+    return summary

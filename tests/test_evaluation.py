@@ -1,0 +1,106 @@
+"""Evaluation arithmetic (known responses -> known matrix) and the evaluate stage end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from evaluation.metrics import (disentanglement_summary, effect_matrix, pca_vs_random, strongest,
+                                table1_markdown)
+
+
+def known_table() -> pd.DataFrame:
+    """Two directions x two repeats x 3 seeds with designed score changes."""
+    rows = []
+    effects = {  # direction -> (family, mean change of a per repeat, of b per repeat)
+        "a": ("original", (1.0, 3.0), (-2.0, -2.0)),
+        "a|b": ("disentangled", (2.0, 2.0), (0.5, -0.5)),
+    }
+    for d, (fam, da, db) in effects.items():
+        for r in range(2):
+            for j, noise in enumerate((-1.0, 0.0, 1.0)):  # zero-mean per-sample spread
+                rows.append({"repeat": r, "seed": 10 * r + j, "direction": d, "family": fam,
+                             "d_a": da[r] + noise, "d_b": db[r] - noise, "pixel_change": 0.1 * (j + 1),
+                             "o_a": float(j), "o_b": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_effect_matrix_of_known_responses():
+    mean, std = effect_matrix(known_table())
+    assert list(mean.index) == ["a", "a|b"] and list(mean.columns) == ["a", "b"]
+    np.testing.assert_allclose(mean.values, [[2.0, 2.0], [2.0, 0.5]])
+    np.testing.assert_allclose(std.values, [[np.std([1, 3], ddof=1), 0.0], [0.0, 0.0]])
+    scaled, _ = effect_matrix(known_table(), {"a": 2.0, "b": 0.5})
+    np.testing.assert_allclose(scaled.values, [[1.0, 4.0], [1.0, 1.0]])
+    assert list(strongest(scaled)) == ["b", "a"]  # ties resolve to the first column
+
+
+def test_disentanglement_summary_and_markdown():
+    mean, std = effect_matrix(known_table())
+    summary = disentanglement_summary(mean, {"a": "original", "a|b": "disentangled"}).set_index("direction")
+    assert summary.loc["a|b", "own_is_strongest"] and summary.loc["a|b", "max_off_diagonal"] == 0.5
+    assert summary.loc["a|b", "off_diagonal_vs_original"] == pytest.approx(-1.5)
+    md = table1_markdown([("Original", mean.loc[["a"]], std.loc[["a"]]), ("Disentangled", mean.loc[["a|b"]], std.loc[["a|b"]])],
+                         "in score units")
+    assert "| a\\|b | **2.00 ± 0.00** | 0.50 ± 0.00 |" in md and "*Original*" in md
+
+
+def test_pca_vs_random_ratio():
+    df = known_table().assign(family=lambda t: t.direction.map({"a": "pca", "a|b": "random"}))
+    out = pca_vs_random(df).set_index("direction")
+    assert out.loc["a", "max_attribute_effect"] == pytest.approx(2.0)
+    assert out.loc["a", "pixel_change"] == pytest.approx(0.2)
+    assert out.loc["a", "effect_per_pixel_change"] == pytest.approx(10.0)
+
+
+def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
+    from omegaconf import OmegaConf
+
+    from evaluation.stage import run_evaluate
+    from pipeline import HSpaceModel
+    from pipeline.config import load_config
+    from pipeline.directions import load_directions
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.disentangle import run_disentangle
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.select import run_select
+    from pipeline.stages.supervised import run_supervised
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
+                             "trainer.accelerator=cpu", "generate.num_samples=24", "generate.batch_size=12",
+                             "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
+                             "select.n=5", "disentangle.pairs={bright: [red]}", "supervised.convergence_ns=[5]",
+                             "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null",
+                             "evaluate.num_samples=4", "evaluate.repeats=2", "evaluate.batch_size=3",
+                             "evaluate.scale=2.0"])
+    for stage in (run_generate, run_annotate, run_select, run_supervised, run_disentangle):
+        stage(cfg)
+    summary = run_evaluate(cfg)
+    per = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    assert len(per) == 2 * 4 * 3 and set(per.direction) == {"bright", "red", "bright|red"}
+    assert set(per.seed) == set(range(1_000_000, 1_000_008))
+    # one stored change, recomputed independently
+    model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, device="cpu")
+    d = load_directions(run / "directions" / "supervised.safetensors").get("red")
+    seed = 1_000_005
+    x0, x1 = model.sample([seed]).images, model.sample([seed], delta_h=2.0 * d).images
+    red = lambda x: float((x * 0.5 + 0.5)[:, 0].mean() - (x * 0.5 + 0.5)[:, 1:].mean())
+    row = per[(per.seed == seed) & (per.direction == "red")].iloc[0]
+    assert row.d_red == pytest.approx(red(x1) - red(x0), abs=1e-4)
+    assert row.pixel_change == pytest.approx(float((x1 - x0).abs().mean() / 2), abs=1e-5)
+    table = pd.read_csv(run / "evaluation" / "table1.csv", header=[0, 1], index_col=0)
+    mean, _ = effect_matrix(per[per.family == "original"][["repeat", "seed", "direction", "family", "d_bright", "d_red"]],
+                            {a: per.drop_duplicates(["repeat", "seed"])[f"o_{a}"].std(ddof=1) for a in ("bright", "red")})
+    np.testing.assert_allclose(table["mean"].loc[["bright", "red"]].values, mean.values, rtol=1e-6)
+    for name in ("table1.md", "table1.png", "summary.json", "image_change.csv"):
+        assert (run / "evaluation" / name).exists()
+    assert summary["measured"] == ["bright", "red"]
+    # a re-run with everything in place only re-summarises; a changed setting starts over
+    again = run_evaluate(cfg)
+    assert again == summary
+    changed = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["evaluate.scale=1.0"]))
+    run_evaluate(changed)
+    per2 = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    assert not np.allclose(per2.d_red.values, per.d_red.values)
