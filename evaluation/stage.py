@@ -33,7 +33,7 @@ from pipeline.directions import Directions, load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.model import HSpaceModel
 from pipeline.samples import write_json_atomic
-from pipeline.stages.lightning_utils import ItemsProgress, loader, make_trainer, share_cpu_threads
+from pipeline.stages.lightning_utils import ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
 
 from .metrics import disentanglement_summary, effect_matrix, pca_vs_random, table1_markdown
 
@@ -81,15 +81,20 @@ def seed_sets(ev_cfg) -> list[tuple[int, list[int]]]:
 
 # ---------------------------------------------------------------------- Lightning
 class EvaluateModule(L.LightningModule):
-    """predict_step: one batch of seeds -> one row per (seed, edit) with all score changes."""
+    """predict_step: one batch of seeds -> one row per (seed, edit) with all score changes.
 
-    def __init__(self, model: HSpaceModel, edits, scorer, quality, quality_score: str | None):
+    The edits are read in ``setup``, after every process has joined: under ``hspace run`` the
+    directions are written by rank 0 just before."""
+
+    def __init__(self, model: HSpaceModel, run_dir, ev_cfg, scorer, quality, quality_score: str | None):
         super().__init__()
-        self.hmodel, self.edits, self.scorer, self.quality, self.quality_score = model, edits, scorer, quality, quality_score
+        self.hmodel, self.scorer, self.quality, self.quality_score = model, scorer, quality, quality_score
+        self.run_dir, self.ev_cfg = run_dir, ev_cfg
         self.unet = model.unet
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
+        self.edits = edit_list(self.run_dir, self.ev_cfg)
         for ann in (self.scorer, self.quality):
             if ann is not None:
                 ann.to(self.trainer.strategy.root_device)
@@ -136,12 +141,13 @@ def part_name(repeat: int, seeds) -> str:
 
 
 class EvaluateData(L.LightningDataModule):
-    def __init__(self, items):
+    def __init__(self, run_dir, items):
         super().__init__()
-        self.all_items = items
+        self.run_dir, self.all_items = run_dir, items
 
     def setup(self, stage: str) -> None:
-        self.items = self.all_items[self.trainer.global_rank::self.trainer.world_size]
+        todo = [it for it in self.all_items if not (eval_dir(self.run_dir) / "parts" / part_name(*it)).exists()]
+        self.items = todo[self.trainer.global_rank::self.trainer.world_size]
 
     def predict_dataloader(self):
         return loader(self.items)
@@ -174,7 +180,7 @@ def write_results(run_dir, ev_cfg, items) -> dict:
 
 def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     """Effect matrices, Table 1 (csv + markdown), heatmaps, PCA vs random, summary.json."""
-    from .plots import effect_heatmaps
+    from .plots import effect_heatmaps, pca_vs_random_plot
 
     attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
     measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(per_sample.direction.str.split("|").str[0]) if a in attrs]
@@ -204,6 +210,7 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     pvr = pca_vs_random(keep, scale)
     if not pvr.empty:
         pvr.to_csv(out / "pca_vs_random.csv", index=False)
+        pca_vs_random_plot(pvr, out / "pca_vs_random.png")
     effect_heatmaps(sections, out / "table1.png", unit)
     summary = {
         "num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
@@ -238,12 +245,13 @@ def run_evaluate(cfg) -> dict:
     out = eval_dir(run_dir)
     identity = evaluation_identity(run_dir, cfg)
     stamp = out / "identity.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("hash") != config_hash(identity):
-        print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
-        shutil.rmtree(out / "parts", ignore_errors=True)
-    write_json_atomic(stamp, {"hash": config_hash(identity), "identity": identity})
+    if launching_rank() == 0:
+        if stamp.exists() and json.loads(stamp.read_text()).get("hash") != config_hash(identity):
+            print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
+            shutil.rmtree(out / "parts", ignore_errors=True)
+        write_json_atomic(stamp, {"hash": config_hash(identity), "identity": identity})
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    edits = edit_list(run_dir, ev)
+    n_edits = len(edit_list(run_dir, ev))
     scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
     quality = build_annotator(ev.quality, {}) if ev.quality else None
     if quality is not None and ev.quality_score not in quality.attributes:
@@ -254,13 +262,13 @@ def run_evaluate(cfg) -> dict:
         progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
         trainer = make_trainer(cfg.trainer, [PartWriter(out / "parts"), progress,
                                              Finish(lambda: write_results(run_dir, ev, items))])
-        trainer.predict(EvaluateModule(model, edits, scorer, quality, ev.quality_score), datamodule=EvaluateData(todo),
-                        return_predictions=False)
+        trainer.predict(EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score),
+                        datamodule=EvaluateData(run_dir, items), return_predictions=False)
         if not trainer.is_global_zero:
             return {}
     else:
         write_results(run_dir, ev, items)
     summary = json.loads((out / "summary.json").read_text())
     print((out / "table1.md").read_text())
-    print(f"hspace evaluate: {len(edits)} edits x {ev.repeats * ev.num_samples} samples -> {out}")
+    print(f"hspace evaluate: {n_edits} edits x {ev.repeats * ev.num_samples} samples -> {out}")
     return summary

@@ -23,9 +23,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "disentangle": ("pipeline.stages.disentangle:run_disentangle", "remove projections onto other directions (eq. 11)"),
     "edit": ("pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file"),
     "evaluate": ("evaluation.stage:run_evaluate", "Table 1: effects of every edit on every attribute, held-out seeds"),
+    "figures": ("pipeline.stages.figures:run_figures", "edit strips of every direction family for the report"),
+    "report": ("evaluation.report:run_report", "write <run_dir>/report/index.html"),
     "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
     "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
     "train-toy-annotator": ("annotators.toy:run_train_toy_annotator", "train the toy-face annotator"),
+    "validate-toy": ("pipeline.toyfaces.validate:run_validate_toy", "check the embedded default against its ground truth"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),
 }
 

@@ -6,6 +6,7 @@ misspelt keys and values of the wrong type are errors naming the key and the val
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -148,6 +149,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReportConfig:
+    """`hspace report` and the edit strips it shows (`hspace run`'s figures step, seeds from edit.seeds)."""
+
+    pca_components: int = 6  # leading PCA directions shown (and as many random ones)
+    jacobian_directions: int = 6  # Jacobian directions shown
+
+
+@dataclass
 class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
@@ -191,6 +200,7 @@ class HSpaceConfig:
     disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
     edit: EditConfig = field(default_factory=EditConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
     train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
 
@@ -277,7 +287,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
 
 
 def to_dict(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    """A plain dict from a DictConfig, a config dataclass or a mapping."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)
 
 
 def config_hash(*parts) -> str:

@@ -1,11 +1,105 @@
-"""`hspace run`: the main job, every stage in order on one configuration."""
+"""`hspace run`: the main job, every stage in order on one configuration.
+
+generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures ->
+evaluate -> report. A stage is skipped when its outputs exist and were made from the same
+inputs: each finished stage leaves a stamp (``<run_dir>/.stamps/<stage>.json``) with a hash of
+the configuration sections it reads and of the stamps of the stages it reads from, so a
+changed setting re-runs exactly the stages downstream of it. The stages that use Lightning
+(generate, annotate, pca, jacobian, evaluate) run on whatever the ``trainer`` section says.
+"""
 from __future__ import annotations
 
+import importlib
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .sample import run_sample
+from omegaconf import OmegaConf
+
+from ..config import config_hash, to_dict
+from ..samples import write_json_atomic
+from .lightning_utils import launching_rank
 
 
-def run_all(cfg) -> None:
-    out = run_sample(cfg)
-    print(f"hspace run: done; outputs in {Path(cfg.run_dir).resolve()} (first look: {out})")
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str  # "module:function" taking the config
+    reads: tuple[str, ...]  # config sections (dotted) that determine the output
+    after: tuple[str, ...]  # stages whose outputs it reads
+    outputs: tuple[str, ...]  # paths under run_dir that must exist for it to count as done
+    distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("generate", "pipeline.stages.generate:run_generate", ("model", "generate", "trainer.precision"), (),
+          ("samples/manifest.json",), True),
+    Stage("annotate", "pipeline.stages.annotate:run_annotate", ("annotate",), ("generate",), ("annotations.parquet",), True),
+    Stage("select", "pipeline.stages.select:run_select", ("select",), ("annotate",), ("selection.parquet",)),
+    Stage("pca", "pipeline.stages.pca:run_pca", ("pca",), ("generate",), ("directions/pca.safetensors",), True),
+    Stage("jacobian", "pipeline.stages.jacobian:run_jacobian", ("jacobian", "model"), ("generate",),
+          ("directions/jacobian.safetensors",), True),
+    Stage("supervised", "pipeline.stages.supervised:run_supervised", ("supervised",), ("select",),
+          ("directions/supervised.safetensors",)),
+    Stage("disentangle", "pipeline.stages.disentangle:run_disentangle", ("disentangle",), ("supervised",),
+          ("directions/disentangled.safetensors",)),
+    Stage("figures", "pipeline.stages.figures:run_figures", ("report", "edit.seeds", "model"),
+          ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
+    Stage("evaluate", "evaluation.stage:run_evaluate", ("evaluate", "model"), ("pca", "supervised", "disentangle"),
+          ("evaluation/summary.json",), True),
+    Stage("report", "evaluation.report:run_report", ("report",), ("figures", "evaluate", "select"), ("report/index.html",)),
+)
+
+
+def _section(cfg, dotted: str):
+    node = OmegaConf.select(cfg, dotted)
+    return to_dict(node) if OmegaConf.is_config(node) else node
+
+
+def stage_hashes(cfg) -> dict[str, str]:
+    """Each stage's input hash: its config sections and the hashes of the stages it reads."""
+    hashes: dict[str, str] = {}
+    for st in STAGES:
+        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after})
+    return hashes
+
+
+def stamp_path(run_dir, name: str) -> Path:
+    return Path(run_dir) / ".stamps" / f"{name}.json"
+
+
+def is_fresh(run_dir, st: Stage, h: str) -> bool:
+    p = stamp_path(run_dir, st.name)
+    if not p.exists() or not all((Path(run_dir) / o).exists() for o in st.outputs):
+        return False
+    return json.loads(p.read_text()).get("hash") == h
+
+
+def run_all(cfg, only: list[str] | None = None) -> Path:
+    run_dir = Path(cfg.run_dir)
+    hashes = stage_hashes(cfg)
+    rank0 = launching_rank() == 0
+    t_start = time.time()
+    for i, st in enumerate(STAGES, 1):
+        if only and st.name not in only:
+            continue
+        if is_fresh(run_dir, st, hashes[st.name]):
+            if rank0:
+                print(f"[{i}/{len(STAGES)}] {st.name}: up to date, skipped")
+            continue
+        if not (rank0 or st.distributed):
+            continue  # other ranks only take part in the Lightning stages
+        if rank0:
+            print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
+        t0 = time.time()
+        module, func = st.entry.split(":")
+        getattr(importlib.import_module(module), func)(cfg)
+        if rank0:
+            write_json_atomic(stamp_path(run_dir, st.name), {"hash": hashes[st.name], "seconds": round(time.time() - t0, 1)})
+            print(f"[{i}/{len(STAGES)}] {st.name}: done in {time.time() - t0:.0f} s", flush=True)
+    report = run_dir / "report" / "index.html"
+    if rank0:
+        print(f"hspace run: finished in {time.time() - t_start:.0f} s; outputs in {run_dir.resolve()}")
+        print(f"hspace run: report -> {report.resolve()}")
+    return report

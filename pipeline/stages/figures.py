@@ -1,0 +1,46 @@
+"""The main job's edit strips: one folder of seeds x scales grids per direction family.
+
+``<run_dir>/edits/<family>/<direction>.png`` for pca, pca_random (norm-matched random
+directions), jacobian, supervised, supervised_xT (the same directions in x_T space) and
+disentangled, each at the scales its directions file suggests; the report shows them.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..directions import Directions, load_directions
+from ..model import HSpaceModel
+from .edit import render_edits
+
+
+def run_figures(cfg) -> Path:
+    run_dir = Path(cfg.run_dir)
+    d, out = run_dir / "directions", run_dir / "edits"
+    model = HSpaceModel.from_config(cfg.model)
+    seeds = list(cfg.edit.seeds)
+    shutil.rmtree(out, ignore_errors=True)
+    jobs: list[tuple[str, Directions, list, bool]] = []
+    if (d / "pca.safetensors").exists():
+        pca = load_directions(d / "pca.safetensors")
+        k = min(cfg.report.pca_components, len(pca))
+        jobs.append(("pca", pca, list(range(k)), False))
+        if "random_directions" in pca.extras:
+            rnd = Directions(pca.extras["random_directions"][:k], [f"random{i + 1}" for i in range(k)], "random",
+                             pca.timesteps, params={"scales": pca.params.get("scales")})
+            jobs.append(("pca_random", rnd, list(range(k)), False))
+    if (d / "jacobian.safetensors").exists():
+        jac = load_directions(d / "jacobian.safetensors")
+        jobs.append(("jacobian", jac, list(range(min(cfg.report.jacobian_directions, len(jac)))), False))
+    for name in ("supervised", "disentangled", "real"):
+        if (d / f"{name}.safetensors").exists():
+            dirs = load_directions(d / f"{name}.safetensors")
+            jobs.append((name, dirs, list(range(len(dirs))), False))
+            if name == "supervised" and "x_T_directions" in dirs.extras:
+                jobs.append(("supervised_xT", dirs, list(range(len(dirs))), True))
+    count = 0
+    for family, dirs, names, x_T in jobs:
+        scales = dirs.params.get("x_T_scales" if x_T else "scales") or [-2.0, -1.0, 0.0, 1.0, 2.0]
+        count += len(render_edits(model, dirs, names, seeds, scales, out / family, x_T_space=x_T))
+    print(f"hspace figures: {count} edit strips in {out}")
+    return out

@@ -1,0 +1,129 @@
+"""`hspace validate-toy`: the embedded default against its own ground truth.
+
+Figures (printed and saved as JSON):
+
+- factor statistics of model samples read by the toy annotator, against fresh renders read
+  by the same annotator: binary rates (target: within 5 points) and the spread (standard
+  deviation) of continuous factors (target: at least 80% of the renders');
+- high-frequency energy: mean of (x - 3x3 box blur of x)^2 over pixels, x in [0, 1]; it
+  rises with sampling noise and falls with blur (target: within 25% of the renders');
+- editability: per factor, the mean-difference direction (top 50 minus bottom 50 of the
+  annotated samples, per step) applied at a fixed scale to new seeds must move the factor's
+  mean by at least one renderer standard deviation (half the range for binary factors) in
+  the intended sign;
+- DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..images import from_uint8
+from ..model import HSpaceModel
+from ..supervised import mean_difference
+from .render import FACTORS, render_faces, sample_factors
+
+
+def hf_energy(images: torch.Tensor) -> float:
+    """Mean squared high-pass residual of (B, 3, H, W) images in [-1, 1] (computed in [0, 1] units)."""
+    x = (images.float() + 1) / 2
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float(((x - blur) ** 2).mean())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def _batched(fn, items, batch_size):
+    return [fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def sample_and_read(model: HSpaceModel, annotator, seeds, batch_size: int = 128):
+    """Samples (images, h) of the seeds and their annotator scores."""
+    images, hs, scores = [], [], []
+    for out in _batched(model.sample, list(seeds), batch_size):
+        images.append(out.images.cpu())
+        hs.append(out.h.cpu().half())
+        scores.append(annotator(out.images))
+    return torch.cat(images), torch.cat(hs), {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
+
+
+def factor_statistics(sample_scores: dict, render_scores: dict) -> dict:
+    out = {}
+    for f in FACTORS:
+        if f.kind == "binary":
+            out[f.name] = {"rate_samples": float((sample_scores[f.name] > 0.5).float().mean()),
+                           "rate_renders": float((render_scores[f.name] > 0.5).float().mean())}
+            out[f.name]["ok"] = abs(out[f.name]["rate_samples"] - out[f.name]["rate_renders"]) <= 0.05
+        elif f.kind == "continuous":
+            s, r = float(sample_scores[f.name].std()), float(render_scores[f.name].std())
+            out[f.name] = {"std_samples": s, "std_renders": r, "spread_ratio": s / r, "ok": s / r >= 0.8}
+    return out
+
+
+def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, new_seeds, n: int = 50,
+                scale: float = 1.0) -> dict:
+    """Per factor: the top-n minus bottom-n direction applied at ``scale`` to new seeds; the
+    change of the factor's mean against the bar (one renderer std, half the range if binary)."""
+    base = {k: v for k, v in annotator(torch.cat([o.images for o in _batched(model.sample, list(new_seeds), 128)])).items()}
+    out = {}
+    for f in FACTORS:
+        if f.kind == "categorical":
+            continue
+        order = torch.argsort(scores[f.name], descending=True)
+        d = mean_difference(h[order[:n]], h[order[-n:]])
+        edited = torch.cat([o.images for o in _batched(lambda s: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
+        moved = float(annotator(edited)[f.name].mean() - base[f.name].mean())
+        bar = 0.5 if f.kind == "binary" else f.std
+        out[f.name] = {"mean_change": moved, "bar": bar, "ok": moved >= bar}
+    return out
+
+
+def inversion_round_trip(model: HSpaceModel, n: int = 32, seed: int = 7) -> dict:
+    faces = from_uint8(render_faces(sample_factors(n, seed)))
+    inv = model.invert(faces)
+    decoded = model.sample(x_T=inv.x_T, eta=0.0).images.cpu()
+    p = psnr(decoded, faces)
+    return {"psnr_mean": float(p.mean()), "psnr_min": float(p.min()), "n": n, "ok": float(p.mean()) >= 30.0}
+
+
+def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 32, n_top: int = 50,
+             edit_scale: float = 1.0, first_seed: int = 0, correlations=None) -> dict:
+    images, h, scores = sample_and_read(model, annotator, range(first_seed, first_seed + n_samples))
+    renders = from_uint8(render_faces(sample_factors(n_samples, 12345, correlations)))
+    render_scores = annotator(renders)
+    hf_s, hf_r = hf_energy(images), hf_energy(renders)
+    return {
+        "factors": factor_statistics(scores, render_scores),
+        "hf_energy": {"samples": hf_s, "renders": hf_r, "ratio": hf_s / hf_r, "ok": abs(hf_s / hf_r - 1) <= 0.25},
+        "editability": editability(model, annotator, h, scores, range(10**6, 10**6 + n_edit), n_top, edit_scale),
+        "inversion": inversion_round_trip(model),
+        "settings": {"n_samples": n_samples, "n_edit": n_edit, "n_top": n_top, "edit_scale": edit_scale,
+                     "steps": model.num_steps, "eta": model.eta.tolist()[0]},
+    }
+
+
+def run_validate_toy(cfg) -> dict:
+    from annotators.toy import ToyFaceAnnotator
+
+    model = HSpaceModel.from_config(cfg.model)
+    result = validate(model, ToyFaceAnnotator(), correlations=dict(cfg.train_toy.correlations))
+    out = Path(cfg.run_dir) / "validate-toy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    for section in ("factors", "editability"):
+        for name, r in result[section].items():
+            print(f"{section:12s} {name:9s} {'OK ' if r['ok'] else 'LOW'} " +
+                  " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
+    for section in ("hf_energy", "inversion"):
+        r = result[section]
+        print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
+    print(f"hspace validate-toy: {out}")
+    return result
