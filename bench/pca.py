@@ -8,13 +8,20 @@ step is full rank with a decaying spectrum. Batches are generated on the fly fro
 so no method ever holds the dataset (only the exact reference does, for a few steps, at small N).
 
 Each method runs in a fresh subprocess. Reported per method and N: fit time (data generation
-excluded), samples/s by wall clock and by process CPU time (the fairer figure on a shared machine;
-with more than one thread it also counts the thread pools' spin-waiting), and peak memory = ru_maxrss (peak resident set size of the process) at the
-end minus ru_maxrss after imports, generator set-up and one generated batch. Accuracy: principal
-angles between the top-K subspaces and per-component angles (top 10), ours vs scikit-learn and
-both vs an exact SVD of the full data for 3 steps (only where N <= --exact-max).
+excluded); samples/s by wall clock and by process CPU time (the fairer figure on a shared machine;
+with more than one thread it also counts the thread pools' spin-waiting); peak memory = ru_maxrss
+(peak resident set size) at the end, and after each quarter of N, minus ru_maxrss after imports,
+generator set-up and one generated batch (so the one-batch generation temporaries, the same for
+every method, are mostly in the baseline). scikit-learn gets float32 arrays (its faster path; it
+would upcast float16 to float64). Accuracy: principal angles between the top-K subspaces and
+per-component angles (top 10), ours vs scikit-learn and both vs an exact SVD of the full data for
+3 steps (only where N <= --exact-max).
 
-    python bench/pca.py [--n 2000 8000] [--k 25] [--oversample 10] [--batch 100] [--threads 2] [--quick]
+On a machine shared with other jobs use --threads 1: the OpenMP / OpenBLAS pools spin-wait when one
+of their threads is descheduled (measured at load 8 on 2 cores: ours 17 samples/s with 2 threads,
+~250 with 1).
+
+    python bench/pca.py [--n 2000 8000] [--k 25] [--oversample K] [--batch 100] [--threads 2] [--quick]
 """
 from __future__ import annotations
 
@@ -58,9 +65,13 @@ class SyntheticH:
         h += self.noise * torch.randn(size, T, D, generator=g)
         return h.half()
 
-    def batches(self, n: int, size: int):
+    def batches(self, n: int, size: int, on_quarter=None):
+        """Yields the batches of n samples; calls on_quarter() after each quarter of them is used."""
+        nb = -(-n // size)
         for i, start in enumerate(range(0, n, size)):
             yield self.batch(i, min(size, n - start))
+            if on_quarter is not None and (4 * (i + 1)) // nb > (4 * i) // nb:
+                on_quarter()
 
 
 # ---- workers (one per subprocess) ------------------------------------------------------------------
@@ -69,24 +80,30 @@ def maxrss_mb() -> float:
 
 
 def worker(args) -> dict:
-    from threadpoolctl import threadpool_limits
+    import numpy as np
+    import scipy.linalg  # noqa: F401  (load its BLAS before limiting it)
+    from sklearn.decomposition import IncrementalPCA
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from pipeline.pca import StreamingPCA
 
     torch.set_num_threads(args.threads)
-    limits = threadpool_limits(args.threads)  # numpy's BLAS for scikit-learn  # noqa: F841
-    if args.worker == "sklearn":
-        import numpy as np
-        from sklearn.decomposition import IncrementalPCA
-    from pipeline.pca import StreamingPCA
+    # Limits only the libraries loaded by now; an unlimited OpenBLAS spin-waits on a busy machine.
+    limits = threadpool_limits(args.threads)  # noqa: F841
+    pools = {(p["internal_api"], p["num_threads"]) for p in threadpool_info()}
+    assert all(n <= args.threads for _, n in pools), pools
 
     data = SyntheticH(args.seed)
     first = data.batch(0, min(args.batch, args.n))
     base = maxrss_mb()
+    quarters: list[float] = []
+    mark = lambda: quarters.append(maxrss_mb() - base)  # noqa: E731
     fit_s = cpu_s = 0.0
     out: dict[str, torch.Tensor] = {}
     if args.worker.startswith("ours"):
         dtype = torch.float32 if args.worker == "ours-f32" else torch.float64
         pca = StreamingPCA(args.k, oversample=args.oversample, dtype=dtype)
-        for h in data.batches(args.n, args.batch):
+        for h in data.batches(args.n, args.batch, mark):
             t0, c0 = time.perf_counter(), time.process_time()
             pca.partial_fit(h)
             fit_s += time.perf_counter() - t0
@@ -94,7 +111,7 @@ def worker(args) -> dict:
         out = {"components": pca.components_.float(), "explained_variance": pca.explained_variance_.double()}
     elif args.worker == "sklearn":
         est = [IncrementalPCA(args.k) for _ in range(T)]
-        for h in data.batches(args.n, args.batch):
+        for h in data.batches(args.n, args.batch, mark):
             t0, c0 = time.perf_counter(), time.process_time()
             x = h.float().numpy()  # float32: scikit-learn's faster path (float16 would be upcast to float64)
             for t in range(T):
@@ -106,7 +123,7 @@ def worker(args) -> dict:
     elif args.worker == "exact":
         X = torch.empty(args.n, len(EXACT_STEPS), D, dtype=torch.float64)
         i = 0
-        for h in data.batches(args.n, args.batch):
+        for h in data.batches(args.n, args.batch, mark):
             X[i:i + len(h)] = h[:, list(EXACT_STEPS)].double()
             i += len(h)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -124,14 +141,15 @@ def worker(args) -> dict:
     torch.save(out, args.out)
     return {"method": args.worker, "n": args.n, "fit_s": fit_s, "samples_per_s": args.n / fit_s,
             "cpu_s": cpu_s, "samples_per_cpu_s": args.n / cpu_s,
-            "peak_mb": peak - base, "baseline_mb": base}
+            "peak_mb": peak - base, "baseline_mb": base, "peak_quarters_mb": quarters}
 
 
 def run_worker(method: str, n: int, args, tmp: str) -> tuple[dict, dict]:
     out = os.path.join(tmp, f"{method}-{n}.pt")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n), "--k", str(args.k),
-           "--oversample", str(args.oversample), "--batch", str(args.batch), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--out", out]
+           "--batch", str(args.batch), "--threads", str(args.threads), "--seed", str(args.seed), "--out", out]
+    if args.oversample is not None:
+        cmd += ["--oversample", str(args.oversample)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{method} N={n} failed:\n{res.stderr}")
@@ -166,7 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2000, 8000], help="sample counts (one run each)")
     ap.add_argument("--k", type=int, default=25)
-    ap.add_argument("--oversample", type=int, default=10)
+    ap.add_argument("--oversample", type=int, default=None, help="default: StreamingPCA's (= k)")
     ap.add_argument("--batch", type=int, default=100, help="batch size fed to both methods")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -182,7 +200,8 @@ def main() -> None:
         return
     if args.quick:
         args.n = [500, 1500]
-    print(f"h: T={T} x D={D} ({C}x{H}x{W}), K={args.k}, ours keeps q={args.k + args.oversample}, "
+    q = args.k + (args.k if args.oversample is None else args.oversample)
+    print(f"h: T={T} x D={D} ({C}x{H}x{W}), K={args.k}, ours keeps q={q}, "
           f"batch {args.batch}, {args.threads} threads, float16 input")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
@@ -191,7 +210,8 @@ def main() -> None:
                 info, results[m] = run_worker(m, n, args, tmp)
                 print(f"N={n:6d} {m:9s} fit {info['fit_s']:7.1f} s  {info['samples_per_s']:7.1f} samples/s  "
                       f"(CPU {info['cpu_s']:7.1f} s, {info['samples_per_cpu_s']:7.1f} samples/CPU-s)  "
-                      f"peak +{info['peak_mb']:7.1f} MB (ru_maxrss over baseline {info['baseline_mb']:.0f} MB)",
+                      f"peak +{info['peak_mb']:6.1f} MB (ru_maxrss over baseline {info['baseline_mb']:.0f} MB; "
+                      f"after 1/4, 2/4, 3/4 of N: {', '.join(f'+{x:.0f}' for x in info['peak_quarters_mb'][:3])})",
                       flush=True)
                 results[m]["info"] = info
             if "ours" in results and "sklearn" in results:

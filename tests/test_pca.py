@@ -282,6 +282,7 @@ def test_input_errors_and_not_fitted():
         p.merge(StreamingPCA(4, oversample=1).partial_fit(torch.randn(10, T, D)))
     with pytest.raises(InputError):
         StreamingPCA(0)
+    assert StreamingPCA(7).n_kept == 14  # default oversample = n_components
 
 
 def test_rank_deficient_start_gives_zero_components():

@@ -85,8 +85,12 @@ class ToyDDPM(L.LightningModule):
         self.log("loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        decay = min(self.cfg.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then the EMA update: both happen before any callback (such as
+        checkpointing) sees the step, so a checkpoint always holds a consistent state."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step  # steps taken before this one
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.unet.parameters()):
                 e.lerp_(p, 1 - decay)

@@ -1,0 +1,101 @@
+"""The toy-faces domain: renderer, shipped annotator, DDPM training reproducibility."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from annotators.base import build_annotator
+from annotators.toy import evaluate_annotator
+from pipeline.images import from_uint8
+from pipeline.toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
+
+
+def test_factors_have_their_documented_ranges_and_rates():
+    f = sample_factors(20000, 0)
+    assert set(f) == {x.name for x in FACTORS}
+    for x in FACTORS:
+        v = f[x.name]
+        if x.kind == "continuous":
+            assert v.min() >= x.low and v.max() <= x.high
+            assert abs(v.std() - x.std) < 0.02 * (x.high - x.low)
+        elif x.kind == "binary":
+            assert set(np.unique(v)) == {0.0, 1.0} and abs(v.mean() - x.p) < 0.015
+        else:
+            assert set(np.unique(v)) == set(range(x.levels))
+    names = [x.name for x in FACTORS]
+    c = np.corrcoef(np.stack([f[n] for n in names]))
+    assert np.abs(c - np.eye(len(names))).max() < 0.03  # independent by default
+    assert all(np.array_equal(sample_factors(5, 3)[k], v) for k, v in sample_factors(5, 3).items())
+
+
+def test_correlated_pairs_and_bad_correlations():
+    f = sample_factors(20000, 1, {"glasses~hair": 0.6, "smile~eye_open": -0.5})
+    assert np.corrcoef(f["glasses"], f["hair"])[0, 1] > 0.4
+    assert np.corrcoef(f["smile"], f["eye_open"])[0, 1] < -0.4
+    assert abs(np.corrcoef(f["glasses"], f["smile"])[0, 1]) < 0.03
+    assert abs(f["glasses"].mean() - 0.4) < 0.015  # marginals unchanged
+    with pytest.raises(ValueError, match="two different factors"):
+        correlation_matrix({"hair~hair": 0.5})
+    with pytest.raises(KeyError, match="unknown toy-face factor"):
+        correlation_matrix({"hair~beard": 0.5})
+    with pytest.raises(ValueError, match="valid correlation matrix"):
+        correlation_matrix({"hair~smile": 0.9, "hair~yaw": 0.9, "smile~yaw": -0.9})
+
+
+def test_renders_change_with_their_factors():
+    base = render_face()
+    assert base.shape == (32, 32, 3) and base.dtype == np.uint8
+    for name, value in (("smile", 1.0), ("eye_open", 0.0), ("glasses", 1), ("hat", 1), ("yaw", 1.0), ("hair", 1.0)):
+        assert np.abs(render_face(**{name: value}).astype(int) - base).mean() > 1.0, name
+    # the hat sits at the top, the mouth in the lower third
+    assert np.abs(render_face(hat=1).astype(int) - base)[16:].mean() < 0.5
+    assert np.abs(render_face(smile=1.0).astype(int) - base)[:18].mean() < 0.5
+
+
+def test_shipped_annotator_reads_fresh_renders():
+    annotator = build_annotator("toy")
+    metrics = evaluate_annotator(annotator, n=384, seed=777)
+    for k, v in metrics.items():
+        assert v >= (0.95 if k.endswith("_r2") else 0.97), (k, v)
+
+
+def test_annotator_runs_in_eval_mode_whatever_the_batch():
+    annotator = build_annotator("toy")
+    annotator.net.train()  # __call__ must put it back in eval mode
+    x = from_uint8(render_faces(sample_factors(9, 5)))
+    alone = annotator(x[:1])
+    batch = annotator(x)
+    for k in alone:
+        torch.testing.assert_close(alone[k], batch[k][:1], atol=1e-5, rtol=1e-5)
+    assert not annotator.net.training
+
+
+def test_consistency_score_separates_faces_from_damage():
+    cons = build_annotator("toy_consistency")
+    faces = from_uint8(render_faces(sample_factors(16, 9)))
+    noisy = (faces + 0.6 * torch.randn(faces.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    clean, bad = cons(faces)["render_error"], cons(noisy)["render_error"]
+    assert clean.mean() < 0.03 and bad.mean() > 3 * clean.mean()
+
+
+def test_training_is_reproducible_and_resumes_exactly(tmp_path):
+    from pipeline.config import ToyTrainConfig
+    from pipeline.toyfaces.train_ddpm import train_toy
+    from safetensors.torch import load_file
+
+    def cfg(out, steps):
+        return ToyTrainConfig(out_dir=str(out), steps=steps, batch_size=4, block_out_channels=[32, 32],
+                              layers_per_block=1, warmup_steps=2, checkpoint_every=2, sample_every=1000)
+
+    straight = train_toy(cfg(tmp_path / "a", 4))
+    train_toy(cfg(tmp_path / "b", 2))
+    resumed = train_toy(cfg(tmp_path / "b", 4))  # picks up the step-2 checkpoint
+    a = load_file(str(straight / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "scheduler_config.json").exists() and (straight / "model_index.json").exists()
+    from pipeline import HSpaceModel
+
+    m = HSpaceModel.from_pretrained(str(straight), num_inference_steps=2, device="cpu")
+    assert m.h_shape == (32, 16, 16)  # two levels: one downsampling of the 32x32 input
