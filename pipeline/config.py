@@ -84,6 +84,20 @@ class SelectConfig:
 
 
 @dataclass
+class PCAConfig:
+    """`hspace pca`: per-step (or joint) PCA of h -> <run_dir>/directions/pca.safetensors."""
+
+    n_components: int = 10  # K (the paper: 25)
+    oversample: Optional[int] = None  # extra components kept while streaming; null: = n_components
+    joint: bool = False  # one PCA over the whole flattened trajectory instead of one per step
+    batch_size: int = 256
+    dtype: str = "float64"  # accumulation: float64 | float32 (2x faster, error far below truncation)
+    align: str = "chain"  # sign alignment across steps: chain (to the neighbour) | reference (to step 0)
+    seed: int = 0  # of the norm-matched random directions
+    scales: List[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0])  # in standard deviations
+
+
+@dataclass
 class RealImagesConfig:
     """Directions from two folders of real images through DDIM inversion (paper's BU3DFE case)."""
 
@@ -196,6 +210,7 @@ class HSpaceConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
     edit: EditConfig = field(default_factory=EditConfig)

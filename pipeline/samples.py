@@ -216,8 +216,8 @@ def load_samples(run_dir: str | os.PathLike):
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def _h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype: str) -> torch.Tensor:
-    """Zero-copy (B, T, C, H, W) view of an Array4D column's values."""
+def h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype: str) -> torch.Tensor:
+    """Zero-copy (B, T, C, H, W) view of an Array4D column's values (read-only: it is the memory map)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
     values = storage
@@ -261,7 +261,7 @@ def iter_samples(
             part = table.take(pa.array(sel)) if wanted is not None else table.slice(int(sel[0]), len(sel))
             out = {"sample_id": part.column("sample_id").to_numpy(), "seed": part.column("seed").to_numpy()}
             if h:
-                out["h"] = _h_view(part.column("h"), h_shape_t, h_dtype)
+                out["h"] = h_view(part.column("h"), h_shape_t, h_dtype)
             if images:
                 out["images"] = decode_images(part.column("image"))
             yield out

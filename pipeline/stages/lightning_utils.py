@@ -11,13 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 
-def make_trainer(trainer_cfg, callbacks: list) -> L.Trainer:
+def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
     """A predict-only Trainer from the ``trainer`` section; each stage brings its own sampler.
 
     Lightning's start-up banner is silenced (our stages print their own one-line summaries)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
@@ -31,6 +32,7 @@ def make_trainer(trainer_cfg, callbacks: list) -> L.Trainer:
         enable_model_summary=False,
         use_distributed_sampler=False,
         callbacks=callbacks,
+        **kwargs,
     )
 
 
@@ -73,13 +75,13 @@ class ItemsProgress(L.Callback):
     """A progress bar on rank 0 counting items (samples/images) per second across all ranks
     (estimated as rank 0's rate times the world size)."""
 
-    def __init__(self, desc: str, total_items: int, count=len):
-        self.desc, self.total, self.count = desc, total_items, count
+    def __init__(self, desc: str, total_items: int, count=len, unit: str = "samples"):
+        self.desc, self.total, self.count, self.unit = desc, total_items, count, unit
         self.bar = None
 
     def on_predict_start(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="samples", dynamic_ncols=True, smoothing=0.1)
+            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True, smoothing=0.1)
             self.start = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -1,0 +1,84 @@
+"""`hspace pca` on a real samples dataset: exact against torch.linalg.svd, and across processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.directions import load_directions
+from pipeline.samples import load_samples
+
+HSPACE = str(Path(sys.executable).parent / "hspace")
+
+
+@pytest.fixture(scope="module")
+def samples_run(tmp_path_factory, tiny_model_dir):
+    from pipeline.stages.generate import run_generate
+
+    run = tmp_path_factory.mktemp("pca") / "run"
+    run_generate(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
+                                    "trainer.accelerator=cpu", "generate.num_samples=40", "generate.batch_size=7"]))
+    return run
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A, B: (k, D) orthonormal rows -> k principal angles."""
+    s = torch.linalg.svdvals(A.double() @ B.double().T).clamp(-1, 1)
+    return torch.arccos(s)
+
+
+def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = load_samples(run).with_format("torch", columns=["h"])
+    h = ds[:]["h"].double().flatten(2)  # (N, T, D), float16 values as stored
+    X = h - h.mean(0)
+    U, S, Vh = torch.linalg.svd(X.transpose(0, 1), full_matrices=False)  # per step
+    return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
+
+
+def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir):
+    from pipeline.stages.pca import run_pca
+
+    cfg = load_config(None, [f"run_dir={samples_run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+                             "pca.n_components=4", "pca.oversample=60", "pca.batch_size=9"])
+    run_pca(cfg)
+    d = load_directions(samples_run / "directions" / "pca.safetensors")
+    V, ev = exact_pca(samples_run)
+    assert d.directions.shape == (4, 3, 16, 8, 8) and d.names == ["pc1", "pc2", "pc3", "pc4"]
+    torch.testing.assert_close(d.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
+    for t in range(3):
+        ours = d.directions[:, t].flatten(1).double()
+        norms = ours.norm(dim=1)
+        torch.testing.assert_close(norms, ev[t, :4].sqrt(), rtol=1e-4, atol=0)  # direction = std x component
+        assert principal_angles(ours / norms[:, None], V[t, :4]).max() < 1e-3
+        for k in range(4):  # each component individually, up to sign
+            assert abs(float((ours[k] / norms[k]) @ V[t, k])) > 1 - 1e-5
+    # signs aligned along the trajectory: neighbouring steps point the same way
+    cos = torch.nn.functional.cosine_similarity(d.directions[:, 1:].flatten(2), d.directions[:, :-1].flatten(2), dim=2)
+    assert (cos > 0).all()
+    rnd = d.extras["random_directions"]
+    torch.testing.assert_close(rnd.flatten(2).norm(dim=2), d.directions.flatten(2).norm(dim=2), rtol=1e-4, atol=1e-6)
+    assert (samples_run / "directions" / "explained_variance.png").exists()
+
+
+def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(samples_run / "samples", run / "samples")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [HSPACE, "pca", f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.strategy=ddp", "pca.n_components=4", "pca.oversample=60"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (run / "pca").iterdir()) == ["partial-0-of-2.safetensors", "partial-1-of-2.safetensors"]
+    two = load_directions(run / "directions" / "pca.safetensors")
+    V, ev = exact_pca(run)
+    torch.testing.assert_close(two.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
+    for t in range(3):
+        ours = two.directions[:, t].flatten(1).double()
+        assert principal_angles(ours / ours.norm(dim=1, keepdim=True), V[t, :4]).max() < 1e-3
