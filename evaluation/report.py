@@ -54,6 +54,7 @@ figcaption { font-size:12.5px; color:var(--muted); margin-top:4px; }
 details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); }
 pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto; max-height:420px; }
 code { font-size:12.5px; }
+.pm { color:#8a939c; font-size:12px; }
 """
 
 
@@ -111,21 +112,20 @@ def df_html(df: pd.DataFrame, floatfmt: str = "{:.3f}", index: bool = False) -> 
 
 
 def table1_html(table: pd.DataFrame) -> str:
-    """table1.csv (MultiIndex columns mean/std, a family column) -> the paper's layout."""
-    means, stds = table["mean"], table["std"]
-    fam = table[("family", "")] if ("family", "") in table.columns else table["family"]
-    attrs = list(means.columns)
-    out = ["<table><thead><tr><th>Edit \\ Effect</th>" + "".join(f"<th>{html.escape(a)}</th>" for a in attrs) + "</tr></thead><tbody>"]
+    """table1.csv (family, direction, <attr>..., <attr>_std...) -> the paper's layout."""
+    attrs = [c for c in table.columns if c not in ("family", "direction") and not c.endswith("_std")]
+    out = ["<table><thead><tr><th>Edit \\ Effect</th>" + "".join(f"<th>{html.escape(a)}</th>" for a in attrs)
+           + "</tr></thead><tbody>"]
     for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
-        rows = fam[fam == family].index
-        if len(rows) == 0:
+        rows = table[table.family == family]
+        if rows.empty:
             continue
         out.append(f'<tr class="section"><td colspan="{len(attrs) + 1}">{title}</td></tr>')
-        for d in rows:
-            best = means.loc[d].astype(float).idxmax()
-            cells = "".join(f'<td class="{"best" if a == best else ""}">{float(means.loc[d, a]):.2f} '
-                            f'<span style="color:#8a939c">± {float(stds.loc[d, a]):.2f}</span></td>' for a in attrs)
-            out.append(f"<tr><td>{html.escape(str(d))}</td>{cells}</tr>")
+        for _, r in rows.iterrows():
+            best = max(attrs, key=lambda a: r[a])
+            cells = "".join(f'<td class="{"best" if a == best else ""}">{r[a]:.2f} '
+                            f'<span class="pm">± {r[a + "_std"]:.2f}</span></td>' for a in attrs)
+            out.append(f"<tr><td>{html.escape(str(r.direction))}</td>{cells}</tr>")
     return "".join(out) + "</tbody></table>"
 
 
@@ -172,7 +172,7 @@ def build_report(run_dir, cfg=None) -> Path:
     # ---- Table 1
     if (ev / "table1.csv").exists():
         page.section("table1", "Table 1: effect of each edit on each attribute")
-        table = pd.read_csv(ev / "table1.csv", header=[0, 1], index_col=0)
+        table = pd.read_csv(ev / "table1.csv")
         page.note(f"Rows: applied direction; columns: measured attribute ({html.escape(str(summary.get('scorer')))} scorer). "
                   f"Entries: |mean score change| {html.escape(summary.get('unit', ''))}, mean ± std over "
                   f"{summary.get('repeats')} disjoint seed sets of {summary.get('num_samples')} held-out samples, edit "

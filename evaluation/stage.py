@@ -198,9 +198,12 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
             continue
         mean, std = effect_matrix(sub, scale)
         sections.append((title, mean, std))
-        tables.append(pd.concat({"mean": mean, "std": std}, axis=1).assign(family=family))
+        tables.append(mean.join(std.add_suffix("_std")).rename_axis("direction").reset_index()
+                      .assign(family=family))
     unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
-    pd.concat(tables).to_csv(out / "table1.csv")
+    table = pd.concat(tables, ignore_index=True)
+    table[["family", "direction"] + [c for c in table.columns if c not in ("family", "direction")]].to_csv(
+        out / "table1.csv", index=False)
     (out / "table1.md").write_text(table1_markdown(sections, unit))
     all_mean = pd.concat([s[1] for s in sections])
     summary_rows = disentanglement_summary(all_mean, families)

@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "annotate": ("pipeline.stages.annotate:run_annotate", "score every sample with the configured annotators"),
     "select": ("pipeline.stages.select:run_select", "top/bottom n samples per attribute, with contact sheets"),
     "pca": ("pipeline.stages.pca:run_pca", "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors"),
+    "jacobian": ("pipeline.stages.jacobian:run_jacobian", "image-specific directions by Jacobian subspace iteration"),
     "supervised": ("pipeline.stages.supervised:run_supervised", "supervised directions (eq. 10) from the selection"),
     "disentangle": ("pipeline.stages.disentangle:run_disentangle", "remove projections onto other directions (eq. 11)"),
     "edit": ("pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file"),

@@ -98,6 +98,23 @@ class PCAConfig:
 
 
 @dataclass
+class JacobianConfig:
+    """`hspace jacobian`: top-k Jacobian directions of a few samples -> directions/jacobian.safetensors."""
+
+    sample_ids: List[int] = field(default_factory=lambda: [0, 1])  # samples (= seeds) to analyse
+    k: int = 6  # directions per step
+    steps: Optional[List[int]] = None  # step indices; null: every step
+    method: str = "auto"  # auto (block Krylov) | subspace (Alg. 1) | sequential (Alg. 2) | deflation
+    block: Optional[int] = None  # mini-batch size b of Alg. 2 (selects it when method is auto)
+    tol: float = 1e-3  # relative stopping tolerance
+    max_iter: int = 300
+    tau: int = 10  # the step whose directions are applied at every step ("global at index")
+    mask: Optional[str] = None  # rect:y0:y1:x0:x1 (fractions) or a PNG: only that image region
+    seed: int = 0  # of the random start
+    scales: List[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+
+
+@dataclass
 class RealImagesConfig:
     """Directions from two folders of real images through DDIM inversion (paper's BU3DFE case)."""
 
@@ -211,6 +228,7 @@ class HSpaceConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     pca: PCAConfig = field(default_factory=PCAConfig)
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
     edit: EditConfig = field(default_factory=EditConfig)

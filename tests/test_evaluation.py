@@ -90,10 +90,11 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     row = per[(per.seed == seed) & (per.direction == "red")].iloc[0]
     assert row.d_red == pytest.approx(red(x1) - red(x0), abs=1e-4)
     assert row.pixel_change == pytest.approx(float((x1 - x0).abs().mean() / 2), abs=1e-5)
-    table = pd.read_csv(run / "evaluation" / "table1.csv", header=[0, 1], index_col=0)
+    table = pd.read_csv(run / "evaluation" / "table1.csv").set_index("direction")
     mean, _ = effect_matrix(per[per.family == "original"][["repeat", "seed", "direction", "family", "d_bright", "d_red"]],
                             {a: per.drop_duplicates(["repeat", "seed"])[f"o_{a}"].std(ddof=1) for a in ("bright", "red")})
-    np.testing.assert_allclose(table["mean"].loc[["bright", "red"]].values, mean.values, rtol=1e-6)
+    np.testing.assert_allclose(table.loc[["bright", "red"], ["bright", "red"]].values, mean.values, rtol=1e-6)
+    assert list(table.family) == ["original", "original", "disentangled"]
     for name in ("table1.md", "table1.png", "summary.json", "image_change.csv"):
         assert (run / "evaluation" / name).exists()
     assert summary["measured"] == ["bright", "red"]

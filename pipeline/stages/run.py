@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..config import config_hash, to_dict
+from ..config import config_hash
 from ..samples import write_json_atomic
 from .lightning_utils import launching_rank
 
@@ -54,7 +54,7 @@ STAGES: tuple[Stage, ...] = (
 
 def _section(cfg, dotted: str):
     node = OmegaConf.select(cfg, dotted)
-    return to_dict(node) if OmegaConf.is_config(node) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def stage_hashes(cfg) -> dict[str, str]:

@@ -1,0 +1,170 @@
+"""`hspace jacobian`: image-specific directions by Jacobian subspace iteration (paper Sec. 4.2).
+
+For each of ``jacobian.sample_ids`` (samples of the dataset, regenerated from their seeds so
+that x_t is the sample's own, its own step noise included), the top-k right singular vectors
+of J_t = d eps / d h_t at every step. Written to ``<run_dir>/directions/jacobian.safetensors``
+as ready-to-apply trajectories, the reference's "global at index" edit: the direction j found
+at step tau applied at every step i, scaled by step i's j-th singular value. The per-step
+vectors and singular values are kept as extras (``vectors``: (n, T, k, C, H, W),
+``singular_values``: (n, T, k)).
+
+``jacobian.mask`` restricts the output to an image region (directions that move only that
+region): ``rect:y0:y1:x0:x1`` in fractions of the image, or a greyscale PNG (white = region).
+Runs on several processes (samples dealt round-robin) with autograd enabled (Lightning's
+predict otherwise runs in inference mode).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors.torch import load_file, save_file
+
+from ..config import to_dict
+from ..directions import Directions, save_directions
+from ..errors import ConfigError, DatasetError
+from ..jacobian import global_at_index, jacobian_directions_all_steps
+from ..model import HSpaceModel
+from ..samples import read_manifest
+from .lightning_utils import ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
+
+
+def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
+    """None, ``rect:y0:y1:x0:x1`` (fractions) or a PNG path -> (H, W) float mask in [0, 1]."""
+    if not spec:
+        return None
+    H, W = image_shape[-2:]
+    if spec.startswith("rect:"):
+        try:
+            y0, y1, x0, x1 = (float(v) for v in spec[5:].split(":"))
+        except ValueError:
+            raise ConfigError(f"jacobian.mask={spec!r}: write rect:y0:y1:x0:x1 with fractions in [0, 1]") from None
+        if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+            raise ConfigError(f"jacobian.mask={spec!r}: need 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1")
+        m = torch.zeros(H, W)
+        m[round(y0 * H):max(round(y1 * H), round(y0 * H) + 1), round(x0 * W):max(round(x1 * W), round(x0 * W) + 1)] = 1
+        return m
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"jacobian.mask: {path} does not exist (give rect:y0:y1:x0:x1 or a PNG mask)")
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("L").resize((W, H), Image.BILINEAR), np.float32) / 255)
+
+
+class JacobianModule(L.LightningModule):
+    """predict_step: one sample id -> its directions at every step (autograd on)."""
+
+    def __init__(self, model: HSpaceModel, jac_cfg, mask):
+        super().__init__()
+        self.hmodel, self.cfg, self.mask = model, jac_cfg, mask
+        self.unet = model.unet
+
+    def setup(self, stage: str) -> None:
+        share_cpu_threads(self.trainer)
+
+    def predict_step(self, sample_id: int, batch_idx: int):
+        self.hmodel.to(self.device)
+        c = self.cfg
+        with torch.inference_mode(False), torch.enable_grad():
+            out = jacobian_directions_all_steps(
+                self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
+                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter,
+                generator=torch.Generator().manual_seed(c.seed + int(sample_id)))
+        return {"sample_id": int(sample_id), "vectors": out.directions, "singular_values": out.singular_values,
+                "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
+
+
+class PartWriter(BasePredictionWriter):
+    def __init__(self, directory: Path):
+        super().__init__(write_interval="batch")
+        self.directory = directory
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"sample-{prediction['sample_id']:010d}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in prediction.items() if isinstance(v, torch.Tensor)}, str(tmp))
+        os.replace(tmp, path)
+
+
+class Items(L.LightningDataModule):
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+
+    def setup(self, stage: str) -> None:
+        self.items = self.ids[self.trainer.global_rank::self.trainer.world_size]
+
+    def predict_dataloader(self):
+        return loader(self.items)
+
+
+def write_directions(run_dir, jac_cfg, ids) -> Path:
+    parts = Path(run_dir) / "jacobian" / "parts"
+    results = []
+    for i in ids:
+        path = parts / f"sample-{i:010d}.safetensors"
+        if not path.exists():
+            raise DatasetError(f"{path} is missing; re-run hspace jacobian")
+        results.append(load_file(str(path)))
+    manifest = read_manifest(run_dir)
+    steps = results[0]["steps"].tolist()
+    if jac_cfg.tau not in steps:
+        raise ConfigError(f"jacobian.tau={jac_cfg.tau} is not among the computed steps {steps}")
+    tau = steps.index(jac_cfg.tau)
+    trajectories, names = [], []
+    for i, r in zip(ids, results):
+        if len(steps) != len(manifest["model"]["timesteps"]):
+            raise ConfigError("the ready-to-apply trajectories need every step: leave jacobian.steps empty")
+        deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T, C, H, W)
+        trajectories.append(deltas)
+        names += [f"s{i}-t{jac_cfg.tau}-v{j + 1}" for j in range(len(deltas))]
+    extras = {"vectors": torch.stack([r["vectors"] for r in results]),
+              "singular_values": torch.stack([r["singular_values"] for r in results]),
+              "iterations": torch.stack([r["iterations"] for r in results]),
+              "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8)}
+    d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", manifest["model"]["timesteps"],
+                   model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
+                   params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},
+                   extras=extras)
+    return save_directions(d, Path(run_dir) / "directions" / "jacobian.safetensors")
+
+
+class Merge(L.Callback):
+    def __init__(self, run_dir, cfg, ids):
+        self.run_dir, self.cfg, self.ids = run_dir, cfg, ids
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier("hspace-jacobian-end")
+        if trainer.is_global_zero:
+            write_directions(self.run_dir, self.cfg, self.ids)
+        trainer.strategy.barrier("hspace-jacobian-written")
+
+
+def run_jacobian(cfg) -> Path:
+    run_dir, c = Path(cfg.run_dir), cfg.jacobian
+    ids = [int(i) for i in c.sample_ids]
+    if not ids:
+        raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
+    manifest = read_manifest(run_dir)
+    first, n = manifest["requested"]["first_seed"], manifest["requested"]["num_samples"]
+    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    mask = parse_mask(c.mask, model.image_shape)
+    parts = run_dir / "jacobian" / "parts"
+    if launching_rank() == 0:
+        shutil.rmtree(parts, ignore_errors=True)  # cheap to recompute; never mix settings
+    trainer = make_trainer(cfg.trainer, [PartWriter(parts), ItemsProgress("jacobian", len(ids), count=lambda i: 1),
+                                         Merge(run_dir, c, ids)], inference_mode=False)
+    trainer.predict(JacobianModule(model, c, mask), datamodule=Items(ids), return_predictions=False)
+    out = run_dir / "directions" / "jacobian.safetensors"
+    if trainer.is_global_zero:
+        outside = [i for i in ids if not first <= i < first + n]
+        note = f" (samples {outside} are not in the dataset; they were generated from their seeds)" if outside else ""
+        print(f"hspace jacobian: top-{c.k} directions at every step of {len(ids)} samples -> {out}{note}")
+    return out

@@ -1,0 +1,84 @@
+"""`hspace run` end to end on a tiny configuration, the report, and stage skipping."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+HSPACE = str(Path(sys.executable).parent / "hspace")
+TESTS = Path(__file__).resolve().parent
+VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "wbr"}
+
+
+class Checker(HTMLParser):
+    """Collects image sources and checks that every element is closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.errors, self.ids = [], [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src"))
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+
+def tiny_run_args(run_dir, model_dir):
+    return [f"run_dir={run_dir}", f"model.name_or_path={model_dir}", "model.num_inference_steps=3",
+            "trainer.accelerator=cpu", "generate.num_samples=24", "generate.batch_size=12",
+            "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]", "select.n=5",
+            "select.contact_sheet_size=4", "pca.n_components=3", "jacobian.sample_ids=[0]", "jacobian.k=2",
+            "jacobian.tau=1", "supervised.convergence_ns=[1,5]", "disentangle.pairs={bright: [red]}",
+            "edit.seeds=[100,101]", "report.pca_components=2", "report.jacobian_directions=2",
+            "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null", "evaluate.num_samples=3",
+            "evaluate.repeats=2", "evaluate.pca_components=2"]
+
+
+def hspace_run(cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([HSPACE, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    args = tiny_run_args(run, tiny_model_dir)
+    first = hspace_run(tmp_path, *args)
+    for stage in ("generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures",
+                  "evaluate", "report"):
+        assert f"{stage}: done" in first, stage
+    report = run / "report" / "index.html"
+    assert f"report -> {report.resolve()}" in first
+    checker = Checker()
+    checker.feed(report.read_text())
+    checker.close()
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    assert {"table1", "edits", "annotators", "provenance", "pca-random"} <= checker.ids
+    assert len(checker.images) >= 10
+    for src in checker.images:
+        assert not src.startswith(("http", "/")) and (report.parent / src).is_file(), src
+    families = {p.name for p in (run / "edits").iterdir()}
+    assert families == {"pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled"}
+
+    again = hspace_run(tmp_path, *args)
+    assert again.count("up to date, skipped") == 10
+
+    changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
+    skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
+    assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures"]
+    assert "evaluate: done" in changed and "report: done" in changed
