@@ -26,14 +26,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from pipeline.config import config_hash, to_dict
-from pipeline.directions import Directions, load_directions
+from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.model import HSpaceModel
 from pipeline.samples import write_json_atomic
-from pipeline.stages.lightning_utils import ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
+from pipeline.stages.lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader,
+                                             make_trainer, share_cpu_threads)
 
 from .metrics import disentanglement_summary, effect_matrix, pca_vs_random, table1_markdown
 
@@ -123,19 +123,6 @@ class EvaluateModule(L.LightningModule):
         return {"repeat": repeat, "seeds": seeds, "rows": rows}
 
 
-class PartWriter(BasePredictionWriter):
-    def __init__(self, directory: Path):
-        super().__init__(write_interval="batch")
-        self.directory = directory
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / part_name(prediction["repeat"], prediction["seeds"])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(pa.Table.from_pylist(prediction["rows"]), tmp)
-        os.replace(tmp, path)
-
-
 def part_name(repeat: int, seeds) -> str:
     return f"part-r{repeat:02d}-{min(seeds):010d}-{max(seeds):010d}.parquet"
 
@@ -151,17 +138,6 @@ class EvaluateData(L.LightningDataModule):
 
     def predict_dataloader(self):
         return loader(self.items)
-
-
-class Finish(L.Callback):
-    def __init__(self, fn):
-        self.fn = fn
-
-    def on_predict_end(self, trainer, pl_module):
-        trainer.strategy.barrier("hspace-evaluate-end")
-        if trainer.is_global_zero:
-            self.fn()
-        trainer.strategy.barrier("hspace-evaluate-done")
 
 
 # ---------------------------------------------------------------------- outputs
@@ -263,8 +239,9 @@ def run_evaluate(cfg) -> dict:
     todo = [it for it in items if not (out / "parts" / part_name(*it)).exists()]
     if todo:
         progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
-        trainer = make_trainer(cfg.trainer, [PartWriter(out / "parts"), progress,
-                                             Finish(lambda: write_results(run_dir, ev, items))])
+        writer = PartWriter(out / "parts", lambda p: part_name(p["repeat"], p["seeds"]),
+                            lambda p, path: pq.write_table(pa.Table.from_pylist(p["rows"]), path))
+        trainer = make_trainer(cfg.trainer, [writer, progress, AfterAllRanks(lambda: write_results(run_dir, ev, items), "evaluate")])
         trainer.predict(EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score),
                         datamodule=EvaluateData(run_dir, items), return_predictions=False)
         if not trainer.is_global_zero:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from annotators.base import Annotator
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from evaluation.metrics import (disentanglement_summary, effect_matrix, pca_vs_random, strongest,
                                 table1_markdown)

@@ -7,7 +7,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 
 HSPACE = str(Path(sys.executable).parent / "hspace")
 TESTS = Path(__file__).resolve().parent

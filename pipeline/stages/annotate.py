@@ -23,14 +23,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..config import config_hash, to_dict
 from ..errors import ConfigError, DatasetError
 from ..images import from_uint8
 from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
-from .lightning_utils import ItemsProgress, loader, make_trainer, share_cpu_threads
+from .lightning_utils import AfterAllRanks, ItemsProgress, PartWriter, loader, make_trainer, share_cpu_threads
 
 
 def annotations_path(run_dir) -> Path:
@@ -116,19 +114,6 @@ class AnnotateModule(L.LightningModule):
         return out
 
 
-class PartWriter(BasePredictionWriter):
-    def __init__(self, directory: Path):
-        super().__init__(write_interval="batch")
-        self.directory = directory
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / part_name(prediction["sample_id"])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(pa.table(prediction), tmp)
-        os.replace(tmp, path)
-
-
 class AnnotateData(L.LightningDataModule):
     def __init__(self, run_dir, batch_size: int):
         super().__init__()
@@ -140,17 +125,6 @@ class AnnotateData(L.LightningDataModule):
 
     def predict_dataloader(self):
         return loader(self.items)
-
-
-class Merge(L.Callback):
-    def __init__(self, run_dir, identity: dict):
-        self.run_dir, self.identity = run_dir, identity
-
-    def on_predict_end(self, trainer, pl_module):
-        trainer.strategy.barrier("hspace-annotate-end")
-        if trainer.is_global_zero:
-            merge_parts(self.run_dir, self.identity)
-        trainer.strategy.barrier("hspace-annotate-merged")
 
 
 def merge_parts(run_dir, identity: dict) -> pd.DataFrame:
@@ -217,7 +191,10 @@ def run_annotate(cfg) -> pd.DataFrame:
         merge_parts(run_dir, identity)
     else:
         progress = ItemsProgress("annotate", todo, count=lambda item: len(item["ids"]))
-        trainer = make_trainer(cfg.trainer, [PartWriter(parts_dir(run_dir)), progress, Merge(run_dir, identity)])
+        writer = PartWriter(parts_dir(run_dir), lambda p: part_name(p["sample_id"]),
+                            lambda p, path: pq.write_table(pa.table(p), path))
+        merge = AfterAllRanks(lambda: merge_parts(run_dir, identity), "annotate")
+        trainer = make_trainer(cfg.trainer, [writer, progress, merge])
         trainer.predict(AnnotateModule(annotators), datamodule=AnnotateData(run_dir, cfg.annotate.batch_size),
                         return_predictions=False)
         if not trainer.is_global_zero:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..config import config_hash, to_dict
@@ -28,7 +27,7 @@ from ..errors import DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
 from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
-from .lightning_utils import ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
+from .lightning_utils import AfterAllRanks, ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -124,19 +123,6 @@ class GenerateData(L.LightningDataModule):
         return loader(self.batches)
 
 
-class Finalise(L.Callback):
-    """After every rank has finished: rank 0 checks the shards and completes the manifest."""
-
-    def __init__(self, run_dir: str, manifest: dict, wanted: set[int]):
-        self.run_dir, self.manifest, self.wanted = run_dir, manifest, wanted
-
-    def on_predict_end(self, trainer, pl_module):
-        trainer.strategy.barrier("hspace-generate-end")
-        if trainer.is_global_zero:
-            finalise_manifest(self.run_dir, self.manifest, self.wanted)
-        trainer.strategy.barrier("hspace-generate-manifest")
-
-
 def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int]) -> dict:
     scan = scan_shards(run_dir)
     ids = scan.sample_ids
@@ -219,7 +205,7 @@ def run_generate(cfg) -> dict:
     trainer = make_trainer(cfg.trainer, [
         ShardWriter(samples_dir(run_dir) / "shards", g.h_dtype),
         ItemsProgress("generate", todo),
-        Finalise(run_dir, manifest, wanted),
+        AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted), "generate"),
     ])
     trainer.predict(GenerateModule(model, g.h_dtype), datamodule=GenerateData(run_dir, g), return_predictions=False)
     if trainer.is_global_zero:

@@ -15,14 +15,12 @@ predict otherwise runs in inference mode).
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
@@ -31,7 +29,8 @@ from ..errors import ConfigError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
 from ..samples import read_manifest
-from .lightning_utils import ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
+from .lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader, make_trainer,
+                              share_cpu_threads)
 
 
 def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
@@ -80,19 +79,6 @@ class JacobianModule(L.LightningModule):
                 "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
 
 
-class PartWriter(BasePredictionWriter):
-    def __init__(self, directory: Path):
-        super().__init__(write_interval="batch")
-        self.directory = directory
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"sample-{prediction['sample_id']:010d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in prediction.items() if isinstance(v, torch.Tensor)}, str(tmp))
-        os.replace(tmp, path)
-
-
 class Items(L.LightningDataModule):
     def __init__(self, ids):
         super().__init__()
@@ -105,11 +91,15 @@ class Items(L.LightningDataModule):
         return loader(self.items)
 
 
+def part_name(sample_id: int) -> str:
+    return f"sample-{sample_id:010d}.safetensors"
+
+
 def write_directions(run_dir, jac_cfg, ids) -> Path:
     parts = Path(run_dir) / "jacobian" / "parts"
     results = []
     for i in ids:
-        path = parts / f"sample-{i:010d}.safetensors"
+        path = parts / part_name(i)
         if not path.exists():
             raise DatasetError(f"{path} is missing; re-run hspace jacobian")
         results.append(load_file(str(path)))
@@ -136,17 +126,6 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
     return save_directions(d, Path(run_dir) / "directions" / "jacobian.safetensors")
 
 
-class Merge(L.Callback):
-    def __init__(self, run_dir, cfg, ids):
-        self.run_dir, self.cfg, self.ids = run_dir, cfg, ids
-
-    def on_predict_end(self, trainer, pl_module):
-        trainer.strategy.barrier("hspace-jacobian-end")
-        if trainer.is_global_zero:
-            write_directions(self.run_dir, self.cfg, self.ids)
-        trainer.strategy.barrier("hspace-jacobian-written")
-
-
 def run_jacobian(cfg) -> Path:
     run_dir, c = Path(cfg.run_dir), cfg.jacobian
     ids = [int(i) for i in c.sample_ids]
@@ -159,8 +138,12 @@ def run_jacobian(cfg) -> Path:
     parts = run_dir / "jacobian" / "parts"
     if launching_rank() == 0:
         shutil.rmtree(parts, ignore_errors=True)  # cheap to recompute; never mix settings
-    trainer = make_trainer(cfg.trainer, [PartWriter(parts), ItemsProgress("jacobian", len(ids), count=lambda i: 1),
-                                         Merge(run_dir, c, ids)], inference_mode=False)
+    writer = PartWriter(parts, lambda p: part_name(p["sample_id"]),
+                        lambda p, path: save_file({k: v.contiguous() for k, v in p.items() if isinstance(v, torch.Tensor)},
+                                                  str(path)))
+    trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("jacobian", len(ids), count=lambda i: 1),
+                                         AfterAllRanks(lambda: write_directions(run_dir, c, ids), "jacobian")],
+                           inference_mode=False)
     trainer.predict(JacobianModule(model, c, mask), datamodule=Items(ids), return_predictions=False)
     out = run_dir / "directions" / "jacobian.safetensors"
     if trainer.is_global_zero:

@@ -6,8 +6,12 @@ import os
 import time
 import warnings
 
+from pathlib import Path
+from typing import Callable
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
 
@@ -92,3 +96,35 @@ class ItemsProgress(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class PartWriter(BasePredictionWriter):
+    """Writes each predicted batch as one file on the rank that made it, atomically (a temporary
+    name renamed into place), so a killed run leaves only whole parts and a re-run skips them.
+
+    name(prediction) -> file name; write(prediction, path) writes the file."""
+
+    def __init__(self, directory: Path, name: Callable[[dict], str], write: Callable[[dict, Path], None]):
+        super().__init__(write_interval="batch")
+        self.directory, self.name, self.write = Path(directory), name, write
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / self.name(prediction)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.write(prediction, tmp)
+        os.replace(tmp, path)
+
+
+class AfterAllRanks(L.Callback):
+    """When every rank has finished predicting, ``fn()`` on rank 0 only (merge the parts, write
+    the result), then every rank goes on: nothing is gathered in memory."""
+
+    def __init__(self, fn: Callable[[], object], tag: str):
+        self.fn, self.tag = fn, tag
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier(f"hspace-{self.tag}-end")
+        if trainer.is_global_zero:
+            self.fn()
+        trainer.strategy.barrier(f"hspace-{self.tag}-done")
