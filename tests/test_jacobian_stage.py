@@ -1,0 +1,53 @@
+"""`hspace jacobian`: the stage computes the SVD of the sample's own Jacobian, and applies it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import HSpaceModel
+from pipeline.config import load_config
+from pipeline.directions import load_directions
+from pipeline.errors import ConfigError
+from pipeline.jacobian import explicit_jacobian
+from pipeline.stages.jacobian import parse_mask
+
+
+def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.jacobian import run_jacobian
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}",
+                             "model.num_inference_steps=3", "model.eta=1.0", "trainer.accelerator=cpu",
+                             "generate.num_samples=3", "jacobian.sample_ids=[2]", "jacobian.k=3", "jacobian.tau=1",
+                             "jacobian.tol=1e-6", "jacobian.mask=rect:0.5:1:0:1"])
+    run_generate(cfg)
+    run_jacobian(cfg)
+    d = load_directions(tmp_path / "run" / "directions" / "jacobian.safetensors")
+    assert d.names == ["s2-t1-v1", "s2-t1-v2", "s2-t1-v3"] and d.directions.shape == (3, 3, 16, 8, 8)
+    S, V = d.extras["singular_values"][0], d.extras["vectors"][0]  # (T, k), (T, k, C, H, W)
+
+    model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=1.0, device="cpu")
+    out = model.sample([2], return_latents=True)  # the sample's own trajectory, its own step noise
+    mask = parse_mask("rect:0.5:1:0:1", model.image_shape)
+    for step in range(3):
+        f = lambda h: (model.eps_given_h(out.latents[:, step].expand(len(h), -1, -1, -1), step,  # noqa: E731
+                                         h.view(-1, *model.h_shape)) * mask).flatten(1)
+        with torch.enable_grad():
+            J = explicit_jacobian(f, out.h[0, step].flatten())
+        U_, s, Vh = torch.linalg.svd(J.double(), full_matrices=False)
+        torch.testing.assert_close(S[step].double(), s[:3], rtol=1e-3, atol=0)
+        for j in range(3):
+            assert abs(float(V[step, j].flatten().double() @ Vh[j])) > 0.999
+    # the ready-to-apply trajectory: the direction found at tau scaled by each step's singular value
+    for j in range(3):
+        torch.testing.assert_close(d.directions[j], S[:, j, None, None, None] * V[1, j][None])
+
+
+def test_mask_specifications():
+    m = parse_mask("rect:0:0.5:0.25:0.75", (3, 8, 8))
+    assert m.shape == (8, 8) and m.sum() == 16 and m[:4, 2:6].all()
+    assert parse_mask(None, (3, 8, 8)) is None
+    with pytest.raises(ConfigError, match="rect:y0:y1:x0:x1"):
+        parse_mask("rect:a:b", (3, 8, 8))
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_mask("/no/mask.png", (3, 8, 8))
