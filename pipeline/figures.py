@@ -27,8 +27,9 @@ def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_la
                       title: str = "", cell: float = 1.0, cell_titles: Sequence[Sequence[str]] | None = None):
     """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None."""
     rows, cols = len(images), max(len(r) for r in images)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 0.6, rows * cell + (0.5 if title else 0.2)),
-                             squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.12 if cell_titles else 0.04})
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 0.8, rows * cell + (0.6 if title else 0.3)),
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.02)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]

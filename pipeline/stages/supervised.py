@@ -95,6 +95,8 @@ def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
             c = curves[(curves.attribute == attr) & (curves.space == space)]
             ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=style, ms=3, capsize=2, label=f"{space}-space")
         ax.set_xscale("log")
+        ax.set_xticks(sorted(set(c.n)), [str(n) for n in sorted(set(c.n))])
+        ax.minorticks_off()
         ax.set_title(attr, fontsize=9)
         ax.set_xlabel("n per side", fontsize=8)
         ax.grid(alpha=0.3)
