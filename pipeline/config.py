@@ -202,6 +202,9 @@ class ToyTrainConfig:
     block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 128])
     layers_per_block: int = 2
     correlations: Dict[str, float] = field(default_factory=lambda: {"glasses~hair": 0.6, "smile~eye_open": -0.5})
+    prediction_type: str = "v_prediction"  # v_prediction | epsilon
+    beta_schedule: str = "squaredcos_cap_v2"  # squaredcos_cap_v2 (cosine) | linear
+    timestep_spacing: str = "trailing"  # sampling timesteps start at t=999
     checkpoint_every: int = 250
     sample_every: int = 1000
 

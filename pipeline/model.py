@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from . import noise as noise_streams
 from .errors import InputError
 from .hooks import HOOK_POINTS, HSpaceHook
-from .schedule import ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule, predicted_x0
+from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
+                       output_to_eps, predicted_x0)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,6 +95,10 @@ class HSpaceModel:
         self.scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
         self.scheduler.set_timesteps(int(num_inference_steps))
         self.timesteps = self.scheduler.timesteps.clone().cpu()
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"unsupported prediction_type {self.prediction_type!r} in the scheduler config; "
+                             f"expected one of {PREDICTION_TYPES}")
         self.name_or_path = name_or_path
         self.hook_point = hook
         self.hook = HSpaceHook(self.unet.mid_block, hook)
@@ -200,10 +205,13 @@ class HSpaceModel:
 
     # ------------------------------------------------------------------ the U-Net
     def eps(self, x_t: torch.Tensor, step: int) -> torch.Tensor:
-        """Noise prediction at step index ``step``; the hook's current edit applies."""
+        """Noise prediction eps_t at step index ``step`` (converted from v- or x0-prediction
+        models); the hook's current edit applies."""
         t = self.timesteps[step].to(self.device)
-        out = self.unet(x_t.to(device=self.device, dtype=self.dtype), t.expand(x_t.shape[0])).sample
-        return out.float()
+        x_t = x_t.to(self.device)
+        out = self.unet(x_t.to(self.dtype), t.expand(x_t.shape[0])).sample.float()
+        return output_to_eps(out, x_t.float(), float(self.scheduler.alphas_cumprod[self.timesteps[step]]),
+                             self.prediction_type)
 
     def eps_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor) -> torch.Tensor:
         """eps_t(x_t, h): the U-Net with its h replaced by ``h`` (B, C, H, W); differentiable in h."""

@@ -55,6 +55,24 @@ def ddim_coefficients(
     return DDIMCoefficients(alpha, alpha_prev, sigma, eta)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
+    """The noise prediction eps_t implied by a U-Net output of any diffusers prediction type.
+
+    The paper's formulas (and the Jacobian of eq. 6) are in terms of eps; a v-prediction model
+    (v = sqrt(a) eps - sqrt(1-a) x0) gives eps = sqrt(a) v + sqrt(1-a) x_t, an x0-prediction
+    model eps = (x_t - sqrt(a) x0) / sqrt(1-a)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha**0.5 * output + (1 - alpha) ** 0.5 * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha**0.5 * output) / (1 - alpha) ** 0.5
+    raise InputError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
     """P_t of eq. 3: the clean image predicted from x_t and the noise prediction."""
     return (x_t - (1 - alpha) ** 0.5 * eps) / alpha**0.5

@@ -45,11 +45,14 @@ def test_stochastic_sampling_depends_on_step_noise(tiny_model):
     assert (a.images - b.images).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0, [1.0, 0.5, 0.0, 0.3, 1.0]])
-def test_matches_diffusers_ddim_step(tiny_unet, eta):
-    """Our eq. 2-5 against diffusers' DDIMScheduler.step, same noise."""
-    m = HSpaceModel(tiny_unet, DDIMScheduler(), num_inference_steps=5, eta=eta, device="cpu")
-    sched = DDIMScheduler(clip_sample=False)
+@pytest.mark.parametrize("eta,prediction,spacing", [
+    (0.0, "epsilon", "leading"), (1.0, "epsilon", "leading"), ([1.0, 0.5, 0.0, 0.3, 1.0], "epsilon", "leading"),
+    (1.0, "v_prediction", "trailing"), (0.0, "sample", "leading")])
+def test_matches_diffusers_ddim_step(tiny_unet, eta, prediction, spacing):
+    """Our eq. 2-5 against diffusers' DDIMScheduler.step, same noise, every prediction type."""
+    kw = {"prediction_type": prediction, "timestep_spacing": spacing}
+    m = HSpaceModel(tiny_unet, DDIMScheduler(**kw), num_inference_steps=5, eta=eta, device="cpu")
+    sched = DDIMScheduler(clip_sample=False, **kw)
     sched.set_timesteps(5)
     x, z = m.initial_noise([4, 9]), m.step_noise([4, 9])
     etas = m.eta.tolist()

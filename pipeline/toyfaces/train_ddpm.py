@@ -40,9 +40,14 @@ def build_unet(cfg: ToyTrainConfig) -> UNet2DModel:
     )
 
 
-def build_scheduler() -> DDPMScheduler:
-    """The DDPM training schedule of the hub DDPMs (linear betas, 1000 steps)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+def build_scheduler(cfg: ToyTrainConfig) -> DDPMScheduler:
+    """1000 training steps. The default is v-prediction on the cosine schedule, sampled with
+    "trailing" timesteps (the first sampling step at t=999): at 32x32 with large flat colour
+    areas, eps-prediction on the linear schedule leaks the images' mean colour into x_T and an
+    undertrained model then saturates colours (Lin et al. 2023, "Common diffusion noise
+    schedules and sample steps are flawed"). The engine converts any prediction type to eps."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, clip_sample=False,
+                         prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing)
 
 
 def training_batch(cfg: ToyTrainConfig, step: int) -> torch.Tensor:
@@ -68,7 +73,7 @@ class ToyDDPM(L.LightningModule):
         torch.manual_seed(cfg.seed)  # initial weights only; batches have their own generators
         self.unet = build_unet(cfg)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
-        self.noise_scheduler = build_scheduler()
+        self.noise_scheduler = build_scheduler(cfg)
         acp = self.noise_scheduler.alphas_cumprod
         self.register_buffer("snr", acp / (1 - acp), persistent=False)
 
@@ -80,8 +85,13 @@ class ToyDDPM(L.LightningModule):
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(self.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.unet(xt, t).sample
-        weight = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / self.snr[t]
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if self.cfg.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+            weight = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / (self.snr[t] + 1)  # min-SNR for v
+        else:
+            target = noise
+            weight = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / self.snr[t].clamp_min(1e-8)
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         self.log("loss", loss, prog_bar=True)
         return loss
 
