@@ -44,18 +44,27 @@ def strongest(mean: pd.DataFrame) -> pd.Series:
     return mean.idxmax(axis=1)
 
 
-def own_attribute(direction: str) -> str:
-    """The attribute a direction is named after: 'glasses|hair' -> 'glasses'."""
+def primary(direction: str) -> str:
+    """The direction a (possibly disentangled) direction derives from: 'glasses|hair' -> 'glasses'."""
     return direction.split("|", 1)[0]
 
 
-def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str]) -> pd.DataFrame:
+def own_attribute(direction: str, mapping: dict[str, str] | None = None) -> str:
+    """The measured attribute a direction targets: its primary name, or ``mapping[primary]``
+    when the scorer names it differently (e.g. the CelebA 'Eyeglasses' direction is measured
+    by CLIP's 'glasses')."""
+    p = primary(direction)
+    return (mapping or {}).get(p, p)
+
+
+def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
+                            mapping: dict[str, str] | None = None) -> pd.DataFrame:
     """Per direction: its own effect, the largest off-diagonal effect, and whether its own
     attribute is the strongest; for disentangled rows also the change of the largest
     off-diagonal effect against the original direction of the same attribute."""
     rows = []
     for d in mean.index:
-        own = own_attribute(d)
+        own = own_attribute(d, mapping)
         if own not in mean.columns:
             continue
         off = mean.loc[d].drop(own)
@@ -67,8 +76,8 @@ def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str]) -> pd.
         return out
     original = {r.direction: r.max_off_diagonal for r in out.itertuples() if r.family == "original"}
     out["off_diagonal_vs_original"] = [
-        (r.max_off_diagonal - original[own_attribute(r.direction)]) if r.family == "disentangled"
-        and own_attribute(r.direction) in original else np.nan for r in out.itertuples()]
+        (r.max_off_diagonal - original[primary(r.direction)]) if r.family == "disentangled"
+        and primary(r.direction) in original else np.nan for r in out.itertuples()]
     return out
 
 

@@ -35,7 +35,8 @@ from pipeline.samples import write_json_atomic
 from pipeline.stages.lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader,
                                              make_trainer, share_cpu_threads)
 
-from .metrics import disentanglement_summary, effect_matrix, pca_vs_random, table1_markdown
+from .metrics import (disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
+                      table1_markdown)
 
 
 def eval_dir(run_dir) -> Path:
@@ -54,8 +55,8 @@ def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
     if dis_path.exists():
         dis = load_directions(dis_path)
         for name, v in zip(dis.names, dis.directions):
-            if ev_cfg.match_norm and name.split("|")[0] in original.names:
-                v = v * (original.get(name.split("|")[0]).norm() / v.norm().clamp_min(1e-12))
+            if ev_cfg.match_norm and primary(name) in original.names:
+                v = v * (original.get(primary(name)).norm() / v.norm().clamp_min(1e-12))
             edits.append((name, "disentangled", ev_cfg.scale * v))
     pca_path = d / "pca.safetensors"
     if ev_cfg.pca_components > 0 and pca_path.exists():
@@ -159,7 +160,9 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     from .plots import effect_heatmaps, pca_vs_random_plot
 
     attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
-    measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(per_sample.direction.str.split("|").str[0]) if a in attrs]
+    mapping = to_dict(ev_cfg.own_attribute)
+    measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(own_attribute(d, mapping) for d in per_sample.direction)
+                                           if a in attrs]
     if not measured:
         raise ConfigError(f"evaluate.attributes is empty and no direction is named after a scorer attribute ({attrs}); "
                           f"list the attributes to measure")
@@ -182,7 +185,7 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         out / "table1.csv", index=False)
     (out / "table1.md").write_text(table1_markdown(sections, unit))
     all_mean = pd.concat([s[1] for s in sections])
-    summary_rows = disentanglement_summary(all_mean, families)
+    summary_rows = disentanglement_summary(all_mean, families, mapping)
     summary_rows.to_csv(out / "disentanglement.csv", index=False)
     quality = keep.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
     quality.to_csv(out / "image_change.csv")

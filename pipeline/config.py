@@ -172,6 +172,7 @@ class EvaluateConfig:
     scorer: str = "toy"  # the annotator that measures the attributes (clip for faces)
     scorer_options: Dict[str, Any] = field(default_factory=dict)
     attributes: List[str] = field(default_factory=list)  # measured columns; empty: the directions' own
+    own_attribute: Dict[str, str] = field(default_factory=dict)  # direction -> its scorer column, if named apart
     normalize: bool = True  # effects in standard deviations of the unedited scores
     quality: Optional[str] = "toy_consistency"  # image-quality annotator (face_pose for real faces)
     quality_score: str = "render_error"  # its score to report (face_prob for face_pose)

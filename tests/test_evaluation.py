@@ -45,6 +45,14 @@ def test_disentanglement_summary_and_markdown():
     assert "| a\\|b | **2.00 ± 0.00** | 0.50 ± 0.00 |" in md and "*Original*" in md
 
 
+def test_own_attribute_mapping():
+    mean, _ = effect_matrix(known_table().assign(direction=lambda t: t.direction.map({"a": "A", "a|b": "A|b"})))
+    plain = disentanglement_summary(mean, {"A": "original", "A|b": "disentangled"})
+    assert plain.empty  # 'A' is not a measured column
+    mapped = disentanglement_summary(mean, {"A": "original", "A|b": "disentangled"}, {"A": "a"}).set_index("direction")
+    assert mapped.loc["A|b", "own_effect"] == 2.0 and mapped.loc["A|b", "off_diagonal_vs_original"] == pytest.approx(-1.5)
+
+
 def test_pca_vs_random_ratio():
     df = known_table().assign(family=lambda t: t.direction.map({"a": "pca", "a|b": "random"}))
     out = pca_vs_random(df).set_index("direction")

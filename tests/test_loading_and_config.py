@@ -77,6 +77,14 @@ def test_conf_yaml_spells_out_exactly_the_defaults():
     assert shipped == OmegaConf.to_container(defaults())
 
 
+def test_paper_config_is_valid():
+    cfg = load_config(ROOT / "conf.paper.yaml")
+    assert cfg.model.name_or_path == "google/ddpm-ema-celebahq-256" and cfg.model.eta == 1.0
+    assert cfg.evaluate.scorer == "clip" and cfg.evaluate.scorer_options.prompts == "paper"
+    assert set(cfg.evaluate.own_attribute.values()) == set(cfg.evaluate.attributes)
+    assert set(cfg.disentangle.pairs) == set(cfg.select.attributes)
+
+
 def test_config_overrides_and_validation(tmp_path):
     cfg = load_config(None, ["model.eta=[0, 1, 1]", "model.num_inference_steps=3", "run_dir=/x"])
     assert list(cfg.model.eta) == [0, 1, 1] and cfg.model.num_inference_steps == 3 and cfg.run_dir == "/x"
