@@ -23,7 +23,7 @@ from . import noise as noise_streams
 from .errors import InputError
 from .hooks import HOOK_POINTS, HSpaceHook
 from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
-                       output_to_eps, predicted_x0)
+                       output_to_eps, predicted_x0, solve_step_noise)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,10 +55,11 @@ class SampleOutput:
 
 @dataclass
 class InversionOutput:
-    """Result of :meth:`HSpaceModel.invert`: x_T (B, 3, H, W) and h (B, T, C, H, W) on the way."""
+    """Result of an inversion: x_T (B, 3, H, W) and h (B, T, C, H, W) recorded on the way."""
 
     x_T: torch.Tensor
     h: torch.Tensor
+    noise: torch.Tensor | None = None  # (B, T, 3, H, W) step noise, from invert_ddpm
 
 
 class HSpaceModel:
@@ -337,6 +338,14 @@ class HSpaceModel:
                             latents=latents)
 
     # ------------------------------------------------------------------ inversion
+    def _check_images(self, images) -> torch.Tensor:
+        x = torch.as_tensor(images, dtype=torch.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise InputError(f"images have shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.image_shape))})")
+        if x.min() < -1.001 or x.max() > 1.001:
+            raise InputError("images must be scaled to [-1, 1] (use pipeline.images.from_uint8 for uint8 arrays)")
+        return x.to(self.device)
+
     @torch.no_grad()
     def invert(self, images: torch.Tensor, progress: bool = False) -> InversionOutput:
         """DDIM inversion (eta 0) of images (B, 3, H, W) in [-1, 1], recording h on the way.
@@ -347,19 +356,46 @@ class HSpaceModel:
         timestep ``timesteps[i]`` on the latent of step i+1 (the usual DDIM-inversion
         approximation of x_t by its neighbour).
         """
-        x = torch.as_tensor(images, dtype=torch.float32)
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise InputError(f"images have shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.image_shape))})")
-        if x.min() < -1.001 or x.max() > 1.001:
-            raise InputError("images must be scaled to [-1, 1] (use pipeline.images.from_uint8 for uint8 arrays)")
+        x = self._check_images(images)
         coef = self.coefficients(0.0)
-        x = x.to(self.device)
         hs = torch.empty((len(x), self.num_steps, *self.h_shape), device=self.device, dtype=self.dtype)
         for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="inverting", leave=False):
             eps = self.eps(x, i)
             hs[:, i] = self.hook.h
             x = ddim_inversion_step(x, eps, float(coef.alpha_prev[i]), float(coef.alpha[i]))
         return InversionOutput(x_T=x, h=hs)
+
+    @torch.no_grad()
+    def invert_ddpm(self, images: torch.Tensor, seeds: Sequence[int], eta: float | Sequence[float] | None = None,
+                    progress: bool = False) -> InversionOutput:
+        """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2023) for eta > 0.
+
+        Every x_t is drawn independently around the image, x_t = sqrt(a_t) x0 + sqrt(1-a_t) n_t
+        with n_t from each image's own seed (stream "inversion"; the original code left it
+        unseeded), then the step noise z_t that makes each sampling step land exactly on the
+        next x_t is solved for (eta: the model's by default). ``sample(x_T=out.x_T, noise=out.noise)`` reproduces the
+        images (exactly but for the last, deterministic step), and an edit of it reuses that
+        noise. Returns x_T, noise (B, T, 3, H, W) and h recorded along the way.
+        """
+        x0 = self._check_images(images)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(x0):
+            raise InputError(f"got {len(seeds)} seeds for {len(x0)} images")
+        coef = self.coefficients(eta)
+        if (coef.sigma[:-1] <= 0).any():
+            raise InputError("edit-friendly inversion needs eta > 0 at every step but the last")
+        n = noise_streams.randn(seeds, "inversion", (self.num_steps, *self.image_shape)).to(self.device)
+        a = coef.alpha.to(torch.float32).to(self.device).view(1, -1, 1, 1, 1)
+        xs = a.sqrt() * x0[:, None] + (1 - a).sqrt() * n  # (B, T, 3, H, W): x_t entering every step
+        z = torch.zeros_like(xs)
+        hs = torch.empty((len(x0), self.num_steps, *self.h_shape), device=self.device, dtype=self.dtype)
+        for i in tqdm(range(self.num_steps), disable=not progress, desc="inverting", leave=False):
+            eps = self.eps(xs[:, i], i)
+            hs[:, i] = self.hook.h
+            if i < self.num_steps - 1:
+                z[:, i] = solve_step_noise(xs[:, i + 1], xs[:, i], eps, float(coef.alpha[i]), float(coef.alpha_prev[i]),
+                                     float(coef.sigma[i]))
+        return InversionOutput(x_T=xs[:, 0], h=hs, noise=z)
 
     # ------------------------------------------------------------------ helpers
     def predicted_x0(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:

@@ -193,3 +193,23 @@ def test_bad_inputs_raise_clear_errors(tiny_unet, tiny_model):
         m.sample([1], delta_h=torch.zeros(m.num_steps, *m.h_shape), steps=[9])
     with pytest.raises(InputError, match="give seeds"):
         m.sample()
+
+
+def test_edit_friendly_ddpm_inversion_reproduces_the_image(tiny_model):
+    m = tiny_model(eta=1.0)
+    images = m.sample([1, 2]).images * 0.8
+    inv = m.invert_ddpm(images, seeds=[10, 11])
+    assert inv.noise.shape == (2, m.num_steps, 3, 16, 16) and inv.h.shape == (2, m.num_steps, *m.h_shape)
+    again = m.invert_ddpm(images, seeds=[10, 11])
+    assert torch.equal(inv.noise, again.noise) and torch.equal(inv.x_T, again.x_T)  # seeded
+    out = m.sample(x_T=inv.x_T, noise=inv.noise)
+    # every stochastic step lands exactly on the inversion's x_t; only the last, deterministic
+    # step (sigma = 0) is the model's own denoising of the least noisy x_t
+    last = m.sample(x_T=inv.x_T, noise=inv.noise, return_latents=True).latents[:, -1]
+    coef = m.coefficients()
+    a = float(coef.alpha[-1])
+    expected_last = a ** 0.5 * images + (1 - a) ** 0.5 * randn([10, 11], "inversion", (m.num_steps, 3, 16, 16))[:, -1]
+    torch.testing.assert_close(last, expected_last, atol=1e-4, rtol=0)
+    assert (out.images - images).abs().mean() < 0.05
+    with pytest.raises(InputError, match="eta > 0"):
+        tiny_model(eta=0.0).invert_ddpm(images, seeds=[1, 2])
