@@ -17,7 +17,8 @@ Reported: wall-clock and CPU seconds of the direction search (the sampling pass 
 h_t is the same for all methods and excluded), ratio deflation / method, batched U-Net passes
 (forward, forward-mode, backward, double backward) and vectors pushed through J, the max
 relative error of the singular values, and peak memory: ru_maxrss of the worker process (peak
-resident set, includes torch and the model) and its increase over the peak before the search.
+resident set, includes torch, the model and the sampling pass) and the peak RSS during the search
+minus the RSS at its start (sampled every 5 ms by a thread).
 
     python bench/jacobian.py [--steps 20 | --steps 0,5,10] [--k 8] [--quick] [--model random|PATH]
 """
@@ -30,6 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -70,7 +72,38 @@ def trajectory(args):
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident set of this process so far (ru_maxrss; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler:
+    """Samples this process's current resident set (/proc/self/statm) every few ms in a thread,
+    so that the peak *during* a block of code can be told from the process's earlier peak."""
+
+    def __init__(self, period: float = 0.005):
+        self.period, self.peak, self._stop = period, 0.0, threading.Event()
+        self.start_mib = self.now()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.peak = self.start_mib
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
 
 
 def worker(args) -> None:
@@ -81,14 +114,14 @@ def worker(args) -> None:
     model, sample = trajectory(args)
     kw = dict(METHODS[args.worker])
     kw.setdefault("warm_start", args.worker in WARM)
-    rss_before = rss_mib()
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = jacobian_directions_all_steps(model, sample, args.k, steps=args.step_list, tol=args.tol,
-                                        max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed), **kw)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with RssSampler() as mem:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = jacobian_directions_all_steps(model, sample, args.k, steps=args.step_list, tol=args.tol,
+                                            max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed), **kw)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     torch.save({"wall": wall, "cpu": cpu, "S": res.singular_values, "passes": res.passes, "vectors": res.vectors,
-                "iterations": res.iterations, "converged": res.converged, "rss_before": rss_before,
-                "rss_peak": rss_mib()}, args.out)
+                "iterations": res.iterations, "converged": res.converged, "rss_start": mem.start_mib,
+                "rss_search_peak": mem.peak, "ru_maxrss": rss_mib()}, args.out)
 
 
 def reference(args) -> tuple[torch.Tensor, float]:
@@ -169,15 +202,17 @@ def main() -> None:
                   f"converged {bool(r['converged'].all())}, load {os.getloadavg()[0]:.1f}", flush=True)
     base = results.get("deflation")
     print(f"\n{'method':12s} {'wall s':>8s} {'cpu s':>8s} {'defl/x':>7s} {'vectors':>8s} {'fwd':>4s} {'fwd-AD':>6s} "
-          f"{'bwd':>5s} {'2xbwd':>5s} {'max err':>8s} {'peak MiB':>8s} {'+MiB':>6s}")
+          f"{'bwd':>5s} {'2xbwd':>5s} {'max err':>8s} {'maxrss':>7s} {'+MiB':>6s}")
     for name, r in results.items():
         ratio = base["wall"] / r["wall"] if base else float("nan")
         p = r["passes"]
         print(f"{name:12s} {r['wall']:8.1f} {r['cpu']:8.1f} {ratio:7.2f} {r['vectors']['jvp']:8d} {p['forward']:4d} "
               f"{p['forward_ad']:6d} {p['backward']:5d} {p['double_backward']:5d} {r['err']:8.1e} "
-              f"{r['rss_peak']:8.0f} {r['rss_peak'] - r['rss_before']:6.0f}")
+              f"{r['ru_maxrss']:7.0f} {r['rss_search_peak'] - r['rss_start']:6.0f}")
     print("vectors: vectors pushed through J (as many through J^T); passes are batched U-Net passes "
-          "(fwd: forward with graph, fwd-AD: forward-mode, bwd: backward, 2xbwd: double backward)")
+          "(fwd: forward with graph, fwd-AD: forward-mode, bwd: backward, 2xbwd: double backward); "
+          "maxrss: the worker's peak RSS in MiB (torch + model + sampling + search); +MiB: peak RSS during "
+          f"the search minus RSS at its start (sampled every 5 ms). Load average now {os.getloadavg()[0]:.1f}.")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "reference_seconds": t_ref,

@@ -193,7 +193,7 @@ class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
     out_dir: str = "runs/train-toy"
-    steps: int = 12000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 300
