@@ -152,6 +152,25 @@ def export_model(module: ToyDDPM, out_dir: str | os.PathLike, dtype=torch.float3
     return out
 
 
+def half_precision_copy(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy an exported model with its U-Net weights in float16 (half the size; this is what
+    ships as the embedded default, ``pipeline/assets/toyfaces-ddpm``). Loading upcasts to the
+    dtype the user asks for."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    src, dest = Path(model_dir), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    UNet2DModel.from_pretrained(src, torch_dtype=torch.float16).save_pretrained(tmp)
+    for name in ("scheduler_config.json", "model_index.json", "training.json"):
+        shutil.copy2(src / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
 class _Export(L.Callback):
     """Every `every` steps: export the EMA model and draw a sample grid of fixed seeds."""
 
@@ -189,11 +208,14 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
     )
     loader = torch.utils.data.DataLoader(_Steps(cfg.steps), batch_size=None, shuffle=False)
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    return export_model(module, out / "model")
+    model = export_model(module, out / "model")
+    half_precision_copy(model, out / "model-fp16")
+    return model
 
 
 def run_train_toy(cfg) -> Path:
     """CLI entry: ``hspace train-toy [train_toy.key=value ...]``."""
     out = train_toy(cfg.train_toy)
-    print(f"trained model: {out}")
+    print(f"trained model: {out} (float16 copy: {out.parent / 'model-fp16'}; the embedded default "
+          f"is that copy in pipeline/assets/toyfaces-ddpm)")
     return out

@@ -109,6 +109,24 @@ def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 
     }
 
 
+def samples_vs_renders_figure(model: HSpaceModel, path, n: int = 48, correlations=None) -> Path:
+    """Model samples (seeds 0..n-1) beside rendered faces of the training distribution."""
+    import matplotlib.pyplot as plt
+
+    from ..figures import save_figure
+    from ..images import image_grid, to_uint8
+
+    samples = to_uint8(model.sample(list(range(n))).images.cpu())
+    renders = render_faces(sample_factors(n, 12345, correlations))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    for ax, imgs, title in zip(axes, (samples, renders), (f"model samples (seeds 0-{n - 1}, T={model.num_steps}, "
+                                                        f"eta {float(model.eta[0]):g})", "rendered faces")):
+        ax.imshow(image_grid(imgs, 8, pad=2))
+        ax.set_title(title)
+        ax.axis("off")
+    return save_figure(fig, path)
+
+
 def run_validate_toy(cfg) -> dict:
     from annotators.toy import ToyFaceAnnotator
 
@@ -117,6 +135,7 @@ def run_validate_toy(cfg) -> dict:
     out = Path(cfg.run_dir) / "validate-toy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    figure = samples_vs_renders_figure(model, out.with_suffix(".png"), correlations=dict(cfg.train_toy.correlations))
     for section in ("factors", "editability"):
         for name, r in result[section].items():
             print(f"{section:12s} {name:9s} {'OK ' if r['ok'] else 'LOW'} " +
@@ -124,5 +143,5 @@ def run_validate_toy(cfg) -> dict:
     for section in ("hf_energy", "inversion"):
         r = result[section]
         print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
-    print(f"hspace validate-toy: {out}")
+    print(f"hspace validate-toy: {out}, {figure}")
     return result

@@ -1,0 +1,119 @@
+"""The embedded default as shipped: its weights load offline in the hub layout, its samples are
+faces with the renderer's factors, DDIM inversion lands back, and h carries every factor.
+
+Loose versions (few samples, CPU seconds) of the bars `hspace validate-toy` checks at full size.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from annotators.toy import ToyConsistency, ToyFaceAnnotator
+from pipeline import HSpaceModel
+from pipeline.images import from_uint8
+from pipeline.loading import EMBEDDED_MODELS
+from pipeline.supervised import mean_difference
+from pipeline.toyfaces.render import FACTORS, render_faces, sample_factors
+from pipeline.toyfaces.validate import factor_statistics, hf_energy, inversion_round_trip
+
+ASSET = EMBEDDED_MODELS["toyfaces"]
+N = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HSpaceModel.from_pretrained("toyfaces", num_inference_steps=20, eta=0.0)
+
+
+@pytest.fixture(scope="module")
+def annotator():
+    return ToyFaceAnnotator()
+
+
+@pytest.fixture(scope="module")
+def samples(model, annotator):
+    out = model.sample(seeds=list(range(N)))
+    return out, annotator(out.images)
+
+
+@pytest.fixture(scope="module")
+def renders():
+    training = json.loads((ASSET / "training.json").read_text())["config"]
+    return from_uint8(render_faces(sample_factors(1024, 4321, training["correlations"])))
+
+
+def test_shipped_weights_are_a_hub_layout_float16_model_that_loads_by_path_too(model):
+    assert {p.name for p in ASSET.iterdir()} >= {"config.json", "diffusion_pytorch_model.safetensors",
+                                                 "scheduler_config.json", "model_index.json"}
+    with safe_open(ASSET / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    training = json.loads((ASSET / "training.json").read_text())
+    assert training["step"] == training["config"]["steps"], "the shipped weights are the end of training"
+    assert next(model.unet.parameters()).dtype == torch.float32
+    assert model.h_shape == (128, 8, 8) and model.image_shape == (3, 32, 32)
+    by_path = HSpaceModel.from_pretrained(str(ASSET), num_inference_steps=20)
+    assert by_path.fingerprint() == model.fingerprint()
+
+
+def test_samples_have_the_renderers_factor_statistics(samples, renders, annotator):
+    out, scores = samples
+    stats = factor_statistics(scores, annotator(renders))
+    for f in FACTORS:
+        if f.kind == "binary":  # 64 samples: a rate within 20 points (validate-toy: 512, 5 points)
+            assert abs(stats[f.name]["rate_samples"] - stats[f.name]["rate_renders"]) <= 0.2, (f.name, stats[f.name])
+        elif f.kind == "continuous":
+            assert stats[f.name]["spread_ratio"] >= 0.6, (f.name, stats[f.name])
+    ratio = hf_energy(out.images) / hf_energy(renders)
+    assert 0.6 <= ratio <= 1.4, f"high-frequency energy of samples / renders = {ratio:.2f}"
+
+
+def test_samples_are_faces_not_noise(samples, renders):
+    """The render-consistency score (re-render the annotator's reading, compare) of samples is
+    close to that of real renders, and far below that of the same images with their h-space
+    structure destroyed (pixels shuffled)."""
+    out, _ = samples
+    consistency = ToyConsistency()
+    err = consistency(out.images)["render_error"].median()
+    ref = consistency(renders[:N])["render_error"].median()
+    shuffled = out.images.flatten(2)[:, :, torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))]
+    broken = consistency(shuffled.view_as(out.images))["render_error"].median()
+    assert err <= 2.0 * ref and err < 0.5 * broken, (float(err), float(ref), float(broken))
+
+
+def test_ddim_inversion_round_trip(model):
+    r = inversion_round_trip(model, n=8, seed=7)
+    assert r["psnr_mean"] >= 28.0, r  # validate-toy's bar on 32 faces: 30 dB
+
+
+@pytest.mark.parametrize("factor", [f.name for f in FACTORS if f.kind != "categorical"])
+def test_every_factor_is_editable_in_h(model, samples, factor):
+    """Top-16 minus bottom-16 of the annotated samples, applied to 8 new seeds at scale 1,
+    moves the factor's mean in the intended sign by half the full bar (validate-toy: 50 of 512)."""
+    out, scores = samples
+    f = next(x for x in FACTORS if x.name == factor)
+    order = torch.argsort(scores[factor], descending=True)
+    d = mean_difference(out.h[order[:16]], out.h[order[-16:]])
+    seeds = list(range(10**6, 10**6 + 8))
+    annot = ToyFaceAnnotator()
+    before = annot(model.sample(seeds).images)[factor].mean()
+    after = annot(model.sample(seeds, delta_h=d).images)[factor].mean()
+    bar = 0.5 if f.kind == "binary" else f.std
+    assert after - before >= 0.5 * bar, (factor, float(before), float(after), bar)
+
+
+def test_swapping_h_carries_the_semantics_of_the_donor(model, samples, annotator):
+    """Paper Fig. 3: a sample decoded with another sample's h takes on that sample's hat and
+    glasses in most pairs where the two differ."""
+    out, scores = samples
+    donors = torch.roll(torch.arange(N), 1)
+    swapped = annotator(model.sample(seeds=list(range(N)), replace_h=out.h[donors]).images)
+    agree, total = 0, 0
+    for name in ("hat", "glasses"):
+        own, donor, got = scores[name] > 0.5, scores[name][donors] > 0.5, swapped[name] > 0.5
+        differ = own != donor
+        agree += int((got[differ] == donor[differ]).sum())
+        total += int(differ.sum())
+    assert total >= 10 and agree / total >= 0.75, (agree, total)
