@@ -138,3 +138,20 @@ def test_disentangle_and_edit_stages(annotated_run):
         run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["edit.directions=supervised", "model.num_inference_steps=4"])))
     with pytest.raises(ConfigError, match="own scale"):
         run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["edit.directions=supervised", "edit.sequential=true"])))
+
+
+def test_edit_grid_reuses_the_unedited_column(tiny_model):
+    """Scale 0 filled in from the plain samples gives the grid sampled in full (to one grey level:
+    the batches differ), and the edited columns are unchanged."""
+    from pipeline.images import to_uint8
+    from pipeline.stages.edit import edit_grid
+
+    tiny_model = tiny_model()
+    seeds, scales = [3, 4], [-1.0, 0.0, 2.0]
+    d = torch.randn(tiny_model.num_steps, *tiny_model.h_shape, generator=torch.Generator().manual_seed(0))
+    full = edit_grid(tiny_model, seeds, d, scales)
+    plain = to_uint8(tiny_model.sample(seeds).images)
+    reused = edit_grid(tiny_model, seeds, d, scales, unedited=plain)
+    assert full.shape == reused.shape == (2, 3, *plain.shape[1:])
+    assert np.abs(full.astype(int) - reused.astype(int)).max() <= 1
+    assert (reused[:, 1] == plain).all()

@@ -29,18 +29,26 @@ def resolve_directions_path(run_dir, name_or_path: str) -> Path:
 
 
 def edit_grid(model: HSpaceModel, seeds: Sequence[int], direction: torch.Tensor, scales: Sequence[float],
-              asyrp: bool = False, x_T_space: bool = False) -> np.ndarray:
+              asyrp: bool = False, x_T_space: bool = False, unedited: np.ndarray | None = None) -> np.ndarray:
     """(len(seeds), len(scales), H, W, 3) uint8: every seed edited at every scale, in one batch.
 
-    direction: (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T)."""
+    direction: (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T).
+    unedited: the seeds' plain samples (len(seeds), H, W, 3) to reuse for scale 0 (a zero edit
+    gives the plain sample bit for bit), saving one image per seed."""
     S, K = len(seeds), len(scales)
-    all_seeds = [s for s in seeds for _ in scales]
-    scale = torch.tensor(list(scales) * S, dtype=torch.float32).view(-1, *([1] * direction.ndim))
+    edited = [j for j, s in enumerate(scales) if s != 0] if unedited is not None else list(range(K))
+    all_seeds = [s for s in seeds for _ in edited]
+    scale = torch.tensor([scales[j] for j in edited] * S, dtype=torch.float32).view(-1, *([1] * direction.ndim))
     if x_T_space:
         out = model.sample(all_seeds, dx_T=scale * direction)
     else:
         out = model.sample(all_seeds, delta_h=scale * direction, asyrp=asyrp)
-    return to_uint8(out.images).reshape(S, K, *out.images.shape[2:], 3)
+    images = to_uint8(out.images)
+    grid = np.empty((S, K, *images.shape[1:]), np.uint8)
+    grid[:, edited] = images.reshape(S, len(edited), *images.shape[1:])
+    if len(edited) < K:
+        grid[:, [j for j in range(K) if j not in edited]] = unedited[:, None]
+    return grid
 
 
 def sequential_grid(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[torch.Tensor],
@@ -65,10 +73,11 @@ def render_edits(model: HSpaceModel, directions: Directions, names: Sequence, se
     extra = directions.extras.get("x_T_directions") if x_T_space else None
     if x_T_space and extra is None:
         raise ConfigError(f"{directions.method} directions have no x_T-space version (only supervised ones do)")
+    unedited = to_uint8(model.sample(list(seeds)).images) if 0 in scales and len(names) > 1 else None
     for key in names:
         i = directions.index(key)
         d = extra[i] if x_T_space else directions.directions[i]
-        grid = edit_grid(model, seeds, d, scales, asyrp=asyrp, x_T_space=x_T_space)
+        grid = edit_grid(model, seeds, d, scales, asyrp=asyrp, x_T_space=x_T_space, unedited=unedited)
         label = f"{title_prefix}{directions.names[i]}" + (" (x_T space)" if x_T_space else "")
         fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{s:+g}" for s in scales],
                                 title=label)
