@@ -133,6 +133,7 @@ class SupervisedConfig:
     convergence_ns: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
     convergence_draws: int = 10
     seed: int = 0
+    scales: List[float] = field(default_factory=lambda: [-3.0, -1.5, 0.0, 1.5, 3.0])  # suggested edit scales
     real: RealImagesConfig = field(default_factory=RealImagesConfig)
 
 
@@ -167,7 +168,7 @@ class EvaluateConfig:
     num_samples: int = 32  # per seed set
     repeats: int = 3  # disjoint seed sets; the table reports mean +- std across them
     batch_size: int = 32
-    scale: float = 1.0  # edit strength of the supervised / disentangled directions
+    scale: float = 3.0  # edit strength of the supervised / disentangled directions
     match_norm: bool = True  # rescale each disentangled direction to its original's norm
     scorer: str = "toy"  # the annotator that measures the attributes (clip for faces)
     scorer_options: Dict[str, Any] = field(default_factory=dict)

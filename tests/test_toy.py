@@ -99,3 +99,22 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
 
     m = HSpaceModel.from_pretrained(str(straight), num_inference_steps=2, device="cpu")
     assert m.h_shape == (32, 16, 16)  # two levels: one downsampling of the 32x32 input
+
+
+def test_validate_toy_runs_and_writes_json():
+    """The validation's arithmetic end to end on a tiny model (its figures are meaningless here;
+    the shipped model's are in the README): every section present, JSON-serialisable."""
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from annotators.toy import ToyFaceAnnotator
+    from conftest import make_tiny_unet
+    from pipeline import HSpaceModel
+    from pipeline.toyfaces.validate import validate
+
+    model, fine = (HSpaceModel(make_tiny_unet(size=32), DDIMScheduler(), num_inference_steps=t) for t in (3, 4))
+    r = validate(model, ToyFaceAnnotator(), n_samples=8, n_edit=2, n_top=2, fine_model=fine)
+    assert set(r) == {"factors", "hf_energy", "editability", "inversion", "settings"}
+    assert set(r["inversion"]) == {"T=3", "T=4"}
+    json.dumps(r)

@@ -32,7 +32,8 @@ def disentangle(directions: Directions, pairs: dict[str, list[str]]) -> Directio
         report[names[-1]] = {"cosine_to_original": cosine(v, v0), "norm_ratio": float(v.norm() / v0.norm()),
                              "cosines_before": {c: cosine(v0, directions.get(c)) for c in conditions}}
     return Directions(torch.stack(out), names, "disentangled", directions.timesteps, directions.model,
-                      directions.source_run, params={"source_method": directions.method, "pairs": pairs, "report": report})
+                      directions.source_run, params={"source_method": directions.method, "pairs": pairs, "report": report,
+                              "scales": directions.params.get("scales")})
 
 
 def run_disentangle(cfg) -> Path:

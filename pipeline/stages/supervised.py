@@ -79,7 +79,8 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
     result = Directions(
         torch.stack(directions), attributes, f"supervised/{sup_cfg.method}", manifest["model"]["timesteps"],
         model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
-        params={"n": int(selection.groupby("attribute").size().max() // 2), "method": sup_cfg.method, "per_attribute": info},
+        params={"n": int(selection.groupby("attribute").size().max() // 2), "method": sup_cfg.method, "per_attribute": info,
+                "scales": list(sup_cfg.scales)},
         extras={"x_T_directions": torch.stack(x_dirs)},
     )
     return result, pd.DataFrame(curves)

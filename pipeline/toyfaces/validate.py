@@ -60,10 +60,10 @@ def factor_statistics(sample_scores: dict, render_scores: dict) -> dict:
         if f.kind == "binary":
             out[f.name] = {"rate_samples": float((sample_scores[f.name] > 0.5).float().mean()),
                            "rate_renders": float((render_scores[f.name] > 0.5).float().mean())}
-            out[f.name]["ok"] = abs(out[f.name]["rate_samples"] - out[f.name]["rate_renders"]) <= 0.05
+            out[f.name]["ok"] = bool(abs(out[f.name]["rate_samples"] - out[f.name]["rate_renders"]) <= 0.05)
         elif f.kind == "continuous":
             s, r = float(sample_scores[f.name].std()), float(render_scores[f.name].std())
-            out[f.name] = {"std_samples": s, "std_renders": r, "spread_ratio": s / r, "ok": s / r >= 0.8}
+            out[f.name] = {"std_samples": s, "std_renders": r, "spread_ratio": s / r, "ok": bool(s / r >= 0.8)}
     return out
 
 
@@ -81,29 +81,34 @@ def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, ne
         edited = torch.cat([o.images for o in _batched(lambda s: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
         moved = float(annotator(edited)[f.name].mean() - base[f.name].mean())
         bar = 0.5 if f.kind == "binary" else f.std
-        out[f.name] = {"mean_change": moved, "bar": bar, "ok": moved >= bar}
+        out[f.name] = {"mean_change": moved, "bar": bar, "ok": bool(moved >= bar)}
     return out
 
 
 def inversion_round_trip(model: HSpaceModel, n: int = 32, seed: int = 7) -> dict:
+    """Invert n rendered faces with DDIM (eta 0) at the model's steps and decode; PSNR."""
     faces = from_uint8(render_faces(sample_factors(n, seed)))
     inv = model.invert(faces)
     decoded = model.sample(x_T=inv.x_T, eta=0.0).images.cpu()
     p = psnr(decoded, faces)
-    return {"psnr_mean": float(p.mean()), "psnr_min": float(p.min()), "n": n, "ok": float(p.mean()) >= 30.0}
+    return {"psnr_mean": float(p.mean()), "psnr_min": float(p.min()), "n": n, "steps": model.num_steps,
+            "ok": bool(float(p.mean()) >= 30.0)}
 
 
 def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 32, n_top: int = 50,
-             edit_scale: float = 1.0, first_seed: int = 0, correlations=None) -> dict:
+             edit_scale: float = 3.0, first_seed: int = 0, correlations=None,
+             fine_model: HSpaceModel | None = None) -> dict:
+    """The figures above. ``fine_model``: the same weights with more steps, for a second
+    inversion round trip (finer steps invert more exactly)."""
     images, h, scores = sample_and_read(model, annotator, range(first_seed, first_seed + n_samples))
     renders = from_uint8(render_faces(sample_factors(n_samples, 12345, correlations)))
     render_scores = annotator(renders)
     hf_s, hf_r = hf_energy(images), hf_energy(renders)
     return {
         "factors": factor_statistics(scores, render_scores),
-        "hf_energy": {"samples": hf_s, "renders": hf_r, "ratio": hf_s / hf_r, "ok": abs(hf_s / hf_r - 1) <= 0.25},
+        "hf_energy": {"samples": hf_s, "renders": hf_r, "ratio": hf_s / hf_r, "ok": bool(abs(hf_s / hf_r - 1) <= 0.25)},
         "editability": editability(model, annotator, h, scores, range(10**6, 10**6 + n_edit), n_top, edit_scale),
-        "inversion": inversion_round_trip(model),
+        "inversion": {f"T={m.num_steps}": inversion_round_trip(m) for m in (model, fine_model) if m is not None},
         "settings": {"n_samples": n_samples, "n_edit": n_edit, "n_top": n_top, "edit_scale": edit_scale,
                      "steps": model.num_steps, "eta": model.eta.tolist()[0]},
     }
@@ -131,7 +136,10 @@ def run_validate_toy(cfg) -> dict:
     from annotators.toy import ToyFaceAnnotator
 
     model = HSpaceModel.from_config(cfg.model)
-    result = validate(model, ToyFaceAnnotator(), correlations=dict(cfg.train_toy.correlations))
+    m = cfg.model
+    fine = HSpaceModel.from_pretrained(m.name_or_path, num_inference_steps=50, eta=0.0, hook=m.hook, device=m.device,
+                                       dtype=m.dtype)
+    result = validate(model, ToyFaceAnnotator(), correlations=dict(cfg.train_toy.correlations), fine_model=fine)
     out = Path(cfg.run_dir) / "validate-toy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -140,8 +148,7 @@ def run_validate_toy(cfg) -> dict:
         for name, r in result[section].items():
             print(f"{section:12s} {name:9s} {'OK ' if r['ok'] else 'LOW'} " +
                   " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
-    for section in ("hf_energy", "inversion"):
-        r = result[section]
+    for section, r in [("hf_energy", result["hf_energy"])] + [(f"inversion {k}", v) for k, v in result["inversion"].items()]:
         print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
     print(f"hspace validate-toy: {out}, {figure}")
     return result
