@@ -111,7 +111,7 @@ class JacobianConfig:
     tau: int = 10  # the step whose directions are applied at every step ("global at index")
     mask: Optional[str] = None  # rect:y0:y1:x0:x1 (fractions) or a PNG: only that image region
     seed: int = 0  # of the random start
-    scales: List[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+    scales: List[float] = field(default_factory=lambda: [-600.0, -300.0, 0.0, 300.0, 600.0])  # J = d eps / d h is small on the toy (S ~ 0.1)
 
 
 @dataclass
