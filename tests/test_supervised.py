@@ -147,7 +147,7 @@ def test_edit_grid_reuses_the_unedited_column(tiny_model):
     from pipeline.stages.edit import edit_grid
 
     tiny_model = tiny_model()
-    seeds, scales = [3, 4], [-1.0, 0.0, 2.0]
+    seeds, scales = [3, 4], [-50.0, 0.0, 100.0]
     d = torch.randn(tiny_model.num_steps, *tiny_model.h_shape, generator=torch.Generator().manual_seed(0))
     full = edit_grid(tiny_model, seeds, d, scales)
     plain = to_uint8(tiny_model.sample(seeds).images)
@@ -155,3 +155,7 @@ def test_edit_grid_reuses_the_unedited_column(tiny_model):
     assert full.shape == reused.shape == (2, 3, *plain.shape[1:])
     assert np.abs(full.astype(int) - reused.astype(int)).max() <= 1
     assert (reused[:, 1] == plain).all()
+    direct = to_uint8(tiny_model.sample(seeds, delta_h=scales[0] * d).images)
+    assert np.abs(reused[:, 0].astype(int) - direct.astype(int)).max() <= 1, "column j is scale j"
+    columns_apart = np.abs(full[:, 0].astype(int) - full[:, 2].astype(int)).max()
+    assert columns_apart > 10, "the edit must be visible for this test to tell the columns apart"
