@@ -122,6 +122,7 @@ class RealImagesConfig:
     negative_dir: Optional[str] = None
     paired: bool = False  # pair files by name and average per-pair differences
     name: str = "real"
+    fixed_point_iterations: int = 1  # extra U-Net passes per inversion step (0: plain DDIM inversion)
 
 
 @dataclass

@@ -131,14 +131,14 @@ def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.T
 
 
 def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired: bool = False,
-                         batch_size: int = 32) -> tuple[torch.Tensor, dict]:
+                         batch_size: int = 32, fixed_point_iterations: int = 1) -> tuple[torch.Tensor, dict]:
     """Direction from two folders of real images via DDIM inversion, recording h on the way."""
     size = model.image_shape[1:]
     names_p, pos = load_image_folder(positive_dir, size)
     names_n, neg = load_image_folder(negative_dir, size)
 
     def invert(x):
-        return torch.cat([model.invert(x[i:i + batch_size]).h.cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat([model.invert(x[i:i + batch_size], fixed_point_iterations).h.cpu() for i in range(0, len(x), batch_size)])
 
     hp, hn = invert(pos), invert(neg)
     if paired:
@@ -166,11 +166,13 @@ def run_supervised(cfg) -> Path:
         if not (real.positive_dir and real.negative_dir):
             raise ConfigError("supervised.real needs both positive_dir and negative_dir")
         model = HSpaceModel.from_config(cfg.model)
-        d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired)
+        d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired,
+                                       fixed_point_iterations=real.fixed_point_iterations)
         path = save_directions(Directions(d[None], [real.name], "real/ddim-inversion", model.timesteps.tolist(),
                                           model=model.name_or_path, source_run=str(run_dir.resolve()),
                                           params={**info, "positive_dir": real.positive_dir,
-                                                  "negative_dir": real.negative_dir, "paired": real.paired}),
+                                                  "negative_dir": real.negative_dir, "paired": real.paired,
+                                                  "fixed_point_iterations": real.fixed_point_iterations}),
                                run_dir / "directions" / "real.safetensors")
         print(f"hspace supervised: real-image direction {real.name!r} ({info}) -> {path}")
     return out
