@@ -5,6 +5,11 @@ Build one by name with ``build_annotator(name, options, device)``; built-in name
 (annotators.celeba), plus those of annotators.toy. The submodules are imported on demand, so
 importing this package stays light.
 """
+from pathlib import Path
+
 from .base import ANNOTATORS, Annotator, build_annotator, register
 
-__all__ = ["ANNOTATORS", "Annotator", "build_annotator", "register"]
+#: Weights that ship inside the package (the toy annotator).
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+__all__ = ["ANNOTATORS", "ASSETS", "Annotator", "build_annotator", "register"]

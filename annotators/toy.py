@@ -22,9 +22,10 @@ from torch import nn
 from pipeline.errors import ModelLoadError
 from pipeline.toyfaces.render import FACTORS, render_faces, sample_factors
 
+from . import ASSETS
 from .base import Annotator, register
 
-ASSET = Path(__file__).resolve().parent / "assets" / "toyfaces-annotator"
+ASSET = ASSETS / "toyfaces-annotator"
 CONTINUOUS = tuple(f.name for f in FACTORS if f.kind == "continuous")
 BINARY = tuple(f.name for f in FACTORS if f.kind == "binary")
 N_BACKGROUNDS = next(f.levels for f in FACTORS if f.kind == "categorical")

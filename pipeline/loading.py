@@ -40,6 +40,40 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     return name, False
 
 
+def files_identity(folder: str | os.PathLike) -> str:
+    """A content hash of every file under ``folder`` (sha256; weights files over 256 MB by size and
+    modification time, which is what a copy or download changes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}:{st.st_size}:".encode())
+        if st.st_size > 256 * 2**20:
+            h.update(str(st.st_mtime_ns).encode())
+        else:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(2**20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_identity(name_or_path: str | os.PathLike) -> str:
+    """What identifies a model's weights without loading them: the content of a local folder
+    (the embedded default included), or the cached snapshot (commit) of a hub id."""
+    location, is_local = resolve(name_or_path)
+    if is_local:
+        return files_identity(location)
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "unet/config.json"):
+        cached = try_to_load_from_cache(location, filename)
+        if isinstance(cached, str):
+            return f"{location}@{Path(cached).parent.name if filename == 'config.json' else Path(cached).parent.parent.name}"
+    return location
+
+
 def _subfolder(location: str, is_local: bool, component: str, filename: str) -> str | None:
     """Hub DDPMs keep the U-Net at the root; pipelines keep it in unet/: find which."""
     if is_local:

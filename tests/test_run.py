@@ -81,3 +81,33 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
     assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures"]
     assert "evaluate: done" in changed and "report: done" in changed
+
+
+def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_model_dir, monkeypatch):
+    """New weights at the same model path re-run generate and everything after it; new annotator
+    weights re-run annotate and evaluate (and what reads them), not generate or pca."""
+    import shutil
+
+    import annotators
+    from pipeline.config import load_config
+    from pipeline.stages.run import stage_hashes
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    assets = tmp_path / "annotator-assets"
+    assets.mkdir()
+    (assets / "weights.bin").write_bytes(b"one")
+    monkeypatch.setattr(annotators, "ASSETS", assets)
+    cfg = load_config(None, [f"model.name_or_path={model_dir}"])
+    before = stage_hashes(cfg)
+    assert stage_hashes(cfg) == before
+
+    (assets / "weights.bin").write_bytes(b"two")
+    after_annotator = stage_hashes(cfg)
+    changed = {k for k in before if before[k] != after_annotator[k]}
+    assert changed == {"annotate", "select", "supervised", "disentangle", "figures", "evaluate", "report"}
+
+    weights = model_dir / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    after_model = stage_hashes(cfg)
+    assert all(after_model[k] != after_annotator[k] for k in before)

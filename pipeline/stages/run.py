@@ -30,12 +30,14 @@ class Stage:
     after: tuple[str, ...]  # stages whose outputs it reads
     outputs: tuple[str, ...]  # paths under run_dir that must exist for it to count as done
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
+    assets: tuple[str, ...] = ()  # files it reads that the config names but does not pin: "model", "annotators"
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("generate", "pipeline.stages.generate:run_generate", ("model", "generate", "trainer.precision"), (),
-          ("samples/manifest.json",), True),
-    Stage("annotate", "pipeline.stages.annotate:run_annotate", ("annotate",), ("generate",), ("annotations.parquet",), True),
+          ("samples/manifest.json",), True, ("model",)),
+    Stage("annotate", "pipeline.stages.annotate:run_annotate", ("annotate",), ("generate",), ("annotations.parquet",), True,
+          ("annotators",)),
     Stage("select", "pipeline.stages.select:run_select", ("select",), ("annotate",), ("selection.parquet",)),
     Stage("pca", "pipeline.stages.pca:run_pca", ("pca",), ("generate",), ("directions/pca.safetensors",), True),
     Stage("jacobian", "pipeline.stages.jacobian:run_jacobian", ("jacobian", "model"), ("generate",),
@@ -47,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("figures", "pipeline.stages.figures:run_figures", ("report", "edit.seeds", "model"),
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
     Stage("evaluate", "evaluation.stage:run_evaluate", ("evaluate", "model"), ("pca", "supervised", "disentangle"),
-          ("evaluation/summary.json",), True),
+          ("evaluation/summary.json",), True, ("annotators",)),
     Stage("report", "evaluation.report:run_report", ("report",), ("figures", "evaluate", "select"), ("report/index.html",)),
 )
 
@@ -57,11 +59,24 @@ def _section(cfg, dotted: str):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def asset_identities(cfg) -> dict[str, str]:
+    """Content identities of what a path in the config points at: the model's weights (the same
+    name_or_path may hold new weights) and the annotators shipped in the package."""
+    from annotators import ASSETS as ANNOTATOR_ASSETS
+
+    from ..loading import files_identity, weights_identity
+
+    return {"model": weights_identity(cfg.model.name_or_path), "annotators": files_identity(ANNOTATOR_ASSETS)}
+
+
 def stage_hashes(cfg) -> dict[str, str]:
-    """Each stage's input hash: its config sections and the hashes of the stages it reads."""
+    """Each stage's input hash: its config sections, the identity of the assets it reads and the
+    hashes of the stages it reads from."""
+    assets = asset_identities(cfg)
     hashes: dict[str, str] = {}
     for st in STAGES:
-        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after})
+        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
+                                      *({a: assets[a]} for a in st.assets))
     return hashes
 
 
