@@ -82,10 +82,11 @@ def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
 
 
 def pca_vs_random(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> pd.DataFrame:
-    """Per direction of the PCA and random families: the largest attribute effect (as in the
-    effect matrix), the mean pixel change, and their ratio (attribute change per unit of pixel
-    change; higher means the edit is semantic rather than noise)."""
-    sub = per_sample[per_sample["family"].isin(["pca", "random"])]
+    """Per direction of the PCA and random families (``random``: norm-matched; ``random_pixel``:
+    rescaled to the same pixel change as its component): the largest attribute effect (as in
+    the effect matrix), the mean pixel change, and their ratio (attribute change per unit of
+    pixel change; higher means the edit is semantic rather than noise)."""
+    sub = per_sample[per_sample["family"].isin(["pca", "random", "random_pixel"])]
     if sub.empty:
         return pd.DataFrame()
     mean, _ = effect_matrix(sub, scale)

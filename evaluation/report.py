@@ -160,8 +160,10 @@ def build_report(run_dir, cfg=None) -> Path:
         ok = summary.get("all_disentangled_own_strongest")
         cards.append(("disentangled: own effect strongest", "yes" if ok else "no"))
         if summary.get("pca_effect_per_pixel") is not None:
-            cards.append(("PCA vs random (effect / pixel change)",
-                          f"{summary['pca_effect_per_pixel']:.2f} vs {summary['random_effect_per_pixel']:.2f}"))
+            cards.append(("attribute change per pixel change: PCA vs random (norm-matched)",
+                          f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_effect_per_pixel']:.1f}"))
+        if summary.get("random_pixel_matched_effect_per_pixel") is not None:
+            cards.append(("... vs random (pixel-matched)", f"{summary['random_pixel_matched_effect_per_pixel']:.1f}"))
     page.add('<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{html.escape(str(v))}</div><div class="k">{html.escape(k)}</div></div>'
         for k, v in cards) + "</div>")
@@ -186,11 +188,13 @@ def build_report(run_dir, cfg=None) -> Path:
     if (ev / "pca_vs_random.csv").exists():
         page.section("pca-random", "PCA directions against random directions (Fig. 6)")
         pvr = pd.read_csv(ev / "pca_vs_random.csv")
-        page.note("Largest attribute effect per unit of mean absolute pixel change, for the top principal directions and "
-                  "random directions with the same per-step norms. A semantic direction moves attributes; a random one "
-                  "mostly adds noise.")
+        page.note("Largest attribute effect per unit of mean absolute pixel change, for the top principal directions, "
+                  "random directions with the same per-step norms (norm-matched), and the same random directions "
+                  "rescaled until they change the images as much as their component (pixel-matched, "
+                  "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "
+                  "image at the same norm and degrades it at the same pixel change.")
         page.add(df_html(pvr))
-        page.image(ev / "pca_vs_random.png", "Attribute change per pixel change.")
+        page.image(ev / "pca_vs_random.png", "Attribute change per pixel change (left) and against pixel change (right).")
     if (ev / "image_change.csv").exists():
         page.section("quality", "Image change and quality per edit")
         page.note("Mean absolute pixel change (in [0, 1] units) and the image-quality score before and after the edit "

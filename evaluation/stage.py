@@ -58,16 +58,65 @@ def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
             if ev_cfg.match_norm and primary(name) in original.names:
                 v = v * (original.get(primary(name)).norm() / v.norm().clamp_min(1e-12))
             edits.append((name, "disentangled", ev_cfg.scale * v))
-    pca_path = d / "pca.safetensors"
-    if ev_cfg.pca_components > 0 and pca_path.exists():
-        pca = load_directions(pca_path)
-        k = min(ev_cfg.pca_components, len(pca))
-        for i in range(k):
-            edits.append((pca.names[i], "pca", ev_cfg.pca_scale * pca.directions[i]))
-        if "random_directions" in pca.extras:
-            for i in range(k):
-                edits.append((f"random{i + 1}", "random", ev_cfg.pca_scale * pca.extras["random_directions"][i]))
+    for name, family, v in pca_and_random(run_dir, ev_cfg):
+        edits.append((name, family, v))
+    calibration = eval_dir(run_dir) / "pixel_matching.json"
+    if ev_cfg.pixel_matched_random and calibration.exists():
+        random = {name: v for name, family, v in pca_and_random(run_dir, ev_cfg) if family == "random"}
+        for name, c in json.loads(calibration.read_text())["multipliers"].items():
+            edits.append((f"{name}-pixmatch", "random_pixel", c * random[name]))
     return edits
+
+
+def pca_and_random(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
+    """The top PCA directions at ``pca_scale`` and the norm-matched random ones (paper Fig. 6)."""
+    pca_path = Path(run_dir) / "directions" / "pca.safetensors"
+    if ev_cfg.pca_components <= 0 or not pca_path.exists():
+        return []
+    pca = load_directions(pca_path)
+    k = min(ev_cfg.pca_components, len(pca))
+    edits = [(pca.names[i], "pca", ev_cfg.pca_scale * pca.directions[i]) for i in range(k)]
+    if "random_directions" in pca.extras:
+        edits += [(f"random{i + 1}", "random", ev_cfg.pca_scale * pca.extras["random_directions"][i]) for i in range(k)]
+    return edits
+
+
+def pixel_change(model: HSpaceModel, seeds, delta: torch.Tensor, base: torch.Tensor) -> float:
+    """Mean absolute pixel change (in [0, 1] units) of the seeds' samples under ``delta`` (T, C, H, W)."""
+    return float((model.sample(seeds, delta_h=delta).images - base).abs().mean()) / 2
+
+
+def match_pixel_change(model: HSpaceModel, seeds, direction: torch.Tensor, target: float, rtol: float = 0.03,
+                       max_iter: int = 6) -> float:
+    """Multiplier c such that ``c * direction`` changes the seeds' samples by ``target`` (mean
+    absolute pixel change): secant steps on log(change) against log(c), from c = 1 and the
+    linear guess. The change is monotone but not linear in c (small edits are damped, large
+    ones break the image), so the linear guess alone is off by up to several times."""
+    base = model.sample(seeds).images
+    c0, p0 = 1.0, pixel_change(model, seeds, direction, base)
+    if p0 <= 0 or target <= 0:
+        raise ValueError(f"cannot match a pixel change of {target} with a direction that changes nothing ({p0})")
+    c1 = target / p0
+    p1 = pixel_change(model, seeds, c1 * direction, base)
+    for _ in range(max_iter):
+        if abs(np.log(p1 / target)) <= rtol:
+            break
+        slope = np.clip((np.log(p1) - np.log(p0)) / (np.log(c1) - np.log(c0)), 0.2, 5.0) if c1 != c0 else 1.0
+        c0, p0, c1 = c1, p1, c1 * float(np.clip(np.exp(np.log(target / p1) / slope), 0.1, 10.0))
+        p1 = pixel_change(model, seeds, c1 * direction, base)
+    return float(c1)
+
+
+def calibrate_random(model: HSpaceModel, run_dir, ev_cfg, seeds) -> dict[str, float]:
+    """Per random direction, the multiplier that makes it change the images as much as its PCA
+    component (on ``seeds``): the pixel-matched baseline, where the Fig. 6 claim (random
+    directions degrade the image instead of changing attributes) can be read off per pixel."""
+    edits = pca_and_random(run_dir, ev_cfg)
+    pcs = [v for _, family, v in edits if family == "pca"]
+    randoms = [(name, v) for name, family, v in edits if family == "random"]
+    base = model.sample(seeds).images
+    return {name: match_pixel_change(model, seeds, v, pixel_change(model, seeds, pc, base))
+            for (name, v), pc in zip(randoms, pcs)}
 
 
 def seed_sets(ev_cfg) -> list[tuple[int, list[int]]]:
@@ -206,6 +255,8 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         fam = pvr.groupby("family").effect_per_pixel_change.mean()
         summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))
         summary["random_effect_per_pixel"] = float(fam.get("random", np.nan))
+        if "random_pixel" in fam:
+            summary["random_pixel_matched_effect_per_pixel"] = float(fam["random_pixel"])
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -231,8 +282,16 @@ def run_evaluate(cfg) -> dict:
         if stamp.exists() and json.loads(stamp.read_text()).get("hash") != config_hash(identity):
             print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
             shutil.rmtree(out / "parts", ignore_errors=True)
+            (out / "pixel_matching.json").unlink(missing_ok=True)
         write_json_atomic(stamp, {"hash": config_hash(identity), "identity": identity})
     model = HSpaceModel.from_config(cfg.model, device="cpu")
+    calibration = out / "pixel_matching.json"
+    if launching_rank() == 0 and ev.pixel_matched_random and pca_and_random(run_dir, ev) and not calibration.exists():
+        seeds = seed_sets(ev)[0][1][:8]
+        multipliers = calibrate_random(model, run_dir, ev, seeds)
+        write_json_atomic(calibration, {"seeds": seeds, "multipliers": multipliers})
+        print("hspace evaluate: random directions rescaled to their component's pixel change: "
+              + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
     n_edits = len(edit_list(run_dir, ev))
     scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
     quality = build_annotator(ev.quality, {}) if ev.quality else None

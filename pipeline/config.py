@@ -25,7 +25,7 @@ from .errors import ConfigError
 class ModelConfig:
     name_or_path: str = "toyfaces"  # embedded name, local save_pretrained folder, or hub id
     num_inference_steps: int = 20  # T
-    eta: Any = 0.0  # 0 = DDIM, 1 = DDPM-like, or a list of T values
+    eta: Any = 1.0  # 0 = DDIM, 1 = DDPM-like (the paper's default; h edits act more strongly), or a list of T values
     hook: str = "after"  # where h lives: "after" (mid-block output) or "before" (its input)
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: Optional[str] = None  # null: cuda if available, else cpu (stages: set by the trainer)
@@ -180,6 +180,7 @@ class EvaluateConfig:
     quality_score: str = "render_error"  # its score to report (face_prob for face_pose)
     pca_components: int = 4  # top PCA directions against as many norm-matched random ones
     pca_scale: float = 2.0  # in standard deviations along the component
+    pixel_matched_random: bool = True  # also random directions rescaled to each component's pixel change
 
 
 @dataclass

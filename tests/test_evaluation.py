@@ -89,7 +89,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     assert len(per) == 2 * 4 * 3 and set(per.direction) == {"bright", "red", "bright|red"}
     assert set(per.seed) == set(range(1_000_000, 1_000_008))
     # one stored change, recomputed independently
-    model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, device="cpu")
+    model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=cfg.model.eta, device="cpu")
     d = load_directions(run / "directions" / "supervised.safetensors").get("red")
     seed = 1_000_005
     x0, x1 = model.sample([seed]).images, model.sample([seed], delta_h=2.0 * d).images
@@ -112,3 +112,26 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     run_evaluate(changed)
     per2 = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
     assert not np.allclose(per2.d_red.values, per.d_red.values)
+
+
+def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet):
+    """The pixel-matched random baseline: the multiplier found makes the edit change the images
+    by the target amount (checked by sampling again), for targets above and below the start."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from evaluation.stage import match_pixel_change, pixel_change
+    from pipeline import HSpaceModel
+
+    # x0-prediction keeps the random U-Net's samples inside [-1, 1], so changes are not clipped away
+    m = HSpaceModel(tiny_unet, DDIMScheduler(prediction_type="sample"), num_inference_steps=3, eta=0.0, device="cpu")
+    seeds = [1, 2, 3]
+    base = m.sample(seeds).images
+    d = 0.1 * torch.randn(m.num_steps, *m.h_shape, generator=torch.Generator().manual_seed(0))
+    start = pixel_change(m, seeds, d, base)
+    for target in (0.2 * start, 4 * start):  # 4x needs about 6x the direction here: the change saturates
+        c = match_pixel_change(m, seeds, d, target)
+        assert abs(np.log(pixel_change(m, seeds, c * d, base) / target)) <= 0.03, (target, c)
+        assert (c < 1) == (target < start)
+    with pytest.raises(ValueError, match="changes nothing"):
+        match_pixel_change(m, seeds, torch.zeros_like(d), 0.1)
