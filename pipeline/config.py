@@ -143,8 +143,8 @@ class DisentangleConfig:
     """`hspace disentangle`: eq. 11, primary -> directions to remove."""
 
     source: Optional[str] = None  # default <run_dir>/directions/supervised.safetensors
-    pairs: Dict[str, List[str]] = field(default_factory=lambda: {
-        "glasses": ["hair"], "hair": ["glasses"], "smile": ["eye_open"], "eye_open": ["smile"]})
+    pairs: Dict[str, Any] = field(default_factory=lambda: {  # a list of directions, or "others"
+        a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")})
 
 
 @dataclass

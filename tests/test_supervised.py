@@ -159,3 +159,19 @@ def test_edit_grid_reuses_the_unedited_column(tiny_model):
     assert np.abs(reused[:, 0].astype(int) - direct.astype(int)).max() <= 1, "column j is scale j"
     columns_apart = np.abs(full[:, 0].astype(int) - full[:, 2].astype(int)).max()
     assert columns_apart > 10, "the edit must be visible for this test to tell the columns apart"
+
+
+def test_disentangle_from_every_other_direction():
+    """pairs value 'others' = every other direction in the file: the result is orthogonal to all
+    of them and equals the explicit list; a primary among its own conditions is refused."""
+    from pipeline.stages.disentangle import disentangle
+
+    g = torch.Generator().manual_seed(0)
+    d = Directions(torch.randn(3, 2, 4, 2, 2, generator=g), ["a", "b", "c"], "supervised", [10, 0])
+    out = disentangle(d, {"a": "others", "b": ["c"]})
+    assert out.names == ["a|others", "b|c"]
+    for other in ("b", "c"):
+        assert abs(cosine(out.get("a|others"), d.get(other))) < 1e-5
+    torch.testing.assert_close(out.get("a|others"), disentangle(d, {"a": ["b", "c"]}).directions[0])
+    with pytest.raises(ConfigError, match="other directions to remove"):
+        disentangle(d, {"a": ["a", "b"]})

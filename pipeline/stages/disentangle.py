@@ -1,9 +1,10 @@
 """`hspace disentangle`: remove from each primary direction its projection onto others (eq. 11).
 
 Reads a directions file (default: the supervised one) and ``disentangle.pairs``, a mapping
-primary -> list of conditioning directions, and writes
-``<run_dir>/directions/disentangled.safetensors`` with one direction per primary, named
-``<primary>|<cond1>,<cond2>`` (``glasses|hair``: glasses with hair removed).
+primary -> list of conditioning directions (or ``others``: every other direction in the
+file, as in the paper's Table 1), and writes ``<run_dir>/directions/disentangled.safetensors``
+with one direction per primary, named ``<primary>|<cond1>,<cond2>`` (``glasses|hair``: glasses
+with hair removed) or ``<primary>|others``.
 """
 from __future__ import annotations
 
@@ -16,19 +17,26 @@ from ..directions import Directions, load_directions, save_directions
 from ..errors import ConfigError
 from ..supervised import cosine, project_out
 
+OTHERS = "others"  # pairs value: every other direction in the file
+
 
 def disentangle(directions: Directions, pairs: dict[str, list[str]]) -> Directions:
     if not pairs:
         raise ConfigError("disentangle.pairs is empty; give e.g. {glasses: [hair], age: [gender]}")
     out, names, report = [], [], {}
     for primary, conditions in pairs.items():
-        conditions = [conditions] if isinstance(conditions, str) else list(conditions)
-        if not conditions or primary in conditions:
-            raise ConfigError(f"disentangle.pairs.{primary}: give one or more other directions to remove")
         v0 = directions.get(primary)
+        if conditions == OTHERS:
+            conditions = [n for n in directions.names if n != primary]
+            label = OTHERS
+        else:
+            conditions = [conditions] if isinstance(conditions, str) else list(conditions)
+            label = ",".join(conditions)
+        if not conditions or primary in conditions:
+            raise ConfigError(f"disentangle.pairs.{primary}: give one or more other directions to remove, or {OTHERS!r}")
         v = project_out(v0, torch.stack([directions.get(c) for c in conditions]))
         out.append(v)
-        names.append(f"{primary}|{','.join(conditions)}")
+        names.append(f"{primary}|{label}")
         report[names[-1]] = {"cosine_to_original": cosine(v, v0), "norm_ratio": float(v.norm() / v0.norm()),
                              "cosines_before": {c: cosine(v0, directions.get(c)) for c in conditions}}
     return Directions(torch.stack(out), names, "disentangled", directions.timesteps, directions.model,
