@@ -87,12 +87,12 @@ def pixel_change(model: HSpaceModel, seeds, delta: torch.Tensor, base: torch.Ten
 
 
 def match_pixel_change(model: HSpaceModel, seeds, direction: torch.Tensor, target: float, rtol: float = 0.03,
-                       max_iter: int = 6) -> float:
+                       max_iter: int = 6, base: torch.Tensor | None = None) -> float:
     """Multiplier c such that ``c * direction`` changes the seeds' samples by ``target`` (mean
     absolute pixel change): secant steps on log(change) against log(c), from c = 1 and the
     linear guess. The change is monotone but not linear in c (small edits are damped, large
     ones break the image), so the linear guess alone is off by up to several times."""
-    base = model.sample(seeds).images
+    base = model.sample(seeds).images if base is None else base
     c0, p0 = 1.0, pixel_change(model, seeds, direction, base)
     if p0 <= 0 or target <= 0:
         raise ValueError(f"cannot match a pixel change of {target} with a direction that changes nothing ({p0})")
@@ -115,7 +115,7 @@ def calibrate_random(model: HSpaceModel, run_dir, ev_cfg, seeds) -> dict[str, fl
     pcs = [v for _, family, v in edits if family == "pca"]
     randoms = [(name, v) for name, family, v in edits if family == "random"]
     base = model.sample(seeds).images
-    return {name: match_pixel_change(model, seeds, v, pixel_change(model, seeds, pc, base))
+    return {name: match_pixel_change(model, seeds, v, pixel_change(model, seeds, pc, base), base=base)
             for (name, v), pc in zip(randoms, pcs)}
 
 

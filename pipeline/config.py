@@ -80,6 +80,7 @@ class SelectConfig:
     n: int = 50
     balance: Optional[str] = None  # conditioning attribute: half of each side from either of its classes
     threshold: float = 0.5  # class boundary of the balance attribute
+    resolution: float = 0.0  # rank scores rounded to this step (ties by sample id); 0: exact
     contact_sheet_size: int = 10  # samples shown per side
 
 

@@ -150,6 +150,29 @@ def test_select_top_bottom_and_balance():
         selection_table(pd.DataFrame({"sample_id": [1], "a": [0.0]}), ["b"], 1)
 
 
+def test_select_resolution_ranks_saturated_scores_as_ties():
+    """A saturated classifier's last digits follow another attribute (here: more sure of glasses
+    without a hat). Exact ranking selects that attribute along; at resolution 0.01 the top 20
+    of the 60 certain positives are the 20 lowest ids, whatever their hat."""
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(np.arange(500, 700))[:120]
+    hat = pd.Series(rng.random(120) > 0.5, index=ids)
+    glasses = pd.Series(np.r_[np.ones(60), np.zeros(60)], index=ids, name="glasses")
+    sure = np.where(hat, 1e-5, 1e-6) * rng.uniform(1, 2, 120)
+    glasses = (glasses - np.where(glasses > 0.5, sure, -sure)).rename("glasses")
+    top, bottom = select_top_bottom(glasses, 20)
+    assert hat[top.index].mean() == 0.0  # exact ranking: all hatless
+    top, bottom = select_top_bottom(glasses, 20, resolution=0.01)
+    positives, negatives = glasses[glasses > 0.5], glasses[glasses < 0.5]
+    assert list(top.index) == sorted(positives.index)[:20] and list(bottom.index) == sorted(negatives.index)[:20]
+    assert 0.2 < hat[top.index].mean() < 0.8
+    assert (top == glasses[top.index]).all()  # the table keeps the exact scores
+    smooth = pd.Series(np.linspace(-1, 1, 120), index=ids, name="smile")
+    assert list(select_top_bottom(smooth, 10, resolution=0.01)[0].index) == list(smooth.nlargest(10).index)
+    with pytest.raises(ConfigError, match="resolution"):
+        select_top_bottom(smooth, 10, resolution=-1.0)
+
+
 def test_select_stage_writes_table_and_contact_sheets(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     hspace("annotate", run, tiny_model_dir, *ANN)

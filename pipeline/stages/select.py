@@ -5,6 +5,11 @@ supervised stage reads, and a contact sheet per attribute,
 ``<run_dir>/contact_sheets/<attribute>.png``, for a person to check the annotator by eye.
 ``select.balance`` names a conditioning attribute (e.g. gender): each side then takes half
 its samples from either class of that attribute, so the direction is not dragged along it.
+``select.resolution`` ranks scores rounded to that step: a saturated classifier's last digits
+(0.99998 against 0.99991) are not evidence of more of the attribute, but they do follow
+whatever else makes the classifier sure (on the toy default, "most certainly glasses" meant
+"also a hat, facing the viewer"), so ranking by them selects other attributes too. Rounded
+ties fall back to sample-id order, which is unrelated to content (ids are seeds).
 """
 from __future__ import annotations
 
@@ -19,25 +24,30 @@ from .annotate import load_annotations
 
 
 def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = None,
-                      threshold: float = 0.5) -> tuple[pd.Series, pd.Series]:
+                      threshold: float = 0.5, resolution: float = 0.0) -> tuple[pd.Series, pd.Series]:
     """Top n and bottom n of ``scores`` (index: sample_id), NaNs ignored, ties broken by id.
 
-    With ``condition``, n/2 of each side come from condition > threshold and n/2 from the rest.
+    Ranked by the scores rounded to multiples of ``resolution`` (0: exact). With ``condition``,
+    n/2 of each side come from condition > threshold and n/2 from the rest.
     Returns two Series (sample_id -> score), best first / worst first.
     """
     s = scores.dropna()
+    if resolution < 0:
+        raise ConfigError(f"select.resolution must be >= 0, got {resolution}")
     if condition is None:
         if len(s) < 2 * n:
             raise DatasetError(f"{scores.name}: {len(s)} scored samples cannot give a top and a bottom {n}; "
                                f"lower select.n or generate more samples")
-        order = s.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
-        return order.iloc[:n], order.iloc[::-1].iloc[:n]
+        key = (s / resolution).round() if resolution else s
+        ids = key.sort_index(kind="stable").sort_values(ascending=False, kind="stable").index
+        top, bottom = ids[:n], key.sort_index(kind="stable").sort_values(ascending=True, kind="stable").index[:n]
+        return s.loc[top], s.loc[bottom]
     cond = condition.reindex(s.index)
     high, low = s[cond > threshold], s[cond <= threshold]
     half = n // 2
     tops, bottoms = [], []
     for part, k in ((high, half), (low, n - half)):
-        t, b = select_top_bottom(part.rename(scores.name), k)
+        t, b = select_top_bottom(part.rename(scores.name), k, resolution=resolution)
         tops.append(t)
         bottoms.append(b)
     return (pd.concat(tops).sort_values(ascending=False, kind="stable"),
@@ -45,7 +55,7 @@ def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = N
 
 
 def selection_table(annotations: pd.DataFrame, attributes: list[str], n: int, balance: str | None = None,
-                    threshold: float = 0.5) -> pd.DataFrame:
+                    threshold: float = 0.5, resolution: float = 0.0) -> pd.DataFrame:
     """Long table: attribute, side ('top' | 'bottom'), rank (0 = most extreme), sample_id, score."""
     df = annotations.set_index("sample_id")
     missing = [a for a in attributes + ([balance] if balance else []) if a not in df.columns]
@@ -54,7 +64,7 @@ def selection_table(annotations: pd.DataFrame, attributes: list[str], n: int, ba
     rows = []
     for attr in attributes:
         cond = df[balance] if balance and balance != attr else None
-        top, bottom = select_top_bottom(df[attr].rename(attr), n, cond, threshold)
+        top, bottom = select_top_bottom(df[attr].rename(attr), n, cond, threshold, resolution)
         for side, part in (("top", top), ("bottom", bottom)):
             rows += [{"attribute": attr, "side": side, "rank": r, "sample_id": int(i), "score": float(v)}
                      for r, (i, v) in enumerate(part.items())]
@@ -90,7 +100,8 @@ def run_select(cfg) -> pd.DataFrame:
     run_dir = Path(cfg.run_dir)
     annotations = load_annotations(run_dir)
     attributes = list(cfg.select.attributes) or [c for c in annotations.columns if c != "sample_id"]
-    table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold)
+    table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold,
+                            cfg.select.resolution)
     out = run_dir / "selection.parquet"
     tmp = out.with_name(".selection.parquet.tmp")
     table.to_parquet(tmp, index=False)

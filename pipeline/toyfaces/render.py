@@ -75,6 +75,8 @@ HAIR_LIGHT = np.array([232, 196, 110])
 HAIR_DARK = np.array([34, 26, 22])
 HAT = (178, 30, 36)
 MOUTH = (140, 24, 40)
+MOUTH_INSIDE = (70, 12, 24)
+TEETH = (248, 248, 240)
 INK = (24, 20, 24)
 
 
@@ -157,28 +159,42 @@ def render_face(**factors: float) -> np.ndarray:
     d.chord(box(cx - 34, -42, cx + 34, 12), 180, 360, fill=hair_rgb)
 
     # eyes: big whites whose height is the openness, dark pupils looking along the yaw
-    eye_y, ry = 0, 1.5 + 8.5 * eye_open
+    eye_y, ry = 0, 1.5 + 10 * eye_open
     for side in (-1, 1):
         ex = fx + side * 13
-        rx = 9.5 * (1 - 0.3 * max(0.0, side * -yaw))  # the far eye narrows
+        rx = 10.5 * (1 - 0.3 * max(0.0, side * -yaw))  # the far eye narrows
         d.ellipse(box(ex - rx, eye_y - ry, ex + rx, eye_y + ry), fill=(250, 250, 250), outline=INK, width=4)
-        pr = min(4.5, ry)
+        pr = min(5.0, ry)
         px = ex + 3 * yaw
         d.ellipse(box(px - pr, eye_y - pr, px + pr, eye_y + pr), fill=INK)
         if glasses:
-            d.ellipse(box(ex - 14, eye_y - 13, ex + 14, eye_y + 13), outline=INK, width=6)
+            d.ellipse(box(ex - 15, eye_y - 14, ex + 15, eye_y + 14), outline=INK, width=6)
     if glasses:
         d.line(at(fx - 1, eye_y - 2) + at(fx + 1, eye_y - 2), fill=INK, width=6)
-        d.line(at(fx - 27, eye_y - 3) + at(cx - 31, eye_y - 5), fill=INK, width=5)
-        d.line(at(fx + 27, eye_y - 3) + at(cx + 31, eye_y - 5), fill=INK, width=5)
+        d.line(at(fx - 28, eye_y - 3) + at(cx - 31, eye_y - 5), fill=INK, width=5)
+        d.line(at(fx + 28, eye_y - 3) + at(cx + 31, eye_y - 5), fill=INK, width=5)
 
     # nose: a short wedge pointing along the yaw
     d.polygon([at(fx - 4, 8), at(fx + 4, 8), at(fx + 10 * yaw, 20)], fill=(206, 150, 120))
 
-    # mouth: a thick parabola; corners rise by 9 units for smile=+1 and drop for -1
+    # mouth: corners rise by 5 units for smile=+1 and drop for -1 (a thick arc); a smile also
+    # opens the mouth into a dark crescent with a band of teeth whose height grows with the
+    # smile, so that smiling is an area of the face and not only a 1-pixel bend at 32x32
     u = np.linspace(-1, 1, 25)
-    mouth_y = 33 - 4.5 * smile + 9 * smile * (1 - u**2)
-    d.line([at(fx + 20 * ui, yi) for ui, yi in zip(u, mouth_y)], fill=MOUTH, width=9, joint="curve")
+    bulge = 1 - u**2
+    half = 18 + 4 * max(smile, 0.0)
+    corner = 31 - 5 * smile
+    upper = corner + 5 * smile * bulge
+    if smile > 0:
+        lower = upper + 14 * smile * bulge
+        teeth = upper + 8 * smile * bulge
+        xs = fx + half * u
+        d.polygon([at(x, y) for x, y in zip(xs, upper)] + [at(x, y) for x, y in zip(xs[::-1], lower[::-1])],
+                  fill=MOUTH_INSIDE)
+        d.polygon([at(x, y) for x, y in zip(xs, upper)] + [at(x, y) for x, y in zip(xs[::-1], teeth[::-1])],
+                  fill=TEETH)
+        d.line([at(x, y) for x, y in zip(xs, lower)], fill=MOUTH, width=6, joint="curve")
+    d.line([at(fx + half * ui, yi) for ui, yi in zip(u, upper)], fill=MOUTH, width=8, joint="curve")
 
     if hat:
         d.polygon([at(cx - 28, -26), at(cx + 28, -26), at(cx + 22, -52), at(cx - 22, -52)], fill=HAT)

@@ -8,14 +8,13 @@ Figures (printed and saved as JSON):
 - high-frequency energy: mean of (x - 3x3 box blur of x)^2 over pixels, x in [0, 1]; it
   rises with sampling noise and falls with blur (target: within 25% of the renders');
 - editability: per factor, the mean-difference direction (top 50 minus bottom 50 of the
-  annotated samples, per step) applied at a fixed scale to new seeds must move the factor's
+  annotated samples, per step, chosen as the select stage chooses them) applied at a fixed scale to new seeds must move the factor's
   mean by at least one renderer standard deviation (half the range for binary factors) in
   the intended sign;
 - DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from ..images import from_uint8
 from ..model import HSpaceModel
+from ..samples import write_json_atomic
 from ..supervised import mean_difference
 from .render import FACTORS, render_faces, sample_factors
 
@@ -68,16 +68,21 @@ def factor_statistics(sample_scores: dict, render_scores: dict) -> dict:
 
 
 def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, new_seeds, n: int = 50,
-                scale: float = 1.0) -> dict:
-    """Per factor: the top-n minus bottom-n direction applied at ``scale`` to new seeds; the
-    change of the factor's mean against the bar (one renderer std, half the range if binary)."""
+                scale: float = 1.0, resolution: float = 0.0) -> dict:
+    """Per factor: the top-n minus bottom-n direction (``select_top_bottom`` at ``resolution``)
+    applied at ``scale`` to new seeds; the change of the factor's mean against the bar (one
+    renderer std, half the range if binary). h: (N, T, C, H, W), scores: name -> (N,)."""
+    import pandas as pd
+
+    from ..stages.select import select_top_bottom
+
     base = {k: v for k, v in annotator(torch.cat([o.images for o in _batched(model.sample, list(new_seeds), 128)])).items()}
     out = {}
     for f in FACTORS:
         if f.kind == "categorical":
             continue
-        order = torch.argsort(scores[f.name], descending=True)
-        d = mean_difference(h[order[:n]], h[order[-n:]])
+        top, bottom = select_top_bottom(pd.Series(scores[f.name].cpu().numpy(), name=f.name), n, resolution=resolution)
+        d = mean_difference(h[torch.as_tensor(top.index)], h[torch.as_tensor(bottom.index)])
         edited = torch.cat([o.images for o in _batched(lambda s: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
         moved = float(annotator(edited)[f.name].mean() - base[f.name].mean())
         bar = 0.5 if f.kind == "binary" else f.std
@@ -96,7 +101,7 @@ def inversion_round_trip(model: HSpaceModel, n: int = 32, seed: int = 7, fixed_p
 
 
 def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 32, n_top: int = 50,
-             edit_scale: float = 3.0, first_seed: int = 0, correlations=None) -> dict:
+             edit_scale: float = 3.0, first_seed: int = 0, correlations=None, resolution: float = 0.0) -> dict:
     """The figures above; the inversion both plain and with one fixed-point iteration per step."""
     images, h, scores = sample_and_read(model, annotator, range(first_seed, first_seed + n_samples))
     renders = from_uint8(render_faces(sample_factors(n_samples, 12345, correlations)))
@@ -105,9 +110,11 @@ def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 
     return {
         "factors": factor_statistics(scores, render_scores),
         "hf_energy": {"samples": hf_s, "renders": hf_r, "ratio": hf_s / hf_r, "ok": bool(abs(hf_s / hf_r - 1) <= 0.25)},
-        "editability": editability(model, annotator, h, scores, range(10**6, 10**6 + n_edit), n_top, edit_scale),
+        "editability": editability(model, annotator, h, scores, range(10**6, 10**6 + n_edit), n_top, edit_scale,
+                                   resolution),
         "inversion": {f"fixed_point_iterations={k}": inversion_round_trip(model, fixed_point_iterations=k) for k in (0, 1)},
         "settings": {"n_samples": n_samples, "n_edit": n_edit, "n_top": n_top, "edit_scale": edit_scale,
+                     "resolution": resolution,
                      "steps": model.num_steps, "eta": model.eta.tolist()[0]},
     }
 
@@ -134,10 +141,9 @@ def run_validate_toy(cfg) -> dict:
     from annotators.toy import ToyFaceAnnotator
 
     model = HSpaceModel.from_config(cfg.model)
-    result = validate(model, ToyFaceAnnotator(), edit_scale=cfg.evaluate.scale, correlations=dict(cfg.train_toy.correlations))
-    out = Path(cfg.run_dir) / "validate-toy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result = validate(model, ToyFaceAnnotator(), n_top=cfg.select.n, edit_scale=cfg.evaluate.scale,
+                      correlations=dict(cfg.train_toy.correlations), resolution=cfg.select.resolution)
+    out = write_json_atomic(Path(cfg.run_dir) / "validate-toy.json", result)
     figure = samples_vs_renders_figure(model, out.with_suffix(".png"), correlations=dict(cfg.train_toy.correlations))
     for section in ("factors", "editability"):
         for name, r in result[section].items():
