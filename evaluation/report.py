@@ -157,13 +157,16 @@ def build_report(run_dir, cfg=None) -> Path:
              ("steps T / eta", f"{len(model['timesteps'])} / {sorted(set(model['eta']))}"),
              ("h shape", "x".join(map(str, model["h_shape"])))]
     if summary:
-        ok = summary.get("all_disentangled_own_strongest")
-        cards.append(("disentangled: own effect strongest", "yes" if ok else "no"))
+        for key, label in (("disentangled_own_strongest", "disentangled directions whose own effect is strongest"),
+                           ("rows_with_lower_max_off_diagonal", "rows whose largest side effect disentangling lowers")):
+            if summary.get(key):
+                cards.append((label, "{} of {}".format(*summary[key])))
         if summary.get("pca_effect_per_pixel") is not None:
             cards.append(("attribute change per pixel change: PCA vs random (norm-matched)",
                           f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_effect_per_pixel']:.1f}"))
         if summary.get("random_pixel_matched_effect_per_pixel") is not None:
-            cards.append(("... vs random (pixel-matched)", f"{summary['random_pixel_matched_effect_per_pixel']:.1f}"))
+            cards.append(("attribute change per pixel change: PCA vs random (pixel-matched)",
+                          f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_pixel_matched_effect_per_pixel']:.1f}"))
     page.add('<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{html.escape(str(v))}</div><div class="k">{html.escape(k)}</div></div>'
         for k, v in cards) + "</div>")

@@ -243,9 +243,15 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         pvr.to_csv(out / "pca_vs_random.csv", index=False)
         pca_vs_random_plot(pvr, out / "pca_vs_random.png")
     effect_heatmaps(sections, out / "table1.png", unit)
+    disentangled = summary_rows[summary_rows.family == "disentangled"] if not summary_rows.empty else summary_rows
+    compared = summary_rows.dropna(subset=["off_diagonal_vs_original"]) if not summary_rows.empty else summary_rows
     summary = {
         "num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
         "scorer": ev_cfg.scorer, "measured": measured, "unit": unit,
+        "disentangled_own_strongest": [int(disentangled.own_is_strongest.sum()), len(disentangled)]
+        if not summary_rows.empty else None,
+        "rows_with_lower_max_off_diagonal": [int((compared.off_diagonal_vs_original < 0).sum()), len(compared)]
+        if not summary_rows.empty else None,
         "all_disentangled_own_strongest": bool(summary_rows[summary_rows.family == "disentangled"].own_is_strongest.all())
         if not summary_rows.empty else None,
         "disentangling_lowers_max_off_diagonal": bool((summary_rows.dropna(subset=["off_diagonal_vs_original"])

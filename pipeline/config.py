@@ -80,7 +80,7 @@ class SelectConfig:
     n: int = 50
     balance: Optional[str] = None  # conditioning attribute: half of each side from either of its classes
     threshold: float = 0.5  # class boundary of the balance attribute
-    resolution: float = 0.0  # rank scores rounded to this step (ties by sample id); 0: exact
+    resolution: float = 0.01  # rank scores rounded to this step (ties by sample id); 0: exact
     contact_sheet_size: int = 10  # samples shown per side
 
 
@@ -155,7 +155,7 @@ class EditConfig:
     directions: Optional[str] = None  # a path, or pca | jacobian | supervised | disentangled | real
     names: List[str] = field(default_factory=list)  # empty: every direction in the file
     scales: List[float] = field(default_factory=list)  # empty: the file's suggested scales
-    seeds: List[int] = field(default_factory=lambda: [100000, 100001, 100002, 100003])
+    seeds: List[int] = field(default_factory=lambda: [100000, 100001, 100002])
     sequential: bool = False
     asyrp: bool = False
     x_T_space: bool = False  # apply the supervised directions' x_T-space version instead (Fig. 8)
@@ -167,7 +167,7 @@ class EvaluateConfig:
     """`hspace evaluate`: Table 1 on held-out seeds -> <run_dir>/evaluation/."""
 
     first_seed: int = 1_000_000  # seeds never used to find the directions
-    num_samples: int = 32  # per seed set
+    num_samples: int = 16  # per seed set
     repeats: int = 3  # disjoint seed sets; the table reports mean +- std across them
     batch_size: int = 32
     scale: float = 3.0  # edit strength of the supervised / disentangled directions
@@ -179,7 +179,7 @@ class EvaluateConfig:
     normalize: bool = True  # effects in standard deviations of the unedited scores
     quality: Optional[str] = "toy_consistency"  # image-quality annotator (face_pose for real faces)
     quality_score: str = "render_error"  # its score to report (face_prob for face_pose)
-    pca_components: int = 4  # top PCA directions against as many norm-matched random ones
+    pca_components: int = 3  # top PCA directions against as many norm-matched random ones
     pca_scale: float = 2.0  # in standard deviations along the component
     pixel_matched_random: bool = True  # also random directions rescaled to each component's pixel change
 
@@ -188,7 +188,7 @@ class EvaluateConfig:
 class ReportConfig:
     """`hspace report` and the edit strips it shows (`hspace run`'s figures step, seeds from edit.seeds)."""
 
-    pca_components: int = 6  # leading PCA directions shown (and as many random ones)
+    pca_components: int = 4  # leading PCA directions shown (and as many random ones)
     jacobian_directions: int = 6  # Jacobian directions shown
 
 

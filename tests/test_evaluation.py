@@ -105,6 +105,11 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     for name in ("table1.md", "table1.png", "summary.json", "image_change.csv"):
         assert (run / "evaluation" / name).exists()
     assert summary["measured"] == ["bright", "red"]
+    checks = pd.read_csv(run / "evaluation" / "disentanglement.csv").set_index("direction")
+    own = bool(checks.loc["bright|red", "own_is_strongest"])
+    lowered = bool(checks.loc["bright|red", "off_diagonal_vs_original"] < 0)
+    assert summary["disentangled_own_strongest"] == [int(own), 1] and summary["all_disentangled_own_strongest"] == own
+    assert summary["rows_with_lower_max_off_diagonal"] == [int(lowered), 1]
     # a re-run with everything in place only re-summarises; a changed setting starts over
     again = run_evaluate(cfg)
     assert again == summary
