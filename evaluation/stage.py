@@ -58,13 +58,13 @@ def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
             if ev_cfg.match_norm and primary(name) in original.names:
                 v = v * (original.get(primary(name)).norm() / v.norm().clamp_min(1e-12))
             edits.append((name, "disentangled", ev_cfg.scale * v))
-    for name, family, v in pca_and_random(run_dir, ev_cfg):
-        edits.append((name, family, v))
+    fig6 = pca_and_random(run_dir, ev_cfg)
+    edits += fig6
     calibration = eval_dir(run_dir) / "pixel_matching.json"
     if ev_cfg.pixel_matched_random and calibration.exists():
-        random = {name: v for name, family, v in pca_and_random(run_dir, ev_cfg) if family == "random"}
+        randoms = {name: v for name, family, v in fig6 if family == "random"}
         for name, c in json.loads(calibration.read_text())["multipliers"].items():
-            edits.append((f"{name}-pixmatch", "random_pixel", c * random[name]))
+            edits.append((f"{name}-pixmatch", "random_pixel", c * randoms[name]))
     return edits
 
 
@@ -243,20 +243,20 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         pvr.to_csv(out / "pca_vs_random.csv", index=False)
         pca_vs_random_plot(pvr, out / "pca_vs_random.png")
     effect_heatmaps(sections, out / "table1.png", unit)
-    disentangled = summary_rows[summary_rows.family == "disentangled"] if not summary_rows.empty else summary_rows
-    compared = summary_rows.dropna(subset=["off_diagonal_vs_original"]) if not summary_rows.empty else summary_rows
     summary = {
         "num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
         "scorer": ev_cfg.scorer, "measured": measured, "unit": unit,
-        "disentangled_own_strongest": [int(disentangled.own_is_strongest.sum()), len(disentangled)]
-        if not summary_rows.empty else None,
-        "rows_with_lower_max_off_diagonal": [int((compared.off_diagonal_vs_original < 0).sum()), len(compared)]
-        if not summary_rows.empty else None,
-        "all_disentangled_own_strongest": bool(summary_rows[summary_rows.family == "disentangled"].own_is_strongest.all())
-        if not summary_rows.empty else None,
-        "disentangling_lowers_max_off_diagonal": bool((summary_rows.dropna(subset=["off_diagonal_vs_original"])
-                                                       .off_diagonal_vs_original < 0).all()) if not summary_rows.empty else None,
+        "disentangled_own_strongest": None, "rows_with_lower_max_off_diagonal": None,
+        "all_disentangled_own_strongest": None, "disentangling_lowers_max_off_diagonal": None,
     }
+    if not summary_rows.empty:  # [how many pass, of how many], and whether all do
+        disentangled = summary_rows[summary_rows.family == "disentangled"]
+        compared = summary_rows.dropna(subset=["off_diagonal_vs_original"])
+        own = [int(disentangled.own_is_strongest.sum()), len(disentangled)]
+        lowered = [int((compared.off_diagonal_vs_original < 0).sum()), len(compared)]
+        summary.update({"disentangled_own_strongest": own, "rows_with_lower_max_off_diagonal": lowered,
+                        "all_disentangled_own_strongest": own[0] == own[1],
+                        "disentangling_lowers_max_off_diagonal": lowered[0] == lowered[1]})
     if not pvr.empty:
         fam = pvr.groupby("family").effect_per_pixel_change.mean()
         summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,10 +17,8 @@ from pipeline import HSpaceModel
 from pipeline.images import from_uint8
 from pipeline.config import load_config
 from pipeline.loading import EMBEDDED_MODELS
-from pipeline.stages.select import select_top_bottom
-from pipeline.supervised import mean_difference
 from pipeline.toyfaces.render import FACTORS, render_faces, sample_factors
-from pipeline.toyfaces.validate import factor_statistics, hf_energy, inversion_round_trip
+from pipeline.toyfaces.validate import editability, factor_statistics, hf_energy, inversion_round_trip
 
 ASSET = EMBEDDED_MODELS["toyfaces"]
 N = 64
@@ -102,20 +99,13 @@ EDITED = [f for f in FACTORS if f.kind != "categorical"]
 
 @pytest.fixture(scope="module")
 def edit_effects(model, samples, annotator):
-    """Per factor: top-16 minus bottom-16 of the annotated samples (eq. 10, chosen as the select
-    stage does), applied at the evaluation scale to 8 new seeds; the change of the factor's
-    mean (all factors in one batch)."""
+    """validate-toy's editability at small size: per factor, top-16 minus bottom-16 of the 64
+    annotated samples (eq. 10, chosen as the select stage does), applied at the evaluation
+    scale to 8 new seeds; the change of the factor's mean."""
     out, scores = samples
-    seeds = list(range(10**6, 10**6 + 8))
-    deltas = []
-    for f in EDITED:
-        top, bottom = select_top_bottom(pd.Series(scores[f.name].numpy()), 16, resolution=DEFAULTS.select.resolution)
-        deltas.append(mean_difference(out.h[torch.as_tensor(top.index)], out.h[torch.as_tensor(bottom.index)])
-                      .expand(len(seeds), -1, -1, -1, -1))
-    before = annotator(model.sample(seeds).images)
-    after = annotator(model.sample(seeds * len(EDITED), delta_h=EDIT_SCALE * torch.cat(deltas)).images)
-    return {f.name: float(after[f.name][i * len(seeds):(i + 1) * len(seeds)].mean() - before[f.name].mean())
-            for i, f in enumerate(EDITED)}
+    result = editability(model, annotator, out.h, scores, range(10**6, 10**6 + 8), n=16, scale=EDIT_SCALE,
+                         resolution=DEFAULTS.select.resolution)
+    return {name: r["mean_change"] for name, r in result.items()}
 
 
 #: The fraction of the bar each factor's edit must reach here. eye_open is the embedded default's

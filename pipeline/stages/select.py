@@ -38,9 +38,9 @@ def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = N
         if len(s) < 2 * n:
             raise DatasetError(f"{scores.name}: {len(s)} scored samples cannot give a top and a bottom {n}; "
                                f"lower select.n or generate more samples")
-        key = (s / resolution).round() if resolution else s
-        ids = key.sort_index(kind="stable").sort_values(ascending=False, kind="stable").index
-        top, bottom = ids[:n], key.sort_index(kind="stable").sort_values(ascending=True, kind="stable").index[:n]
+        key = ((s / resolution).round() if resolution else s).sort_index(kind="stable")
+        top = key.sort_values(ascending=False, kind="stable").index[:n]
+        bottom = key.sort_values(ascending=True, kind="stable").index[:n]
         return s.loc[top], s.loc[bottom]
     cond = condition.reindex(s.index)
     high, low = s[cond > threshold], s[cond <= threshold]

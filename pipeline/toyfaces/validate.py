@@ -8,9 +8,9 @@ Figures (printed and saved as JSON):
 - high-frequency energy: mean of (x - 3x3 box blur of x)^2 over pixels, x in [0, 1]; it
   rises with sampling noise and falls with blur (target: within 25% of the renders');
 - editability: per factor, the mean-difference direction (top 50 minus bottom 50 of the
-  annotated samples, per step, chosen as the select stage chooses them) applied at a fixed scale to new seeds must move the factor's
-  mean by at least one renderer standard deviation (half the range for binary factors) in
-  the intended sign;
+  annotated samples, per step, chosen as the select stage chooses them) applied at a fixed
+  scale to new seeds must move the factor's mean by at least one renderer standard deviation
+  (half the range for binary factors) in the intended sign;
 - DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB).
 """
 from __future__ import annotations
