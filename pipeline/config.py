@@ -2,7 +2,8 @@
 
 The dataclasses below are the schema and the defaults; ``conf.yaml`` at the project root
 spells the same values out with comments (a test keeps the two identical). Unknown or
-misspelt keys and values of the wrong type are errors naming the key and the valid ones.
+misspelt keys, values of the wrong type and values out of range (``RANGES``) are errors
+naming the key and what it accepts, raised before any stage starts work.
 """
 from __future__ import annotations
 
@@ -246,6 +247,82 @@ class HSpaceConfig:
     train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
 
 
+#: Range checks applied when the configuration is loaded, so that a bad value fails before a
+#: stage spends minutes of sampling: dotted key -> (test, what the value must be).
+def _at_least(low):
+    return (lambda v: v >= low), f"an integer >= {low}" if isinstance(low, int) else f">= {low}"
+
+
+_POSITIVE = (lambda v: v > 0), "> 0"
+_PROBABILITY = (lambda v: 0 <= v <= 1), "in [0, 1]"
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+RANGES: dict[str, tuple] = {
+    "model.num_inference_steps": _at_least(1),
+    "model.hook": _one_of("after", "before"),
+    "model.dtype": _one_of("float32", "float16", "bfloat16"),
+    "trainer.num_nodes": _at_least(1),
+    "generate.first_seed": _at_least(0),
+    "generate.num_samples": _at_least(1),
+    "generate.batch_size": _at_least(1),
+    "generate.h_dtype": _one_of("float16", "float32", "bfloat16"),
+    "annotate.batch_size": _at_least(1),
+    "select.n": _at_least(1),
+    "select.resolution": _at_least(0.0),
+    "select.contact_sheet_size": _at_least(0),
+    "pca.n_components": _at_least(1),
+    "pca.oversample": _at_least(0),
+    "pca.batch_size": _at_least(1),
+    "pca.dtype": _one_of("float64", "float32"),
+    "pca.align": _one_of("chain", "reference"),
+    "jacobian.k": _at_least(1),
+    "jacobian.method": _one_of("auto", "subspace", "sequential", "deflation"),
+    "jacobian.block": _at_least(1),
+    "jacobian.tol": _POSITIVE,
+    "jacobian.max_iter": _at_least(1),
+    "jacobian.tau": _at_least(0),
+    "supervised.method": _one_of("mean_difference", "logistic"),
+    "supervised.convergence_draws": _at_least(1),
+    "supervised.real.fixed_point_iterations": _at_least(0),
+    "evaluate.first_seed": _at_least(0),
+    "evaluate.num_samples": _at_least(2),
+    "evaluate.repeats": _at_least(1),
+    "evaluate.batch_size": _at_least(1),
+    "evaluate.pca_components": _at_least(0),
+    "report.pca_components": _at_least(0),
+    "report.jacobian_directions": _at_least(0),
+    "train_toy.steps": _at_least(1),
+    "train_toy.batch_size": _at_least(1),
+    "train_toy.lr": _POSITIVE,
+    "train_toy.warmup_steps": _at_least(0),
+    "train_toy.ema_decay": _PROBABILITY,
+    "train_toy.checkpoint_every": _at_least(1),
+    "train_toy.sample_every": _at_least(1),
+    "train_toy_annotator.steps": _at_least(1),
+    "train_toy_annotator.batch_size": _at_least(1),
+    "train_toy_annotator.lr": _POSITIVE,
+    "train_toy_annotator.width": _at_least(1),
+}
+
+
+def check_ranges(cfg: DictConfig, source: str = "the configuration") -> None:
+    """Raise ConfigError naming the first key whose value is out of its range (null passes:
+    it means "the default behaviour" wherever a key allows it). ``model.eta`` may be a number
+    or a list of numbers, each >= 0."""
+    for key, (ok, must) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} in {source}: must be {must}")
+    eta = OmegaConf.select(cfg, "model.eta")
+    etas = list(eta) if isinstance(eta, (list, tuple)) or OmegaConf.is_list(eta) else [eta]
+    if not etas or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in etas):
+        raise ConfigError(f"model.eta={eta!r} in {source}: must be a number >= 0 (0 DDIM, 1 DDPM-like) or a list of them")
+
+
 def defaults() -> DictConfig:
     return OmegaConf.structured(HSpaceConfig)
 
@@ -323,6 +400,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
         cfg = _merge(cfg, data, str(p))
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "command-line overrides")
+    check_ranges(cfg, f"{path} or the command line" if path is not None else "the command line")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -100,6 +100,41 @@ def test_config_overrides_and_validation(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("select.resolution=-0.01", r"select.resolution=-0.01 in the command line: must be >= 0.0"),
+    ("select.n=0", r"select.n=0 .*must be an integer >= 1"),
+    ("generate.num_samples=0", r"generate.num_samples=0 .*>= 1"),
+    ("evaluate.num_samples=1", r"evaluate.num_samples=1 .*>= 2"),
+    ("model.hook=middle", r"model.hook='middle' .*one of after, before"),
+    ("pca.dtype=float16", r"pca.dtype='float16' .*one of float64, float32"),
+    ("jacobian.tol=0", r"jacobian.tol=0.0 .*> 0"),
+    ("train_toy.ema_decay=1.5", r"train_toy.ema_decay=1.5 .*in \[0, 1\]"),
+    ("model.eta=-1", r"model.eta=-1 .*must be a number >= 0"),
+    ("model.eta=[0, -0.5]", r"model.eta=.*must be a number >= 0"),
+    ("model.eta=fast", r"model.eta='fast' .*must be a number >= 0"),
+])
+def test_out_of_range_values_fail_at_load_time(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_checks_name_the_file_and_accept_the_edges(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("select:\n  resolution: -1\n")
+    with pytest.raises(ConfigError, match=r"select.resolution=-1.0 in .*c.yaml or the command line: must be >= 0.0"):
+        load_config(f)
+    cfg = load_config(None, ["select.resolution=0", "model.eta=[0, 1]", "model.num_inference_steps=2", "pca.oversample=0",
+                             "evaluate.pca_components=0", "train_toy.ema_decay=0"])
+    assert cfg.select.resolution == 0 and list(cfg.model.eta) == [0, 1]
+
+
+def test_cli_rejects_a_bad_value_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["validate-toy", f"run_dir={run}", "select.resolution=-1"]) == 2
+    assert "select.resolution=-1" in capsys.readouterr().err
+    assert not run.exists()  # no stage started: nothing sampled, nothing written
+
+
 def test_mapping_options_are_replaced_not_merged(tmp_path):
     cfg = load_config(None, ["disentangle.pairs={age: [gender]}"])
     assert OmegaConf.to_container(cfg.disentangle.pairs) == {"age": ["gender"]}
