@@ -9,7 +9,10 @@ and the image-quality score before/after. From it:
   sets is the reported standard deviation); optionally in units of the attribute's standard
   deviation over the unedited samples, so attributes with different ranges compare;
 - the **strongest effect per row**, marked as in the paper's Table 1;
-- **PCA vs random** (paper Fig. 6 as a number): attribute change per unit of pixel change.
+- **PCA vs random** (paper Fig. 6 as a number): attribute change per unit of pixel change;
+- **bootstrap intervals** for the disentanglement checks: seeds are resampled within each
+  seed set, the same resample for every direction (all directions edit the same seeds), so a
+  comparison between two rows keeps its pairing and its interval is as narrow as the data allow.
 """
 from __future__ import annotations
 
@@ -39,6 +42,38 @@ def effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = Non
     return mean, std
 
 
+def bootstrap_effects(per_sample: pd.DataFrame, scale: dict[str, float] | None = None, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    """Effect matrices of ``n_boot`` paired bootstrap resamples: (n_boot, directions, attributes),
+    with the direction and attribute names. Each resample draws the seeds of every seed set with
+    replacement, the same draw for every direction, and computes ``effect_matrix``'s mean.
+    Every direction must have been measured on every seed of each set."""
+    attrs = attribute_columns(per_sample)
+    order = list(dict.fromkeys(per_sample["direction"]))
+    rng = np.random.default_rng(seed)
+    total = np.zeros((n_boot, len(order), len(attrs)))
+    repeats = sorted(per_sample["repeat"].unique())
+    for r in repeats:
+        part = per_sample[per_sample["repeat"] == r]
+        seeds = sorted(part["seed"].unique())
+        grid = part.set_index(["direction", "seed"])[[f"d_{a}" for a in attrs]]
+        if grid.index.duplicated().any():
+            raise ValueError(f"seed set {r}: a (direction, seed) pair appears twice")
+        grid = grid.reindex(pd.MultiIndex.from_product([order, seeds]))
+        if grid.isna().any().any():
+            raise ValueError(f"seed set {r}: not every direction was measured on every seed; the bootstrap needs pairs")
+        d = grid.to_numpy().reshape(len(order), len(seeds), len(attrs))
+        weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=n_boot) / len(seeds)
+        total += np.abs(np.einsum("bs,dsa->bda", weights, d))
+    divisor = np.array([(scale or {}).get(a, 1.0) for a in attrs])
+    return total / len(repeats) / divisor, order, attrs
+
+
+def _interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.quantile(x, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def strongest(mean: pd.DataFrame) -> pd.Series:
     """The measured attribute with the largest effect, per row."""
     return mean.idxmax(axis=1)
@@ -58,10 +93,14 @@ def own_attribute(direction: str, mapping: dict[str, str] | None = None) -> str:
 
 
 def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
-                            mapping: dict[str, str] | None = None) -> pd.DataFrame:
+                            mapping: dict[str, str] | None = None, boot=None) -> pd.DataFrame:
     """Per direction: its own effect, the largest off-diagonal effect, and whether its own
     attribute is the strongest; for disentangled rows also the change of the largest
-    off-diagonal effect against the original direction of the same attribute."""
+    off-diagonal effect against the original direction of the same attribute.
+
+    With ``boot`` (``bootstrap_effects``'s output) also 95% intervals of the margin
+    ``own_effect - max_off_diagonal`` (above 0: the own effect is strongest) and of
+    ``off_diagonal_vs_original`` (below 0: disentangling lowered the largest side effect)."""
     rows = []
     for d in mean.index:
         own = own_attribute(d, mapping)
@@ -78,6 +117,24 @@ def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
     out["off_diagonal_vs_original"] = [
         (r.max_off_diagonal - original[primary(r.direction)]) if r.family == "disentangled"
         and primary(r.direction) in original else np.nan for r in out.itertuples()]
+    out["own_margin"] = out["own_effect"] - out["max_off_diagonal"]
+    if boot is not None:
+        effects, order, attrs = boot
+        row = {d: i for i, d in enumerate(order)}
+
+        def max_off(d):  # (n_boot,) largest off-diagonal effect of direction d in every resample
+            own = attrs.index(own_attribute(d, mapping))
+            return np.delete(effects[:, row[d]], own, axis=1).max(axis=1)
+
+        margins, changes = [], []
+        for r in out.itertuples():
+            margins.append(_interval(effects[:, row[r.direction], attrs.index(own_attribute(r.direction, mapping))]
+                                     - max_off(r.direction)))
+            p = primary(r.direction)
+            changes.append(_interval(max_off(r.direction) - max_off(p)) if r.family == "disentangled"
+                           and p in original else (np.nan, np.nan))
+        out[["own_margin_ci_low", "own_margin_ci_high"]] = margins
+        out[["off_diagonal_vs_original_ci_low", "off_diagonal_vs_original_ci_high"]] = changes
     return out
 
 

@@ -111,6 +111,22 @@ def df_html(df: pd.DataFrame, floatfmt: str = "{:.3f}", index: bool = False) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def checks_table(d: pd.DataFrame) -> pd.DataFrame:
+    """disentanglement.csv for reading: the largest side effect with its attribute, and each
+    check with its bootstrap interval in one cell ("0.38 [0.02, 0.65]")."""
+    def with_ci(col):
+        if f"{col}_ci_low" not in d:
+            return [f"{v:.2f}" if pd.notna(v) else "" for v in d[col]]
+        return [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if pd.notna(v) and pd.notna(lo) else (f"{v:.2f}" if pd.notna(v) else "")
+                for v, lo, hi in zip(d[col], d[f"{col}_ci_low"], d[f"{col}_ci_high"])]
+    return pd.DataFrame({
+        "direction": d["direction"], "family": d["family"], "own effect": [f"{v:.2f}" for v in d["own_effect"]],
+        "largest side effect": [f"{v:.2f} ({a})" for v, a in zip(d["max_off_diagonal"], d["max_off_attribute"])],
+        "own strongest": d["own_is_strongest"].map({True: "yes", False: "no"}),
+        "own - largest side [95% CI]": with_ci("own_margin"),
+        "side effect vs original [95% CI]": with_ci("off_diagonal_vs_original")})
+
+
 def table1_html(table: pd.DataFrame) -> str:
     """table1.csv (family, direction, <attr>..., <attr>_std...) -> the paper's layout."""
     attrs = [c for c in table.columns if c not in ("family", "direction") and not c.endswith("_std")]
@@ -160,7 +176,12 @@ def build_report(run_dir, cfg=None) -> Path:
         for key, label in (("disentangled_own_strongest", "disentangled directions whose own effect is strongest"),
                            ("rows_with_lower_max_off_diagonal", "rows whose largest side effect disentangling lowers")):
             if summary.get(key):
-                cards.append((label, "{} of {}".format(*summary[key])))
+                value = "{} of {}".format(*summary[key])
+                ci = summary.get(f"{key}_ci")
+                if ci:  # how many of them, and of the failures, the 95% bootstrap interval confirms
+                    good, bad = (ci["strongest"], ci["not_strongest"]) if "strongest" in ci else (ci["lower"], ci["higher"])
+                    value += f" (95% CI: {good} confirmed, {bad} contradicted)"
+                cards.append((label, value))
         if summary.get("pca_effect_per_pixel") is not None:
             cards.append(("attribute change per pixel change: PCA vs random (norm-matched)",
                           f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_effect_per_pixel']:.1f}"))
@@ -187,7 +208,14 @@ def build_report(run_dir, cfg=None) -> Path:
         if (ev / "disentanglement.csv").exists():
             page.add("<h3>Disentanglement checks</h3>")
             d = pd.read_csv(ev / "disentanglement.csv")
-            page.add(df_html(d))
+            if "own_margin_ci_low" in d:
+                page.note("<i>own - largest side</i>: above 0, the own effect is the strongest; <i>side effect vs "
+                          "original</i>: the largest side effect minus the original direction's, below 0 when "
+                          "disentangling lowered it. In brackets: 95% paired bootstrap interval "
+                          f"({summary.get('bootstrap_resamples')} resamples of the seeds; every direction edits the "
+                          "same seeds, so differences between rows keep their pairing). A check is confirmed (or "
+                          "contradicted) when its interval excludes 0. All columns: <code>evaluation/disentanglement.csv</code>.")
+            page.add(df_html(checks_table(d)))
     if (ev / "pca_vs_random.csv").exists():
         page.section("pca-random", "PCA directions against random directions (Fig. 6)")
         pvr = pd.read_csv(ev / "pca_vs_random.csv")

@@ -35,7 +35,7 @@ from pipeline.samples import write_json_atomic
 from pipeline.stages.lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader,
                                              make_trainer, share_cpu_threads)
 
-from .metrics import (disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
+from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
                       table1_markdown)
 
 
@@ -234,7 +234,9 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         out / "table1.csv", index=False)
     (out / "table1.md").write_text(table1_markdown(sections, unit))
     all_mean = pd.concat([s[1] for s in sections])
-    summary_rows = disentanglement_summary(all_mean, families, mapping)
+    rows = keep[keep.family.isin(["original", "disentangled"])]
+    boot = bootstrap_effects(rows, scale, ev_cfg.bootstrap, seed=0) if ev_cfg.bootstrap and len(rows) else None
+    summary_rows = disentanglement_summary(all_mean, families, mapping, boot)
     summary_rows.to_csv(out / "disentanglement.csv", index=False)
     quality = keep.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
     quality.to_csv(out / "image_change.csv")
@@ -257,6 +259,15 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         summary.update({"disentangled_own_strongest": own, "rows_with_lower_max_off_diagonal": lowered,
                         "all_disentangled_own_strongest": own[0] == own[1],
                         "disentangling_lowers_max_off_diagonal": lowered[0] == lowered[1]})
+        if boot is not None:  # the same counts where the 95% bootstrap interval excludes 0
+            summary.update({
+                "bootstrap_resamples": int(ev_cfg.bootstrap),
+                "disentangled_own_strongest_ci": {
+                    "strongest": int((disentangled.own_margin_ci_low > 0).sum()),
+                    "not_strongest": int((disentangled.own_margin_ci_high < 0).sum()), "of": len(disentangled)},
+                "rows_with_lower_max_off_diagonal_ci": {
+                    "lower": int((compared.off_diagonal_vs_original_ci_high < 0).sum()),
+                    "higher": int((compared.off_diagonal_vs_original_ci_low > 0).sum()), "of": len(compared)}})
     if not pvr.empty:
         fam = pvr.groupby("family").effect_per_pixel_change.mean()
         summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))
@@ -272,6 +283,7 @@ def evaluation_identity(run_dir, cfg) -> dict:
     files = {p.name: p.stat().st_size + int(p.stat().st_mtime_ns) for p in sorted(d.glob("*.safetensors"))
              if p.stem in ("supervised", "disentangled", "pca")}
     ev = to_dict(cfg.evaluate)
+    ev.pop("bootstrap", None)  # changes only the summary, which every run rewrites: no reason to edit again
     return {"model": to_dict(cfg.model), "evaluate": ev, "directions": files}
 
 

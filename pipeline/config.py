@@ -183,6 +183,7 @@ class EvaluateConfig:
     pca_components: int = 3  # top PCA directions against as many norm-matched random ones
     pca_scale: float = 2.0  # in standard deviations along the component
     pixel_matched_random: bool = True  # also random directions rescaled to each component's pixel change
+    bootstrap: int = 1000  # paired bootstrap resamples of the seeds for the checks' 95% intervals (0: none)
 
 
 @dataclass
@@ -293,6 +294,7 @@ RANGES: dict[str, tuple] = {
     "evaluate.repeats": _at_least(1),
     "evaluate.batch_size": _at_least(1),
     "evaluate.pca_components": _at_least(0),
+    "evaluate.bootstrap": _at_least(0),
     "report.pca_components": _at_least(0),
     "report.jacobian_directions": _at_least(0),
     "train_toy.steps": _at_least(1),

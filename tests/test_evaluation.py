@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.metrics import (disentanglement_summary, effect_matrix, pca_vs_random, strongest,
-                                table1_markdown)
+from evaluation.metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, pca_vs_random,
+                                strongest, table1_markdown)
 
 
 def known_table() -> pd.DataFrame:
@@ -43,6 +43,58 @@ def test_disentanglement_summary_and_markdown():
     md = table1_markdown([("Original", mean.loc[["a"]], std.loc[["a"]]), ("Disentangled", mean.loc[["a|b"]], std.loc[["a|b"]])],
                          "in score units")
     assert "| a\\|b | **2.00 ± 0.00** | 0.50 ± 0.00 |" in md and "*Original*" in md
+
+
+def paired_table(n: int, noise: float, seed: int = 0, repeats: int = 1) -> pd.DataFrame:
+    """'a' (original) and 'a|b' (disentangled) edit the same seeds; per seed, a|b's change of b
+    is a's minus exactly 0.3, while both carry the same large per-seed noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(repeats):
+        za, zb = rng.standard_normal(n) * noise, rng.standard_normal(n) * noise
+        for j in range(n):
+            rows.append({"repeat": r, "seed": r * n + j, "direction": "a", "family": "original",
+                         "d_a": 5.0 + za[j], "d_b": 2.0 + zb[j]})
+            rows.append({"repeat": r, "seed": r * n + j, "direction": "a|b", "family": "disentangled",
+                         "d_a": 5.0 + za[j], "d_b": 1.7 + zb[j]})
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_without_noise_collapses_to_the_effect_matrix():
+    table = paired_table(8, noise=0.0, repeats=2)
+    effects, order, attrs = bootstrap_effects(table, {"a": 2.0}, n_boot=50)
+    mean, _ = effect_matrix(table, {"a": 2.0})
+    assert effects.shape == (50, 2, 2) and order == ["a", "a|b"] and attrs == ["a", "b"]
+    np.testing.assert_allclose(effects, np.broadcast_to(mean.values, effects.shape))
+
+
+def test_bootstrap_spread_matches_the_standard_error():
+    sigma, n = 1.0, 400
+    effects, _, _ = bootstrap_effects(paired_table(n, noise=sigma), n_boot=2000, seed=1)
+    assert effects[:, 0, 0].std() == pytest.approx(sigma / np.sqrt(n), rel=0.15)
+    effects2, _, _ = bootstrap_effects(paired_table(n, noise=sigma, repeats=4), n_boot=2000, seed=1)
+    assert effects2[:, 0, 0].std() == pytest.approx(sigma / np.sqrt(4 * n), rel=0.15)  # repeats average
+
+
+def test_bootstrap_intervals_keep_the_pairing():
+    """Each row alone is uncertain, but the difference between the rows is exact in every
+    resample (the same seeds are drawn for both), so its interval is a point."""
+    table = paired_table(30, noise=1.0)
+    mean, _ = effect_matrix(table)
+    families = {"a": "original", "a|b": "disentangled"}
+    out = disentanglement_summary(mean, families, boot=bootstrap_effects(table, n_boot=500)).set_index("direction")
+    assert out.loc["a|b", "off_diagonal_vs_original"] == pytest.approx(-0.3)
+    assert out.loc["a|b", "off_diagonal_vs_original_ci_low"] == pytest.approx(-0.3)
+    assert out.loc["a|b", "off_diagonal_vs_original_ci_high"] == pytest.approx(-0.3)
+    low, high = out.loc["a", ["own_margin_ci_low", "own_margin_ci_high"]]
+    assert low < out.loc["a", "own_margin"] < high and high - low > 0.4  # one row: about +-2 sqrt(2/30)
+    assert np.isnan(out.loc["a", "off_diagonal_vs_original_ci_low"])  # originals have nothing to compare to
+
+
+def test_bootstrap_refuses_unpaired_data():
+    table = paired_table(5, noise=1.0)
+    with pytest.raises(ValueError, match="not every direction was measured on every seed"):
+        bootstrap_effects(table.drop(index=3))
 
 
 def test_own_attribute_mapping():
@@ -110,6 +162,13 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     lowered = bool(checks.loc["bright|red", "off_diagonal_vs_original"] < 0)
     assert summary["disentangled_own_strongest"] == [int(own), 1] and summary["all_disentangled_own_strongest"] == own
     assert summary["rows_with_lower_max_off_diagonal"] == [int(lowered), 1]
+    row = checks.loc["bright|red"]  # bootstrap intervals around the point values, counted in the summary
+    assert row.own_margin_ci_low <= row.own_margin <= row.own_margin_ci_high
+    assert row.off_diagonal_vs_original_ci_low <= row.off_diagonal_vs_original <= row.off_diagonal_vs_original_ci_high
+    ci = summary["rows_with_lower_max_off_diagonal_ci"]
+    assert ci == {"lower": int(row.off_diagonal_vs_original_ci_high < 0),
+                  "higher": int(row.off_diagonal_vs_original_ci_low > 0), "of": 1}
+    assert summary["disentangled_own_strongest_ci"]["of"] == 1 and summary["bootstrap_resamples"] == 1000
     # a re-run with everything in place only re-summarises; a changed setting starts over
     again = run_evaluate(cfg)
     assert again == summary
