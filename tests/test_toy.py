@@ -118,3 +118,11 @@ def test_validate_toy_runs_and_writes_json():
     assert set(r) == {"factors", "hf_energy", "editability", "inversion", "settings"}
     assert set(r["inversion"]) == {"fixed_point_iterations=0", "fixed_point_iterations=1"}
     json.dumps(r)
+
+
+def test_out_of_range_factors_are_drawn_as_the_nearest_valid_face():
+    """A reader's estimate of an edited face can leave the range (eye_open -0.3 once crashed
+    the evaluate stage's re-rendering); it is clamped, not an error."""
+    wild = render_face(smile=1.4, eye_open=-0.3, yaw=-1.2, hair=1.1, background=5.0)
+    edge = render_face(smile=1.0, eye_open=0.0, yaw=-1.0, hair=1.0, background=3)
+    np.testing.assert_array_equal(wild, edge)

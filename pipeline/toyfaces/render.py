@@ -129,15 +129,17 @@ def sample_factors(
 
 
 def render_face(**factors: float) -> np.ndarray:
-    """One face, (32, 32, 3) uint8, from factor values (missing factors take neutral values)."""
+    """One face, (32, 32, 3) uint8, from factor values (missing factors take neutral values).
+    Values outside a factor's range are clamped to it: a reader's estimate of an edited face
+    (``toy_consistency``) can fall a little outside, and is drawn as the nearest valid face."""
     s = _SCALE
-    smile = float(factors.get("smile", 0.0))
-    eye_open = float(factors.get("eye_open", 0.7))
+    smile = float(np.clip(factors.get("smile", 0.0), -1.0, 1.0))
+    eye_open = float(np.clip(factors.get("eye_open", 0.7), 0.0, 1.0))
     glasses = bool(factors.get("glasses", 0) > 0.5)
     hat = bool(factors.get("hat", 0) > 0.5)
-    yaw = float(factors.get("yaw", 0.0))
-    hair = float(factors.get("hair", 0.5))
-    bg = int(factors.get("background", 0))
+    yaw = float(np.clip(factors.get("yaw", 0.0), -1.0, 1.0))
+    hair = float(np.clip(factors.get("hair", 0.5), 0.0, 1.0))
+    bg = int(np.clip(round(float(factors.get("background", 0))), 0, len(BACKGROUNDS) - 1))
 
     size = RESOLUTION * s
     img = Image.new("RGB", (size, size), tuple(int(c) for c in BACKGROUNDS[bg]))
