@@ -178,9 +178,8 @@ def build_report(run_dir, cfg=None) -> Path:
             if summary.get(key):
                 value = "{} of {}".format(*summary[key])
                 ci = summary.get(f"{key}_ci")
-                if ci:  # how many of them, and of the failures, the 95% bootstrap interval confirms
-                    good, bad = (ci["strongest"], ci["not_strongest"]) if "strongest" in ci else (ci["lower"], ci["higher"])
-                    value += f" (95% CI: {good} confirmed, {bad} contradicted)"
+                if ci:  # how many checks the 95% bootstrap interval confirms, and how many it contradicts
+                    value += f" (95% CI: {ci['confirmed']} confirmed, {ci['contradicted']} contradicted)"
                 cards.append((label, value))
         if summary.get("pca_effect_per_pixel") is not None:
             cards.append(("attribute change per pixel change: PCA vs random (norm-matched)",

@@ -263,11 +263,11 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
             summary.update({
                 "bootstrap_resamples": int(ev_cfg.bootstrap),
                 "disentangled_own_strongest_ci": {
-                    "strongest": int((disentangled.own_margin_ci_low > 0).sum()),
-                    "not_strongest": int((disentangled.own_margin_ci_high < 0).sum()), "of": len(disentangled)},
+                    "confirmed": int((disentangled.own_margin_ci_low > 0).sum()),
+                    "contradicted": int((disentangled.own_margin_ci_high < 0).sum()), "of": len(disentangled)},
                 "rows_with_lower_max_off_diagonal_ci": {
-                    "lower": int((compared.off_diagonal_vs_original_ci_high < 0).sum()),
-                    "higher": int((compared.off_diagonal_vs_original_ci_low > 0).sum()), "of": len(compared)}})
+                    "confirmed": int((compared.off_diagonal_vs_original_ci_high < 0).sum()),
+                    "contradicted": int((compared.off_diagonal_vs_original_ci_low > 0).sum()), "of": len(compared)}})
     if not pvr.empty:
         fam = pvr.groupby("family").effect_per_pixel_change.mean()
         summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))

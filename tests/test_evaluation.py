@@ -166,8 +166,8 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     assert row.own_margin_ci_low <= row.own_margin <= row.own_margin_ci_high
     assert row.off_diagonal_vs_original_ci_low <= row.off_diagonal_vs_original <= row.off_diagonal_vs_original_ci_high
     ci = summary["rows_with_lower_max_off_diagonal_ci"]
-    assert ci == {"lower": int(row.off_diagonal_vs_original_ci_high < 0),
-                  "higher": int(row.off_diagonal_vs_original_ci_low > 0), "of": 1}
+    assert ci == {"confirmed": int(row.off_diagonal_vs_original_ci_high < 0),
+                  "contradicted": int(row.off_diagonal_vs_original_ci_low > 0), "of": 1}
     assert summary["disentangled_own_strongest_ci"]["of"] == 1 and summary["bootstrap_resamples"] == 1000
     # a re-run with everything in place only re-summarises; a changed setting starts over
     again = run_evaluate(cfg)
