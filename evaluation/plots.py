@@ -51,23 +51,23 @@ def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10
 
 
 def pca_vs_random_plot(pvr: pd.DataFrame, out: Path) -> Path:
-    """Left: attribute change per unit of pixel change per direction; right: attribute change
-    against pixel change (log x), so norm-matched random directions (tiny changes) and
+    """Left: consistent attribute change per unit of pixel change per direction; right: consistent
+    attribute change against pixel change (log x), so norm-matched random directions (tiny changes) and
     pixel-matched ones (same change as their component) are both placed against PCA."""
     styles = {"pca": ("#1f77b4", "PCA"), "random": ("#bbbbbb", "random, norm-matched"),
               "random_pixel": ("#666666", "random, pixel-matched")}
     fig, (bar, sc) = plt.subplots(1, 2, figsize=(9.5, 3.2), layout="constrained")
     bar.bar(range(len(pvr)), pvr.effect_per_pixel_change, color=[styles[f][0] for f in pvr.family])
     bar.set_xticks(range(len(pvr)), pvr.direction, rotation=40, ha="right", fontsize=7)
-    bar.set_ylabel("attribute change / pixel change", fontsize=8)
+    bar.set_ylabel("consistent attribute change / pixel change", fontsize=8)
     bar.grid(alpha=0.3, axis="y")
     for family, (color, label) in styles.items():
         part = pvr[pvr.family == family]
         if not part.empty:
-            sc.scatter(part.pixel_change, part.max_attribute_effect, color=color, label=label, s=28, edgecolor="k", lw=0.4)
+            sc.scatter(part.pixel_change, part.consistent_effect, color=color, label=label, s=28, edgecolor="k", lw=0.4)
     sc.set_xscale("log")
     sc.set_xlabel("mean absolute pixel change", fontsize=8)
-    sc.set_ylabel("largest attribute change (SD)", fontsize=8)
+    sc.set_ylabel("largest consistent attribute change (SD)", fontsize=8)
     sc.grid(alpha=0.3)
     sc.legend(fontsize=7)
     fig.suptitle("PCA directions against random directions (paper Fig. 6)", fontsize=9)

@@ -182,10 +182,10 @@ def build_report(run_dir, cfg=None) -> Path:
                     value += f" (95% CI: {ci['confirmed']} confirmed, {ci['contradicted']} contradicted)"
                 cards.append((label, value))
         if summary.get("pca_effect_per_pixel") is not None:
-            cards.append(("attribute change per pixel change: PCA vs random (norm-matched)",
+            cards.append(("consistent attribute change per pixel change: PCA vs random (norm-matched)",
                           f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_effect_per_pixel']:.1f}"))
         if summary.get("random_pixel_matched_effect_per_pixel") is not None:
-            cards.append(("attribute change per pixel change: PCA vs random (pixel-matched)",
+            cards.append(("consistent attribute change per pixel change: PCA vs random (pixel-matched)",
                           f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_pixel_matched_effect_per_pixel']:.1f}"))
     page.add('<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{html.escape(str(v))}</div><div class="k">{html.escape(k)}</div></div>'
@@ -218,7 +218,9 @@ def build_report(run_dir, cfg=None) -> Path:
     if (ev / "pca_vs_random.csv").exists():
         page.section("pca-random", "PCA directions against random directions (Fig. 6)")
         pvr = pd.read_csv(ev / "pca_vs_random.csv")
-        page.note("Largest attribute effect per unit of mean absolute pixel change, for the top principal directions, "
+        page.note("Largest consistent attribute effect (|mean change| over all held-out seeds, less its noise floor: "
+                  "sqrt(max(mean<sup>2</sup> - var/n, 0)); <i>max_attribute_effect</i> is the uncorrected Table-1 "
+                  "value) per unit of mean absolute pixel change, for the top principal directions, "
                   "random directions with the same per-step norms (norm-matched), and the same random directions "
                   "rescaled until they change the images as much as their component (pixel-matched, "
                   "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "

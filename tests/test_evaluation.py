@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, pca_vs_random,
-                                strongest, table1_markdown)
+from evaluation.metrics import (bootstrap_effects, consistent_abs_mean, disentanglement_summary, effect_matrix,
+                                pca_vs_random, strongest, table1_markdown)
 
 
 def known_table() -> pd.DataFrame:
@@ -109,8 +109,41 @@ def test_pca_vs_random_ratio():
     df = known_table().assign(family=lambda t: t.direction.map({"a": "pca", "a|b": "random"}))
     out = pca_vs_random(df).set_index("direction")
     assert out.loc["a", "max_attribute_effect"] == pytest.approx(2.0)
+    # pooled over both repeats: d_b = -1,-2,-3 twice -> mean -2, var 0.8 -> sqrt(4 - 0.8/6)
+    assert out.loc["a", "consistent_effect"] == pytest.approx(np.sqrt(4 - 0.8 / 6))
+    assert out.loc["a", "attribute"] == "b"
     assert out.loc["a", "pixel_change"] == pytest.approx(0.2)
-    assert out.loc["a", "effect_per_pixel_change"] == pytest.approx(10.0)
+    assert out.loc["a", "effect_per_pixel_change"] == pytest.approx(np.sqrt(4 - 0.8 / 6) / 0.2)
+
+
+def test_consistent_abs_mean_removes_the_noise_floor():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 1.0, (4000, 16, 1))  # 4000 seed sets of 16 changes scattering around 0
+    plain = np.abs(noise.mean(axis=1)).mean()  # about 0.8 / sqrt(16) = 0.2
+    corrected = np.mean([consistent_abs_mean(x) for x in noise])
+    assert plain == pytest.approx(0.8 / 4, rel=0.05) and corrected < 0.5 * plain  # half the draws give 0
+    shifted = np.mean([consistent_abs_mean(x + 1.0) for x in noise])  # a real effect of 1 survives
+    assert shifted == pytest.approx(1.0, abs=0.05)
+    assert consistent_abs_mean(np.array([[1.0, -2.0], [3.0, -2.0]])) == pytest.approx([np.sqrt(4 - 2 / 2), 2.0])
+
+
+def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
+    """A tiny edit whose per-sample changes cancel (+-0.05) must not beat a larger consistent one
+    per unit of pixel change, although |mean| over each small seed set is not 0."""
+    rows = []
+    for r in range(3):
+        for j in range(8):
+            rows.append({"repeat": r, "seed": j, "direction": "pc1", "family": "pca", "pixel_change": 0.1,
+                         "d_a": 0.5 + 0.1 * (j % 2)})
+            rows.append({"repeat": r, "seed": j, "direction": "random1", "family": "random", "pixel_change": 0.001,
+                         "d_a": 0.05 * (1 if j < (5, 3, 4)[r] else -1)})  # set means +-0.0125, 0; pooled 0
+    out = pca_vs_random(pd.DataFrame(rows)).set_index("direction")
+    assert out.loc["random1", "max_attribute_effect"] == pytest.approx(0.025 / 3)  # |mean| per set: its noise floor
+    assert out.loc["random1", "max_attribute_effect"] / 0.001 > out.loc["pc1", "max_attribute_effect"] / 0.1
+    assert out.loc["random1", "consistent_effect"] == 0.0
+    assert out.loc["pc1", "effect_per_pixel_change"] == pytest.approx(
+        np.sqrt(0.55**2 - np.var([0.5, 0.6] * 12, ddof=1) / 24) / 0.1)
+    assert out.loc["pc1", "effect_per_pixel_change"] > out.loc["random1", "effect_per_pixel_change"]
 
 
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
