@@ -226,7 +226,7 @@ def build_report(run_dir, cfg=None) -> Path:
                   "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "
                   "image at the same norm and degrades it at the same pixel change.")
         page.add(df_html(pvr))
-        page.image(ev / "pca_vs_random.png", "Attribute change per pixel change (left) and against pixel change (right).")
+        page.image(ev / "pca_vs_random.png", "Consistent attribute change per pixel change (left) and against pixel change (right).")
     if (ev / "image_change.csv").exists():
         page.section("quality", "Image change and quality per edit")
         page.note("Mean absolute pixel change (in [0, 1] units) and the image-quality score before and after the edit "
