@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "report": ("evaluation.report:run_report", "write <run_dir>/report/index.html"),
     "sample": ("pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
     "train-toy": ("pipeline.toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
+    "finetune-toy": ("pipeline.toyfaces.train_ddpm:run_finetune_toy", "phase 2 of the embedded default: fine-tune with skip dropout"),
     "train-toy-annotator": ("annotators.toy:run_train_toy_annotator", "train the toy-face annotator"),
     "validate-toy": ("pipeline.toyfaces.validate:run_validate_toy", "check the embedded default against its ground truth"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),

@@ -199,7 +199,7 @@ class ToyTrainConfig:
     """`hspace train-toy`: everything that determines the embedded default's weights."""
 
     out_dir: str = "runs/train-toy"
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 300
@@ -208,12 +208,25 @@ class ToyTrainConfig:
     seed: int = 0
     block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 128])
     layers_per_block: int = 2
-    correlations: Dict[str, float] = field(default_factory=lambda: {"glasses~hair": 0.6, "smile~eye_open": -0.5})
+    correlations: Dict[str, float] = field(default_factory=lambda: {"glasses~hair": 0.4})
     prediction_type: str = "v_prediction"  # v_prediction | epsilon
     beta_schedule: str = "squaredcos_cap_v2"  # squaredcos_cap_v2 (cosine) | linear
     timestep_spacing: str = "trailing"  # sampling timesteps start at t=999
     checkpoint_every: int = 250
     sample_every: int = 1000
+    #: probability of zeroing all down-block skip connections of a training sample, so that the
+    #: decoder must draw from h alone: without it the decoder reads small features (the eyes) from
+    #: the skips and h-space edits cannot move them. Training only; the saved model is unchanged.
+    skip_dropout: float = 0.0
+    #: an exported model directory whose weights start the run (the fine-tune phase); null: random
+    init_from: Optional[str] = None
+
+
+def _finetune_toy() -> "ToyTrainConfig":
+    """Phase 2 of the embedded default: the phase-1 model fine-tuned with skip dropout."""
+    return ToyTrainConfig(out_dir="runs/finetune-toy", init_from="runs/train-toy/model", steps=800, lr=3e-4,
+                          warmup_steps=0, ema_decay=0.995, seed=1, skip_dropout=0.5,
+                          checkpoint_every=100, sample_every=400)
 
 
 @dataclass
@@ -245,6 +258,7 @@ class HSpaceConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
+    finetune_toy: ToyTrainConfig = field(default_factory=_finetune_toy)
     train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
 
 
@@ -297,13 +311,16 @@ RANGES: dict[str, tuple] = {
     "evaluate.bootstrap": _at_least(0),
     "report.pca_components": _at_least(0),
     "report.jacobian_directions": _at_least(0),
-    "train_toy.steps": _at_least(1),
-    "train_toy.batch_size": _at_least(1),
-    "train_toy.lr": _POSITIVE,
-    "train_toy.warmup_steps": _at_least(0),
-    "train_toy.ema_decay": _PROBABILITY,
-    "train_toy.checkpoint_every": _at_least(1),
-    "train_toy.sample_every": _at_least(1),
+    **{k.format(section): v for section in ("train_toy", "finetune_toy") for k, v in {
+        "{0}.steps": _at_least(1),
+        "{0}.batch_size": _at_least(1),
+        "{0}.lr": _POSITIVE,
+        "{0}.warmup_steps": _at_least(0),
+        "{0}.ema_decay": _PROBABILITY,
+        "{0}.checkpoint_every": _at_least(1),
+        "{0}.sample_every": _at_least(1),
+        "{0}.skip_dropout": _PROBABILITY,
+    }.items()},
     "train_toy_annotator.steps": _at_least(1),
     "train_toy_annotator.batch_size": _at_least(1),
     "train_toy_annotator.lr": _POSITIVE,

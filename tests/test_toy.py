@@ -79,26 +79,86 @@ def test_consistency_score_separates_faces_from_damage():
     assert clean.mean() < 0.03 and bad.mean() > 3 * clean.mean()
 
 
-def test_training_is_reproducible_and_resumes_exactly(tmp_path):
+def _tiny_train_cfg(out, steps, **kw):
     from pipeline.config import ToyTrainConfig
-    from pipeline.toyfaces.train_ddpm import train_toy
+
+    tiny = dict(batch_size=4, block_out_channels=[32, 32], layers_per_block=1, warmup_steps=2,
+                checkpoint_every=2, sample_every=1000)
+    return ToyTrainConfig(out_dir=str(out), steps=steps, **(tiny | kw))
+
+
+def _weights(model_dir):
     from safetensors.torch import load_file
 
-    def cfg(out, steps):
-        return ToyTrainConfig(out_dir=str(out), steps=steps, batch_size=4, block_out_channels=[32, 32],
-                              layers_per_block=1, warmup_steps=2, checkpoint_every=2, sample_every=1000)
+    return load_file(str(model_dir / "diffusion_pytorch_model.safetensors"))
 
-    straight = train_toy(cfg(tmp_path / "a", 4))
-    train_toy(cfg(tmp_path / "b", 2))
-    resumed = train_toy(cfg(tmp_path / "b", 4))  # picks up the step-2 checkpoint
-    a = load_file(str(straight / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(resumed / "diffusion_pytorch_model.safetensors"))
+
+@pytest.mark.parametrize("skip_dropout", [0.0, 0.5])
+def test_training_is_reproducible_and_resumes_exactly(tmp_path, skip_dropout):
+    from pipeline.toyfaces.train_ddpm import train_toy
+
+    straight = train_toy(_tiny_train_cfg(tmp_path / "a", 4, skip_dropout=skip_dropout))
+    train_toy(_tiny_train_cfg(tmp_path / "b", 2, skip_dropout=skip_dropout))
+    resumed = train_toy(_tiny_train_cfg(tmp_path / "b", 4, skip_dropout=skip_dropout))  # picks up the step-2 checkpoint
+    a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "scheduler_config.json").exists() and (straight / "model_index.json").exists()
     from pipeline import HSpaceModel
 
     m = HSpaceModel.from_pretrained(str(straight), num_inference_steps=2, device="cpu")
     assert m.h_shape == (32, 16, 16)  # two levels: one downsampling of the 32x32 input
+    assert not any(b._forward_hooks for b in m.unet.down_blocks), "the saved model is a plain UNet2DModel"
+
+
+def test_skip_dropout_zeroes_the_skips_of_masked_samples_only():
+    """Masked samples reach the up blocks with every down-block skip zero (the conv_in skip
+    stays); unmasked ones, and every sample once the mask is cleared, run the plain U-Net."""
+    from conftest import make_tiny_unet
+    from pipeline.toyfaces.train_ddpm import SkipDropout
+
+    unet = make_tiny_unet(size=32)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    with torch.no_grad():
+        plain = unet(x, t).sample
+        seen = []
+        grab = [u.register_forward_pre_hook(lambda m, a: seen.append(a[1])) for u in unet.up_blocks]
+        dropout = SkipDropout(unet)
+        dropout.mask = torch.tensor([True, False])  # keep sample 0's skips, drop sample 1's
+        dropped = unet(x, t).sample
+        dropout.mask = None
+        cleared = unet(x, t).sample
+    for g in grab:
+        g.remove()
+    groups = seen[:len(unet.up_blocks)]
+    conv_in_skip = groups[-1][0]  # the first entry of the down path reaches the last up block first
+    skips = [s for group in groups for s in group]
+    assert len(skips) == 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in unet.down_blocks)
+    down_skips = [s for s in skips if s is not conv_in_skip]
+    assert all(float(s[1].abs().max()) == 0 for s in down_skips) and float(conv_in_skip[1].abs().max()) > 0
+    assert all(float(s[0].abs().max()) > 0 for s in skips)
+    torch.testing.assert_close(dropped[0], plain[0])
+    assert (dropped[1] - plain[1]).abs().max() > 1e-3
+    torch.testing.assert_close(cleared, plain, rtol=0, atol=0)
+    dropout.remove()
+    assert not any(b._forward_hooks for b in unet.down_blocks)
+
+
+def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_path):
+    """Phase 2 (finetune-toy) starts from phase 1's EMA weights; a missing or differently
+    shaped model is a ConfigError naming init_from, before any training."""
+    from pipeline.errors import ConfigError
+    from pipeline.toyfaces.train_ddpm import ToyDDPM, train_toy
+
+    first = train_toy(_tiny_train_cfg(tmp_path / "a", 2))
+    module = ToyDDPM(_tiny_train_cfg(tmp_path / "b", 2, init_from=str(first), seed=5))
+    saved = _weights(first)
+    for name, p in module.unet.state_dict().items():
+        assert torch.equal(p, saved[name].float()), name
+    assert module.ema.state_dict().keys() == module.unet.state_dict().keys()
+    with pytest.raises(ConfigError, match="init_from=.*no exported model"):
+        ToyDDPM(_tiny_train_cfg(tmp_path / "c", 2, init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="init_from=.*another architecture"):
+        ToyDDPM(_tiny_train_cfg(tmp_path / "c", 2, init_from=str(first), layers_per_block=2))
 
 
 def test_validate_toy_runs_and_writes_json():

@@ -160,36 +160,38 @@ def render_face(**factors: float) -> np.ndarray:
     d.ellipse(box(cx - 31, -34, cx + 31, 48), fill=SKIN)
     d.chord(box(cx - 34, -42, cx + 34, 12), 180, 360, fill=hair_rgb)
 
-    # eyes: big whites whose height is the openness, dark pupils looking along the yaw
-    eye_y, ry = 0, 1.5 + 10 * eye_open
+    # eyes: big whites whose height is the openness, each nearly filled by a dark iris that
+    # grows with it, so that openness is a large dark area (open: two dark discs about 6 px
+    # across at 32x32; closed: a thin line) and not only a pale white one
+    eye_y, ry = 0, 1.5 + 12.5 * eye_open
     for side in (-1, 1):
-        ex = fx + side * 13
-        rx = 10.5 * (1 - 0.3 * max(0.0, side * -yaw))  # the far eye narrows
+        ex = fx + side * 15
+        rx = 12.5 * (1 - 0.3 * max(0.0, side * -yaw))  # the far eye narrows
         d.ellipse(box(ex - rx, eye_y - ry, ex + rx, eye_y + ry), fill=(250, 250, 250), outline=INK, width=4)
-        pr = min(5.0, ry)
+        pr = min(9.0, ry, rx - 2)
         px = ex + 3 * yaw
         d.ellipse(box(px - pr, eye_y - pr, px + pr, eye_y + pr), fill=INK)
         if glasses:
-            d.ellipse(box(ex - 15, eye_y - 14, ex + 15, eye_y + 14), outline=INK, width=6)
+            d.ellipse(box(ex - 16.5, eye_y - 16, ex + 16.5, eye_y + 16), outline=INK, width=6)
     if glasses:
-        d.line(at(fx - 1, eye_y - 2) + at(fx + 1, eye_y - 2), fill=INK, width=6)
-        d.line(at(fx - 28, eye_y - 3) + at(cx - 31, eye_y - 5), fill=INK, width=5)
-        d.line(at(fx + 28, eye_y - 3) + at(cx + 31, eye_y - 5), fill=INK, width=5)
+        d.line(at(fx - 1.5, eye_y - 2) + at(fx + 1.5, eye_y - 2), fill=INK, width=6)
+        d.line(at(fx - 31.5, eye_y - 3) + at(cx - 33, eye_y - 5), fill=INK, width=5)
+        d.line(at(fx + 31.5, eye_y - 3) + at(cx + 33, eye_y - 5), fill=INK, width=5)
 
-    # nose: a short wedge pointing along the yaw
-    d.polygon([at(fx - 4, 8), at(fx + 4, 8), at(fx + 10 * yaw, 20)], fill=(206, 150, 120))
+    # nose: a short wedge pointing along the yaw, below the eyes
+    d.polygon([at(fx - 4, 14), at(fx + 4, 14), at(fx + 9 * yaw, 24)], fill=(206, 150, 120))
 
     # mouth: corners rise by 5 units for smile=+1 and drop for -1 (a thick arc); a smile also
     # opens the mouth into a dark crescent with a band of teeth whose height grows with the
     # smile, so that smiling is an area of the face and not only a 1-pixel bend at 32x32
     u = np.linspace(-1, 1, 25)
     bulge = 1 - u**2
-    half = 18 + 4 * max(smile, 0.0)
+    half = 18 + 6 * max(smile, 0.0)
     corner = 31 - 5 * smile
     upper = corner + 5 * smile * bulge
     if smile > 0:
-        lower = upper + 14 * smile * bulge
-        teeth = upper + 8 * smile * bulge
+        lower = upper + 15 * smile * bulge
+        teeth = upper + 9 * smile * bulge
         xs = fx + half * u
         d.polygon([at(x, y) for x, y in zip(xs, upper)] + [at(x, y) for x, y in zip(xs[::-1], lower[::-1])],
                   fill=MOUTH_INSIDE)

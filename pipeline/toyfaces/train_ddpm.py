@@ -64,15 +64,60 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def initial_unet(cfg: ToyTrainConfig) -> UNet2DModel:
+    """Random weights from the seed, or (``init_from``) an exported model's weights in float32,
+    which must have the configured architecture."""
+    torch.manual_seed(cfg.seed)  # initial weights only; batches have their own generators
+    unet = build_unet(cfg)
+    if cfg.init_from is None:
+        return unet
+    from ..errors import ConfigError
+
+    src = Path(cfg.init_from)
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from!r}: no exported model there (config.json missing); "
+                          "run the phase it starts from first (hspace train-toy) or point it at a model directory")
+    loaded = UNet2DModel.from_pretrained(src, torch_dtype=torch.float32)
+    try:
+        unet.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"init_from={cfg.init_from!r} has another architecture than block_out_channels="
+                          f"{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}: {str(e)[:200]}") from None
+    return unet
+
+
+class SkipDropout:
+    """Forward hooks on the U-Net's down blocks that multiply their skip outputs by a
+    per-sample mask, (B,) of 1 (keep) or 0 (drop), while one is set: for a dropped sample the
+    decoder sees no down-block skip (conv_in's stays) and must draw the face from h.
+    ``mask=None`` leaves the U-Net as is."""
+
+    def __init__(self, unet: UNet2DModel):
+        self.mask: torch.Tensor | None = None
+        self.handles = [b.register_forward_hook(self._hook) for b in unet.down_blocks]
+
+    def _hook(self, module, inputs, output):
+        if self.mask is None:
+            return output
+        hidden, skips = output
+        m = self.mask.view(-1, 1, 1, 1).to(hidden.dtype)
+        return hidden, tuple(s * m for s in skips)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class ToyDDPM(L.LightningModule):
-    """Epsilon-prediction DDPM with min-SNR loss weighting and an EMA copy of the weights."""
+    """v- or eps-prediction DDPM with min-SNR loss weighting, an EMA copy of the weights and
+    optional skip dropout."""
 
     def __init__(self, cfg: ToyTrainConfig):
         super().__init__()
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)  # initial weights only; batches have their own generators
-        self.unet = build_unet(cfg)
+        self.unet = initial_unet(cfg)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.skip_dropout = SkipDropout(self.unet) if cfg.skip_dropout > 0 else None
         self.noise_scheduler = build_scheduler(cfg)
         acp = self.noise_scheduler.alphas_cumprod
         self.register_buffer("snr", acp / (1 - acp), persistent=False)
@@ -84,7 +129,13 @@ class ToyDDPM(L.LightningModule):
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(self.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
-        pred = self.unet(xt, t).sample
+        if self.skip_dropout is not None:
+            self.skip_dropout.mask = (torch.rand(x0.shape[0], generator=g) >= self.cfg.skip_dropout).to(self.device)
+        try:
+            pred = self.unet(xt, t).sample
+        finally:
+            if self.skip_dropout is not None:
+                self.skip_dropout.mask = None
         if self.cfg.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(x0, noise, t)
             weight = torch.clamp(self.snr[t], max=self.cfg.min_snr_gamma) / (self.snr[t] + 1)  # min-SNR for v
@@ -214,8 +265,16 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
 
 
 def run_train_toy(cfg) -> Path:
-    """CLI entry: ``hspace train-toy [train_toy.key=value ...]``."""
+    """CLI entry: ``hspace train-toy [train_toy.key=value ...]``, phase 1 of the embedded default."""
     out = train_toy(cfg.train_toy)
-    print(f"trained model: {out} (float16 copy: {out.parent / 'model-fp16'}; the embedded default "
+    print(f"trained model: {out} (float16 copy: {out.parent / 'model-fp16'}); phase 2: hspace finetune-toy")
+    return out
+
+
+def run_finetune_toy(cfg) -> Path:
+    """CLI entry: ``hspace finetune-toy [finetune_toy.key=value ...]``, phase 2: the phase-1
+    model fine-tuned with skip dropout."""
+    out = train_toy(cfg.finetune_toy)
+    print(f"fine-tuned model: {out} (float16 copy: {out.parent / 'model-fp16'}; the embedded default "
           f"is that copy in pipeline/assets/toyfaces-ddpm)")
     return out
