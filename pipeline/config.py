@@ -224,8 +224,8 @@ class ToyTrainConfig:
 
 def _finetune_toy() -> "ToyTrainConfig":
     """Phase 2 of the embedded default: the phase-1 model fine-tuned with skip dropout."""
-    return ToyTrainConfig(out_dir="runs/finetune-toy", init_from="runs/train-toy/model", steps=800, lr=3e-4,
-                          warmup_steps=0, ema_decay=0.995, seed=1, skip_dropout=0.5,
+    return ToyTrainConfig(out_dir="runs/finetune-toy", init_from="runs/train-toy/model", steps=1000, lr=3e-4,
+                          warmup_steps=0, ema_decay=0.995, seed=1, skip_dropout=0.75,
                           checkpoint_every=100, sample_every=400)
 
 
