@@ -26,7 +26,7 @@ from .errors import ConfigError
 class ModelConfig:
     name_or_path: str = "toyfaces"  # embedded name, local save_pretrained folder, or hub id
     num_inference_steps: int = 20  # T
-    eta: Any = 1.0  # 0 = DDIM, 1 = DDPM-like (the paper's default; h edits act more strongly), or a list of T values
+    eta: Any = 0.0  # 0 = DDIM (the embedded default), 1 = DDPM-like (the paper; conf.paper.yaml), or a list of T values
     hook: str = "after"  # where h lives: "after" (mid-block output) or "before" (its input)
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: Optional[str] = None  # null: cuda if available, else cpu (stages: set by the trainer)

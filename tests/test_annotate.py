@@ -106,7 +106,7 @@ def test_refuses_other_annotators_and_other_samples(samples_run, tmp_path, tiny_
     import shutil
 
     shutil.rmtree(run / "samples")
-    hspace("generate", run, tiny_model_dir, "generate.num_samples=24", "generate.batch_size=6", "model.eta=0.0")
+    hspace("generate", run, tiny_model_dir, "generate.num_samples=24", "generate.batch_size=6", "model.eta=0.5")
     out = hspace("annotate", run, tiny_model_dir, *ANN, check=False)
     assert out.returncode == 2 and "different samples dataset" in out.stderr
     with pytest.raises(DatasetError, match="different samples dataset"):

@@ -119,7 +119,7 @@ def test_conflicting_configuration_is_refused(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     generate(run, tiny_model_dir, "generate.num_samples=4", "generate.batch_size=2")
     shards = sorted((run / "samples" / "shards").iterdir())
-    out = generate(run, tiny_model_dir, "generate.num_samples=4", "model.eta=0.0", check=False)
+    out = generate(run, tiny_model_dir, "generate.num_samples=4", "model.eta=0.5", check=False)
     assert out.returncode == 2
     assert "different configuration" in out.stderr and "eta" in out.stderr
     assert sorted((run / "samples" / "shards").iterdir()) == shards

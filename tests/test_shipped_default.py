@@ -77,7 +77,7 @@ def test_samples_have_the_renderers_factor_statistics(samples, renders, annotato
 def test_samples_are_faces_not_noise(samples, renders):
     """The render-consistency error (re-render the factors the annotator reads, compare) of
     samples is small in absolute terms and far below that of the same images with their spatial
-    structure destroyed (pixels shuffled). Measured: samples 0.024, renders 0.004, shuffled 0.23."""
+    structure destroyed (pixels shuffled). Measured: samples 0.027, renders 0.005, shuffled 0.24."""
     out, _ = samples
     consistency = ToyConsistency()
     err = consistency(out.images)["render_error"].median()
@@ -88,7 +88,7 @@ def test_samples_are_faces_not_noise(samples, renders):
 
 def test_ddim_inversion_round_trip(model):
     """validate-toy's bar on 32 faces is 30 dB; one fixed-point iteration per step reaches it
-    (measured on 32: 28.9 dB plain, 33.4 dB with k=1)."""
+    (measured on 32: 27.8 dB plain, 32.5 dB with k=1; on these 8: 27.4 and 32.8)."""
     plain = inversion_round_trip(model, n=8, seed=7)
     refined = inversion_round_trip(model, n=8, seed=7, fixed_point_iterations=1)
     assert refined["psnr_mean"] >= 31.0 and refined["psnr_mean"] >= plain["psnr_mean"] + 2.0, (plain, refined)
@@ -108,17 +108,12 @@ def edit_effects(model, samples, annotator):
     return {name: r["mean_change"] for name, r in result.items()}
 
 
-#: The fraction of the bar each factor's edit must reach here. eye_open is the embedded default's
-#: weak factor (validate-toy: 0.35 of the bar; issue 4 stays open on it): its floor is lower.
-FLOOR = {"eye_open": 0.12}
-
-
 @pytest.mark.parametrize("factor", [f.name for f in EDITED])
 def test_every_factor_is_editable_in_h(edit_effects, factor):
-    """The edit moves its factor's mean in the intended sign by a quarter of the issue's bar (one
+    """The edit moves its factor's mean in the intended sign by half the issue's bar (one
     renderer std, half the range for binary factors). Measured with these 64 samples and 8 seeds
-    (fractions of the bar): smile 1.05, eye_open 0.24, glasses 0.75, hat 1.50, yaw 1.05, hair 1.10;
+    (fractions of the bar): smile 1.60, eye_open 1.70, glasses 1.00, hat 1.25, yaw 1.02, hair 1.58;
     validate-toy measures the full version (50 of 512 samples, 32 seeds)."""
     f = next(x for x in FACTORS if x.name == factor)
     bar = 0.5 if f.kind == "binary" else f.std
-    assert edit_effects[factor] >= FLOOR.get(factor, 0.25) * bar, (factor, edit_effects)
+    assert edit_effects[factor] >= 0.5 * bar, (factor, edit_effects)
