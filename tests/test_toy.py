@@ -144,8 +144,9 @@ def test_skip_dropout_zeroes_the_skips_of_masked_samples_only():
 
 
 def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_path):
-    """Phase 2 (finetune-toy) starts from phase 1's EMA weights; a missing or differently
-    shaped model is a ConfigError naming init_from, before any training."""
+    """Phase 2 (finetune-toy) starts from phase 1's EMA weights and resumes from its own
+    checkpoint without them; a missing or differently shaped model is a ConfigError naming
+    init_from, before any training."""
     from pipeline.errors import ConfigError
     from pipeline.toyfaces.train_ddpm import ToyDDPM, train_toy
 
@@ -155,6 +156,16 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
     for name, p in module.unet.state_dict().items():
         assert torch.equal(p, saved[name].float()), name
     assert module.ema.state_dict().keys() == module.unet.state_dict().keys()
+    # phase 2 resumes from its own checkpoint even after phase 1's model is gone
+    straight = train_toy(_tiny_train_cfg(tmp_path / "d", 4, init_from=str(first), seed=5, skip_dropout=0.5))
+    train_toy(_tiny_train_cfg(tmp_path / "e", 2, init_from=str(first), seed=5, skip_dropout=0.5))
+    import shutil
+
+    moved = shutil.move(str(first), str(tmp_path / "moved"))
+    resumed = train_toy(_tiny_train_cfg(tmp_path / "e", 4, init_from=str(first), seed=5, skip_dropout=0.5))
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.move(moved, str(first))
     with pytest.raises(ConfigError, match="init_from=.*no exported model"):
         ToyDDPM(_tiny_train_cfg(tmp_path / "c", 2, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="init_from=.*another architecture"):

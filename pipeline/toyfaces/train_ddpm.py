@@ -64,24 +64,24 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def initial_unet(cfg: ToyTrainConfig) -> UNet2DModel:
-    """Random weights from the seed, or (``init_from``) an exported model's weights in float32,
-    which must have the configured architecture."""
+def initial_unet(cfg: ToyTrainConfig, init_from: str | None) -> UNet2DModel:
+    """Random weights from the seed, or (``init_from``, an exported model directory) that
+    model's weights in float32, which must have the configured architecture."""
     torch.manual_seed(cfg.seed)  # initial weights only; batches have their own generators
     unet = build_unet(cfg)
-    if cfg.init_from is None:
+    if init_from is None:
         return unet
     from ..errors import ConfigError
 
-    src = Path(cfg.init_from)
+    src = Path(init_from)
     if not (src / "config.json").is_file():
-        raise ConfigError(f"init_from={cfg.init_from!r}: no exported model there (config.json missing); "
+        raise ConfigError(f"init_from={init_from!r}: no exported model there (config.json missing); "
                           "run the phase it starts from first (hspace train-toy) or point it at a model directory")
     loaded = UNet2DModel.from_pretrained(src, torch_dtype=torch.float32)
     try:
         unet.load_state_dict(loaded.state_dict())
     except RuntimeError as e:
-        raise ConfigError(f"init_from={cfg.init_from!r} has another architecture than block_out_channels="
+        raise ConfigError(f"init_from={init_from!r} has another architecture than block_out_channels="
                           f"{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}: {str(e)[:200]}") from None
     return unet
 
@@ -112,10 +112,11 @@ class ToyDDPM(L.LightningModule):
     """v- or eps-prediction DDPM with min-SNR loss weighting, an EMA copy of the weights and
     optional skip dropout."""
 
-    def __init__(self, cfg: ToyTrainConfig):
+    def __init__(self, cfg: ToyTrainConfig, resuming: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.unet = initial_unet(cfg)
+        # a resumed run's weights come from its checkpoint: init_from need not exist any more
+        self.unet = initial_unet(cfg, init_from=None if resuming else cfg.init_from)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.skip_dropout = SkipDropout(self.unet) if cfg.skip_dropout > 0 else None
         self.noise_scheduler = build_scheduler(cfg)
@@ -244,7 +245,7 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    module = ToyDDPM(cfg)
+    module = ToyDDPM(cfg, resuming=last.exists())
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator="auto",
