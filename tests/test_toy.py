@@ -170,6 +170,9 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
         ToyDDPM(_tiny_train_cfg(tmp_path / "c", 2, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="init_from=.*another architecture"):
         ToyDDPM(_tiny_train_cfg(tmp_path / "c", 2, init_from=str(first), layers_per_block=2))
+    with pytest.raises(ConfigError, match="init_from="):
+        train_toy(_tiny_train_cfg(tmp_path / "f", 2, init_from=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "f").exists(), "a refused run writes nothing"
 
 
 def test_validate_toy_runs_and_writes_json():

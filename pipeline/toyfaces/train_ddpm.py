@@ -242,10 +242,10 @@ class _Export(L.Callback):
 def train_toy(cfg: ToyTrainConfig) -> Path:
     """Train (or resume) and return the exported model directory."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    module = ToyDDPM(cfg, resuming=last.exists())
+    module = ToyDDPM(cfg, resuming=last.exists())  # a bad init_from fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator="auto",
