@@ -189,9 +189,48 @@ def test_validate_toy_runs_and_writes_json():
 
     model = HSpaceModel(make_tiny_unet(size=32), DDIMScheduler(), num_inference_steps=3)
     r = validate(model, ToyFaceAnnotator(), n_samples=8, n_edit=2, n_top=2)
-    assert set(r) == {"factors", "hf_energy", "editability", "inversion", "settings"}
+    assert set(r) == {"factors", "correlations", "hf_energy", "editability", "inversion", "settings"}
     assert set(r["inversion"]) == {"fixed_point_iterations=0", "fixed_point_iterations=1"}
     json.dumps(r)
+
+
+def test_correlation_statistics_finds_a_lost_entanglement():
+    """Renders that correlate glasses with hair against 'samples' that do not: the renders' r
+    falls outside the samples' interval (not reproduced); samples drawn like the renders
+    reproduce it. The interval is Fisher's: r = 0.5 at N = 403 gives tanh(atanh(0.5) -+ 1.96/20)."""
+    from pipeline.toyfaces.validate import correlation_statistics, pearson_interval
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g)
+    renders = {"glasses": x, "hair": 0.6 * x + 0.8 * torch.randn(4000, generator=g)}
+    lost = {"glasses": torch.randn(500, generator=g), "hair": torch.randn(500, generator=g)}
+    kept = {k: v[:500] for k, v in renders.items()}
+    r = correlation_statistics(lost, renders, {"glasses~hair": 0.4})["glasses~hair"]
+    assert abs(r["r_renders"] - 0.6) < 0.03 and abs(r["r_samples"]) < 0.1 and r["ok"] is False
+    assert correlation_statistics(kept, renders, {"glasses ~ hair": 0.4})["glasses ~ hair"]["ok"] is True
+    y = 0.5 * x[:403] + (0.75 ** 0.5) * torch.randn(403, generator=g)
+    r, low, high = pearson_interval(x[:403], y)
+    assert low < r < high
+    assert low == pytest.approx(np.tanh(np.arctanh(r) - 1.959964 / 20), abs=1e-6)
+    assert high == pytest.approx(np.tanh(np.arctanh(r) + 1.959964 / 20), abs=1e-6)
+
+
+def test_validate_toy_takes_the_correlations_the_model_was_trained_with(tmp_path):
+    """The model's training.json, not the configuration's train_toy section, says what the
+    samples should reproduce; a model without one falls back to train_toy.correlations."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.toyfaces.validate import training_correlations
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "training.json").write_text(json.dumps({"config": {"correlations": {"smile~yaw": -0.3}}}))
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'm'}"])
+    assert training_correlations(cfg) == {"smile~yaw": -0.3}
+    (tmp_path / "bare").mkdir()
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'bare'}", "train_toy.correlations={hat~hair: 0.2}"])
+    assert training_correlations(cfg) == {"hat~hair": 0.2}
+    assert training_correlations(load_config(None, ["model.name_or_path=toyfaces"])) == {"glasses~hair": 0.4}
 
 
 def test_out_of_range_factors_are_drawn_as_the_nearest_valid_face():

@@ -11,12 +11,17 @@ Figures (printed and saved as JSON):
   annotated samples, per step, chosen as the select stage chooses them) applied at a fixed
   scale to new seeds must move the factor's mean by at least one renderer standard deviation
   (half the range for binary factors) in the intended sign;
-- DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB).
+- DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB);
+- correlations: for every pair the training data correlates (``train_toy.correlations``), the
+  Pearson r of the two factors as the annotator reads them, samples against renders, with a 95%
+  interval for the samples' r (Fisher z): the entanglement the disentanglement experiment is
+  meant to remove is only there if the model reproduced it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +72,30 @@ def factor_statistics(sample_scores: dict, render_scores: dict) -> dict:
     return out
 
 
+def pearson_interval(x: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> tuple[float, float, float]:
+    """Pearson r of two (N,) series and its ``level`` interval (Fisher z, normal approximation)."""
+    from scipy.stats import norm
+
+    x, y = x.double().flatten(), y.double().flatten()
+    r = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    half = float(norm.ppf((1 + level) / 2)) / np.sqrt(max(len(x) - 3, 1))
+    z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    return r, float(np.tanh(z - half)), float(np.tanh(z + half))
+
+
+def correlation_statistics(sample_scores: dict, render_scores: dict, correlations) -> dict:
+    """Per correlated pair 'a~b': r in the samples (with its 95% interval) and in the renders;
+    ``reproduced`` when the renders' r lies inside the samples' interval."""
+    out = {}
+    for key in correlations or {}:
+        a, b = (part.strip() for part in key.split("~"))
+        r, low, high = pearson_interval(sample_scores[a], sample_scores[b])
+        r_renders = float(torch.corrcoef(torch.stack([render_scores[a].double(), render_scores[b].double()]))[0, 1])
+        out[key] = {"r_samples": r, "r_samples_low": low, "r_samples_high": high, "r_renders": r_renders,
+                    "ok": bool(low <= r_renders <= high)}
+    return out
+
+
 def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, new_seeds, n: int = 50,
                 scale: float = 1.0, resolution: float = 0.0) -> dict:
     """Per factor: the top-n minus bottom-n direction (``select_top_bottom`` at ``resolution``)
@@ -109,6 +138,7 @@ def validate(model: HSpaceModel, annotator, n_samples: int = 512, n_edit: int = 
     hf_s, hf_r = hf_energy(images), hf_energy(renders)
     return {
         "factors": factor_statistics(scores, render_scores),
+        "correlations": correlation_statistics(scores, render_scores, correlations),
         "hf_energy": {"samples": hf_s, "renders": hf_r, "ratio": hf_s / hf_r, "ok": bool(abs(hf_s / hf_r - 1) <= 0.25)},
         "editability": editability(model, annotator, h, scores, range(10**6, 10**6 + n_edit), n_top, edit_scale,
                                    resolution),
@@ -137,17 +167,33 @@ def samples_vs_renders_figure(model: HSpaceModel, path, n: int = 48, correlation
     return save_figure(fig, path)
 
 
+def training_correlations(cfg) -> dict:
+    """The factor correlations the model was trained with: its ``training.json`` (written by
+    train-toy / finetune-toy), else ``train_toy.correlations``."""
+    import json
+
+    from ..loading import resolve
+
+    location, is_local = resolve(cfg.model.name_or_path)
+    record = Path(location) / "training.json"
+    if is_local and record.exists():
+        return dict(json.loads(record.read_text())["config"].get("correlations") or {})
+    return dict(cfg.train_toy.correlations)
+
+
 def run_validate_toy(cfg) -> dict:
     from annotators.toy import ToyFaceAnnotator
 
     model = HSpaceModel.from_config(cfg.model)
+    correlations = training_correlations(cfg)
     result = validate(model, ToyFaceAnnotator(), n_top=cfg.select.n, edit_scale=cfg.evaluate.scale,
-                      correlations=dict(cfg.train_toy.correlations), resolution=cfg.select.resolution)
+                      correlations=correlations, resolution=cfg.select.resolution)
     out = write_json_atomic(Path(cfg.run_dir) / "validate-toy.json", result)
-    figure = samples_vs_renders_figure(model, out.with_suffix(".png"), correlations=dict(cfg.train_toy.correlations))
-    for section in ("factors", "editability"):
+    figure = samples_vs_renders_figure(model, out.with_suffix(".png"), correlations=correlations)
+    for section in ("factors", "correlations", "editability"):
         for name, r in result[section].items():
-            print(f"{section:12s} {name:9s} {'OK ' if r['ok'] else 'LOW'} " +
+            verdict = "OK " if r["ok"] else ("OFF" if section == "correlations" else "LOW")
+            print(f"{section:12s} {name:9s} {verdict} " +
                   " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
     for section, r in [("hf_energy", result["hf_energy"])] + [(f"inversion {k}", v) for k, v in result["inversion"].items()]:
         print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
