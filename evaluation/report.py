@@ -280,7 +280,7 @@ def build_report(run_dir, cfg=None) -> Path:
                                         for k, v in prov.items()) + "</tbody></table>")
     if cfg is not None:
         page.add("<details><summary>Full configuration (conf.yaml as resolved)</summary><pre>"
-                 f"{html.escape(OmegaConf.to_yaml(cfg))}</pre></details>")
+                 f"{html.escape(OmegaConf.to_yaml(cfg, resolve=True))}</pre></details>")
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))

@@ -39,7 +39,7 @@ STAGES: dict[str, tuple[str, str]] = {
 def print_config(cfg) -> None:
     from omegaconf import OmegaConf
 
-    print(OmegaConf.to_yaml(cfg), end="")
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -222,11 +222,18 @@ class ToyTrainConfig:
     init_from: Optional[str] = None
 
 
+#: what phase 2 must share with phase 1 (the model and the data): interpolated from train_toy,
+#: so that one override of train_toy reaches both phases
+_PHASE_1_KEYS = ("batch_size", "min_snr_gamma", "block_out_channels", "layers_per_block", "correlations",
+                 "prediction_type", "beta_schedule", "timestep_spacing")
+
+
 def _finetune_toy() -> "ToyTrainConfig":
     """Phase 2 of the embedded default: the phase-1 model fine-tuned with skip dropout."""
     return ToyTrainConfig(out_dir="runs/finetune-toy", init_from="runs/train-toy/model", steps=1000, lr=3e-4,
                           warmup_steps=0, ema_decay=0.995, seed=1, skip_dropout=0.75,
-                          checkpoint_every=100, sample_every=400)
+                          checkpoint_every=100, sample_every=400,
+                          **{k: "${train_toy.%s}" % k for k in _PHASE_1_KEYS})
 
 
 @dataclass

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from pipeline import HSpaceModel
 from pipeline.cli import main
-from pipeline.config import defaults, load_config, parse_overrides
+from pipeline.config import defaults, load_config, parse_overrides, to_dict
 from pipeline.errors import ConfigError, ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,20 @@ def test_missing_or_unreadable_model_errors(tmp_path):
 def test_conf_yaml_spells_out_exactly_the_defaults():
     shipped = yaml.safe_load((ROOT / "conf.yaml").read_text())
     assert shipped == OmegaConf.to_container(defaults())
+
+
+def test_finetune_toy_shares_phase_1s_model_and_data():
+    """Phase 2 must build the same U-Net on the same data as phase 1: its architecture, schedule
+    and correlations follow train_toy (one override reaches both), its own keys stay its own."""
+    cfg = load_config(ROOT / "conf.yaml", ["train_toy.layers_per_block=1", "train_toy.correlations={hat~yaw: 0.3}",
+                                           "train_toy.lr=0.01"])
+    ft = to_dict(cfg.finetune_toy)
+    assert ft["layers_per_block"] == 1 and ft["correlations"] == {"hat~yaw": 0.3}
+    assert ft["lr"] == 3e-4 and ft["skip_dropout"] == 0.75 and ft["init_from"] == "runs/train-toy/model"
+    assert {k: v for k, v in ft.items() if k in ("block_out_channels", "prediction_type", "beta_schedule")} == \
+        {k: v for k, v in to_dict(cfg.train_toy).items() if k in ("block_out_channels", "prediction_type", "beta_schedule")}
+    own = load_config(ROOT / "conf.yaml", ["finetune_toy.batch_size=8"])
+    assert own.finetune_toy.batch_size == 8 and own.train_toy.batch_size == 32
 
 
 def test_paper_config_is_valid():
