@@ -8,7 +8,8 @@ and the image-quality score before/after. From it:
   |mean score change| over a seed set, averaged over repeated seed sets (its spread across
   sets is the reported standard deviation); optionally in units of the attribute's standard
   deviation over the unedited samples, so attributes with different ranges compare;
-- the **strongest effect per row**, marked as in the paper's Table 1;
+- the **strongest effect per row**, marked as in the paper's Table 1; the same matrix signed
+  (which way each edit moves each attribute) beside it;
 - **PCA vs random** (paper Fig. 6 as a number): consistent attribute change per unit of pixel
   change, where the consistent change is |mean| corrected for its noise floor
   (``consistent_abs_mean``): a direction whose per-sample changes cancel has none;
@@ -26,14 +27,18 @@ def attribute_columns(per_sample: pd.DataFrame) -> list[str]:
     return [c[2:] for c in per_sample.columns if c.startswith("d_")]
 
 
-def effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = None,
+                  signed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(mean, std) matrices, index = direction (in order of appearance), columns = attributes.
 
     Entry = |mean over the seed set of the score change| / scale[attribute], then mean and std
-    across repeats (std is 0 with a single repeat)."""
+    across repeats (std is 0 with a single repeat). ``signed``: without the absolute value,
+    so that it shows which way an edit moves each attribute (a side effect that disentangling
+    over-corrects changes sign)."""
     attrs = attribute_columns(per_sample)
     scale = scale or {}
-    per_repeat = per_sample.groupby(["direction", "repeat"], sort=False)[[f"d_{a}" for a in attrs]].mean().abs()
+    per_repeat = per_sample.groupby(["direction", "repeat"], sort=False)[[f"d_{a}" for a in attrs]].mean()
+    per_repeat = per_repeat if signed else per_repeat.abs()
     per_repeat.columns = attrs
     for a in attrs:
         per_repeat[a] = per_repeat[a] / scale.get(a, 1.0)

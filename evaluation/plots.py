@@ -9,27 +9,32 @@ import pandas as pd
 from pipeline.figures import plt, save_figure
 
 
-def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out: Path, unit: str) -> Path:
+def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out: Path, unit: str,
+                    signed: bool = False) -> Path:
     """One heatmap per section (rows: applied direction, columns: measured attribute), values
-    written in the cells, the strongest effect of each row outlined."""
-    vmax = max(float(m.values.max()) for _, m, _ in sections) or 1.0
+    written in the cells, the strongest effect of each row outlined. ``signed``: signed
+    changes on a diverging scale centred on 0 (the strongest is the largest in magnitude)."""
+    vmax = max(float(np.abs(m.values).max()) for _, m, _ in sections) or 1.0
+    vmin, cmap = (-vmax, "RdBu_r") if signed else (0, "viridis")
     ncol = len(sections[0][1].columns)
     rows = [len(m) for _, m, _ in sections]
     fig, axes = plt.subplots(len(sections), 1, figsize=(1.6 + 0.75 * ncol, 1.2 + 0.38 * sum(rows) + 0.5 * len(sections)),
                              squeeze=False, layout="constrained", gridspec_kw={"height_ratios": rows})
     for ax, (title, mean, std) in zip(axes[:, 0], sections):
-        im = ax.imshow(mean.values, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        im = ax.imshow(mean.values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(ncol), mean.columns, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(mean.index)), mean.index, fontsize=8)
         ax.set_title(title, fontsize=9, loc="left")
-        best = mean.values.argmax(axis=1)
+        best = np.abs(mean.values).argmax(axis=1)
         for i in range(len(mean.index)):
             for j in range(ncol):
                 v = mean.values[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if v > 0.6 * vmax else "white", fontweight="bold" if j == best[i] else "normal")
+                light = abs(v) < 0.6 * vmax if signed else v > 0.6 * vmax  # is the cell's colour light?
+                ax.text(j, i, f"{v:+.2f}" if signed else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if light else "white", fontweight="bold" if j == best[i] else "normal")
             ax.add_patch(plt.Rectangle((best[i] - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#ff5a36", lw=2))
-    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.9, label="|mean change| (SD)" if "standard" in unit else "|mean change|")
+    label = "mean change" if signed else "|mean change|"
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.9, label=f"{label} (SD)" if "standard" in unit else label)
     return save_figure(fig, out)
 
 

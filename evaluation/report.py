@@ -204,6 +204,8 @@ def build_report(run_dir, cfg=None) -> Path:
                   f"scale {summary.get('scale')}. The strongest effect of each row is highlighted.")
         page.add(table1_html(table))
         page.image(ev / "table1.png", "Heatmaps of the same matrices; the strongest effect per row is outlined.")
+        page.image(ev / "table1_signed.png", "The same effects with their sign (table1_signed.csv): which way each edit "
+                   "moves each attribute. A side effect that disentangling over-corrects changes sign.")
         if (ev / "disentanglement.csv").exists():
             page.add("<h3>Disentanglement checks</h3>")
             d = pd.read_csv(ev / "disentanglement.csv")

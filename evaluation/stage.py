@@ -10,7 +10,8 @@ directions and as many norm-matched random directions are applied too (paper Fig
 
 ``Trainer.predict`` over (seed set, batch of seeds): one Parquet part per batch, resumable;
 rank 0 merges them into ``<run_dir>/evaluation/per_sample.parquet`` and writes
-``table1.csv``/``table1.md`` (paper layout, strongest effect per row in bold), the heatmaps,
+``table1.csv``/``table1.md`` (paper layout, strongest effect per row in bold), ``table1_signed.csv``
+(the same with signs), the heatmaps,
 ``pca_vs_random.csv`` and ``summary.json``.
 """
 from __future__ import annotations
@@ -204,6 +205,21 @@ def write_results(run_dir, ev_cfg, items) -> dict:
     return summarise(per_sample, ev_cfg, out)
 
 
+def table1_sections(keep: pd.DataFrame, scale: dict, signed: bool = False):
+    """[(title, mean, std)] for the original and disentangled families, and the same as one
+    table (family, direction, <attr>..., <attr>_std...)."""
+    sections, tables = [], []
+    for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
+        sub = keep[keep.family == family]
+        if sub.empty:
+            continue
+        mean, std = effect_matrix(sub, scale, signed=signed)
+        sections.append((title, mean, std))
+        tables.append(mean.join(std.add_suffix("_std")).rename_axis("direction").reset_index().assign(family=family))
+    table = pd.concat(tables, ignore_index=True)
+    return sections, table[["family", "direction"] + [c for c in table.columns if c not in ("family", "direction")]]
+
+
 def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     """Effect matrices, Table 1 (csv + markdown), heatmaps, PCA vs random, summary.json."""
     from .plots import effect_heatmaps, pca_vs_random_plot
@@ -219,19 +235,12 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     scale = {a: float(unedited[f"o_{a}"].std(ddof=1)) if ev_cfg.normalize else 1.0 for a in measured}
     keep = per_sample[["repeat", "seed", "direction", "family", "pixel_change", "quality_before", "quality_after"]
                       + [f"d_{a}" for a in measured]]
-    sections, tables, families = [], [], dict(zip(per_sample.direction, per_sample.family))
-    for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
-        sub = keep[keep.family == family]
-        if sub.empty:
-            continue
-        mean, std = effect_matrix(sub, scale)
-        sections.append((title, mean, std))
-        tables.append(mean.join(std.add_suffix("_std")).rename_axis("direction").reset_index()
-                      .assign(family=family))
+    families = dict(zip(per_sample.direction, per_sample.family))
+    sections, table = table1_sections(keep, scale)
+    signed_sections, signed_table = table1_sections(keep, scale, signed=True)
     unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
-    table = pd.concat(tables, ignore_index=True)
-    table[["family", "direction"] + [c for c in table.columns if c not in ("family", "direction")]].to_csv(
-        out / "table1.csv", index=False)
+    table.to_csv(out / "table1.csv", index=False)
+    signed_table.to_csv(out / "table1_signed.csv", index=False)
     (out / "table1.md").write_text(table1_markdown(sections, unit))
     all_mean = pd.concat([s[1] for s in sections])
     rows = keep[keep.family.isin(["original", "disentangled"])]
@@ -245,6 +254,7 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         pvr.to_csv(out / "pca_vs_random.csv", index=False)
         pca_vs_random_plot(pvr, out / "pca_vs_random.png")
     effect_heatmaps(sections, out / "table1.png", unit)
+    effect_heatmaps(signed_sections, out / "table1_signed.png", unit, signed=True)
     summary = {
         "num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
         "scorer": ev_cfg.scorer, "measured": measured, "unit": unit,

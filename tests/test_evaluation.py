@@ -35,6 +35,16 @@ def test_effect_matrix_of_known_responses():
     assert list(strongest(scaled)) == ["b", "a"]  # ties resolve to the first column
 
 
+def test_signed_effect_matrix_keeps_the_direction_of_change():
+    """Signed: a moves b down by 2 in both sets (-2, not 2); a|b moves b by +0.5 in one set and
+    -0.5 in the other, which averages to 0 (spread 0.71), where the unsigned entry is 0.5."""
+    mean, std = effect_matrix(known_table(), signed=True)
+    np.testing.assert_allclose(mean.values, [[2.0, -2.0], [2.0, 0.0]])
+    np.testing.assert_allclose(std.values, [[np.std([1, 3], ddof=1), 0.0], [0.0, np.std([0.5, -0.5], ddof=1)]])
+    scaled, _ = effect_matrix(known_table(), {"a": 2.0, "b": 0.5}, signed=True)
+    np.testing.assert_allclose(scaled.values, [[1.0, -4.0], [1.0, 0.0]])
+
+
 def test_disentanglement_summary_and_markdown():
     mean, std = effect_matrix(known_table())
     summary = disentanglement_summary(mean, {"a": "original", "a|b": "disentangled"}).set_index("direction")
@@ -187,7 +197,10 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
                             {a: per.drop_duplicates(["repeat", "seed"])[f"o_{a}"].std(ddof=1) for a in ("bright", "red")})
     np.testing.assert_allclose(table.loc[["bright", "red"], ["bright", "red"]].values, mean.values, rtol=1e-6)
     assert list(table.family) == ["original", "original", "disentangled"]
-    for name in ("table1.md", "table1.png", "summary.json", "image_change.csv"):
+    signed = pd.read_csv(run / "evaluation" / "table1_signed.csv").set_index("direction")
+    assert list(signed.index) == list(table.index) and list(signed.columns) == list(table.columns)
+    assert (signed[["bright", "red"]].abs() <= table[["bright", "red"]] + 1e-9).all().all()  # |mean of x| <= mean of |x|
+    for name in ("table1.md", "table1.png", "table1_signed.csv", "table1_signed.png", "summary.json", "image_change.csv"):
         assert (run / "evaluation" / name).exists()
     assert summary["measured"] == ["bright", "red"]
     checks = pd.read_csv(run / "evaluation" / "disentanglement.csv").set_index("direction")
