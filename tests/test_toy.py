@@ -221,6 +221,7 @@ def test_validate_toy_takes_the_correlations_the_model_was_trained_with(tmp_path
     import json
 
     from pipeline.config import load_config
+    from pipeline.errors import ModelLoadError
     from pipeline.toyfaces.validate import training_correlations
 
     (tmp_path / "m").mkdir()
@@ -231,6 +232,9 @@ def test_validate_toy_takes_the_correlations_the_model_was_trained_with(tmp_path
     cfg = load_config(None, [f"model.name_or_path={tmp_path / 'bare'}", "train_toy.correlations={hat~hair: 0.2}"])
     assert training_correlations(cfg) == {"hat~hair": 0.2}
     assert training_correlations(load_config(None, ["model.name_or_path=toyfaces"])) == {"glasses~hair": 0.4}
+    (tmp_path / "m" / "training.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="training.json is not a train-toy training record"):
+        training_correlations(load_config(None, [f"model.name_or_path={tmp_path / 'm'}"]))
 
 
 def test_out_of_range_factors_are_drawn_as_the_nearest_valid_face():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelLoadError
 from ..images import from_uint8
 from ..model import HSpaceModel
 from ..samples import write_json_atomic
@@ -177,7 +178,11 @@ def training_correlations(cfg) -> dict:
     location, is_local = resolve(cfg.model.name_or_path)
     record = Path(location) / "training.json"
     if is_local and record.exists():
-        return dict(json.loads(record.read_text())["config"].get("correlations") or {})
+        try:
+            return dict(json.loads(record.read_text())["config"].get("correlations") or {})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{record} is not a train-toy training record (JSON with a 'config' mapping); "
+                                 f"restore it from the model's source or delete it to use train_toy.correlations") from None
     return dict(cfg.train_toy.correlations)
 
 
