@@ -77,6 +77,11 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     again = hspace_run(tmp_path, *args)
     assert again.count("up to date, skipped") == 10
 
+    (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage and the report run again
+    restored = hspace_run(tmp_path, *args)
+    assert restored.count("up to date, skipped") == 8 and "evaluate: done" in restored and "report: done" in restored
+    assert (run / "evaluation" / "table1_signed.csv").exists()
+
     changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
     assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures"]

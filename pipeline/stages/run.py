@@ -3,9 +3,11 @@
 generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures ->
 evaluate -> report. A stage is skipped when its outputs exist and were made from the same
 inputs: each finished stage leaves a stamp (``<run_dir>/.stamps/<stage>.json``) with a hash of
-the configuration sections it reads and of the stamps of the stages it reads from, so a
-changed setting re-runs exactly the stages downstream of it. The stages that use Lightning
-(generate, annotate, pca, jacobian, evaluate) run on whatever the ``trainer`` section says.
+the configuration sections it reads and of the hashes of the stages it reads from, so a
+changed setting re-runs exactly the stages downstream of it; a stage that runs again (for
+example to restore a deleted output) makes the stages that read it run again too. The stages
+that use Lightning (generate, annotate, pca, jacobian, evaluate) run on whatever the
+``trainer`` section says.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("figures", "pipeline.stages.figures:run_figures", ("report", "edit.seeds", "model"),
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
     Stage("evaluate", "evaluation.stage:run_evaluate", ("evaluate", "model"), ("pca", "supervised", "disentangle"),
-          ("evaluation/summary.json",), True, ("annotators",)),
+          ("evaluation/summary.json", "evaluation/table1_signed.csv"), True, ("annotators",)),
     Stage("report", "evaluation.report:run_report", ("report",), ("figures", "evaluate", "select"), ("report/index.html",)),
 )
 
@@ -84,11 +86,20 @@ def stamp_path(run_dir, name: str) -> Path:
     return Path(run_dir) / ".stamps" / f"{name}.json"
 
 
+def _finished(run_dir, name: str) -> float:
+    p = stamp_path(run_dir, name)
+    return float(json.loads(p.read_text()).get("finished", 0.0)) if p.exists() else 0.0
+
+
 def is_fresh(run_dir, st: Stage, h: str) -> bool:
+    """Outputs present, made from the same inputs, and after every stage it reads from last ran
+    (a stage re-run to restore a deleted output also refreshes what reads it)."""
     p = stamp_path(run_dir, st.name)
     if not p.exists() or not all((Path(run_dir) / o).exists() for o in st.outputs):
         return False
-    return json.loads(p.read_text()).get("hash") == h
+    stamp = json.loads(p.read_text())
+    finished = float(stamp.get("finished", 0.0))
+    return stamp.get("hash") == h and all(_finished(run_dir, u) <= finished for u in st.after)
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
@@ -111,7 +122,8 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
         module, func = st.entry.split(":")
         getattr(importlib.import_module(module), func)(cfg)
         if rank0:
-            write_json_atomic(stamp_path(run_dir, st.name), {"hash": hashes[st.name], "seconds": round(time.time() - t0, 1)})
+            write_json_atomic(stamp_path(run_dir, st.name), {"hash": hashes[st.name], "seconds": round(time.time() - t0, 1),
+                                                             "finished": time.time()})
             print(f"[{i}/{len(STAGES)}] {st.name}: done in {time.time() - t0:.0f} s", flush=True)
     report = run_dir / "report" / "index.html"
     if rank0:
