@@ -12,10 +12,11 @@ Figures (printed and saved as JSON):
   scale to new seeds must move the factor's mean by at least one renderer standard deviation
   (half the range for binary factors) in the intended sign;
 - DDIM inversion: invert rendered faces (eta 0), decode, PSNR (target >= 30 dB);
-- correlations: for every pair the training data correlates (``train_toy.correlations``), the
-  Pearson r of the two factors as the annotator reads them, samples against renders, with a 95%
-  interval for the samples' r (Fisher z): the entanglement the disentanglement experiment is
-  meant to remove is only there if the model reproduced it.
+- correlations: for every pair the training data correlates (the model's ``training.json``,
+  else ``train_toy.correlations``), the Pearson r of the two factors as the annotator reads
+  them, samples against renders, with a 95% interval for the samples' r (Fisher z): the
+  entanglement the disentanglement experiment is meant to remove is only there if the model
+  reproduced it.
 """
 from __future__ import annotations
 
@@ -86,12 +87,12 @@ def pearson_interval(x: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> t
 
 def correlation_statistics(sample_scores: dict, render_scores: dict, correlations) -> dict:
     """Per correlated pair 'a~b': r in the samples (with its 95% interval) and in the renders;
-    ``reproduced`` when the renders' r lies inside the samples' interval."""
+    ``ok`` (reproduced) when the renders' r lies inside the samples' interval."""
     out = {}
     for key in correlations or {}:
         a, b = (part.strip() for part in key.split("~"))
         r, low, high = pearson_interval(sample_scores[a], sample_scores[b])
-        r_renders = float(torch.corrcoef(torch.stack([render_scores[a].double(), render_scores[b].double()]))[0, 1])
+        r_renders = pearson_interval(render_scores[a], render_scores[b])[0]
         out[key] = {"r_samples": r, "r_samples_low": low, "r_samples_high": high, "r_renders": r_renders,
                     "ok": bool(low <= r_renders <= high)}
     return out
