@@ -161,6 +161,7 @@ class EditConfig:
     asyrp: bool = False
     x_T_space: bool = False  # apply the supervised directions' x_T-space version instead (Fig. 8)
     out_dir: Optional[str] = None  # default <run_dir>/edits/<file>
+    batch_size: int = 64  # images per U-Net call (directions x scales x seeds); also the main job's edit strips
 
 
 @dataclass
@@ -170,7 +171,7 @@ class EvaluateConfig:
     first_seed: int = 1_000_000  # seeds never used to find the directions
     num_samples: int = 16  # per seed set
     repeats: int = 3  # disjoint seed sets; the table reports mean +- std across them
-    batch_size: int = 32
+    batch_size: int = 64  # images per U-Net call (edits x seeds), and the most seeds in one Parquet part
     scale: float = 3.0  # edit strength of the supervised / disentangled directions
     match_norm: bool = True  # rescale each disentangled direction to its original's norm
     scorer: str = "toy"  # the annotator that measures the attributes (clip for faces)
@@ -314,6 +315,7 @@ RANGES: dict[str, tuple] = {
     "evaluate.num_samples": _at_least(2),
     "evaluate.repeats": _at_least(1),
     "evaluate.batch_size": _at_least(1),
+    "edit.batch_size": _at_least(1),
     "evaluate.pca_components": _at_least(0),
     "evaluate.bootstrap": _at_least(0),
     "report.pca_components": _at_least(0),

@@ -10,9 +10,9 @@ from PIL import Image
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8."""
+    """(..., 3, H, W) float in [-1, 1] -> (..., H, W, 3) uint8."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.movedim(-3, -1).numpy()
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:

@@ -38,6 +38,30 @@ def test_same_seed_same_sample_alone_or_in_a_batch(tiny_model, eta):
     assert torch.equal(again.images, batch.images) and torch.equal(again.h, batch.h)
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_edits_gives_each_edit_as_if_sampled_alone(tiny_model, eta):
+    """Every (edit, seed) image equals sampling that edit of those seeds on its own, however the
+    pairs are cut into batches; None is the plain sample; x_T-space edits the same."""
+    m = tiny_model(eta=eta)
+    g = torch.Generator().manual_seed(0)
+    seeds = SEEDS[:3]
+    edits = [None, torch.randn(m.num_steps, *m.h_shape, generator=g), 3 * torch.randn(m.num_steps, *m.h_shape, generator=g)]
+    alone = torch.stack([m.sample(seeds, delta_h=e).images for e in edits])
+    for batch_size in (1, 4, 64):
+        images = m.sample_edits(seeds, edits, batch_size=batch_size)
+        assert images.shape == (3, 3, *m.image_shape)
+        torch.testing.assert_close(images, alone, atol=1e-4, rtol=0)
+    assert (alone[2] - alone[0]).abs().max() > 1e-2, "the edits must show for this test to tell them apart"
+    dx = torch.randn(*m.image_shape, generator=g)
+    shifted = m.sample_edits(seeds, [dx, None], space="x_T", batch_size=2)
+    torch.testing.assert_close(shifted[0], m.sample(seeds, dx_T=dx).images, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shifted[1], alone[0], atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="space"):
+        m.sample_edits(seeds, edits, space="pixels")
+    with pytest.raises(InputError, match="at least one"):
+        m.sample_edits([], edits)
+
+
 def test_stochastic_sampling_depends_on_step_noise(tiny_model):
     ddim, ddpm = tiny_model(eta=0.0), tiny_model(eta=1.0)
     a, b = ddim.sample([1]), ddpm.sample([1])

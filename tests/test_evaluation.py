@@ -225,23 +225,28 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet):
-    """The pixel-matched random baseline: the multiplier found makes the edit change the images
-    by the target amount (checked by sampling again), for targets above and below the start."""
+    """The pixel-matched random baseline: the multipliers found make each edit change the images
+    by its target amount (checked by sampling each alone), targets above and below the start."""
     import torch
     from diffusers import DDIMScheduler
 
-    from evaluation.stage import match_pixel_change, pixel_change
+    from evaluation.stage import match_pixel_change, pixel_changes
     from pipeline import HSpaceModel
 
     # x0-prediction keeps the random U-Net's samples inside [-1, 1], so changes are not clipped away
     m = HSpaceModel(tiny_unet, DDIMScheduler(prediction_type="sample"), num_inference_steps=3, eta=0.0, device="cpu")
     seeds = [1, 2, 3]
     base = m.sample(seeds).images
-    d = 0.1 * torch.randn(m.num_steps, *m.h_shape, generator=torch.Generator().manual_seed(0))
-    start = pixel_change(m, seeds, d, base)
-    for target in (0.2 * start, 4 * start):  # 4x needs about 6x the direction here: the change saturates
-        c = match_pixel_change(m, seeds, d, target)
-        assert abs(np.log(pixel_change(m, seeds, c * d, base) / target)) <= 0.03, (target, c)
-        assert (c < 1) == (target < start)
+    g = torch.Generator().manual_seed(0)
+    d = [0.1 * torch.randn(m.num_steps, *m.h_shape, generator=g) for _ in range(2)]
+    start = pixel_changes(m, seeds, d, base)
+    alone = float((m.sample(seeds, delta_h=d[1]).images - base).abs().mean()) / 2
+    assert abs(start[1] - alone) < 1e-5
+    targets = [0.2 * start[0], 4 * start[1]]  # 4x needs about 6x the direction here: the change saturates
+    c = match_pixel_change(m, seeds, d, targets, batch_size=4)
+    for k in range(2):
+        hit = pixel_changes(m, seeds, [c[k] * d[k]], base)[0]
+        assert abs(np.log(hit / targets[k])) <= 0.03, (k, targets[k], c[k])
+    assert c[0] < 1 < c[1]
     with pytest.raises(ValueError, match="changes nothing"):
-        match_pixel_change(m, seeds, torch.zeros_like(d), 0.1)
+        match_pixel_change(m, seeds, [torch.zeros_like(d[0])], [0.1])

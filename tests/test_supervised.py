@@ -140,25 +140,27 @@ def test_disentangle_and_edit_stages(annotated_run):
         run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["edit.directions=supervised", "edit.sequential=true"])))
 
 
-def test_edit_grid_reuses_the_unedited_column(tiny_model):
-    """Scale 0 filled in from the plain samples gives the grid sampled in full (to one grey level:
-    the batches differ), and the edited columns are unchanged."""
+def test_edit_grids_put_each_direction_and_scale_in_its_place(tiny_model):
+    """grids[n, :, j] is direction n at scales[j] (sampled alone, to one grey level: the batches
+    differ); scale 0 is the plain sample, shared by every direction."""
     from pipeline.images import to_uint8
-    from pipeline.stages.edit import edit_grid
+    from pipeline.stages.edit import edit_grids
 
     tiny_model = tiny_model()
     seeds, scales = [3, 4], [-50.0, 0.0, 100.0]
-    d = torch.randn(tiny_model.num_steps, *tiny_model.h_shape, generator=torch.Generator().manual_seed(0))
-    full = edit_grid(tiny_model, seeds, d, scales)
+    g = torch.Generator().manual_seed(0)
+    dirs = [torch.randn(tiny_model.num_steps, *tiny_model.h_shape, generator=g) for _ in range(2)]
+    grids = edit_grids(tiny_model, seeds, dirs, scales, batch_size=3)
     plain = to_uint8(tiny_model.sample(seeds).images)
-    reused = edit_grid(tiny_model, seeds, d, scales, unedited=plain)
-    assert full.shape == reused.shape == (2, 3, *plain.shape[1:])
-    assert np.abs(full.astype(int) - reused.astype(int)).max() <= 1
-    assert (reused[:, 1] == plain).all()
-    direct = to_uint8(tiny_model.sample(seeds, delta_h=scales[0] * d).images)
-    assert np.abs(reused[:, 0].astype(int) - direct.astype(int)).max() <= 1, "column j is scale j"
-    columns_apart = np.abs(full[:, 0].astype(int) - full[:, 2].astype(int)).max()
-    assert columns_apart > 10, "the edit must be visible for this test to tell the columns apart"
+    assert grids.shape == (2, 2, 3, *plain.shape[1:])
+    assert (grids[:, :, 1] == plain[None]).all()
+    for n, d in enumerate(dirs):
+        for j in (0, 2):
+            direct = to_uint8(tiny_model.sample(seeds, delta_h=scales[j] * d).images)
+            assert np.abs(grids[n, :, j].astype(int) - direct.astype(int)).max() <= 1, (n, j)
+    columns_apart = np.abs(grids[0, :, 0].astype(int) - grids[0, :, 2].astype(int)).max()
+    directions_apart = np.abs(grids[0, :, 2].astype(int) - grids[1, :, 2].astype(int)).max()
+    assert columns_apart > 10 and directions_apart > 10, "the edits must show for this test to tell them apart"
 
 
 def test_disentangle_from_every_other_direction():

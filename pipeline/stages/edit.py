@@ -28,38 +28,31 @@ def resolve_directions_path(run_dir, name_or_path: str) -> Path:
     return Path(run_dir) / "directions" / f"{name_or_path}.safetensors"
 
 
-def edit_grid(model: HSpaceModel, seeds: Sequence[int], direction: torch.Tensor, scales: Sequence[float],
-              asyrp: bool = False, x_T_space: bool = False, unedited: np.ndarray | None = None) -> np.ndarray:
-    """(len(seeds), len(scales), H, W, 3) uint8: every seed edited at every scale, in one batch.
+def edit_grids(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[torch.Tensor], scales: Sequence[float],
+               asyrp: bool = False, x_T_space: bool = False, batch_size: int = 64) -> np.ndarray:
+    """(N, len(seeds), len(scales), H, W, 3) uint8: every seed edited along each of N directions
+    at every scale, sampled together in batches of ``batch_size`` images.
 
-    direction: (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T).
-    unedited: the seeds' plain samples (len(seeds), H, W, 3) to reuse for scale 0 (a zero edit
-    gives the plain sample bit for bit), saving one image per seed."""
-    S, K = len(seeds), len(scales)
-    edited = [j for j, s in enumerate(scales) if s != 0] if unedited is not None else list(range(K))
-    all_seeds = [s for s in seeds for _ in edited]
-    scale = torch.tensor([scales[j] for j in edited] * S, dtype=torch.float32).view(-1, *([1] * direction.ndim))
-    if x_T_space:
-        out = model.sample(all_seeds, dx_T=scale * direction)
-    else:
-        out = model.sample(all_seeds, delta_h=scale * direction, asyrp=asyrp)
-    images = to_uint8(out.images)
-    grid = np.empty((S, K, *images.shape[1:]), np.uint8)
-    grid[:, edited] = images.reshape(S, len(edited), *images.shape[1:])
-    if len(edited) < K:
-        grid[:, [j for j in range(K) if j not in edited]] = unedited[:, None]
-    return grid
+    directions: N of (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T).
+    Scale 0 is the plain sample (a zero edit gives it bit for bit), sampled once for all directions."""
+    edited = [j for j, s in enumerate(scales) if s != 0]
+    edits = [None] + [scales[j] * d for d in directions for j in edited]
+    images = to_uint8(model.sample_edits(seeds, edits, space="x_T" if x_T_space else "h", batch_size=batch_size,
+                                         asyrp=asyrp))                     # (1 + N * len(edited), S, H, W, 3)
+    N, S, K = len(directions), len(seeds), len(scales)
+    grids = np.empty((N, S, K, *images.shape[2:]), np.uint8)
+    grids[:] = images[0][None, :, None]                                     # scale 0 everywhere, then the edits
+    grids[:, :, edited] = images[1:].reshape(N, len(edited), S, *images.shape[2:]).transpose(0, 2, 1, 3, 4, 5)
+    return grids
 
 
 def sequential_grid(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[torch.Tensor],
-                    scales: Sequence[float]) -> np.ndarray:
+                    scales: Sequence[float], batch_size: int = 64) -> np.ndarray:
     """(len(seeds), len(directions) + 1, H, W, 3): column j applies directions 1..j (Fig. 11)."""
-    steps = [torch.zeros_like(directions[0])]
+    steps = [None]
     for d, s in zip(directions, scales):
-        steps.append(steps[-1] + s * d)
-    deltas = torch.stack([steps[j] for _ in seeds for j in range(len(steps))])
-    out = model.sample([s for s in seeds for _ in steps], delta_h=deltas)
-    return to_uint8(out.images).reshape(len(seeds), len(steps), *out.images.shape[2:], 3)
+        steps.append(s * d if steps[-1] is None else steps[-1] + s * d)
+    return to_uint8(model.sample_edits(seeds, steps, batch_size=batch_size)).swapaxes(0, 1)
 
 
 def safe_name(name: str) -> str:
@@ -68,16 +61,16 @@ def safe_name(name: str) -> str:
 
 def render_edits(model: HSpaceModel, directions: Directions, names: Sequence, seeds: Sequence[int],
                  scales: Sequence[float], out_dir: Path, asyrp: bool = False, x_T_space: bool = False,
-                 title_prefix: str = "") -> list[Path]:
-    paths = []
+                 title_prefix: str = "", batch_size: int = 64) -> list[Path]:
+    """One seeds x scales PNG per direction in ``names`` (indices or names) -> their paths."""
     extra = directions.extras.get("x_T_directions") if x_T_space else None
     if x_T_space and extra is None:
         raise ConfigError(f"{directions.method} directions have no x_T-space version (only supervised ones do)")
-    unedited = to_uint8(model.sample(list(seeds)).images) if 0 in scales and len(names) > 1 else None
-    for key in names:
-        i = directions.index(key)
-        d = extra[i] if x_T_space else directions.directions[i]
-        grid = edit_grid(model, seeds, d, scales, asyrp=asyrp, x_T_space=x_T_space, unedited=unedited)
+    index = [directions.index(key) for key in names]
+    vectors = [extra[i] if x_T_space else directions.directions[i] for i in index]
+    grids = edit_grids(model, seeds, vectors, scales, asyrp=asyrp, x_T_space=x_T_space, batch_size=batch_size)
+    paths = []
+    for i, grid in zip(index, grids):
         label = f"{title_prefix}{directions.names[i]}" + (" (x_T space)" if x_T_space else "")
         fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{s:+g}" for s in scales],
                                 title=label)
@@ -104,12 +97,13 @@ def run_edit(cfg) -> list[Path]:
         if len(scales) != len(names):
             raise ConfigError(f"edit.sequential applies each of the {len(names)} directions at its own scale: "
                               f"give {len(names)} values in edit.scales (got {len(scales)})")
-        grid = sequential_grid(model, list(e.seeds), [directions.get(k) for k in names], scales)
+        grid = sequential_grid(model, list(e.seeds), [directions.get(k) for k in names], scales, e.batch_size)
         cols = ["original"] + [f"+{directions.names[directions.index(k)]} ({s:+g})" for k, s in zip(names, scales)]
         fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in e.seeds], col_labels=cols,
                                 title="sequential edits (Fig. 11)", cell=1.2)
         paths = [save_figure(fig, out_dir / "sequential.png")]
     else:
-        paths = render_edits(model, directions, names, list(e.seeds), scales, out_dir, e.asyrp, e.x_T_space)
+        paths = render_edits(model, directions, names, list(e.seeds), scales, out_dir, e.asyrp, e.x_T_space,
+                             batch_size=e.batch_size)
     print(f"hspace edit: {len(paths)} grid(s) in {out_dir}")
     return paths

@@ -41,6 +41,7 @@ def run_figures(cfg) -> Path:
     count = 0
     for family, dirs, names, x_T in jobs:
         scales = dirs.params.get("x_T_scales" if x_T else "scales") or [-2.0, -1.0, 0.0, 1.0, 2.0]
-        count += len(render_edits(model, dirs, names, seeds, scales, out / family, x_T_space=x_T))
+        count += len(render_edits(model, dirs, names, seeds, scales, out / family, x_T_space=x_T,
+                                  batch_size=cfg.edit.batch_size))
     print(f"hspace figures: {count} edit strips in {out}")
     return out

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..images import image_grid, save_png, to_uint8
 from ..model import HSpaceModel
 
@@ -19,11 +17,8 @@ def run_sample(cfg) -> Path:
         direction = load_directions(cfg.sample.directions).get(cfg.sample.direction)
     else:
         direction, scales = None, [0.0]
-    columns = []
-    for scale in scales:
-        delta = None if direction is None or scale == 0 else scale * direction
-        columns.append(model.sample(seeds, delta_h=delta, progress=True).images)
-    images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: seed, then scale
+    edits = [None if direction is None or scale == 0 else scale * direction for scale in scales]
+    images = model.sample_edits(seeds, edits, progress=True).transpose(0, 1).flatten(0, 1)  # row-major: seed, then scale
     out = Path(cfg.sample.out or Path(cfg.run_dir) / "sample.png")
     save_png(image_grid(to_uint8(images), ncol=len(scales)), out, upscale=max(1, 256 // model.image_shape[-1]))
     print(f"wrote {out} ({len(seeds)} seeds x {len(scales)} scales)")
