@@ -196,10 +196,11 @@ def run_validate_toy(cfg) -> dict:
                       correlations=correlations, resolution=cfg.select.resolution)
     out = write_json_atomic(Path(cfg.run_dir) / "validate-toy.json", result)
     figure = samples_vs_renders_figure(model, out.with_suffix(".png"), correlations=correlations)
+    width = max([9] + [len(name) for section in ("factors", "correlations", "editability") for name in result[section]])
     for section in ("factors", "correlations", "editability"):
         for name, r in result[section].items():
             verdict = "OK " if r["ok"] else ("OFF" if section == "correlations" else "LOW")
-            print(f"{section:12s} {name:9s} {verdict} " +
+            print(f"{section:12s} {name:{width}s} {verdict} " +
                   " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
     for section, r in [("hf_energy", result["hf_energy"])] + [(f"inversion {k}", v) for k, v in result["inversion"].items()]:
         print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
