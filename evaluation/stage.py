@@ -33,8 +33,8 @@ from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.model import HSpaceModel
 from pipeline.samples import write_json_atomic
-from pipeline.stages.lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader,
-                                             make_trainer, share_cpu_threads)
+from pipeline.stages.lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare,
+                                             launching_rank, make_trainer, share_cpu_threads)
 
 from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
                       table1_markdown)
@@ -172,6 +172,8 @@ class EvaluateModule(L.LightningModule):
         return scores, q
 
     def predict_step(self, item, batch_idx: int):
+        if item is IDLE:
+            return None
         repeat, seeds = item
         self.hmodel.to(self.device)
         images = self.hmodel.sample_edits(seeds, [None] + [delta for _, _, delta in self.edits],
@@ -195,17 +197,13 @@ def part_name(repeat: int, seeds) -> str:
     return f"part-r{repeat:02d}-{min(seeds):010d}-{max(seeds):010d}.parquet"
 
 
-class EvaluateData(L.LightningDataModule):
+class EvaluateData(RankShare):
     def __init__(self, run_dir, items):
         super().__init__()
         self.run_dir, self.all_items = run_dir, items
 
-    def setup(self, stage: str) -> None:
-        todo = [it for it in self.all_items if not (eval_dir(self.run_dir) / "parts" / part_name(*it)).exists()]
-        self.items = todo[self.trainer.global_rank::self.trainer.world_size]
-
-    def predict_dataloader(self):
-        return loader(self.items)
+    def plan(self) -> list:
+        return [it for it in self.all_items if not (eval_dir(self.run_dir) / "parts" / part_name(*it)).exists()]
 
 
 # ---------------------------------------------------------------------- outputs

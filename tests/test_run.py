@@ -116,3 +116,39 @@ def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_mode
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     after_model = stage_hashes(cfg)
     assert all(after_model[k] != after_annotator[k] for k in before)
+
+
+def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
+    """`hspace run` with trainer.devices=2 gives what one process gives, with every Lightning
+    stage holding fewer work items than processes (one shard, one Jacobian sample, one seed set):
+    the idle rank must still meet the others, and the other rank must wait for rank 0's
+    single-process stages (supervised, disentangle, figures) before evaluating."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pipeline.directions import load_directions
+
+    few = ["generate.batch_size=24", "annotate.batch_size=64", "evaluate.repeats=1", "pca.oversample=60"]
+    runs = {n: tmp_path / n for n in ("one", "two")}
+    hspace_run(tmp_path, *tiny_run_args(runs["one"], tiny_model_dir), *few)
+    two = hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
+                     "trainer.strategy=ddp")
+    assert two.count(": done in") == 10 and "report -> " in two
+    for name in ("jacobian", "supervised", "disentangled"):
+        a, b = (load_directions(r / "directions" / f"{name}.safetensors") for r in runs.values())
+        assert a.names == b.names
+        torch.testing.assert_close(a.directions, b.directions, rtol=1e-5, atol=1e-6)
+    a, b = (load_directions(r / "directions" / "pca.safetensors") for r in runs.values())
+    cos = torch.nn.functional.cosine_similarity(a.directions.flatten(2), b.directions.flatten(2), dim=2)
+    assert (cos.abs() > 1 - 1e-4).all(), cos  # the exact regime (oversample 60 >= 24 samples): equal up to sign
+    pd.testing.assert_frame_equal(*(pd.read_parquet(r / "annotations.parquet") for r in runs.values()))
+    key = ["repeat", "seed", "direction"]
+    one_ev, two_ev = (pd.read_parquet(r / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
+                      for r in runs.values())
+    assert one_ev[key].equals(two_ev[key])
+    table1 = one_ev.family.isin(["original", "disentangled"]).values
+    cols = [c for c in one_ev.columns if c.startswith("d_")]
+    np.testing.assert_allclose(one_ev.loc[table1, cols].values, two_ev.loc[table1, cols].values, atol=1e-5)
+    assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
+                      "trainer.strategy=ddp").count("up to date, skipped") == 10

@@ -28,7 +28,8 @@ from ..config import config_hash, to_dict
 from ..errors import ConfigError, DatasetError
 from ..images import from_uint8
 from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
-from .lightning_utils import AfterAllRanks, ItemsProgress, PartWriter, loader, make_trainer, share_cpu_threads
+from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare, make_trainer,
+                              share_cpu_threads)
 
 
 def annotations_path(run_dir) -> Path:
@@ -105,6 +106,8 @@ class AnnotateModule(L.LightningModule):
             ann.to(self.trainer.strategy.root_device)
 
     def predict_step(self, item: dict, batch_idx: int):
+        if item is IDLE:
+            return None
         table = open_shard(Path(item["shard"])).slice(item["start"], item["stop"] - item["start"])
         images = from_uint8(decode_images(table.column("image")))
         out = {"sample_id": np.asarray(item["ids"], dtype=np.int64)}
@@ -114,17 +117,13 @@ class AnnotateModule(L.LightningModule):
         return out
 
 
-class AnnotateData(L.LightningDataModule):
+class AnnotateData(RankShare):
     def __init__(self, run_dir, batch_size: int):
         super().__init__()
         self.run_dir, self.batch_size = run_dir, batch_size
 
-    def setup(self, stage: str) -> None:
-        items = plan_items(self.run_dir, self.batch_size, scan_parts(self.run_dir))
-        self.items = items[self.trainer.global_rank::self.trainer.world_size]
-
-    def predict_dataloader(self):
-        return loader(self.items)
+    def plan(self) -> list:
+        return plan_items(self.run_dir, self.batch_size, scan_parts(self.run_dir))
 
 
 def merge_parts(run_dir, identity: dict) -> pd.DataFrame:

@@ -27,7 +27,8 @@ from ..errors import DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
 from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
-from .lightning_utils import AfterAllRanks, ItemsProgress, launching_rank, loader, make_trainer, share_cpu_threads
+from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, RankShare, launching_rank, make_trainer,
+                              share_cpu_threads)
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -89,6 +90,8 @@ class GenerateModule(L.LightningModule):
         share_cpu_threads(self.trainer)
 
     def predict_step(self, seeds: list[int], batch_idx: int):
+        if seeds is IDLE:
+            return None
         self.hmodel.to(self.device)
         out = self.hmodel.sample(seeds)
         return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}
@@ -102,11 +105,13 @@ class ShardWriter(BasePredictionWriter):
         self.shards_dir, self.h_dtype = shards_dir, h_dtype
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if batch is IDLE:
+            return
         write_shard(self.shards_dir, prediction["seeds"], prediction["seeds"], prediction["images"],
                     prediction["h"], self.h_dtype)
 
 
-class GenerateData(L.LightningDataModule):
+class GenerateData(RankShare):
     """Plans on every rank after the process group exists and before anyone writes (Lightning
     puts a barrier after setup), then deals batches round-robin to the ranks."""
 
@@ -114,13 +119,9 @@ class GenerateData(L.LightningDataModule):
         super().__init__()
         self.run_dir, self.cfg = run_dir, gen_cfg
 
-    def setup(self, stage: str) -> None:
+    def plan(self) -> list:
         done = set(scan_shards(self.run_dir).sample_ids.tolist())
-        batches = plan_batches(self.cfg.first_seed, self.cfg.num_samples, self.cfg.batch_size, done)
-        self.batches = batches[self.trainer.global_rank::self.trainer.world_size]
-
-    def predict_dataloader(self):
-        return loader(self.batches)
+        return plan_batches(self.cfg.first_seed, self.cfg.num_samples, self.cfg.batch_size, done)
 
 
 def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int]) -> dict:

@@ -29,8 +29,8 @@ from ..errors import ConfigError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
 from ..samples import read_manifest
-from .lightning_utils import (AfterAllRanks, ItemsProgress, PartWriter, launching_rank, loader, make_trainer,
-                              share_cpu_threads)
+from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare, launching_rank,
+                              make_trainer, share_cpu_threads)
 
 
 def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
@@ -68,6 +68,8 @@ class JacobianModule(L.LightningModule):
         share_cpu_threads(self.trainer)
 
     def predict_step(self, sample_id: int, batch_idx: int):
+        if sample_id is IDLE:
+            return None
         self.hmodel.to(self.device)
         c = self.cfg
         with torch.inference_mode(False), torch.enable_grad():
@@ -79,16 +81,13 @@ class JacobianModule(L.LightningModule):
                 "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
 
 
-class Items(L.LightningDataModule):
+class Items(RankShare):
     def __init__(self, ids):
         super().__init__()
         self.ids = ids
 
-    def setup(self, stage: str) -> None:
-        self.items = self.ids[self.trainer.global_rank::self.trainer.world_size]
-
-    def predict_dataloader(self):
-        return loader(self.items)
+    def plan(self) -> list:
+        return self.ids
 
 
 def part_name(sample_id: int) -> str:

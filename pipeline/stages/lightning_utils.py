@@ -1,4 +1,4 @@
-"""Lightning wiring shared by the distributed stages (generate, annotate, evaluate)."""
+"""Lightning wiring shared by the distributed stages (generate, annotate, pca, jacobian, evaluate)."""
 from __future__ import annotations
 
 import logging
@@ -75,6 +75,28 @@ def loader(items: list) -> torch.utils.data.DataLoader:
                                        collate_fn=lambda x: x)
 
 
+IDLE = None  # the work item of a rank with nothing to do: predict_step returns None for it
+
+
+class RankShare(L.LightningDataModule):
+    """Work items for ``Trainer.predict``, each rank taking ``items[rank::world_size]``.
+
+    Subclasses list the work still to do in ``plan()`` (called on every rank after they have all
+    started). A rank whose share is empty (fewer items than processes: one Jacobian sample on two
+    GPUs, the last parts of a resumed run) gets one ``IDLE`` item instead: Lightning refuses an
+    empty dataloader, and a rank that predicts nothing would skip the end-of-predict hooks where
+    the ranks meet (``AfterAllRanks``)."""
+
+    def plan(self) -> list:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        self.items = self.plan()[self.trainer.global_rank::self.trainer.world_size] or [IDLE]
+
+    def predict_dataloader(self):
+        return loader(self.items)
+
+
 class ItemsProgress(L.Callback):
     """A progress bar on rank 0 counting items (samples/images) per second across all ranks
     (estimated as rank 0's rate times the world size)."""
@@ -89,7 +111,7 @@ class ItemsProgress(L.Callback):
             self.start = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if self.bar is not None:
+        if self.bar is not None and batch is not IDLE:
             self.bar.update(min(self.count(batch) * trainer.world_size, self.total - self.bar.n))
 
     def on_predict_end(self, trainer, pl_module):
@@ -109,6 +131,8 @@ class PartWriter(BasePredictionWriter):
         self.directory, self.name, self.write = Path(directory), name, write
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if batch is IDLE:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / self.name(prediction)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

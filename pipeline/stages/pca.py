@@ -22,7 +22,7 @@ from ..directions import Directions, save_directions
 from ..errors import ConfigError
 from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
-from .lightning_utils import ItemsProgress, loader, make_trainer, share_cpu_threads
+from .lightning_utils import IDLE, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -61,6 +61,8 @@ class PCAModule(L.LightningModule):
         self.h_shape_t, self.h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
 
     def predict_step(self, shard: str, batch_idx: int):
+        if shard is IDLE:
+            return None
         fit_shards(self.pca, [Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
         return None
 
@@ -80,17 +82,13 @@ class PCAModule(L.LightningModule):
         self.trainer.strategy.barrier("hspace-pca-written")
 
 
-class ShardData(L.LightningDataModule):
+class ShardData(RankShare):
     def __init__(self, run_dir):
         super().__init__()
         self.run_dir = run_dir
 
-    def setup(self, stage: str) -> None:
-        shards = [str(p) for p in shard_paths(self.run_dir)]
-        self.items = shards[self.trainer.global_rank::self.trainer.world_size]
-
-    def predict_dataloader(self):
-        return loader(self.items)
+    def plan(self) -> list:
+        return [str(p) for p in shard_paths(self.run_dir)]
 
 
 def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:

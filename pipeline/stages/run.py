@@ -102,6 +102,22 @@ def is_fresh(run_dir, st: Stage, h: str) -> bool:
     return stamp.get("hash") == h and all(_finished(run_dir, u) <= finished for u in st.after)
 
 
+def agreed(decision):
+    """Rank 0's ``decision`` on every rank, once rank 0 has got here.
+
+    In a multi-process run the other ranks skip the single-process stages and would reach the
+    next Lightning stage while rank 0 still writes what it reads, deciding on stale stamps; they
+    wait here instead. A no-op in one process, and before the first Lightning stage that runs
+    (Lightning starts the other processes there, and they begin the job from the top)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_all(cfg, only: list[str] | None = None) -> Path:
     run_dir = Path(cfg.run_dir)
     hashes = stage_hashes(cfg)
@@ -110,12 +126,15 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     for i, st in enumerate(STAGES, 1):
         if only and st.name not in only:
             continue
-        if is_fresh(run_dir, st, hashes[st.name]):
+        if not (rank0 or st.distributed):
+            continue  # other ranks only take part in the Lightning stages
+        fresh = is_fresh(run_dir, st, hashes[st.name])
+        if st.distributed:
+            fresh = agreed(fresh)
+        if fresh:
             if rank0:
                 print(f"[{i}/{len(STAGES)}] {st.name}: up to date, skipped")
             continue
-        if not (rank0 or st.distributed):
-            continue  # other ranks only take part in the Lightning stages
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
         t0 = time.time()
