@@ -31,10 +31,10 @@ import torch
 from pipeline.config import config_hash, to_dict
 from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.model import HSpaceModel
+from pipeline.model import HSpaceModel, default_device
 from pipeline.samples import write_json_atomic
 from pipeline.stages.lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare,
-                                             launching_rank, make_trainer, share_cpu_threads)
+                                             agreed, launching_rank, make_trainer, share_cpu_threads)
 
 from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
                       table1_markdown)
@@ -331,7 +331,9 @@ def run_evaluate(cfg) -> dict:
     calibration = out / "pixel_matching.json"
     if launching_rank() == 0 and ev.pixel_matched_random and pca_and_random(run_dir, ev) and not calibration.exists():
         seeds = seed_sets(ev)[0][1][:CALIBRATION_SEEDS]
+        model.to(default_device(cfg.model.device))  # on the GPU if there is one (the ranks start after this)
         multipliers = calibrate_random(model, run_dir, ev, seeds)
+        model.to("cpu")
         write_json_atomic(calibration, {"seeds": seeds, "multipliers": multipliers})
         print("hspace evaluate: random directions rescaled to their component's pixel change: "
               + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
@@ -341,7 +343,7 @@ def run_evaluate(cfg) -> dict:
     if quality is not None and ev.quality_score not in quality.attributes:
         raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
     items = seed_sets(ev)
-    todo = [it for it in items if not (out / "parts" / part_name(*it)).exists()]
+    todo = agreed([it for it in items if not (out / "parts" / part_name(*it)).exists()])  # after rank 0's reset
     if todo:
         progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
         writer = PartWriter(out / "parts", lambda p: part_name(p["repeat"], p["seeds"]),

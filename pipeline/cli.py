@@ -34,6 +34,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "validate-toy": ("pipeline.toyfaces.validate:run_validate_toy", "check the embedded default against its ground truth"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),
 }
+#: the commands that run Lightning Trainers (every rank of a multi-process job takes part)
+DISTRIBUTED = ("run", "generate", "annotate", "pca", "jacobian", "evaluate")
 
 
 def print_config(cfg) -> None:
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
+        if args.stage in DISTRIBUTED:
+            from .stages.lightning_utils import join_launched_ranks
+
+            join_launched_ranks(cfg.trainer)
         module, func = STAGES[args.stage][0].split(":")
         getattr(importlib.import_module(module), func)(cfg)
     except HSpaceError as e:

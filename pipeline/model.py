@@ -28,6 +28,11 @@ from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step,
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or the GPU when there is one (``model.device: null``)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -88,7 +93,7 @@ class HSpaceModel:
             raise InputError(
                 f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, got {num_inference_steps}"
             )
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.dtype = as_dtype(dtype)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         if unet.dtype != self.dtype:
@@ -353,12 +358,14 @@ class HSpaceModel:
         pairs = [(e, s) for e in range(len(edits)) for s in range(len(seeds))]
         trailing = self.h_shape if space == "h" else self.image_shape
         images = torch.empty((len(edits), len(seeds), *self.image_shape))
-        for start in tqdm(range(0, len(pairs), max(1, batch_size)), disable=not progress, desc="edits", leave=False):
-            chunk = pairs[start:start + max(1, batch_size)]
+        batch_size = max(1, int(batch_size))
+        for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
+            chunk = pairs[start:start + batch_size]
             delta = None
             if any(edits[e] is not None for e, _ in chunk):
                 shape = (self.num_steps, *trailing) if space == "h" else trailing
-                delta = torch.stack([torch.zeros(shape) if edits[e] is None else torch.as_tensor(edits[e], dtype=torch.float32)
+                delta = torch.stack([torch.zeros(shape) if edits[e] is None else
+                                     torch.as_tensor(edits[e], dtype=torch.float32, device="cpu")
                                      for e, _ in chunk])
             kwargs = {"delta_h": delta, "asyrp": asyrp} if space == "h" else {"dx_T": delta}
             out = self.sample([seeds[s] for _, s in chunk], **kwargs).images.cpu()

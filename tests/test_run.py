@@ -47,9 +47,9 @@ def tiny_run_args(run_dir, model_dir):
             "evaluate.repeats=2", "evaluate.pca_components=2"]
 
 
-def hspace_run(cwd, *args):
+def hspace_run(cwd, *args, launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([HSPACE, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([*launcher, HSPACE, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -122,7 +122,8 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     """`hspace run` with trainer.devices=2 gives what one process gives, with every Lightning
     stage holding fewer work items than processes (one shard, one Jacobian sample, one seed set):
     the idle rank must still meet the others, and the other rank must wait for rank 0's
-    single-process stages (supervised, disentangle, figures) before evaluating."""
+    single-process stages (supervised, disentangle, figures) before evaluating, also under torchrun,
+    which starts both ranks at the beginning."""
     import numpy as np
     import pandas as pd
     import torch
@@ -152,3 +153,18 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, two_ev.loc[table1, cols].values, atol=1e-5)
     assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
                       "trainer.strategy=ddp").count("up to date, skipped") == 10
+
+    # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions were
+    # lost: rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps
+    import shutil
+
+    torchrun = tmp_path / "torchrun"
+    shutil.copytree(runs["two"], torchrun)
+    (torchrun / "directions" / "disentangled.safetensors").unlink()
+    out = hspace_run(tmp_path, *tiny_run_args(torchrun, tiny_model_dir), *few, "trainer.devices=2",
+                     "trainer.strategy=ddp",
+                     launcher=[str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"])
+    done = [line.split("]")[1].split(":")[0].strip() for line in out.splitlines() if ": done in" in line]
+    assert done == ["disentangle", "figures", "evaluate", "report"], out[-2000:]
+    ev = pd.read_parquet(torchrun / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
+    np.testing.assert_allclose(one_ev.loc[table1, cols].values, ev.loc[table1, cols].values, atol=1e-5)

@@ -27,7 +27,7 @@ from ..errors import DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
 from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
-from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, RankShare, launching_rank, make_trainer,
+from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, RankShare, agreed, launching_rank, make_trainer,
                               share_cpu_threads)
 
 
@@ -194,7 +194,7 @@ def run_generate(cfg) -> dict:
             bad.mkdir(exist_ok=True)
             shutil.move(str(path), bad / path.name)
             print(f"hspace generate: {why.split(';')[0]}; moved to {bad} and regenerating its samples", file=sys.stderr)
-    todo = len(wanted - set(scan.sample_ids.tolist()))
+    todo = agreed(len(wanted - set(scan.sample_ids.tolist())))  # after rank 0 moved corrupt shards away
     if todo == 0:
         final = finalise_manifest(run_dir, manifest, wanted) if trainer_probe_rank == 0 else manifest
         print(f"hspace generate: all {g.num_samples} samples already in {samples_dir(run_dir)}")

@@ -7,7 +7,7 @@ import time
 import warnings
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -47,6 +47,42 @@ def launching_rank() -> int:
         if os.environ.get(var):
             return int(os.environ[var])
     return 0
+
+
+def join_launched_ranks(trainer_cfg) -> None:
+    """Under a launcher that starts every rank at once (torchrun, srun), form the process group
+    before the stage's first file is read, so that :func:`agreed` holds from the start (Lightning
+    then uses this group). Only when the ``trainer`` section asks for several processes, so that a
+    single process inside a SLURM allocation does not wait for ranks that never come. gloo: it
+    carries these few small messages on CPU and GPU alike."""
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    if not dist.is_available() or dist.is_initialized():
+        return
+    devices = trainer_cfg.devices
+    single = (len(devices) == 1) if isinstance(devices, Sequence) and not isinstance(devices, str) else str(devices) == "1"
+    if single and int(trainer_cfg.num_nodes) == 1:
+        return
+    env = next((E() for E in (TorchElasticEnvironment, SLURMEnvironment) if E.detect()), None)
+    if env is not None and env.world_size() > 1:
+        _init_dist_connection(env, "gloo")  # what Lightning's DDP strategy calls, with its own environment
+
+
+def agreed(decision):
+    """Rank 0's ``decision`` on every rank, once rank 0 has got here (a barrier that carries a value).
+
+    For decisions read from files that rank 0 may still be changing (stamps, parts it deletes
+    or quarantines). A no-op in one process, and before Lightning has started the other
+    processes, which then begin the command from the top with rank 0's files in place."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def share_cpu_threads(trainer: L.Trainer) -> None:

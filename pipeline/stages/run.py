@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from ..config import config_hash
 from ..samples import write_json_atomic
-from .lightning_utils import launching_rank
+from .lightning_utils import agreed, launching_rank
 
 
 @dataclass(frozen=True)
@@ -102,22 +102,6 @@ def is_fresh(run_dir, st: Stage, h: str) -> bool:
     return stamp.get("hash") == h and all(_finished(run_dir, u) <= finished for u in st.after)
 
 
-def agreed(decision):
-    """Rank 0's ``decision`` on every rank, once rank 0 has got here.
-
-    In a multi-process run the other ranks skip the single-process stages and would reach the
-    next Lightning stage while rank 0 still writes what it reads, deciding on stale stamps; they
-    wait here instead. A no-op in one process, and before the first Lightning stage that runs
-    (Lightning starts the other processes there, and they begin the job from the top)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return decision
-    box = [decision]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run_all(cfg, only: list[str] | None = None) -> Path:
     run_dir = Path(cfg.run_dir)
     hashes = stage_hashes(cfg)
@@ -129,7 +113,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
         if not (rank0 or st.distributed):
             continue  # other ranks only take part in the Lightning stages
         fresh = is_fresh(run_dir, st, hashes[st.name])
-        if st.distributed:
+        if st.distributed:  # the other ranks wait here for rank 0's single-process stages, then follow its decision
             fresh = agreed(fresh)
         if fresh:
             if rank0:
