@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from pipeline.figures import plt, save_figure
 
@@ -71,6 +72,10 @@ def pca_vs_random_plot(pvr: pd.DataFrame, out: Path) -> Path:
         if not part.empty:
             sc.scatter(part.pixel_change, part.consistent_effect, color=color, label=label, s=28, edgecolor="k", lw=0.4)
     sc.set_xscale("log")
+    sc.xaxis.set_minor_formatter(NullFormatter())  # labels at 2, 3, 4, 6 x 10^k overlap at this width
+    changes = pvr.pixel_change[pvr.pixel_change > 0]
+    if len(changes):  # whole decades, so that at least two major ticks are labelled
+        sc.set_xlim(10 ** np.floor(np.log10(changes.min())), 10 ** np.ceil(np.log10(changes.max())))
     sc.set_xlabel("mean absolute pixel change", fontsize=8)
     sc.set_ylabel("largest consistent attribute change (SD)", fontsize=8)
     sc.grid(alpha=0.3)
