@@ -197,13 +197,18 @@ def part_name(repeat: int, seeds) -> str:
     return f"part-r{repeat:02d}-{min(seeds):010d}-{max(seeds):010d}.parquet"
 
 
+def remaining(run_dir, items) -> list:
+    """The (repeat, seeds) items whose Parquet part is not written yet."""
+    return [it for it in items if not (eval_dir(run_dir) / "parts" / part_name(*it)).exists()]
+
+
 class EvaluateData(RankShare):
     def __init__(self, run_dir, items):
         super().__init__()
         self.run_dir, self.all_items = run_dir, items
 
     def plan(self) -> list:
-        return [it for it in self.all_items if not (eval_dir(self.run_dir) / "parts" / part_name(*it)).exists()]
+        return remaining(self.run_dir, self.all_items)
 
 
 # ---------------------------------------------------------------------- outputs
@@ -343,7 +348,7 @@ def run_evaluate(cfg) -> dict:
     if quality is not None and ev.quality_score not in quality.attributes:
         raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
     items = seed_sets(ev)
-    todo = agreed([it for it in items if not (out / "parts" / part_name(*it)).exists()])  # after rank 0's reset
+    todo = agreed(remaining(run_dir, items))  # after rank 0's reset
     if todo:
         progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
         writer = PartWriter(out / "parts", lambda p: part_name(p["repeat"], p["seeds"]),

@@ -34,7 +34,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "validate-toy": ("pipeline.toyfaces.validate:run_validate_toy", "check the embedded default against its ground truth"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),
 }
-#: the commands that run Lightning Trainers (every rank of a multi-process job takes part)
+#: the commands that run Lightning Trainers (every rank of a multi-process job takes part): `run` and the
+#: stages marked ``distributed`` in pipeline.stages.run.STAGES (not imported here: it loads Lightning; a test
+#: keeps the two lists equal)
 DISTRIBUTED = ("run", "generate", "annotate", "pca", "jacobian", "evaluate")
 
 

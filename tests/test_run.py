@@ -168,3 +168,12 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     assert done == ["disentangle", "figures", "evaluate", "report"], out[-2000:]
     ev = pd.read_parquet(torchrun / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, ev.loc[table1, cols].values, atol=1e-5)
+
+
+def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
+    """The CLI's list of multi-process commands is `run` plus the main job's distributed stages."""
+    from pipeline.cli import DISTRIBUTED, STAGES as COMMANDS
+    from pipeline.stages.run import STAGES
+
+    assert set(DISTRIBUTED) == {"run"} | {st.name for st in STAGES if st.distributed}
+    assert all(COMMANDS[st.name][0] == st.entry for st in STAGES if st.name in COMMANDS)
