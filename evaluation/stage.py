@@ -21,7 +21,6 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,7 +32,7 @@ from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.model import HSpaceModel, default_device
 from pipeline.samples import write_json_atomic
-from pipeline.stages.lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare,
+from pipeline.stages.lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare,
                                              agreed, launching_rank, make_trainer, share_cpu_threads)
 
 from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
@@ -146,8 +145,8 @@ def seed_sets(ev_cfg) -> list[tuple[int, list[int]]]:
 
 
 # ---------------------------------------------------------------------- Lightning
-class EvaluateModule(L.LightningModule):
-    """predict_step: one batch of seeds -> one row per (seed, edit) with all score changes.
+class EvaluateModule(ItemModule):
+    """predict_item: one batch of seeds -> one row per (seed, edit) with all score changes.
 
     The edits are read in ``setup``, after every process has joined: under ``hspace run`` the
     directions are written by rank 0 just before."""
@@ -171,9 +170,7 @@ class EvaluateModule(L.LightningModule):
         q = self.quality(images)[self.quality_score] if self.quality is not None else torch.full((len(images),), np.nan)
         return scores, q
 
-    def predict_step(self, item, batch_idx: int):
-        if item is IDLE:
-            return None
+    def predict_item(self, item):
         repeat, seeds = item
         self.hmodel.to(self.device)
         images = self.hmodel.sample_edits(seeds, [None] + [delta for _, _, delta in self.edits],

@@ -18,7 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -28,7 +27,7 @@ from ..config import config_hash, to_dict
 from ..errors import ConfigError, DatasetError
 from ..images import from_uint8
 from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
-from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare, make_trainer,
+from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, make_trainer,
                               share_cpu_threads)
 
 
@@ -92,8 +91,8 @@ def scan_parts(run_dir) -> set[int]:
     return done
 
 
-class AnnotateModule(L.LightningModule):
-    """predict_step: a batch of rows of one shard -> {sample_id, one array per score}."""
+class AnnotateModule(ItemModule):
+    """predict_item: a batch of rows of one shard -> {sample_id, one array per score}."""
 
     def __init__(self, annotators: dict):
         super().__init__()
@@ -105,9 +104,7 @@ class AnnotateModule(L.LightningModule):
         for ann in self.annotators.values():
             ann.to(self.trainer.strategy.root_device)
 
-    def predict_step(self, item: dict, batch_idx: int):
-        if item is IDLE:
-            return None
+    def predict_item(self, item: dict):
         table = open_shard(Path(item["shard"])).slice(item["start"], item["stop"] - item["start"])
         images = from_uint8(decode_images(table.column("image")))
         out = {"sample_id": np.asarray(item["ids"], dtype=np.int64)}

@@ -18,7 +18,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -27,8 +26,8 @@ from ..errors import DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
 from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
-from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, RankShare, agreed, launching_rank, make_trainer,
-                              share_cpu_threads)
+from .lightning_utils import (IDLE, AfterAllRanks, ItemModule, ItemsProgress, RankShare, agreed, launching_rank,
+                              make_trainer, share_cpu_threads)
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -77,8 +76,8 @@ def _differences(a, b, prefix="") -> list[str]:
 
 
 # ---------------------------------------------------------------------- Lightning
-class GenerateModule(L.LightningModule):
-    """predict_step: seeds -> images and h trajectories of an HSpaceModel."""
+class GenerateModule(ItemModule):
+    """predict_item: seeds -> images and h trajectories of an HSpaceModel."""
 
     def __init__(self, model: HSpaceModel, h_dtype: str):
         super().__init__()
@@ -89,9 +88,7 @@ class GenerateModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
 
-    def predict_step(self, seeds: list[int], batch_idx: int):
-        if seeds is IDLE:
-            return None
+    def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
         out = self.hmodel.sample(seeds)
         return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}

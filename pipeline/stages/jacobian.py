@@ -18,7 +18,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +28,7 @@ from ..errors import ConfigError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
 from ..samples import read_manifest
-from .lightning_utils import (IDLE, AfterAllRanks, ItemsProgress, PartWriter, RankShare, launching_rank,
+from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, launching_rank,
                               make_trainer, share_cpu_threads)
 
 
@@ -56,8 +55,8 @@ def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
     return torch.from_numpy(np.asarray(Image.open(path).convert("L").resize((W, H), Image.BILINEAR), np.float32) / 255)
 
 
-class JacobianModule(L.LightningModule):
-    """predict_step: one sample id -> its directions at every step (autograd on)."""
+class JacobianModule(ItemModule):
+    """predict_item: one sample id -> its directions at every step (autograd on)."""
 
     def __init__(self, model: HSpaceModel, jac_cfg, mask):
         super().__init__()
@@ -67,9 +66,7 @@ class JacobianModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
 
-    def predict_step(self, sample_id: int, batch_idx: int):
-        if sample_id is IDLE:
-            return None
+    def predict_item(self, sample_id: int):
         self.hmodel.to(self.device)
         c = self.cfg
         with torch.inference_mode(False), torch.enable_grad():

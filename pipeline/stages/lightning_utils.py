@@ -133,6 +133,17 @@ class RankShare(L.LightningDataModule):
         return loader(self.items)
 
 
+class ItemModule(L.LightningModule):
+    """A predict-only module over :class:`RankShare` items: subclasses write ``predict_item(item)``;
+    the ``IDLE`` item of a rank with nothing to do predicts nothing."""
+
+    def predict_step(self, item, batch_idx: int):
+        return None if item is IDLE else self.predict_item(item)
+
+    def predict_item(self, item):
+        raise NotImplementedError
+
+
 class ItemsProgress(L.Callback):
     """A progress bar on rank 0 counting items (samples/images) per second across all ranks
     (estimated as rank 0's rate times the world size)."""

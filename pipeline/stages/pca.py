@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -22,7 +21,7 @@ from ..directions import Directions, save_directions
 from ..errors import ConfigError
 from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
-from .lightning_utils import IDLE, ItemsProgress, RankShare, make_trainer, share_cpu_threads
+from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -47,8 +46,8 @@ def fit_shards(pca: StreamingPCA, shards: list[Path], batch_size: int, h_shape_t
     return pca
 
 
-class PCAModule(L.LightningModule):
-    """predict_step: one shard -> folded into this rank's estimator; saved at the end."""
+class PCAModule(ItemModule):
+    """predict_item: one shard -> folded into this rank's estimator; saved at the end."""
 
     def __init__(self, run_dir, pca_cfg):
         super().__init__()
@@ -60,9 +59,7 @@ class PCAModule(L.LightningModule):
         manifest = read_manifest(self.run_dir)
         self.h_shape_t, self.h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
 
-    def predict_step(self, shard: str, batch_idx: int):
-        if shard is IDLE:
-            return None
+    def predict_item(self, shard: str):
         fit_shards(self.pca, [Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
         return None
 
