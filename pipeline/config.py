@@ -90,7 +90,11 @@ class PCAConfig:
     """`hspace pca`: per-step (or joint) PCA of h -> <run_dir>/directions/pca.safetensors."""
 
     n_components: int = 10  # K (the paper: 25)
-    oversample: Optional[int] = None  # extra components kept while streaming; null: = n_components
+    method: str = "auto"  # auto (exact up to exact_max_samples, else randomized) | exact | randomized | onepass
+    exact_max_samples: int = 2048  # auto: exact (Gram matrix, holds the data) up to this many samples
+    power_iterations: int = 20  # randomized: most power iterations (passes over the data <= this + 2)
+    tol: float = 1e-2  # randomized: target for the estimated largest principal angle (rad) of the top K
+    oversample: Optional[int] = None  # randomized / onepass: extra components kept; null: = n_components
     joint: bool = False  # one PCA over the whole flattened trajectory instead of one per step
     batch_size: int = 256
     dtype: str = "float64"  # accumulation: float64 | float32 (2x faster, error far below truncation)
@@ -298,6 +302,10 @@ RANGES: dict[str, tuple] = {
     "select.resolution": _at_least(0.0),
     "select.contact_sheet_size": _at_least(0),
     "pca.n_components": _at_least(1),
+    "pca.method": _one_of("auto", "exact", "randomized", "onepass"),
+    "pca.exact_max_samples": _at_least(0),
+    "pca.power_iterations": _at_least(0),
+    "pca.tol": _POSITIVE,
     "pca.oversample": _at_least(0),
     "pca.batch_size": _at_least(1),
     "pca.dtype": _one_of("float64", "float32"),

@@ -19,3 +19,8 @@ class ModelLoadError(HSpaceError, OSError):
 
 class DatasetError(HSpaceError, OSError):
     """A run directory or dataset that is missing, corrupt or from a different configuration."""
+
+
+class ConvergenceError(HSpaceError, ArithmeticError):
+    """An iterative method stopped short of its tolerance; the message says what it reached and
+    which setting to change."""
