@@ -70,8 +70,16 @@ class Annotator(abc.ABC):
         return {k: out[k].detach().float().reshape(len(images)).cpu() for k in self.attributes}
 
 
-#: name -> factory(**options) -> Annotator
-ANNOTATORS: dict[str, Callable[..., Annotator]] = {}
+#: name -> factory(**options) -> Annotator, or a lazy ``"package.module:factory"`` entry imported on first
+#: use (the built-ins: importing this package stays light, and it does not import the toy domain).
+ANNOTATORS: dict[str, Callable[..., Annotator] | str] = {
+    "toy": "toyfaces.annotator:ToyFaceAnnotator",
+    "toy_consistency": "toyfaces.annotator:ToyConsistency",
+    "clip": "annotators.clip:ClipAnnotator",
+    "face_pose": "annotators.face_pose:FacePoseAnnotator",
+    "celeba": "annotators.celeba:CelebAAttributes",
+    "hopenet": "annotators.celeba:HopenetPose",
+}
 
 
 def register(name: str):
@@ -84,27 +92,22 @@ def register(name: str):
     return deco
 
 
-def _load_builtin_modules() -> None:
-    # importing registers them; each module keeps its heavy imports inside functions
-    for module in ("annotators.toy", "annotators.clip", "annotators.face_pose", "annotators.celeba"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+def _import_factory(path: str, name: str) -> Callable[..., Annotator]:
+    module, attr = path.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import annotator {name!r}: {e}") from None
 
 
 def build_annotator(name: str, options: dict | None = None, device: str | torch.device = "cpu") -> Annotator:
     """An annotator by registered name or ``"package.module:factory"``, built with ``options``."""
-    _load_builtin_modules()
     if ":" in name:
-        module, attr = name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"cannot import annotator {name!r}: {e}") from None
+        factory = _import_factory(name, name)
     elif name in ANNOTATORS:
         factory = ANNOTATORS[name]
+        if isinstance(factory, str):
+            factory = _import_factory(factory, name)
     else:
         raise ConfigError(f"unknown annotator {name!r}; registered: {sorted(ANNOTATORS)} "
                           f"(or give 'package.module:factory')")

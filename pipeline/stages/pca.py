@@ -107,7 +107,7 @@ def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
     out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors")
-    from evaluation.plots import explained_variance_plot
+    from ..figures import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
     if not pca_cfg.joint:
