@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import to_yaml
 from pipeline.samples import read_manifest
 
 CSS = """
@@ -154,8 +155,6 @@ def git_commit() -> str | None:
 
 
 def build_report(run_dir, cfg=None) -> Path:
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir)
     out = run_dir / "report"
     tmp = run_dir / ".report.tmp"
@@ -282,7 +281,7 @@ def build_report(run_dir, cfg=None) -> Path:
                                         for k, v in prov.items()) + "</tbody></table>")
     if cfg is not None:
         page.add("<details><summary>Full configuration (conf.yaml as resolved)</summary><pre>"
-                 f"{html.escape(OmegaConf.to_yaml(cfg, resolve=True))}</pre></details>")
+                 f"{html.escape(to_yaml(cfg))}</pre></details>")
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))

@@ -315,9 +315,10 @@ def evaluation_identity(run_dir, cfg) -> dict:
 
 
 def run_evaluate(cfg) -> dict:
-    from annotators.base import build_annotator
+    from annotators.base import build_annotator, check_columns
 
     run_dir, ev = Path(cfg.run_dir), cfg.evaluate
+    check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
     out = eval_dir(run_dir)
@@ -340,10 +341,8 @@ def run_evaluate(cfg) -> dict:
         print("hspace evaluate: random directions rescaled to their component's pixel change: "
               + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
     n_edits = len(edit_list(run_dir, ev))
-    scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
+    scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
-    if quality is not None and ev.quality_score not in quality.attributes:
-        raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
     items = seed_sets(ev)
     todo = agreed(remaining(run_dir, items))  # after rank 0's reset
     if todo:

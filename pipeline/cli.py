@@ -41,9 +41,13 @@ DISTRIBUTED = ("run", "generate", "annotate", "pca", "jacobian", "evaluate")
 
 
 def print_config(cfg) -> None:
-    from omegaconf import OmegaConf
+    """Print the resolved configuration, once every check that needs no data has passed."""
+    from annotators.base import check_columns
 
-    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    from .config import to_yaml
+
+    check_columns(cfg)
+    print(to_yaml(cfg), end="")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,12 +61,18 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("--config", "-c", default=None, help="YAML config (default: ./conf.yaml if present)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "config":
+            s.add_argument("--defaults", action="store_true", help="print the defaults as conf.yaml, with comments")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import load_config
+    from .config import defaults_yaml, load_config
+
+    if getattr(args, "defaults", False):
+        print(defaults_yaml(), end="")
+        return 0
 
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)

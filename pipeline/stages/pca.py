@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError
 from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
 from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
@@ -31,8 +30,6 @@ def partial_path(run_dir, rank: int, world: int) -> Path:
 
 
 def new_estimator(pca_cfg) -> StreamingPCA:
-    if pca_cfg.dtype not in DTYPES:
-        raise ConfigError(f"pca.dtype={pca_cfg.dtype!r}; choose float64 or float32")
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
                         dtype=DTYPES[pca_cfg.dtype])
 

@@ -17,9 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from ..config import config_hash
+from ..config import config_hash, select
 from ..samples import write_json_atomic
 from .lightning_utils import agreed, launching_rank
 
@@ -56,11 +54,6 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def _section(cfg, dotted: str):
-    node = OmegaConf.select(cfg, dotted)
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def asset_identities(cfg) -> dict[str, str]:
     """Content identities of what a path in the config points at: the model's weights (the same
     name_or_path may hold new weights) and the annotators shipped in the package."""
@@ -77,7 +70,7 @@ def stage_hashes(cfg) -> dict[str, str]:
     assets = asset_identities(cfg)
     hashes: dict[str, str] = {}
     for st in STAGES:
-        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
+        hashes[st.name] = config_hash({k: select(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
                                       *({a: assets[a]} for a in st.assets))
     return hashes
 
@@ -103,6 +96,9 @@ def is_fresh(run_dir, st: Stage, h: str) -> bool:
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
+    from annotators.base import check_columns
+
+    check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
     run_dir = Path(cfg.run_dir)
     hashes = stage_hashes(cfg)
     rank0 = launching_rank() == 0
