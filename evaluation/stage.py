@@ -39,9 +39,8 @@ from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix,
                       table1_markdown)
 
 
-# Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set). On the
-# embedded default 4 seeds give multipliers within 7% of 8 seeds' (12.6, 10.1, 12.0 vs 12.6, 10.8,
-# 12.7) in half the time (20 s vs 40 s).
+# Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set); 4 are
+# close to 8 in half the time (docs/benchmarks.md).
 CALIBRATION_SEEDS = 4
 
 

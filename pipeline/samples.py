@@ -12,10 +12,9 @@ carries the features), so ``datasets.Dataset.from_file`` reads it memory-mapped.
 (``datasets.Image``, PNG bytes) and ``h`` (``datasets.Array4D`` of shape (T, C, H, W),
 float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16).
 
-Why this format (measured on 256 trajectories of 20x128x8x8 float16, see README): Array4D
-costs 28% more disk than a flat fixed-size list (its nested lists carry offsets) but keeps the
-(T, C, H, W) shape for ``datasets`` users and reads 6x faster through ``datasets``' numpy
-formatting (800 vs 130 MB/s); our own reader (:func:`iter_h`) ignores the offsets and views
+Why Array4D: it keeps the (T, C, H, W) shape for ``datasets`` users and reads faster through
+``datasets``' numpy formatting than a flat fixed-size list, for a little more disk (its nested
+lists carry offsets; figures in docs/benchmarks.md). Our own reader ignores the offsets and views
 the float16 values in place (zero-copy from the memory map), whatever the format.
 
 Shards are written to a temporary name, fsynced and renamed, so a crash never leaves a shard
