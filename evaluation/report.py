@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import to_yaml
+from pipeline.io import atomic_path
 from pipeline.samples import read_manifest
 
 CSS = """
@@ -157,9 +157,13 @@ def git_commit() -> str | None:
 def build_report(run_dir, cfg=None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
-    tmp = run_dir / ".report.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        _write_report(run_dir, cfg, tmp)
+    return out / "index.html"
+
+
+def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     page = Page(tmp)
     manifest = read_manifest(run_dir)
     model = manifest["model"]
@@ -285,9 +289,6 @@ def build_report(run_dir, cfg=None) -> Path:
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out / "index.html"
 
 
 def run_report(cfg) -> Path:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 
-from .errors import HSpaceError
+from .errors import HSpaceError, Interrupted
+from .io import locked_stage
 
 #: stage name -> ("module:function", help). Each function takes the validated config.
 STAGES: dict[str, tuple[str, str]] = {
@@ -66,14 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import defaults_yaml, load_config
+    from .io import launching_rank
 
     if getattr(args, "defaults", False):
         print(defaults_yaml(), end="")
         return 0
 
+    # SIGINT and SIGTERM end the command through one exception that every ``finally`` and every
+    # temporary file sees; not KeyboardInterrupt, which Lightning turns into a silent exit(1).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
+    rank0 = launching_rank() == 0
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
@@ -82,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
             join_launched_ranks(cfg.trainer)
         module, func = STAGES[args.stage][0].split(":")
-        getattr(importlib.import_module(module), func)(cfg)
+        run = getattr(importlib.import_module(module), func)
+        if args.stage == "config":
+            run(cfg)
+        else:
+            with locked_stage(cfg.run_dir, args.stage, rank0):
+                run(cfg)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        if rank0:
+            print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
 

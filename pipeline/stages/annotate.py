@@ -112,9 +112,8 @@ def merge_parts(run_dir, identity: dict) -> pd.DataFrame:
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"hspace": json.dumps(identity).encode()})
-    tmp = annotations_path(run_dir).with_name(".annotations.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, annotations_path(run_dir))
+    with atomic_path(annotations_path(run_dir)) as tmp:
+        pq.write_table(table, tmp)
     if len(df) != want:
         raise DatasetError(f"annotations cover {len(df)} of {want} samples; re-run hspace annotate to finish")
     return df

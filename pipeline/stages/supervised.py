@@ -14,7 +14,6 @@ experiment), paired by file name when ``supervised.real.paired`` is true.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
+from ..io import atomic_path
 from ..images import from_uint8
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
@@ -152,9 +152,8 @@ def run_supervised(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
     out = save_directions(directions, run_dir / "directions" / "supervised.safetensors")
-    tmp = run_dir / "directions" / ".convergence.csv.tmp"
-    curves.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / "directions" / "convergence.csv")
+    with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
+        curves.to_csv(tmp, index=False)
     plot_convergence(curves, run_dir / "directions" / "convergence.png")
     for attr, info in directions.params["per_attribute"].items():
         print(f"  {attr}: logistic regression held-out accuracy {info['cv_accuracy']:.3f} +- {info['cv_accuracy_std']:.3f}")
