@@ -15,6 +15,7 @@ key (finetune_toy's model and data keys follow train_toy that way).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -533,7 +534,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: List[str] | No
 
 def with_overrides(cfg: HSpaceConfig, overrides: List[str]) -> HSpaceConfig:
     """``cfg`` with more ``key=value`` overrides, validated again (a tool for tests and scripts)."""
-    tree, sources = json.loads(json.dumps(cfg._raw or defaults())), dict(cfg._sources)
+    tree, sources = copy.deepcopy(cfg._raw or defaults()), dict(cfg._sources)
     _override(tree, sources, overrides)
     return _validate(tree, sources)
 
