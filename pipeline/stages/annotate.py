@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from ..config import config_hash, to_dict
 from ..errors import ConfigError, DatasetError
 from ..images import from_uint8
+from ..io import atomic_path
 from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
 from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, make_trainer,
                               share_cpu_threads)
