@@ -297,6 +297,12 @@ class ClipAnnotator(Annotator):
         self._setup(net, tokenizer, table, templates)
 
     @classmethod
+    def columns(cls, options: Mapping) -> tuple[str, ...]:
+        """The attributes the prompts option (with ``attributes``) defines; no weights loaded."""
+        return tuple(resolve_prompts(options.get("prompts", "celeba40"), options.get("templates"),
+                                     options.get("attributes"))[0])
+
+    @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer, prompts: str | Mapping = "celeba40",
                    templates: Sequence[str] | None = None, attributes: Sequence[str] | None = None) -> "ClipAnnotator":
         """An annotator around an in-memory open_clip model (``encode_image``, ``encode_text``,

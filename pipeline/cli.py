@@ -7,10 +7,12 @@ user can fix (bad config, missing model, corrupt data) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from .errors import HSpaceError
+from .errors import HSpaceError, Interrupted
+from .io import locked_stage
 from .registry import COMMANDS, DISTRIBUTED
 
 
@@ -21,9 +23,13 @@ def run(cfg):
 
 
 def print_config(cfg) -> None:
-    from omegaconf import OmegaConf
+    """Print the resolved configuration, once every check that needs no data has passed."""
+    from annotators.base import check_columns
 
-    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    from .config import to_yaml
+
+    check_columns(cfg)
+    print(to_yaml(cfg), end="")
 
 
 def commands() -> dict:
@@ -44,13 +50,29 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("--config", "-c", default=None, help="YAML config (default: ./conf.yaml if present)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "config":
+            s.add_argument("--defaults", action="store_true", help="print the defaults as conf.yaml, with comments")
     return p
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import load_config
+    from .config import defaults_yaml, load_config
+    from .io import launching_rank
 
+    if getattr(args, "defaults", False):
+        print(defaults_yaml(), end="")
+        return 0
+
+    # SIGINT and SIGTERM end the command through one exception that every ``finally`` and every
+    # temporary file sees; not KeyboardInterrupt, which Lightning turns into a silent exit(1).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
+    rank0 = launching_rank() == 0
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
@@ -58,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             from .stages.lightning_utils import join_launched_ranks
 
             join_launched_ranks(cfg.trainer)
-        commands()[args.stage][0](cfg)
+        command = commands()[args.stage][0]
+        if args.stage == "config":
+            command(cfg)
+        else:
+            with locked_stage(cfg.run_dir, args.stage, rank0):
+                command(cfg)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        if rank0:
+            print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
 

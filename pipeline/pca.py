@@ -186,11 +186,10 @@ class StreamingPCA:
 
     ``partial_fit(h)`` with h: (B, T, D) or (B, T, C, H, W) (trailing dims are flattened), any float
     dtype. Keeps q = n_components + oversample components internally (default oversample =
-    n_components: on a slowly decaying spectrum, T=20 x D=8192, K=25, N=1500, the top-10 angle
-    error against an exact SVD was 1.2e-2 rad vs 2.8e-2 with oversample 0 (~scikit-learn), for ~35%
-    more time; see bench/pca.py), reports the top K.
-    dtype: compute/accumulation dtype (float64 default; float32 is ~2x faster, its rounding error
-    (~1e-5..1e-4 rad) is far below the truncation error of such spectra). device: where the state
+    n_components, which more than halves the principal-angle error on slowly decaying spectra;
+    docs/benchmarks.md), reports the top K.
+    dtype: compute/accumulation dtype (float64 default; float32 is faster and its rounding error
+    is far below the truncation error of such spectra). device: where the state
     lives (e.g. "cuda"); batches are moved there chunk by chunk.
     Fitted attributes (per step; joint mode: T'=1, D'=T*D): ``mean_ (T, D)``, ``components_ (T, K, D)``,
     ``explained_variance_ (T, K)`` (ddof=1), ``explained_variance_ratio_ (T, K)`` (of the exact total

@@ -177,7 +177,7 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
 
 def test_validate_toy_runs_and_writes_json():
     """The validation's arithmetic end to end on a tiny model (its figures are meaningless here;
-    the shipped model's are in the README): every section present, JSON-serialisable."""
+    the shipped model's are in docs/toyfaces.md): every section present, JSON-serialisable."""
     import json
 
     from diffusers import DDIMScheduler

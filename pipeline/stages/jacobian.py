@@ -137,8 +137,6 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
 def run_jacobian(cfg) -> Path:
     run_dir, c = Path(cfg.run_dir), cfg.jacobian
     ids = [int(i) for i in c.sample_ids]
-    if not ids:
-        raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
     manifest = read_manifest(run_dir)
     first, n = manifest["requested"]["first_seed"], manifest["requested"]["num_samples"]
     model = HSpaceModel.from_config(cfg.model, device="cpu")

@@ -10,7 +10,6 @@ baseline, random directions with the same per-step norms (extra ``random_directi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError
+from ..io import atomic_path
 from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
 from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
@@ -31,8 +30,6 @@ def partial_path(run_dir, rank: int, world: int) -> Path:
 
 
 def new_estimator(pca_cfg) -> StreamingPCA:
-    if pca_cfg.dtype not in DTYPES:
-        raise ConfigError(f"pca.dtype={pca_cfg.dtype!r}; choose float64 or float32")
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
                         dtype=DTYPES[pca_cfg.dtype])
 
@@ -66,10 +63,8 @@ class PCAModule(ItemModule):
     def on_predict_end(self) -> None:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         path = partial_path(self.run_dir, rank, world)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.pca.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in self.pca.state_dict().items()}, str(tmp))
         self.trainer.strategy.barrier("hspace-pca-partials")
         if self.trainer.is_global_zero:
             merged = new_estimator(self.cfg)

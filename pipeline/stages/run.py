@@ -16,17 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from ..config import config_hash
+from ..config import config_hash, select
 from ..registry import STAGES, Stage
 from ..samples import write_json_atomic
 from .lightning_utils import agreed, launching_rank
-
-
-def _section(cfg, dotted: str):
-    node = OmegaConf.select(cfg, dotted)
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def asset_identities(cfg) -> dict[str, str]:
@@ -45,7 +38,7 @@ def stage_hashes(cfg) -> dict[str, str]:
     assets = asset_identities(cfg)
     hashes: dict[str, str] = {}
     for st in STAGES:
-        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
+        hashes[st.name] = config_hash({k: select(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
                                       *({a: assets[a]} for a in st.assets))
     return hashes
 
@@ -71,6 +64,9 @@ def is_fresh(run_dir, st: Stage, h: str) -> bool:
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
+    from annotators.base import check_columns
+
+    check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
     run_dir = Path(cfg.run_dir)
     hashes = stage_hashes(cfg)
     rank0 = launching_rank() == 0

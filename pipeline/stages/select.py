@@ -13,13 +13,13 @@ ties fall back to sample-id order, which is unrelated to content (ids are seeds)
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
+from ..io import atomic_path
 from ..selection import selection_table
 from .annotate import load_annotations
 
@@ -56,9 +56,8 @@ def run_select(cfg) -> pd.DataFrame:
     table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold,
                             cfg.select.resolution)
     out = run_dir / "selection.parquet"
-    tmp = out.with_name(".selection.parquet.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        table.to_parquet(tmp, index=False)
     shown = table[table["rank"] < cfg.select.contact_sheet_size]
     images = {}
     for b in iter_samples(run_dir, batch_size=256, images=True, h=False, ids=sorted(set(shown.sample_id))):
