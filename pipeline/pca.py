@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 
 from .errors import ConvergenceError, InputError
+from .signs import align_signs, largest_entry_signs
 
 __all__ = [
     "PCAState", "NotFittedError", "init_state", "svd_update", "merge_summaries", "StreamingPCA",
@@ -452,8 +453,7 @@ class _FittedPCA:
         """(T, K, D) orthonormal rows (zero rows beyond the data's rank), descending variance.
         Signs as sklearn's svd_flip: the largest-|.| entry of each row is positive."""
         V = self._fitted().V[:, : self.n_components]
-        sign = torch.sign(torch.gather(V, -1, V.abs().argmax(-1, keepdim=True)))
-        return V * torch.where(sign == 0, torch.ones_like(sign), sign)
+        return V * largest_entry_signs(V)
 
     @property
     def singular_values_(self) -> torch.Tensor:
@@ -498,7 +498,7 @@ class _FittedPCA:
 
     def directions(self, *, align: str | None = "chain", dtype=torch.float32) -> torch.Tensor:
         """Directions (K, T, D), each one standard deviation along its component at every step
-        (scale 1 = 1 std). Per-step mode aligns the signs across steps (see :func:`align_signs`);
+        (scale 1 = 1 std). Per-step mode aligns the signs across steps (see :func:`pipeline.signs.align_signs`);
         joint mode splits the one trajectory-long component into its T steps."""
         comps, var = self.components_, self.explained_variance_
         if self.joint:
@@ -741,37 +741,6 @@ class PCA(_FittedPCA):
 
 
 # ---- direction helpers ----------------------------------------------------------------------------
-def align_signs(components: torch.Tensor, *, method: str = "chain", reference: int = 0) -> torch.Tensor:
-    """Flip signs so that "+" of component k means the same at every step. components: (T, K, D).
-
-    ``"chain"`` (default): step t is flipped to have a non-negative dot product with the already
-    aligned step t-1 (the reference is step ``reference``, propagated both ways). Neighbouring steps
-    of a trajectory have nearly parallel components (|cos| close to 1), so every decision is
-    well-conditioned; aligning every step to one fixed step (``"reference"``, what the original
-    code did with step 0) compares components of distant steps, which can be nearly orthogonal, so
-    the sign of a small dot product is decided by noise. Where |cos| between neighbours is small
-    (components swapped order, see :func:`adjacent_cosines`) no sign rule is meaningful.
-    """
-    if components.ndim != 3:
-        raise InputError(f"components must be (T, K, D), got shape {tuple(components.shape)}")
-    T = components.shape[0]
-    if not -T <= reference < T:
-        raise InputError(f"reference step {reference} out of range for T={T}")
-    reference %= T
-    out = components.clone()
-    if method == "reference":
-        dots = (out * out[reference]).sum(-1)  # (T, K)
-        return out * torch.where(dots < 0, -1.0, 1.0).to(out.dtype).unsqueeze(-1)
-    if method != "chain":
-        raise InputError(f"align_signs method must be 'chain' or 'reference', got {method!r}")
-    for order in (range(reference + 1, T), range(reference - 1, -1, -1)):
-        for t in order:
-            prev = t - 1 if t > reference else t + 1
-            dots = (out[t] * out[prev]).sum(-1)  # (K,)
-            out[t] *= torch.where(dots < 0, -1.0, 1.0).to(out.dtype).unsqueeze(-1)
-    return out
-
-
 def adjacent_cosines(components: torch.Tensor) -> torch.Tensor:
     """|cos| between component k at steps t and t+1: components (T, K, D) -> (T-1, K). Values near 0
     flag steps where the sign alignment (or the identity of component k) is ambiguous."""

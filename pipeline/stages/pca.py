@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -32,9 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, ConvergenceError
-from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, align_signs, gaussian_sketch, gram_pca, merge_moments,
-                   moments_update, pca_directions, random_directions_like, resolve_method)
+from ..errors import ConvergenceError
+from ..io import atomic_path, write_json_atomic
+from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, align_signs, gaussian_sketch, gram_pca,
+                   merge_moments, moments_update, pca_directions, random_directions_like, resolve_method)
 from ..samples import h_view, open_shard, read_manifest, shard_paths
 from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
@@ -51,23 +51,15 @@ def basis_path(run_dir) -> Path:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written under a temporary name and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def compute_dtype(pca_cfg) -> torch.dtype:
-    if pca_cfg.dtype not in DTYPES:
-        raise ConfigError(f"pca.dtype={pca_cfg.dtype!r}; choose float64 or float32")
-    return DTYPES[pca_cfg.dtype]
+    """A safetensors file written atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def new_estimator(pca_cfg) -> StreamingPCA:
     """The one-pass estimator each rank fills (method onepass)."""
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
-                        dtype=compute_dtype(pca_cfg))
+                        dtype=DTYPES[pca_cfg.dtype])
 
 
 def estimator_params(pca_cfg) -> dict:
@@ -75,7 +67,7 @@ def estimator_params(pca_cfg) -> dict:
     return dict(n_components=pca_cfg.n_components, method=pca_cfg.method, oversample=pca_cfg.oversample,
                 power_iterations=pca_cfg.power_iterations, tol=pca_cfg.tol,
                 exact_max_samples=pca_cfg.exact_max_samples, joint=pca_cfg.joint, seed=pca_cfg.seed,
-                dtype=compute_dtype(pca_cfg))
+                dtype=DTYPES[pca_cfg.dtype])
 
 
 def shard_batches(shards: list[Path], batch_size: int, h_shape_t, h_dtype: str):
@@ -171,7 +163,7 @@ class ExactModule(_PCAModule):
             self.held = []
             if self.cfg.joint:
                 X = X.reshape(len(X), 1, -1)
-            st = gram_pca(X, self.cfg.n_components, dtype=compute_dtype(self.cfg))
+            st = gram_pca(X, self.cfg.n_components, dtype=DTYPES[self.cfg.dtype])
             save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
         self.barrier("partials")
         if self.trainer.is_global_zero:
@@ -200,17 +192,15 @@ class RandomizedModule(_PCAModule):
         Tp, Dp = (1, self.T * self.D) if self.cfg.joint else (self.T, self.D)
         k = self.cfg.n_components
         over = k if self.cfg.oversample is None else self.cfg.oversample
-        if over < 1:
-            raise ConfigError("pca.method=randomized needs pca.oversample >= 1")
         if self.passes > 0:
             self.basis = load_file(str(basis_path(self.run_dir)))["basis"]
         elif self.trainer.is_global_zero:
             self.iteration = SubspaceIteration(Tp, Dp, k, k + over, tol=self.cfg.tol,
                                                max_passes=self.cfg.power_iterations + 2, seed=self.cfg.seed,
-                                               dtype=compute_dtype(self.cfg))
+                                               dtype=DTYPES[self.cfg.dtype])
             self.basis = self.iteration.basis
         else:  # the same Gaussian sketch as rank 0's (seeded CPU generator)
-            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, compute_dtype(self.cfg))
+            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, DTYPES[self.cfg.dtype])
         self.acc: Moments | None = None
 
     def predict_item(self, shard: str):
@@ -246,9 +236,7 @@ class RandomizedModule(_PCAModule):
                                         **estimator_params(self.cfg))
                 write_directions(self.run_dir, self.cfg, result)
             error = str(it.error()) if it.done and not it.converged else None
-            tmp = status.with_name(".status.json.tmp")
-            tmp.write_text(json.dumps({"pass": self.passes, "done": it.done, "error": error}))
-            os.replace(tmp, status)
+            write_json_atomic(status, {"pass": self.passes, "done": it.done, "error": error})
         self.barrier("step")
         flags = json.loads(status.read_text())
         self.done = flags["done"]
@@ -291,7 +279,7 @@ def write_directions(run_dir, pca_cfg, pca: PCA) -> Path:
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
     out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors")
-    from evaluation.plots import explained_variance_plot
+    from ..figures import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
     if not pca_cfg.joint:
