@@ -18,8 +18,7 @@ per-component angles (top 10), ours vs scikit-learn and both vs an exact SVD of 
 3 steps (only where N <= --exact-max).
 
 On a machine shared with other jobs use --threads 1: the OpenMP / OpenBLAS pools spin-wait when one
-of their threads is descheduled (measured at load 8 on 2 cores: ours 17 samples/s with 2 threads,
-~250 with 1).
+of their threads is descheduled (docs/benchmarks.md).
 
     python bench/pca.py [--n 2000 8000] [--k 25] [--oversample K] [--batch 100] [--threads 2] [--quick]
 """
