@@ -154,9 +154,7 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
     try:
         family, index = detect_family(location, is_local)
         unet_sub = _subfolder(location, is_local, "unet", "config.json")
-        sched_sub = _subfolder(location, is_local, "scheduler", "scheduler_config.json")
-        config = DDIMScheduler.load_config(location, subfolder=sched_sub)
-        out = {"family": family, "scheduler": DDIMScheduler.from_config(config, clip_sample=False)}
+        out = {"family": family}
         if family == "text":
             from diffusers import AutoencoderKL, UNet2DConditionModel
             from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
@@ -170,8 +168,8 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
             tokenizer = _component_class(index, "tokenizer", {"CLIPTokenizer": CLIPTokenizer,
                                                               "CLIPTokenizerFast": CLIPTokenizerFast})
             out["tokenizer"] = tokenizer.from_pretrained(location, subfolder="tokenizer")
-            return out
-        out["unet"] = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
+        else:
+            out["unet"] = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
         if family == "latent":
             from diffusers import AutoencoderKL, VQModel
 
@@ -179,6 +177,9 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
             cls = _component_class(index, component, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL})
             out["autoencoder"] = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype)
             out["component"] = component
+        sched_sub = _subfolder(location, is_local, "scheduler", "scheduler_config.json")
+        config = DDIMScheduler.load_config(location, subfolder=sched_sub)
+        out["scheduler"] = DDIMScheduler.from_config(config, clip_sample=False)
         return out
     except ModelLoadError:
         raise

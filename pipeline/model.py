@@ -440,6 +440,8 @@ class HSpaceModel:
         negative_prompt: str | Sequence[str] | None = None,
         guidance_scale: float | None = None,
         return_latents: bool = False,
+        h_dtype: torch.dtype | None = None,
+        h_device: str | torch.device | None = None,
         progress: bool = False,
     ) -> SampleOutput:
         """Generate images while recording h, optionally editing it.
@@ -457,6 +459,8 @@ class HSpaceModel:
             model's). guidance_scale: > 1 is classifier-free guidance, h from the conditional
             branch, edits in both (see :mod:`pipeline.families`); 1 is one conditional pass.
         return_latents: also return x_t entering every step, ``.latents`` (B, T, *latent_shape).
+        h_dtype, h_device: where h is recorded (default: the model's dtype and device); e.g.
+            float16 on the CPU streams a batch's trajectories straight into what a shard stores.
         """
         if x_T is None:
             if seeds is None:
@@ -498,7 +502,7 @@ class HSpaceModel:
         delta = self._per_sample(delta_h, "delta_h", B, h_shape)
         replace = self._per_sample(replace_h, "replace_h", B, h_shape)
         mask = self._step_mask(steps)
-        hs = torch.empty((B, self.num_steps, *h_shape), device=self.device, dtype=self.dtype)
+        hs = torch.empty((B, self.num_steps, *h_shape), device=h_device or self.device, dtype=h_dtype or self.dtype)
         latents = torch.empty((B, self.num_steps, *self.latent_shape), device=self.device) if return_latents else None
 
         for i in tqdm(range(self.num_steps), disable=not progress, desc="sampling", leave=False):

@@ -22,7 +22,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..config import config_hash, to_dict
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
 from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
@@ -60,10 +60,43 @@ def package_versions() -> dict:
     return out
 
 
-def content_identity(model: HSpaceModel, h_dtype: str, precision) -> dict:
+def content_identity(model: HSpaceModel, h_dtype: str, precision, prompts: dict | None = None) -> dict:
     """Everything that determines a sample's content (not the batch size, not the devices)."""
     d = model.describe()
-    return {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
+    out = {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
+    if prompts is not None:
+        out["prompts"] = prompts
+    return out
+
+
+def sample_prompts(cfg, model: HSpaceModel) -> dict | None:
+    """A text model's prompt assignment: {"first_seed", "prompts"} (one for all, or one per sample,
+    from generate.prompts, generate.prompts_file or model.prompt); None for other models."""
+    g = cfg.generate
+    if model.kind != "text":
+        if g.prompts or g.prompts_file:
+            raise ConfigError(f"generate.prompts / generate.prompts_file apply to text-to-image models; "
+                              f"{cfg.model.name_or_path} is a {model.kind} model")
+        return None
+    if g.prompts_file:
+        path = Path(g.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"generate.prompts_file={g.prompts_file}: no such file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(prompts) != g.num_samples:
+            raise ConfigError(f"generate.prompts_file={g.prompts_file} has {len(prompts)} prompts for "
+                              f"generate.num_samples={g.num_samples}; give one line per sample")
+    else:
+        prompts = list(g.prompts) or [model.prompt]
+    return {"first_seed": g.first_seed, "prompts": prompts}
+
+
+def prompt_function(assignment: dict | None):
+    """seed -> prompt of an assignment from :func:`sample_prompts` (None: no prompts)."""
+    if assignment is None:
+        return None
+    first, prompts = assignment["first_seed"], assignment["prompts"]
+    return lambda seed: prompts[0] if len(prompts) == 1 else prompts[int(seed) - first]
 
 
 def _differences(a, b, prefix="") -> list[str]:
@@ -79,19 +112,21 @@ def _differences(a, b, prefix="") -> list[str]:
 class GenerateModule(ItemModule):
     """predict_item: seeds -> images and h trajectories of an HSpaceModel."""
 
-    def __init__(self, model: HSpaceModel, h_dtype: str):
+    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None):
         super().__init__()
         self.hmodel = model
         self.unet = model.unet  # registered, so Lightning moves it to the rank's device
-        self.h_dtype = h_dtype
+        self.h_dtype, self.prompt_of = h_dtype, prompt_of
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
 
     def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
-        out = self.hmodel.sample(seeds)
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}
+        prompts = None if self.prompt_of is None else [self.prompt_of(s) for s in seeds]
+        # h goes straight into a CPU buffer of the stored dtype: the batch's trajectories are held once
+        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=H_DTYPES[self.h_dtype][1], h_device="cpu")
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts}
 
 
 class ShardWriter(BasePredictionWriter):
@@ -105,7 +140,7 @@ class ShardWriter(BasePredictionWriter):
         if batch is IDLE:
             return
         write_shard(self.shards_dir, prediction["seeds"], prediction["seeds"], prediction["images"],
-                    prediction["h"], self.h_dtype)
+                    prediction["h"], self.h_dtype, prediction.get("prompts"))
 
 
 class GenerateData(RankShare):
@@ -169,7 +204,8 @@ def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    identity = content_identity(model, g.h_dtype, cfg.trainer.precision)
+    prompts = sample_prompts(cfg, model)
+    identity = content_identity(model, g.h_dtype, cfg.trainer.precision, prompts)
     check_existing(run_dir, identity)
 
     trainer_probe_rank = launching_rank()
@@ -177,7 +213,7 @@ def run_generate(cfg) -> dict:
     manifest = {
         "format": FORMAT, "identity": identity, "identity_hash": config_hash(identity),
         "model": identity["model"], "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
-        "image_shape": list(model.image_shape), "config": to_dict(cfg), "config_hash": config_hash(cfg),
+        "image_shape": list(model.image_shape), "latent_shape": list(model.latent_shape), "config": to_dict(cfg), "config_hash": config_hash(cfg),
         "packages": package_versions(), "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
     }
     scan = scan_shards(run_dir)
@@ -201,7 +237,7 @@ def run_generate(cfg) -> dict:
         ItemsProgress("generate", todo),
         AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted), "generate"),
     ])
-    trainer.predict(GenerateModule(model, g.h_dtype), datamodule=GenerateData(run_dir, g), return_predictions=False)
+    trainer.predict(GenerateModule(model, g.h_dtype, prompt_function(prompts)), datamodule=GenerateData(run_dir, g), return_predictions=False)
     if trainer.is_global_zero:
         print(f"hspace generate: {g.num_samples} samples in {samples_dir(run_dir)}")
     return manifest

@@ -28,7 +28,7 @@ from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
-from ..samples import read_manifest
+from ..samples import read_manifest, read_prompts
 from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, launching_rank,
                               make_trainer, share_cpu_threads)
 
@@ -59,9 +59,9 @@ def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
 class JacobianModule(ItemModule):
     """predict_item: one sample id -> its directions at every step (autograd on)."""
 
-    def __init__(self, model: HSpaceModel, jac_cfg, mask):
+    def __init__(self, model: HSpaceModel, jac_cfg, mask, prompts: dict | None = None):
         super().__init__()
-        self.hmodel, self.cfg, self.mask = model, jac_cfg, mask
+        self.hmodel, self.cfg, self.mask, self.prompts = model, jac_cfg, mask, prompts or {}
         self.unet = model.unet
 
     def setup(self, stage: str) -> None:
@@ -70,7 +70,8 @@ class JacobianModule(ItemModule):
     def predict_item(self, sample_id: int):
         self.hmodel.to(self.device)
         c = self.cfg
-        with torch.inference_mode(False), torch.enable_grad():
+        # a text model's sample is regenerated under its own stored prompt (outside the dataset: model.prompt)
+        with torch.inference_mode(False), torch.enable_grad(), self.hmodel.prompted(self.prompts.get(int(sample_id))):
             out = jacobian_directions_all_steps(
                 self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
                 method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter,
@@ -151,7 +152,8 @@ def run_jacobian(cfg) -> Path:
     trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("jacobian", len(ids), count=lambda i: 1),
                                          AfterAllRanks(lambda: write_directions(run_dir, c, ids), "jacobian")],
                            inference_mode=False)
-    trainer.predict(JacobianModule(model, c, mask), datamodule=Items(ids), return_predictions=False)
+    prompts = read_prompts(run_dir, ids) if model.kind == "text" else None
+    trainer.predict(JacobianModule(model, c, mask, prompts), datamodule=Items(ids), return_predictions=False)
     out = run_dir / "directions" / "jacobian.safetensors"
     if trainer.is_global_zero:
         outside = [i for i in ids if not first <= i < first + n]
