@@ -8,8 +8,6 @@ naming the key and what it accepts, raised before any stage starts work.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,5 +442,6 @@ def to_dict(cfg) -> dict:
 
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    blob = json.dumps([to_dict(p) if isinstance(p, DictConfig) else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from .io import hash_json
+
+    return hash_json(*[to_dict(p) if isinstance(p, DictConfig) else p for p in parts])

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
+from ..errors import Interrupted
 from ..io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
 
 
@@ -37,7 +38,7 @@ def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopRanksOnInterrupt()],
         **kwargs,
     )
 
@@ -161,20 +162,45 @@ class ItemsProgress(L.Callback):
 
 
 class PartWriter(BasePredictionWriter):
-    """Writes each predicted batch as one file on the rank that made it, atomically (a temporary
-    name renamed into place), so a killed run leaves only whole parts and a re-run skips them.
+    """The one writer of the distributed stages: each rank writes its own parts, atomically (a
+    temporary name renamed into place), so a killed run leaves only whole parts and a re-run
+    skips them; nothing is gathered in memory.
 
-    name(prediction) -> file name; write(prediction, path) writes the file."""
+    ``interval="batch"``: one part per predicted batch, ``name(prediction)`` -> file name,
+    ``write(prediction, path)`` writes it (shards, annotation, Jacobian and evaluation parts).
+    ``interval="epoch"``: one part per rank when it has predicted everything, from
+    ``pl_module.rank_result()`` (PCA's partial state). ``fsync``: flush each part to disk before
+    the rename."""
 
-    def __init__(self, directory: Path, name: Callable[[dict], str], write: Callable[[dict, Path], None]):
-        super().__init__(write_interval="batch")
-        self.directory, self.name, self.write = Path(directory), name, write
+    def __init__(self, directory: Path, name: Callable[[object], str], write: Callable[[object, Path], None],
+                 interval: str = "batch", fsync: bool = False):
+        super().__init__(write_interval=interval)
+        self.directory, self.name, self.write, self.fsync = Path(directory), name, write, fsync
+
+    def _write(self, prediction) -> None:
+        with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
+            self.write(prediction, tmp)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if batch is IDLE:
-            return
-        with atomic_path(self.directory / self.name(prediction)) as tmp:
-            self.write(prediction, tmp)
+        if batch is not IDLE:
+            self._write(prediction)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        self._write(pl_module.rank_result())
+
+
+class StopRanksOnInterrupt(L.Callback):
+    """On SIGINT/SIGTERM (:class:`~pipeline.errors.Interrupted`) in the process the user started,
+    stop the processes Lightning launched too, as Lightning does for a KeyboardInterrupt
+    (their temporary files are swept by the next run)."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+        from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
+
+        launcher = trainer.strategy.launcher
+        if isinstance(exception, Interrupted) and isinstance(launcher, _SubprocessScriptLauncher):
+            launcher.kill(_get_sigkill_signal())
 
 
 class AfterAllRanks(L.Callback):

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from ..config import to_dict
 from ..directions import Directions, save_directions
 from ..errors import ConfigError
-from ..io import atomic_path
+from ..identity import artefact_ids, config_sections, make_record
 from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
-from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
+from .lightning_utils import AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, make_trainer, share_cpu_threads
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -63,18 +63,23 @@ class PCAModule(ItemModule):
         fit_shards(self.pca, [Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
         return None
 
-    def on_predict_end(self) -> None:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        path = partial_path(self.run_dir, rank, world)
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in self.pca.state_dict().items()}, str(tmp))
-        self.trainer.strategy.barrier("hspace-pca-partials")
-        if self.trainer.is_global_zero:
-            merged = new_estimator(self.cfg)
-            for r in range(world):
-                merged.merge(StreamingPCA.from_state_dict(load_file(str(partial_path(self.run_dir, r, world)))))
-            write_directions(self.run_dir, self.cfg, merged)
-        self.trainer.strategy.barrier("hspace-pca-written")
+    def rank_result(self) -> dict:
+        """This rank's partial state, written by the stage's :class:`PartWriter`."""
+        return {"rank": self.trainer.global_rank, "world": self.trainer.world_size,
+                "state": {k: v.contiguous().cpu() for k, v in self.pca.state_dict().items()}}
+
+
+def merge_partials(run_dir, pca_cfg, world: int, record: dict) -> Path:
+    """Rank 0, after every rank wrote its partial state: merge them (the same update as the
+    batches), write the directions, and remove partial states of earlier runs on other numbers
+    of processes."""
+    merged = new_estimator(pca_cfg)
+    for r in range(world):
+        merged.merge(StreamingPCA.from_state_dict(load_file(str(partial_path(run_dir, r, world)))))
+    for old in partial_path(run_dir, 0, world).parent.glob("partial-*.safetensors"):
+        if not old.name.endswith(f"-of-{world}.safetensors"):
+            old.unlink()
+    return write_directions(run_dir, pca_cfg, merged, record)
 
 
 class ShardData(RankShare):
@@ -86,7 +91,11 @@ class ShardData(RankShare):
         return [str(p) for p in shard_paths(self.run_dir)]
 
 
-def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
+def identity(cfg, known: dict | None = None) -> dict:
+    return make_record("pca", config_sections(cfg, "pca"), artefacts=artefact_ids(cfg.run_dir, ["samples"], known))
+
+
+def write_directions(run_dir, pca_cfg, pca: StreamingPCA, record: dict | None = None) -> Path:
     manifest = read_manifest(run_dir)
     T, C, H, W = manifest["h_shape_t"]
     comps = align_signs(pca.components_, method=pca_cfg.align) if not pca_cfg.joint else pca.components_
@@ -104,7 +113,7 @@ def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
                         params={**to_dict(pca_cfg), "n_samples": pca.n_samples_seen_, "scales": list(pca_cfg.scales),
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
-    out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors")
+    out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors", record)
     from evaluation.plots import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
@@ -116,9 +125,13 @@ def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
 def run_pca(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     shards = shard_paths(run_dir)
+    record = identity(cfg)
     n = read_manifest(run_dir)["num_samples"]
-    trainer = make_trainer(cfg.trainer, [ItemsProgress("pca", len(shards), count=lambda item: 1, unit="shards")],
-                           inference_mode=False)
+    writer = PartWriter(run_dir / "pca", lambda r: partial_path(run_dir, r["rank"], r["world"]).name,
+                        lambda r, path: save_file(r["state"], str(path)), interval="epoch")
+    merge = AfterAllRanks(lambda: merge_partials(run_dir, cfg.pca, trainer.world_size, record), "pca")
+    trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("pca", len(shards), count=lambda item: 1, unit="shards"),
+                                         merge], inference_mode=False)
     with torch.no_grad():
         trainer.predict(PCAModule(str(run_dir), cfg.pca), datamodule=ShardData(str(run_dir)), return_predictions=False)
     out = run_dir / "directions" / "pca.safetensors"
