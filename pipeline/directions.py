@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import DatasetError, InputError
+from .errors import ConfigError, DatasetError, InputError
 from .identity import safetensors_metadata
 from .io import atomic_path
 
@@ -118,6 +118,9 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
         raise DatasetError(f"{path} is not a consistent hspace directions file ({e})") from None
     if model is not None:
         want = (model.num_steps, *model.h_shape)
+        if d.directions.shape[2:] == tuple(model.h_shape) and d.directions.shape[1] != model.num_steps:
+            raise ConfigError(f"{path} was made for T={d.directions.shape[1]} steps but the model samples "
+                              f"T={model.num_steps}; set model.num_inference_steps={d.directions.shape[1]}")
         if tuple(d.directions.shape[1:]) != tuple(want):
             raise DatasetError(f"{path} holds directions of shape (T, C, H, W) = {tuple(d.directions.shape[1:])}, but "
                                f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
