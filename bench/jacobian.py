@@ -55,7 +55,7 @@ def load_model(spec: str, steps: int):
 
     from pipeline import HSpaceModel
     from pipeline.config import ToyTrainConfig
-    from pipeline.toyfaces.train_ddpm import build_unet
+    from toyfaces.train_ddpm import build_unet
 
     if spec == "random":
         torch.manual_seed(0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import to_yaml
 from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.samples import read_manifest
@@ -175,8 +176,6 @@ def build_report(run_dir, cfg=None) -> Path:
 
 
 def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
-    from omegaconf import OmegaConf
-
     page = Page(tmp)
     manifest = read_manifest(run_dir)
     model = manifest["model"]
@@ -298,7 +297,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                                         for k, v in prov.items()) + "</tbody></table>")
     if cfg is not None:
         page.add("<details><summary>Full configuration (conf.yaml as resolved)</summary><pre>"
-                 f"{html.escape(OmegaConf.to_yaml(cfg, resolve=True))}</pre></details>")
+                 f"{html.escape(to_yaml(cfg))}</pre></details>")
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))

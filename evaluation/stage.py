@@ -343,9 +343,10 @@ def write_part(prediction: dict, path: Path, part_key: str) -> None:
 
 
 def run_evaluate(cfg) -> dict:
-    from annotators.base import build_annotator
+    from annotators.base import build_annotator, check_columns
 
     run_dir, ev = Path(cfg.run_dir), cfg.evaluate
+    check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
     for name in _directions(cfg):
@@ -353,10 +354,8 @@ def run_evaluate(cfg) -> dict:
     out = eval_dir(run_dir)
     record, part_key = identity(cfg), identity(cfg, drop=("evaluate.bootstrap",))["key"]
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
+    scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
-    if quality is not None and ev.quality_score not in quality.attributes:
-        raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
     calibration = out / "pixel_matching.json"
     if launching_rank() == 0:
         clean_existing(out, part_key)  # after the checks above: a mistyped setting removes nothing

@@ -26,6 +26,7 @@ a folder (``evaluation``...)  ``<folder>/identity.json``, written last
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -46,13 +47,15 @@ def describe(name: str) -> str:
 
 def config_sections(cfg, *names: str, drop: tuple[str, ...] = ()) -> dict:
     """{dotted name: plain value} of the configuration sections an artefact depends on; ``drop``:
-    dotted keys inside them that do not change it (batch sizes)."""
-    from omegaconf import OmegaConf
-
+    dotted keys inside them that do not change it (batch sizes). ``cfg``: the configuration model
+    (anything with ``model_dump``) or a plain mapping."""
+    tree = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
     out = {}
     for name in names:
-        node = OmegaConf.select(cfg, name)
-        out[name] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        node = tree
+        for part in name.split("."):
+            node = node[part]
+        out[name] = copy.deepcopy(node)
     for key in drop:
         section, _, leaf = key.rpartition(".")
         if isinstance(out.get(section), dict):

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotators import assets_identity
+from annotators.base import build_annotator, check_columns, column_names
 
-from ..config import to_dict
-from ..errors import ConfigError, DatasetError
+from ..errors import DatasetError
 from ..identity import (artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record,
                         verify)
 from ..images import from_uint8
@@ -44,30 +44,8 @@ def parts_dir(run_dir) -> Path:
     return Path(run_dir) / "annotations" / "parts"
 
 
-def column_names(annotators: dict) -> dict[tuple[str, str], str]:
-    """(config name, attribute) -> column; prefixed with the annotator's name only where names collide."""
-    counts: dict[str, int] = {}
-    for ann in annotators.values():
-        for a in ann.attributes:
-            counts[a] = counts.get(a, 0) + 1
-    columns = {(key, a): (a if counts[a] == 1 else f"{ann.name}.{a}") for key, ann in annotators.items()
-               for a in ann.attributes}
-    if len(set(columns.values())) != len(columns):
-        raise ConfigError(f"annotators {list(annotators)} give clashing score names even with prefixes")
-    return columns
-
-
 def build_annotators(ann_cfg, device="cpu") -> dict:
-    from annotators.base import build_annotator
-
-    names = list(ann_cfg.annotators)
-    if not names:
-        raise ConfigError("annotate.annotators is empty; name at least one annotator (e.g. [toy])")
-    options = to_dict(ann_cfg.options) if ann_cfg.options is not None else {}
-    unknown = set(options) - set(names)
-    if unknown:
-        raise ConfigError(f"annotate.options has entries for {sorted(unknown)}, which are not in annotate.annotators {names}")
-    return {name: build_annotator(name, options.get(name), device) for name in names}
+    return {name: build_annotator(name, ann_cfg.options.get(name), device) for name in ann_cfg.annotators}
 
 
 def plan_items(run_dir, batch_size: int, done: set[int]) -> list[dict]:
@@ -207,6 +185,7 @@ def load_annotations(run_dir) -> pd.DataFrame:
 
 def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
+    check_columns(cfg, "annotate")  # before anything is removed
     shard_paths(run_dir)  # the samples dataset must be complete
     inputs, record = part_inputs(cfg), identity(cfg)
     if launching_rank() == 0:

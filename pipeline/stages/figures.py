@@ -15,6 +15,10 @@ from ..loading import weights_identity
 from ..model import HSpaceModel
 from .edit import render_edits
 
+#: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
+#: class-mean gap of x_T)
+DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
+
 
 FILES = ("pca", "jacobian", "supervised", "disentangled", "real")
 
@@ -61,7 +65,7 @@ def run_figures(cfg) -> Path:
     with atomic_path(out) as tmp:  # the whole folder at once: strips of directions that are gone go too
         tmp.mkdir()
         for family, dirs, names, x_T in jobs:
-            scales = dirs.params.get("x_T_scales" if x_T else "scales") or [-2.0, -1.0, 0.0, 1.0, 2.0]
+            scales = list(DEFAULT_SCALES if x_T else dirs.params.get("scales") or DEFAULT_SCALES)
             count += len(render_edits(model, dirs, names, seeds, scales, tmp / family, x_T_space=x_T,
                                       batch_size=cfg.edit.batch_size))
         write_json_atomic(tmp / FOLDER_RECORD, record)

@@ -4,9 +4,10 @@ For each of ``jacobian.sample_ids`` (samples of the dataset, regenerated from th
 that x_t is the sample's own, its own step noise included), the top-k right singular vectors
 of J_t = d eps / d h_t at every step. Written to ``<run_dir>/directions/jacobian.safetensors``
 as ready-to-apply trajectories, the reference's "global at index" edit: the direction j found
-at step tau applied at every step i, scaled by step i's j-th singular value. The per-step
-vectors and singular values are kept as extras (``vectors``: (n, T, k, C, H, W),
-``singular_values``: (n, T, k)).
+at step tau applied at every step i, scaled by step i's j-th singular value. ``jacobian.steps``
+limits the work to those step indices (``tau`` among them): the edit is then applied at those
+steps only (zero at the others). The per-step vectors and singular values are kept as extras
+(``vectors``: (n, T', k, C, H, W), ``singular_values``: (n, T', k), ``steps``: the T' step indices).
 
 ``jacobian.mask`` restricts the output to an image region (directions that move only that
 region): ``rect:y0:y1:x0:x1`` in fractions of the image, or a greyscale PNG (white = region).
@@ -103,18 +104,14 @@ def part_name(sample_id: int) -> str:
     return f"sample-{sample_id:010d}.safetensors"
 
 
-def check_steps(c, num_steps: int) -> None:
-    """jacobian.tau and jacobian.steps against the model's number of steps, before any work."""
-    if not 0 <= c.tau < num_steps:
-        raise ConfigError(f"jacobian.tau={c.tau} is not a step of this model: steps are 0..{num_steps - 1} "
-                          f"(model.num_inference_steps={num_steps})")
-    if c.steps is not None:
-        steps = list(c.steps)
-        bad = [s for s in steps if not 0 <= s < num_steps]
-        if bad or not steps:
-            raise ConfigError(f"jacobian.steps={steps}: give steps in 0..{num_steps - 1}, or leave it empty for all")
-        if c.tau not in steps:
-            raise ConfigError(f"jacobian.tau={c.tau} is not among jacobian.steps={steps}")
+def check_steps(jac_cfg, T: int) -> list[int]:
+    """The step indices to compute (``jacobian.steps``, else all T), checked: in range, distinct, tau among them."""
+    steps = list(range(T)) if jac_cfg.steps is None else [int(s) for s in jac_cfg.steps]
+    if not steps or len(set(steps)) != len(steps) or not all(0 <= s < T for s in steps):
+        raise ConfigError(f"jacobian.steps={steps}: give distinct step indices in 0..{T - 1} (or null for every step)")
+    if jac_cfg.tau not in steps:
+        raise ConfigError(f"jacobian.tau={jac_cfg.tau} is not among the computed steps {steps}")
+    return steps
 
 
 def identity(cfg, known: dict | None = None) -> dict:
@@ -158,21 +155,22 @@ def write_directions(run_dir, jac_cfg, ids, timesteps, model_name, record: dict 
         if not path.exists():
             raise DatasetError(f"{path} is missing; re-run hspace jacobian")
         results.append(load_file(str(path)))
+    T = len(timesteps)
+    check_steps(jac_cfg, T)
     steps = results[0]["steps"].tolist()
-    if jac_cfg.tau not in steps:
-        raise ConfigError(f"jacobian.tau={jac_cfg.tau} is not among the computed steps {steps}")
     tau = steps.index(jac_cfg.tau)
     trajectories, names = [], []
     for i, r in zip(ids, results):
-        if len(steps) != len(timesteps):
-            raise ConfigError("the ready-to-apply trajectories need every step: leave jacobian.steps empty")
-        deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T, C, H, W)
-        trajectories.append(deltas)
+        deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T', C, H, W)
+        full = deltas.new_zeros(len(deltas), T, *deltas.shape[2:])
+        full[:, steps] = deltas  # no edit at the steps not computed
+        trajectories.append(full)
         names += [f"s{i}-t{jac_cfg.tau}-v{j + 1}" for j in range(len(deltas))]
     extras = {"vectors": torch.stack([r["vectors"] for r in results]),
               "singular_values": torch.stack([r["singular_values"] for r in results]),
               "iterations": torch.stack([r["iterations"] for r in results]),
-              "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8)}
+              "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8),
+              "steps": torch.tensor(steps)}
     d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", list(timesteps),
                    model=model_name, source_run=str(Path(run_dir).resolve()),
                    params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},

@@ -71,8 +71,6 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
             w = torch.from_numpy(w).view_as(d)
             d = w * float((d.flatten() @ w.flatten()))  # the class-mean gap along the normal
             info[attr] = {"cv_accuracy": acc, "cv_accuracy_std": acc_std}
-        elif sup_cfg.method != "mean_difference":
-            raise ConfigError(f"supervised.method={sup_cfg.method!r}; choose mean_difference or logistic")
         directions.append(d)
         x_dirs.append(mean_difference(xpos, xneg))
         ns = [n for n in sup_cfg.convergence_ns if n <= len(top)]
@@ -187,9 +185,7 @@ def run_supervised(cfg) -> Path:
         print(f"  {attr}: logistic regression held-out accuracy {info['cv_accuracy']:.3f} +- {info['cv_accuracy_std']:.3f}")
     print(f"hspace supervised: {len(directions)} directions ({', '.join(directions.names)}) -> {out}")
     real = cfg.supervised.real
-    if real.positive_dir or real.negative_dir:
-        if not (real.positive_dir and real.negative_dir):
-            raise ConfigError("supervised.real needs both positive_dir and negative_dir")
+    if real.positive_dir:  # the schema requires negative_dir with it
         model = HSpaceModel.from_config(cfg.model)
         d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired,
                                        fixed_point_iterations=real.fixed_point_iterations)

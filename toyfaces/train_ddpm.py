@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ..config import ToyTrainConfig, to_dict
-from ..images import from_uint8
-from ..io import atomic_path
+from pipeline.config import ToyTrainConfig, to_dict
+from pipeline.images import from_uint8
+from pipeline.io import atomic_path
 from .render import RESOLUTION, render_faces, sample_factors
 
 
@@ -72,7 +72,7 @@ def initial_unet(cfg: ToyTrainConfig, init_from: str | None) -> UNet2DModel:
     unet = build_unet(cfg)
     if init_from is None:
         return unet
-    from ..errors import ConfigError
+    from pipeline.errors import ConfigError
 
     src = Path(init_from)
     if not (src / "config.json").is_file():
