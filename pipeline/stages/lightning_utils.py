@@ -67,7 +67,7 @@ def join_launched_ranks(trainer_cfg) -> None:
 def agreed(decision):
     """Rank 0's ``decision`` on every rank, once rank 0 has got here (a barrier that carries a value).
 
-    For decisions read from files that rank 0 may still be changing (stamps, parts it deletes
+    For decisions read from files that rank 0 may still be changing (identity records, parts it deletes
     or quarantines). A no-op in one process, and before Lightning has started the other
     processes, which then begin the command from the top with rank 0's files in place."""
     import torch.distributed as dist
@@ -162,31 +162,21 @@ class ItemsProgress(L.Callback):
 
 
 class PartWriter(BasePredictionWriter):
-    """The one writer of the distributed stages: each rank writes its own parts, atomically (a
-    temporary name renamed into place), so a killed run leaves only whole parts and a re-run
-    skips them; nothing is gathered in memory.
-
-    ``interval="batch"``: one part per predicted batch, ``name(prediction)`` -> file name,
-    ``write(prediction, path)`` writes it (shards, annotation, Jacobian and evaluation parts).
-    ``interval="epoch"``: one part per rank when it has predicted everything, from
-    ``pl_module.rank_result()`` (PCA's partial state). ``fsync``: flush each part to disk before
-    the rename."""
+    """The one writer of the distributed stages' batches: each rank writes one part per predicted
+    batch, atomically (a temporary name renamed into place), so a killed run leaves only whole
+    parts and a re-run skips them; nothing is gathered in memory. ``name(prediction)`` -> file
+    name, ``write(prediction, path)`` writes it (shards, annotation, Jacobian and evaluation
+    parts); ``fsync``: flush each part to disk before the rename."""
 
     def __init__(self, directory: Path, name: Callable[[object], str], write: Callable[[object, Path], None],
-                 interval: str = "batch", fsync: bool = False):
-        super().__init__(write_interval=interval)
+                 fsync: bool = False):
+        super().__init__(write_interval="batch")
         self.directory, self.name, self.write, self.fsync = Path(directory), name, write, fsync
-
-    def _write(self, prediction) -> None:
-        with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
-            self.write(prediction, tmp)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if batch is not IDLE:
-            self._write(prediction)
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        self._write(pl_module.rank_result())
+            with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
+                self.write(prediction, tmp)
 
 
 class StopRanksOnInterrupt(L.Callback):
