@@ -18,7 +18,6 @@ class Stage:
     run: Callable[[Any], Any]  # takes the validated config
     help: str
     artefact: str = ""  # the output under run_dir that carries the stage's identity record (pipeline.identity)
-    identity: Callable[..., dict] | None = None  # (cfg, known=None) -> the record the stage would write now
     after: tuple[str, ...] = ()  # stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # paths under run_dir that must exist for it to count as done
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
@@ -121,90 +120,43 @@ def validate_toy(cfg):
     return run_validate_toy(cfg)
 
 
-# ------------------------------------------------------------------ their identity records (imported on call)
-def generate_identity(cfg, known=None):
-    from .stages.generate import identity
+# ------------------------------------------------------------------ their identity records
+def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
+    """The identity record main-job stage ``name`` would write now (its module's ``identity``; the
+    modules are imported on call). ``known``: predicted ids of the artefacts it reads."""
+    from evaluation import report, stage as evaluation_stage
 
-    return identity(cfg, known)
+    from .stages import annotate, disentangle, figures, generate, jacobian, pca, select, supervised
 
-
-def annotate_identity(cfg, known=None):
-    from .stages.annotate import identity
-
-    return identity(cfg, known)
-
-
-def select_identity(cfg, known=None):
-    from .stages.select import identity
-
-    return identity(cfg, known)
-
-
-def pca_identity(cfg, known=None):
-    from .stages.pca import identity
-
-    return identity(cfg, known)
-
-
-def jacobian_identity(cfg, known=None):
-    from .stages.jacobian import identity
-
-    return identity(cfg, known)
-
-
-def supervised_identity(cfg, known=None):
-    from .stages.supervised import identity
-
-    return identity(cfg, known)
-
-
-def disentangle_identity(cfg, known=None):
-    from .stages.disentangle import identity
-
-    return identity(cfg, known)
-
-
-def figures_identity(cfg, known=None):
-    from .stages.figures import identity
-
-    return identity(cfg, known)
-
-
-def evaluate_identity(cfg, known=None):
-    from evaluation.stage import identity
-
-    return identity(cfg, known)
-
-
-def report_identity(cfg, known=None):
-    from evaluation.report import identity
-
-    return identity(cfg, known)
+    modules = {"generate": generate, "annotate": annotate, "select": select, "pca": pca, "jacobian": jacobian,
+               "supervised": supervised, "disentangle": disentangle, "figures": figures,
+               "evaluate": evaluation_stage, "report": report}
+    return modules[name].identity(cfg, known)
 
 
 # ------------------------------------------------------------------ the main job, in order
 STAGES: tuple[Stage, ...] = (
     Stage("generate", generate, "generate samples with h trajectories into a sharded dataset", "samples",
-          generate_identity, (), ("samples/manifest.json",), True),
+          (), ("samples/manifest.json",), True),
     Stage("annotate", annotate, "score every sample with the configured annotators", "annotations.parquet",
-          annotate_identity, ("generate",), ("annotations.parquet",), True),
+          ("generate",), ("annotations.parquet",), True),
     Stage("select", select, "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
-          select_identity, ("annotate",), ("selection.parquet",)),
+          ("annotate",), ("selection.parquet",)),
     Stage("pca", pca, "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
-          "directions/pca.safetensors", pca_identity, ("generate",), ("directions/pca.safetensors",), True),
+          "directions/pca.safetensors", ("generate",), ("directions/pca.safetensors",), True),
     Stage("jacobian", jacobian, "image-specific directions by Jacobian subspace iteration",
-          "directions/jacobian.safetensors", jacobian_identity, (), ("directions/jacobian.safetensors",), True),
+          "directions/jacobian.safetensors", (), ("directions/jacobian.safetensors",), True),
     Stage("supervised", supervised, "supervised directions (eq. 10) from the selection",
-          "directions/supervised.safetensors", supervised_identity, ("select",), ("directions/supervised.safetensors",)),
+          "directions/supervised.safetensors", ("select",), ("directions/supervised.safetensors",)),
     Stage("disentangle", disentangle, "remove projections onto other directions (eq. 11)",
-          "directions/disentangled.safetensors", disentangle_identity, ("supervised",),
+          "directions/disentangled.safetensors", ("supervised",),
           ("directions/disentangled.safetensors",)),
-    Stage("figures", figures, "edit strips of every direction family for the report", "edits", figures_identity,
+    Stage("figures", figures, "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
     Stage("evaluate", evaluate, "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
-          evaluate_identity, ("pca", "supervised", "disentangle"),
+          ("pca", "supervised", "disentangle"),
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
-    Stage("report", report, "write <run_dir>/report/index.html", "report", report_identity,
+    Stage("report", report, "write <run_dir>/report/index.html", "report",
           ("figures", "evaluate", "select"), ("report/index.html",)),
 )
 
