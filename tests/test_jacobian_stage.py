@@ -52,8 +52,8 @@ def test_jacobian_stage_on_some_steps(tmp_path, tiny_model_dir):
             "trainer.accelerator=cpu", "generate.num_samples=2", "jacobian.sample_ids=[1]", "jacobian.k=2",
             "jacobian.tol=1e-6", "jacobian.steps=[0,2]"]
     run_generate(load_config(None, args))
-    for bad, match in (("jacobian.tau=1", "not among the computed steps"), ("jacobian.steps=[0,3]", "0..2"),
-                       ("jacobian.steps=[2,2]", "distinct")):
+    for bad, match in (("jacobian.tau=1", r"jacobian.tau=1 in the command line: must be one of jacobian.steps \[0, 2\]"),
+                       ("jacobian.steps=[0,3]", "0..2"), ("jacobian.steps=[2,2]", "distinct")):
         with pytest.raises(ConfigError, match=match):
             run_jacobian(load_config(None, args + ["jacobian.tau=2", bad]))
     assert not (tmp_path / "run" / "directions" / "jacobian.safetensors").exists()
