@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, ConvergenceError, DatasetError
 from ..identity import config_sections, make_record, read_record, safetensors_metadata
 from ..io import hash_file
 from ..jacobian import global_at_index, jacobian_directions_all_steps
@@ -83,10 +83,11 @@ class JacobianModule(ItemModule):
         with torch.inference_mode(False), torch.enable_grad():
             out = jacobian_directions_all_steps(
                 self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
-                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter,
+                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter, unconverged=c.unconverged,
                 generator=torch.Generator().manual_seed(c.seed + int(sample_id)))
         return {"sample_id": int(sample_id), "vectors": out.directions, "singular_values": out.singular_values,
-                "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
+                "iterations": out.iterations, "converged": out.converged, "residuals": out.residuals,
+                "fallback": out.fallback, "steps": torch.tensor(out.steps)}
 
 
 class Items(RankShare):
@@ -159,7 +160,12 @@ def write_directions(run_dir, jac_cfg, ids, timesteps, model_name, record: dict 
               "singular_values": torch.stack([r["singular_values"] for r in results]),
               "iterations": torch.stack([r["iterations"] for r in results]),
               "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8),
+              "residuals": torch.stack([r["residuals"] for r in results]),  # (n, T', k) relative, each < tol
+              "fallback": torch.stack([r["fallback"] for r in results]).to(torch.uint8),
               "steps": torch.tensor(steps)}
+    if not bool(extras["converged"].all()) or not bool((extras["residuals"] < jac_cfg.tol).all()):
+        bad = [(i, steps[t]) for i, c in zip(ids, extras["converged"]) for t in range(len(steps)) if not c[t]]
+        raise ConvergenceError(f"unconverged Jacobian directions (sample, step) {bad[:5]}: nothing written")
     d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", list(timesteps),
                    model=model_name, source_run=str(Path(run_dir).resolve()),
                    params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},
