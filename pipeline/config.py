@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import typing
 from pathlib import Path
@@ -200,6 +198,9 @@ class JacobianConfig(Section):
                                  "is auto)")
     tol: float = Field(1e-3, gt=0, description="relative stopping tolerance")
     max_iter: int = Field(300, ge=1)
+    unconverged: Literal["fallback", "error"] = Field(
+        "fallback", description="a method that max_iter stops short of tol: fallback (the default method continues "
+        "from its vectors; fails if that stops short too) | error (fails at once); nothing unconverged is written")
     tau: Optional[int] = Field(None, ge=0, description='apply the directions found at this step at every step ("global '
                                'at index"); null: the middle step, T // 2')
     mask: Optional[str] = Field(None, description="rect:y0:y1:x0:x1 (fractions) or a PNG mask: directions that move "
@@ -711,8 +712,9 @@ def to_yaml(cfg) -> str:
 
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    blob = json.dumps([to_dict(p) if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from .io import hash_json
+
+    return hash_json(*[to_dict(p) if isinstance(p, BaseModel) else p for p in parts])
 
 
 # ------------------------------------------------------------------------------------------ conf.yaml
