@@ -1,11 +1,6 @@
 """`hspace pca` on a real samples dataset: exact against torch.linalg.svd, and across processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.directions import load_directions
 from pipeline.samples import load_samples
 
-HSPACE = str(Path(sys.executable).parent / "hspace")
+from conftest import hspace, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +16,7 @@ def samples_run(tmp_path_factory, tiny_model_dir):
     from pipeline.stages.generate import run_generate
 
     run = tmp_path_factory.mktemp("pca") / "run"
-    run_generate(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
-                                    "trainer.accelerator=cpu", "generate.num_samples=40", "generate.batch_size=7"]))
+    run_generate(load_config(None, [*tiny_overrides(run, tiny_model_dir), "generate.num_samples=40", "generate.batch_size=7"]))
     return run
 
 
@@ -40,6 +34,7 @@ def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
     return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
 
 
+@pytest.mark.slow
 def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir):
     from pipeline.stages.pca import run_pca
 
@@ -65,16 +60,14 @@ def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir):
     assert (samples_run / "directions" / "explained_variance.png").exists()
 
 
+@pytest.mark.slow
 def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(samples_run / "samples", run / "samples")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [HSPACE, "pca", f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.strategy=ddp", "pca.n_components=4", "pca.oversample=60"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    hspace("pca", f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.strategy=ddp", "pca.n_components=4", "pca.oversample=60", cwd=tmp_path)
     assert sorted(p.name for p in (run / "pca").iterdir()) == ["partial-0-of-2.safetensors", "partial-1-of-2.safetensors"]
     two = load_directions(run / "directions" / "pca.safetensors")
     V, ev = exact_pca(run)

@@ -22,10 +22,11 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..config import config_hash, to_dict
+from ..dtypes import DTYPES
 from ..errors import DatasetError
 from ..images import to_uint8
 from ..model import HSpaceModel
-from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
+from ..samples import FORMAT, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
 from .lightning_utils import (IDLE, AfterAllRanks, ItemModule, ItemsProgress, RankShare, agreed, launching_rank,
                               make_trainer, share_cpu_threads)
 
@@ -45,7 +46,7 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
 def bytes_per_sample(h_shape_t, h_dtype: str, image_shape) -> int:
     """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids."""
     T, C, H, W = h_shape_t
-    h_bytes = T * C * H * W * np.dtype(H_DTYPES[h_dtype][0]).itemsize
+    h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
     offsets = 4 * (T + T * C + T * C * H + 4)
     return h_bytes + offsets + int(np.prod(image_shape)) + 1024
 
@@ -91,7 +92,7 @@ class GenerateModule(ItemModule):
     def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
         out = self.hmodel.sample(seeds)
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", DTYPES[self.h_dtype].tensor)}
 
 
 class ShardWriter(BasePredictionWriter):

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
+from ..dtypes import torch_dtype
 from ..directions import Directions, save_directions
 from ..io import atomic_path
-from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
+from ..pca import StreamingPCA, pca_directions, random_directions_like
 from ..samples import h_view, open_shard, read_manifest, shard_paths
+from ..signs import align_signs
 from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def partial_path(run_dir, rank: int, world: int) -> Path:
@@ -31,7 +31,7 @@ def partial_path(run_dir, rank: int, world: int) -> Path:
 
 def new_estimator(pca_cfg) -> StreamingPCA:
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
-                        dtype=DTYPES[pca_cfg.dtype])
+                        dtype=torch_dtype(pca_cfg.dtype))
 
 
 def fit_shards(pca: StreamingPCA, shards: list[Path], batch_size: int, h_shape_t, h_dtype: str) -> StreamingPCA:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, DatasetError
+from ..errors import DatasetError
 from ..io import atomic_path
 from ..selection import selection_table
 from .annotate import load_annotations
