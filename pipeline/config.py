@@ -139,8 +139,16 @@ class PCAConfig(Section):
     """hspace pca: per-step PCA of h -> <run_dir>/directions/pca.safetensors"""
 
     n_components: int = Field(10, ge=1, description="K (the paper: 25)")
-    oversample: Optional[int] = Field(None, ge=0, description="extra components kept while streaming (accuracy); "
-                                      "null: = n_components")
+    method: Literal["auto", "exact", "randomized", "onepass"] = Field(
+        "auto", description="auto: exact up to exact_max_samples samples, else randomized; exact: Gram matrix "
+        "(holds the data); randomized: streaming passes, accuracy set by tol; onepass: a quick look, no guarantee")
+    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples")
+    power_iterations: int = Field(20, ge=0, description="randomized: the most power iterations (passes over the "
+                                  "data <= this + 2); not converged by then: the stage fails, writing nothing")
+    tol: float = Field(1e-2, gt=0, description="randomized: target for the estimated largest principal angle "
+                       "(rad) of the top-K subspace at every step")
+    oversample: Optional[int] = Field(None, ge=0, description="randomized / onepass: extra components kept "
+                                      "(randomized: >= 1); null: = n_components")
     joint: bool = Field(False, description="one PCA over the whole flattened trajectory instead of one per step")
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float64", "float32"] = Field("float64", description="accumulation: float32 is 2x faster; its "
@@ -149,6 +157,13 @@ class PCAConfig(Section):
                                                  "(chain) or to step 0 (reference)")
     seed: int = Field(0, description="of the norm-matched random directions (Fig. 6 baseline)")
     scales: List[float] = Field([-4.0, -2.0, 0.0, 2.0, 4.0], description="suggested edit scales, in standard deviations")
+
+    @model_validator(mode="after")
+    def _randomized_oversamples(self):
+        if self.method == "randomized" and self.oversample == 0:
+            raise _cross("pca.oversample", self.oversample, "at least 1 with pca.method=randomized (its accuracy "
+                         "estimate needs the (K+1)-th Ritz value)", "pca.method")
+        return self
 
 
 class JacobianConfig(Section):

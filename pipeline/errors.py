@@ -34,3 +34,8 @@ class Interrupted(BaseException):
 
     Not a KeyboardInterrupt: Lightning turns those into ``sys.exit(1)``."""
 
+
+
+class ConvergenceError(HSpaceError, ArithmeticError):
+    """An iterative method stopped short of its tolerance; the message says what it reached and
+    which setting to change."""
