@@ -178,6 +178,9 @@ class JacobianConfig(Section):
                                  "is auto)")
     tol: float = Field(1e-3, gt=0, description="relative stopping tolerance")
     max_iter: int = Field(300, ge=1)
+    unconverged: Literal["fallback", "error"] = Field(
+        "fallback", description="a method that max_iter stops short of tol: fallback (the default method continues "
+        "from its vectors; fails if that stops short too) | error (fails at once); nothing unconverged is written")
     tau: Optional[int] = Field(None, ge=0, description='apply the directions found at this step at every step ("global '
                                'at index"); null: the middle step, T // 2')
     mask: Optional[str] = Field(None, description="rect:y0:y1:x0:x1 (fractions) or a PNG mask: directions that move "

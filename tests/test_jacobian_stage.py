@@ -54,8 +54,8 @@ def test_jacobian_stage_on_some_steps(tmp_path, tiny_model_dir):
             "trainer.accelerator=cpu", "generate.num_samples=2", "jacobian.sample_ids=[1]", "jacobian.k=2",
             "jacobian.tol=1e-6", "jacobian.steps=[0,2]"]
     run_generate(load_config(None, args))
-    for bad, match in (("jacobian.tau=1", "not among the computed steps"), ("jacobian.steps=[0,3]", "0..2"),
-                       ("jacobian.steps=[2,2]", "distinct")):
+    for bad, match in (("jacobian.tau=1", r"jacobian.tau=1 in the command line: must be one of jacobian.steps \[0, 2\]"),
+                       ("jacobian.steps=[0,3]", "0..2"), ("jacobian.steps=[2,2]", "distinct")):
         with pytest.raises(ConfigError, match=match):
             run_jacobian(load_config(None, args + ["jacobian.tau=2", bad]))
     assert not (tmp_path / "run" / "directions" / "jacobian.safetensors").exists()
@@ -84,3 +84,26 @@ def test_mask_specifications():
         parse_mask("rect:a:b", (3, 8, 8))
     with pytest.raises(ConfigError, match="does not exist"):
         parse_mask("/no/mask.png", (3, 8, 8))
+
+
+def test_jacobian_stage_never_writes_unconverged_directions(tmp_path, tiny_model_dir):
+    """Alg. 2 (block 2) cut off by max_iter: with jacobian.unconverged=error the stage fails and writes
+    nothing; by default the default method finishes from its vectors and the file records the
+    residuals reached (all below tol) and where it fell back."""
+    from pipeline.errors import ConvergenceError
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.jacobian import run_jacobian
+
+    args = [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=2",
+            "trainer.accelerator=cpu", "generate.num_samples=1", "jacobian.sample_ids=[0]", "jacobian.k=3",
+            "jacobian.tau=1", "jacobian.tol=1e-4", "jacobian.method=sequential", "jacobian.block=2",
+            "jacobian.max_iter=2"]
+    run_generate(load_config(None, args))
+    with pytest.raises(ConvergenceError, match="sequential stopped short of tol=1.0e-04"):
+        run_jacobian(load_config(None, args + ["jacobian.unconverged=error"]))
+    assert not (tmp_path / "run" / "directions" / "jacobian.safetensors").exists()
+    run_jacobian(load_config(None, args + ["jacobian.max_iter=10"]))
+    d = load_directions(tmp_path / "run" / "directions" / "jacobian.safetensors")
+    residuals, fallback = d.extras["residuals"], d.extras["fallback"]
+    assert residuals.shape == (1, 2, 3) and (residuals < 1e-4).all() and d.extras["converged"].all()
+    assert fallback.shape == (1, 2) and fallback.all()

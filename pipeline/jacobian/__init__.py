@@ -59,7 +59,10 @@ computed anyway) and is scale-free (``s`` ranges over 10^-2..1 across steps). It
 is within an angle of about ``tol * s_i^2 / gap`` of an eigenvector (gap: distance of
 ``s_i^2`` to the rest of the spectrum). Default ``tol = 1e-3``. The products run in float32, so
 residuals stall around 1e-6 (5e-7 on the tests' tiny U-Net): a ``tol`` below ~1e-5 may never be
-met (``max_iter`` then stops the search, ``converged=False`` and a logged warning).
+met. A search that ``max_iter`` stops short is never returned as if it had converged: by default
+(``unconverged="fallback"``) the default method continues from the vectors reached, and a
+:class:`~pipeline.errors.ConvergenceError` says what was reached if that stops short too
+(``"error"``: at once; ``"return"``: the unconverged result, ``converged=False``).
 
 Autograd context
 ----------------
@@ -77,12 +80,12 @@ from .model import (JacobianDirections, check_mask, directions_at, eps_function,
                     jacobian_directions_all_steps, sample_trajectory)
 from .paper import power_deflation, sequential_subspace_iteration, subspace_iteration
 from .products import Fn, Linearization, autograd_context, explicit_jacobian, jvp, vjp
-from .solve import DEFAULT_METHOD, METHODS, PRODUCTS, default_block, top_singular
+from .solve import DEFAULT_METHOD, METHODS, PRODUCTS, UNCONVERGED, default_block, top_singular
 
 __all__ = [
     "DEFAULT_MAX_ITER", "DEFAULT_METHOD", "DEFAULT_TOL", "METHODS", "PRODUCTS", "Fn", "JacobianDirections", "Linearization",
     "TopSingular", "autograd_context", "block_krylov", "check_mask", "default_block", "directions_at", "eps_function",
     "explicit_jacobian", "global_at_index", "jacobian_directions", "jacobian_directions_all_steps", "jvp",
     "orthonormal_complement", "orthonormalize", "power_deflation", "ritz", "sample_trajectory",
-    "sequential_subspace_iteration", "subspace_iteration", "top_singular", "vjp",
+    "sequential_subspace_iteration", "subspace_iteration", "top_singular", "vjp", "UNCONVERGED",
 ]

@@ -66,7 +66,8 @@ class TopSingular:
 
     singular_values: (k,) descending; V: (k, d_in) unit right vectors; U: (k, d_out) unit left
     vectors; iterations: outer iterations; converged: every residual < tol; residuals: (k,)
-    relative residuals at the last check; passes / vectors: the products' counters.
+    relative residuals at the last check; passes / vectors: the products' counters; fallback:
+    the method that finished the search after the requested one stopped short (None: it did not).
     """
 
     singular_values: torch.Tensor
@@ -77,6 +78,7 @@ class TopSingular:
     residuals: torch.Tensor
     passes: dict[str, int] = field(default_factory=dict)
     vectors: dict[str, int] = field(default_factory=dict)
+    fallback: str | None = None
 
 
 def _state(ops) -> dict:

@@ -125,7 +125,8 @@ class JacobianDirections:
     (in eps space); residuals (k,) relative residuals; iterations: int; converged: bool; steps:
     [step]. Several steps (:func:`jacobian_directions_all_steps`): each tensor gains a leading axis
     over the T' ``steps``, iterations (T',) and converged (T',) become tensors. passes: batched
-    U-Net passes by kind, vectors: vectors through J / J^T (totals over the steps).
+    U-Net passes by kind, vectors: vectors through J / J^T (totals over the steps). fallback: True
+    where ``method`` stopped short and the default method finished the search ((T',) over steps).
     """
 
     directions: torch.Tensor
@@ -138,7 +139,7 @@ class JacobianDirections:
     method: str
     passes: dict[str, int] = field(default_factory=dict)
     vectors: dict[str, int] = field(default_factory=dict)
-
+    fallback: bool | torch.Tensor = False
 
 
 def directions_at(model, x_t: torch.Tensor, h_t: torch.Tensor, step: int, k: int, *, mask=None,
@@ -162,6 +163,7 @@ def directions_at(model, x_t: torch.Tensor, h_t: torch.Tensor, step: int, k: int
         left=out.U.float().reshape(-1, *model.image_shape).cpu(),
         steps=[step], method=DEFAULT_METHOD if method == "auto" else method, iterations=out.iterations,
         converged=out.converged, residuals=out.residuals.float().cpu(), passes=out.passes, vectors=out.vectors,
+        fallback=out.fallback is not None,
     )
 
 
@@ -231,6 +233,7 @@ def jacobian_directions_all_steps(model, sample, k: int, *, steps: Sequence[int]
         converged=torch.tensor([r.converged for r in results]),
         residuals=torch.stack([r.residuals for r in results]),
         method=results[0].method, passes=passes, vectors=vectors,
+        fallback=torch.tensor([r.fallback for r in results]),
     )
 
 

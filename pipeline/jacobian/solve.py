@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from ..errors import InputError
+from ..errors import ConvergenceError, InputError
 from ..signs import largest_entry_signs
 from .basis import DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular
 from .krylov import block_krylov
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "krylov", "subspace", "sequential", "deflation")
 PRODUCTS = ("forward", "linearized")
 DEFAULT_METHOD = "krylov"
+UNCONVERGED = ("fallback", "error", "return")
 
 
 def default_block(method: str, k: int) -> int:
@@ -52,7 +53,7 @@ def _check_k(k: int, d_in: int, d_out: int | None = None) -> int:
 def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block: int | None = None,
                  tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, init: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, oversample: int = 0, products: str | None = None,
-                 max_basis: int | None = None) -> TopSingular:
+                 max_basis: int | None = None, unconverged: str = "fallback") -> TopSingular:
     """Top-k singular triplets of ``J = df/dh`` at h, signs fixed (largest-|component| positive).
 
     f: (b, d_in) -> (b, d_out) batched; h: (d_in,) or any shape with d_in elements.
@@ -61,6 +62,11 @@ def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block:
     starting vectors (warm start); generator: for Gaussian starts (default: seeded with 0).
     oversample: extra vectors for ``subspace``. products: "forward" or "linearized" (module doc),
     default per method. max_basis: basis size before a thick restart (``krylov``).
+    unconverged: what happens when ``max_iter`` ends the search before every residual is below
+    ``tol``: ``"fallback"`` (default) continues with the default method (``krylov``), warm-started
+    from the vectors reached, for up to ``max_iter`` more iterations, and raises
+    :class:`~pipeline.errors.ConvergenceError` if that stops short too; ``"error"`` raises at once;
+    ``"return"`` returns the unconverged result (``converged=False``, a logged warning).
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -74,6 +80,8 @@ def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block:
         raise InputError(f"max_iter must be >= 1, got {max_iter!r}")
     if block is not None and (int(block) < 1 or (method == "sequential" and int(block) > k)):
         raise InputError(f"block must be in 1..k={k}, got {block}")
+    if unconverged not in UNCONVERGED:
+        raise InputError(f"unconverged must be one of {UNCONVERGED}, got {unconverged!r}")
     if int(oversample) < 0:
         raise InputError(f"oversample must be >= 0, got {oversample}")
     b = int(block) if block is not None else default_block(method, k)
@@ -106,7 +114,29 @@ def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block:
         s = largest_entry_signs(out.V)
         out.V, out.U = out.V * s, out.U * s
     out.passes, out.vectors = dict(ops.passes), dict(ops.vectors)
-    if not out.converged:
-        log.warning("Jacobian %s did not converge in %d iterations: max relative residual %.2e > tol %.1e",
-                    method, out.iterations, float(out.residuals.max()), tol)
-    return out
+    if out.converged or unconverged == "return":
+        if not out.converged:
+            log.warning("Jacobian %s did not converge in %d iterations: max relative residual %.2e > tol %.1e",
+                        method, out.iterations, float(out.residuals.max()), tol)
+        return out
+    if unconverged == "fallback" and method != DEFAULT_METHOD:
+        log.info("Jacobian %s stopped short after %d iterations (max relative residual %.2e > tol %.1e); "
+                 "continuing with %s from its vectors", method, out.iterations, float(out.residuals.max()), tol,
+                 DEFAULT_METHOD)
+        more = top_singular(f, h, k, method=DEFAULT_METHOD, tol=tol, max_iter=max_iter, init=out.V,
+                            generator=generator, unconverged="error")
+        more.iterations += out.iterations
+        more.passes = {key: out.passes.get(key, 0) + more.passes.get(key, 0) for key in out.passes | more.passes}
+        more.vectors = {key: out.vectors.get(key, 0) + more.vectors.get(key, 0) for key in out.vectors | more.vectors}
+        more.fallback = DEFAULT_METHOD
+        return more
+    worst = int(out.residuals.argmax())
+    raise ConvergenceError(
+        f"Jacobian {method} stopped short of tol={tol:.1e} after {out.iterations} iterations: vector {worst + 1} of "
+        f"{k} has relative residual {float(out.residuals[worst]):.2e} (residuals {_fmt(out.residuals)}). Raise "
+        f"max_iter, loosen tol (the float32 products stall near 1e-6)"
+        + (f", or let it fall back to {DEFAULT_METHOD} (unconverged='fallback')" if method != DEFAULT_METHOD else ""))
+
+
+def _fmt(r: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{float(x):.1e}" for x in r) + "]"

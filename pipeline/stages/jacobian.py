@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, ConvergenceError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
 from ..samples import read_manifest
@@ -73,10 +73,11 @@ class JacobianModule(ItemModule):
         with torch.inference_mode(False), torch.enable_grad():
             out = jacobian_directions_all_steps(
                 self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
-                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter,
+                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter, unconverged=c.unconverged,
                 generator=torch.Generator().manual_seed(c.seed + int(sample_id)))
         return {"sample_id": int(sample_id), "vectors": out.directions, "singular_values": out.singular_values,
-                "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
+                "iterations": out.iterations, "converged": out.converged, "residuals": out.residuals,
+                "fallback": out.fallback, "steps": torch.tensor(out.steps)}
 
 
 class Items(RankShare):
@@ -92,16 +93,6 @@ def part_name(sample_id: int) -> str:
     return f"sample-{sample_id:010d}.safetensors"
 
 
-def check_steps(jac_cfg, T: int) -> list[int]:
-    """The step indices to compute (``jacobian.steps``, else all T), checked: in range, distinct, tau among them."""
-    steps = list(range(T)) if jac_cfg.steps is None else [int(s) for s in jac_cfg.steps]
-    if not steps or len(set(steps)) != len(steps) or not all(0 <= s < T for s in steps):
-        raise ConfigError(f"jacobian.steps={steps}: give distinct step indices in 0..{T - 1} (or null for every step)")
-    if jac_cfg.tau not in steps:
-        raise ConfigError(f"jacobian.tau={jac_cfg.tau} is not among the computed steps {steps}")
-    return steps
-
-
 def write_directions(run_dir, jac_cfg, ids) -> Path:
     parts = Path(run_dir) / "jacobian" / "parts"
     results = []
@@ -112,9 +103,8 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
         results.append(load_file(str(path)))
     manifest = read_manifest(run_dir)
     T = len(manifest["model"]["timesteps"])
-    check_steps(jac_cfg, T)
     steps = results[0]["steps"].tolist()
-    tau = steps.index(jac_cfg.tau)
+    tau = steps.index(jac_cfg.tau)  # the schema keeps tau among jacobian.steps, each in 0..T-1
     trajectories, names = [], []
     for i, r in zip(ids, results):
         deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T', C, H, W)
@@ -126,7 +116,12 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
               "singular_values": torch.stack([r["singular_values"] for r in results]),
               "iterations": torch.stack([r["iterations"] for r in results]),
               "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8),
+              "residuals": torch.stack([r["residuals"] for r in results]),  # (n, T', k) relative, each < tol
+              "fallback": torch.stack([r["fallback"] for r in results]).to(torch.uint8),
               "steps": torch.tensor(steps)}
+    if not bool(extras["converged"].all()) or not bool((extras["residuals"] < jac_cfg.tol).all()):
+        bad = [(i, steps[t]) for i, c in zip(ids, extras["converged"]) for t in range(len(steps)) if not c[t]]
+        raise ConvergenceError(f"unconverged Jacobian directions (sample, step) {bad[:5]}: nothing written")
     d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", manifest["model"]["timesteps"],
                    model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
                    params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},
@@ -140,7 +135,6 @@ def run_jacobian(cfg) -> Path:
     manifest = read_manifest(run_dir)
     first, n = manifest["requested"]["first_seed"], manifest["requested"]["num_samples"]
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    check_steps(c, model.num_steps)
     mask = parse_mask(c.mask, model.image_shape)
     parts = run_dir / "jacobian" / "parts"
     if launching_rank() == 0:
