@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import typing
 from pathlib import Path
@@ -692,8 +690,9 @@ def to_yaml(cfg) -> str:
 
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    blob = json.dumps([to_dict(p) if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from .io import hash_json
+
+    return hash_json(*[to_dict(p) if isinstance(p, BaseModel) else p for p in parts])
 
 
 # ------------------------------------------------------------------------------------------ conf.yaml
