@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import to_yaml
-from pipeline.io import atomic_path
+from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from pipeline.io import atomic_path, write_json_atomic
 from pipeline.samples import read_manifest
 
 CSS = """
@@ -154,12 +155,23 @@ def git_commit() -> str | None:
         return None
 
 
+REPORTED = ("samples", "selection.parquet", "edits", "evaluation")
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of the report folder: its settings and everything of the run it shows."""
+    return make_record("report", config_sections(cfg, "report"),
+                       artefacts=artefact_ids(cfg.run_dir, present(cfg.run_dir, REPORTED, known), known))
+
+
 def build_report(run_dir, cfg=None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     with atomic_path(out) as tmp:
         tmp.mkdir()
         _write_report(run_dir, cfg, tmp)
+        if cfg is not None:
+            write_json_atomic(tmp / FOLDER_RECORD, identity(cfg))
     return out / "index.html"
 
 
@@ -278,7 +290,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     prov = {"created": dt.datetime.now().isoformat(timespec="seconds"), "hspace commit": git_commit(),
             "model": model.get("name_or_path"), "weights fingerprint": model.get("weights_fingerprint"),
             "scheduler": model.get("scheduler"), "timesteps": model.get("timesteps"), "eta": model.get("eta"),
-            "hook": model.get("hook"), "samples identity": manifest.get("identity_hash"),
+            "hook": model.get("hook"), "samples identity": (manifest.get("record") or {}).get("id"),
             "packages": manifest.get("packages")}
     page.add("<table><tbody>" + "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
                                         f"<code>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
@@ -292,6 +304,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
 
 
 def run_report(cfg) -> Path:
+    for name in present(cfg.run_dir, ("edits", "evaluation")):  # what it shows is what the run holds now
+        verify(cfg.run_dir, name)
     path = build_report(cfg.run_dir, cfg)
     print(f"hspace report: {path}")
     return path

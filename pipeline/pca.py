@@ -652,7 +652,7 @@ class PCA(_FittedPCA):
     """
 
     def __init__(self, n_components: int = 25, *, method: str = "auto", oversample: int | None = None,
-                 power_iterations: int = 20, tol: float = 1e-2, exact_max_samples: int = 2048,
+                 power_iterations: int = 40, tol: float = 1e-2, exact_max_samples: int = 2048,
                  joint: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64, device=None,
                  chunk_size: int = 64):
         resolve_method(method, 0, 0)  # checks the name

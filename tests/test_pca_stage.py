@@ -110,3 +110,25 @@ def test_randomized_pca_that_stops_short_fails_and_writes_nothing(samples_run, t
     with pytest.raises(ConvergenceError, match="after 2 passes"):
         run_pca(cfg)
     assert not (run / "directions" / "pca.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_joint_pca_stage_matches_the_estimator(samples_run, tiny_model_dir, tmp_path, method):
+    import shutil
+
+    from pipeline.pca import PCA
+    from pipeline.stages.pca import run_pca
+
+    run = tmp_path / "run"
+    shutil.copytree(samples_run / "samples", run / "samples")
+    run_pca(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+                               "pca.n_components=3", "pca.joint=true", f"pca.method={method}", "pca.tol=1e-4",
+                               "pca.oversample=20"]))
+    d = load_directions(run / "directions" / "pca.safetensors")
+    h = load_samples(run).with_format("torch", columns=["h"])[:]["h"]
+    ref = PCA(3, method="exact", joint=True).fit(h)
+    assert d.directions.shape == (3, 3, 16, 8, 8) and d.params["method_used"] == method
+    torch.testing.assert_close(d.extras["explained_variance"].double(), ref.explained_variance_, rtol=1e-4, atol=0)
+    ours = d.directions.flatten(1).double()
+    ours = ours / ours.norm(dim=1, keepdim=True)
+    assert principal_angles(ours, ref.components_[0]).max() < 1e-2

@@ -84,8 +84,8 @@ def run_edit(cfg) -> list[Path]:
         raise ConfigError("edit.directions is not set: give a directions file or a name (pca, jacobian, supervised, "
                           "disentangled, real) from <run_dir>/directions")
     path = resolve_directions_path(cfg.run_dir, e.directions)
-    directions = load_directions(path)
     model = HSpaceModel.from_config(cfg.model)
+    directions = load_directions(path, model)
     if tuple(directions.timesteps) != tuple(model.timesteps.tolist()):
         raise ConfigError(f"{path} was made for timesteps {directions.timesteps[:3]}... (T={len(directions.timesteps)}) "
                           f"but the model samples {model.timesteps.tolist()[:3]}... (T={model.num_steps}); "

@@ -14,6 +14,7 @@ experiment), paired by file name when ``supervised.real.paired`` is true.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ import torch
 from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
-from ..io import atomic_path
+from ..identity import artefact_ids, config_sections, make_record
+from ..io import atomic_path, hash_tree
+from ..loading import weights_identity
 from ..images import from_uint8
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
@@ -119,12 +122,20 @@ def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.T
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    arrays = []
+    arrays, resized = [], 0
     for p in files:
-        im = Image.open(p).convert("RGB")
+        try:
+            im = Image.open(p).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise DatasetError(f"{p} is not a readable image ({type(e).__name__}); remove it from {folder} or "
+                               f"replace it") from None
         s = min(im.size)
         left, top = (im.width - s) // 2, (im.height - s) // 2
+        resized += im.size != tuple(size[::-1])
         arrays.append(np.asarray(im.crop((left, top, left + s, top + s)).resize(size[::-1], Image.LANCZOS)))
+    if resized:
+        print(f"hspace supervised: warning: {resized} of {len(files)} images in {folder} are not "
+              f"{size[1]}x{size[0]}; centre-cropped to square and resized to the model's size", file=sys.stderr)
     return [p.stem for p in files], from_uint8(np.stack(arrays))
 
 
@@ -148,10 +159,25 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
     return mean_difference(hp, hn), {"positives": len(names_p), "negatives": len(names_n)}
 
 
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of supervised.safetensors: the selection and the samples whose h it averages
+    (and, with real images, the model and the images' content)."""
+    sections, assets = ["supervised"], {}
+    real = cfg.supervised.real
+    if real.positive_dir and real.negative_dir:
+        sections.append("model")
+        assets = {"model": weights_identity(cfg.model.name_or_path),
+                  **{k: hash_tree(d) for k, d in (("positive", real.positive_dir), ("negative", real.negative_dir))
+                     if Path(d).is_dir()}}
+    return make_record("supervised", config_sections(cfg, *sections), assets,
+                       artefact_ids(cfg.run_dir, ["selection.parquet", "samples"], known))
+
+
 def run_supervised(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
+    record = identity(cfg)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
-    out = save_directions(directions, run_dir / "directions" / "supervised.safetensors")
+    out = save_directions(directions, run_dir / "directions" / "supervised.safetensors", record)
     with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
         curves.to_csv(tmp, index=False)
     plot_convergence(curves, run_dir / "directions" / "convergence.png")
@@ -168,6 +194,6 @@ def run_supervised(cfg) -> Path:
                                           params={**info, "positive_dir": real.positive_dir,
                                                   "negative_dir": real.negative_dir, "paired": real.paired,
                                                   "fixed_point_iterations": real.fixed_point_iterations}),
-                               run_dir / "directions" / "real.safetensors")
+                               run_dir / "directions" / "real.safetensors", record)
         print(f"hspace supervised: real-image direction {real.name!r} ({info}) -> {path}")
     return out
