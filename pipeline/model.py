@@ -26,13 +26,12 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from . import noise as noise_streams
+from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
 from .hooks import HSpaceHook, resolve_hook
 from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
                        predicted_x0, solve_step_noise, split_prediction)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -51,16 +50,6 @@ def check_guidance(scale: float) -> float:
     if not scale >= 0 or scale != scale or scale == float("inf"):
         raise InputError(f"guidance_scale must be a finite number >= 0, got {scale}")
     return scale
-
-
-def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -154,7 +143,7 @@ class HSpaceModel:
         else:
             self.family = PixelFamily(unet)
         self.device = default_device(device)
-        self.dtype = as_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.state_dtype = state_dtype(self.device)
         for module in self.family.modules().values():
             module.to(self.device).eval().requires_grad_(False)
@@ -194,7 +183,7 @@ class HSpaceModel:
         ``kwargs``: ``prompt``, ``negative_prompt``, ``guidance_scale`` of a text model."""
         from .loading import load_pipeline
 
-        parts = load_pipeline(name_or_path, dtype=as_dtype(dtype))
+        parts = load_pipeline(name_or_path, dtype=torch_dtype(dtype))
         extra = {k: parts[k] for k in ("autoencoder", "component", "text_encoder", "tokenizer") if k in parts}
         return cls(parts["unet"], parts["scheduler"], num_inference_steps, eta, hook, device, dtype,
                    name_or_path=str(name_or_path), **extra, **kwargs)
@@ -636,10 +625,6 @@ class HSpaceModel:
         return InversionOutput(x_T=xs[:, 0], h=hs, noise=z)
 
     # ------------------------------------------------------------------ helpers
-    def predicted_x0(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
-        """P_t (eq. 3) at step index ``step``."""
-        return predicted_x0(x_t, eps, float(self.coefficients().alpha[step]))
-
     @contextlib.contextmanager
     def counting_passes(self):
         """Context manager yielding a callable that returns the U-Net passes made inside it."""

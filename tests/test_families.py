@@ -353,3 +353,93 @@ def test_prompts_are_for_text_models_only(folders):
     t = load(folders, "text")
     with pytest.raises(InputError, match="got 3 values of prompt for 2 samples"):
         t.sample(SEEDS[:2], prompt=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------- the main job on every family
+def write_tiny_clip_hub(cache: Path, repo: str = "hspace-test/tiny-clip") -> str:
+    """A random tiny open_clip model laid out as the Hugging Face cache holds a hub repository
+    (config + safetensors weights), so that a subprocess loads it offline as 'hf-hub:<repo>'."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    commit = "0" * 40
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
+    return f"hf-hub:{repo}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conf", ["conf.ldm.yaml", "conf.sd.yaml"])
+def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, conf):
+    """`hspace run --config conf.<family>.yaml`, pointed at a tiny model and a tiny random CLIP by
+    overrides, runs every stage and writes the report; text samples carry their prompts."""
+    from test_run import hspace_run
+
+    from pipeline.samples import iter_samples
+
+    root = Path(__file__).resolve().parents[1]
+    model = write_ldm(tmp_path / "model") if "ldm" in conf else write_sd(tmp_path / "model")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip = write_tiny_clip_hub(tmp_path / "hub")
+    run = tmp_path / "run"
+    args = ["--config", str(root / conf), f"run_dir={run}", f"model.name_or_path={model}", "model.num_inference_steps=3",
+            "model.dtype=float32", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto",
+            "trainer.precision=32-true", "generate.num_samples=12", "generate.batch_size=6", "annotate.annotators=[clip]",
+            f"annotate.options={{clip: {{model: ViT-B-32, pretrained: '{clip}', prompts: celeba40}}}}",
+            "annotate.batch_size=12", "select.n=3", "select.contact_sheet_size=2", "pca.n_components=3",
+            "jacobian.sample_ids=[0]", "jacobian.k=2", "jacobian.tau=1", "supervised.convergence_ns=[1,3]",
+            "supervised.convergence_draws=2", "edit.seeds=[100,101]", "edit.batch_size=16", "evaluate.num_samples=3",
+            "evaluate.repeats=2", "evaluate.batch_size=16", "evaluate.quality=null", "evaluate.pca_components=2",
+            "evaluate.bootstrap=10",
+            f"evaluate.scorer_options={{model: ViT-B-32, pretrained: '{clip}', prompts: paper}}",
+            "report.pca_components=2", "report.jacobian_directions=2"]
+    if "sd" in conf:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(PROMPTS[i % 2] for i in range(12)) + "\n")
+        args += [f"generate.prompts_file={prompts}", "model.guidance_scale=3"]
+    hspace_run(tmp_path, *args)
+    assert (run / "report" / "index.html").exists()
+    batch = next(iter_samples(run, batch_size=12, h=False))
+    if "sd" in conf:
+        assert batch["prompt"] == [PROMPTS[i % 2] for i in range(12)]
+    else:
+        assert "prompt" not in batch
+
+
+@pytest.mark.slow
+def test_a_prompts_file_with_another_count_than_samples_is_one_line_error(tmp_path, folders):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a smiling face\na face\n")
+    hspace = str(Path(sys.executable).parent / "hspace")
+    out = subprocess.run([hspace, "generate", f"run_dir={tmp_path / 'run'}", f"model.name_or_path={folders['text']}",
+                          "model.num_inference_steps=2", "generate.num_samples=3", f"generate.prompts_file={prompts}",
+                          "trainer.accelerator=cpu"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "has 2 prompts for generate.num_samples=3" in lines[0], out.stderr
+    assert not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.mark.slow
+def test_a_hook_path_that_does_not_exist_exits_2_with_one_line(tmp_path, folders):
+    import subprocess
+    import sys
+
+    hspace = str(Path(sys.executable).parent / "hspace")
+    out = subprocess.run([hspace, "generate", f"run_dir={tmp_path / 'run'}", f"model.name_or_path={folders['latent']}",
+                          "model.hook=up_blocks.7", "generate.num_samples=2", "trainer.accelerator=cpu"],
+                         capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "down_blocks, up_blocks, mid_block" in lines[0], out.stderr

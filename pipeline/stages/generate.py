@@ -21,14 +21,16 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
 from ..config import to_dict
+from ..dtypes import DTYPES
 from ..errors import ConfigError, DatasetError
 from ..identity import config_sections, differences, make_record
 from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import (FORMAT, H_DTYPES, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
+from ..samples import (FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
                        write_table)
 from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
                               make_trainer, share_cpu_threads)
@@ -49,7 +51,7 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
 def bytes_per_sample(h_shape_t, h_dtype: str, image_shape) -> int:
     """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids."""
     T, C, H, W = h_shape_t
-    h_bytes = T * C * H * W * np.dtype(H_DTYPES[h_dtype][0]).itemsize
+    h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
     offsets = 4 * (T + T * C + T * C * H + 4)
     return h_bytes + offsets + int(np.prod(image_shape)) + 1024
 
@@ -128,7 +130,7 @@ class GenerateModule(ItemModule):
         self.hmodel.to(self.device)
         prompts = None if self.prompt_of is None else [self.prompt_of(s) for s in seeds]
         # h goes straight into a CPU buffer of the stored dtype: the batch's trajectories are held once
-        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=H_DTYPES[self.h_dtype][1], h_device="cpu")
+        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=DTYPES[self.h_dtype].tensor, h_device="cpu")
         return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts}
 
 
