@@ -139,7 +139,12 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
         out = {"family": family}
         if family == "text":
             from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
+            from transformers import (
+                CLIPTextModel,
+                CLIPTextModelWithProjection,
+                CLIPTokenizer,
+                CLIPTokenizerFast,
+            )
 
             out["unet"] = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype)
             out["autoencoder"] = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype)

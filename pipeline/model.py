@@ -18,6 +18,7 @@ Conventions used throughout the project:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -30,8 +31,15 @@ from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
 from .hooks import HSpaceHook, resolve_hook
-from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
-                       predicted_x0, solve_step_noise, split_prediction)
+from .schedule import (
+    PREDICTION_TYPES,
+    ddim_coefficients,
+    ddim_inversion_step,
+    ddim_step,
+    eta_schedule,
+    solve_step_noise,
+    split_prediction,
+)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -47,7 +55,7 @@ def state_dtype(device: torch.device) -> torch.dtype:
 
 def check_guidance(scale: float) -> float:
     scale = float(scale)
-    if not scale >= 0 or scale != scale or scale == float("inf"):
+    if not (math.isfinite(scale) and scale >= 0):
         raise InputError(f"guidance_scale must be a finite number >= 0, got {scale}")
     return scale
 

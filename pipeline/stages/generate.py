@@ -30,10 +30,27 @@ from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import (FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
-                       write_table)
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from ..samples import (
+    FORMAT,
+    MANIFEST,
+    read_record,
+    samples_dir,
+    scan_shards,
+    shard_name,
+    shard_table,
+    write_table,
+)
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -75,26 +92,29 @@ def content_identity(model: HSpaceModel, h_dtype: str, precision, prompts: dict 
     return out
 
 
-def sample_prompts(cfg, model: HSpaceModel) -> dict | None:
+def prompts_from_config(g) -> list[str]:
+    """generate.prompts, or the lines of generate.prompts_file (checked: one per sample)."""
+    if not g.prompts_file:
+        return list(g.prompts)
+    path = Path(g.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"generate.prompts_file={g.prompts_file}: no such file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(prompts) != g.num_samples:
+        raise ConfigError(f"generate.prompts_file={g.prompts_file} has {len(prompts)} prompts for "
+                          f"generate.num_samples={g.num_samples}; give one line per sample")
+    return prompts
+
+
+def sample_prompts(cfg, model: HSpaceModel, prompts: list[str]) -> dict | None:
     """A text model's prompt assignment: {"first_seed", "prompts"} (one for all, or one per sample,
-    from generate.prompts, generate.prompts_file or model.prompt); None for other models."""
-    g = cfg.generate
+    from :func:`prompts_from_config`, else model.prompt); None for other models."""
     if model.kind != "text":
-        if g.prompts or g.prompts_file:
+        if prompts:
             raise ConfigError(f"generate.prompts / generate.prompts_file apply to text-to-image models; "
                               f"{cfg.model.name_or_path} is a {model.kind} model")
         return None
-    if g.prompts_file:
-        path = Path(g.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"generate.prompts_file={g.prompts_file}: no such file")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if len(prompts) != g.num_samples:
-            raise ConfigError(f"generate.prompts_file={g.prompts_file} has {len(prompts)} prompts for "
-                              f"generate.num_samples={g.num_samples}; give one line per sample")
-    else:
-        prompts = list(g.prompts) or [model.prompt]
-    return {"first_seed": g.first_seed, "prompts": prompts}
+    return {"first_seed": cfg.generate.first_seed, "prompts": prompts or [model.prompt]}
 
 
 def prompt_function(assignment: dict | None):
@@ -213,8 +233,9 @@ def _size(n: int) -> str:
 def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
+    prompts = prompts_from_config(g)  # before the model loads: a wrong prompts file is a quick one-line error
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    prompts = sample_prompts(cfg, model)
+    prompts = sample_prompts(cfg, model, prompts)
     content = content_identity(model, g.h_dtype, cfg.trainer.precision, prompts)
     check_existing(run_dir, content)
     record = identity(cfg)
