@@ -1,11 +1,6 @@
 """`hspace pca` on a real samples dataset: exact against torch.linalg.svd, and across processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,7 +8,9 @@ from pipeline.config import load_config
 from pipeline.directions import load_directions
 from pipeline.samples import load_samples
 
-HSPACE = str(Path(sys.executable).parent / "hspace")
+from conftest import hspace, tiny_overrides
+
+pytestmark = pytest.mark.slow  # every test here generates a samples dataset first
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +18,7 @@ def samples_run(tmp_path_factory, tiny_model_dir):
     from pipeline.stages.generate import run_generate
 
     run = tmp_path_factory.mktemp("pca") / "run"
-    run_generate(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
-                                    "trainer.accelerator=cpu", "generate.num_samples=40", "generate.batch_size=7"]))
+    run_generate(load_config(None, [*tiny_overrides(run, tiny_model_dir), "generate.num_samples=40", "generate.batch_size=7"]))
     return run
 
 
@@ -84,10 +80,7 @@ def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir,
                  f"pca.method={method}", "pca.tol=1e-4", "pca.oversample=20"]
     run = tmp_path / "run"
     shutil.copytree(samples_run / "samples", run / "samples")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [HSPACE, "pca", f"run_dir={run}", "trainer.devices=2", "trainer.strategy=ddp", *overrides]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    hspace("pca", f"run_dir={run}", "trainer.devices=2", "trainer.strategy=ddp", *overrides, cwd=tmp_path)
     assert {"partial-0-of-2.safetensors", "partial-1-of-2.safetensors"} <= {p.name for p in (run / "pca").iterdir()}
     two = load_directions(run / "directions" / "pca.safetensors")
     one_run = tmp_path / "one"
