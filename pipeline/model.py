@@ -31,15 +31,8 @@ from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
 from .hooks import HSpaceHook, resolve_hook
-from .schedule import (
-    PREDICTION_TYPES,
-    ddim_coefficients,
-    ddim_inversion_step,
-    ddim_step,
-    eta_schedule,
-    solve_step_noise,
-    split_prediction,
-)
+from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
+                       solve_step_noise, split_prediction)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
