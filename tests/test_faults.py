@@ -212,7 +212,7 @@ def test_jacobian_settings_fail_before_any_work_and_keep_parts(tmp_path, tiny_mo
     from PIL import Image
 
     run = tmp_path / "run"
-    args = [*common(run, tiny_model_dir), "jacobian.sample_ids=[0]", "jacobian.k=1", "jacobian.max_iter=3",
+    args = [*common(run, tiny_model_dir), "jacobian.sample_ids=[0]", "jacobian.k=1",
             "jacobian.tau=1"]
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)  # the model's images are 16x16
@@ -226,6 +226,27 @@ def test_jacobian_settings_fail_before_any_work_and_keep_parts(tmp_path, tiny_mo
         assert rc == 2 and bad.split("=")[0] in err and one_error(err, "jacobian"), err
         assert time.time() - t0 < 30
         assert part.exists() and part.stat().st_mtime_ns == stamp  # nothing deleted, nothing recomputed
+
+
+# ---------------------------------------------------------------------- 3, 4, 9, 10: the configuration, before any work
+def test_configuration_faults_are_one_line_before_any_work(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The checks themselves are helper config's (tests/test_config.py); here: through the CLI, each
+    is one line, exit 2, and nothing is written to the run directory."""
+    run = tmp_path / "run"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  eta: [0, 1\n")
+    cases = [("generate", ["trainer.devices=0"], "trainer.devices=0"),
+             ("jacobian", ["jacobian.tau=5"], "jacobian.tau=5"),
+             ("generate", ["model.eta=[0,1]"], "model.eta"),
+             ("config", ["model=3"], "model=3"),
+             ("config", ["--config", bad_yaml], f"{bad_yaml}:3:1")]
+    for stage, extra, named in cases:
+        rc, err = cli(capsys, monkeypatch, stage, *common(run, tiny_model_dir), *extra)
+        assert rc == 2 and named in err and one_error(err, stage), err
+    assert not run.exists()
+    rc, out = cli(capsys, monkeypatch, "config", "--config", TESTS.parent / "conf.paper.yaml",
+                  "evaluate.scorer_options.pretrained=/local/clip.pt")
+    assert rc == 0 and "pretrained: /local/clip.pt" in out and "prompts: paper" in out  # one key set, the others kept
 
 
 # ---------------------------------------------------------------------- 5: disk full, stale temporaries
