@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .dtypes import dtype_entry
 from .errors import DatasetError
 from .identity import META_KEY, read_record
 from .io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
@@ -46,8 +47,6 @@ from .io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_j
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
 MANIFEST = "manifest.json"
 FORMAT = "hspace-samples/1"
-H_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32),
-            "bfloat16": (np.uint16, torch.bfloat16)}
 
 
 def samples_dir(run_dir: str | os.PathLike) -> Path:
@@ -62,7 +61,7 @@ def features(h_shape_t: Sequence[int], h_dtype: str):
     """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W)."""
     from datasets import Array4D, Features, Image, Value
 
-    arrow_dtype = "uint16" if h_dtype == "bfloat16" else h_dtype
+    arrow_dtype = np.dtype(dtype_entry(h_dtype).storage).name  # bfloat16: its bits, uint16
     return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
                      "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype)})
 
@@ -87,8 +86,6 @@ def shard_table(sample_ids: Sequence[int], seeds: Sequence[int], images: np.ndar
     """One shard's table. images: (B, H, W, 3) uint8; h: (B, T, C, H, W); ``identity``: the content
     identity of the samples (model, scheduler, eta, dtypes), kept in the schema metadata so that
     shards found without a manifest can be checked before they are adopted."""
-    if h_dtype not in H_DTYPES:
-        raise DatasetError(f"unknown h dtype {h_dtype!r}; choose one of {sorted(H_DTYPES)}")
     feats = features(h.shape[1:], h_dtype)
     table = pa.Table.from_arrays(
         [pa.array(np.asarray(sample_ids, dtype=np.int64)), pa.array(np.asarray(seeds, dtype=np.int64)),
@@ -128,8 +125,7 @@ def shard_content_hash(path: str | os.PathLike) -> str | None:
 
 def _h_to_arrow_storage(h: torch.Tensor, h_dtype: str) -> pa.Array:
     """(B, T, C, H, W) -> nested list storage of Array4D, built from one flat buffer."""
-    _, torch_dtype = H_DTYPES[h_dtype]
-    x = h.detach().to("cpu", torch_dtype).contiguous()
+    x = h.detach().to("cpu", dtype_entry(h_dtype).tensor).contiguous()
     flat = x.view(torch.int16).numpy().view(np.uint16) if h_dtype == "bfloat16" else x.numpy()
     arr: pa.Array = pa.array(flat.reshape(-1))
     for size in reversed(x.shape[2:]):  # W, H, C: the per-sample list levels below T
@@ -249,7 +245,6 @@ def h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype
     values = storage
     for _ in range(4):
         values = values.flatten()
-    np_dtype, torch_dtype = H_DTYPES[h_dtype]
     flat = values.to_numpy(zero_copy_only=True)
     with warnings.catch_warnings():  # the memory map is read-only, and so is this view
         warnings.simplefilter("ignore", UserWarning)
@@ -291,9 +286,3 @@ def iter_samples(
             if images:
                 out["images"] = decode_images(part.column("image"))
             yield out
-
-
-def iter_h(run_dir: str | os.PathLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Just the h batches, (B, T, C, H, W), streamed."""
-    for batch in iter_samples(run_dir, batch_size):
-        yield batch["h"]

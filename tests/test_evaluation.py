@@ -156,6 +156,7 @@ def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
     assert out.loc["pc1", "effect_per_pixel_change"] > out.loc["random1", "effect_per_pixel_change"]
 
 
+@pytest.mark.slow
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     from evaluation.stage import run_evaluate
     from pipeline import HSpaceModel

@@ -12,6 +12,7 @@ from pipeline.jacobian import explicit_jacobian
 from pipeline.stages.jacobian import parse_mask
 
 
+@pytest.mark.slow
 def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
     from pipeline.stages.generate import run_generate
     from pipeline.stages.jacobian import run_jacobian
@@ -43,6 +44,7 @@ def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
         torch.testing.assert_close(d.directions[j], S[:, j, None, None, None] * V[1, j][None])
 
 
+@pytest.mark.slow
 def test_jacobian_stage_on_some_steps(tmp_path, tiny_model_dir):
     """``jacobian.steps``: directions at those steps only, the edit applied there and nowhere else."""
     from pipeline.stages.generate import run_generate

@@ -437,7 +437,7 @@ def test_pca_methods_meet_the_contract_on_a_slowly_decaying_spectrum(method, alp
     if method == "exact":
         assert angles.max() < 1e-6 and p.n_passes_ == 1
     else:  # the estimate it stopped on is below tol and does not understate the true angle
-        assert 2 < p.n_passes_ <= 22 and (p.angle_bound_ <= 1e-2).all() and (angles <= p.angle_bound_).all()
+        assert 2 < p.n_passes_ <= 42 and (p.angle_bound_ <= 1e-2).all() and (angles <= p.angle_bound_).all()
     torch.testing.assert_close(p.total_variance_, exact_pca(X.double())[3], rtol=1e-9, atol=0)
 
 
@@ -499,7 +499,7 @@ def test_moments_of_parts_merge_to_the_moments_of_the_whole():
 def test_subspace_iteration_over_merged_parts_equals_one_process():
     X = slow_spectrum(400, steps=2, d=256)
     one = PCA(8, method="randomized").fit(X)
-    it = SubspaceIteration(2, 256, 8, 16, tol=1e-2, max_passes=22)
+    it = SubspaceIteration(2, 256, 8, 16, tol=1e-2, max_passes=42)
     while not it.done:
         parts = [moments_update(None, part, it.basis) for part in X.double().split([150, 250])]
         it.update(merge_moments(parts[0], parts[1], it.basis))

@@ -91,6 +91,7 @@ def annotated_run(tmp_path_factory, tiny_model_dir):
     return cfg
 
 
+@pytest.mark.slow
 def test_supervised_stage_matches_an_independent_computation(annotated_run):
     from pipeline.samples import load_samples
     from pipeline.stages.supervised import run_supervised
@@ -116,6 +117,7 @@ def test_supervised_stage_matches_an_independent_computation(annotated_run):
     assert np.allclose(full.cosine_mean, 1.0)
 
 
+@pytest.mark.slow
 def test_disentangle_and_edit_stages(annotated_run):
     from pipeline.stages.disentangle import run_disentangle
     from pipeline.stages.edit import run_edit

@@ -20,14 +20,16 @@ import sys
 from importlib import metadata
 
 import numpy as np
+
 from ..config import to_dict
+from ..dtypes import DTYPES
 from ..errors import DatasetError
 from ..identity import config_sections, differences, make_record
 from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import (FORMAT, H_DTYPES, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
+from ..samples import (FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
                        write_table)
 from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
                               make_trainer, share_cpu_threads)
@@ -48,7 +50,7 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
 def bytes_per_sample(h_shape_t, h_dtype: str, image_shape) -> int:
     """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids."""
     T, C, H, W = h_shape_t
-    h_bytes = T * C * H * W * np.dtype(H_DTYPES[h_dtype][0]).itemsize
+    h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
     offsets = 4 * (T + T * C + T * C * H + 4)
     return h_bytes + offsets + int(np.prod(image_shape)) + 1024
 
@@ -93,7 +95,7 @@ class GenerateModule(ItemModule):
     def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
         out = self.hmodel.sample(seeds)
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", DTYPES[self.h_dtype].tensor)}
 
 
 class GenerateData(RankShare):

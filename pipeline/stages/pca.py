@@ -30,16 +30,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
+from ..dtypes import torch_dtype
 from ..directions import Directions, save_directions
 from ..errors import ConvergenceError
 from ..identity import artefact_ids, config_sections, make_record
 from ..io import atomic_path, write_json_atomic
-from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, align_signs, gaussian_sketch, gram_pca,
-                   merge_moments, moments_update, pca_directions, random_directions_like, resolve_method)
+from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, gaussian_sketch, gram_pca, merge_moments,
+                   moments_update, pca_directions, random_directions_like, resolve_method)
 from ..samples import h_view, open_shard, read_manifest, shard_paths
+from ..signs import align_signs
 from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHUNK = 64  # samples cast to the compute dtype at a time
 
 
@@ -60,7 +61,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def new_estimator(pca_cfg) -> StreamingPCA:
     """The one-pass estimator each rank fills (method onepass)."""
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
-                        dtype=DTYPES[pca_cfg.dtype])
+                        dtype=torch_dtype(pca_cfg.dtype))
 
 
 def estimator_params(pca_cfg) -> dict:
@@ -68,7 +69,7 @@ def estimator_params(pca_cfg) -> dict:
     return dict(n_components=pca_cfg.n_components, method=pca_cfg.method, oversample=pca_cfg.oversample,
                 power_iterations=pca_cfg.power_iterations, tol=pca_cfg.tol,
                 exact_max_samples=pca_cfg.exact_max_samples, joint=pca_cfg.joint, seed=pca_cfg.seed,
-                dtype=DTYPES[pca_cfg.dtype])
+                dtype=torch_dtype(pca_cfg.dtype))
 
 
 def shard_batches(shards: list[Path], batch_size: int, h_shape_t, h_dtype: str):
@@ -164,7 +165,7 @@ class ExactModule(_PCAModule):
             self.held = []
             if self.cfg.joint:
                 X = X.reshape(len(X), 1, -1)
-            st = gram_pca(X, self.cfg.n_components, dtype=DTYPES[self.cfg.dtype])
+            st = gram_pca(X, self.cfg.n_components, dtype=torch_dtype(self.cfg.dtype))
             save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
         self.barrier("partials")
         if self.trainer.is_global_zero:
@@ -198,10 +199,10 @@ class RandomizedModule(_PCAModule):
         elif self.trainer.is_global_zero:
             self.iteration = SubspaceIteration(Tp, Dp, k, k + over, tol=self.cfg.tol,
                                                max_passes=self.cfg.power_iterations + 2, seed=self.cfg.seed,
-                                               dtype=DTYPES[self.cfg.dtype])
+                                               dtype=torch_dtype(self.cfg.dtype))
             self.basis = self.iteration.basis
         else:  # the same Gaussian sketch as rank 0's (seeded CPU generator)
-            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, DTYPES[self.cfg.dtype])
+            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, torch_dtype(self.cfg.dtype))
         self.acc: Moments | None = None
 
     def predict_item(self, shard: str):

@@ -118,7 +118,7 @@ def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.T
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist")
+        raise ConfigError(f"supervised.real: image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
@@ -153,7 +153,7 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
     if paired:
         common = sorted(set(names_p) & set(names_n))
         if not common:
-            raise DatasetError(f"supervised.real.paired: no file names in common between {positive_dir} and {negative_dir}")
+            raise ConfigError(f"supervised.real.paired: no file names in common between {positive_dir} and {negative_dir}")
         ip, ineg = [names_p.index(c) for c in common], [names_n.index(c) for c in common]
         return paired_difference(hp[ip], hn[ineg]), {"pairs": len(common)}
     return mean_difference(hp, hn), {"positives": len(names_p), "negatives": len(names_n)}
