@@ -86,6 +86,7 @@ def test_mask_specifications():
         parse_mask("/no/mask.png", (3, 8, 8))
 
 
+@pytest.mark.slow
 def test_jacobian_stage_never_writes_unconverged_directions(tmp_path, tiny_model_dir):
     """Alg. 2 (block 2) cut off by max_iter: with jacobian.unconverged=error the stage fails and writes
     nothing; by default the default method finishes from its vectors and the file records the

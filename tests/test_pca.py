@@ -556,6 +556,7 @@ def real_h_reference(real_h):
     return sklearn_pca(real_h, 10)
 
 
+@pytest.mark.slow  # samples the shipped model
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_pca_methods_meet_the_contract_on_real_h(real_h, real_h_reference, method):
     """K=10 as the stage; at the noisiest steps the spectrum is flat, where a one-pass update was off
