@@ -141,7 +141,8 @@ class PCAConfig(Section):
     method: Literal["auto", "exact", "randomized", "onepass"] = Field(
         "auto", description="auto: exact up to exact_max_samples samples, else randomized; exact: Gram matrix "
         "(holds the data); randomized: streaming passes, accuracy set by tol; onepass: a quick look, no guarantee")
-    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples")
+    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples (exact holds "
+                                   "h: N x T x D values in the stored dtype, shared by the ranks step by step)")
     power_iterations: int = Field(40, ge=0, description="randomized: the most power iterations (passes over the "
                                   "data <= this + 2); not converged by then: the stage fails, writing nothing")
     tol: float = Field(1e-2, gt=0, description="randomized: target for the estimated largest principal angle "
