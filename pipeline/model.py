@@ -23,8 +23,15 @@ from . import noise as noise_streams
 from .dtypes import torch_dtype
 from .errors import InputError
 from .hooks import HOOK_POINTS, HSpaceHook
-from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
-                       output_to_eps, solve_step_noise)
+from .schedule import (
+    PREDICTION_TYPES,
+    ddim_coefficients,
+    ddim_inversion_step,
+    ddim_step,
+    eta_schedule,
+    output_to_eps,
+    solve_step_noise,
+)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:

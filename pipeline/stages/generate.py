@@ -29,10 +29,18 @@ from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import (FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
-                       write_table)
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from ..samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 # ---------------------------------------------------------------------- planning (pure)
