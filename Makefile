@@ -1,4 +1,4 @@
-# Two set-up-and-go targets: `make demo` and `make test`. Both create .venv if missing.
+# Two set-up-and-go targets: `make demo` and `make test` (`make test-fast` for the edit loop). All create .venv if missing.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -17,11 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/hspace run
 
+# lint (ruff, configured in pyproject.toml), then every test
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # the edit loop: everything but the tests marked slow (subprocesses, end-to-end stages, training)
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

@@ -22,7 +22,7 @@ from annotators.base import build_annotator
 from pipeline.config import load_config
 from pipeline.identity import make_record
 from pipeline.images import from_uint8
-from pipeline.samples import iter_samples, samples_dir, write_json_atomic, write_shard, FORMAT
+from pipeline.samples import FORMAT, iter_samples, samples_dir, write_json_atomic, write_shard
 from pipeline.stages.annotate import run_annotate
 from toyfaces.render import render_faces, sample_factors
 

@@ -81,7 +81,8 @@ def maxrss_mb() -> float:
 def worker(args) -> dict:
     import numpy as np
     import scipy.linalg  # noqa: F401  (load its BLAS before limiting it)
-    from sklearn.decomposition import PCA as SkPCA, IncrementalPCA
+    from sklearn.decomposition import PCA as SkPCA
+    from sklearn.decomposition import IncrementalPCA
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from pipeline.pca import PCA

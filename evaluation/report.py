@@ -26,7 +26,8 @@ from pipeline.samples import read_manifest
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
 * { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color:var(--ink); background:var(--bg); }
+body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--ink); background:var(--bg); }
 header { background:#1d232b; color:#fff; padding:28px 40px 22px; }
 header h1 { margin:0 0 4px; font-size:24px; font-weight:600; }
 header p { margin:0; color:#c5ccd5; font-size:14px; }
@@ -54,7 +55,8 @@ figure img { max-width:100%; border:1px solid var(--line); border-radius:4px; ba
 figcaption { font-size:12.5px; color:var(--muted); margin-top:4px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(340px, 1fr)); gap:14px; }
 details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); }
-pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto; max-height:420px; }
+pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto;
+      max-height:420px; }
 code { font-size:12.5px; }
 .pm { color:#8a939c; font-size:12px; }
 """
@@ -243,7 +245,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                   "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "
                   "image at the same norm and degrades it at the same pixel change.")
         page.add(df_html(pvr))
-        page.image(ev / "pca_vs_random.png", "Consistent attribute change per pixel change (left) and against pixel change (right).")
+        page.image(ev / "pca_vs_random.png",
+                   "Consistent attribute change per pixel change (left) and against pixel change (right).")
     if (ev / "image_change.csv").exists():
         page.section("quality", "Image change and quality per edit")
         page.note("Mean absolute pixel change (in [0, 1] units) and the image-quality score before and after the edit "
@@ -260,7 +263,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     families = [("pca", "PCA directions (scale in standard deviations)"), ("pca_random", "Random directions, norm-matched"),
                 ("jacobian", "Jacobian directions (Alg. 1): image-specific, applied to other seeds"),
                 ("supervised", "Supervised directions (eq. 10)"), ("disentangled", "Disentangled directions (eq. 11)"),
-                ("supervised_xT", "The same supervised directions in x_T space (Fig. 8 baseline)"), ("real", "Real-image directions")]
+                ("supervised_xT", "The same supervised directions in x_T space (Fig. 8 baseline)"),
+                ("real", "Real-image directions")]
     present = [(f, t) for f, t in families if (edits / f).is_dir() and any((edits / f).glob("*.png"))]
     if present:
         page.section("edits", "Edit strips")

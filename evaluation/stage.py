@@ -29,17 +29,40 @@ from annotators import assets_identity
 from pipeline.config import to_dict
 from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.identity import (FOLDER_RECORD, artefact_ids, config_sections, make_record, parquet_metadata, present,
-                               read_record, verify)
+from pipeline.identity import (
+    FOLDER_RECORD,
+    artefact_ids,
+    config_sections,
+    make_record,
+    parquet_metadata,
+    present,
+    read_record,
+    verify,
+)
 from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
 from pipeline.loading import weights_identity
 from pipeline.model import HSpaceModel, default_device
-from pipeline.stages.lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare,
-                                             agreed, launching_rank, make_trainer, share_cpu_threads)
+from pipeline.stages.lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
-from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
-                      table1_markdown)
-
+from .metrics import (
+    bootstrap_effects,
+    disentanglement_summary,
+    effect_matrix,
+    own_attribute,
+    pca_vs_random,
+    primary,
+    table1_markdown,
+)
 
 # Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set); 4 are
 # close to 8 in half the time (docs/benchmarks.md).

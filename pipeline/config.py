@@ -78,7 +78,8 @@ class TrainerConfig(Section):
         **_accepts("an integer >= 1, -1 (every device), a non-empty list of device ids or 'auto'"))
     num_nodes: int = Field(1, ge=1)
     strategy: str = Field("auto", description="auto | ddp | ddp_spawn ...")
-    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field("32-true", description="32-true | 16-mixed | bf16-mixed")
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field(
+        "32-true", description="32-true | 16-mixed | bf16-mixed")
 
     @field_validator("devices")
     @classmethod

@@ -80,7 +80,8 @@ def _subfolder(location: str, is_local: bool, component: str, filename: str) -> 
             if file_exists(location, filename if sub is None else f"{sub}/{filename}"):
                 return sub
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot reach model {location!r} ({type(e).__name__}). " + _OFFLINE_HELP.format(name=location)) from None
+        raise ModelLoadError(f"cannot reach model {location!r} ({type(e).__name__}). "
+                             + _OFFLINE_HELP.format(name=location)) from None
     raise ModelLoadError(f"model {location!r} has no {filename}. " + _OFFLINE_HELP.format(name=location))
 
 
@@ -175,7 +176,8 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
         if is_local:  # the folder is there: downloading is not the remedy
             raise ModelLoadError(f"could not load model {location}: {first}; the folder is damaged (check its "
                                  f"config.json, scheduler_config.json and weights, or copy it again)") from None
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. " + _OFFLINE_HELP.format(name=name_or_path)) from None
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
+                             + _OFFLINE_HELP.format(name=name_or_path)) from None
 
 
 def load_unet_and_scheduler(

@@ -31,8 +31,15 @@ from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
 from .hooks import HSpaceHook, resolve_hook
-from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
-                       solve_step_noise, split_prediction)
+from .schedule import (
+    PREDICTION_TYPES,
+    ddim_coefficients,
+    ddim_inversion_step,
+    ddim_step,
+    eta_schedule,
+    solve_step_noise,
+    split_prediction,
+)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -520,8 +527,8 @@ class HSpaceModel:
         """Images (E, S, 3, H, W) in [-1, 1]: every seed under every edit, ``batch_size`` images per call.
 
         edits: E edits, each (T, C, H, W) added to h (``space="h"``) or (*latent_shape) added to x_T
-        (``space="x_T"``); None is the plain sample. prompt (text models): one, or one per seed. The (edit, seed) pairs are sampled in large
-        batches because a small one wastes most of a CPU's time (0.65 s per 32x32 toy image alone,
+        (``space="x_T"``); None is the plain sample. prompt (text models): one, or one per seed. The
+        (edit, seed) pairs are sampled in large batches because a small one wastes most of a CPU's time (0.65 s per 32x32 toy image alone,
         0.2 s in batches of 64). Each image depends only on its seed and its edit, not on the batch."""
         if space not in ("h", "x_T"):
             raise InputError(f"space must be 'h' or 'x_T', got {space!r}")

@@ -124,7 +124,8 @@ def validate_toy(cfg):
 def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
     """The identity record main-job stage ``name`` would write now (its module's ``identity``; the
     modules are imported on call). ``known``: predicted ids of the artefacts it reads."""
-    from evaluation import report, stage as evaluation_stage
+    from evaluation import report
+    from evaluation import stage as evaluation_stage
 
     from .stages import annotate, disentangle, figures, generate, jacobian, pca, select, supervised
 

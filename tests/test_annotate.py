@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import ConfigError, DatasetError
-from pipeline.stages.annotate import annotations_path, load_annotations
-from pipeline.selection import select_top_bottom, selection_table
-
 import conftest
 from conftest import tiny_overrides
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.selection import select_top_bottom, selection_table
+from pipeline.stages.annotate import annotations_path, load_annotations
 
 
 def hspace(stage, run_dir, model_dir, *overrides, check=True, wait=True):

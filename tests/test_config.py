@@ -12,8 +12,17 @@ import yaml
 
 from annotators.base import check_columns, declared_columns
 from pipeline.cli import main
-from pipeline.config import (GenerateConfig, HSpaceConfig, ModelConfig, PCAConfig, defaults, defaults_yaml,
-                             load_config, to_dict, with_overrides)
+from pipeline.config import (
+    GenerateConfig,
+    HSpaceConfig,
+    ModelConfig,
+    PCAConfig,
+    defaults,
+    defaults_yaml,
+    load_config,
+    to_dict,
+    with_overrides,
+)
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +46,9 @@ def test_choices_are_the_engines_tables():
     from pipeline.dtypes import DTYPES
     from pipeline.hooks import HOOK_POINTS
 
-    choices = lambda model, key: set(typing.get_args(model.model_fields[key].annotation))
+    def choices(model, key):
+        return set(typing.get_args(model.model_fields[key].annotation))
+
     for point in (*HOOK_POINTS, "up_blocks.0", "down_blocks.3.resnets.1"):  # the engine checks the module exists
         assert ModelConfig(hook=point).hook == point
     # one dtype table; each field accepts part of it
@@ -83,7 +94,7 @@ def test_interpolation_follows_one_override_and_survives_with_overrides():
     again = with_overrides(cfg, ["train_toy.layers_per_block=1"])
     assert again.finetune_toy.batch_size == 8 and again.finetune_toy.layers_per_block == 1
     assert cfg.finetune_toy.layers_per_block == 2  # the first one is unchanged (read-only)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (read-only: whichever error the library raises)
         cfg.model.eta = 1.0
 
 
@@ -103,7 +114,8 @@ def test_values_are_yaml_by_the_library():
     (["model.num_inference_steps=5", "jacobian.tau=5"], r"^jacobian.tau=5 in the command line: .* in 0..4 "),
     (["jacobian.steps=[0, 30]"], r"^jacobian.steps=\[0, 30\] in the command line: must be distinct step indices in 0..19"),
     (["jacobian.steps=[1, 1]"], r"^jacobian.steps=\[1, 1\] .*distinct"),
-    (["jacobian.steps=[0, 1]", "jacobian.tau=5"], r"^jacobian.tau=5 in the command line: must be one of jacobian.steps \[0, 1\]$"),
+    (["jacobian.steps=[0, 1]", "jacobian.tau=5"],
+     r"^jacobian.tau=5 in the command line: must be one of jacobian.steps \[0, 1\]$"),
     (["model.eta=[0, 1]"], r"^model.eta=\[0.0, 1.0\] in the command line: must be a number or a list of T=20 numbers"),
     (["trainer.devices=0"], r"^trainer.devices=0 in the command line: must be an integer >= 1, -1 \(every device\), "),
     (["trainer.devices=-2"], r"^trainer.devices=-2 "),
@@ -183,7 +195,8 @@ def test_annotators_declare_columns_without_loading_weights():
      r"columns of annotate.annotators \['clip'\]: smile, glasses, age, gender, hat$"),
     (["evaluate.own_attribute={smile: grin}"], r"^evaluate.own_attribute=\{'smile': 'grin'\} in the command line: "
                                                r"\['grin'\] not among the columns of the scorer toy"),
-    (["evaluate.quality_score=face_prob"], r"^evaluate.quality_score='face_prob' in the command line and conf.yaml: must be one of "
+    (["evaluate.quality_score=face_prob"],
+     r"^evaluate.quality_score='face_prob' in the command line and conf.yaml: must be one of "
                                            r"the columns of evaluate.quality toy_consistency: render_error$"),
     (["evaluate.scorer=nope"], r"^unknown annotator 'nope'"),
     (["annotate.options={toy: {weight: /x}}"], r"^bad options for annotator 'toy'"),

@@ -5,7 +5,8 @@ Each test reproduces one fault a hostile but realistic user meets, asserts the c
 mislabelled: sample ids counted, h compared with the model sampled afresh, annotations
 describing exactly the samples on disk. docs/guarantees.md lists which test covers which
 guarantee. Commands run in-process through ``pipeline.cli.main`` where nothing but the exit
-matters, and as subprocesses where signals, locks and dying processes are the point.
+matters, and as subprocesses where signals, locks and dying processes are the point; tests that
+run stages are marked slow (``make test-fast`` keeps the quick checks of messages and writes).
 """
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ def copy(run, tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------------- 1: an earlier sample set
+@pytest.mark.slow
 def test_annotations_of_an_earlier_sample_set_are_refused_then_rebuilt(annotated, tmp_path, tiny_model_dir,
                                                                          capsys, monkeypatch):
     from test_annotate import expected_brightness
@@ -173,6 +175,7 @@ def test_annotations_of_an_earlier_sample_set_are_refused_then_rebuilt(annotated
     assert rc == 0 and set(pd.read_parquet(run / "selection.parquet").sample_id) <= set(range(100, 108))
 
 
+@pytest.mark.slow
 def test_readers_check_the_whole_chain(annotated, tmp_path, tiny_model_dir, capsys, monkeypatch):
     """A selection made before the samples changed is refused by supervised, naming what changed."""
     run = copy(annotated, tmp_path)
@@ -189,6 +192,7 @@ def test_readers_check_the_whole_chain(annotated, tmp_path, tiny_model_dir, caps
 
 
 # ---------------------------------------------------------------------- 2: shards without a manifest
+@pytest.mark.slow
 def test_shards_without_manifest_are_checked_before_adoption(annotated, tmp_path, tiny_model_dir, capsys, monkeypatch):
     run = copy(annotated, tmp_path)
     args = common(run, tiny_model_dir)
@@ -208,11 +212,12 @@ def test_shards_without_manifest_are_checked_before_adoption(annotated, tmp_path
 
 
 # ---------------------------------------------------------------------- 3: errors before the expensive work
+@pytest.mark.slow
 def test_jacobian_settings_fail_before_any_work_and_keep_parts(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from PIL import Image
 
     run = tmp_path / "run"
-    args = [*common(run, tiny_model_dir), "jacobian.sample_ids=[0]", "jacobian.k=1", "jacobian.max_iter=3",
+    args = [*common(run, tiny_model_dir), "jacobian.sample_ids=[0]", "jacobian.k=1",
             "jacobian.tau=1"]
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)  # the model's images are 16x16
@@ -226,6 +231,27 @@ def test_jacobian_settings_fail_before_any_work_and_keep_parts(tmp_path, tiny_mo
         assert rc == 2 and bad.split("=")[0] in err and one_error(err, "jacobian"), err
         assert time.time() - t0 < 30
         assert part.exists() and part.stat().st_mtime_ns == stamp  # nothing deleted, nothing recomputed
+
+
+# ---------------------------------------------------------------------- 3, 4, 9, 10: the configuration, before any work
+def test_configuration_faults_are_one_line_before_any_work(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The checks themselves are helper config's (tests/test_config.py); here: through the CLI, each
+    is one line, exit 2, and nothing is written to the run directory."""
+    run = tmp_path / "run"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  eta: [0, 1\n")
+    cases = [("generate", ["trainer.devices=0"], "trainer.devices=0"),
+             ("jacobian", ["jacobian.tau=5"], "jacobian.tau=5"),
+             ("generate", ["model.eta=[0,1]"], "model.eta"),
+             ("config", ["model=3"], "model=3"),
+             ("config", ["--config", bad_yaml], f"{bad_yaml}:3:1")]
+    for stage, extra, named in cases:
+        rc, err = cli(capsys, monkeypatch, stage, *common(run, tiny_model_dir), *extra)
+        assert rc == 2 and named in err and one_error(err, stage), err
+    assert not run.exists()
+    rc, out = cli(capsys, monkeypatch, "config", "--config", TESTS.parent / "conf.paper.yaml",
+                  "evaluate.scorer_options.pretrained=/local/clip.pt")
+    assert rc == 0 and "pretrained: /local/clip.pt" in out and "prompts: paper" in out  # one key set, the others kept
 
 
 # ---------------------------------------------------------------------- 5: disk full, stale temporaries
@@ -288,6 +314,7 @@ def test_directions_of_another_shape_are_refused_before_sampling(tmp_path, tiny_
     assert not (run / "edits").exists() and not (run / "sample.png").exists()
 
 
+@pytest.mark.slow
 def test_real_image_folders_name_a_bad_file_and_say_once_that_they_resize(annotated, tmp_path, tiny_model_dir,
                                                                           capsys, monkeypatch):
     from PIL import Image

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import DatasetError
 from pipeline.samples import iter_samples, load_samples, read_manifest, samples_dir
 from pipeline.stages.generate import plan_batches, run_generate
-
-from conftest import hspace, tiny_overrides
 
 
 def generate(run_dir, model_dir, *overrides, check=True, cwd=None, wait=True):

@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
 from pipeline.directions import load_directions
 from pipeline.samples import load_samples
-
-from conftest import hspace, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test here generates a samples dataset first
 
@@ -36,7 +35,8 @@ def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
     return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
 
 
-METHODS = {"exact": [], "randomized": ["pca.tol=1e-4", "pca.oversample=20"], "onepass": ["pca.oversample=60"]}  # onepass: q >= N is exact
+# onepass: q >= N is exact
+METHODS = {"exact": [], "randomized": ["pca.tol=1e-4", "pca.oversample=20"], "onepass": ["pca.oversample=60"]}
 
 
 @pytest.mark.parametrize("method", METHODS)

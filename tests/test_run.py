@@ -1,11 +1,11 @@
 """`hspace run` end to end on a tiny configuration, the report, and stage skipping."""
 from __future__ import annotations
 
-import pytest
-
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+
+import pytest
 
 from conftest import hspace, tiny_overrides
 

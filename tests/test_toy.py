@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from annotators.base import build_annotator
-from toyfaces.annotator import evaluate_annotator
 from pipeline.images import from_uint8
+from toyfaces.annotator import evaluate_annotator
 from toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
 
 
@@ -185,9 +185,9 @@ def test_validate_toy_runs_and_writes_json():
 
     from diffusers import DDIMScheduler
 
-    from toyfaces.annotator import ToyFaceAnnotator
     from conftest import make_tiny_unet
     from pipeline import HSpaceModel
+    from toyfaces.annotator import ToyFaceAnnotator
     from toyfaces.validate import validate
 
     model = HSpaceModel(make_tiny_unet(size=32), DDIMScheduler(), num_inference_steps=3)

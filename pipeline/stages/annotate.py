@@ -27,13 +27,21 @@ from annotators import assets_identity
 from annotators.base import build_annotator, check_columns, column_names
 
 from ..errors import DatasetError
-from ..identity import (artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record,
-                        verify)
+from ..identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
 from ..images import from_uint8
 from ..io import atomic_path
 from ..samples import dataset_ids, decode_images, open_shard, read_manifest, shard_paths
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 def annotations_path(run_dir) -> Path:

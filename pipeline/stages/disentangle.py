@@ -55,7 +55,8 @@ def identity(cfg, known: dict | None = None) -> dict:
     if cfg.disentangle.source:
         return make_record("disentangle", config_sections(cfg, "disentangle"),
                            assets={"source": hash_file(cfg.disentangle.source)})
-    return make_record("disentangle", config_sections(cfg, "disentangle"), artefacts=artefact_ids(cfg.run_dir, [SUPERVISED], known))
+    return make_record("disentangle", config_sections(cfg, "disentangle"),
+                       artefacts=artefact_ids(cfg.run_dir, [SUPERVISED], known))
 
 
 def run_disentangle(cfg) -> Path:

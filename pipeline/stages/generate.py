@@ -30,10 +30,18 @@ from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import (FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table,
-                       write_table)
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from ..samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -184,7 +192,9 @@ def check_existing(run_dir: str, identity: dict) -> None:
                 f"{samples_dir(run_dir)} holds samples made with a different configuration "
                 f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete that folder to start over"
             )
-    foreign = scan_shards(run_dir, hash_json(identity)).foreign
+    # shards written by an older version record nothing: a matching manifest vouches for them, nothing else does
+    foreign = {p: h for p, h in scan_shards(run_dir, hash_json(identity)).foreign.items()
+               if h is not None or not path.exists()}
     if foreign:
         shard = next(iter(foreign))
         stored = read_record(shard)

@@ -32,8 +32,17 @@ from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..loading import weights_identity
 from ..model import HSpaceModel
 from ..samples import read_manifest, read_prompts
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:

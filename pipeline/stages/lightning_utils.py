@@ -5,7 +5,6 @@ import logging
 import os
 import time
 import warnings
-
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -30,13 +30,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
-from ..dtypes import torch_dtype
 from ..directions import Directions, save_directions
+from ..dtypes import torch_dtype
 from ..errors import ConvergenceError
 from ..identity import artefact_ids, config_sections, make_record
 from ..io import atomic_path, write_json_atomic
-from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, gaussian_sketch, gram_pca, merge_moments,
-                   moments_update, pca_directions, random_directions_like, resolve_method)
+from ..pca import (
+    PCA,
+    Moments,
+    PCAState,
+    StreamingPCA,
+    SubspaceIteration,
+    gaussian_sketch,
+    gram_pca,
+    merge_moments,
+    moments_update,
+    pca_directions,
+    random_directions_like,
+    resolve_method,
+)
 from ..samples import h_view, open_shard, read_manifest, shard_paths
 from ..signs import align_signs
 from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads

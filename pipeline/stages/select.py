@@ -53,7 +53,8 @@ def contact_sheet(selection: pd.DataFrame, attribute: str, images: dict[int, np.
 
 
 def identity(cfg, known: dict | None = None) -> dict:
-    return make_record("select", config_sections(cfg, "select"), artefacts=artefact_ids(cfg.run_dir, ["annotations.parquet"], known))
+    return make_record("select", config_sections(cfg, "select"),
+                       artefacts=artefact_ids(cfg.run_dir, ["annotations.parquet"], known))
 
 
 def run_select(cfg) -> pd.DataFrame:

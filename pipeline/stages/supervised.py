@@ -25,9 +25,9 @@ from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
 from ..identity import artefact_ids, config_sections, make_record
+from ..images import from_uint8
 from ..io import atomic_path, hash_tree
 from ..loading import weights_identity
-from ..images import from_uint8
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
 from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
@@ -147,7 +147,8 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
     names_n, neg = load_image_folder(negative_dir, size)
 
     def invert(x):
-        return torch.cat([model.invert(x[i:i + batch_size], fixed_point_iterations).h.cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat([model.invert(x[i:i + batch_size], fixed_point_iterations).h.cpu()
+                          for i in range(0, len(x), batch_size)])
 
     hp, hn = invert(pos), invert(neg)
     if paired:
