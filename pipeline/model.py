@@ -528,8 +528,9 @@ class HSpaceModel:
 
         edits: E edits, each (T, C, H, W) added to h (``space="h"``) or (*latent_shape) added to x_T
         (``space="x_T"``); None is the plain sample. prompt (text models): one, or one per seed. The
-        (edit, seed) pairs are sampled in large batches because a small one wastes most of a CPU's time (0.65 s per 32x32 toy image alone,
-        0.2 s in batches of 64). Each image depends only on its seed and its edit, not on the batch."""
+        (edit, seed) pairs are sampled in large batches because a small one wastes most of a CPU's
+        time (0.65 s per 32x32 toy image alone, 0.2 s in batches of 64). Each image depends only on
+        its seed and its edit, not on the batch."""
         if space not in ("h", "x_T"):
             raise InputError(f"space must be 'h' or 'x_T', got {space!r}")
         seeds = [int(s) for s in seeds]
