@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "finetune-toy": ("pipeline.toyfaces.train_ddpm:run_finetune_toy", "phase 2 of the embedded default: fine-tune with skip dropout"),
     "train-toy-annotator": ("annotators.toy:run_train_toy_annotator", "train the toy-face annotator"),
     "validate-toy": ("pipeline.toyfaces.validate:run_validate_toy", "check the embedded default against its ground truth"),
+    "explore": ("pipeline.explore.app:run_explore", "a local web app: sliders over the run's directions, naming, export"),
     "config": ("pipeline.cli:print_config", "print the resolved configuration"),
 }
 #: the commands that run Lightning Trainers (every rank of a multi-process job takes part): `run` and the
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("--config", "-c", default=None, help="YAML config (default: ./conf.yaml if present)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "explore":
+            s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+            s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free one)")
     return p
 
 
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
             join_launched_ranks(cfg.trainer)
         module, func = STAGES[args.stage][0].split(":")
-        getattr(importlib.import_module(module), func)(cfg)
+        options = {"host": args.host, "port": args.port} if args.stage == "explore" else {}
+        getattr(importlib.import_module(module), func)(cfg, **options)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)
         return 2

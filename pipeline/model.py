@@ -214,7 +214,7 @@ class HSpaceModel:
         """Noise prediction eps_t at step index ``step`` (converted from v- or x0-prediction
         models); the hook's current edit applies."""
         t = self.timesteps[step].to(self.device)
-        x_t = x_t.to(self.device)
+        x_t = x_t.to(self.device).contiguous()  # conv kernels round differently for other memory layouts
         out = self.unet(x_t.to(self.dtype), t.expand(x_t.shape[0])).sample.float()
         return output_to_eps(out, x_t.float(), float(self.scheduler.alphas_cumprod[self.timesteps[step]]),
                              self.prediction_type)
@@ -266,6 +266,7 @@ class HSpaceModel:
         asyrp: bool = False,
         eta: float | Sequence[float] | None = None,
         return_latents: bool = False,
+        start_step: int = 0,
         progress: bool = False,
     ) -> SampleOutput:
         """Generate images while recording h, optionally editing it.
@@ -280,7 +281,15 @@ class HSpaceModel:
         asyrp: drive D_t from a second, unedited pass (Asyrp) instead of the edited one.
         eta: override the model's eta for this call.
         return_latents: also return x_t entering every step, ``.latents`` (B, T, 3, H, W).
+        start_step: resume an earlier trajectory: ``x_T`` is the latent entering this step (that
+            call's ``.latents[:, start_step]``) and the steps before it are not run; their h
+            (and latents) are NaN. Unedited earlier steps make this equal to the whole run.
         """
+        start_step = int(start_step)
+        if not 0 <= start_step < self.num_steps:
+            raise InputError(f"start_step {start_step} out of range 0..{self.num_steps - 1}")
+        if start_step and x_T is None:
+            raise InputError("start_step > 0 needs x_T: the latent entering that step")
         if x_T is None:
             if seeds is None:
                 raise InputError("give seeds, or x_T (with noise or seeds when eta > 0)")
@@ -319,10 +328,11 @@ class HSpaceModel:
         delta = self._per_sample(delta_h, "delta_h", B, h_shape)
         replace = self._per_sample(replace_h, "replace_h", B, h_shape)
         mask = self._step_mask(steps)
-        hs = torch.empty((B, self.num_steps, *h_shape), device=self.device, dtype=self.dtype)
-        latents = torch.empty((B, self.num_steps, *self.image_shape), device=self.device) if return_latents else None
+        hs = torch.full((B, self.num_steps, *h_shape), float("nan"), device=self.device, dtype=self.dtype)
+        latents = (torch.full((B, self.num_steps, *self.image_shape), float("nan"), device=self.device)
+                   if return_latents else None)
 
-        for i in tqdm(range(self.num_steps), disable=not progress, desc="sampling", leave=False):
+        for i in tqdm(range(start_step, self.num_steps), disable=not progress, desc="sampling", leave=False):
             if latents is not None:
                 latents[:, i] = x
             edited = mask[i] and (delta is not None or replace is not None)

@@ -24,7 +24,7 @@ import torch
 from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
-from ..images import from_uint8
+from ..images import from_uint8, load_image
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
 from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
@@ -113,21 +113,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.Tensor]:
     """Images of a folder (sorted by name), centre-cropped to square and resized: (n, 3, H, W) in [-1, 1]."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    arrays = []
-    for p in files:
-        im = Image.open(p).convert("RGB")
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        arrays.append(np.asarray(im.crop((left, top, left + s, top + s)).resize(size[::-1], Image.LANCZOS)))
-    return [p.stem for p in files], from_uint8(np.stack(arrays))
+    return [p.stem for p in files], from_uint8(np.stack([load_image(p, size) for p in files]))
 
 
 def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired: bool = False,
