@@ -2,14 +2,15 @@
 
 Build one by name with ``build_annotator(name, options, device)``; built-in names: ``clip``
 (annotators.clip), ``face_pose`` (annotators.face_pose), ``celeba`` and ``hopenet``
-(annotators.celeba), plus those of annotators.toy. The submodules are imported on demand, so
-importing this package stays light.
+(annotators.celeba), ``toy`` and ``toy_consistency`` (toyfaces.annotator). The modules are
+imported on first use (lazy ``"module:factory"`` entries in ``ANNOTATORS``), so importing this
+package stays light.
 """
 from pathlib import Path
 
 from .base import ANNOTATORS, Annotator, build_annotator, register
 
-#: Weights that ship inside the package (the toy annotator).
+#: Weights that ship inside the package (the toy annotator's, used by toyfaces.annotator).
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 __all__ = ["ANNOTATORS", "ASSETS", "Annotator", "build_annotator", "register"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import Callable, Sequence
+import inspect
+from types import SimpleNamespace
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,14 @@ class Annotator(abc.ABC):
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
     device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def columns(cls, options: Mapping) -> tuple[str, ...] | None:
+        """The score names an instance built with ``options`` returns, known without loading any
+        weights, so that the configuration is checked before work. Default: the class's
+        ``attributes`` (None, "known once built", when it declares none); a class whose options
+        change the names overrides this."""
+        return tuple(cls.attributes) or None
 
     def networks(self) -> list[nn.Module]:
         return [v for v in vars(self).values() if isinstance(v, nn.Module)]
@@ -70,8 +80,16 @@ class Annotator(abc.ABC):
         return {k: out[k].detach().float().reshape(len(images)).cpu() for k in self.attributes}
 
 
-#: name -> factory(**options) -> Annotator
-ANNOTATORS: dict[str, Callable[..., Annotator]] = {}
+#: name -> factory(**options) -> Annotator, or a lazy ``"package.module:factory"`` entry imported on first
+#: use (the built-ins: importing this package stays light, and it does not import the toy domain).
+ANNOTATORS: dict[str, Callable[..., Annotator] | str] = {
+    "toy": "toyfaces.annotator:ToyFaceAnnotator",
+    "toy_consistency": "toyfaces.annotator:ToyConsistency",
+    "clip": "annotators.clip:ClipAnnotator",
+    "face_pose": "annotators.face_pose:FacePoseAnnotator",
+    "celeba": "annotators.celeba:CelebAAttributes",
+    "hopenet": "annotators.celeba:HopenetPose",
+}
 
 
 def register(name: str):
@@ -84,32 +102,101 @@ def register(name: str):
     return deco
 
 
-def _load_builtin_modules() -> None:
-    # importing registers them; each module keeps its heavy imports inside functions
-    for module in ("annotators.toy", "annotators.clip", "annotators.face_pose", "annotators.celeba"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+def _import_factory(path: str, name: str) -> Callable[..., Annotator]:
+    module, attr = path.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import annotator {name!r}: {e}") from None
+
+
+def annotator_factory(name: str) -> Callable[..., Annotator]:
+    """The class or factory registered as ``name``, or imported from ``"package.module:factory"``."""
+    if ":" in name:
+        return _import_factory(name, name)
+    if name in ANNOTATORS:
+        factory = ANNOTATORS[name]
+        return _import_factory(factory, name) if isinstance(factory, str) else factory
+    raise ConfigError(f"unknown annotator {name!r}; registered: {sorted(ANNOTATORS)} "
+                      f"(or give 'package.module:factory')")
 
 
 def build_annotator(name: str, options: dict | None = None, device: str | torch.device = "cpu") -> Annotator:
     """An annotator by registered name or ``"package.module:factory"``, built with ``options``."""
-    _load_builtin_modules()
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"cannot import annotator {name!r}: {e}") from None
-    elif name in ANNOTATORS:
-        factory = ANNOTATORS[name]
-    else:
-        raise ConfigError(f"unknown annotator {name!r}; registered: {sorted(ANNOTATORS)} "
-                          f"(or give 'package.module:factory')")
+    factory = annotator_factory(name)
     try:
         annotator = factory(**dict(options or {}))
     except TypeError as e:
         raise ConfigError(f"bad options for annotator {name!r}: {e}") from None
     return annotator.to(device)
+
+
+def declared_columns(name: str, options: Mapping | None = None) -> tuple[str, ...] | None:
+    """The score names of annotator ``name`` built with ``options``, without building it (no
+    weights are loaded); None when the factory does not declare them. Unknown names and option
+    names the factory does not take are ConfigErrors."""
+    factory = annotator_factory(name)
+    options = dict(options or {})
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for annotator {name!r}: {e} (options {sorted(options)})") from None
+    except ValueError:  # no signature to check (a builtin): the build will tell
+        pass
+    columns = getattr(factory, "columns", None)
+    return None if columns is None else columns(options)
+
+
+def column_names(annotators: Mapping) -> dict[tuple[str, str], str]:
+    """(config name, attribute) -> column, for annotators (anything with ``name`` and
+    ``attributes``) keyed by config name; prefixed with the annotator's name only where
+    attribute names collide."""
+    counts: dict[str, int] = {}
+    for ann in annotators.values():
+        for a in ann.attributes:
+            counts[a] = counts.get(a, 0) + 1
+    columns = {(key, a): (a if counts[a] == 1 else f"{ann.name}.{a}") for key, ann in annotators.items()
+               for a in ann.attributes}
+    if len(set(columns.values())) != len(columns):
+        raise ConfigError(f"annotators {list(annotators)} give clashing score names even with prefixes")
+    return columns
+
+
+def _missing(cfg, key: str, value, wanted: list, columns, what: str) -> None:
+    missing = [a for a in wanted if a not in columns]
+    if missing:
+        raise ConfigError(f"{key}={value!r} in {cfg.source_of(key)}: {missing} not among the columns of {what}: "
+                          f"{', '.join(columns)}")
+
+
+def check_columns(cfg, *sections: str) -> None:
+    """Check, before any work, that the attribute names the configuration asks for are among the
+    columns its annotators give: ``"select"`` (select.attributes and select.balance against
+    annotate.annotators with their options), ``"evaluate"`` (evaluate.attributes, own_attribute's
+    columns and quality_score against the scorer and the quality annotator) and ``"annotate"``
+    (names known, options accepted, no clashing columns); all three by default. Annotators that
+    do not declare their columns (see :meth:`Annotator.columns`) are checked once built."""
+    sections = sections or ("annotate", "select", "evaluate")
+    if "annotate" in sections or "select" in sections:
+        a = cfg.annotate
+        declared = {k: declared_columns(k, a.options.get(k)) for k in a.annotators}
+        if all(cols is not None for cols in declared.values()):
+            columns = list(column_names({k: SimpleNamespace(name=getattr(annotator_factory(k), "name", k), attributes=cols)
+                                         for k, cols in declared.items()}).values())
+            if "select" in sections:
+                what = f"annotate.annotators {list(a.annotators)}"
+                sel = cfg.select
+                _missing(cfg, "select.attributes", sel.attributes, list(sel.attributes), columns, what)
+                _missing(cfg, "select.balance", sel.balance, [sel.balance] if sel.balance else [], columns, what)
+    if "evaluate" in sections:
+        ev = cfg.evaluate
+        scorer = declared_columns(ev.scorer, ev.scorer_options)
+        if scorer is not None:
+            what = f"the scorer {ev.scorer}" + (f" with {dict(ev.scorer_options)}" if ev.scorer_options else "")
+            _missing(cfg, "evaluate.attributes", ev.attributes, list(ev.attributes), scorer, what)
+            _missing(cfg, "evaluate.own_attribute", ev.own_attribute, list(ev.own_attribute.values()), scorer, what)
+        quality = declared_columns(ev.quality, {}) if ev.quality else None
+        if quality is not None and ev.quality_score not in quality:
+            where = cfg.source_of("evaluate.quality_score", "evaluate.quality")
+            raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} in {where}: "
+                              f"must be one of the columns of evaluate.quality {ev.quality}: {', '.join(quality)}")

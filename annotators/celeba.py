@@ -5,7 +5,7 @@ Both architectures are defined here; their weights come from checkpoint files th
 dict holding it under ``"state_dict"`` or ``"model"``; a ``"module."`` prefix (DataParallel) is
 stripped; loading is strict and reads with ``torch.load(weights_only=True)``.
 
-``@register("celeba")`` - the attribute predictor of Anycost GAN (Lin et al. 2021), as found in
+Registered as ``celeba`` - the attribute predictor of Anycost GAN (Lin et al. 2021), as found in
 ``mit-han-lab/anycost-gan`` (``models/__init__.py``, ``get_pretrained('attribute-predictor')``;
 ``tools/extract_edit_directions.py``): a torchvision ResNet-50 whose ``fc`` is replaced by
 ``Linear(2048, 80)``; the logits are viewed as (40, 2) and softmaxed per attribute, index 1 being
@@ -15,7 +15,7 @@ mean = std = 0.5. Released weights: ``https://hanlab.mit.edu/projects/anycost-ga
 attribute_predictor.pt`` (a dict with the state dict under ``"state_dict"``). Scores:
 ``{CelebA attribute: (B,) P(present)}``.
 
-``@register("hopenet")`` - Hopenet (Ruiz et al. 2018, ``natanielruiz/deep-head-pose``): a
+Registered as ``hopenet`` - Hopenet (Ruiz et al. 2018, ``natanielruiz/deep-head-pose``): a
 ResNet-50 trunk (torchvision Bottleneck layout and parameter names) with three ``Linear(2048, 66)``
 heads for yaw, pitch and roll over 3-degree bins; angle = ``sum(softmax(bins) * idx) * 3 - 99``
 degrees. The released model also has a vestigial ``fc_finetune = Linear(2051, 3)``, kept so its
@@ -34,7 +34,7 @@ from torch import nn
 
 from pipeline.errors import ModelLoadError
 
-from .base import Annotator, register
+from .base import Annotator
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -133,7 +133,6 @@ def load_checkpoint(net: nn.Module, checkpoint, annotator: str, hint: str, optio
     net.load_state_dict(state, strict=not any(k.startswith(optional_prefixes) for k in expected if k not in state))
 
 
-@register("celeba")
 class CelebAAttributes(Annotator):
     """40 CelebA attribute probabilities from the Anycost-GAN ResNet-50 predictor.
 
@@ -158,7 +157,6 @@ class CelebAAttributes(Annotator):
         return {a: probs[:, i] for i, a in enumerate(self.attributes)}
 
 
-@register("hopenet")
 class HopenetPose(Annotator):
     """Head pose (yaw, pitch, roll) in degrees from Hopenet.
 

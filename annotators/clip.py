@@ -1,6 +1,6 @@
 """CLIP zero-shot attribute scores (open_clip).
 
-``@register("clip")``: each attribute is a pair of text classes (positive, negative); its score is
+Registered as ``clip``: each attribute is a pair of text classes (positive, negative); its score is
 ``P(positive) = softmax(logit_scale * [cos(img, t_pos), cos(img, t_neg)])[0]`` in [0, 1], where
 ``t_pos``/``t_neg`` are class embeddings: every phrase of the class is put into every template,
 encoded, L2-normalised, averaged and renormalised (CLIP's prompt ensembling).
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, ModelLoadError
 
-from .base import Annotator, register
+from .base import Annotator
 
 #: CLIP-style ensemble templates, applied to each class phrase.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -281,7 +281,6 @@ def _load_file(open_clip, name: str, path: str, quick_gelu: bool | None, preproc
     return net.eval()
 
 
-@register("clip")
 class ClipAnnotator(Annotator):
     """CLIP zero-shot P(positive prompt) per attribute; options in the module docstring.
 
@@ -296,6 +295,12 @@ class ClipAnnotator(Annotator):
         table, templates = resolve_prompts(prompts, templates, attributes)  # validate before loading weights
         net, tokenizer = load_open_clip(model, pretrained, quick_gelu=quick_gelu, cache_dir=cache_dir)
         self._setup(net, tokenizer, table, templates)
+
+    @classmethod
+    def columns(cls, options: Mapping) -> tuple[str, ...]:
+        """The attributes the prompts option (with ``attributes``) defines; no weights loaded."""
+        return tuple(resolve_prompts(options.get("prompts", "celeba40"), options.get("templates"),
+                                     options.get("attributes"))[0])
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer, prompts: str | Mapping = "celeba40",

@@ -1,6 +1,6 @@
 """Face detection, 5-point landmarks and a landmark-based head-pose estimate (MTCNN).
 
-``@register("face_pose")`` wraps facenet-pytorch's MTCNN, whose P/R/O-Net weights ship inside
+``face_pose`` (the registered name) wraps facenet-pytorch's MTCNN, whose P/R/O-Net weights ship inside
 the ``facenet_pytorch`` package, so it runs offline. For each image the most probable face is
 kept and these scores are returned, each ``(B,)`` float32:
 
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, ModelLoadError
 
-from .base import Annotator, register
+from .base import Annotator
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 BOX = ("face_x0", "face_y0", "face_x1", "face_y1")
@@ -99,7 +99,6 @@ def pose_from_landmarks(points: np.ndarray, model: np.ndarray = MODEL_POINTS) ->
     return -math.degrees(theta), -math.degrees(phi), math.degrees(psi)
 
 
-@register("face_pose")
 class FacePoseAnnotator(Annotator):
     """MTCNN face box, 5 landmarks and landmark-based yaw/pitch/roll; see the module docstring.
 

@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.images import from_uint8
 from pipeline.samples import iter_samples, samples_dir, write_json_atomic, write_shard, FORMAT
 from pipeline.stages.annotate import run_annotate
-from pipeline.toyfaces.render import render_faces, sample_factors
+from toyfaces.render import render_faces, sample_factors
 
 
 def make_dataset(run: Path, n: int, shard: int = 256) -> None:

@@ -19,7 +19,7 @@ from pipeline import HSpaceModel
 from pipeline.config import ToyTrainConfig, load_config
 from pipeline.samples import iter_samples, load_samples, shard_paths
 from pipeline.stages.generate import plan_batches, run_generate
-from pipeline.toyfaces.train_ddpm import build_unet
+from toyfaces.train_ddpm import build_unet
 
 
 def main() -> None:

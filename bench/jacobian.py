@@ -55,7 +55,7 @@ def load_model(spec: str, steps: int):
 
     from pipeline import HSpaceModel
     from pipeline.config import ToyTrainConfig
-    from pipeline.toyfaces.train_ddpm import build_unet
+    from toyfaces.train_ddpm import build_unet
 
     if spec == "random":
         torch.manual_seed(0)
@@ -117,7 +117,8 @@ def worker(args) -> None:
     with RssSampler() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         res = jacobian_directions_all_steps(model, sample, args.k, steps=args.step_list, tol=args.tol,
-                                            max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed), **kw)
+                                            max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed),
+                                            unconverged="return", **kw)  # each method on its own, converged or not
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     torch.save({"wall": wall, "cpu": cpu, "S": res.singular_values, "passes": res.passes, "vectors": res.vectors,
                 "iterations": res.iterations, "converged": res.converged, "rss_start": mem.start_mib,

@@ -1,27 +1,28 @@
-"""Streaming per-step PCA (pipeline.pca.StreamingPCA) against scikit-learn's IncrementalPCA.
+"""hspace's per-step PCA (pipeline.pca.PCA: randomized, exact, onepass) against scikit-learn's
+IncrementalPCA and PCA (full SVD): time, peak memory and accuracy at a configurable size.
 
-Same batches (float16, as read from a samples dataset), same K, one estimator per step for
-scikit-learn. Data: synthetic h with the toy model's shape T=20 x D=8192 (128x8x8): a shared
-per-sample latent of R=128 factors with a power-law spectrum (var_j ~ j^-1.2) mapped through a
-basis that turns slowly over the steps, plus a per-step mean and an isotropic noise floor, so every
-step is full rank with a decaying spectrum. Batches are generated on the fly from seeded generators,
-so no method ever holds the dataset (only the exact reference does, for a few steps, at small N).
+Data: synthetic h of T steps x D features (--steps, --dim; the toy model's are 20 x 8192, the
+paper's 50 x 32768): a shared per-sample latent of R=128 factors with a power-law spectrum
+(var_j ~ j^-1.2) mapped through a basis that turns slowly over the steps, plus a per-step mean and an
+isotropic noise floor, so every step is full rank with a slowly decaying spectrum. Batches are
+float16 (as stored in a samples dataset) and generated on the fly from seeded generators (batch i
+is a pure function of (seed, i)), so the streaming methods never hold the dataset and the
+randomized method's passes re-read the same data; the exact methods (hspace exact, scikit-learn
+PCA) hold it, as they must.
 
 Each method runs in a fresh subprocess. Reported per method and N: fit time (data generation
-excluded); samples/s by wall clock and by process CPU time (the fairer figure on a shared machine;
-with more than one thread it also counts the thread pools' spin-waiting); peak memory = ru_maxrss
-(peak resident set size) at the end, and after each quarter of N, minus ru_maxrss after imports,
-generator set-up and one generated batch (so the one-batch generation temporaries, the same for
-every method, are mostly in the baseline). scikit-learn gets float32 arrays (its faster path; it
-would upcast float16 to float64). Accuracy: principal angles between the top-K subspaces and
-per-component angles (top 10), ours vs scikit-learn and both vs an exact SVD of the full data for
-3 steps (only where N <= --exact-max).
+excluded); samples/s by wall clock and by process CPU time (the fairer figure on a shared machine);
+passes over the data; peak memory = ru_maxrss (peak resident set size) at the end, and after each
+quarter of N (first pass), minus ru_maxrss after imports, generator set-up and one generated
+batch. scikit-learn gets float32 arrays for IncrementalPCA (its faster path) and float64 for PCA
+(the reference). Accuracy: the largest principal angle between each method's top-K subspace and
+scikit-learn's full-SVD PCA at every step, and the largest relative error of the explained variances.
 
 On a machine shared with other jobs use --threads 1: the OpenMP / OpenBLAS pools spin-wait when one
-of their threads is descheduled (measured at load 8 on 2 cores: ours 17 samples/s with 2 threads,
-~250 with 1).
+of their threads is descheduled (docs/benchmarks.md).
 
-    python bench/pca.py [--n 2000 8000] [--k 25] [--oversample K] [--batch 100] [--threads 2] [--quick]
+    python bench/pca.py [--n 1000 2000] [--steps 4] [--dim 8192] [--k 25] [--threads 1]
+    python bench/pca.py --n 20000 --steps 50 --dim 32768 --k 25 --methods randomized sklearn-ipca   # paper size
 """
 from __future__ import annotations
 
@@ -37,17 +38,15 @@ import time
 
 import torch
 
-T, C, H, W = 20, 128, 8, 8
-D = C * H * W
 R = 128  # latent factors
-EXACT_STEPS = (0, T // 2, T - 1)
+METHODS = ("randomized", "exact", "onepass", "sklearn-ipca", "sklearn-pca")
 
 
 # ---- synthetic h --------------------------------------------------------------------------------
 class SyntheticH:
     """h: (B, T, D) float16 batches; batch i is a pure function of (seed, i)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, T: int, D: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         a0, a1 = torch.randn(2, R, D, generator=g) / math.sqrt(D)
         theta = torch.linspace(0, 1.0, T)[:, None, None]  # basis turns by 1 rad over the trajectory
@@ -56,13 +55,13 @@ class SyntheticH:
         self.sd = torch.arange(1, R + 1, dtype=torch.float32) ** -0.6  # var_j ~ j^-1.2
         self.mean = torch.randn(T, D, generator=g)
         self.noise = 0.02
-        self.seed = seed
+        self.T, self.D, self.seed = T, D, seed
 
     def batch(self, i: int, size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
         z = torch.randn(size, R, generator=g) * self.sd
         h = torch.einsum("br,trd->btd", z, self.basis) + self.mean
-        h += self.noise * torch.randn(size, T, D, generator=g)
+        h += self.noise * torch.randn(size, self.T, self.D, generator=g)
         return h.half()
 
     def batches(self, n: int, size: int, on_quarter=None):
@@ -82,10 +81,10 @@ def maxrss_mb() -> float:
 def worker(args) -> dict:
     import numpy as np
     import scipy.linalg  # noqa: F401  (load its BLAS before limiting it)
-    from sklearn.decomposition import IncrementalPCA
+    from sklearn.decomposition import PCA as SkPCA, IncrementalPCA
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from pipeline.pca import StreamingPCA
+    from pipeline.pca import PCA
 
     torch.set_num_threads(args.threads)
     # Limits only the libraries loaded by now; an unlimited OpenBLAS spin-waits on a busy machine.
@@ -93,104 +92,105 @@ def worker(args) -> dict:
     pools = {(p["internal_api"], p["num_threads"]) for p in threadpool_info()}
     assert all(n <= args.threads for _, n in pools), pools
 
-    data = SyntheticH(args.seed)
+    data = SyntheticH(args.steps, args.dim, args.seed)
     first = data.batch(0, min(args.batch, args.n))
     base = maxrss_mb()
     quarters: list[float] = []
     mark = lambda: quarters.append(maxrss_mb() - base)  # noqa: E731
-    fit_s = cpu_s = 0.0
-    out: dict[str, torch.Tensor] = {}
-    if args.worker.startswith("ours"):
-        dtype = torch.float32 if args.worker == "ours-f32" else torch.float64
-        pca = StreamingPCA(args.k, oversample=args.oversample, dtype=dtype)
-        for h in data.batches(args.n, args.batch, mark):
+    gen = {"s": 0.0, "cpu": 0.0, "passes": 0}
+
+    def timed(batches):
+        """The batches, counting the time spent generating them (excluded from the fit time)."""
+        gen["passes"] += 1
+        it = iter(batches)
+        while True:
             t0, c0 = time.perf_counter(), time.process_time()
-            pca.partial_fit(h)
-            fit_s += time.perf_counter() - t0
-            cpu_s += time.process_time() - c0
-        out = {"components": pca.components_.float(), "explained_variance": pca.explained_variance_.double()}
-    elif args.worker == "sklearn":
-        est = [IncrementalPCA(args.k) for _ in range(T)]
-        for h in data.batches(args.n, args.batch, mark):
-            t0, c0 = time.perf_counter(), time.process_time()
+            h = next(it, None)
+            gen["s"] += time.perf_counter() - t0
+            gen["cpu"] += time.process_time() - c0
+            if h is None:
+                return
+            yield h
+
+    T, m = args.steps, args.worker
+    t0, c0 = time.perf_counter(), time.process_time()
+    if m in ("randomized", "exact", "onepass"):
+        est = PCA(args.k, method=m, oversample=args.oversample, power_iterations=args.power_iterations,
+                  tol=args.tol, chunk_size=64)
+        passes = [0]
+
+        def one_pass():
+            passes[0] += 1
+            return timed(data.batches(args.n, args.batch, mark if passes[0] == 1 else None))
+
+        est.fit(one_pass)
+        comps, ev = est.components_.double(), est.explained_variance_.double()
+    elif m == "sklearn-ipca":
+        fits = [IncrementalPCA(args.k) for _ in range(T)]
+        for h in timed(data.batches(args.n, args.batch, mark)):
             x = h.float().numpy()  # float32: scikit-learn's faster path (float16 would be upcast to float64)
             for t in range(T):
-                est[t].partial_fit(x[:, t])
-            fit_s += time.perf_counter() - t0
-            cpu_s += time.process_time() - c0
-        out = {"components": torch.from_numpy(np.stack([e.components_ for e in est])).float(),
-               "explained_variance": torch.from_numpy(np.stack([e.explained_variance_ for e in est])).double()}
-    elif args.worker == "exact":
-        X = torch.empty(args.n, len(EXACT_STEPS), D, dtype=torch.float64)
-        i = 0
-        for h in data.batches(args.n, args.batch, mark):
-            X[i:i + len(h)] = h[:, list(EXACT_STEPS)].double()
-            i += len(h)
-        t0, c0 = time.perf_counter(), time.process_time()
-        comps, evs = [], []
-        for s in range(len(EXACT_STEPS)):
-            Xc = X[:, s] - X[:, s].mean(0)
-            lam, U = torch.linalg.eigh(Xc @ Xc.T)  # (N, N) Gram: N << D
-            lam, U = lam.flip(0)[: args.k], U.flip(1)[:, : args.k]
-            comps.append((U.T @ Xc) / lam.sqrt()[:, None])
-            evs.append(lam / (args.n - 1))
-        fit_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        out = {"components": torch.stack(comps).float(), "explained_variance": torch.stack(evs)}
+                fits[t].partial_fit(x[:, t])
+        comps = torch.from_numpy(np.stack([f.components_ for f in fits])).double()
+        ev = torch.from_numpy(np.stack([f.explained_variance_ for f in fits])).double()
+    elif m == "sklearn-pca":
+        X = torch.cat(list(timed(data.batches(args.n, args.batch, mark))))  # (N, T, D) float16, held as stored
+        fits = [SkPCA(args.k, svd_solver="full").fit(X[:, t].double().numpy()) for t in range(T)]
+        comps = torch.from_numpy(np.stack([f.components_ for f in fits])).double()
+        ev = torch.from_numpy(np.stack([f.explained_variance_ for f in fits])).double()
+    else:
+        raise SystemExit(f"unknown method {m}")
+    fit_s, cpu_s = time.perf_counter() - t0 - gen["s"], time.process_time() - c0 - gen["cpu"]
     peak = maxrss_mb()
     del first
-    torch.save(out, args.out)
-    return {"method": args.worker, "n": args.n, "fit_s": fit_s, "samples_per_s": args.n / fit_s,
-            "cpu_s": cpu_s, "samples_per_cpu_s": args.n / cpu_s,
+    torch.save({"components": comps, "explained_variance": ev}, args.out)
+    return {"method": m, "n": args.n, "fit_s": fit_s, "cpu_s": cpu_s, "passes": gen["passes"],
+            "samples_per_s": args.n / fit_s, "samples_per_cpu_s": args.n / cpu_s,
             "peak_mb": peak - base, "baseline_mb": base, "peak_quarters_mb": quarters}
 
 
 def run_worker(method: str, n: int, args, tmp: str) -> tuple[dict, dict]:
     out = os.path.join(tmp, f"{method}-{n}.pt")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n), "--k", str(args.k),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--seed", str(args.seed), "--out", out]
+           "--steps", str(args.steps), "--dim", str(args.dim), "--batch", str(args.batch),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--out", out,
+           "--power-iterations", str(args.power_iterations), "--tol", str(args.tol)]
     if args.oversample is not None:
         cmd += ["--oversample", str(args.oversample)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"{method} N={n} failed:\n{res.stderr}")
+        raise SystemExit(f"{method} N={n} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1]), torch.load(out)
 
 
 # ---- accuracy -------------------------------------------------------------------------------------
 def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Principal angles (rad) between the row spaces of a, b: (S, K, D) orthonormal rows -> (S, K)."""
+    """Principal angles (rad) between the row spaces of a, b: (T, K, D) orthonormal rows -> (T, K)."""
     return torch.arccos(torch.linalg.svdvals(a.double() @ b.double().mT).clamp(max=1.0))
 
 
-def component_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (a, b))
-    return torch.arccos((a * b).sum(-1).abs().clamp(max=1.0))
-
-
-def compare(a: dict, b: dict, steps=None) -> str:
-    ca, cb = a["components"], b["components"]
-    ea, eb = a["explained_variance"], b["explained_variance"]
-    if steps is not None:
-        ca, ea = ca[list(steps)], ea[list(steps)]
-    sub = subspace_angles(ca, cb)
-    comp = component_angles(ca[:, :10], cb[:, :10])
-    ev = (ea / eb - 1).abs()
-    return (f"subspace angle median {sub.median():.1e} max {sub.max():.1e} rad | top-10 component angle "
-            f"max {comp.max():.1e} rad | explained var rel. err top-10 max {ev[:, :10].max():.1e}, "
-            f"top-{ca.shape[1]} max {ev.max():.1e}")
+def compare(a: dict, ref: dict) -> str:
+    angle = subspace_angles(a["components"], ref["components"]).max(-1).values  # (T,)
+    ev = (a["explained_variance"] / ref["explained_variance"] - 1).abs()
+    return (f"largest principal angle {angle.max():.1e} rad (median over steps {angle.median():.1e}); "
+            f"explained variance rel. error max {ev.max():.1e}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[2000, 8000], help="sample counts (one run each)")
+    ap.add_argument("--n", type=int, nargs="+", default=[1000, 2000], help="sample counts (one run each)")
+    ap.add_argument("--steps", type=int, default=4, help="T (toy model: 20, paper: 50)")
+    ap.add_argument("--dim", type=int, default=8192, help="D per step (toy model: 8192, paper: 32768)")
     ap.add_argument("--k", type=int, default=25)
-    ap.add_argument("--oversample", type=int, default=None, help="default: StreamingPCA's (= k)")
-    ap.add_argument("--batch", type=int, default=100, help="batch size fed to both methods")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--oversample", type=int, default=None, help="default: = k")
+    ap.add_argument("--power-iterations", type=int, default=20)
+    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--batch", type=int, default=100, help="batch size fed to the streaming methods")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--exact-max", type=int, default=2000, help="exact SVD reference for N up to this")
-    ap.add_argument("--methods", nargs="+", default=["ours", "ours-f32", "sklearn"])
-    ap.add_argument("--quick", action="store_true", help="N = 500 and 1500 (about a minute)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--reference", default="sklearn-pca", choices=METHODS,
+                    help="what accuracy is measured against (sklearn-pca: full SVD in float64)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,37 +198,28 @@ def main() -> None:
         args.n = args.n[0]
         print(json.dumps(worker(args)))
         return
-    if args.quick:
-        args.n = [500, 1500]
-    q = args.k + (args.k if args.oversample is None else args.oversample)
-    print(f"h: T={T} x D={D} ({C}x{H}x{W}), K={args.k}, ours keeps q={q}, "
+    print(f"h: T={args.steps} x D={args.dim}, K={args.k}, oversample {args.oversample or args.k}, tol {args.tol}, "
           f"batch {args.batch}, {args.threads} threads, float16 input")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
             results = {}
-            for m in args.methods + (["exact"] if n <= args.exact_max else []):
+            for m in args.methods:
                 info, results[m] = run_worker(m, n, args, tmp)
-                print(f"N={n:6d} {m:9s} fit {info['fit_s']:7.1f} s  {info['samples_per_s']:7.1f} samples/s  "
-                      f"(CPU {info['cpu_s']:7.1f} s, {info['samples_per_cpu_s']:7.1f} samples/CPU-s)  "
-                      f"peak +{info['peak_mb']:6.1f} MB (ru_maxrss over baseline {info['baseline_mb']:.0f} MB; "
-                      f"after 1/4, 2/4, 3/4 of N: {', '.join(f'+{x:.0f}' for x in info['peak_quarters_mb'][:3])})",
-                      flush=True)
+                print(f"N={n:6d} {m:12s} fit {info['fit_s']:7.1f} s  {info['samples_per_s']:7.1f} samples/s  "
+                      f"(CPU {info['cpu_s']:7.1f} s)  passes {info['passes']:2d}  peak +{info['peak_mb']:6.0f} MB "
+                      f"(after 1/4, 2/4, 3/4 of the first pass: "
+                      f"{', '.join(f'+{x:.0f}' for x in info['peak_quarters_mb'][:3])})", flush=True)
                 results[m]["info"] = info
-            if "ours" in results and "sklearn" in results:
-                o, s = results["ours"]["info"], results["sklearn"]["info"]
-                print(f"N={n:6d} speed ours/sklearn {o['samples_per_s'] / s['samples_per_s']:.2f}x wall, "
-                      f"{o['samples_per_cpu_s'] / s['samples_per_cpu_s']:.2f}x CPU time, "
-                      f"peak memory ours/sklearn {o['peak_mb'] / max(s['peak_mb'], 1e-9):.2f}x")
-            for m in results:
-                if m not in ("sklearn", "exact") and "sklearn" in results:
-                    print(f"N={n:6d} {m} vs sklearn: {compare(results[m], results['sklearn'])}")
-            if "exact" in results:
+            if args.reference in results:
+                ref = results[args.reference]
                 for m in results:
-                    if m != "exact":
-                        print(f"N={n:6d} {m} vs exact (steps {EXACT_STEPS}): "
-                              f"{compare(results[m], results['exact'], EXACT_STEPS)}")
-            if "ours" in results and "ours-f32" in results:
-                print(f"N={n:6d} ours-f32 vs ours: {compare(results['ours-f32'], results['ours'])}")
+                    if m != args.reference:
+                        print(f"N={n:6d} {m} vs {args.reference}: {compare(results[m], ref)}", flush=True)
+            if "randomized" in results and "sklearn-ipca" in results:
+                o, s = results["randomized"]["info"], results["sklearn-ipca"]["info"]
+                print(f"N={n:6d} randomized / sklearn-ipca: {s['fit_s'] / o['fit_s']:.2f}x faster by wall clock, "
+                      f"{s['cpu_s'] / o['cpu_s']:.2f}x by CPU time; peak memory {o['peak_mb'] / max(s['peak_mb'], 1):.2f}x",
+                      flush=True)
 
 
 if __name__ == "__main__":

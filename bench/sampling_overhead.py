@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler
 
 from pipeline import HSpaceModel
 from pipeline.config import ToyTrainConfig
-from pipeline.toyfaces.train_ddpm import build_unet
+from toyfaces.train_ddpm import build_unet
 
 
 def plain_loop(unet, scheduler, x: torch.Tensor, eta: float, z: torch.Tensor) -> torch.Tensor:

@@ -39,23 +39,6 @@ def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out:
     return save_figure(fig, out)
 
 
-def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10) -> Path:
-    """ratio: (T, K) explained variance ratio per step and component."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    T = ratio.shape[0]
-    cmap = plt.get_cmap("viridis")
-    for j in range(min(k, ratio.shape[1])):
-        ax.plot(range(T), ratio[:, j], "-o", ms=2.5, lw=1, color=cmap(j / max(1, min(k, ratio.shape[1]) - 1)),
-                label=f"PC{j + 1}")
-    ax.set_xticks(range(0, T, max(1, T // 10)), [str(timesteps[i]) for i in range(0, T, max(1, T // 10))], fontsize=7)
-    ax.set_xlabel("timestep (step index 0 = first, noisiest)", fontsize=8)
-    ax.set_ylabel("explained variance ratio", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("PCA of h per step", fontsize=9)
-    return save_figure(fig, out)
-
-
 def pca_vs_random_plot(pvr: pd.DataFrame, out: Path) -> Path:
     """Left: consistent attribute change per unit of pixel change per direction; right: consistent
     attribute change against pixel change (log x), so norm-matched random directions (tiny changes) and

@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import to_yaml
+from pipeline.io import atomic_path
 from pipeline.samples import read_manifest
 
 CSS = """
@@ -154,13 +155,15 @@ def git_commit() -> str | None:
 
 
 def build_report(run_dir, cfg=None) -> Path:
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir)
     out = run_dir / "report"
-    tmp = run_dir / ".report.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        _write_report(run_dir, cfg, tmp)
+    return out / "index.html"
+
+
+def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     page = Page(tmp)
     manifest = read_manifest(run_dir)
     model = manifest["model"]
@@ -283,13 +286,10 @@ def build_report(run_dir, cfg=None) -> Path:
                                         for k, v in prov.items()) + "</tbody></table>")
     if cfg is not None:
         page.add("<details><summary>Full configuration (conf.yaml as resolved)</summary><pre>"
-                 f"{html.escape(OmegaConf.to_yaml(cfg, resolve=True))}</pre></details>")
+                 f"{html.escape(to_yaml(cfg))}</pre></details>")
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out / "index.html"
 
 
 def strip_captions(dirs: Path, family: str) -> dict[str, str]:

@@ -31,7 +31,7 @@ from pipeline.config import config_hash, to_dict
 from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.model import HSpaceModel, default_device
-from pipeline.samples import write_json_atomic
+from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
 from pipeline.stages.lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare,
                                              agreed, launching_rank, make_trainer, share_cpu_threads)
 
@@ -39,9 +39,8 @@ from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix,
                       table1_markdown)
 
 
-# Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set). On the
-# embedded default 4 seeds give multipliers within 7% of 8 seeds' (12.6, 10.1, 12.0 vs 12.6, 10.8,
-# 12.7) in half the time (20 s vs 40 s).
+# Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set); 4 are
+# close to 8 in half the time (docs/benchmarks.md).
 CALIBRATION_SEEDS = 4
 
 
@@ -216,9 +215,8 @@ def write_results(run_dir, ev_cfg, items) -> dict:
     if missing:
         raise DatasetError(f"{len(missing)} evaluation parts are missing (e.g. {missing[0].name}); re-run hspace evaluate")
     per_sample = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    tmp = out / ".per_sample.parquet.tmp"
-    per_sample.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "per_sample.parquet")
+    with atomic_path(out / "per_sample.parquet") as tmp:
+        per_sample.to_parquet(tmp, index=False)
     return summarise(per_sample, ev_cfg, out)
 
 
@@ -256,19 +254,19 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     sections, table = table1_sections(keep, scale)
     signed_sections, signed_table = table1_sections(keep, scale, signed=True)
     unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
-    table.to_csv(out / "table1.csv", index=False)
-    signed_table.to_csv(out / "table1_signed.csv", index=False)
-    (out / "table1.md").write_text(table1_markdown(sections, unit))
+    write_text_atomic(out / "table1.csv", table.to_csv(index=False))
+    write_text_atomic(out / "table1_signed.csv", signed_table.to_csv(index=False))
+    write_text_atomic(out / "table1.md", table1_markdown(sections, unit))
     all_mean = pd.concat([s[1] for s in sections])
     rows = keep[keep.family.isin(["original", "disentangled"])]
     boot = bootstrap_effects(rows, scale, ev_cfg.bootstrap, seed=0) if ev_cfg.bootstrap and len(rows) else None
     summary_rows = disentanglement_summary(all_mean, families, mapping, boot)
-    summary_rows.to_csv(out / "disentanglement.csv", index=False)
+    write_text_atomic(out / "disentanglement.csv", summary_rows.to_csv(index=False))
     quality = keep.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
-    quality.to_csv(out / "image_change.csv")
+    write_text_atomic(out / "image_change.csv", quality.to_csv())
     pvr = pca_vs_random(keep, scale)
     if not pvr.empty:
-        pvr.to_csv(out / "pca_vs_random.csv", index=False)
+        write_text_atomic(out / "pca_vs_random.csv", pvr.to_csv(index=False))
         pca_vs_random_plot(pvr, out / "pca_vs_random.png")
     effect_heatmaps(sections, out / "table1.png", unit)
     effect_heatmaps(signed_sections, out / "table1_signed.png", unit, signed=True)
@@ -315,9 +313,10 @@ def evaluation_identity(run_dir, cfg) -> dict:
 
 
 def run_evaluate(cfg) -> dict:
-    from annotators.base import build_annotator
+    from annotators.base import build_annotator, check_columns
 
     run_dir, ev = Path(cfg.run_dir), cfg.evaluate
+    check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
     out = eval_dir(run_dir)
@@ -340,10 +339,8 @@ def run_evaluate(cfg) -> dict:
         print("hspace evaluate: random directions rescaled to their component's pixel change: "
               + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
     n_edits = len(edit_list(run_dir, ev))
-    scorer = build_annotator(ev.scorer, to_dict(ev.scorer_options))
+    scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
-    if quality is not None and ev.quality_score not in quality.attributes:
-        raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} is not an output of {ev.quality} {quality.attributes}")
     items = seed_sets(ev)
     todo = agreed(remaining(run_dir, items))  # after rank 0's reset
     if todo:

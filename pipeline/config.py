@@ -1,448 +1,761 @@
-"""Configuration: typed defaults, conf.yaml, dotted ``key=value`` overrides, validation.
+"""Configuration: one schema (pydantic), conf.yaml, dotted ``key=value`` overrides, validation.
 
-The dataclasses below are the schema and the defaults; ``conf.yaml`` at the project root
-spells the same values out with comments (a test keeps the two identical). Unknown or
-misspelt keys, values of the wrong type and values out of range (``RANGES``) are errors
-naming the key and what it accepts, raised before any stage starts work.
+The models below are the schema: each field's type, choices (``Literal``), range (``Field(ge=...)``),
+default and description sit together, and cross-field rules (steps against T, ...) are validators
+of :class:`HSpaceConfig`. ``conf.yaml`` is generated from them (``hspace config --defaults``; a test
+keeps it equal). :func:`load_config` layers the defaults, a YAML file and ``key=value`` overrides,
+then validates once; every problem is a one-line :class:`ConfigError` naming the key, where it was
+set (the file, the command line) and what the key accepts, raised before any stage starts work.
+
+Layering rules: in a file, a section merges into the defaults key by key, while a mapping-valued
+option (``annotate.options``, ``disentangle.pairs``, ...) is replaced whole. On the command line
+``a.b.c=v`` sets ONE key (inside a mapping too: the mapping's other keys stay); ``a.b={...}`` (a
+YAML flow mapping as the value) replaces the whole mapping. ``${other.key}`` interpolates another
+key (finetune_toy's model and data keys follow train_toy that way).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
+import annotated_types
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = "toyfaces"  # embedded name, local save_pretrained folder, or hub id
-    num_inference_steps: int = 20  # T
-    eta: Any = 0.0  # 0 = DDIM (the embedded default), 1 = DDPM-like (the paper; conf.paper.yaml), or a list of T values
-    hook: str = "after"  # where h lives: "after" (mid-block output) or "before" (its input)
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-    device: Optional[str] = None  # null: cuda if available, else cpu (stages: set by the trainer)
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 
 
-@dataclass
-class TrainerConfig:
-    """Passed to lightning.Trainer: the same command runs on 1 CPU, 8 GPUs or several nodes."""
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors, values are read-only."""
 
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: Any = "32-true"
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
-@dataclass
-class SampleConfig:
-    """`hspace sample`: a PNG grid of seeds (rows) x edit scales (columns)."""
-
-    seeds: List[int] = field(default_factory=lambda: list(range(8)))
-    directions: Optional[str] = None  # a directions file; null: no edit
-    direction: str = "0"  # name or index of the direction in that file
-    scales: List[float] = field(default_factory=lambda: [0.0])
-    out: Optional[str] = None  # default: <run_dir>/sample.png
+def _accepts(text: str) -> dict:
+    """Field(**_accepts("...")): what the key accepts, in error messages, when the type says it badly."""
+    return {"json_schema_extra": {"accepts": text}}
 
 
-@dataclass
-class GenerateConfig:
-    """`hspace generate`: seeds first_seed .. first_seed + num_samples - 1 into <run_dir>/samples."""
+# ------------------------------------------------------------------------------------------ sections
+class ModelConfig(Section):
+    """the diffusion model and its sampler"""
 
-    first_seed: int = 0
-    num_samples: int = 512
-    batch_size: int = 64  # per process; one shard per batch
-    h_dtype: str = "float16"  # float16 | float32 | bfloat16
-
-
-@dataclass
-class AnnotateConfig:
-    """`hspace annotate`: scores per sample -> <run_dir>/annotations.parquet."""
-
-    annotators: List[str] = field(default_factory=lambda: ["toy"])  # registered names or "module:factory"
-    options: Dict[str, Any] = field(default_factory=dict)  # per annotator, e.g. {clip: {model: ViT-B-32}}
-    batch_size: int = 256
+    name_or_path: str = Field("toyfaces", description="embedded default; or a local save_pretrained folder, or a hub "
+                              "id such as google/ddpm-ema-celebahq-256 (HF cache + HF_HUB_OFFLINE=1 works)")
+    num_inference_steps: int = Field(20, ge=1, description="T; step index 0 is the first (noisiest) sampling step")
+    eta: Union[NonNegFloat, List[NonNegFloat]] = Field(
+        0.0, description="0 = DDIM (the embedded default), 1 = DDPM-like (the paper), or a list of T values",
+        **_accepts("a number >= 0 (0 DDIM, 1 DDPM-like) or a list of T such numbers"))
+    hook: Literal["after", "before"] = Field("after", description='h = mid-block output ("after") or its input ("before")')
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="of the U-Net's weights")
+    device: Optional[str] = Field(None, description="null: cuda if available, else cpu (stages take it from `trainer`)")
 
 
-@dataclass
-class SelectConfig:
-    """`hspace select`: top n / bottom n samples per attribute -> <run_dir>/selection.parquet."""
+class TrainerConfig(Section):
+    """passed to lightning.Trainer: the same command runs on 1 CPU, 8 GPUs or several nodes"""
 
-    attributes: List[str] = field(default_factory=lambda: ["smile", "eye_open", "glasses", "hat", "yaw", "hair"])
-    n: int = 50
-    balance: Optional[str] = None  # conditioning attribute: half of each side from either of its classes
-    threshold: float = 0.5  # class boundary of the balance attribute
-    resolution: float = 0.01  # rank scores rounded to this step (ties by sample id); 0: exact
-    contact_sheet_size: int = 10  # samples shown per side
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = Field("auto", description="cpu | gpu | auto")
+    devices: Union[int, List[NonNegInt], Literal["auto"]] = Field(
+        1, description="number of processes/GPUs per node (-1: all), or a list of GPU ids",
+        **_accepts("an integer >= 1, -1 (every device), a non-empty list of device ids or 'auto'"))
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = Field("auto", description="auto | ddp | ddp_spawn ...")
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field("32-true", description="32-true | 16-mixed | bf16-mixed")
 
-
-@dataclass
-class PCAConfig:
-    """`hspace pca`: per-step (or joint) PCA of h -> <run_dir>/directions/pca.safetensors."""
-
-    n_components: int = 10  # K (the paper: 25)
-    oversample: Optional[int] = None  # extra components kept while streaming; null: = n_components
-    joint: bool = False  # one PCA over the whole flattened trajectory instead of one per step
-    batch_size: int = 256
-    dtype: str = "float64"  # accumulation: float64 | float32 (2x faster, error far below truncation)
-    align: str = "chain"  # sign alignment across steps: chain (to the neighbour) | reference (to step 0)
-    seed: int = 0  # of the norm-matched random directions
-    scales: List[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0])  # in standard deviations
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v):
+        if (isinstance(v, int) and v < 1 and v != -1) or (isinstance(v, list) and not v):
+            raise PydanticCustomError("devices", "no devices")
+        return v
 
 
-@dataclass
-class JacobianConfig:
-    """`hspace jacobian`: top-k Jacobian directions of a few samples -> directions/jacobian.safetensors."""
+class SampleConfig(Section):
+    """hspace sample: seeds (rows) x scales (columns) -> a PNG grid"""
 
-    sample_ids: List[int] = field(default_factory=lambda: [0, 1])  # samples (= seeds) to analyse
-    k: int = 6  # directions per step
-    steps: Optional[List[int]] = None  # step indices; null: every step
-    method: str = "auto"  # auto (block Krylov) | subspace (Alg. 1) | sequential (Alg. 2) | deflation
-    block: Optional[int] = None  # mini-batch size b of Alg. 2 (selects it when method is auto)
-    tol: float = 1e-3  # relative stopping tolerance
-    max_iter: int = 300
-    tau: int = 10  # the step whose directions are applied at every step ("global at index")
-    mask: Optional[str] = None  # rect:y0:y1:x0:x1 (fractions) or a PNG: only that image region
-    seed: int = 0  # of the random start
-    scales: List[float] = field(default_factory=lambda: [-600.0, -300.0, 0.0, 300.0, 600.0])  # J = d eps / d h is small on the toy (S ~ 0.1)
+    seeds: List[NonNegInt] = Field(list(range(8)), min_length=1)
+    directions: Optional[str] = Field(None, description="a directions file (.safetensors); null: plain samples")
+    direction: str = Field("0", description="name or index of a direction in that file")
+    scales: List[float] = Field([0.0], min_length=1)
+    out: Optional[str] = Field(None, description="default <run_dir>/sample.png")
 
 
-@dataclass
-class RealImagesConfig:
-    """Directions from two folders of real images through DDIM inversion (paper's BU3DFE case)."""
+class GenerateConfig(Section):
+    """hspace generate: samples with their h trajectories -> <run_dir>/samples"""
+
+    first_seed: int = Field(0, ge=0, description="sample i has seed first_seed + i (sample_id = seed)")
+    num_samples: int = Field(512, ge=1)
+    batch_size: int = Field(64, ge=1, description="per process; one shard per batch")
+    h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
+
+
+class AnnotateConfig(Section):
+    """hspace annotate: scores per sample -> <run_dir>/annotations.parquet"""
+
+    annotators: List[str] = Field(["toy"], min_length=1,
+                                  description="toy | clip | face_pose | celeba | hopenet | package.module:factory")
+    options: Dict[str, Dict[str, Any]] = Field(
+        {}, description="per annotator, e.g. {clip: {model: ViT-B-32, pretrained: openai, prompts: celeba40}, "
+        "celeba: {checkpoint: /path/celeba.pt}, hopenet: {checkpoint: /path/hopenet.pkl}}")
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _options_name_annotators(self):
+        unknown = sorted(set(self.options) - set(self.annotators))
+        if unknown:
+            raise _cross("annotate.options", self.options, f"keyed by names in annotate.annotators {self.annotators} "
+                         f"(it has entries for {unknown})", "annotate.annotators")
+        return self
+
+
+class SelectConfig(Section):
+    """hspace select: top/bottom n per attribute -> <run_dir>/selection.parquet"""
+
+    attributes: List[str] = Field(["smile", "eye_open", "glasses", "hat", "yaw", "hair"],
+                                  description="empty: every annotation column")
+    n: int = Field(50, ge=1)
+    balance: Optional[str] = Field(None, description="e.g. Male: half of each side from either class of that attribute")
+    threshold: float = Field(0.5, description="class boundary of the balance attribute")
+    resolution: float = Field(0.01, ge=0.0, description="rank scores rounded to this step, ties by sample id: a "
+                              "saturated classifier's last digits (0.99998 vs 0.99991) follow other attributes, not "
+                              "this one; 0: exact")
+    contact_sheet_size: int = Field(10, ge=0, description="samples shown per side in "
+                                    "<run_dir>/contact_sheets/<attribute>.png")
+
+
+class PCAConfig(Section):
+    """hspace pca: per-step PCA of h -> <run_dir>/directions/pca.safetensors"""
+
+    n_components: int = Field(10, ge=1, description="K (the paper: 25)")
+    method: Literal["auto", "exact", "randomized", "onepass"] = Field(
+        "auto", description="auto: exact up to exact_max_samples samples, else randomized; exact: Gram matrix "
+        "(holds the data); randomized: streaming passes, accuracy set by tol; onepass: a quick look, no guarantee")
+    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples")
+    power_iterations: int = Field(20, ge=0, description="randomized: the most power iterations (passes over the "
+                                  "data <= this + 2); not converged by then: the stage fails, writing nothing")
+    tol: float = Field(1e-2, gt=0, description="randomized: target for the estimated largest principal angle "
+                       "(rad) of the top-K subspace at every step")
+    oversample: Optional[int] = Field(None, ge=0, description="randomized / onepass: extra components kept "
+                                      "(randomized: >= 1); null: = n_components")
+    joint: bool = Field(False, description="one PCA over the whole flattened trajectory instead of one per step")
+    batch_size: int = Field(256, ge=1)
+    dtype: Literal["float64", "float32"] = Field("float64", description="accumulation: float32 is 2x faster; its "
+                                                 "rounding is far below the truncation error")
+    align: Literal["chain", "reference"] = Field("chain", description="signs aligned to the neighbouring step "
+                                                 "(chain) or to step 0 (reference)")
+    seed: int = Field(0, description="of the norm-matched random directions (Fig. 6 baseline)")
+    scales: List[float] = Field([-4.0, -2.0, 0.0, 2.0, 4.0], description="suggested edit scales, in standard deviations")
+
+    @model_validator(mode="after")
+    def _randomized_oversamples(self):
+        if self.method == "randomized" and self.oversample == 0:
+            raise _cross("pca.oversample", self.oversample, "at least 1 with pca.method=randomized (its accuracy "
+                         "estimate needs the (K+1)-th Ritz value)", "pca.method")
+        return self
+
+
+class JacobianConfig(Section):
+    """hspace jacobian: image-specific directions (Alg. 1) -> directions/jacobian.safetensors"""
+
+    sample_ids: List[NonNegInt] = Field([0, 1], min_length=1, description="samples (= seeds) to analyse")
+    k: int = Field(6, ge=1, description="directions per step")
+    steps: Optional[List[NonNegInt]] = Field(None, min_length=1, description="step indices (each < T); null: every step")
+    method: Literal["auto", "subspace", "sequential", "deflation"] = Field(
+        "auto", description="auto (block Krylov, fastest) | subspace (Alg. 1) | sequential (Alg. 2) | deflation")
+    block: Optional[int] = Field(None, ge=1, description="mini-batch size b of Alg. 2, <= k (selects it when method "
+                                 "is auto)")
+    tol: float = Field(1e-3, gt=0, description="relative stopping tolerance")
+    max_iter: int = Field(300, ge=1)
+    unconverged: Literal["fallback", "error"] = Field(
+        "fallback", description="a method that max_iter stops short of tol: fallback (the default method continues "
+        "from its vectors; fails if that stops short too) | error (fails at once); nothing unconverged is written")
+    tau: Optional[int] = Field(None, ge=0, description='apply the directions found at this step at every step ("global '
+                               'at index"); null: the middle step, T // 2')
+    mask: Optional[str] = Field(None, description="rect:y0:y1:x0:x1 (fractions) or a PNG mask: directions that move "
+                                "only that region")
+    seed: int = Field(0, description="of the random start")
+    scales: List[float] = Field([-600.0, -300.0, 0.0, 300.0, 600.0], description="the toy's singular values are ~0.1: "
+                                "large scales (reference demo: 50-100)")
+
+    @model_validator(mode="after")
+    def _block_within_k(self):
+        if self.block is not None and self.block > self.k:
+            raise _cross("jacobian.block", self.block, f"at most jacobian.k={self.k}", "jacobian.k")
+        return self
+
+
+class RealImagesConfig(Section):
+    """optional: direction between two folders of real images (DDIM inversion)"""
 
     positive_dir: Optional[str] = None
     negative_dir: Optional[str] = None
-    paired: bool = False  # pair files by name and average per-pair differences
+    paired: bool = Field(False, description="pair files by name")
     name: str = "real"
-    fixed_point_iterations: int = 1  # extra U-Net passes per inversion step (0: plain DDIM inversion)
+    fixed_point_iterations: int = Field(1, ge=0, description="extra U-Net passes per DDIM-inversion step "
+                                        "(0: plain inversion; 1: +4 dB on the toy)")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if bool(self.positive_dir) != bool(self.negative_dir):
+            given, other = ("positive_dir", "negative_dir") if self.positive_dir else ("negative_dir", "positive_dir")
+            raise _cross(f"supervised.real.{given}", getattr(self, given), f"given together with supervised.real.{other}",
+                         f"supervised.real.{other}")
+        return self
 
 
-@dataclass
-class SupervisedConfig:
-    """`hspace supervised`: eq. 10 per attribute -> <run_dir>/directions/supervised.safetensors."""
+class SupervisedConfig(Section):
+    """hspace supervised: eq. 10 -> <run_dir>/directions/supervised.safetensors"""
 
-    attributes: List[str] = field(default_factory=list)  # empty: every attribute in selection.parquet
-    method: str = "mean_difference"  # mean_difference | logistic
-    convergence_ns: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
-    convergence_draws: int = 10
+    attributes: List[str] = Field([], description="empty: every attribute in selection.parquet")
+    method: Literal["mean_difference", "logistic"] = Field("mean_difference", description="mean_difference | logistic "
+                                                           "(normal of a logistic regression)")
+    convergence_ns: List[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2, 5, 10, 20, 50], description="n per side for the convergence curve (h vs x_T space)")
+    convergence_draws: int = Field(10, ge=1)
     seed: int = 0
-    scales: List[float] = field(default_factory=lambda: [-3.0, -1.5, 0.0, 1.5, 3.0])  # suggested edit scales
-    real: RealImagesConfig = field(default_factory=RealImagesConfig)
+    scales: List[float] = Field([-3.0, -1.5, 0.0, 1.5, 3.0], description="suggested edit scales (the strips; eq. 10 "
+                                "directions are unnormalised)")
+    real: RealImagesConfig = RealImagesConfig()
 
 
-@dataclass
-class DisentangleConfig:
-    """`hspace disentangle`: eq. 11, primary -> directions to remove."""
+class DisentangleConfig(Section):
+    """hspace disentangle: eq. 11 -> <run_dir>/directions/disentangled.safetensors"""
 
-    source: Optional[str] = None  # default <run_dir>/directions/supervised.safetensors
-    pairs: Dict[str, Any] = field(default_factory=lambda: {  # a list of directions, or "others"
-        a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")})
+    source: Optional[str] = Field(None, description="default <run_dir>/directions/supervised.safetensors")
+    pairs: Dict[str, Union[Literal["others"], List[str]]] = Field(
+        {a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")}, min_length=1,
+        description="primary -> directions to remove: a list (e.g. {glasses: [hair]}) or `others` (every other "
+        "direction in the file, as in the paper's Table 1)",
+        **_accepts("a non-empty mapping primary -> a list of other directions, or others"))
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, pairs):
+        for primary, conditions in pairs.items():
+            if conditions != "others" and (not conditions or primary in conditions):
+                raise PydanticCustomError("pairs", "bad pair")
+        return pairs
 
 
-@dataclass
-class EditConfig:
-    """`hspace edit`: seeds x scales grids for a directions file, or sequential edits (Fig. 11)."""
+class EditConfig(Section):
+    """hspace edit: seeds x scales grids -> <run_dir>/edits/<file>/"""
 
-    directions: Optional[str] = None  # a path, or pca | jacobian | supervised | disentangled | real
-    names: List[str] = field(default_factory=list)  # empty: every direction in the file
-    scales: List[float] = field(default_factory=list)  # empty: the file's suggested scales
-    seeds: List[int] = field(default_factory=lambda: [100000, 100001, 100002])
-    sequential: bool = False
+    directions: Optional[str] = Field(None, description="a file, or pca | jacobian | supervised | disentangled | real")
+    names: List[str] = Field([], description="empty: every direction in the file")
+    scales: List[float] = Field([], description="empty: the file's suggested scales")
+    seeds: List[NonNegInt] = Field([100000, 100001, 100002], min_length=1)
+    sequential: bool = Field(False, description="apply names one after another at their scales (Fig. 11)")
     asyrp: bool = False
-    x_T_space: bool = False  # apply the supervised directions' x_T-space version instead (Fig. 8)
-    out_dir: Optional[str] = None  # default <run_dir>/edits/<file>
-    batch_size: int = 64  # images per U-Net call (directions x scales x seeds); also the main job's edit strips
+    x_T_space: bool = Field(False, description="use the supervised directions' x_T-space version (Fig. 8 baseline)")
+    out_dir: Optional[str] = Field(None, description="default <run_dir>/edits/<file>")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call (directions x scales x seeds); also the main "
+                            "job's edit strips")
 
 
-@dataclass
-class EvaluateConfig:
-    """`hspace evaluate`: Table 1 on held-out seeds -> <run_dir>/evaluation/."""
+class EvaluateConfig(Section):
+    """hspace evaluate: Table 1 on held-out seeds -> <run_dir>/evaluation/"""
 
-    first_seed: int = 1_000_000  # seeds never used to find the directions
-    num_samples: int = 16  # per seed set
-    repeats: int = 3  # disjoint seed sets; the table reports mean +- std across them
-    batch_size: int = 64  # images per U-Net call (edits x seeds), and the most seeds in one Parquet part
-    scale: float = 3.0  # edit strength of the supervised / disentangled directions
-    match_norm: bool = True  # rescale each disentangled direction to its original's norm
-    scorer: str = "toy"  # the annotator that measures the attributes (clip for faces)
-    scorer_options: Dict[str, Any] = field(default_factory=dict)
-    attributes: List[str] = field(default_factory=list)  # measured columns; empty: the directions' own
-    own_attribute: Dict[str, str] = field(default_factory=dict)  # direction -> its scorer column, if named apart
-    normalize: bool = True  # effects in standard deviations of the unedited scores
-    quality: Optional[str] = "toy_consistency"  # image-quality annotator (face_pose for real faces)
-    quality_score: str = "render_error"  # its score to report (face_prob for face_pose)
-    pca_components: int = 3  # top PCA directions against as many norm-matched random ones
-    pca_scale: float = 2.0  # in standard deviations along the component
-    pixel_matched_random: bool = True  # also random directions rescaled to each component's pixel change
-    bootstrap: int = 1000  # paired bootstrap resamples of the seeds for the checks' 95% intervals (0: none)
-
-
-@dataclass
-class ReportConfig:
-    """`hspace report` and the edit strips it shows (`hspace run`'s figures step, seeds from edit.seeds)."""
-
-    pca_components: int = 4  # leading PCA directions shown (and as many random ones)
-    jacobian_directions: int = 6  # Jacobian directions shown
+    first_seed: int = Field(1_000_000, ge=0, description="seeds never used to find the directions")
+    num_samples: int = Field(16, ge=2, description="per seed set")
+    repeats: int = Field(3, ge=1, description="disjoint seed sets: mean +- std across them")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call (edits x seeds), and the most seeds in one "
+                            "Parquet part")
+    scale: float = Field(3.0, description="edit strength of supervised / disentangled directions")
+    match_norm: bool = Field(True, description="disentangled directions rescaled to their original's norm")
+    scorer: str = Field("toy", description="the annotator that measures the attributes: clip (with options "
+                        "{prompts: paper}) for real faces")
+    scorer_options: Dict[str, Any] = Field({}, description="the scorer's options, as in annotate.options")
+    attributes: List[str] = Field([], description="measured scorer columns; empty: the directions' own attributes")
+    own_attribute: Dict[str, str] = Field({}, description="direction -> scorer column when named apart, e.g. "
+                                          "{Eyeglasses: glasses}")
+    normalize: bool = Field(True, description="effects in standard deviations of the unedited scores")
+    quality: Optional[str] = Field("toy_consistency", description="image-quality annotator: face_pose for real faces; "
+                                   "null: none")
+    quality_score: str = Field("render_error", description="its score to report: face_prob for face_pose")
+    pca_components: int = Field(3, ge=0, description="top PCA directions vs as many norm-matched random ones")
+    pca_scale: float = Field(2.0, description="in standard deviations along the component")
+    pixel_matched_random: bool = Field(True, description="also the random directions rescaled to change the images "
+                                       "as much as their component")
+    bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of the seeds: 95% intervals of the "
+                           "disentanglement checks (0: none)")
 
 
-@dataclass
-class ToyTrainConfig:
-    """`hspace train-toy`: everything that determines the embedded default's weights."""
+class ReportConfig(Section):
+    """hspace report -> <run_dir>/report/index.html (edit strips use edit.seeds)"""
+
+    pca_components: int = Field(4, ge=0, description="leading PCA directions shown (and as many random ones)")
+    jacobian_directions: int = Field(6, ge=0, description="Jacobian directions shown")
+
+
+class ToyTrainConfig(Section):
+    """hspace train-toy: the embedded default DDPM (resumable)"""
 
     out_dir: str = "runs/train-toy"
-    steps: int = 5000
-    batch_size: int = 32
-    lr: float = 6e-4
-    warmup_steps: int = 300
-    ema_decay: float = 0.999
+    steps: int = Field(5000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(6e-4, gt=0)
+    warmup_steps: int = Field(300, ge=0)
+    ema_decay: float = Field(0.999, ge=0, le=1)
     min_snr_gamma: float = 5.0
     seed: int = 0
-    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 128])
-    layers_per_block: int = 2
-    correlations: Dict[str, float] = field(default_factory=lambda: {"glasses~hair": 0.4})
-    prediction_type: str = "v_prediction"  # v_prediction | epsilon
-    beta_schedule: str = "squaredcos_cap_v2"  # squaredcos_cap_v2 (cosine) | linear
-    timestep_spacing: str = "trailing"  # sampling timesteps start at t=999
-    checkpoint_every: int = 250
-    sample_every: int = 1000
-    #: probability of zeroing all down-block skip connections of a training sample, so that the
-    #: decoder must draw from h alone: without it the decoder reads small features (the eyes) from
-    #: the skips and h-space edits cannot move them. Training only; the saved model is unchanged.
-    skip_dropout: float = 0.0
-    #: an exported model directory whose weights start the run (the fine-tune phase); null: random
-    init_from: Optional[str] = None
+    block_out_channels: List[Annotated[int, Field(ge=1)]] = Field([32, 64, 128], min_length=1)
+    layers_per_block: int = Field(2, ge=1)
+    correlations: Dict[str, float] = Field({"glasses~hair": 0.4}, description="entanglements for the "
+                                           "disentanglement experiment")
+    prediction_type: Literal["v_prediction", "epsilon"] = Field("v_prediction", description="the engine converts "
+                                                                "either to eps")
+    beta_schedule: Literal["squaredcos_cap_v2", "linear"] = Field("squaredcos_cap_v2", description="cosine; linear "
+                                                                  "is the hub DDPMs' schedule")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field(
+        "trailing", description="trailing: sampling starts at t=999 (no signal leak at the first step)")
+    checkpoint_every: int = Field(250, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    skip_dropout: float = Field(0.0, ge=0, le=1, description="probability of zeroing a sample's down-block skips, so "
+                                "that the decoder must draw from h alone (phase 2 uses it)")
+    init_from: Optional[str] = Field(None, description="an exported model to start from; null: random weights from "
+                                     "the seed")
 
 
-#: what phase 2 must share with phase 1 (the model and the data): interpolated from train_toy,
-#: so that one override of train_toy reaches both phases
-_PHASE_1_KEYS = ("batch_size", "min_snr_gamma", "block_out_channels", "layers_per_block", "correlations",
-                 "prediction_type", "beta_schedule", "timestep_spacing")
+#: what phase 2 must share with phase 1 (the model and the data): interpolated from train_toy in the
+#: defaults, so that one override of train_toy reaches both phases
+PHASE_1_KEYS = ("batch_size", "min_snr_gamma", "block_out_channels", "layers_per_block", "correlations",
+                "prediction_type", "beta_schedule", "timestep_spacing")
 
 
-def _finetune_toy() -> "ToyTrainConfig":
-    """Phase 2 of the embedded default: the phase-1 model fine-tuned with skip dropout."""
-    return ToyTrainConfig(out_dir="runs/finetune-toy", init_from="runs/train-toy/model", steps=1000, lr=3e-4,
-                          warmup_steps=0, ema_decay=0.995, seed=1, skip_dropout=0.75,
-                          checkpoint_every=100, sample_every=400,
-                          **{k: "${train_toy.%s}" % k for k in _PHASE_1_KEYS})
+class FinetuneToyConfig(ToyTrainConfig):
+    """hspace finetune-toy: phase 2, the embedded default itself (resumable); its model and data keys
+    (batch_size, min_snr_gamma, block_out_channels, ..., timestep_spacing) follow train_toy"""
+
+    out_dir: str = "runs/finetune-toy"
+    init_from: Optional[str] = Field("runs/train-toy/model", description="phase 1's EMA weights (float32)")
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(3e-4, gt=0, description="cosine decay to 5%, no warm-up")
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.995, ge=0, le=1)
+    seed: int = Field(1, description="other batches than phase 1's")
+    checkpoint_every: int = Field(100, ge=1)
+    sample_every: int = Field(400, ge=1)
+    skip_dropout: float = Field(0.75, ge=0, le=1, description="the decoder must draw 3 faces in 4 from h alone: the "
+                                "eyes become editable")
 
 
-@dataclass
-class ToyAnnotatorTrainConfig:
-    """`hspace train-toy-annotator`: the toy-face factor reader."""
+class ToyAnnotatorTrainConfig(Section):
+    """hspace train-toy-annotator: the toy-face factor reader"""
 
     out_dir: str = "runs/train-toy-annotator"
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
-    width: int = 32
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    width: int = Field(32, ge=1)
     seed: int = 0
 
 
-@dataclass
-class HSpaceConfig:
-    run_dir: str = "runs/demo"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    pca: PCAConfig = field(default_factory=PCAConfig)
-    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
-    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
-    disentangle: DisentangleConfig = field(default_factory=DisentangleConfig)
-    edit: EditConfig = field(default_factory=EditConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    train_toy: ToyTrainConfig = field(default_factory=ToyTrainConfig)
-    finetune_toy: ToyTrainConfig = field(default_factory=_finetune_toy)
-    train_toy_annotator: ToyAnnotatorTrainConfig = field(default_factory=ToyAnnotatorTrainConfig)
+def _cross(key: str, value, must: str, *others: str) -> PydanticCustomError:
+    """A cross-field error about ``key`` (the others are the keys it was checked against)."""
+    return PydanticCustomError("cross_field", "{key}: must be {must}",
+                               {"key": key, "value": value, "must": must, "others": list(others)})
 
 
-#: Range checks applied when the configuration is loaded, so that a bad value fails before a
-#: stage spends minutes of sampling: dotted key -> (test, what the value must be).
-def _at_least(low):
-    return (lambda v: v >= low), f"an integer >= {low}" if isinstance(low, int) else f">= {low}"
+class HSpaceConfig(Section):
+    """the whole configuration"""
+
+    run_dir: str = Field("runs/demo", description="every stage reads and writes here")
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    sample: SampleConfig = SampleConfig()
+    generate: GenerateConfig = GenerateConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    select: SelectConfig = SelectConfig()
+    pca: PCAConfig = PCAConfig()
+    jacobian: JacobianConfig = JacobianConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
+    disentangle: DisentangleConfig = DisentangleConfig()
+    edit: EditConfig = EditConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    train_toy: ToyTrainConfig = ToyTrainConfig()
+    finetune_toy: FinetuneToyConfig = FinetuneToyConfig()
+    train_toy_annotator: ToyAnnotatorTrainConfig = ToyAnnotatorTrainConfig()
+
+    _sources: dict = PrivateAttr(default_factory=dict)  # dotted key -> where it was set (see source_of)
+    _raw: dict = PrivateAttr(default_factory=dict)  # the unvalidated tree it came from (see with_overrides)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _middle_step(cls, data):
+        """jacobian.tau: null -> the middle of jacobian.steps, or T // 2 (needs T, so it is filled here)."""
+        jac = data.get("jacobian") if isinstance(data, dict) else None
+        if isinstance(jac, dict) and jac.get("tau") is None:
+            model, steps = data.get("model"), jac.get("steps")
+            T = model.get("num_inference_steps", 20) if isinstance(model, dict) else None
+            if isinstance(steps, list) and steps and all(isinstance(s, int) for s in steps):
+                data = {**data, "jacobian": {**jac, "tau": sorted(steps)[len(steps) // 2]}}
+            elif isinstance(T, int) and not isinstance(T, bool) and T >= 1:
+                data = {**data, "jacobian": {**jac, "tau": T // 2}}
+        return data
+
+    @model_validator(mode="after")
+    def _against_T(self):
+        """Keys that must agree with the number of sampling steps T."""
+        T = self.model.num_inference_steps
+        eta = self.model.eta
+        if isinstance(eta, list) and len(eta) != T:
+            raise _cross("model.eta", eta, f"a number or a list of T={T} numbers (model.num_inference_steps), "
+                         f"got {len(eta)}", "model.num_inference_steps")
+        j = self.jacobian
+        if j.steps is not None and (max(j.steps) >= T or len(set(j.steps)) != len(j.steps)):
+            raise _cross("jacobian.steps", j.steps, f"distinct step indices in 0..{T - 1} (T = model.num_inference_steps)",
+                         "model.num_inference_steps")
+        if j.tau is not None and j.tau >= T:
+            raise _cross("jacobian.tau", j.tau, f"a step index in 0..{T - 1} (T = model.num_inference_steps)",
+                         "model.num_inference_steps")
+        if j.steps is not None and j.tau not in j.steps:
+            raise _cross("jacobian.tau", j.tau, f"one of jacobian.steps {j.steps}", "jacobian.steps")
+        sup, sel = self.supervised.attributes, self.select.attributes
+        if sup and sel and not set(sup) <= set(sel):
+            raise _cross("supervised.attributes", sup, f"among select.attributes {sel}", "select.attributes")
+        return self
+
+    def source_of(self, *keys: str) -> str:
+        """Where the dotted ``keys`` (or keys inside them) were set: a file, the command line, both,
+        or the defaults."""
+        return _where(self._sources, *keys)
 
 
-_POSITIVE = (lambda v: v > 0), "> 0"
-_PROBABILITY = (lambda v: 0 <= v <= 1), "in [0, 1]"
+# ------------------------------------------------------------------------------------------ loading
+def defaults() -> dict:
+    """The default configuration tree, with finetune_toy's phase-1 keys as ``${train_toy.<key>}``."""
+    tree = HSpaceConfig().model_dump()
+    tree["finetune_toy"].update({k: "${train_toy.%s}" % k for k in PHASE_1_KEYS})
+    return tree
 
 
-def _one_of(*choices):
-    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+def _is_section(schema, key) -> type[BaseModel] | None:
+    field = schema.model_fields.get(key) if schema is not None else None
+    ann = field.annotation if field is not None else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
-RANGES: dict[str, tuple] = {
-    "model.num_inference_steps": _at_least(1),
-    "model.hook": _one_of("after", "before"),
-    "model.dtype": _one_of("float32", "float16", "bfloat16"),
-    "trainer.num_nodes": _at_least(1),
-    "generate.first_seed": _at_least(0),
-    "generate.num_samples": _at_least(1),
-    "generate.batch_size": _at_least(1),
-    "generate.h_dtype": _one_of("float16", "float32", "bfloat16"),
-    "annotate.batch_size": _at_least(1),
-    "select.n": _at_least(1),
-    "select.resolution": _at_least(0.0),
-    "select.contact_sheet_size": _at_least(0),
-    "pca.n_components": _at_least(1),
-    "pca.oversample": _at_least(0),
-    "pca.batch_size": _at_least(1),
-    "pca.dtype": _one_of("float64", "float32"),
-    "pca.align": _one_of("chain", "reference"),
-    "jacobian.k": _at_least(1),
-    "jacobian.method": _one_of("auto", "subspace", "sequential", "deflation"),
-    "jacobian.block": _at_least(1),
-    "jacobian.tol": _POSITIVE,
-    "jacobian.max_iter": _at_least(1),
-    "jacobian.tau": _at_least(0),
-    "supervised.method": _one_of("mean_difference", "logistic"),
-    "supervised.convergence_draws": _at_least(1),
-    "supervised.real.fixed_point_iterations": _at_least(0),
-    "evaluate.first_seed": _at_least(0),
-    "evaluate.num_samples": _at_least(2),
-    "evaluate.repeats": _at_least(1),
-    "evaluate.batch_size": _at_least(1),
-    "edit.batch_size": _at_least(1),
-    "evaluate.pca_components": _at_least(0),
-    "evaluate.bootstrap": _at_least(0),
-    "report.pca_components": _at_least(0),
-    "report.jacobian_directions": _at_least(0),
-    **{k.format(section): v for section in ("train_toy", "finetune_toy") for k, v in {
-        "{0}.steps": _at_least(1),
-        "{0}.batch_size": _at_least(1),
-        "{0}.lr": _POSITIVE,
-        "{0}.warmup_steps": _at_least(0),
-        "{0}.ema_decay": _PROBABILITY,
-        "{0}.checkpoint_every": _at_least(1),
-        "{0}.sample_every": _at_least(1),
-        "{0}.skip_dropout": _PROBABILITY,
-    }.items()},
-    "train_toy_annotator.steps": _at_least(1),
-    "train_toy_annotator.batch_size": _at_least(1),
-    "train_toy_annotator.lr": _POSITIVE,
-    "train_toy_annotator.width": _at_least(1),
-}
-
-
-def check_ranges(cfg: DictConfig, source: str = "the configuration") -> None:
-    """Raise ConfigError naming the first key whose value is out of its range (null passes:
-    it means "the default behaviour" wherever a key allows it). ``model.eta`` may be a number
-    or a list of numbers, each >= 0."""
-    for key, (ok, must) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{key}={value!r} in {source}: must be {must}")
-    eta = OmegaConf.select(cfg, "model.eta")
-    etas = list(eta) if isinstance(eta, (list, tuple)) or OmegaConf.is_list(eta) else [eta]
-    if not etas or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in etas):
-        raise ConfigError(f"model.eta={eta!r} in {source}: must be a number >= 0 (0 DDIM, 1 DDPM-like) or a list of them")
-
-
-def defaults() -> DictConfig:
-    return OmegaConf.structured(HSpaceConfig)
-
-
-def _valid_keys(cfg: DictConfig, dotted: str) -> str:
-    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
-    where = f"under '{parent}'" if parent else "at the top level"
-    return f"valid keys {where}: {', '.join(keys)}"
-
-
-def _replace_mappings(merged: DictConfig, schema: DictConfig, other: dict, prefix: str = "") -> None:
-    """Mapping-valued options (disentangle.pairs, annotate.options) are replaced, not merged key
-    by key: a user's `pairs: {age: [gender]}` means exactly that pair, not the defaults plus it."""
-    for key, value in other.items():
-        node = schema.get(key) if isinstance(schema, DictConfig) else None
-        if not isinstance(node, DictConfig) or not isinstance(value, dict):
-            continue
-        if OmegaConf.get_type(node) is dict:
-            OmegaConf.update(merged, f"{prefix}{key}", value, merge=False)
+def _merge_file(tree: dict, data: dict, schema, source: str, sources: dict, prefix: str = "") -> None:
+    """Merge a file's mapping into ``tree``: sections key by key, every other value replaced whole."""
+    for key, value in data.items():
+        key = str(key)
+        sub = _is_section(schema, key)
+        if sub is not None and isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_file(tree[key], value, sub, source, sources, f"{prefix}{key}.")
         else:
-            _replace_mappings(merged, node, value, f"{prefix}{key}.")
+            tree[key] = value
+            sources[prefix + key] = source
 
 
-def _merge(cfg: DictConfig, other, source: str) -> DictConfig:
-    try:
-        merged = OmegaConf.merge(cfg, other)
-        _replace_mappings(merged, cfg, other)
-        return merged
-    except ConfigKeyError as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"unknown config key '{key}' in {source}; {_valid_keys(cfg, key)}") from None
-    except ValidationError as e:
-        key = getattr(e, "full_key", "?")
-        raise ConfigError(f"invalid value for '{key}' in {source}: {str(e).splitlines()[0]}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid configuration in {source}: {str(e).splitlines()[0]}") from None
-
-
-def parse_overrides(overrides: List[str]) -> dict:
-    """['a.b=1', 'c=[1,2]'] -> nested dict; values are parsed as YAML."""
-    out: dict = {}
+def parse_overrides(overrides: List[str]) -> list[tuple[str, Any]]:
+    """['a.b=1', 'c=[1,2]'] -> [('a.b', 1), ('c', [1, 2])]; values parsed as YAML by OmegaConf."""
+    out = []
     for item in overrides:
+        key = item.split("=", 1)[0]
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. generate.num_samples=1000)")
-        key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
+        for part in key.split("."):
+            parsed = parsed[part]
+        out.append((key, parsed))
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: List[str] | None = None) -> DictConfig:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
-    cfg = defaults()
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
-        cfg = _merge(cfg, data, str(p))
-    if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "command-line overrides")
-    check_ranges(cfg, f"{path} or the command line" if path is not None else "the command line")
-    OmegaConf.set_readonly(cfg, True)
+def _override(tree: dict, sources: dict, overrides: List[str]) -> None:
+    """Apply ``key=value`` overrides: each sets ONE dotted key; the mappings on the way keep their
+    other keys (a mapping as the value replaces the mapping at that key)."""
+    for key, value in parse_overrides(overrides):
+        *parents, last = key.split(".")
+        node = tree
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}=...: {'.'.join(parents[:i + 1])} is not a mapping")
+        node[last] = value
+        for path in [p for p in sources if p == key or p.startswith(key + ".")]:
+            del sources[path]
+        sources[key] = "the command line"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or _one_line(e)
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line: file:line:column: the problem."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return ConfigError(f"{where}: invalid YAML: {_yaml_problem(e)}")
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _validate(tree: dict, sources: dict) -> HSpaceConfig:
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key} in {_where(sources, key)}: {_one_line(e).split(' full_key:')[0]}") from None
+    try:
+        cfg = HSpaceConfig.model_validate(resolved)
+    except ValidationError as e:
+        raise _message(e.errors()[0], resolved, sources) from None
+    cfg._sources, cfg._raw = sources, tree
     return cfg
 
 
+def load_config(path: str | os.PathLike | None = None, overrides: List[str] | None = None) -> HSpaceConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    tree, sources = defaults(), {}
+    if path is not None:
+        _merge_file(tree, _read_yaml(path), HSpaceConfig, str(path), sources)
+    _override(tree, sources, list(overrides or []))
+    return _validate(tree, sources)
+
+
+def with_overrides(cfg: HSpaceConfig, overrides: List[str]) -> HSpaceConfig:
+    """``cfg`` with more ``key=value`` overrides, validated again (a tool for tests and scripts)."""
+    tree, sources = copy.deepcopy(cfg._raw or defaults()), dict(cfg._sources)
+    _override(tree, sources, overrides)
+    return _validate(tree, sources)
+
+
+# ------------------------------------------------------------------------------------------ messages
+def _where(sources: dict, *keys: str) -> str:
+    found = [src for key in keys for path, src in sources.items()
+             if path == key or path.startswith(key + ".") or key.startswith(path + ".")]
+    return " and ".join(dict.fromkeys(found)) or "the defaults"
+
+
+def _field_path(loc: tuple) -> tuple[list[str], Any]:
+    """(the dotted path of schema fields in ``loc``, the innermost field's FieldInfo or section class)."""
+    schema, path, info = HSpaceConfig, [], HSpaceConfig
+    for part in loc:
+        if schema is None or not isinstance(part, str) or part not in schema.model_fields:
+            break
+        path.append(part)
+        info = schema.model_fields[part]
+        schema = _is_section(schema, part)
+        if schema is not None:
+            info = schema
+    return path, info
+
+
+def _bounds(info) -> tuple[dict, int | None]:
+    bounds, min_len = {}, None
+    for m in info.metadata:
+        for op in ("ge", "gt", "le", "lt"):
+            if getattr(m, op, None) is not None:
+                bounds[op] = getattr(m, op)
+        if isinstance(m, annotated_types.MinLen):
+            min_len = m.min_length
+    return bounds, min_len
+
+
+_NOUNS = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def _describe(ann) -> str:
+    """'an integer', 'a list of numbers >= 0', 'one of a, b', ... for a type annotation."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        inner = _describe(args[0])
+        bounds = {op: getattr(m, op) for f in args[1:] for m in getattr(f, "metadata", [f])
+                  for op in ("ge", "gt") if getattr(m, op, None) is not None}
+        return inner + "".join(f" {'>=' if op == 'ge' else '>'} {v}" for op, v in bounds.items())
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, List):
+        return "a list of " + _describe(args[0]).replace("an integer", "integers").replace("a number", "numbers") \
+            .replace("a string", "strings")
+    if origin in (dict, Dict):
+        return "a mapping"
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "a mapping with keys " + ", ".join(ann.model_fields)
+    noun = _NOUNS.get(ann, getattr(ann, "__name__", str(ann)))
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def accepts(info) -> str:
+    """What a field (FieldInfo) or a section (model class) accepts, as a phrase after 'must be'."""
+    if isinstance(info, type):
+        return _describe(info)
+    extra = info.json_schema_extra or {}
+    if "accepts" in extra:
+        return extra["accepts"]
+    ann, optional = info.annotation, False
+    if typing.get_origin(ann) is Union and type(None) in typing.get_args(ann):
+        rest = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann, optional = (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True
+    bounds, min_len = _bounds(info)
+    if ann in (int, float) and bounds:
+        if set(bounds) == {"ge", "le"}:
+            text = f"in [{bounds['ge']}, {bounds['le']}]"
+        else:
+            text = " and ".join(f"{'>=' if op == 'ge' else '>' if op == 'gt' else '<=' if op == 'le' else '<'} {v}"
+                                for op, v in bounds.items())
+        text = f"an integer {text}" if ann is int else text
+    else:
+        text = _describe(ann)
+        if min_len:
+            text = text.replace("a list", "a non-empty list").replace("a mapping", "a non-empty mapping")
+    return text + (" or null" if optional else "")
+
+
+def _lookup(tree, path: list[str]):
+    for part in path:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _message(err: dict, data: dict, sources: dict) -> ConfigError:
+    """One line from pydantic's first error: key=value in <where>: must be <what it accepts>."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "cross_field":
+        key, value = ctx["key"], ctx["value"]
+        return ConfigError(f"{key}={value!r} in {_where(sources, key, *ctx['others'])}: must be {ctx['must']}")
+    path, info = _field_path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        key = ".".join([*path, str(err["loc"][len(path)])])
+        section = _field_path(tuple(path))[1] if path else HSpaceConfig
+        where = f"under '{'.'.join(path)}'" if path else "at the top level"
+        valid = ", ".join(sorted(section.model_fields)) if isinstance(section, type) else ""
+        return ConfigError(f"unknown config key '{key}' in {_where(sources, key)}; valid keys {where}: {valid}")
+    key = ".".join(path) or "the configuration"
+    value = _lookup(data, path)
+    ann = getattr(info, "annotation", None)
+    if ann is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # shown as the number it is read as
+    return ConfigError(f"{key}={value!r} in {_where(sources, key)}: must be {accepts(info)}")
+
+
+# ------------------------------------------------------------------------------------------ output
 def to_dict(cfg) -> dict:
-    """A plain dict from a DictConfig, a config dataclass or a mapping."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
+    """A plain dict from a config model, a dataclass or a mapping."""
+    if isinstance(cfg, BaseModel):
+        return cfg.model_dump()
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     return dict(cfg)
 
 
+def select(cfg, dotted: str):
+    """The plain value at a dotted key ('trainer.precision', 'model')."""
+    node = to_dict(cfg)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    blob = json.dumps([to_dict(p) if isinstance(p, DictConfig) else p for p in parts], sort_keys=True, default=str)
+    blob = json.dumps([to_dict(p) if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ conf.yaml
+HEADER = """\
+# hspace configuration: the defaults. Generated from the schema in pipeline/config.py by
+#   hspace config --defaults > conf.yaml
+# (edit the schema, not this file; a test keeps the two equal). `hspace config` prints the resolved configuration.
+#
+# Every key can be overridden on the command line as a dotted path:
+#   hspace generate run_dir=runs/big generate.num_samples=10000 trainer.devices=8
+# A dotted override sets ONE key: evaluate.scorer_options.pretrained=/path/clip.pt changes `pretrained` and
+# keeps the mapping's other keys. To replace a whole mapping give a YAML flow mapping as the value:
+#   disentangle.pairs='{glasses: [hair]}'
+# In a --config file, a section merges into these defaults key by key; a mapping-valued option
+# (annotate.options, evaluate.scorer_options, disentangle.pairs, own_attribute, correlations) is replaced whole.
+# Unknown keys, wrong types and values out of range are errors, reported before any work.
+
+"""
+_COMMENT_AT = 32
+
+
+def _flow(value) -> str:
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9, sort_keys=False).strip()[1:-1]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out, cur = [], ""
+    for w in text.split():
+        if cur and len(cur) + 1 + len(w) > width:
+            out.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return out + [cur]
+
+
+def _comment(line: str, text: str | None, indent: str) -> list[str]:
+    """``line`` with ``text`` as a comment at column 32, or above it when the line is too long."""
+    if not text:
+        return [line]
+    if len(line) >= _COMMENT_AT - 1:
+        return [f"{indent}# {t}" for t in _wrap(text, 116 - len(indent))] + [line]
+    first, *rest = _wrap(text, 116 - _COMMENT_AT)
+    return [line.ljust(_COMMENT_AT - 1) + " # " + first] + [" " * _COMMENT_AT + "# " + r for r in rest]
+
+
+def _render(schema: type[BaseModel], values: dict, indent: str = "") -> list[str]:
+    lines = []
+    for key, field in schema.model_fields.items():
+        sub = _is_section(schema, key)
+        if sub is not None:
+            if not indent:
+                lines.append("")
+            lines += _comment(f"{indent}{key}:", (sub.__doc__ or "").strip().replace("\n", " "), indent)
+            lines += _render(sub, values[key], indent + "  ")
+        else:
+            interpolated = isinstance(values[key], str) and values[key].startswith("${")
+            lines += _comment(f"{indent}{key}: {_flow(values[key])}", None if interpolated else field.description, indent)
+    return lines
+
+
+def defaults_yaml() -> str:
+    """conf.yaml: the defaults with each field's description as its comment."""
+    tree = defaults()
+    return HEADER + "\n".join(_render(HSpaceConfig, tree)) + "\n"

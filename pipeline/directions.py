@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, DatasetError, InputError
+from .io import atomic_path
 
 _META_KEY = "hspace"
 
@@ -96,15 +97,13 @@ class Directions:
 def save_directions(d: Directions, path: str | os.PathLike) -> Path:
     """Write atomically (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"directions": d.directions.detach().float().cpu().contiguous()}
     for k, v in d.extras.items():
         if k == "directions":
             raise InputError("'directions' is reserved for the main tensor")
         tensors[k] = v.detach().cpu().contiguous()
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(d.metadata(), default=str)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(d.metadata(), default=str)})
     return path
 
 

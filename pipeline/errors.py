@@ -19,3 +19,23 @@ class ModelLoadError(HSpaceError, OSError):
 
 class DatasetError(HSpaceError, OSError):
     """A run directory or dataset that is missing, corrupt or from a different configuration."""
+
+
+class StorageError(HSpaceError, OSError):
+    """A file that cannot be written (full disk, permissions); the message names the path."""
+
+
+class RunLockedError(HSpaceError, RuntimeError):
+    """Another process is writing the same stage of the same run directory."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the command stops, leaving only whole files; re-running it resumes.
+
+    Not a KeyboardInterrupt: Lightning turns those into ``sys.exit(1)``."""
+
+
+
+class ConvergenceError(HSpaceError, ArithmeticError):
+    """An iterative method stopped short of its tolerance; the message says what it reached and
+    which setting to change."""

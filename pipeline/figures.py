@@ -1,4 +1,5 @@
-"""Matplotlib figures shared by the stages and the report: labelled image grids, atomic saving."""
+"""Matplotlib figures shared by the stages and the report: labelled image grids, the PCA stage's
+explained-variance plot, atomic saving."""
 from __future__ import annotations
 
 import os
@@ -11,15 +12,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .io import atomic_path  # noqa: E402
+
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a figure as PNG atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -48,3 +51,20 @@ def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_la
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10) -> Path:
+    """ratio: (T, K) explained variance ratio per step and component."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    T = ratio.shape[0]
+    cmap = plt.get_cmap("viridis")
+    for j in range(min(k, ratio.shape[1])):
+        ax.plot(range(T), ratio[:, j], "-o", ms=2.5, lw=1, color=cmap(j / max(1, min(k, ratio.shape[1]) - 1)),
+                label=f"PC{j + 1}")
+    ax.set_xticks(range(0, T, max(1, T // 10)), [str(timesteps[i]) for i in range(0, T, max(1, T // 10))], fontsize=7)
+    ax.set_xlabel("timestep (step index 0 = first, noisiest)", fontsize=8)
+    ax.set_ylabel("explained variance ratio", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("PCA of h per step", fontsize=9)
+    return save_figure(fig, out)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .io import atomic_path
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(..., 3, H, W) float in [-1, 1] -> (..., H, W, 3) uint8."""
@@ -49,11 +51,9 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> 
 def save_png(array: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
     """Write a uint8 (H, W, 3) array as PNG (nearest-neighbour upscaled), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

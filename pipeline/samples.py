@@ -12,10 +12,9 @@ carries the features), so ``datasets.Dataset.from_file`` reads it memory-mapped.
 (``datasets.Image``, PNG bytes) and ``h`` (``datasets.Array4D`` of shape (T, C, H, W),
 float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16).
 
-Why this format (measured on 256 trajectories of 20x128x8x8 float16, see README): Array4D
-costs 28% more disk than a flat fixed-size list (its nested lists carry offsets) but keeps the
-(T, C, H, W) shape for ``datasets`` users and reads 6x faster through ``datasets``' numpy
-formatting (800 vs 130 MB/s); our own reader (:func:`iter_h`) ignores the offsets and views
+Why Array4D: it keeps the (T, C, H, W) shape for ``datasets`` users and reads faster through
+``datasets``' numpy formatting than a flat fixed-size list, for a little more disk (its nested
+lists carry offsets; figures in docs/benchmarks.md). Our own reader ignores the offsets and views
 the float16 values in place (zero-copy from the memory map), whatever the format.
 
 Shards are written to a temporary name, fsynced and renamed, so a crash never leaves a shard
@@ -38,6 +37,7 @@ import pyarrow as pa
 import torch
 
 from .errors import DatasetError
+from .io import atomic_path, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
 MANIFEST = "manifest.json"
@@ -92,16 +92,10 @@ def write_shard(
          pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype))],
         schema=feats.arrow_schema,
     )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / shard_name(sample_ids)
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    path = Path(directory) / shard_name(sample_ids)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
         with pa.ipc.new_stream(f, table.schema) as writer:
             writer.write_table(table)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -177,15 +171,6 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path} is not an {FORMAT} manifest")
     return manifest
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
-    return path
 
 
 def shard_paths(run_dir: str | os.PathLike, require_complete: bool = True) -> list[Path]:

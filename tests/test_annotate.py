@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.stages.annotate import annotations_path, load_annotations
-from pipeline.stages.select import select_top_bottom, selection_table
+from pipeline.selection import select_top_bottom, selection_table
 
 HSPACE = str(Path(sys.executable).parent / "hspace")
 TESTS = Path(__file__).resolve().parent

@@ -157,11 +157,9 @@ def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
 
 
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
-    from omegaconf import OmegaConf
-
     from evaluation.stage import run_evaluate
     from pipeline import HSpaceModel
-    from pipeline.config import load_config
+    from pipeline.config import load_config, with_overrides
     from pipeline.directions import load_directions
     from pipeline.stages.annotate import run_annotate
     from pipeline.stages.disentangle import run_disentangle
@@ -218,7 +216,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     # a re-run with everything in place only re-summarises; a changed setting starts over
     again = run_evaluate(cfg)
     assert again == summary
-    changed = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["evaluate.scale=1.0"]))
+    changed = with_overrides(cfg, ["evaluate.scale=1.0"])
     run_evaluate(changed)
     per2 = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
     assert not np.allclose(per2.d_red.values, per.d_red.values)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler
 
 from pipeline import HSpaceModel
 from pipeline import jacobian as jac
-from pipeline.errors import InputError
+from pipeline.errors import ConvergenceError, InputError
 
 SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable gaps (s5/s4 ~ 0.93)
 TOL = {"subspace": 1e-4, "sequential": 1e-4, "deflation": 1e-4, "auto": 1e-5}  # float32 floor ~5e-7
@@ -132,6 +132,36 @@ def test_solvers_on_linear_map(method, kw):
     assert (res.V.gather(1, idx[:, None]) > 0).all()
 
 
+def close_pair_map(d_in: int = 60, d_out: int = 40):
+    """A linear map whose 4th and 5th singular values are 0.993 apart (as on the tiny U-Net where Alg. 2
+    with block 2 returned a 4th vector at |cos| 0.80 after 300 iterations): f, right singular vectors, s."""
+    g = torch.Generator().manual_seed(1)
+    Uo = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
+    Vo = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
+    s = 0.9 ** torch.arange(d_out, dtype=torch.float64)
+    s[4] = 0.993 * s[3]
+    A = (Uo * s) @ Vo[:, :d_out].T
+    return (lambda H: H @ A.T.float()), Vo, s
+
+
+def test_a_method_that_stops_short_falls_back_or_fails_never_returns_silently():
+    f, Vo, s = close_pair_map()
+    kw = dict(method="sequential", block=2, tol=1e-4, max_iter=30)
+    raw = jac.top_singular(f, torch.zeros(60), 4, unconverged="return", **kw)
+    assert not raw.converged and raw.fallback is None and float(raw.residuals.max()) > 1e-4  # the old behaviour
+    with pytest.raises(ConvergenceError, match=r"sequential stopped short of tol=1.0e-04 after \d+ iterations: vector \d of 4 has relative residual"):
+        jac.top_singular(f, torch.zeros(60), 4, unconverged="error", **kw)
+    res = jac.top_singular(f, torch.zeros(60), 4, **kw)  # default: fall back to the default method
+    assert res.converged and res.fallback == "krylov" and (res.residuals < 1e-4).all() and res.iterations > 30
+    cos = (res.V.double() @ Vo[:, :4]).diagonal().abs()
+    assert float(cos.min()) > 1 - 1e-3, cos  # the 4th vector too (it is the one next to the close pair)
+    torch.testing.assert_close(res.singular_values.double(), s[:4], rtol=1e-4, atol=0)
+    with pytest.raises(ConvergenceError, match="krylov stopped short"):  # the fallback has the same budget
+        jac.top_singular(f, torch.zeros(60), 4, method="sequential", block=2, tol=1e-4, max_iter=1)
+    with pytest.raises(InputError, match="unconverged"):
+        jac.top_singular(f, torch.zeros(60), 4, unconverged="warn")
+
+
 # ------------------------------------------------------------------ the paper's methods, the best, the baseline
 @pytest.mark.parametrize("method,kw", [("subspace", {}), ("sequential", {"block": 2}), ("auto", {}), ("deflation", {})])
 def test_methods_match_svd(model, point, solved, method, kw):
@@ -148,7 +178,8 @@ def test_alg2_and_best_agree_with_alg1(model, solved):
         assert torch.allclose(a1.singular_values, other.singular_values, rtol=1e-3)
         assert max_angle(a1.directions.reshape(K, -1), other.directions.reshape(K, -1)) < 1e-2
     # block= alone selects Alg. 2
-    assert jac.jacobian_directions(model, SEED, STEP, 2, block=1, tol=1e-3, max_iter=5).method == "sequential"
+    assert jac.jacobian_directions(model, SEED, STEP, 2, block=1, tol=1e-3, max_iter=5,
+                                   unconverged="return").method == "sequential"
     # the best method needs far fewer products than the paper's
     assert best.vectors["jvp"] * 2 < a1.vectors["jvp"]
 

@@ -40,13 +40,20 @@ def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
     return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
 
 
-def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir):
+METHODS = {"exact": [], "randomized": ["pca.tol=1e-4", "pca.oversample=20"], "onepass": ["pca.oversample=60"]}  # onepass: q >= N is exact
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir, method):
     from pipeline.stages.pca import run_pca
 
     cfg = load_config(None, [f"run_dir={samples_run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
-                             "pca.n_components=4", "pca.oversample=60", "pca.batch_size=9"])
+                             "pca.n_components=4", "pca.batch_size=9", f"pca.method={method}", *METHODS[method]])
     run_pca(cfg)
     d = load_directions(samples_run / "directions" / "pca.safetensors")
+    assert d.params["method_used"] == method and d.extras["angle_bound"].shape == (3,)
+    if method == "randomized":
+        assert d.params["n_passes"] > 2 and (d.extras["angle_bound"] <= 1e-4).all()
     V, ev = exact_pca(samples_run)
     assert d.directions.shape == (4, 3, 16, 8, 8) and d.names == ["pc1", "pc2", "pc3", "pc4"]
     torch.testing.assert_close(d.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
@@ -65,20 +72,48 @@ def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir):
     assert (samples_run / "directions" / "explained_variance.png").exists()
 
 
-def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir, tmp_path, method):
+    """Two ranks (exact: two sets of steps; randomized: two sets of shards, merged every pass) give
+    what one process gives."""
     import shutil
 
+    from pipeline.stages.pca import run_pca
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu", "pca.n_components=4",
+                 f"pca.method={method}", "pca.tol=1e-4", "pca.oversample=20"]
     run = tmp_path / "run"
     shutil.copytree(samples_run / "samples", run / "samples")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [HSPACE, "pca", f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.strategy=ddp", "pca.n_components=4", "pca.oversample=60"]
+    cmd = [HSPACE, "pca", f"run_dir={run}", "trainer.devices=2", "trainer.strategy=ddp", *overrides]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(p.name for p in (run / "pca").iterdir()) == ["partial-0-of-2.safetensors", "partial-1-of-2.safetensors"]
+    assert {"partial-0-of-2.safetensors", "partial-1-of-2.safetensors"} <= {p.name for p in (run / "pca").iterdir()}
     two = load_directions(run / "directions" / "pca.safetensors")
+    one_run = tmp_path / "one"
+    shutil.copytree(samples_run / "samples", one_run / "samples")
+    run_pca(load_config(None, [f"run_dir={one_run}", *overrides]))
+    one = load_directions(one_run / "directions" / "pca.safetensors")
+    torch.testing.assert_close(two.extras["explained_variance"], one.extras["explained_variance"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(two.directions.abs(), one.directions.abs(), rtol=0, atol=1e-5)
+    assert two.params["n_passes"] == one.params["n_passes"]
     V, ev = exact_pca(run)
     torch.testing.assert_close(two.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
     for t in range(3):
         ours = two.directions[:, t].flatten(1).double()
         assert principal_angles(ours / ours.norm(dim=1, keepdim=True), V[t, :4]).max() < 1e-3
+
+
+def test_randomized_pca_that_stops_short_fails_and_writes_nothing(samples_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    from pipeline.errors import ConvergenceError
+    from pipeline.stages.pca import run_pca
+
+    run = tmp_path / "run"
+    shutil.copytree(samples_run / "samples", run / "samples")
+    cfg = load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+                             "pca.n_components=4", "pca.method=randomized", "pca.power_iterations=0", "pca.tol=1e-9"])
+    with pytest.raises(ConvergenceError, match="after 2 passes"):
+        run_pca(cfg)
+    assert not (run / "directions" / "pca.safetensors").exists()

@@ -171,9 +171,14 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
 
 
 def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
-    """The CLI's list of multi-process commands is `run` plus the main job's distributed stages."""
-    from pipeline.cli import DISTRIBUTED, STAGES as COMMANDS
+    """The CLI's commands and its list of multi-process commands derive from the one registry:
+    `run` plus the main job's distributed stages."""
+    from pipeline import registry
+    from pipeline.cli import DISTRIBUTED, commands
     from pipeline.stages.run import STAGES
 
+    assert STAGES is registry.STAGES
     assert set(DISTRIBUTED) == {"run"} | {st.name for st in STAGES if st.distributed}
-    assert all(COMMANDS[st.name][0] == st.entry for st in STAGES if st.name in COMMANDS)
+    cmds = commands()
+    assert set(cmds) == {"run", "config"} | {st.name for st in registry.STAGES + registry.TOOLS}
+    assert all(cmds[st.name][0] is st.run for st in STAGES)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from annotators.toy import ToyConsistency, ToyFaceAnnotator
+from toyfaces.annotator import ToyConsistency, ToyFaceAnnotator
 from pipeline import HSpaceModel
 from pipeline.images import from_uint8
 from pipeline.config import load_config
 from pipeline.loading import EMBEDDED_MODELS
-from pipeline.toyfaces.render import FACTORS, render_faces, sample_factors
-from pipeline.toyfaces.validate import editability, factor_statistics, hf_energy, inversion_round_trip
+from toyfaces.render import FACTORS, render_faces, sample_factors
+from toyfaces.validate import editability, factor_statistics, hf_energy, inversion_round_trip
 
 ASSET = EMBEDDED_MODELS["toyfaces"]
 N = 64

@@ -128,16 +128,16 @@ def test_disentangle_and_edit_stages(annotated_run):
     sup = load_directions(f"{cfg.run_dir}/directions/supervised.safetensors")
     assert dis.names == ["bright|red"]
     assert abs(cosine(dis.directions[0], sup.get("red"))) < 1e-5
-    from omegaconf import OmegaConf
+    from pipeline.config import with_overrides
 
     for over in (["edit.directions=supervised"], ["edit.directions=supervised", "edit.x_T_space=true"],
                  ["edit.directions=supervised", "edit.sequential=true", "edit.scales=[1,-1]"]):
-        paths = run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(over)))
+        paths = run_edit(with_overrides(cfg, over))
         assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
     with pytest.raises(ConfigError, match="num_inference_steps"):
-        run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["edit.directions=supervised", "model.num_inference_steps=4"])))
+        run_edit(with_overrides(cfg, ["edit.directions=supervised", "model.num_inference_steps=4"]))
     with pytest.raises(ConfigError, match="own scale"):
-        run_edit(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["edit.directions=supervised", "edit.sequential=true"])))
+        run_edit(with_overrides(cfg, ["edit.directions=supervised", "edit.sequential=true"]))
 
 
 def test_edit_grids_put_each_direction_and_scale_in_its_place(tiny_model):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from annotators.base import build_annotator
-from annotators.toy import evaluate_annotator
+from toyfaces.annotator import evaluate_annotator
 from pipeline.images import from_uint8
-from pipeline.toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
+from toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
 
 
 def test_factors_have_their_documented_ranges_and_rates():
@@ -95,7 +95,7 @@ def _weights(model_dir):
 
 @pytest.mark.parametrize("skip_dropout", [0.0, 0.5])
 def test_training_is_reproducible_and_resumes_exactly(tmp_path, skip_dropout):
-    from pipeline.toyfaces.train_ddpm import train_toy
+    from toyfaces.train_ddpm import train_toy
 
     straight = train_toy(_tiny_train_cfg(tmp_path / "a", 4, skip_dropout=skip_dropout))
     train_toy(_tiny_train_cfg(tmp_path / "b", 2, skip_dropout=skip_dropout))
@@ -114,7 +114,7 @@ def test_skip_dropout_zeroes_the_skips_of_masked_samples_only():
     """Masked samples reach the up blocks with every down-block skip zero (the conv_in skip
     stays); unmasked ones, and every sample once the mask is cleared, run the plain U-Net."""
     from conftest import make_tiny_unet
-    from pipeline.toyfaces.train_ddpm import SkipDropout
+    from toyfaces.train_ddpm import SkipDropout
 
     unet = make_tiny_unet(size=32)
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
@@ -148,7 +148,7 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
     checkpoint without them; a missing or differently shaped model is a ConfigError naming
     init_from, before any training."""
     from pipeline.errors import ConfigError
-    from pipeline.toyfaces.train_ddpm import ToyDDPM, train_toy
+    from toyfaces.train_ddpm import ToyDDPM, train_toy
 
     first = train_toy(_tiny_train_cfg(tmp_path / "a", 2))
     module = ToyDDPM(_tiny_train_cfg(tmp_path / "b", 2, init_from=str(first), seed=5))
@@ -177,15 +177,15 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
 
 def test_validate_toy_runs_and_writes_json():
     """The validation's arithmetic end to end on a tiny model (its figures are meaningless here;
-    the shipped model's are in the README): every section present, JSON-serialisable."""
+    the shipped model's are in docs/toyfaces.md): every section present, JSON-serialisable."""
     import json
 
     from diffusers import DDIMScheduler
 
-    from annotators.toy import ToyFaceAnnotator
+    from toyfaces.annotator import ToyFaceAnnotator
     from conftest import make_tiny_unet
     from pipeline import HSpaceModel
-    from pipeline.toyfaces.validate import validate
+    from toyfaces.validate import validate
 
     model = HSpaceModel(make_tiny_unet(size=32), DDIMScheduler(), num_inference_steps=3)
     r = validate(model, ToyFaceAnnotator(), n_samples=8, n_edit=2, n_top=2)
@@ -198,7 +198,7 @@ def test_correlation_statistics_finds_a_lost_entanglement():
     """Renders that correlate glasses with hair against 'samples' that do not: the renders' r
     falls outside the samples' interval (not reproduced); samples drawn like the renders
     reproduce it. The interval is Fisher's: r = 0.5 at N = 403 gives tanh(atanh(0.5) -+ 1.96/20)."""
-    from pipeline.toyfaces.validate import correlation_statistics, pearson_interval
+    from toyfaces.validate import correlation_statistics, pearson_interval
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, generator=g)
@@ -222,7 +222,7 @@ def test_validate_toy_takes_the_correlations_the_model_was_trained_with(tmp_path
 
     from pipeline.config import load_config
     from pipeline.errors import ModelLoadError
-    from pipeline.toyfaces.validate import training_correlations
+    from toyfaces.validate import training_correlations
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "training.json").write_text(json.dumps({"config": {"correlations": {"smile~yaw": -0.3}}}))

@@ -12,11 +12,12 @@ import html
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import HSpaceError, InputError
+from ..errors import HSpaceError, InputError, Interrupted
 from .session import ExploreSession, Slider
 
 MAX_SLIDERS = 8
@@ -132,17 +133,18 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
 
     def export_png(view):
         if view is None:
-            return None, "nothing to export yet"
+            return gr.skip(), "nothing to export yet"
         path = session.export_png(view, export_dir / "explore-edited.png")
-        return str(path), f"PNG: {path}"
+        return gr.update(value=str(path), visible=True), f"PNG: {path}"
 
     def export_directions(name, asyrp, first, last, *rows):
         try:
             path = session.export_directions(name, sliders_of(rows), (int(first), int(last)), bool(asyrp))
         except HSpaceError as e:
-            return [gr.skip()] * (MAX_SLIDERS + 1) + [None, f"**error:** {html.escape(str(e))}"]
+            return [gr.skip()] * (MAX_SLIDERS + 2) + [f"**error:** {html.escape(str(e))}"]
         new = _ordered_choices(session)
-        return [gr.update(choices=new)] * (MAX_SLIDERS + 1) + [str(path), f"saved the combination as {path}"]
+        return [gr.update(choices=new)] * (MAX_SLIDERS + 1) + [gr.update(value=str(path), visible=True),
+                                                               f"saved the combination as {path}"]
 
     with gr.Blocks(title="hspace explore", analytics_enabled=False) as demo:
         gr.Markdown(f"### hspace explore: `{html.escape(str(model.name_or_path))}`, T={T}, run `{session.run_dir}`, "
@@ -150,51 +152,51 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
         source = gr.State(None)  # None: the seed; else the key of an uploaded image
         view_state = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=1):  # the source, the sampler, naming and export
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
-                random_seed = gr.Button("random seed", elem_id="random-seed")
-                image_file = gr.File(label="or a real image (DDIM-inverted)", elem_id="upload")
+                random_seed = gr.Button("random seed", elem_id="random-seed", size="sm")
+                image_file = gr.File(label="or a real image (DDIM-inverted)", elem_id="upload", height=120)
                 asyrp = gr.Checkbox(False, label="Asyrp (D_t from an unedited pass)", elem_id="asyrp")
                 first = gr.Slider(0, T - 1, value=0, step=1, label="first edited step (0 = noisiest)", elem_id="first")
                 last = gr.Slider(0, T - 1, value=T - 1, step=1, label="last edited step", elem_id="last")
                 eta = gr.Slider(0, 1, value=eta0[0], step=0.05, elem_id="eta",
                                 label="eta (0 DDIM, 1 DDPM-like)" + ("" if uniform_eta else "; conf.yaml's per-step list until moved"))
-            with gr.Column(scale=2):
+                with gr.Group():
+                    name_choice = gr.Dropdown(choices, value=choices[0][1] if choices else None,
+                                              label="direction to name", elem_id="name-direction")
+                    name_text = gr.Textbox(label="its name (e.g. hat; empty removes it)", elem_id="name-text")
+                name_button = gr.Button("save name", elem_id="save-name", size="sm")
+                export_name = gr.Textbox("combination", label="save the sliders as directions/<name>.safetensors",
+                                         elem_id="export-name")
+                with gr.Row():
+                    export_dirs_button = gr.Button("save combination", elem_id="export-directions", size="sm")
+                    export_png_button = gr.Button("export PNG", elem_id="export-png", size="sm")
+                exported = gr.File(label="exported file", interactive=False, elem_id="exported", visible=False)
+            with gr.Column(scale=2):  # the images, their readings and the sliders
                 with gr.Row():
                     original = gr.Image(label="unedited", format="png", interactive=False, elem_id="original",
                                         buttons=["download", "fullscreen"])
                     edited = gr.Image(label="edited", format="png", interactive=False, elem_id="edited",
                                       buttons=["download", "fullscreen"])
-                scores = gr.HTML(elem_id="scores")
-                status = gr.Markdown(elem_id="status")
-        rows, groups = [], []
-        with gr.Column():
-            for k in range(MAX_SLIDERS):
-                value = choices[k % len(choices)][1] if choices else None
-                with gr.Row(visible=k < SHOWN_SLIDERS) as row:
-                    d = gr.Dropdown(choices, value=value, label=f"direction {k + 1}", elem_id=f"direction-{k}", scale=2)
-                    m = session.suggested_scale(_key(value)[0]) if value else 3.0
-                    s = gr.Slider(-m, m, value=0.0, step=_step(m), label="scale", elem_id=f"scale-{k}", scale=3)
-                rows += [d, s]
-                groups.append(row)
-            shown = gr.State(SHOWN_SLIDERS)
-            more = gr.Button("add a slider", elem_id="add-slider")
-        with gr.Row():
-            with gr.Column():
-                name_choice = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="direction to name",
-                                          elem_id="name-direction")
-                name_text = gr.Textbox(label="name (e.g. hat; empty removes it)", elem_id="name-text")
-                name_button = gr.Button("save name", elem_id="save-name")
-            with gr.Column():
-                export_name = gr.Textbox("combination", label="export the combination as directions/<name>.safetensors",
-                                         elem_id="export-name")
-                export_dirs_button = gr.Button("save combination", elem_id="export-directions")
-                export_png_button = gr.Button("export PNG", elem_id="export-png")
-                exported = gr.File(label="exported file", interactive=False, elem_id="exported", height=90)
+                with gr.Row():
+                    scores = gr.HTML(elem_id="scores")
+                    status = gr.Markdown(elem_id="status")
+                rows, groups = [], []
+                for k in range(MAX_SLIDERS):
+                    value = choices[k % len(choices)][1] if choices else None
+                    with gr.Row(visible=k < SHOWN_SLIDERS, equal_height=True) as row:
+                        d = gr.Dropdown(choices, value=value, label=f"direction {k + 1}", elem_id=f"direction-{k}",
+                                        scale=2)
+                        m = session.suggested_scale(_key(value)[0]) if value else 3.0
+                        s = gr.Slider(-m, m, value=0.0, step=_step(m), label="scale", elem_id=f"scale-{k}", scale=3)
+                    rows += [d, s]
+                    groups.append(row)
+                shown = gr.State(SHOWN_SLIDERS)
+                more = gr.Button("add a slider", elem_id="add-slider", size="sm")
 
         inputs = [source, seed, asyrp, first, last, eta, *rows]
         outputs = [original, edited, scores, status, view_state]
-        events = dict(fn=update, inputs=inputs, outputs=outputs, trigger_mode="always_last", show_progress="hidden")
+        events = {"fn": update, "inputs": inputs, "outputs": outputs, "trigger_mode": "always_last", "show_progress": "hidden"}
         demo.load(**events)
         for control in (asyrp, first, last, eta, *rows):
             control.change(**events)
@@ -230,9 +232,10 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, block: bool = True) 
         print(f"hspace explore: warning: listening on {host}: anyone who can reach it can use the app (no login)")
     print(f"hspace explore: {url} (Ctrl+C to stop)", flush=True)
     try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
+        while True:
+            time.sleep(0.5)
+    except (KeyboardInterrupt, Interrupted):  # Ctrl+C or SIGTERM (the CLI raises Interrupted): a normal end
+        print("hspace explore: stopped", flush=True)
     finally:
         demo.close()
     return url
@@ -242,4 +245,8 @@ def run_explore(cfg, host: str = "127.0.0.1", port: int = 7860) -> None:
     """`hspace explore`: check the port, load the run's model, directions and scorer, serve the app."""
     free_port(host, port)  # a taken port is said before the model loads
     session = ExploreSession.from_config(cfg)
+    if session.model.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)  # one small sample per update: extra threads only contend (docs/explore.md)
     launch(build_app(session), host, port)

@@ -14,14 +14,21 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..directions import Directions, check_directions, compose, label_direction, load_directions, save_directions
+from ..directions import (
+    Directions,
+    check_directions,
+    compose,
+    label_direction,
+    load_directions,
+    save_directions,
+)
 from ..errors import DatasetError, InputError
 from ..images import from_uint8, load_image, save_png, to_uint8
 from ..model import HSpaceModel
@@ -93,7 +100,7 @@ class ExploreSession:
         self._lock = threading.Lock()  # one U-Net user at a time (the hook holds state)
 
     @classmethod
-    def from_config(cls, cfg) -> "ExploreSession":
+    def from_config(cls, cfg) -> ExploreSession:
         from annotators.base import build_annotator
 
         from ..config import to_dict

@@ -23,9 +23,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from annotators.base import build_annotator, check_columns, column_names
+
 from ..config import config_hash, to_dict
-from ..errors import ConfigError, DatasetError
+from ..errors import DatasetError
 from ..images import from_uint8
+from ..io import atomic_path
 from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
 from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, make_trainer,
                               share_cpu_threads)
@@ -39,30 +42,8 @@ def parts_dir(run_dir) -> Path:
     return Path(run_dir) / "annotations" / "parts"
 
 
-def column_names(annotators: dict) -> dict[tuple[str, str], str]:
-    """(config name, attribute) -> column; prefixed with the annotator's name only where names collide."""
-    counts: dict[str, int] = {}
-    for ann in annotators.values():
-        for a in ann.attributes:
-            counts[a] = counts.get(a, 0) + 1
-    columns = {(key, a): (a if counts[a] == 1 else f"{ann.name}.{a}") for key, ann in annotators.items()
-               for a in ann.attributes}
-    if len(set(columns.values())) != len(columns):
-        raise ConfigError(f"annotators {list(annotators)} give clashing score names even with prefixes")
-    return columns
-
-
 def build_annotators(ann_cfg, device="cpu") -> dict:
-    from annotators.base import build_annotator
-
-    names = list(ann_cfg.annotators)
-    if not names:
-        raise ConfigError("annotate.annotators is empty; name at least one annotator (e.g. [toy])")
-    options = to_dict(ann_cfg.options) if ann_cfg.options is not None else {}
-    unknown = set(options) - set(names)
-    if unknown:
-        raise ConfigError(f"annotate.options has entries for {sorted(unknown)}, which are not in annotate.annotators {names}")
-    return {name: build_annotator(name, options.get(name), device) for name in names}
+    return {name: build_annotator(name, ann_cfg.options.get(name), device) for name in ann_cfg.annotators}
 
 
 def plan_items(run_dir, batch_size: int, done: set[int]) -> list[dict]:
@@ -132,9 +113,8 @@ def merge_parts(run_dir, identity: dict) -> pd.DataFrame:
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"hspace": json.dumps(identity).encode()})
-    tmp = annotations_path(run_dir).with_name(".annotations.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, annotations_path(run_dir))
+    with atomic_path(annotations_path(run_dir)) as tmp:
+        pq.write_table(table, tmp)
     if len(df) != want:
         raise DatasetError(f"annotations cover {len(df)} of {want} samples; re-run hspace annotate to finish")
     return df
@@ -144,7 +124,7 @@ def annotation_identity(run_dir, ann_cfg) -> dict:
     manifest = read_manifest(run_dir)
     return {"samples_identity_hash": manifest["identity_hash"],
             "annotators": list(ann_cfg.annotators),
-            "options": to_dict(ann_cfg.options) if ann_cfg.options is not None else {}}
+            "options": to_dict(ann_cfg.options)}
 
 
 def check_existing(run_dir, identity: dict) -> None:
@@ -176,6 +156,7 @@ def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
     identity = annotation_identity(run_dir, cfg.annotate)
     check_existing(run_dir, identity)
+    check_columns(cfg, "annotate")
     annotators = build_annotators(cfg.annotate)  # fails fast on bad names or missing weights
     write_json_atomic(Path(run_dir) / "annotations" / "identity.json", identity)
     done = scan_parts(run_dir)

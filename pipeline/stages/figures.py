@@ -13,6 +13,10 @@ from ..directions import Directions, load_directions
 from ..model import HSpaceModel
 from .edit import render_edits
 
+#: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
+#: class-mean gap of x_T)
+DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
+
 
 def run_figures(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
@@ -40,7 +44,7 @@ def run_figures(cfg) -> Path:
                 jobs.append(("supervised_xT", dirs, list(range(len(dirs))), True))
     count = 0
     for family, dirs, names, x_T in jobs:
-        scales = dirs.params.get("x_T_scales" if x_T else "scales") or [-2.0, -1.0, 0.0, 1.0, 2.0]
+        scales = list(DEFAULT_SCALES if x_T else dirs.params.get("scales") or DEFAULT_SCALES)
         count += len(render_edits(model, dirs, names, seeds, scales, out / family, x_T_space=x_T,
                                   batch_size=cfg.edit.batch_size))
     print(f"hspace figures: {count} edit strips in {out}")

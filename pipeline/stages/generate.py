@@ -167,10 +167,6 @@ def check_disk(run_dir: str, n: int, per_sample: int) -> None:
 
 def run_generate(cfg) -> dict:
     g = cfg.generate
-    if g.h_dtype not in H_DTYPES:
-        raise DatasetError(f"generate.h_dtype={g.h_dtype!r}; choose one of {sorted(H_DTYPES)}")
-    if g.num_samples < 1 or g.batch_size < 1 or g.first_seed < 0:
-        raise DatasetError("generate.num_samples and generate.batch_size must be >= 1 and generate.first_seed >= 0")
     run_dir = str(cfg.run_dir)
     model = HSpaceModel.from_config(cfg.model, device="cpu")
     identity = content_identity(model, g.h_dtype, cfg.trainer.precision)

@@ -4,9 +4,10 @@ For each of ``jacobian.sample_ids`` (samples of the dataset, regenerated from th
 that x_t is the sample's own, its own step noise included), the top-k right singular vectors
 of J_t = d eps / d h_t at every step. Written to ``<run_dir>/directions/jacobian.safetensors``
 as ready-to-apply trajectories, the reference's "global at index" edit: the direction j found
-at step tau applied at every step i, scaled by step i's j-th singular value. The per-step
-vectors and singular values are kept as extras (``vectors``: (n, T, k, C, H, W),
-``singular_values``: (n, T, k)).
+at step tau applied at every step i, scaled by step i's j-th singular value. ``jacobian.steps``
+limits the work to those step indices (``tau`` among them): the edit is then applied at those
+steps only (zero at the others). The per-step vectors and singular values are kept as extras
+(``vectors``: (n, T', k, C, H, W), ``singular_values``: (n, T', k), ``steps``: the T' step indices).
 
 ``jacobian.mask`` restricts the output to an image region (directions that move only that
 region): ``rect:y0:y1:x0:x1`` in fractions of the image, or a greyscale PNG (white = region).
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, ConvergenceError, DatasetError
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..model import HSpaceModel
 from ..samples import read_manifest
@@ -72,10 +73,11 @@ class JacobianModule(ItemModule):
         with torch.inference_mode(False), torch.enable_grad():
             out = jacobian_directions_all_steps(
                 self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
-                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter,
+                method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter, unconverged=c.unconverged,
                 generator=torch.Generator().manual_seed(c.seed + int(sample_id)))
         return {"sample_id": int(sample_id), "vectors": out.directions, "singular_values": out.singular_values,
-                "iterations": out.iterations, "converged": out.converged, "steps": torch.tensor(out.steps)}
+                "iterations": out.iterations, "converged": out.converged, "residuals": out.residuals,
+                "fallback": out.fallback, "steps": torch.tensor(out.steps)}
 
 
 class Items(RankShare):
@@ -100,21 +102,26 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
             raise DatasetError(f"{path} is missing; re-run hspace jacobian")
         results.append(load_file(str(path)))
     manifest = read_manifest(run_dir)
+    T = len(manifest["model"]["timesteps"])
     steps = results[0]["steps"].tolist()
-    if jac_cfg.tau not in steps:
-        raise ConfigError(f"jacobian.tau={jac_cfg.tau} is not among the computed steps {steps}")
-    tau = steps.index(jac_cfg.tau)
+    tau = steps.index(jac_cfg.tau)  # the schema keeps tau among jacobian.steps, each in 0..T-1
     trajectories, names = [], []
     for i, r in zip(ids, results):
-        if len(steps) != len(manifest["model"]["timesteps"]):
-            raise ConfigError("the ready-to-apply trajectories need every step: leave jacobian.steps empty")
-        deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T, C, H, W)
-        trajectories.append(deltas)
+        deltas = global_at_index(r["vectors"], r["singular_values"], tau)  # (k, T', C, H, W)
+        full = deltas.new_zeros(len(deltas), T, *deltas.shape[2:])
+        full[:, steps] = deltas  # no edit at the steps not computed
+        trajectories.append(full)
         names += [f"s{i}-t{jac_cfg.tau}-v{j + 1}" for j in range(len(deltas))]
     extras = {"vectors": torch.stack([r["vectors"] for r in results]),
               "singular_values": torch.stack([r["singular_values"] for r in results]),
               "iterations": torch.stack([r["iterations"] for r in results]),
-              "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8)}
+              "converged": torch.stack([r["converged"] for r in results]).to(torch.uint8),
+              "residuals": torch.stack([r["residuals"] for r in results]),  # (n, T', k) relative, each < tol
+              "fallback": torch.stack([r["fallback"] for r in results]).to(torch.uint8),
+              "steps": torch.tensor(steps)}
+    if not bool(extras["converged"].all()) or not bool((extras["residuals"] < jac_cfg.tol).all()):
+        bad = [(i, steps[t]) for i, c in zip(ids, extras["converged"]) for t in range(len(steps)) if not c[t]]
+        raise ConvergenceError(f"unconverged Jacobian directions (sample, step) {bad[:5]}: nothing written")
     d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", manifest["model"]["timesteps"],
                    model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
                    params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},
@@ -125,8 +132,6 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
 def run_jacobian(cfg) -> Path:
     run_dir, c = Path(cfg.run_dir), cfg.jacobian
     ids = [int(i) for i in c.sample_ids]
-    if not ids:
-        raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
     manifest = read_manifest(run_dir)
     first, n = manifest["requested"]["first_seed"], manifest["requested"]["num_samples"]
     model = HSpaceModel.from_config(cfg.model, device="cpu")

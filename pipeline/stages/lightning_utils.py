@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
+from ..io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
+
 
 def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
     """A predict-only Trainer from the ``trainer`` section; each stage brings its own sampler.
@@ -38,15 +40,6 @@ def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
         callbacks=callbacks,
         **kwargs,
     )
-
-
-def launching_rank() -> int:
-    """This process's global rank before the Trainer exists: 0 in the process the user started;
-    Lightning's launchers and cluster schedulers set these variables in the others."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 0
 
 
 def join_launched_ranks(trainer_cfg) -> None:
@@ -180,11 +173,8 @@ class PartWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if batch is IDLE:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / self.name(prediction)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.write(prediction, tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.directory / self.name(prediction)) as tmp:
+            self.write(prediction, tmp)
 
 
 class AfterAllRanks(L.Callback):

@@ -1,16 +1,29 @@
-"""`hspace pca`: per-step (or joint) PCA of the samples' h, streamed, on any number of processes.
+"""`hspace pca`: per-step (or joint) PCA of the samples' h on any number of processes.
 
-Each rank folds the shards dealt to it into a :class:`StreamingPCA` (memory O(q x T x D),
-never O(N)), saves its partial state to ``<run_dir>/pca/partial-<rank>-of-<world>.safetensors``
-and, after a barrier, rank 0 merges the partial states with the same update as the batches
-and writes ``<run_dir>/directions/pca.safetensors``: direction k at step t = std_{k,t} u_{k,t}
-(scale 1 = one standard deviation, as in the original code), signs aligned across steps so
-"+" means the same at every step, with the explained variance per step and, as the Fig. 6
-baseline, random directions with the same per-step norms (extra ``random_directions``).
+``pca.method`` (see :mod:`pipeline.pca`), resolved from the number of samples when ``auto``:
+
+- ``exact``: the ranks share the steps (rank r takes steps r, r + world, ...; joint PCA runs on
+  rank 0), each reads those steps of every shard and takes their Gram-matrix PCA.
+- ``randomized``: one ``Trainer.predict`` per pass; each rank streams the shards dealt to it,
+  multiplying the pass's basis by the scatter of its samples (:func:`~pipeline.pca.moments_update`);
+  rank 0 merges the partial sums (exact), takes the Rayleigh-Ritz step and writes the next basis
+  (``<run_dir>/pca/basis.safetensors``) until the estimated principal angle is below ``pca.tol``;
+  if ``pca.power_iterations`` run out first, every rank stops with a ConvergenceError and nothing
+  is written.
+- ``onepass``: each rank folds its shards into a :class:`~pipeline.pca.StreamingPCA`; rank 0
+  merges the partial states.
+
+Partial results go through ``<run_dir>/pca/partial-<rank>-of-<world>.safetensors``. Rank 0 writes
+``<run_dir>/directions/pca.safetensors``: direction k at step t = std_{k,t} u_{k,t} (scale 1 = one
+standard deviation, as in the original code), signs aligned across steps so "+" means the same at
+every step, with the explained variance per step, the method, its passes and estimated principal
+angle per step (extra ``angle_bound``) and, as the Fig. 6 baseline, random directions with the
+same per-step norms (extra ``random_directions``).
 """
 from __future__ import annotations
 
-import os
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -18,77 +31,235 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
-from ..errors import ConfigError
-from ..pca import StreamingPCA, align_signs, pca_directions, random_directions_like
+from ..errors import ConvergenceError
+from ..io import atomic_path, write_json_atomic
+from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, align_signs, gaussian_sketch, gram_pca,
+                   merge_moments, moments_update, pca_directions, random_directions_like, resolve_method)
 from ..samples import h_view, open_shard, read_manifest, shard_paths
-from .lightning_utils import ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
+from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+CHUNK = 64  # samples cast to the compute dtype at a time
 
 
 def partial_path(run_dir, rank: int, world: int) -> Path:
     return Path(run_dir) / "pca" / f"partial-{rank}-of-{world}.safetensors"
 
 
+def basis_path(run_dir) -> Path:
+    return Path(run_dir) / "pca" / "basis.safetensors"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
 def new_estimator(pca_cfg) -> StreamingPCA:
-    if pca_cfg.dtype not in DTYPES:
-        raise ConfigError(f"pca.dtype={pca_cfg.dtype!r}; choose float64 or float32")
+    """The one-pass estimator each rank fills (method onepass)."""
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
                         dtype=DTYPES[pca_cfg.dtype])
 
 
-def fit_shards(pca: StreamingPCA, shards: list[Path], batch_size: int, h_shape_t, h_dtype: str) -> StreamingPCA:
-    """Fold the h of the given shards into ``pca``, batch by batch (zero-copy reads)."""
+def estimator_params(pca_cfg) -> dict:
+    """:class:`~pipeline.pca.PCA` parameters of the ``pca`` section."""
+    return dict(n_components=pca_cfg.n_components, method=pca_cfg.method, oversample=pca_cfg.oversample,
+                power_iterations=pca_cfg.power_iterations, tol=pca_cfg.tol,
+                exact_max_samples=pca_cfg.exact_max_samples, joint=pca_cfg.joint, seed=pca_cfg.seed,
+                dtype=DTYPES[pca_cfg.dtype])
+
+
+def shard_batches(shards: list[Path], batch_size: int, h_shape_t, h_dtype: str):
+    """h of the given shards, (B, T, C, H, W) batches (zero-copy, read-only views)."""
     for shard in shards:
         table = open_shard(shard)
         for start in range(0, table.num_rows, batch_size):
-            pca.partial_fit(h_view(table.slice(start, batch_size).column("h"), h_shape_t, h_dtype))
+            yield h_view(table.slice(start, batch_size).column("h"), h_shape_t, h_dtype)
+
+
+def fit_shards(pca: StreamingPCA, shards: list[Path], batch_size: int, h_shape_t, h_dtype: str) -> StreamingPCA:
+    """Fold the h of the given shards into ``pca``, batch by batch (zero-copy reads)."""
+    for h in shard_batches(shards, batch_size, h_shape_t, h_dtype):
+        pca.partial_fit(h)
     return pca
 
 
-class PCAModule(ItemModule):
-    """predict_item: one shard -> folded into this rank's estimator; saved at the end."""
+def state_tensors(st: PCAState, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"n": torch.tensor(st.n), "mean": st.mean, "S": st.S, "V": st.V, "ss": st.ss, **extra}
+
+
+class _PCAModule(ItemModule):
+    """One rank's share of a pass over the shards; subclasses finish in ``after_pass``."""
 
     def __init__(self, run_dir, pca_cfg):
         super().__init__()
-        self.run_dir, self.cfg = run_dir, pca_cfg
+        self.run_dir, self.cfg = str(run_dir), pca_cfg
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
-        self.pca = new_estimator(self.cfg)
         manifest = read_manifest(self.run_dir)
         self.h_shape_t, self.h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
+        self.T, self.D = self.h_shape_t[0], math.prod(self.h_shape_t[1:])
+
+    def batches(self, shard: str):
+        return shard_batches([Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
+
+    def barrier(self, tag: str) -> None:
+        self.trainer.strategy.barrier(f"hspace-pca-{tag}")
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.run_dir, self.trainer.global_rank, self.trainer.world_size)
+
+    def partials(self):
+        for r in range(self.trainer.world_size):
+            yield load_file(str(partial_path(self.run_dir, r, self.trainer.world_size)))
+
+
+class OnePassModule(_PCAModule):
+    """predict_item: one shard -> folded into this rank's StreamingPCA; rank 0 merges the states."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.pca = new_estimator(self.cfg)
 
     def predict_item(self, shard: str):
-        fit_shards(self.pca, [Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
-        return None
+        for h in self.batches(shard):
+            self.pca.partial_fit(h)
 
     def on_predict_end(self) -> None:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        path = partial_path(self.run_dir, rank, world)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.pca.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-        self.trainer.strategy.barrier("hspace-pca-partials")
+        save_tensors(self.pca.state_dict(), self.partial)
+        self.barrier("partials")
         if self.trainer.is_global_zero:
             merged = new_estimator(self.cfg)
-            for r in range(world):
-                merged.merge(StreamingPCA.from_state_dict(load_file(str(partial_path(self.run_dir, r, world)))))
-            write_directions(self.run_dir, self.cfg, merged)
-        self.trainer.strategy.barrier("hspace-pca-written")
+            for d in self.partials():
+                merged.merge(StreamingPCA.from_state_dict(d))
+            result = PCA.from_state(merged.state, merged.n_steps_, merged.feature_shape_, method_used="onepass",
+                                    n_passes=1, angle_bound=float("nan"), converged=True,
+                                    **estimator_params(self.cfg))
+            write_directions(self.run_dir, self.cfg, result)
+        self.barrier("written")
+
+
+class ExactModule(_PCAModule):
+    """predict_item: one shard -> this rank's steps of its h, held in the stored dtype; at the end
+    each rank takes the Gram-matrix PCA of its steps and rank 0 assembles them (joint: rank 0 alone)."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.steps = (list(range(self.T)) if rank == 0 else []) if self.cfg.joint else list(range(self.T))[rank::world]
+        self.held: list[torch.Tensor] = []
+
+    def predict_item(self, shard: str):
+        if self.steps:
+            for h in self.batches(shard):
+                self.held.append(h[:, self.steps].reshape(len(h), len(self.steps), -1).clone())
+
+    def on_predict_end(self) -> None:
+        if self.steps:
+            X = torch.cat(self.held)
+            self.held = []
+            if self.cfg.joint:
+                X = X.reshape(len(X), 1, -1)
+            st = gram_pca(X, self.cfg.n_components, dtype=DTYPES[self.cfg.dtype])
+            save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
+        self.barrier("partials")
+        if self.trainer.is_global_zero:
+            ranks = 1 if self.cfg.joint else min(self.T, self.trainer.world_size)
+            parts = [load_file(str(partial_path(self.run_dir, r, self.trainer.world_size))) for r in range(ranks)]
+            order = torch.cat([d["steps"] for d in parts]).argsort() if not self.cfg.joint else torch.tensor([0])
+            cat = {k: torch.cat([d[k] for d in parts])[order] for k in ("mean", "S", "V", "ss")}
+            st = PCAState(int(parts[0]["n"]), cat["mean"], cat["S"], cat["V"], cat["ss"])
+            result = PCA.from_state(st, self.T, tuple(self.h_shape_t[1:]), method_used="exact", n_passes=1,
+                                    angle_bound=0.0, converged=True, **estimator_params(self.cfg))
+            write_directions(self.run_dir, self.cfg, result)
+        self.barrier("written")
+
+
+class RandomizedModule(_PCAModule):
+    """One pass of the randomized method per ``Trainer.predict``: predict_item folds one shard into
+    this rank's :class:`~pipeline.pca.Moments`; rank 0 merges them, steps its
+    :class:`~pipeline.pca.SubspaceIteration` and writes the next basis (or the directions)."""
+
+    def __init__(self, run_dir, pca_cfg):
+        super().__init__(run_dir, pca_cfg)
+        self.passes, self.done, self.iteration = 0, False, None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        Tp, Dp = (1, self.T * self.D) if self.cfg.joint else (self.T, self.D)
+        k = self.cfg.n_components
+        over = k if self.cfg.oversample is None else self.cfg.oversample
+        if self.passes > 0:
+            self.basis = load_file(str(basis_path(self.run_dir)))["basis"]
+        elif self.trainer.is_global_zero:
+            self.iteration = SubspaceIteration(Tp, Dp, k, k + over, tol=self.cfg.tol,
+                                               max_passes=self.cfg.power_iterations + 2, seed=self.cfg.seed,
+                                               dtype=DTYPES[self.cfg.dtype])
+            self.basis = self.iteration.basis
+        else:  # the same Gaussian sketch as rank 0's (seeded CPU generator)
+            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, DTYPES[self.cfg.dtype])
+        self.acc: Moments | None = None
+
+    def predict_item(self, shard: str):
+        for h in self.batches(shard):
+            h = h.reshape(len(h), 1 if self.cfg.joint else self.T, -1)
+            for chunk in h.split(CHUNK):
+                self.acc = moments_update(self.acc, chunk, self.basis)
+
+    def on_predict_end(self) -> None:
+        self.passes += 1
+        if self.acc is not None:
+            save_tensors({"n": torch.tensor(self.acc.n), "mean": self.acc.mean, "ss": self.acc.ss, "Z": self.acc.Z},
+                         self.partial)
+        elif self.partial.exists():
+            self.partial.unlink()
+        self.barrier("partials")
+        status = Path(self.run_dir) / "pca" / "status.json"
+        if self.trainer.is_global_zero:
+            merged = None
+            for r in range(self.trainer.world_size):
+                path = partial_path(self.run_dir, r, self.trainer.world_size)
+                if path.exists():
+                    d = load_file(str(path))
+                    m = Moments(int(d["n"]), d["mean"], d["ss"], d["Z"])
+                    merged = m if merged is None else merge_moments(merged, m, self.basis, inplace=True)
+            it = self.iteration
+            it.update(merged)
+            if not it.done:
+                save_tensors({"basis": it.basis}, basis_path(self.run_dir))
+            elif it.converged:
+                result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
+                                        n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
+                                        **estimator_params(self.cfg))
+                write_directions(self.run_dir, self.cfg, result)
+            error = str(it.error()) if it.done and not it.converged else None
+            write_json_atomic(status, {"pass": self.passes, "done": it.done, "error": error})
+        self.barrier("step")
+        flags = json.loads(status.read_text())
+        self.done = flags["done"]
+        if flags["error"]:
+            raise ConvergenceError(flags["error"])
 
 
 class ShardData(RankShare):
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, every_rank: bool = False):
         super().__init__()
-        self.run_dir = run_dir
+        self.run_dir, self.every_rank = run_dir, every_rank
 
     def plan(self) -> list:
         return [str(p) for p in shard_paths(self.run_dir)]
 
+    def setup(self, stage: str) -> None:
+        if self.every_rank:  # the exact method: every rank reads its steps of every shard
+            self.items = self.plan() or [IDLE]
+        else:
+            super().setup(stage)
 
-def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
+
+def write_directions(run_dir, pca_cfg, pca: PCA) -> Path:
     manifest = read_manifest(run_dir)
     T, C, H, W = manifest["h_shape_t"]
     comps = align_signs(pca.components_, method=pca_cfg.align) if not pca_cfg.joint else pca.components_
@@ -99,15 +270,16 @@ def write_directions(run_dir, pca_cfg, pca: StreamingPCA) -> Path:
     extras = {"explained_variance": pca.explained_variance_.float(),
               "explained_variance_ratio": pca.explained_variance_ratio_.float(),
               "singular_values": pca.singular_values_.float(), "mean": pca.mean_.float().reshape(-1, C, H, W),
-              "random_directions": random}
+              "angle_bound": pca.angle_bound_.float(), "random_directions": random}
     result = Directions(dirs, [f"pc{k + 1}" for k in range(K)], "pca/joint" if pca_cfg.joint else "pca/per-step",
                         manifest["model"]["timesteps"], model=manifest["model"]["name_or_path"],
                         source_run=str(Path(run_dir).resolve()),
-                        params={**to_dict(pca_cfg), "n_samples": pca.n_samples_seen_, "scales": list(pca_cfg.scales),
+                        params={**to_dict(pca_cfg), "method_used": pca.method_, "n_passes": pca.n_passes_,
+                                "n_samples": pca.n_samples_seen_, "scales": list(pca_cfg.scales),
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
     out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors")
-    from evaluation.plots import explained_variance_plot
+    from ..figures import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
     if not pca_cfg.joint:
@@ -119,12 +291,19 @@ def run_pca(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     shards = shard_paths(run_dir)
     n = read_manifest(run_dir)["num_samples"]
-    trainer = make_trainer(cfg.trainer, [ItemsProgress("pca", len(shards), count=lambda item: 1, unit="shards")],
-                           inference_mode=False)
+    method = resolve_method(cfg.pca.method, n, cfg.pca.exact_max_samples)
+    trainer = make_trainer(cfg.trainer, [ItemsProgress(f"pca ({method})", len(shards), count=lambda item: 1,
+                                                       unit="shards")], inference_mode=False)
+    module = {"exact": ExactModule, "randomized": RandomizedModule, "onepass": OnePassModule}[method](run_dir, cfg.pca)
     with torch.no_grad():
-        trainer.predict(PCAModule(str(run_dir), cfg.pca), datamodule=ShardData(str(run_dir)), return_predictions=False)
+        while True:
+            trainer.predict(module, datamodule=ShardData(str(run_dir), every_rank=method == "exact"),
+                            return_predictions=False)
+            if method != "randomized" or module.done:
+                break
     out = run_dir / "directions" / "pca.safetensors"
     if trainer.is_global_zero:
+        passes = f", {module.passes} passes" if method == "randomized" else ""
         print(f"hspace pca: {cfg.pca.n_components} components of {n} samples "
-              f"({'joint' if cfg.pca.joint else 'per step'}) -> {out}")
+              f"({'joint' if cfg.pca.joint else 'per step'}, {method}{passes}) -> {out}")
     return out

@@ -1,7 +1,8 @@
 """`hspace run`: the main job, every stage in order on one configuration.
 
 generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures ->
-evaluate -> report. A stage is skipped when its outputs exist and were made from the same
+evaluate -> report (the order and each stage's inputs and outputs: pipeline.registry.STAGES).
+A stage is skipped when its outputs exist and were made from the same
 inputs: each finished stage leaves a stamp (``<run_dir>/.stamps/<stage>.json``) with a hash of
 the configuration sections it reads and of the hashes of the stages it reads from, so a
 changed setting re-runs exactly the stages downstream of it; a stage that runs again (for
@@ -11,54 +12,14 @@ that use Lightning (generate, annotate, pca, jacobian, evaluate) run on whatever
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from ..config import config_hash
+from ..config import config_hash, select
+from ..registry import STAGES, Stage
 from ..samples import write_json_atomic
 from .lightning_utils import agreed, launching_rank
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    entry: str  # "module:function" taking the config
-    reads: tuple[str, ...]  # config sections (dotted) that determine the output
-    after: tuple[str, ...]  # stages whose outputs it reads
-    outputs: tuple[str, ...]  # paths under run_dir that must exist for it to count as done
-    distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
-    assets: tuple[str, ...] = ()  # files it reads that the config names but does not pin: "model", "annotators"
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("generate", "pipeline.stages.generate:run_generate", ("model", "generate", "trainer.precision"), (),
-          ("samples/manifest.json",), True, ("model",)),
-    Stage("annotate", "pipeline.stages.annotate:run_annotate", ("annotate",), ("generate",), ("annotations.parquet",), True,
-          ("annotators",)),
-    Stage("select", "pipeline.stages.select:run_select", ("select",), ("annotate",), ("selection.parquet",)),
-    Stage("pca", "pipeline.stages.pca:run_pca", ("pca",), ("generate",), ("directions/pca.safetensors",), True),
-    Stage("jacobian", "pipeline.stages.jacobian:run_jacobian", ("jacobian", "model"), ("generate",),
-          ("directions/jacobian.safetensors",), True),
-    Stage("supervised", "pipeline.stages.supervised:run_supervised", ("supervised",), ("select",),
-          ("directions/supervised.safetensors",)),
-    Stage("disentangle", "pipeline.stages.disentangle:run_disentangle", ("disentangle",), ("supervised",),
-          ("directions/disentangled.safetensors",)),
-    Stage("figures", "pipeline.stages.figures:run_figures", ("report", "edit.seeds", "model"),
-          ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
-    Stage("evaluate", "evaluation.stage:run_evaluate", ("evaluate", "model"), ("pca", "supervised", "disentangle"),
-          ("evaluation/summary.json", "evaluation/table1_signed.csv"), True, ("annotators",)),
-    Stage("report", "evaluation.report:run_report", ("report",), ("figures", "evaluate", "select"), ("report/index.html",)),
-)
-
-
-def _section(cfg, dotted: str):
-    node = OmegaConf.select(cfg, dotted)
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def asset_identities(cfg) -> dict[str, str]:
@@ -77,7 +38,7 @@ def stage_hashes(cfg) -> dict[str, str]:
     assets = asset_identities(cfg)
     hashes: dict[str, str] = {}
     for st in STAGES:
-        hashes[st.name] = config_hash({k: _section(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
+        hashes[st.name] = config_hash({k: select(cfg, k) for k in st.reads}, {u: hashes[u] for u in st.after},
                                       *({a: assets[a]} for a in st.assets))
     return hashes
 
@@ -103,6 +64,9 @@ def is_fresh(run_dir, st: Stage, h: str) -> bool:
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
+    from annotators.base import check_columns
+
+    check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
     run_dir = Path(cfg.run_dir)
     hashes = stage_hashes(cfg)
     rank0 = launching_rank() == 0
@@ -122,8 +86,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
         t0 = time.time()
-        module, func = st.entry.split(":")
-        getattr(importlib.import_module(module), func)(cfg)
+        st.run(cfg)
         if rank0:
             write_json_atomic(stamp_path(run_dir, st.name), {"hash": hashes[st.name], "seconds": round(time.time() - t0, 1),
                                                              "finished": time.time()})

@@ -13,62 +13,15 @@ ties fall back to sample-id order, which is unrelated to content (ids are seeds)
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
+from ..io import atomic_path
+from ..selection import selection_table
 from .annotate import load_annotations
-
-
-def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = None,
-                      threshold: float = 0.5, resolution: float = 0.0) -> tuple[pd.Series, pd.Series]:
-    """Top n and bottom n of ``scores`` (index: sample_id), NaNs ignored, ties broken by id.
-
-    Ranked by the scores rounded to multiples of ``resolution`` (0: exact). With ``condition``,
-    n/2 of each side come from condition > threshold and n/2 from the rest.
-    Returns two Series (sample_id -> score), best first / worst first.
-    """
-    s = scores.dropna()
-    if resolution < 0:
-        raise ConfigError(f"select.resolution must be >= 0, got {resolution}")
-    if condition is None:
-        if len(s) < 2 * n:
-            raise DatasetError(f"{scores.name}: {len(s)} scored samples cannot give a top and a bottom {n}; "
-                               f"lower select.n or generate more samples")
-        key = ((s / resolution).round() if resolution else s).sort_index(kind="stable")
-        top = key.sort_values(ascending=False, kind="stable").index[:n]
-        bottom = key.sort_values(ascending=True, kind="stable").index[:n]
-        return s.loc[top], s.loc[bottom]
-    cond = condition.reindex(s.index)
-    high, low = s[cond > threshold], s[cond <= threshold]
-    half = n // 2
-    tops, bottoms = [], []
-    for part, k in ((high, half), (low, n - half)):
-        t, b = select_top_bottom(part.rename(scores.name), k, resolution=resolution)
-        tops.append(t)
-        bottoms.append(b)
-    return (pd.concat(tops).sort_values(ascending=False, kind="stable"),
-            pd.concat(bottoms).sort_values(ascending=True, kind="stable"))
-
-
-def selection_table(annotations: pd.DataFrame, attributes: list[str], n: int, balance: str | None = None,
-                    threshold: float = 0.5, resolution: float = 0.0) -> pd.DataFrame:
-    """Long table: attribute, side ('top' | 'bottom'), rank (0 = most extreme), sample_id, score."""
-    df = annotations.set_index("sample_id")
-    missing = [a for a in attributes + ([balance] if balance else []) if a not in df.columns]
-    if missing:
-        raise ConfigError(f"no annotation column {missing}; annotations have {list(df.columns)}")
-    rows = []
-    for attr in attributes:
-        cond = df[balance] if balance and balance != attr else None
-        top, bottom = select_top_bottom(df[attr].rename(attr), n, cond, threshold, resolution)
-        for side, part in (("top", top), ("bottom", bottom)):
-            rows += [{"attribute": attr, "side": side, "rank": r, "sample_id": int(i), "score": float(v)}
-                     for r, (i, v) in enumerate(part.items())]
-    return pd.DataFrame(rows)
 
 
 def load_selection(run_dir) -> pd.DataFrame:
@@ -103,9 +56,8 @@ def run_select(cfg) -> pd.DataFrame:
     table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold,
                             cfg.select.resolution)
     out = run_dir / "selection.parquet"
-    tmp = out.with_name(".selection.parquet.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        table.to_parquet(tmp, index=False)
     shown = table[table["rank"] < cfg.select.contact_sheet_size]
     images = {}
     for b in iter_samples(run_dir, batch_size=256, images=True, h=False, ids=sorted(set(shown.sample_id))):

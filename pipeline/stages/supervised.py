@@ -14,7 +14,6 @@ experiment), paired by file name when ``supervised.real.paired`` is true.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError
 from ..images import from_uint8, load_image
+from ..io import atomic_path
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
 from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
@@ -68,8 +68,6 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
             w = torch.from_numpy(w).view_as(d)
             d = w * float((d.flatten() @ w.flatten()))  # the class-mean gap along the normal
             info[attr] = {"cv_accuracy": acc, "cv_accuracy_std": acc_std}
-        elif sup_cfg.method != "mean_difference":
-            raise ConfigError(f"supervised.method={sup_cfg.method!r}; choose mean_difference or logistic")
         directions.append(d)
         x_dirs.append(mean_difference(xpos, xneg))
         ns = [n for n in sup_cfg.convergence_ns if n <= len(top)]
@@ -146,17 +144,14 @@ def run_supervised(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
     out = save_directions(directions, run_dir / "directions" / "supervised.safetensors")
-    tmp = run_dir / "directions" / ".convergence.csv.tmp"
-    curves.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / "directions" / "convergence.csv")
+    with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
+        curves.to_csv(tmp, index=False)
     plot_convergence(curves, run_dir / "directions" / "convergence.png")
     for attr, info in directions.params["per_attribute"].items():
         print(f"  {attr}: logistic regression held-out accuracy {info['cv_accuracy']:.3f} +- {info['cv_accuracy_std']:.3f}")
     print(f"hspace supervised: {len(directions)} directions ({', '.join(directions.names)}) -> {out}")
     real = cfg.supervised.real
-    if real.positive_dir or real.negative_dir:
-        if not (real.positive_dir and real.negative_dir):
-            raise ConfigError("supervised.real needs both positive_dir and negative_dir")
+    if real.positive_dir:  # the schema requires negative_dir with it
         model = HSpaceModel.from_config(cfg.model)
         d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired,
                                        fixed_point_iterations=real.fixed_point_iterations)

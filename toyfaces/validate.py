@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ModelLoadError
-from ..images import from_uint8
-from ..model import HSpaceModel
-from ..samples import write_json_atomic
-from ..supervised import mean_difference
+from pipeline.errors import ModelLoadError
+from pipeline.images import from_uint8
+from pipeline.model import HSpaceModel
+from pipeline.samples import write_json_atomic
+from pipeline.supervised import mean_difference
 from .render import FACTORS, render_faces, sample_factors
 
 
@@ -105,7 +105,7 @@ def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, ne
     renderer std, half the range if binary). h: (N, T, C, H, W), scores: name -> (N,)."""
     import pandas as pd
 
-    from ..stages.select import select_top_bottom
+    from pipeline.selection import select_top_bottom
 
     base = {k: v for k, v in annotator(torch.cat([o.images for o in _batched(model.sample, list(new_seeds), 128)])).items()}
     out = {}
@@ -155,8 +155,8 @@ def samples_vs_renders_figure(model: HSpaceModel, path, n: int = 48, correlation
     """Model samples (seeds 0..n-1) beside rendered faces of the training distribution."""
     import matplotlib.pyplot as plt
 
-    from ..figures import save_figure
-    from ..images import image_grid, to_uint8
+    from pipeline.figures import save_figure
+    from pipeline.images import image_grid, to_uint8
 
     samples = to_uint8(model.sample(list(range(n))).images.cpu())
     renders = render_faces(sample_factors(n, 12345, correlations))
@@ -174,7 +174,7 @@ def training_correlations(cfg) -> dict:
     train-toy / finetune-toy), else ``train_toy.correlations``."""
     import json
 
-    from ..loading import resolve
+    from pipeline.loading import resolve
 
     location, is_local = resolve(cfg.model.name_or_path)
     record = Path(location) / "training.json"
@@ -188,7 +188,7 @@ def training_correlations(cfg) -> dict:
 
 
 def run_validate_toy(cfg) -> dict:
-    from annotators.toy import ToyFaceAnnotator
+    from .annotator import ToyFaceAnnotator
 
     model = HSpaceModel.from_config(cfg.model)
     correlations = training_correlations(cfg)

@@ -1,5 +1,8 @@
 """The embedded default's annotator: a small CNN that reads the toy-face factors back.
 
+Registered as ``toy`` and ``toy_consistency`` in annotators.base by name (a lazy entry: the
+annotators package does not import the toy domain).
+
 Trained on freshly rendered faces with *independent* factors (so it cannot learn one factor
 from another) and light augmentation (noise, blur, 1-pixel shifts, contrast), so that it
 reads generated samples, which are never quite as clean as renders. Outputs, in the
@@ -19,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from annotators import ASSETS
+from annotators.base import Annotator
 from pipeline.errors import ModelLoadError
-from pipeline.toyfaces.render import FACTORS, render_faces, sample_factors
 
-from . import ASSETS
-from .base import Annotator, register
+from .render import FACTORS, render_faces, sample_factors
 
 ASSET = ASSETS / "toyfaces-annotator"
 CONTINUOUS = tuple(f.name for f in FACTORS if f.kind == "continuous")
@@ -60,7 +63,6 @@ def decode_outputs(out: torch.Tensor) -> dict[str, torch.Tensor]:
     return scores
 
 
-@register("toy")
 class ToyFaceAnnotator(Annotator):
     """Reads smile, eye_open, glasses, hat, yaw, hair and background off a toy face."""
 
@@ -179,7 +181,6 @@ def run_train_toy_annotator(cfg) -> Path:
     return train_toy_annotator(cfg.train_toy_annotator)
 
 
-@register("toy_consistency")
 class ToyConsistency(Annotator):
     """How much an image still looks like a toy face: the mean absolute difference (in [0, 1]
     pixel units) between the image and a fresh render of the factors the toy annotator reads

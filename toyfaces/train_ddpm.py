@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ..config import ToyTrainConfig, to_dict
-from ..images import from_uint8
+from pipeline.config import ToyTrainConfig, to_dict
+from pipeline.images import from_uint8
+from pipeline.io import atomic_path
 from .render import RESOLUTION, render_faces, sample_factors
 
 
@@ -71,7 +72,7 @@ def initial_unet(cfg: ToyTrainConfig, init_from: str | None) -> UNet2DModel:
     unet = build_unet(cfg)
     if init_from is None:
         return unet
-    from ..errors import ConfigError
+    from pipeline.errors import ConfigError
 
     src = Path(init_from)
     if not (src / "config.json").is_file():
@@ -181,26 +182,17 @@ class _Steps(torch.utils.data.Dataset):
 def export_model(module: ToyDDPM, out_dir: str | os.PathLike, dtype=torch.float32) -> Path:
     """Save the EMA U-Net and a DDPM scheduler in the flat hub-DDPM layout, atomically."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
     unet = copy.deepcopy(module.ema).to(dtype=dtype, device="cpu")
-    unet.save_pretrained(tmp)
-    module.noise_scheduler.save_pretrained(tmp)
-    (tmp / "model_index.json").write_text(
-        json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-                    "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2)
-    )
-    (tmp / "training.json").write_text(
-        json.dumps({"config": to_dict(module.cfg), "step": int(module.global_step)}, indent=2)
-    )
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        unet.save_pretrained(tmp)
+        module.noise_scheduler.save_pretrained(tmp)
+        (tmp / "model_index.json").write_text(
+            json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                        "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2)
+        )
+        (tmp / "training.json").write_text(
+            json.dumps({"config": to_dict(module.cfg), "step": int(module.global_step)}, indent=2)
+        )
     return out
 
 
@@ -213,13 +205,10 @@ def half_precision_copy(model_dir: str | os.PathLike, dest: str | os.PathLike) -
     from diffusers import UNet2DModel
 
     src, dest = Path(model_dir), Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    UNet2DModel.from_pretrained(src, torch_dtype=torch.float16).save_pretrained(tmp)
-    for name in ("scheduler_config.json", "model_index.json", "training.json"):
-        shutil.copy2(src / name, tmp / name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        UNet2DModel.from_pretrained(src, torch_dtype=torch.float16).save_pretrained(tmp)
+        for name in ("scheduler_config.json", "model_index.json", "training.json"):
+            shutil.copy2(src / name, tmp / name)
     return dest
 
 
