@@ -1,10 +1,10 @@
-# Two set-up-and-go targets: `make demo` and `make test`. Both create .venv if missing.
+# Two set-up-and-go targets: `make demo` and `make test` (`make test-fast` for the edit loop). All create .venv if missing.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench install clean-venv
+.PHONY: demo test test-fast bench install clean-venv
 
 install: $(STAMP)
 
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/hspace run
 
+# lint (ruff, configured in pyproject.toml), then every test
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# the edit loop: everything but the tests marked slow (subprocesses, end-to-end stages, training)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -13,4 +13,11 @@ from .base import ANNOTATORS, Annotator, build_annotator, register
 #: Weights that ship inside the package (the toy annotator's, used by toyfaces.annotator).
 ASSETS = Path(__file__).resolve().parent / "assets"
 
-__all__ = ["ANNOTATORS", "ASSETS", "Annotator", "build_annotator", "register"]
+__all__ = ["ANNOTATORS", "ASSETS", "Annotator", "assets_identity", "build_annotator", "register"]
+
+
+def assets_identity() -> str:
+    """A content hash of the annotator weights shipped in the package."""
+    from pipeline.io import hash_tree
+
+    return hash_tree(ASSETS)

@@ -70,7 +70,9 @@ def _hair(colour: str) -> dict[str, list[str]]:
 
 
 def _pair(positive, negative) -> dict[str, list[str]]:
-    as_list = (lambda v: [v] if isinstance(v, str) else list(v))
+    def as_list(v):
+        return [v] if isinstance(v, str) else list(v)
+
     return {"positive": as_list(positive), "negative": as_list(negative)}
 
 
@@ -249,7 +251,8 @@ def load_open_clip(model: str = "ViT-B-32", pretrained: str | None = "openai", q
             return _load_file(open_clip, name, cached, quick_gelu, preprocess), open_clip.get_tokenizer(name)
         if _offline():
             raise ModelLoadError(f"the clip annotator needs {what}, which is not in the local Hugging Face cache, "
-                                 f"and this machine is offline (HF_HUB_OFFLINE is set). " + _SUPPLY_HELP.format(what="that file", model=name))
+                                 f"and this machine is offline (HF_HUB_OFFLINE is set). "
+                                 + _SUPPLY_HELP.format(what="that file", model=name))
         try:
             net = open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=bool(quick_gelu),
                                          cache_dir=cache_dir)

@@ -20,8 +20,9 @@ import torch
 
 from annotators.base import build_annotator
 from pipeline.config import load_config
+from pipeline.identity import make_record
 from pipeline.images import from_uint8
-from pipeline.samples import iter_samples, samples_dir, write_json_atomic, write_shard, FORMAT
+from pipeline.samples import FORMAT, iter_samples, samples_dir, write_json_atomic, write_shard
 from pipeline.stages.annotate import run_annotate
 from toyfaces.render import render_faces, sample_factors
 
@@ -36,7 +37,7 @@ def make_dataset(run: Path, n: int, shard: int = 256) -> None:
     write_json_atomic(samples_dir(run) / "manifest.json", {
         "format": FORMAT, "identity_hash": "bench", "h_shape_t": [1, 1, 1, 1], "h_dtype": "float16",
         "image_shape": [3, 32, 32], "num_samples": n, "complete": True, "shards": names,
-        "model": {"name_or_path": "renders", "timesteps": [0]}})
+        "model": {"name_or_path": "renders", "timesteps": [0]}, "record": make_record("generate", content=["bench", n])})
 
 
 def main() -> None:

@@ -81,7 +81,8 @@ def maxrss_mb() -> float:
 def worker(args) -> dict:
     import numpy as np
     import scipy.linalg  # noqa: F401  (load its BLAS before limiting it)
-    from sklearn.decomposition import PCA as SkPCA, IncrementalPCA
+    from sklearn.decomposition import PCA as SkPCA
+    from sklearn.decomposition import IncrementalPCA
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from pipeline.pca import PCA
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=8192, help="D per step (toy model: 8192, paper: 32768)")
     ap.add_argument("--k", type=int, default=25)
     ap.add_argument("--oversample", type=int, default=None, help="default: = k")
-    ap.add_argument("--power-iterations", type=int, default=20)
+    ap.add_argument("--power-iterations", type=int, default=40)
     ap.add_argument("--tol", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=100, help="batch size fed to the streaming methods")
     ap.add_argument("--threads", type=int, default=1)

@@ -67,7 +67,8 @@ def main() -> None:
     print(f"HSpaceModel.sample (record h)  {t_record:8.3f} s   ratio {t_record / t_plain:.3f}  (target <= 1.05)")
     print(f"  same images as the plain loop: max |diff| = {check:.2e}")
     print(f"edit, symmetric injection      {t_sym:8.3f} s   ratio {t_sym / t_plain:.3f}")
-    print(f"edit, Asyrp (two passes/step)  {t_asyrp:8.3f} s   ratio {t_asyrp / t_plain:.3f}   asyrp/symmetric {t_asyrp / t_sym:.2f}")
+    print(f"edit, Asyrp (two passes/step)  {t_asyrp:8.3f} s   ratio {t_asyrp / t_plain:.3f}   "
+          f"asyrp/symmetric {t_asyrp / t_sym:.2f}")
 
 
 if __name__ == "__main__":

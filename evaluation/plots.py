@@ -21,7 +21,7 @@ def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out:
     rows = [len(m) for _, m, _ in sections]
     fig, axes = plt.subplots(len(sections), 1, figsize=(1.6 + 0.75 * ncol, 1.2 + 0.38 * sum(rows) + 0.5 * len(sections)),
                              squeeze=False, layout="constrained", gridspec_kw={"height_ratios": rows})
-    for ax, (title, mean, std) in zip(axes[:, 0], sections):
+    for ax, (title, mean, _std) in zip(axes[:, 0], sections):
         im = ax.imshow(mean.values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(ncol), mean.columns, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(mean.index)), mean.index, fontsize=8)

@@ -19,13 +19,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import to_yaml
-from pipeline.io import atomic_path
+from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from pipeline.io import atomic_path, write_json_atomic
 from pipeline.samples import read_manifest
 
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
 * { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color:var(--ink); background:var(--bg); }
+body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--ink); background:var(--bg); }
 header { background:#1d232b; color:#fff; padding:28px 40px 22px; }
 header h1 { margin:0 0 4px; font-size:24px; font-weight:600; }
 header p { margin:0; color:#c5ccd5; font-size:14px; }
@@ -53,7 +55,8 @@ figure img { max-width:100%; border:1px solid var(--line); border-radius:4px; ba
 figcaption { font-size:12.5px; color:var(--muted); margin-top:4px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(340px, 1fr)); gap:14px; }
 details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); }
-pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto; max-height:420px; }
+pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto;
+      max-height:420px; }
 code { font-size:12.5px; }
 .pm { color:#8a939c; font-size:12px; }
 """
@@ -154,12 +157,23 @@ def git_commit() -> str | None:
         return None
 
 
+REPORTED = ("samples", "selection.parquet", "edits", "evaluation")
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of the report folder: its settings and everything of the run it shows."""
+    return make_record("report", config_sections(cfg, "report"),
+                       artefacts=artefact_ids(cfg.run_dir, present(cfg.run_dir, REPORTED, known), known))
+
+
 def build_report(run_dir, cfg=None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     with atomic_path(out) as tmp:
         tmp.mkdir()
         _write_report(run_dir, cfg, tmp)
+        if cfg is not None:
+            write_json_atomic(tmp / FOLDER_RECORD, identity(cfg))
     return out / "index.html"
 
 
@@ -231,7 +245,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                   "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "
                   "image at the same norm and degrades it at the same pixel change.")
         page.add(df_html(pvr))
-        page.image(ev / "pca_vs_random.png", "Consistent attribute change per pixel change (left) and against pixel change (right).")
+        page.image(ev / "pca_vs_random.png",
+                   "Consistent attribute change per pixel change (left) and against pixel change (right).")
     if (ev / "image_change.csv").exists():
         page.section("quality", "Image change and quality per edit")
         page.note("Mean absolute pixel change (in [0, 1] units) and the image-quality score before and after the edit "
@@ -248,7 +263,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     families = [("pca", "PCA directions (scale in standard deviations)"), ("pca_random", "Random directions, norm-matched"),
                 ("jacobian", "Jacobian directions (Alg. 1): image-specific, applied to other seeds"),
                 ("supervised", "Supervised directions (eq. 10)"), ("disentangled", "Disentangled directions (eq. 11)"),
-                ("supervised_xT", "The same supervised directions in x_T space (Fig. 8 baseline)"), ("real", "Real-image directions")]
+                ("supervised_xT", "The same supervised directions in x_T space (Fig. 8 baseline)"),
+                ("real", "Real-image directions")]
     present = [(f, t) for f, t in families if (edits / f).is_dir() and any((edits / f).glob("*.png"))]
     if present:
         page.section("edits", "Edit strips")
@@ -279,7 +295,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     prov = {"created": dt.datetime.now().isoformat(timespec="seconds"), "hspace commit": git_commit(),
             "model": model.get("name_or_path"), "weights fingerprint": model.get("weights_fingerprint"),
             "scheduler": model.get("scheduler"), "timesteps": model.get("timesteps"), "eta": model.get("eta"),
-            "hook": model.get("hook"), "samples identity": manifest.get("identity_hash"),
+            "hook": model.get("hook"), "samples identity": (manifest.get("record") or {}).get("id"),
             "packages": manifest.get("packages")}
     page.add("<table><tbody>" + "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
                                         f"<code>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
@@ -307,6 +323,8 @@ def strip_captions(dirs: Path, family: str) -> dict[str, str]:
 
 
 def run_report(cfg) -> Path:
+    for name in present(cfg.run_dir, ("edits", "evaluation")):  # what it shows is what the run holds now
+        verify(cfg.run_dir, name)
     path = build_report(cfg.run_dir, cfg)
     print(f"hspace report: {path}")
     return path

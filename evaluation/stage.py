@@ -17,8 +17,6 @@ rank 0 merges them into ``<run_dir>/evaluation/per_sample.parquet`` and writes
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +25,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import config_hash, to_dict
+from annotators import assets_identity
+from pipeline.config import to_dict
 from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.model import HSpaceModel, default_device
+from pipeline.identity import (
+    FOLDER_RECORD,
+    artefact_ids,
+    config_sections,
+    make_record,
+    parquet_metadata,
+    present,
+    read_record,
+    verify,
+)
 from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
-from pipeline.stages.lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare,
-                                             agreed, launching_rank, make_trainer, share_cpu_threads)
+from pipeline.loading import weights_identity
+from pipeline.model import HSpaceModel, default_device
+from pipeline.stages.lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
-from .metrics import (bootstrap_effects, disentanglement_summary, effect_matrix, own_attribute, pca_vs_random, primary,
-                      table1_markdown)
-
+from .metrics import (
+    bootstrap_effects,
+    disentanglement_summary,
+    effect_matrix,
+    own_attribute,
+    pca_vs_random,
+    primary,
+    table1_markdown,
+)
 
 # Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set); 4 are
 # close to 8 in half the time (docs/benchmarks.md).
@@ -49,21 +74,22 @@ def eval_dir(run_dir) -> Path:
 
 
 # ---------------------------------------------------------------------- what to apply
-def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
-    """(name, family, delta (T, C, H, W)) for every edit to evaluate, scales applied."""
+def edit_list(run_dir, ev_cfg, model=None) -> list[tuple[str, str, torch.Tensor]]:
+    """(name, family, delta (T, C, H, W)) for every edit to evaluate, scales applied (checked to fit
+    ``model``'s h when given)."""
     d = Path(run_dir) / "directions"
     edits = []
-    original = load_directions(d / "supervised.safetensors")
+    original = load_directions(d / "supervised.safetensors", model)
     for name, v in zip(original.names, original.directions):
         edits.append((name, "original", ev_cfg.scale * v))
     dis_path = d / "disentangled.safetensors"
     if dis_path.exists():
-        dis = load_directions(dis_path)
+        dis = load_directions(dis_path, model)
         for name, v in zip(dis.names, dis.directions):
             if ev_cfg.match_norm and primary(name) in original.names:
                 v = v * (original.get(primary(name)).norm() / v.norm().clamp_min(1e-12))
             edits.append((name, "disentangled", ev_cfg.scale * v))
-    fig6 = pca_and_random(run_dir, ev_cfg)
+    fig6 = pca_and_random(run_dir, ev_cfg, model)
     edits += fig6
     calibration = eval_dir(run_dir) / "pixel_matching.json"
     if ev_cfg.pixel_matched_random and calibration.exists():
@@ -73,12 +99,12 @@ def edit_list(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
     return edits
 
 
-def pca_and_random(run_dir, ev_cfg) -> list[tuple[str, str, torch.Tensor]]:
+def pca_and_random(run_dir, ev_cfg, model=None) -> list[tuple[str, str, torch.Tensor]]:
     """The top PCA directions at ``pca_scale`` and the norm-matched random ones (paper Fig. 6)."""
     pca_path = Path(run_dir) / "directions" / "pca.safetensors"
     if ev_cfg.pca_components <= 0 or not pca_path.exists():
         return []
-    pca = load_directions(pca_path)
+    pca = load_directions(pca_path, model)
     k = min(ev_cfg.pca_components, len(pca))
     edits = [(pca.names[i], "pca", ev_cfg.pca_scale * pca.directions[i]) for i in range(k)]
     if "random_directions" in pca.extras:
@@ -123,7 +149,7 @@ def calibrate_random(model: HSpaceModel, run_dir, ev_cfg, seeds) -> dict[str, fl
     """Per random direction, the multiplier that makes it change the images as much as its PCA
     component (on ``seeds``): the pixel-matched baseline, where the Fig. 6 claim (random
     directions degrade the image instead of changing attributes) can be read off per pixel."""
-    edits = pca_and_random(run_dir, ev_cfg)
+    edits = pca_and_random(run_dir, ev_cfg, model)
     pcs = [v for _, family, v in edits if family == "pca"]
     randoms = [(name, v) for name, family, v in edits if family == "random"]
     base = model.sample(seeds).images
@@ -158,7 +184,7 @@ class EvaluateModule(ItemModule):
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
-        self.edits = edit_list(self.run_dir, self.ev_cfg)
+        self.edits = edit_list(self.run_dir, self.ev_cfg, self.hmodel)
         for ann in (self.scorer, self.quality):
             if ann is not None:
                 ann.to(self.trainer.strategy.root_device)
@@ -208,7 +234,8 @@ class EvaluateData(RankShare):
 
 
 # ---------------------------------------------------------------------- outputs
-def write_results(run_dir, ev_cfg, items) -> dict:
+def write_results(run_dir, ev_cfg, items, record: dict) -> dict:
+    """Rank 0: the parts -> per_sample.parquet, Table 1 and the rest; the folder's identity record last."""
     out = eval_dir(run_dir)
     parts = [out / "parts" / part_name(r, s) for r, s in items]
     missing = [p for p in parts if not p.exists()]
@@ -217,7 +244,9 @@ def write_results(run_dir, ev_cfg, items) -> dict:
     per_sample = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     with atomic_path(out / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
-    return summarise(per_sample, ev_cfg, out)
+    summary = summarise(per_sample, ev_cfg, out)
+    write_json_atomic(out / FOLDER_RECORD, record)
+    return summary
 
 
 def table1_sections(keep: pd.DataFrame, scale: dict, signed: bool = False):
@@ -303,13 +332,37 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     return summary
 
 
-def evaluation_identity(run_dir, cfg) -> dict:
-    d = Path(run_dir) / "directions"
-    files = {p.name: p.stat().st_size + int(p.stat().st_mtime_ns) for p in sorted(d.glob("*.safetensors"))
-             if p.stem in ("supervised", "disentangled", "pca")}
-    ev = to_dict(cfg.evaluate)
-    ev.pop("bootstrap", None)  # changes only the summary, which every run rewrites: no reason to edit again
-    return {"model": to_dict(cfg.model), "evaluate": ev, "directions": files}
+def _directions(cfg, known: dict | None = None) -> list[str]:
+    """The run's directions files an evaluation applies (supervised, and the others if present)."""
+    optional = ["disentangled"] + (["pca"] if cfg.evaluate.pca_components > 0 else [])
+    return ["directions/supervised.safetensors"] + present(cfg.run_dir, [f"directions/{n}.safetensors" for n in optional],
+                                                           known)
+
+
+def identity(cfg, known: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
+    """The record of the evaluation folder: settings, model, scorer weights and the directions.
+    Without the bootstrap setting (``drop``), what every part is made from."""
+    return make_record("evaluate", config_sections(cfg, "evaluate", "model", drop=drop),
+                       assets={"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()},
+                       artefacts=artefact_ids(cfg.run_dir, _directions(cfg, known), known))
+
+
+def clean_existing(out: Path, part_key: str) -> None:
+    """Remove parts and calibration made from other directions or settings."""
+    calibration = out / "pixel_matching.json"
+    stale = [p for p in (out / "parts").glob("part-*.parquet") if (read_record(p) or {}).get("key") != part_key]
+    if calibration.exists() and json.loads(calibration.read_text()).get("key") != part_key:
+        stale.append(calibration)
+    if stale:
+        print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
+        for p in stale:
+            p.unlink()
+
+
+def write_part(prediction: dict, path: Path, part_key: str) -> None:
+    table = pa.Table.from_pylist(prediction["rows"])
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                  **parquet_metadata({"key": part_key})}), path)
 
 
 def run_evaluate(cfg) -> dict:
@@ -319,42 +372,41 @@ def run_evaluate(cfg) -> dict:
     check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
+    for name in _directions(cfg):
+        verify(run_dir, name)
     out = eval_dir(run_dir)
-    identity = evaluation_identity(run_dir, cfg)
-    stamp = out / "identity.json"
-    if launching_rank() == 0:
-        if stamp.exists() and json.loads(stamp.read_text()).get("hash") != config_hash(identity):
-            print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
-            shutil.rmtree(out / "parts", ignore_errors=True)
-            (out / "pixel_matching.json").unlink(missing_ok=True)
-        write_json_atomic(stamp, {"hash": config_hash(identity), "identity": identity})
+    record, part_key = identity(cfg), identity(cfg, drop=("evaluate.bootstrap",))["key"]
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    calibration = out / "pixel_matching.json"
-    if launching_rank() == 0 and ev.pixel_matched_random and pca_and_random(run_dir, ev) and not calibration.exists():
-        seeds = seed_sets(ev)[0][1][:CALIBRATION_SEEDS]
-        model.to(default_device(cfg.model.device))  # on the GPU if there is one (the ranks start after this)
-        multipliers = calibrate_random(model, run_dir, ev, seeds)
-        model.to("cpu")
-        write_json_atomic(calibration, {"seeds": seeds, "multipliers": multipliers})
-        print("hspace evaluate: random directions rescaled to their component's pixel change: "
-              + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
-    n_edits = len(edit_list(run_dir, ev))
     scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
+    calibration = out / "pixel_matching.json"
+    if launching_rank() == 0:
+        clean_existing(out, part_key)  # after the checks above: a mistyped setting removes nothing
+    edit_list(run_dir, ev, model)  # every file fits the model, before any sampling
+    if launching_rank() == 0:
+        if ev.pixel_matched_random and pca_and_random(run_dir, ev, model) and not calibration.exists():
+            seeds = seed_sets(ev)[0][1][:CALIBRATION_SEEDS]
+            model.to(default_device(cfg.model.device))  # on the GPU if there is one (the ranks start after this)
+            multipliers = calibrate_random(model, run_dir, ev, seeds)
+            model.to("cpu")
+            write_json_atomic(calibration, {"key": part_key, "seeds": seeds, "multipliers": multipliers})
+            print("hspace evaluate: random directions rescaled to their component's pixel change: "
+                  + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
     items = seed_sets(ev)
-    todo = agreed(remaining(run_dir, items))  # after rank 0's reset
+    todo = agreed(remaining(run_dir, items))  # after rank 0's clean-up
     if todo:
         progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
         writer = PartWriter(out / "parts", lambda p: part_name(p["repeat"], p["seeds"]),
-                            lambda p, path: pq.write_table(pa.Table.from_pylist(p["rows"]), path))
-        trainer = make_trainer(cfg.trainer, [writer, progress, AfterAllRanks(lambda: write_results(run_dir, ev, items), "evaluate")])
+                            lambda p, path: write_part(p, path, part_key))
+        merge = AfterAllRanks(lambda: write_results(run_dir, ev, items, record), "evaluate")
+        trainer = make_trainer(cfg.trainer, [writer, progress, merge])
         trainer.predict(EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score),
                         datamodule=EvaluateData(run_dir, items), return_predictions=False)
         if not trainer.is_global_zero:
             return {}
     else:
-        write_results(run_dir, ev, items)
+        write_results(run_dir, ev, items, record)
     summary = json.loads((out / "summary.json").read_text())
     print((out / "table1.md").read_text())
-    print(f"hspace evaluate: {n_edits} edits x {ev.repeats * ev.num_samples} samples -> {out}")
+    print(f"hspace evaluate: {len(edit_list(run_dir, ev))} edits x {ev.repeats * ev.num_samples} samples -> {out}")
     return summary

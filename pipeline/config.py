@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import typing
 from pathlib import Path
@@ -72,7 +70,8 @@ class TrainerConfig(Section):
         **_accepts("an integer >= 1, -1 (every device), a non-empty list of device ids or 'auto'"))
     num_nodes: int = Field(1, ge=1)
     strategy: str = Field("auto", description="auto | ddp | ddp_spawn ...")
-    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field("32-true", description="32-true | 16-mixed | bf16-mixed")
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field(
+        "32-true", description="32-true | 16-mixed | bf16-mixed")
 
     @field_validator("devices")
     @classmethod
@@ -142,8 +141,9 @@ class PCAConfig(Section):
     method: Literal["auto", "exact", "randomized", "onepass"] = Field(
         "auto", description="auto: exact up to exact_max_samples samples, else randomized; exact: Gram matrix "
         "(holds the data); randomized: streaming passes, accuracy set by tol; onepass: a quick look, no guarantee")
-    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples")
-    power_iterations: int = Field(20, ge=0, description="randomized: the most power iterations (passes over the "
+    exact_max_samples: int = Field(2048, ge=0, description="auto takes exact up to this many samples (exact holds "
+                                   "h: N x T x D values in the stored dtype, shared by the ranks step by step)")
+    power_iterations: int = Field(40, ge=0, description="randomized: the most power iterations (passes over the "
                                   "data <= this + 2); not converged by then: the stage fails, writing nothing")
     tol: float = Field(1e-2, gt=0, description="randomized: target for the estimated largest principal angle "
                        "(rad) of the top-K subspace at every step")
@@ -692,8 +692,9 @@ def to_yaml(cfg) -> str:
 
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    blob = json.dumps([to_dict(p) if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from .io import hash_json
+
+    return hash_json(*[to_dict(p) if isinstance(p, BaseModel) else p for p in parts])
 
 
 # ------------------------------------------------------------------------------------------ conf.yaml

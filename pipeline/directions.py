@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, DatasetError, InputError
+from .identity import read_record, safetensors_metadata
 from .io import atomic_path
 
 _META_KEY = "hspace"
@@ -94,8 +95,9 @@ class Directions:
                 "params": self.params, "labels": {str(i): v for i, v in sorted(self.labels.items())}}
 
 
-def save_directions(d: Directions, path: str | os.PathLike) -> Path:
-    """Write atomically (a temporary file renamed into place)."""
+def save_directions(d: Directions, path: str | os.PathLike, record: dict | None = None) -> Path:
+    """Write atomically (a temporary file renamed into place), with the identity ``record`` of
+    what the directions were made from (:mod:`pipeline.identity`) when a stage made them."""
     path = Path(path)
     tensors = {"directions": d.directions.detach().float().cpu().contiguous()}
     for k, v in d.extras.items():
@@ -103,11 +105,14 @@ def save_directions(d: Directions, path: str | os.PathLike) -> Path:
             raise InputError("'directions' is reserved for the main tensor")
         tensors[k] = v.detach().cpu().contiguous()
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(d.metadata(), default=str)})
+        meta = {_META_KEY: json.dumps(d.metadata(), default=str), **(safetensors_metadata(record) if record else {})}
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
-def load_directions(path: str | os.PathLike) -> Directions:
+def load_directions(path: str | os.PathLike, model=None) -> Directions:
+    """A directions file; with ``model`` (an HSpaceModel), checked to fit its h trajectories
+    (T, C, H, W) before anything is sampled with it."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"directions file {path} does not exist; run the stage that writes it "
@@ -121,8 +126,21 @@ def load_directions(path: str | os.PathLike) -> Directions:
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise DatasetError(f"{path} is not a readable hspace directions file ({type(e).__name__}: {e})") from None
     main = tensors.pop("directions")
-    return Directions(main, meta["names"], meta["method"], meta["timesteps"], meta.get("model"),
-                      meta.get("source_run"), meta.get("params", {}), tensors, meta.get("labels", {}))
+    try:
+        d = Directions(main, meta["names"], meta["method"], meta["timesteps"], meta.get("model"),
+                       meta.get("source_run"), meta.get("params", {}), tensors, meta.get("labels", {}))
+    except (InputError, KeyError) as e:
+        raise DatasetError(f"{path} is not a consistent hspace directions file ({e})") from None
+    if model is not None:
+        want = (model.num_steps, *model.h_shape)
+        if d.directions.shape[2:] == tuple(model.h_shape) and d.directions.shape[1] != model.num_steps:
+            raise ConfigError(f"{path} was made for T={d.directions.shape[1]} steps but the model samples "
+                              f"T={model.num_steps}; set model.num_inference_steps={d.directions.shape[1]}")
+        if tuple(d.directions.shape[1:]) != tuple(want):
+            raise DatasetError(f"{path} holds directions of shape (T, C, H, W) = {tuple(d.directions.shape[1:])}, but "
+                               f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
+                               f"hook and model.num_inference_steps")
+    return d
 
 
 def label_direction(path: str | os.PathLike, key: str | int, label: str) -> Directions:
@@ -135,7 +153,7 @@ def label_direction(path: str | os.PathLike, key: str | int, label: str) -> Dire
     d.labels.pop(i, None)
     if label:
         d.labels[i] = label
-    save_directions(d, path)
+    save_directions(d, path, read_record(path))  # the stage's identity record stays
     return d
 
 
@@ -146,13 +164,3 @@ def compose(directions, scales) -> torch.Tensor:
         raise InputError(f"compose needs one scale per direction, got {len(directions)} and {len(scales)}")
     return sum(s * torch.as_tensor(d, dtype=torch.float32) for d, s in zip(directions, scales))
 
-
-def check_directions(d: Directions, path, h_shape, timesteps) -> None:
-    """Refuse a directions file made for another h shape or sampler (one message naming the fix)."""
-    if tuple(d.h_shape) != tuple(h_shape):
-        raise ConfigError(f"{path} holds directions of h shape {tuple(d.h_shape)}, but the model's h is "
-                          f"{tuple(h_shape)}: it was made with another model or hook point (model.hook)")
-    if [int(t) for t in d.timesteps] != [int(t) for t in timesteps]:
-        raise ConfigError(f"{path} was made for timesteps {list(d.timesteps)[:3]}... (T={len(d.timesteps)}) but the model "
-                          f"samples {[int(t) for t in timesteps][:3]}... (T={len(timesteps)}); set "
-                          f"model.num_inference_steps={len(d.timesteps)}")

@@ -22,19 +22,21 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def load_image(file, size: tuple[int, int]) -> np.ndarray:
+def load_image(file, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """An image file (path or file object) -> (H, W, 3) uint8 of ``size`` (H, W): the centred square,
-    resized (Lanczos). A file PIL cannot read as an image is an InputError naming it."""
+    resized (Lanczos); and the file's own (width, height). A file PIL cannot read as an image is an
+    InputError naming it."""
     from .errors import InputError
 
     try:
         with Image.open(file) as im:
             im = im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise InputError(f"{getattr(file, 'name', file)} is not an image that can be read ({type(e).__name__})") from None
+        name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", "the file")
+        raise InputError(f"{name} is not a readable image ({type(e).__name__})") from None
     s = min(im.size)
     left, top = (im.width - s) // 2, (im.height - s) // 2
-    return np.array(im.crop((left, top, left + s, top + s)).resize(tuple(size)[::-1], Image.LANCZOS))
+    return np.array(im.crop((left, top, left + s, top + s)).resize(tuple(size)[::-1], Image.LANCZOS)), im.size
 
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> np.ndarray:

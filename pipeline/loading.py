@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from .errors import ModelLoadError
+from .io import hash_tree
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 #: Models that ship inside the package, usable by name without any download.
@@ -40,31 +41,12 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     return name, False
 
 
-def files_identity(folder: str | os.PathLike) -> str:
-    """A content hash of every file under ``folder`` (sha256; weights files over 256 MB by size and
-    modification time, which is what a copy or download changes)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = path.stat()
-        h.update(f"{path.relative_to(root)}:{st.st_size}:".encode())
-        if st.st_size > 256 * 2**20:
-            h.update(str(st.st_mtime_ns).encode())
-        else:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(2**20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
 def weights_identity(name_or_path: str | os.PathLike) -> str:
     """What identifies a model's weights without loading them: the content of a local folder
     (the embedded default included), or the cached snapshot (commit) of a hub id."""
     location, is_local = resolve(name_or_path)
     if is_local:
-        return files_identity(location)
+        return hash_tree(location)
     from huggingface_hub import try_to_load_from_cache
 
     for filename in ("config.json", "unet/config.json"):
@@ -97,7 +79,8 @@ def _subfolder(location: str, is_local: bool, component: str, filename: str) -> 
             if file_exists(location, filename if sub is None else f"{sub}/{filename}"):
                 return sub
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot reach model {location!r} ({type(e).__name__}). " + _OFFLINE_HELP.format(name=location)) from None
+        raise ModelLoadError(f"cannot reach model {location!r} ({type(e).__name__}). "
+                             + _OFFLINE_HELP.format(name=location)) from None
     raise ModelLoadError(f"model {location!r} has no {filename}. " + _OFFLINE_HELP.format(name=location))
 
 
@@ -115,6 +98,10 @@ def load_unet_and_scheduler(
         raise
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. " + _OFFLINE_HELP.format(name=name_or_path)) from None
+        if is_local:  # the folder is there: downloading is not the remedy
+            raise ModelLoadError(f"could not load model {location}: {first}; the folder is damaged (check its "
+                                 f"config.json, scheduler_config.json and weights, or copy it again)") from None
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
+                             + _OFFLINE_HELP.format(name=name_or_path)) from None
     scheduler = DDIMScheduler.from_config(config, clip_sample=False)
     return unet, scheduler

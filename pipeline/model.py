@@ -20,27 +20,23 @@ from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from . import noise as noise_streams
+from .dtypes import torch_dtype
 from .errors import InputError
 from .hooks import HOOK_POINTS, HSpaceHook
-from .schedule import (PREDICTION_TYPES, ddim_coefficients, ddim_inversion_step, ddim_step, eta_schedule,
-                       output_to_eps, predicted_x0, solve_step_noise)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .schedule import (
+    PREDICTION_TYPES,
+    ddim_coefficients,
+    ddim_inversion_step,
+    ddim_step,
+    eta_schedule,
+    output_to_eps,
+    solve_step_noise,
+)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the GPU when there is one (``model.device: null``)."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -94,7 +90,7 @@ class HSpaceModel:
                 f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, got {num_inference_steps}"
             )
         self.device = default_device(device)
-        self.dtype = as_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         if unet.dtype != self.dtype:
             self.unet.to(dtype=self.dtype)
@@ -125,7 +121,7 @@ class HSpaceModel:
         or the HF cache (``HF_HUB_OFFLINE=1``)."""
         from .loading import load_unet_and_scheduler
 
-        unet, scheduler = load_unet_and_scheduler(name_or_path, dtype=as_dtype(dtype))
+        unet, scheduler = load_unet_and_scheduler(name_or_path, dtype=torch_dtype(dtype))
         return cls(unet, scheduler, num_inference_steps, eta, hook, device, dtype, name_or_path=str(name_or_path))
 
     @classmethod
@@ -452,10 +448,6 @@ class HSpaceModel:
         return InversionOutput(x_T=xs[:, 0], h=hs, noise=z)
 
     # ------------------------------------------------------------------ helpers
-    def predicted_x0(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
-        """P_t (eq. 3) at step index ``step``."""
-        return predicted_x0(x_t, eps, float(self.coefficients().alpha[step]))
-
     @contextlib.contextmanager
     def counting_passes(self):
         """Context manager yielding a callable that returns the U-Net passes made inside it."""

@@ -478,15 +478,6 @@ class _FittedPCA:
         st = self._fitted(2)
         return st.S[:, : self.n_components].pow(2) / st.ss.clamp_min(torch.finfo(st.ss.dtype).tiny).unsqueeze(-1)
 
-    @property
-    def noise_variance_(self) -> torch.Tensor:
-        """(T,) mean variance of the D - K discarded directions (exact residual / (D - K)); 0 if K >= D."""
-        st = self._fitted(2)
-        D = st.mean.shape[1]
-        if D <= self.n_components:
-            return torch.zeros_like(st.ss)
-        return (self.total_variance_ - self.explained_variance_.sum(-1)).clamp_min(0) / (D - self.n_components)
-
     # ---- using the fit --------------------------------------------------------------------------
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         """Scores: h: (B, T, D) -> (B, T', K) (T' = 1 in joint mode)."""
@@ -522,7 +513,7 @@ class StreamingPCA(_FittedPCA):
     lives (e.g. "cuda"); batches are moved there chunk by chunk.
     Fitted attributes (per step; joint mode: T'=1, D'=T*D): ``mean_ (T, D)``, ``components_ (T, K, D)``,
     ``explained_variance_ (T, K)`` (ddof=1), ``explained_variance_ratio_ (T, K)`` (of the exact total
-    variance), ``singular_values_ (T, K)``, ``total_variance_ (T,)``, ``noise_variance_ (T,)``,
+    variance), ``singular_values_ (T, K)``, ``total_variance_ (T,)``,
     ``n_samples_seen_``. ``merge(other)`` folds in an estimator fitted on disjoint data.
     """
 
@@ -661,7 +652,7 @@ class PCA(_FittedPCA):
     """
 
     def __init__(self, n_components: int = 25, *, method: str = "auto", oversample: int | None = None,
-                 power_iterations: int = 20, tol: float = 1e-2, exact_max_samples: int = 2048,
+                 power_iterations: int = 40, tol: float = 1e-2, exact_max_samples: int = 2048,
                  joint: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64, device=None,
                  chunk_size: int = 64):
         resolve_method(method, 0, 0)  # checks the name

@@ -17,11 +17,10 @@ class Stage:
     name: str
     run: Callable[[Any], Any]  # takes the validated config
     help: str
-    reads: tuple[str, ...] = ()  # config sections (dotted) that determine the output
+    artefact: str = ""  # the output under run_dir that carries the stage's identity record (pipeline.identity)
     after: tuple[str, ...] = ()  # stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # paths under run_dir that must exist for it to count as done
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
-    assets: tuple[str, ...] = ()  # files it reads that the config names but does not pin: "model", "annotators"
 
 
 # ------------------------------------------------------------------ stage functions (imported on call)
@@ -127,29 +126,45 @@ def explore(cfg, host: str = "127.0.0.1", port: int = 7860):
     return run_explore(cfg, host=host, port=port)
 
 
+# ------------------------------------------------------------------ their identity records
+def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
+    """The identity record main-job stage ``name`` would write now (its module's ``identity``; the
+    modules are imported on call). ``known``: predicted ids of the artefacts it reads."""
+    from evaluation import report
+    from evaluation import stage as evaluation_stage
+
+    from .stages import annotate, disentangle, figures, generate, jacobian, pca, select, supervised
+
+    modules = {"generate": generate, "annotate": annotate, "select": select, "pca": pca, "jacobian": jacobian,
+               "supervised": supervised, "disentangle": disentangle, "figures": figures,
+               "evaluate": evaluation_stage, "report": report}
+    return modules[name].identity(cfg, known)
+
+
 # ------------------------------------------------------------------ the main job, in order
 STAGES: tuple[Stage, ...] = (
-    Stage("generate", generate, "generate samples with h trajectories into a sharded dataset",
-          ("model", "generate", "trainer.precision"), (), ("samples/manifest.json",), True, ("model",)),
-    Stage("annotate", annotate, "score every sample with the configured annotators",
-          ("annotate",), ("generate",), ("annotations.parquet",), True, ("annotators",)),
-    Stage("select", select, "top/bottom n samples per attribute, with contact sheets",
-          ("select",), ("annotate",), ("selection.parquet",)),
+    Stage("generate", generate, "generate samples with h trajectories into a sharded dataset", "samples",
+          (), ("samples/manifest.json",), True),
+    Stage("annotate", annotate, "score every sample with the configured annotators", "annotations.parquet",
+          ("generate",), ("annotations.parquet",), True),
+    Stage("select", select, "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
+          ("annotate",), ("selection.parquet",)),
     Stage("pca", pca, "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
-          ("pca",), ("generate",), ("directions/pca.safetensors",), True),
+          "directions/pca.safetensors", ("generate",), ("directions/pca.safetensors",), True),
     Stage("jacobian", jacobian, "image-specific directions by Jacobian subspace iteration",
-          ("jacobian", "model"), ("generate",), ("directions/jacobian.safetensors",), True),
+          "directions/jacobian.safetensors", (), ("directions/jacobian.safetensors",), True),
     Stage("supervised", supervised, "supervised directions (eq. 10) from the selection",
-          ("supervised",), ("select",), ("directions/supervised.safetensors",)),
+          "directions/supervised.safetensors", ("select",), ("directions/supervised.safetensors",)),
     Stage("disentangle", disentangle, "remove projections onto other directions (eq. 11)",
-          ("disentangle",), ("supervised",), ("directions/disentangled.safetensors",)),
-    Stage("figures", figures, "edit strips of every direction family for the report",
-          ("report", "edit.seeds", "model"), ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
-    Stage("evaluate", evaluate, "Table 1: effects of every edit on every attribute, held-out seeds",
-          ("evaluate", "model"), ("pca", "supervised", "disentangle"),
-          ("evaluation/summary.json", "evaluation/table1_signed.csv"), True, ("annotators",)),
-    Stage("report", report, "write <run_dir>/report/index.html",
-          ("report",), ("figures", "evaluate", "select"), ("report/index.html",)),
+          "directions/disentangled.safetensors", ("supervised",),
+          ("directions/disentangled.safetensors",)),
+    Stage("figures", figures, "edit strips of every direction family for the report", "edits",
+          ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
+    Stage("evaluate", evaluate, "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
+          ("pca", "supervised", "disentangle"),
+          ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
+    Stage("report", report, "write <run_dir>/report/index.html", "report",
+          ("figures", "evaluate", "select"), ("report/index.html",)),
 )
 
 #: commands outside the main job

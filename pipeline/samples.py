@@ -19,7 +19,10 @@ the float16 values in place (zero-copy from the memory map), whatever the format
 
 Shards are written to a temporary name, fsynced and renamed, so a crash never leaves a shard
 that a reader accepts; a shard that fails validation (truncated, wrong row count, wrong ids)
-is reported by name.
+is reported by name. Each shard's schema metadata keeps the content identity it was made with
+(model, scheduler, eta, hook, dtypes), so the manifest can always be rebuilt from the shards and
+checked. The manifest's ``record`` (see :mod:`pipeline.identity`) identifies the dataset by that
+content identity and exactly which sample ids it holds.
 """
 from __future__ import annotations
 
@@ -36,14 +39,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .dtypes import dtype_entry
 from .errors import DatasetError
-from .io import atomic_path, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
+from .identity import META_KEY, read_record
+from .io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
 MANIFEST = "manifest.json"
 FORMAT = "hspace-samples/1"
-H_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32),
-            "bfloat16": (np.uint16, torch.bfloat16)}
 
 
 def samples_dir(run_dir: str | os.PathLike) -> Path:
@@ -58,7 +61,7 @@ def features(h_shape_t: Sequence[int], h_dtype: str):
     """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W)."""
     from datasets import Array4D, Features, Image, Value
 
-    arrow_dtype = "uint16" if h_dtype == "bfloat16" else h_dtype
+    arrow_dtype = np.dtype(dtype_entry(h_dtype).storage).name  # bfloat16: its bits, uint16
     return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
                      "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype)})
 
@@ -78,13 +81,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(
-    directory: str | os.PathLike, sample_ids: Sequence[int], seeds: Sequence[int],
-    images: np.ndarray, h: torch.Tensor, h_dtype: str = "float16",
-) -> Path:
-    """Write one shard atomically. images: (B, H, W, 3) uint8; h: (B, T, C, H, W)."""
-    if h_dtype not in H_DTYPES:
-        raise DatasetError(f"unknown h dtype {h_dtype!r}; choose one of {sorted(H_DTYPES)}")
+def shard_table(sample_ids: Sequence[int], seeds: Sequence[int], images: np.ndarray, h: torch.Tensor,
+                h_dtype: str = "float16", identity: dict | None = None) -> pa.Table:
+    """One shard's table. images: (B, H, W, 3) uint8; h: (B, T, C, H, W); ``identity``: the content
+    identity of the samples (model, scheduler, eta, dtypes), kept in the schema metadata so that
+    shards found without a manifest can be checked before they are adopted."""
     feats = features(h.shape[1:], h_dtype)
     table = pa.Table.from_arrays(
         [pa.array(np.asarray(sample_ids, dtype=np.int64)), pa.array(np.asarray(seeds, dtype=np.int64)),
@@ -92,17 +93,39 @@ def write_shard(
          pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype))],
         schema=feats.arrow_schema,
     )
+    if identity is not None:
+        stored = {"content_hash": hash_json(identity), "content": identity}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY.encode(): json.dumps(stored).encode()})
+    return table
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a table as one Arrow IPC stream (the shard format) to ``path`` as it is."""
+    with open(path, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def write_shard(
+    directory: str | os.PathLike, sample_ids: Sequence[int], seeds: Sequence[int],
+    images: np.ndarray, h: torch.Tensor, h_dtype: str = "float16", identity: dict | None = None,
+) -> Path:
+    """Write one shard atomically (see :func:`shard_table`)."""
+    table = shard_table(sample_ids, seeds, images, h, h_dtype, identity)
     path = Path(directory) / shard_name(sample_ids)
-    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
-        with pa.ipc.new_stream(f, table.schema) as writer:
-            writer.write_table(table)
+    with atomic_path(path, fsync=True) as tmp:
+        write_table(table, tmp)
     return path
+
+
+def shard_content_hash(path: str | os.PathLike) -> str | None:
+    """The content identity hash a shard was written with (None: not recorded)."""
+    stored = read_record(path)
+    return None if stored is None else stored.get("content_hash")
 
 
 def _h_to_arrow_storage(h: torch.Tensor, h_dtype: str) -> pa.Array:
     """(B, T, C, H, W) -> nested list storage of Array4D, built from one flat buffer."""
-    _, torch_dtype = H_DTYPES[h_dtype]
-    x = h.detach().to("cpu", torch_dtype).contiguous()
+    x = h.detach().to("cpu", dtype_entry(h_dtype).tensor).contiguous()
     flat = x.view(torch.int16).numpy().view(np.uint16) if h_dtype == "bfloat16" else x.numpy()
     arr: pa.Array = pa.array(flat.reshape(-1))
     for size in reversed(x.shape[2:]):  # W, H, C: the per-sample list levels below T
@@ -140,24 +163,32 @@ def validate_shard(path: str | os.PathLike) -> np.ndarray:
 
 @dataclass
 class ShardScan:
-    """What a samples directory holds: valid shards with their ids, and corrupt ones."""
+    """What a samples directory holds: valid shards with their ids, corrupt ones, and (when a
+    content hash was given) valid shards made with another configuration."""
 
     valid: dict[Path, np.ndarray]
     corrupt: dict[Path, str]
+    foreign: dict[Path, str | None]
 
     @property
     def sample_ids(self) -> np.ndarray:
         return np.concatenate(list(self.valid.values())) if self.valid else np.zeros(0, np.int64)
 
 
-def scan_shards(run_dir: str | os.PathLike) -> ShardScan:
-    valid, corrupt = {}, {}
+def scan_shards(run_dir: str | os.PathLike, content_hash: str | None = None) -> ShardScan:
+    valid, corrupt, foreign = {}, {}, {}
     for path in sorted((samples_dir(run_dir) / "shards").glob("part-*.arrow")):
         try:
-            valid[path] = validate_shard(path)
+            ids = validate_shard(path)
         except DatasetError as e:
             corrupt[path] = str(e)
-    return ShardScan(valid, corrupt)
+            continue
+        stored = shard_content_hash(path) if content_hash is not None else None
+        if content_hash is not None and stored != content_hash:
+            foreign[path] = stored
+        else:
+            valid[path] = ids
+    return ShardScan(valid, corrupt, foreign)
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict:
@@ -187,6 +218,12 @@ def shard_paths(run_dir: str | os.PathLike, require_complete: bool = True) -> li
     return paths
 
 
+def dataset_ids(run_dir: str | os.PathLike) -> np.ndarray:
+    """The sample ids of the (complete) dataset, in shard order."""
+    parts = [open_shard(p).column("sample_id").to_numpy() for p in shard_paths(run_dir)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def load_samples(run_dir: str | os.PathLike):
     """The samples dataset as one memory-mapped ``datasets.Dataset`` (sample_id, seed, image, h)."""
     from datasets import Dataset, concatenate_datasets
@@ -208,7 +245,6 @@ def h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype
     values = storage
     for _ in range(4):
         values = values.flatten()
-    np_dtype, torch_dtype = H_DTYPES[h_dtype]
     flat = values.to_numpy(zero_copy_only=True)
     with warnings.catch_warnings():  # the memory map is read-only, and so is this view
         warnings.simplefilter("ignore", UserWarning)
@@ -250,9 +286,3 @@ def iter_samples(
             if images:
                 out["images"] = decode_images(part.column("image"))
             yield out
-
-
-def iter_h(run_dir: str | os.PathLike, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Just the h batches, (B, T, C, H, W), streamed."""
-    for batch in iter_samples(run_dir, batch_size):
-        yield batch["h"]

@@ -106,7 +106,8 @@ def ddim_inversion_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, a
     return alpha_to**0.5 * predicted_x0(x, eps, alpha_from) + (1 - alpha_to) ** 0.5 * eps
 
 
-def solve_step_noise(x_next: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float, sigma: float) -> torch.Tensor:
+def solve_step_noise(x_next: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float,
+                     sigma: float) -> torch.Tensor:
     """The z that makes ``ddim_step(x_t, eps, ...)`` land exactly on ``x_next`` (edit-friendly inversion)."""
     if sigma <= 0:
         raise ValueError("step noise is only defined for stochastic steps (sigma > 0)")

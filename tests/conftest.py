@@ -1,8 +1,16 @@
-"""Shared fixtures: tiny random U-Nets built and saved by the tests themselves (CPU, seconds)."""
+"""Shared fixtures and helpers: tiny random U-Nets built and saved by the tests themselves (CPU,
+seconds), the overrides every stage test starts from, and `hspace` run as a subprocess.
+
+Tests marked ``slow`` (subprocesses, end-to-end stages, model training, the shipped model) are
+left out by ``make test-fast``; ``make test`` runs everything.
+"""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 
@@ -12,6 +20,31 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 torch.set_num_threads(2)
+
+HSPACE = str(Path(sys.executable).parent / "hspace")
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_overrides(run_dir, model_dir, steps: int = 3) -> list[str]:
+    """The overrides every stage test starts from: its run directory, the tiny model, the CPU."""
+    return [f"run_dir={run_dir}", f"model.name_or_path={model_dir}", f"model.num_inference_steps={steps}",
+            "trainer.accelerator=cpu"]
+
+
+def hspace(*args, cwd, check: bool = True, log: Path | None = None, launcher=(), timeout: int = 900):
+    """``hspace <args>`` in a subprocess -> CompletedProcess (``check``: exit status 0 asserted); with
+    ``log``, started with its output going there and returned without waiting (a Popen). One thread
+    per process (CPU kernels round differently with other thread counts); tests/ is on the path
+    (fake_annotators)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [*launcher, HSPACE, *map(str, args)]
+    if log is not None:
+        f = open(log, "w")
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=f, text=True)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
 
 
 def make_tiny_unet(seed: int = 0, size: int = 16) -> UNet2DModel:

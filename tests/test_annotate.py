@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,25 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import conftest
+from conftest import tiny_overrides
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.stages.annotate import annotations_path, load_annotations
 from pipeline.selection import select_top_bottom, selection_table
-
-HSPACE = str(Path(sys.executable).parent / "hspace")
-TESTS = Path(__file__).resolve().parent
+from pipeline.stages.annotate import annotations_path, load_annotations
 
 
 def hspace(stage, run_dir, model_dir, *overrides, check=True, wait=True):
-    cmd = [HSPACE, stage, f"run_dir={run_dir}", f"model.name_or_path={model_dir}", "model.num_inference_steps=3",
-           "trainer.accelerator=cpu", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if not wait:
-        log = open(Path(run_dir).parent / "annotate.log", "w")
-        return subprocess.Popen(cmd, cwd=Path(run_dir).parent, env=env, stdout=log, stderr=log)
-    out = subprocess.run(cmd, cwd=Path(run_dir).parent, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    cwd = Path(run_dir).parent
+    return conftest.hspace(stage, *tiny_overrides(run_dir, model_dir), *overrides, cwd=cwd, check=check,
+                           log=None if wait else cwd / "annotate.log")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +52,7 @@ def expected_brightness(run: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("sample_id").reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_annotations_match_known_responses_and_two_processes(samples_run, tmp_path, tiny_model_dir):
     one, two = copy_run(samples_run, tmp_path / "a"), copy_run(samples_run, tmp_path / "b")
     hspace("annotate", one, tiny_model_dir, *ANN)
@@ -74,6 +65,7 @@ def test_annotations_match_known_responses_and_two_processes(samples_run, tmp_pa
     np.testing.assert_allclose(a.red, ref.red, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_annotation_resumes_after_a_kill(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     slow = ["annotate.annotators=[fake_annotators:brightness]", "annotate.batch_size=2",
@@ -97,6 +89,7 @@ def test_annotation_resumes_after_a_kill(samples_run, tmp_path, tiny_model_dir):
     np.testing.assert_allclose(df.bright, ref.bright, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_refuses_other_annotators_and_other_samples(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     hspace("annotate", run, tiny_model_dir, *ANN)
@@ -113,6 +106,7 @@ def test_refuses_other_annotators_and_other_samples(samples_run, tmp_path, tiny_
         load_annotations(run)
 
 
+@pytest.mark.slow
 def test_clashing_names_get_prefixes(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     hspace("annotate", run, tiny_model_dir, "annotate.annotators=[fake_annotators:brightness,fake_annotators:darkness]")
@@ -121,6 +115,7 @@ def test_clashing_names_get_prefixes(samples_run, tmp_path, tiny_model_dir):
     np.testing.assert_allclose(df["brightness.bright"], -df["darkness.bright"])
 
 
+@pytest.mark.slow
 def test_unknown_annotator_and_missing_weights_are_clear(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     out = hspace("annotate", run, tiny_model_dir, "annotate.annotators=[nope]", check=False)
@@ -173,6 +168,7 @@ def test_select_resolution_ranks_saturated_scores_as_ties():
         select_top_bottom(smooth, 10, resolution=-1.0)
 
 
+@pytest.mark.slow
 def test_select_stage_writes_table_and_contact_sheets(samples_run, tmp_path, tiny_model_dir):
     run = copy_run(samples_run, tmp_path)
     hspace("annotate", run, tiny_model_dir, *ANN)

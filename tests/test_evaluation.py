@@ -5,8 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.metrics import (bootstrap_effects, consistent_abs_mean, disentanglement_summary, effect_matrix,
-                                pca_vs_random, strongest, table1_markdown)
+from evaluation.metrics import (
+    bootstrap_effects,
+    consistent_abs_mean,
+    disentanglement_summary,
+    effect_matrix,
+    pca_vs_random,
+    strongest,
+    table1_markdown,
+)
 
 
 def known_table() -> pd.DataFrame:
@@ -156,6 +163,7 @@ def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
     assert out.loc["pc1", "effect_per_pixel_change"] > out.loc["random1", "effect_per_pixel_change"]
 
 
+@pytest.mark.slow
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     from evaluation.stage import run_evaluate
     from pipeline import HSpaceModel
@@ -186,7 +194,9 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     d = load_directions(run / "directions" / "supervised.safetensors").get("red")
     seed = 1_000_005
     x0, x1 = model.sample([seed]).images, model.sample([seed], delta_h=2.0 * d).images
-    red = lambda x: float((x * 0.5 + 0.5)[:, 0].mean() - (x * 0.5 + 0.5)[:, 1:].mean())
+    def red(x):
+        return float((x * 0.5 + 0.5)[:, 0].mean() - (x * 0.5 + 0.5)[:, 1:].mean())
+
     row = per[(per.seed == seed) & (per.direction == "red")].iloc[0]
     assert row.d_red == pytest.approx(red(x1) - red(x0), abs=1e-4)
     assert row.pixel_change == pytest.approx(float((x1 - x0).abs().mean() / 2), abs=1e-5)

@@ -24,7 +24,7 @@ from PIL import Image
 from annotators.base import build_annotator
 from pipeline import HSpaceModel
 from pipeline.directions import Directions, compose, load_directions, save_directions
-from pipeline.errors import ConfigError, DatasetError, InputError
+from pipeline.errors import DatasetError, InputError
 from pipeline.explore.session import ExploreSession, Slider
 from pipeline.images import save_png, to_uint8
 
@@ -189,11 +189,11 @@ def test_bad_input_is_one_clear_error(session, model, tmp_path):
     shutil.copytree(session.run_dir, bad)
     save_directions(Directions(torch.zeros(1, T, 64, 8, 8), ["x"], "pca/per-step", model.timesteps.tolist()),
                     bad / "directions" / "other.safetensors")
-    with pytest.raises(ConfigError, match=r"h shape \(64, 8, 8\), but the model's h is \(128, 8, 8\)"):
+    with pytest.raises(DatasetError, match=r"holds directions of shape \(T, C, H, W\) = \(20, 64, 8, 8\)"):
         ExploreSession(model, bad)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(InputError, match="notes.png is not an image"):
+    with pytest.raises(InputError, match="notes.png is not a readable image"):
         session.add_image(text)
     assert session.render(0).edited.shape == (32, 32, 3)                # the session still works
     with pytest.raises(InputError, match="step window 9..4"):
@@ -327,7 +327,7 @@ def test_browser_slider_scores_naming_upload(browser, app, session, model, toy, 
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\x00" * 100)
     page.locator("#upload input[type=file]").set_input_files(str(junk))
-    page.wait_for_function("() => document.querySelector('#status').innerText.includes('junk.jpg is not an image')")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('junk.jpg is not a readable image')")
     before_src = page.locator("#edited img").get_attribute("src")
     box.fill("-2.5")
     box.press("Enter")

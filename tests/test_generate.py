@@ -3,35 +3,22 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import DatasetError
 from pipeline.samples import iter_samples, load_samples, read_manifest, samples_dir
 from pipeline.stages.generate import plan_batches, run_generate
 
-HSPACE = str(Path(sys.executable).parent / "hspace")
-
 
 def generate(run_dir, model_dir, *overrides, check=True, cwd=None, wait=True):
-    cmd = [HSPACE, "generate", f"run_dir={run_dir}", f"model.name_or_path={model_dir}",
-           "model.num_inference_steps=4", "trainer.accelerator=cpu", *overrides]
-    # one thread per process everywhere: CPU kernels round differently with other thread counts
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-        return subprocess.Popen(cmd, cwd=cwd or run_dir.parent, env=env, stdout=log, stderr=log, text=True)
-    out = subprocess.run(cmd, cwd=cwd or run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    return hspace("generate", *tiny_overrides(run_dir, model_dir, steps=4), *overrides, cwd=cwd or run_dir.parent,
+                  check=check, log=None if wait else run_dir.parent / f"{run_dir.name}.log")
 
 
 def dataset(run_dir) -> dict[int, tuple[torch.Tensor, np.ndarray]]:
@@ -50,6 +37,7 @@ def test_plan_batches_aligned_and_skips_done():
     assert plan_batches(0, 4, 2, {0, 1, 2, 3}) == []
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     """DDP on gloo with 2 CPU processes writes exactly the dataset 1 process writes."""
     one, two, other = tmp_path / "one", tmp_path / "two", tmp_path / "other"
@@ -68,6 +56,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     assert read_manifest(two)["complete"] and read_manifest(two)["num_samples"] == 10
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, tiny_model_dir):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ("generate.num_samples=80", "generate.batch_size=2", "model.num_inference_steps=60")
@@ -93,6 +82,7 @@ def test_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, tiny_model_di
     assert all(torch.equal(a[s][0], b[s][0]) and np.array_equal(a[s][1], b[s][1]) for s in a)
 
 
+@pytest.mark.slow
 def test_corrupt_shards_are_named_then_redone(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     generate(run, tiny_model_dir, "generate.num_samples=9", "generate.batch_size=3")
@@ -115,6 +105,7 @@ def test_corrupt_shards_are_named_then_redone(tmp_path, tiny_model_dir):
     assert ds[0]["h"].shape == (4, 16, 8, 8)
 
 
+@pytest.mark.slow
 def test_conflicting_configuration_is_refused(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     generate(run, tiny_model_dir, "generate.num_samples=4", "generate.batch_size=2")
@@ -128,6 +119,7 @@ def test_conflicting_configuration_is_refused(tmp_path, tiny_model_dir):
     assert sorted(dataset(run)) == list(range(6))
 
 
+@pytest.mark.slow
 def test_different_weights_are_refused(tmp_path, tiny_model_dir):
     from conftest import make_tiny_unet
 
@@ -144,6 +136,7 @@ def test_different_weights_are_refused(tmp_path, tiny_model_dir):
     assert out.returncode == 2 and "weights_fingerprint" in out.stderr
 
 
+@pytest.mark.slow
 def test_not_enough_disk_space_stops_before_writing(tmp_path, tiny_model_dir, monkeypatch):
     import shutil
 

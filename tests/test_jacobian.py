@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_unet
 from diffusers import DDIMScheduler
 
+from conftest import make_tiny_unet
 from pipeline import HSpaceModel
 from pipeline import jacobian as jac
 from pipeline.errors import ConvergenceError, InputError
@@ -149,7 +149,9 @@ def test_a_method_that_stops_short_falls_back_or_fails_never_returns_silently():
     kw = dict(method="sequential", block=2, tol=1e-4, max_iter=30)
     raw = jac.top_singular(f, torch.zeros(60), 4, unconverged="return", **kw)
     assert not raw.converged and raw.fallback is None and float(raw.residuals.max()) > 1e-4  # the old behaviour
-    with pytest.raises(ConvergenceError, match=r"sequential stopped short of tol=1.0e-04 after \d+ iterations: vector \d of 4 has relative residual"):
+    with pytest.raises(ConvergenceError,
+                       match=r"sequential stopped short of tol=1.0e-04 after \d+ iterations: "
+                             r"vector \d of 4 has relative residual"):
         jac.top_singular(f, torch.zeros(60), 4, unconverged="error", **kw)
     res = jac.top_singular(f, torch.zeros(60), 4, **kw)  # default: fall back to the default method
     assert res.converged and res.fallback == "krylov" and (res.residuals < 1e-4).all() and res.iterations > 30

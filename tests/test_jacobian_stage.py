@@ -12,6 +12,7 @@ from pipeline.jacobian import explicit_jacobian
 from pipeline.stages.jacobian import parse_mask
 
 
+@pytest.mark.slow
 def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
     from pipeline.stages.generate import run_generate
     from pipeline.stages.jacobian import run_jacobian
@@ -30,8 +31,8 @@ def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
     out = model.sample([2], return_latents=True)  # the sample's own trajectory, its own step noise
     mask = parse_mask("rect:0.5:1:0:1", model.image_shape)
     for step in range(3):
-        f = lambda h: (model.eps_given_h(out.latents[:, step].expand(len(h), -1, -1, -1), step,  # noqa: E731
-                                         h.view(-1, *model.h_shape)) * mask).flatten(1)
+        f = lambda h, step=step: (model.eps_given_h(out.latents[:, step].expand(len(h), -1, -1, -1), step,  # noqa: E731
+                                                    h.view(-1, *model.h_shape)) * mask).flatten(1)
         with torch.enable_grad():
             J = explicit_jacobian(f, out.h[0, step].flatten())
         U_, s, Vh = torch.linalg.svd(J.double(), full_matrices=False)
@@ -43,6 +44,7 @@ def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
         torch.testing.assert_close(d.directions[j], S[:, j, None, None, None] * V[1, j][None])
 
 
+@pytest.mark.slow
 def test_jacobian_stage_on_some_steps(tmp_path, tiny_model_dir):
     """``jacobian.steps``: directions at those steps only, the edit applied there and nowhere else."""
     from pipeline.stages.generate import run_generate
@@ -64,8 +66,8 @@ def test_jacobian_stage_on_some_steps(tmp_path, tiny_model_dir):
     model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, device="cpu")
     out = model.sample([1], return_latents=True)
     for row, step in enumerate((0, 2)):
-        f = lambda h: model.eps_given_h(out.latents[:, step].expand(len(h), -1, -1, -1), step,  # noqa: E731
-                                        h.view(-1, *model.h_shape)).flatten(1)
+        f = lambda h, step=step: model.eps_given_h(out.latents[:, step].expand(len(h), -1, -1, -1), step,  # noqa: E731
+                                                   h.view(-1, *model.h_shape)).flatten(1)
         with torch.enable_grad():
             s = torch.linalg.svdvals(explicit_jacobian(f, out.h[0, step].flatten()).double())
         torch.testing.assert_close(S[row].double(), s[:2], rtol=1e-3, atol=0)
@@ -84,6 +86,7 @@ def test_mask_specifications():
         parse_mask("/no/mask.png", (3, 8, 8))
 
 
+@pytest.mark.slow
 def test_jacobian_stage_never_writes_unconverged_directions(tmp_path, tiny_model_dir):
     """Alg. 2 (block 2) cut off by max_iter: with jacobian.unconverged=error the stage fails and writes
     nothing; by default the default method finishes from its vectors and the file records the

@@ -25,7 +25,9 @@ def test_from_pretrained_flat_hub_layout(tiny_model_dir, tiny_unet):
     assert m.scheduler.config.clip_sample is False
     assert type(m.scheduler).__name__ == "DDIMScheduler"
     ref = HSpaceModel(tiny_unet, m.scheduler, num_inference_steps=4, eta=1.0, device="cpu")
-    assert torch.equal(m.sample([3]).images, ref.sample([3]).images)
+    # the same weights, but a module loaded from disk and one built in memory need not run the same
+    # float32 kernels: equal to rounding (about 3e-6 on images in [-1, 1] seen), not bit for bit
+    torch.testing.assert_close(m.sample([3]).images, ref.sample([3]).images, rtol=0, atol=1e-5)
 
 
 def test_from_pretrained_pipeline_layout(tiny_model_dir, tmp_path):
@@ -36,6 +38,7 @@ def test_from_pretrained_pipeline_layout(tiny_model_dir, tmp_path):
     assert m.sample([0]).images.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_from_hf_cache_offline(tiny_model_dir, tmp_path):
     """A hub id resolves from the HF cache with HF_HUB_OFFLINE=1 (the cache layout built by hand)."""
     snap = tmp_path / "hub" / "models--someone--tiny-ddpm" / "snapshots" / ("a" * 40)

@@ -8,9 +8,22 @@ import sklearn.decomposition  # noqa: F401  (loaded before the thread limit belo
 import torch
 
 from pipeline.errors import ConvergenceError, InputError
-from pipeline.pca import (PCA, NotFittedError, StreamingPCA, SubspaceIteration, adjacent_cosines, align_signs,
-                          gaussian_sketch, init_state, merge_moments, merge_summaries, moments_update, pca_directions,
-                          random_directions_like, svd_update)
+from pipeline.pca import (
+    PCA,
+    NotFittedError,
+    StreamingPCA,
+    SubspaceIteration,
+    adjacent_cosines,
+    align_signs,
+    gaussian_sketch,
+    init_state,
+    merge_moments,
+    merge_summaries,
+    moments_update,
+    pca_directions,
+    random_directions_like,
+    svd_update,
+)
 
 N, T, D = 300, 3, 64
 SIZES = [1, 37, 5, 100, 2, 64, 91]  # uneven, first batch smaller than q
@@ -266,7 +279,7 @@ def test_state_dict_round_trip_and_resume():
 def test_input_errors_and_not_fitted():
     p = StreamingPCA(3, oversample=2)
     with pytest.raises(NotFittedError):
-        p.components_
+        _ = p.components_
     assert not hasattr(p, "explained_variance_")  # sklearn-style: unfitted attributes are absent
     with pytest.raises(InputError, match="shape"):
         p.partial_fit(torch.randn(10, D))
@@ -407,7 +420,8 @@ def slow_spectrum(n: int, steps: int = 3, d: int = 512, alpha: float = 1.0, rank
     sd = torch.arange(1, rank + 1, dtype=torch.float64) ** (-alpha / 2)
     z = torch.randn(n, steps, rank, generator=g, dtype=torch.float64) * sd
     floor = 0.1 * sd[-1] * torch.randn(n, steps, d, generator=g, dtype=torch.float64)
-    return (torch.einsum("ntr,trd->ntd", z, basis) + floor + 3 * torch.randn(steps, d, generator=g, dtype=torch.float64)).to(dtype)
+    noise = 3 * torch.randn(steps, d, generator=g, dtype=torch.float64)
+    return (torch.einsum("ntr,trd->ntd", z, basis) + floor + noise).to(dtype)
 
 
 def sklearn_pca(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +451,7 @@ def test_pca_methods_meet_the_contract_on_a_slowly_decaying_spectrum(method, alp
     if method == "exact":
         assert angles.max() < 1e-6 and p.n_passes_ == 1
     else:  # the estimate it stopped on is below tol and does not understate the true angle
-        assert 2 < p.n_passes_ <= 22 and (p.angle_bound_ <= 1e-2).all() and (angles <= p.angle_bound_).all()
+        assert 2 < p.n_passes_ <= 42 and (p.angle_bound_ <= 1e-2).all() and (angles <= p.angle_bound_).all()
     torch.testing.assert_close(p.total_variance_, exact_pca(X.double())[3], rtol=1e-9, atol=0)
 
 
@@ -499,7 +513,7 @@ def test_moments_of_parts_merge_to_the_moments_of_the_whole():
 def test_subspace_iteration_over_merged_parts_equals_one_process():
     X = slow_spectrum(400, steps=2, d=256)
     one = PCA(8, method="randomized").fit(X)
-    it = SubspaceIteration(2, 256, 8, 16, tol=1e-2, max_passes=22)
+    it = SubspaceIteration(2, 256, 8, 16, tol=1e-2, max_passes=42)
     while not it.done:
         parts = [moments_update(None, part, it.basis) for part in X.double().split([150, 250])]
         it.update(merge_moments(parts[0], parts[1], it.basis))
@@ -542,6 +556,7 @@ def real_h_reference(real_h):
     return sklearn_pca(real_h, 10)
 
 
+@pytest.mark.slow  # samples the shipped model
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_pca_methods_meet_the_contract_on_real_h(real_h, real_h_reference, method):
     """K=10 as the stage; at the noisiest steps the spectrum is flat, where a one-pass update was off

@@ -1,19 +1,15 @@
 """`hspace pca` on a real samples dataset: exact against torch.linalg.svd, and across processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
 from pipeline.directions import load_directions
 from pipeline.samples import load_samples
 
-HSPACE = str(Path(sys.executable).parent / "hspace")
+pytestmark = pytest.mark.slow  # every test here generates a samples dataset first
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +17,7 @@ def samples_run(tmp_path_factory, tiny_model_dir):
     from pipeline.stages.generate import run_generate
 
     run = tmp_path_factory.mktemp("pca") / "run"
-    run_generate(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
-                                    "trainer.accelerator=cpu", "generate.num_samples=40", "generate.batch_size=7"]))
+    run_generate(load_config(None, [*tiny_overrides(run, tiny_model_dir), "generate.num_samples=40", "generate.batch_size=7"]))
     return run
 
 
@@ -40,7 +35,8 @@ def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
     return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
 
 
-METHODS = {"exact": [], "randomized": ["pca.tol=1e-4", "pca.oversample=20"], "onepass": ["pca.oversample=60"]}  # onepass: q >= N is exact
+# onepass: q >= N is exact
+METHODS = {"exact": [], "randomized": ["pca.tol=1e-4", "pca.oversample=20"], "onepass": ["pca.oversample=60"]}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,10 +80,7 @@ def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir,
                  f"pca.method={method}", "pca.tol=1e-4", "pca.oversample=20"]
     run = tmp_path / "run"
     shutil.copytree(samples_run / "samples", run / "samples")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [HSPACE, "pca", f"run_dir={run}", "trainer.devices=2", "trainer.strategy=ddp", *overrides]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    hspace("pca", f"run_dir={run}", "trainer.devices=2", "trainer.strategy=ddp", *overrides, cwd=tmp_path)
     assert {"partial-0-of-2.safetensors", "partial-1-of-2.safetensors"} <= {p.name for p in (run / "pca").iterdir()}
     two = load_directions(run / "directions" / "pca.safetensors")
     one_run = tmp_path / "one"
@@ -117,3 +110,25 @@ def test_randomized_pca_that_stops_short_fails_and_writes_nothing(samples_run, t
     with pytest.raises(ConvergenceError, match="after 2 passes"):
         run_pca(cfg)
     assert not (run / "directions" / "pca.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_joint_pca_stage_matches_the_estimator(samples_run, tiny_model_dir, tmp_path, method):
+    import shutil
+
+    from pipeline.pca import PCA
+    from pipeline.stages.pca import run_pca
+
+    run = tmp_path / "run"
+    shutil.copytree(samples_run / "samples", run / "samples")
+    run_pca(load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "trainer.accelerator=cpu",
+                               "pca.n_components=3", "pca.joint=true", f"pca.method={method}", "pca.tol=1e-4",
+                               "pca.oversample=20"]))
+    d = load_directions(run / "directions" / "pca.safetensors")
+    h = load_samples(run).with_format("torch", columns=["h"])[:]["h"]
+    ref = PCA(3, method="exact", joint=True).fit(h)
+    assert d.directions.shape == (3, 3, 16, 8, 8) and d.params["method_used"] == method
+    torch.testing.assert_close(d.extras["explained_variance"].double(), ref.explained_variance_, rtol=1e-4, atol=0)
+    ours = d.directions.flatten(1).double()
+    ours = ours / ours.norm(dim=1, keepdim=True)
+    assert principal_angles(ours, ref.components_[0]).max() < 1e-2

@@ -12,17 +12,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from toyfaces.annotator import ToyConsistency, ToyFaceAnnotator
 from pipeline import HSpaceModel
-from pipeline.images import from_uint8
 from pipeline.config import load_config
+from pipeline.images import from_uint8
 from pipeline.loading import EMBEDDED_MODELS
+from toyfaces.annotator import ToyConsistency, ToyFaceAnnotator
 from toyfaces.render import FACTORS, render_faces, sample_factors
 from toyfaces.validate import editability, factor_statistics, hf_energy, inversion_round_trip
 
+pytestmark = pytest.mark.slow  # samples, inverts and edits with the shipped model
 ASSET = EMBEDDED_MODELS["toyfaces"]
 N = 64
-DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "conf.yaml")  # the sampler, selection and edit scale the main job uses
+# the sampler, selection and edit scale the main job uses
+DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "conf.yaml")
 EDIT_SCALE = DEFAULTS.evaluate.scale
 
 

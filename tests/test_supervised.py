@@ -37,7 +37,8 @@ def test_project_out_is_orthogonal_and_exact():
 def test_mean_difference_and_convergence():
     g = torch.Generator().manual_seed(1)
     pos, neg = torch.randn(40, 7, generator=g) + 1, torch.randn(30, 7, generator=g)
-    torch.testing.assert_close(mean_difference(pos.half(), neg.half()), (pos.half().double().mean(0) - neg.half().double().mean(0)).float())
+    torch.testing.assert_close(mean_difference(pos.half(), neg.half()),
+                               (pos.half().double().mean(0) - neg.half().double().mean(0)).float())
     rows = convergence_curve(pos, neg, [1, 5, 30, 31], draws=20)
     assert [r["n"] for r in rows] == [1, 5, 30]  # 31 > 30 negatives: skipped
     assert rows[0]["cosine_mean"] < rows[1]["cosine_mean"] < 1.0
@@ -91,11 +92,12 @@ def annotated_run(tmp_path_factory, tiny_model_dir):
     return cfg
 
 
+@pytest.mark.slow
 def test_supervised_stage_matches_an_independent_computation(annotated_run):
-    from pipeline.samples import load_samples
-    from pipeline.stages.supervised import run_supervised
-    from pipeline.stages.select import load_selection
     from pipeline.noise import randn
+    from pipeline.samples import load_samples
+    from pipeline.stages.select import load_selection
+    from pipeline.stages.supervised import run_supervised
 
     cfg = annotated_run
     run_supervised(cfg)
@@ -116,6 +118,7 @@ def test_supervised_stage_matches_an_independent_computation(annotated_run):
     assert np.allclose(full.cosine_mean, 1.0)
 
 
+@pytest.mark.slow
 def test_disentangle_and_edit_stages(annotated_run):
     from pipeline.stages.disentangle import run_disentangle
     from pipeline.stages.edit import run_edit

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from annotators.base import build_annotator
-from toyfaces.annotator import evaluate_annotator
 from pipeline.images import from_uint8
+from toyfaces.annotator import evaluate_annotator
 from toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
 
 
@@ -93,6 +93,7 @@ def _weights(model_dir):
     return load_file(str(model_dir / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip_dropout", [0.0, 0.5])
 def test_training_is_reproducible_and_resumes_exactly(tmp_path, skip_dropout):
     from toyfaces.train_ddpm import train_toy
@@ -143,6 +144,7 @@ def test_skip_dropout_zeroes_the_skips_of_masked_samples_only():
     assert not any(b._forward_hooks for b in unet.down_blocks)
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_path):
     """Phase 2 (finetune-toy) starts from phase 1's EMA weights and resumes from its own
     checkpoint without them; a missing or differently shaped model is a ConfigError naming
@@ -175,6 +177,7 @@ def test_init_from_starts_from_an_exported_model_and_rejects_a_wrong_one(tmp_pat
     assert not (tmp_path / "f").exists(), "a refused run writes nothing"
 
 
+@pytest.mark.slow
 def test_validate_toy_runs_and_writes_json():
     """The validation's arithmetic end to end on a tiny model (its figures are meaningless here;
     the shipped model's are in docs/toyfaces.md): every section present, JSON-serialisable."""
@@ -182,9 +185,9 @@ def test_validate_toy_runs_and_writes_json():
 
     from diffusers import DDIMScheduler
 
-    from toyfaces.annotator import ToyFaceAnnotator
     from conftest import make_tiny_unet
     from pipeline import HSpaceModel
+    from toyfaces.annotator import ToyFaceAnnotator
     from toyfaces.validate import validate
 
     model = HSpaceModel(make_tiny_unet(size=32), DDIMScheduler(), num_inference_steps=3)

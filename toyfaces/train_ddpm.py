@@ -25,8 +25,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pipeline.config import ToyTrainConfig, to_dict
 from pipeline.images import from_uint8
 from pipeline.io import atomic_path
-from .render import RESOLUTION, render_faces, sample_factors
 
+from .render import RESOLUTION, render_faces, sample_factors
 
 
 def build_unet(cfg: ToyTrainConfig) -> UNet2DModel:
@@ -241,7 +241,8 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
         devices=1,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=0),
         callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0),
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True,
+                                                save_top_k=0),
             _Export(cfg),
         ],
         enable_model_summary=False,

@@ -31,6 +31,7 @@ from pipeline.images import from_uint8
 from pipeline.model import HSpaceModel
 from pipeline.samples import write_json_atomic
 from pipeline.supervised import mean_difference
+
 from .render import FACTORS, render_faces, sample_factors
 
 
@@ -114,7 +115,7 @@ def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, ne
             continue
         top, bottom = select_top_bottom(pd.Series(scores[f.name].cpu().numpy(), name=f.name), n, resolution=resolution)
         d = mean_difference(h[torch.as_tensor(top.index)], h[torch.as_tensor(bottom.index)])
-        edited = torch.cat([o.images for o in _batched(lambda s: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
+        edited = torch.cat([o.images for o in _batched(lambda s, d=d: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
         moved = float(annotator(edited)[f.name].mean() - base[f.name].mean())
         bar = 0.5 if f.kind == "binary" else f.std
         out[f.name] = {"mean_change": moved, "bar": bar, "ok": bool(moved >= bar)}
@@ -203,6 +204,7 @@ def run_validate_toy(cfg) -> dict:
             print(f"{section:12s} {name:{width}s} {verdict} " +
                   " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
     for section, r in [("hf_energy", result["hf_energy"])] + [(f"inversion {k}", v) for k, v in result["inversion"].items()]:
-        print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
+        print(f"{section:12s} {'OK ' if r['ok'] else 'LOW'} "
+              + " ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)))
     print(f"hspace validate-toy: {out}, {figure}")
     return result

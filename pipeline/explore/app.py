@@ -159,8 +159,8 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
                 asyrp = gr.Checkbox(False, label="Asyrp (D_t from an unedited pass)", elem_id="asyrp")
                 first = gr.Slider(0, T - 1, value=0, step=1, label="first edited step (0 = noisiest)", elem_id="first")
                 last = gr.Slider(0, T - 1, value=T - 1, step=1, label="last edited step", elem_id="last")
-                eta = gr.Slider(0, 1, value=eta0[0], step=0.05, elem_id="eta",
-                                label="eta (0 DDIM, 1 DDPM-like)" + ("" if uniform_eta else "; conf.yaml's per-step list until moved"))
+                eta_label = "eta (0 DDIM, 1 DDPM-like)" + ("" if uniform_eta else "; conf.yaml's per-step list until moved")
+                eta = gr.Slider(0, 1, value=eta0[0], step=0.05, elem_id="eta", label=eta_label)
                 with gr.Group():
                     name_choice = gr.Dropdown(choices, value=choices[0][1] if choices else None,
                                               label="direction to name", elem_id="name-direction")

@@ -23,7 +23,6 @@ import torch
 
 from ..directions import (
     Directions,
-    check_directions,
     compose,
     label_direction,
     load_directions,
@@ -68,7 +67,7 @@ class _Base:
     scores: dict[str, float]
 
 
-def load_run_directions(run_dir, h_shape, timesteps) -> dict[str, Directions]:
+def load_run_directions(run_dir, model: HSpaceModel) -> dict[str, Directions]:
     """Every ``<run_dir>/directions/*.safetensors`` by file stem, checked against the model."""
     folder = Path(run_dir) / "directions"
     paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -77,9 +76,7 @@ def load_run_directions(run_dir, h_shape, timesteps) -> dict[str, Directions]:
                            f"(or `hspace run`), or point run_dir at a run that has them")
     files = {}
     for p in paths:
-        d = load_directions(p)
-        check_directions(d, p, h_shape, timesteps)
-        files[p.stem] = d
+        files[p.stem] = load_directions(p, model)
     return files
 
 
@@ -94,7 +91,7 @@ class ExploreSession:
     def __init__(self, model: HSpaceModel, run_dir, scorer=None, fixed_point_iterations: int = 1):
         self.model, self.run_dir, self.scorer = model, Path(run_dir), scorer
         self.fixed_point_iterations = int(fixed_point_iterations)
-        self.files = load_run_directions(self.run_dir, model.h_shape, model.timesteps.tolist())
+        self.files = load_run_directions(self.run_dir, model)
         self._images: dict[str, torch.Tensor] = {}
         self._bases: OrderedDict = OrderedDict()
         self._lock = threading.Lock()  # one U-Net user at a time (the hook holds state)
@@ -154,7 +151,7 @@ class ExploreSession:
     # ------------------------------------------------------------------ sources
     def add_image(self, file) -> str:
         """An uploaded image (path or file object) -> the source key used by ``render``."""
-        array = load_image(file, self.model.image_shape[1:])
+        array, _ = load_image(file, self.model.image_shape[1:])
         key = "image:" + hashlib.sha1(array.tobytes()).hexdigest()[:12]
         self._images[key] = from_uint8(array[None])
         return key

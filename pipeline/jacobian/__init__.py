@@ -76,8 +76,16 @@ from __future__ import annotations
 
 from .basis import DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular, orthonormal_complement, orthonormalize, ritz
 from .krylov import block_krylov
-from .model import (JacobianDirections, check_mask, directions_at, eps_function, global_at_index, jacobian_directions,
-                    jacobian_directions_all_steps, sample_trajectory)
+from .model import (
+    JacobianDirections,
+    check_mask,
+    directions_at,
+    eps_function,
+    global_at_index,
+    jacobian_directions,
+    jacobian_directions_all_steps,
+    sample_trajectory,
+)
 from .paper import power_deflation, sequential_subspace_iteration, subspace_iteration
 from .products import Fn, Linearization, autograd_context, explicit_jacobian, jvp, vjp
 from .solve import DEFAULT_METHOD, METHODS, PRODUCTS, UNCONVERGED, default_block, top_singular

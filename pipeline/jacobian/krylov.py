@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .basis import (DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular, _bwd, _fwd, _gaussian, _start_block, _state,
-                    orthonormal_complement, ritz)
+from .basis import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    TopSingular,
+    _bwd,
+    _fwd,
+    _gaussian,
+    _start_block,
+    _state,
+    orthonormal_complement,
+    ritz,
+)
 
 
 def block_krylov(ops, k: int, block: int, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,

@@ -89,7 +89,8 @@ def sample_trajectory(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
         if x_T.ndim == 3:
             x_T = x_T[None]
         if x_T.ndim != 4 or len(x_T) != 1:
-            raise InputError(f"give one sample: x_T has shape {tuple(x_T.shape)}, expected (1, 3, H, W) or (3, H, W); slice a batch first")
+            raise InputError(f"give one sample: x_T has shape {tuple(x_T.shape)}, expected (1, 3, H, W) or (3, H, W); "
+                             f"slice a batch first")
         noise = _get(sample, "noise")
         seeds = _get(sample, "seeds")
         if seeds is None and _get(sample, "seed") is not None:

@@ -11,8 +11,20 @@ import math
 
 import torch
 
-from .basis import (DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular, _bwd, _fwd, _gaussian, _left_from, _start_block, _state,
-                    orthonormal_complement, orthonormalize, ritz)
+from .basis import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    TopSingular,
+    _bwd,
+    _fwd,
+    _gaussian,
+    _left_from,
+    _start_block,
+    _state,
+    orthonormal_complement,
+    orthonormalize,
+    ritz,
+)
 
 
 def subspace_iteration(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,

@@ -4,9 +4,11 @@
 each rank writes one small Parquet part per batch (atomically) to
 ``<run_dir>/annotations/parts/``; rank 0 then merges them into
 ``<run_dir>/annotations.parquet``: ``sample_id`` plus one float column per score, sorted by
-sample_id. A re-run skips batches whose part exists. The annotations record which samples
-dataset and which annotators made them; a run against a different samples dataset or other
-annotators is refused instead of mixing scores.
+sample_id. A re-run skips batches whose part exists. Parts and table carry identity records
+(:mod:`pipeline.identity`): a run against samples with another content identity or with other
+annotators is refused instead of mixing scores; when the dataset holds other sample ids (made
+again with other seeds, or extended), the parts of samples no longer in it are removed, the
+missing ones annotated, and the table describes exactly the samples on disk.
 
 Column names are the annotators' attribute names; when two annotators share a name
 (face_pose and hopenet both give yaw), both get their annotator's name as a prefix
@@ -14,8 +16,6 @@ Column names are the annotators' attribute names; when two annotators share a na
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +23,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from annotators import assets_identity
 from annotators.base import build_annotator, check_columns, column_names
 
-from ..config import config_hash, to_dict
 from ..errors import DatasetError
+from ..identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
 from ..images import from_uint8
 from ..io import atomic_path
-from ..samples import decode_images, read_manifest, shard_paths, write_json_atomic, open_shard
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, make_trainer,
-                              share_cpu_threads)
+from ..samples import dataset_ids, decode_images, open_shard, read_manifest, shard_paths
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 def annotations_path(run_dir) -> Path:
@@ -63,13 +73,58 @@ def part_name(ids) -> str:
 
 
 def scan_parts(run_dir) -> set[int]:
+    """The sample ids the parts on disk cover (a part that cannot be read is removed and redone)."""
     done = set()
     for p in parts_dir(run_dir).glob("part-*.parquet"):
         try:
             done |= set(pq.read_table(p, columns=["sample_id"]).column("sample_id").to_pylist())
         except (pa.ArrowInvalid, OSError):
-            p.unlink()  # a part that cannot be read is redone
+            p.unlink()
     return done
+
+
+def part_inputs(cfg) -> dict:
+    """What every annotation part is made from, whichever samples it covers: the samples' content
+    identity (model, scheduler, eta...), the annotators, their options and weights."""
+    return {"samples": read_manifest(cfg.run_dir)["identity_hash"],
+            **config_sections(cfg, "annotate", drop=("annotate.batch_size",)), "annotators_weights": assets_identity()}
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of annotations.parquet: the annotators and exactly which samples dataset."""
+    return make_record("annotate", config_sections(cfg, "annotate", drop=("annotate.batch_size",)),
+                       assets={"annotators": assets_identity()}, artefacts=artefact_ids(cfg.run_dir, ["samples"], known))
+
+
+def _refusal(path: Path, stored: dict, now: dict, run_dir) -> DatasetError:
+    what = "samples dataset" if stored.get("samples") != now["samples"] else "annotators or their options"
+    return DatasetError(f"{path} was made for a different {what} ({stored.get('annotate', {}).get('annotators')} vs "
+                        f"{now['annotate']['annotators']}); delete {annotations_path(run_dir)} and "
+                        f"{Path(run_dir) / 'annotations'} to re-annotate")
+
+
+def clean_existing(cfg, inputs: dict, dataset_ids: set[int]) -> None:
+    """Refuse annotations made for other samples or by other annotators (parts or the merged
+    table); remove the parts of samples that are no longer in the dataset (their scores stay
+    right for their seeds, but no longer belong to this run)."""
+    run_dir = cfg.run_dir
+    merged = read_record(annotations_path(run_dir)) if annotations_path(run_dir).exists() else None
+    if merged is not None and merged.get("part_inputs", inputs) != inputs:
+        raise _refusal(annotations_path(run_dir), merged["part_inputs"], inputs, run_dir)
+    stale = []
+    for p in sorted(parts_dir(run_dir).glob("part-*.parquet")):
+        stored = read_record(p)
+        if stored is None:  # unreadable or from an older version: redone
+            p.unlink()
+            continue
+        if stored["inputs"] != inputs:
+            raise _refusal(p, stored["inputs"], inputs, run_dir)
+        if not set(stored["sample_ids"]) <= dataset_ids:
+            stale.append(p)
+    for p in stale:
+        p.unlink()
+    if stale:
+        print(f"hspace annotate: removed {len(stale)} annotation part(s) of samples that are no longer in the dataset")
 
 
 class AnnotateModule(ItemModule):
@@ -104,73 +159,58 @@ class AnnotateData(RankShare):
         return plan_items(self.run_dir, self.batch_size, scan_parts(self.run_dir))
 
 
-def merge_parts(run_dir, identity: dict) -> pd.DataFrame:
+def merge_parts(run_dir, record: dict, inputs: dict) -> pd.DataFrame:
+    """Rank 0: the parts -> annotations.parquet (sorted by sample_id), with its identity record."""
     parts = sorted(parts_dir(run_dir).glob("part-*.parquet"))
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("sample_id")
     if df["sample_id"].duplicated().any():
         raise DatasetError(f"duplicate sample ids in {parts_dir(run_dir)}; delete that folder and re-run hspace annotate")
     want = read_manifest(run_dir)["num_samples"]
-    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"hspace": json.dumps(identity).encode()})
-    with atomic_path(annotations_path(run_dir)) as tmp:
-        pq.write_table(table, tmp)
     if len(df) != want:
         raise DatasetError(f"annotations cover {len(df)} of {want} samples; re-run hspace annotate to finish")
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           **parquet_metadata({**record, "part_inputs": inputs})})
+    with atomic_path(annotations_path(run_dir)) as tmp:
+        pq.write_table(table, tmp)
     return df
 
 
-def annotation_identity(run_dir, ann_cfg) -> dict:
-    manifest = read_manifest(run_dir)
-    return {"samples_identity_hash": manifest["identity_hash"],
-            "annotators": list(ann_cfg.annotators),
-            "options": to_dict(ann_cfg.options)}
-
-
-def check_existing(run_dir, identity: dict) -> None:
-    """Refuse annotations (parts or merged table) made for other samples or by other annotators."""
-    meta_path = Path(run_dir) / "annotations" / "identity.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if config_hash(old) != config_hash(identity):
-            what = "samples dataset" if old.get("samples_identity_hash") != identity["samples_identity_hash"] \
-                else "annotators or their options"
-            raise DatasetError(f"{Path(run_dir) / 'annotations'} was made for a different {what} "
-                               f"({old.get('annotators')} vs {identity['annotators']}); delete "
-                               f"{annotations_path(run_dir)} and {Path(run_dir) / 'annotations'} to re-annotate")
+def write_part(prediction: dict, path: Path, inputs: dict) -> None:
+    table = pa.table(prediction)
+    meta = parquet_metadata({"inputs": inputs, "sample_ids": prediction["sample_id"].tolist()})
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), path)
 
 
 def load_annotations(run_dir) -> pd.DataFrame:
-    """The annotations table, checked to belong to the samples dataset in ``run_dir``."""
+    """The annotations table, checked to describe exactly the samples dataset in ``run_dir``."""
     path = annotations_path(run_dir)
     if not path.exists():
         raise DatasetError(f"{path} does not exist; run `hspace annotate run_dir={run_dir}` first")
-    meta = pq.read_schema(path).metadata or {}
-    ident = json.loads(meta.get(b"hspace", b"{}"))
-    if ident.get("samples_identity_hash") != read_manifest(run_dir)["identity_hash"]:
-        raise DatasetError(f"{path} belongs to a different samples dataset; re-run hspace annotate")
+    verify(run_dir, path.name)
     return pd.read_parquet(path)
 
 
 def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
-    identity = annotation_identity(run_dir, cfg.annotate)
-    check_existing(run_dir, identity)
-    check_columns(cfg, "annotate")
+    check_columns(cfg, "annotate")  # before anything is removed
+    shard_paths(run_dir)  # the samples dataset must be complete
+    inputs, record = part_inputs(cfg), identity(cfg)
+    if launching_rank() == 0:
+        clean_existing(cfg, inputs, set(dataset_ids(run_dir).tolist()))
+    agreed(None)  # the other ranks plan after rank 0's clean-up
     annotators = build_annotators(cfg.annotate)  # fails fast on bad names or missing weights
-    write_json_atomic(Path(run_dir) / "annotations" / "identity.json", identity)
-    done = scan_parts(run_dir)
-    todo = sum(len(i["ids"]) for i in plan_items(run_dir, cfg.annotate.batch_size, done))
-    if todo == 0 and annotations_path(run_dir).exists():
+    if is_fresh(run_dir, annotations_path(run_dir).name, record):
         print(f"hspace annotate: {annotations_path(run_dir)} is complete")
         return load_annotations(run_dir)
-    if todo == 0:  # every part exists: only the merge is left (a run killed just before it)
-        merge_parts(run_dir, identity)
+    todo = sum(len(i["ids"]) for i in plan_items(run_dir, cfg.annotate.batch_size, scan_parts(run_dir)))
+    if todo == 0:  # every part exists: only the merge is left (a run killed just before it, or other samples)
+        merge_parts(run_dir, record, inputs)
     else:
         progress = ItemsProgress("annotate", todo, count=lambda item: len(item["ids"]))
         writer = PartWriter(parts_dir(run_dir), lambda p: part_name(p["sample_id"]),
-                            lambda p, path: pq.write_table(pa.table(p), path))
-        merge = AfterAllRanks(lambda: merge_parts(run_dir, identity), "annotate")
+                            lambda p, path: write_part(p, path, inputs))
+        merge = AfterAllRanks(lambda: merge_parts(run_dir, record, inputs), "annotate")
         trainer = make_trainer(cfg.trainer, [writer, progress, merge])
         trainer.predict(AnnotateModule(annotators), datamodule=AnnotateData(run_dir, cfg.annotate.batch_size),
                         return_predictions=False)

@@ -15,6 +15,8 @@ import torch
 from ..config import to_dict
 from ..directions import Directions, load_directions, save_directions
 from ..errors import ConfigError
+from ..identity import artefact_ids, config_sections, make_record, verify
+from ..io import hash_file
 from ..supervised import cosine, project_out
 
 OTHERS = "others"  # pairs value: every other direction in the file
@@ -44,11 +46,28 @@ def disentangle(directions: Directions, pairs: dict[str, list[str]]) -> Directio
                               "scales": directions.params.get("scales")})
 
 
+SUPERVISED = "directions/supervised.safetensors"
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of disentangled.safetensors: the pairs and the directions they act on (the run's
+    supervised file, or the content of ``disentangle.source``)."""
+    if cfg.disentangle.source:
+        return make_record("disentangle", config_sections(cfg, "disentangle"),
+                           assets={"source": hash_file(cfg.disentangle.source)})
+    return make_record("disentangle", config_sections(cfg, "disentangle"),
+                       artefacts=artefact_ids(cfg.run_dir, [SUPERVISED], known))
+
+
 def run_disentangle(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
-    source = Path(cfg.disentangle.source or run_dir / "directions" / "supervised.safetensors")
-    result = disentangle(load_directions(source), to_dict(cfg.disentangle.pairs))
-    out = save_directions(result, run_dir / "directions" / "disentangled.safetensors")
+    source = Path(cfg.disentangle.source or run_dir / SUPERVISED)
+    if not cfg.disentangle.source and source.exists():
+        verify(run_dir, SUPERVISED)
+    directions = load_directions(source)
+    record = identity(cfg)
+    result = disentangle(directions, to_dict(cfg.disentangle.pairs))
+    out = save_directions(result, run_dir / "directions" / "disentangled.safetensors", record)
     for name, r in result.params["report"].items():
         before = ", ".join(f"cos(v0,{c})={v:+.2f}" for c, v in r["cosines_before"].items())
         print(f"  {name}: {before}; kept {r['norm_ratio']:.0%} of the norm")

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..directions import Directions, check_directions, compose, load_directions
+from ..directions import Directions, compose, load_directions
 from ..errors import ConfigError
 from ..figures import image_grid_figure, save_figure
 from ..images import to_uint8
@@ -82,9 +82,12 @@ def run_edit(cfg) -> list[Path]:
         raise ConfigError("edit.directions is not set: give a directions file or a name (pca, jacobian, supervised, "
                           "disentangled, real) from <run_dir>/directions")
     path = resolve_directions_path(cfg.run_dir, e.directions)
-    directions = load_directions(path)
     model = HSpaceModel.from_config(cfg.model)
-    check_directions(directions, path, model.h_shape, model.timesteps.tolist())
+    directions = load_directions(path, model)
+    if tuple(directions.timesteps) != tuple(model.timesteps.tolist()):
+        raise ConfigError(f"{path} was made for timesteps {directions.timesteps[:3]}... (T={len(directions.timesteps)}) "
+                          f"but the model samples {model.timesteps.tolist()[:3]}... (T={model.num_steps}); "
+                          f"set model.num_inference_steps={len(directions.timesteps)}")
     names = list(e.names) or list(range(len(directions)))
     scales = list(e.scales) if e.scales else directions.params.get("scales", [-2.0, -1.0, 0.0, 1.0, 2.0])
     out_dir = Path(e.out_dir or Path(cfg.run_dir) / "edits" / path.stem)

@@ -6,10 +6,12 @@ disentangled, each at the scales its directions file suggests; the report shows 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..directions import Directions, load_directions
+from ..identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from ..io import atomic_path, write_json_atomic
+from ..loading import weights_identity
 from ..model import HSpaceModel
 from .edit import render_edits
 
@@ -18,15 +20,32 @@ from .edit import render_edits
 DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 
+FILES = ("pca", "jacobian", "supervised", "disentangled", "real")
+
+
+def _present(run_dir, known: dict | None = None) -> list[str]:
+    return present(run_dir, [f"directions/{n}.safetensors" for n in FILES], known)
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of the edits folder: the model, the seeds and scales shown, and every directions
+    file of the run it draws."""
+    return make_record("figures", config_sections(cfg, "report", "edit.seeds", "model"),
+                       assets={"model": weights_identity(cfg.model.name_or_path)},
+                       artefacts=artefact_ids(cfg.run_dir, _present(cfg.run_dir, known), known))
+
+
 def run_figures(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     d, out = run_dir / "directions", run_dir / "edits"
     model = HSpaceModel.from_config(cfg.model)
     seeds = list(cfg.edit.seeds)
-    shutil.rmtree(out, ignore_errors=True)
+    for name in _present(run_dir):
+        verify(run_dir, name)
+    record = identity(cfg)
     jobs: list[tuple[str, Directions, list, bool]] = []
     if (d / "pca.safetensors").exists():
-        pca = load_directions(d / "pca.safetensors")
+        pca = load_directions(d / "pca.safetensors", model)
         k = min(cfg.report.pca_components, len(pca))
         jobs.append(("pca", pca, list(range(k)), False))
         if "random_directions" in pca.extras:
@@ -34,18 +53,21 @@ def run_figures(cfg) -> Path:
                              pca.timesteps, params={"scales": pca.params.get("scales")})
             jobs.append(("pca_random", rnd, list(range(k)), False))
     if (d / "jacobian.safetensors").exists():
-        jac = load_directions(d / "jacobian.safetensors")
+        jac = load_directions(d / "jacobian.safetensors", model)
         jobs.append(("jacobian", jac, list(range(min(cfg.report.jacobian_directions, len(jac)))), False))
     for name in ("supervised", "disentangled", "real"):
         if (d / f"{name}.safetensors").exists():
-            dirs = load_directions(d / f"{name}.safetensors")
+            dirs = load_directions(d / f"{name}.safetensors", model)
             jobs.append((name, dirs, list(range(len(dirs))), False))
             if name == "supervised" and "x_T_directions" in dirs.extras:
                 jobs.append(("supervised_xT", dirs, list(range(len(dirs))), True))
     count = 0
-    for family, dirs, names, x_T in jobs:
-        scales = list(DEFAULT_SCALES if x_T else dirs.params.get("scales") or DEFAULT_SCALES)
-        count += len(render_edits(model, dirs, names, seeds, scales, out / family, x_T_space=x_T,
-                                  batch_size=cfg.edit.batch_size))
+    with atomic_path(out) as tmp:  # the whole folder at once: strips of directions that are gone go too
+        tmp.mkdir()
+        for family, dirs, names, x_T in jobs:
+            scales = list(DEFAULT_SCALES if x_T else dirs.params.get("scales") or DEFAULT_SCALES)
+            count += len(render_edits(model, dirs, names, seeds, scales, tmp / family, x_T_space=x_T,
+                                      batch_size=cfg.edit.batch_size))
+        write_json_atomic(tmp / FOLDER_RECORD, record)
     print(f"hspace figures: {count} edit strips in {out}")
     return out

@@ -8,26 +8,39 @@ dataset is the same whatever the number of processes or the batch size.
 Restarts: the seeds are cut into batches aligned to ``first_seed``; a re-run skips every
 batch whose shard exists and is valid, so a killed run completes with no duplicates and,
 with the same batch size, bit-identical to an uninterrupted one. A run directory whose
-manifest was written by a different configuration (model, weights, scheduler, eta, hook,
-dtypes) is refused instead of mixing samples.
+manifest or shards were written by a different configuration (model, weights, scheduler, eta,
+hook, dtypes) is refused instead of mixing samples: every shard keeps that configuration in its
+metadata, so shards found without a manifest are adopted only when it matches, and the
+manifest is rebuilt from them.
 """
 from __future__ import annotations
 
 import shutil
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..config import config_hash, to_dict
+from ..config import to_dict
+from ..dtypes import DTYPES
 from ..errors import DatasetError
+from ..identity import config_sections, differences, make_record
 from ..images import to_uint8
+from ..io import hash_json, write_json_atomic
+from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import FORMAT, H_DTYPES, MANIFEST, samples_dir, scan_shards, write_json_atomic, write_shard
-from .lightning_utils import (IDLE, AfterAllRanks, ItemModule, ItemsProgress, RankShare, agreed, launching_rank,
-                              make_trainer, share_cpu_threads)
+from ..samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 # ---------------------------------------------------------------------- planning (pure)
@@ -45,7 +58,7 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
 def bytes_per_sample(h_shape_t, h_dtype: str, image_shape) -> int:
     """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids."""
     T, C, H, W = h_shape_t
-    h_bytes = T * C * H * W * np.dtype(H_DTYPES[h_dtype][0]).itemsize
+    h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
     offsets = 4 * (T + T * C + T * C * H + 4)
     return h_bytes + offsets + int(np.prod(image_shape)) + 1024
 
@@ -66,13 +79,12 @@ def content_identity(model: HSpaceModel, h_dtype: str, precision) -> dict:
     return {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
 
 
-def _differences(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: {a!r} (existing) vs {b!r} (now)"]
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of the samples dataset this configuration asks for (``key``: freshness); the
+    dataset's ``id`` is set when it is complete, from its content identity and sample ids."""
+    return make_record("generate", config_sections(cfg, "model", "generate", "trainer.precision",
+                                                   drop=("generate.batch_size",)),
+                       assets={"model": weights_identity(cfg.model.name_or_path)})
 
 
 # ---------------------------------------------------------------------- Lightning
@@ -91,21 +103,7 @@ class GenerateModule(ItemModule):
     def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
         out = self.hmodel.sample(seeds)
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", H_DTYPES[self.h_dtype][1])}
-
-
-class ShardWriter(BasePredictionWriter):
-    """Writes each predicted batch as one shard, on the rank that made it."""
-
-    def __init__(self, shards_dir: Path, h_dtype: str):
-        super().__init__(write_interval="batch")
-        self.shards_dir, self.h_dtype = shards_dir, h_dtype
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if batch is IDLE:
-            return
-        write_shard(self.shards_dir, prediction["seeds"], prediction["seeds"], prediction["images"],
-                    prediction["h"], self.h_dtype)
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", DTYPES[self.h_dtype].tensor)}
 
 
 class GenerateData(RankShare):
@@ -121,7 +119,9 @@ class GenerateData(RankShare):
         return plan_batches(self.cfg.first_seed, self.cfg.num_samples, self.cfg.batch_size, done)
 
 
-def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int]) -> dict:
+def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int], record: dict) -> dict:
+    """Rewrite the manifest from the shards on disk: their list, count, completeness and the
+    dataset's identity record (content identity + exactly which sample ids)."""
     scan = scan_shards(run_dir)
     ids = scan.sample_ids
     if len(ids) != len(set(ids.tolist())):
@@ -129,59 +129,77 @@ def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int]) -> dict:
         raise DatasetError(f"samples {dup} appear in more than one shard of {samples_dir(run_dir)}; remove the "
                            f"older shard(s) by hand")
     have = set(ids.tolist())
+    record = {**record, "id": hash_json(manifest["identity_hash"], sorted(have)), "num_samples": len(have)}
     manifest = {**manifest, "shards": [p.name for p in sorted(scan.valid)], "num_samples": len(ids),
-                "complete": wanted <= have}
+                "complete": wanted <= have, "record": record}
     write_json_atomic(samples_dir(run_dir) / MANIFEST, manifest)
     return manifest
 
 
 # ---------------------------------------------------------------------- the stage
 def check_existing(run_dir: str, identity: dict) -> None:
+    """Refuse a manifest or shards made with another content identity (listing what differs)."""
     path = samples_dir(run_dir) / MANIFEST
-    if not path.exists():
-        return
-    import json
+    if path.exists():
+        import json
 
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DatasetError(f"{path} is corrupt; move {samples_dir(run_dir)} away or fix the file") from None
-    if old.get("identity_hash") != config_hash(identity):
-        diff = _differences(old.get("identity", {}), identity)
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise DatasetError(f"{path} is corrupt; move {samples_dir(run_dir)} away or fix the file") from None
+        if old.get("identity_hash") != hash_json(identity):
+            diff = differences(old.get("identity", {}), identity)
+            raise DatasetError(
+                f"{samples_dir(run_dir)} holds samples made with a different configuration "
+                f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete that folder to start over"
+            )
+    foreign = scan_shards(run_dir, hash_json(identity)).foreign
+    if foreign:
+        shard = next(iter(foreign))
+        stored = read_record(shard)
+        diff = differences(stored.get("content", {}), identity) if stored else ["no configuration recorded in it"]
         raise DatasetError(
-            f"{samples_dir(run_dir)} holds samples made with a different configuration "
-            f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete that folder to start over"
-        )
+            f"{shard} (and {len(foreign) - 1} more) holds samples made with a different configuration "
+            f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete {samples_dir(run_dir)} "
+            f"to start over")
 
 
 def check_disk(run_dir: str, n: int, per_sample: int) -> None:
     target = samples_dir(run_dir)
     target.mkdir(parents=True, exist_ok=True)
     need, free = n * per_sample, shutil.disk_usage(target).free
-    print(f"hspace generate: {n} samples to write, about {need / 1e9:.2f} GB needed, {free / 1e9:.1f} GB free in {target}")
+    print(f"hspace generate: {n} samples to write, about {_size(need)} needed, {_size(free)} free in {target}")
     if need > free:
-        raise DatasetError(f"not enough disk space in {target}: the run needs about {need / 1e9:.2f} GB but only "
-                           f"{free / 1e9:.2f} GB are free; free space, choose another run_dir, or lower "
+        raise DatasetError(f"not enough disk space in {target}: the run needs about {_size(need)} but only "
+                           f"{_size(free)} are free; free space, choose another run_dir, or lower "
                            f"generate.num_samples / use generate.h_dtype=float16")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    identity = content_identity(model, g.h_dtype, cfg.trainer.precision)
-    check_existing(run_dir, identity)
+    content = content_identity(model, g.h_dtype, cfg.trainer.precision)
+    check_existing(run_dir, content)
+    record = identity(cfg)
 
-    trainer_probe_rank = launching_rank()
+    rank0 = launching_rank() == 0
     wanted = set(range(g.first_seed, g.first_seed + g.num_samples))
     manifest = {
-        "format": FORMAT, "identity": identity, "identity_hash": config_hash(identity),
-        "model": identity["model"], "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
-        "image_shape": list(model.image_shape), "config": to_dict(cfg), "config_hash": config_hash(cfg),
+        "format": FORMAT, "identity": content, "identity_hash": hash_json(content),
+        "model": content["model"], "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
+        "image_shape": list(model.image_shape), "config": to_dict(cfg), "config_hash": hash_json(to_dict(cfg)),
         "packages": package_versions(), "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
     }
     scan = scan_shards(run_dir)
-    if trainer_probe_rank == 0:
+    if rank0:
         for path, why in scan.corrupt.items():  # quarantined, then regenerated
             bad = samples_dir(run_dir) / "corrupt"
             bad.mkdir(exist_ok=True)
@@ -189,17 +207,19 @@ def run_generate(cfg) -> dict:
             print(f"hspace generate: {why.split(';')[0]}; moved to {bad} and regenerating its samples", file=sys.stderr)
     todo = agreed(len(wanted - set(scan.sample_ids.tolist())))  # after rank 0 moved corrupt shards away
     if todo == 0:
-        final = finalise_manifest(run_dir, manifest, wanted) if trainer_probe_rank == 0 else manifest
+        final = finalise_manifest(run_dir, manifest, wanted, record) if rank0 else manifest
         print(f"hspace generate: all {g.num_samples} samples already in {samples_dir(run_dir)}")
         return final
     check_disk(run_dir, todo, bytes_per_sample(manifest["h_shape_t"], g.h_dtype, model.image_shape))
-    if trainer_probe_rank == 0:
+    if rank0:
         write_json_atomic(samples_dir(run_dir) / MANIFEST, {**manifest, "shards": [p.name for p in sorted(scan.valid)],
                                                               "complete": False})
+    writer = PartWriter(samples_dir(run_dir) / "shards", lambda p: shard_name(p["seeds"]),
+                        lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype,
+                                                                content), path), fsync=True)
     trainer = make_trainer(cfg.trainer, [
-        ShardWriter(samples_dir(run_dir) / "shards", g.h_dtype),
-        ItemsProgress("generate", todo),
-        AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted), "generate"),
+        writer, ItemsProgress("generate", todo),
+        AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted, record), "generate"),
     ])
     trainer.predict(GenerateModule(model, g.h_dtype), datamodule=GenerateData(run_dir, g), return_predictions=False)
     if trainer.is_global_zero:

@@ -16,7 +16,7 @@ predict otherwise runs in inference mode).
 """
 from __future__ import annotations
 
-import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,23 @@ from safetensors.torch import load_file, save_file
 from ..config import to_dict
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, ConvergenceError, DatasetError
+from ..identity import config_sections, make_record, read_record, safetensors_metadata
+from ..io import hash_file
 from ..jacobian import global_at_index, jacobian_directions_all_steps
+from ..loading import weights_identity
 from ..model import HSpaceModel
 from ..samples import read_manifest
-from .lightning_utils import (AfterAllRanks, ItemModule, ItemsProgress, PartWriter, RankShare, launching_rank,
-                              make_trainer, share_cpu_threads)
+from .lightning_utils import (
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    PartWriter,
+    RankShare,
+    agreed,
+    launching_rank,
+    make_trainer,
+    share_cpu_threads,
+)
 
 
 def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
@@ -53,7 +65,14 @@ def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
         raise ConfigError(f"jacobian.mask: {path} does not exist (give rect:y0:y1:x0:x1 or a PNG mask)")
     from PIL import Image
 
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L").resize((W, H), Image.BILINEAR), np.float32) / 255)
+    try:
+        image = Image.open(path).convert("L")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"jacobian.mask: {path} is not a readable image ({type(e).__name__})") from None
+    if image.size != (W, H):
+        print(f"hspace jacobian: warning: the mask {path} is {image.width}x{image.height}; resized to the model's "
+              f"{W}x{H}", file=sys.stderr)
+    return torch.from_numpy(np.asarray(image.resize((W, H), Image.BILINEAR), np.float32) / 255)
 
 
 class JacobianModule(ItemModule):
@@ -81,19 +100,54 @@ class JacobianModule(ItemModule):
 
 
 class Items(RankShare):
-    def __init__(self, ids):
+    """The sample ids whose part is not written yet (a killed run resumes)."""
+
+    def __init__(self, parts: Path, ids):
         super().__init__()
-        self.ids = ids
+        self.parts, self.ids = parts, ids
 
     def plan(self) -> list:
-        return self.ids
+        return [i for i in self.ids if not (self.parts / part_name(i)).exists()]
 
 
 def part_name(sample_id: int) -> str:
     return f"sample-{sample_id:010d}.safetensors"
 
 
-def write_directions(run_dir, jac_cfg, ids) -> Path:
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of jacobian.safetensors: the settings and the model (the samples are regenerated
+    from their seeds, so the samples dataset is not an input)."""
+    return make_record("jacobian", config_sections(cfg, "jacobian", "model"), assets=_assets(cfg))
+
+
+def _assets(cfg) -> dict:
+    mask = cfg.jacobian.mask
+    png = {"mask": hash_file(mask)} if mask and not str(mask).startswith("rect:") and Path(mask).is_file() else {}
+    return {"model": weights_identity(cfg.model.name_or_path), **png}
+
+
+def part_inputs(cfg) -> dict:
+    """What every part is made from, whichever sample it is for (tau and the scales only matter
+    when the parts are combined)."""
+    return {**config_sections(cfg, "jacobian", "model", drop=("jacobian.sample_ids", "jacobian.tau", "jacobian.scales")),
+            "assets": _assets(cfg)}
+
+
+def clean_parts(parts: Path, ids, inputs: dict) -> None:
+    """Remove the parts made with other settings or for samples no longer asked for."""
+    wanted = {part_name(i) for i in ids}
+    for p in parts.glob("sample-*.safetensors"):
+        stored = read_record(p)
+        if p.name not in wanted or stored is None or stored.get("inputs") != inputs:
+            p.unlink()
+
+
+def write_part(prediction: dict, path: Path, inputs: dict) -> None:
+    save_file({k: v.contiguous() for k, v in prediction.items() if isinstance(v, torch.Tensor)}, str(path),
+              metadata=safetensors_metadata({"inputs": inputs}))
+
+
+def write_directions(run_dir, jac_cfg, ids, timesteps, model_name, record: dict | None = None) -> Path:
     parts = Path(run_dir) / "jacobian" / "parts"
     results = []
     for i in ids:
@@ -101,8 +155,7 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
         if not path.exists():
             raise DatasetError(f"{path} is missing; re-run hspace jacobian")
         results.append(load_file(str(path)))
-    manifest = read_manifest(run_dir)
-    T = len(manifest["model"]["timesteps"])
+    T = len(timesteps)
     steps = results[0]["steps"].tolist()
     tau = steps.index(jac_cfg.tau)  # the schema keeps tau among jacobian.steps, each in 0..T-1
     trajectories, names = [], []
@@ -122,33 +175,40 @@ def write_directions(run_dir, jac_cfg, ids) -> Path:
     if not bool(extras["converged"].all()) or not bool((extras["residuals"] < jac_cfg.tol).all()):
         bad = [(i, steps[t]) for i, c in zip(ids, extras["converged"]) for t in range(len(steps)) if not c[t]]
         raise ConvergenceError(f"unconverged Jacobian directions (sample, step) {bad[:5]}: nothing written")
-    d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", manifest["model"]["timesteps"],
-                   model=manifest["model"]["name_or_path"], source_run=str(Path(run_dir).resolve()),
+    d = Directions(torch.cat(trajectories), names, "jacobian/global-at-index", list(timesteps),
+                   model=model_name, source_run=str(Path(run_dir).resolve()),
                    params={**to_dict(jac_cfg), "sample_ids": list(map(int, ids)), "scales": list(jac_cfg.scales)},
                    extras=extras)
-    return save_directions(d, Path(run_dir) / "directions" / "jacobian.safetensors")
+    return save_directions(d, Path(run_dir) / "directions" / "jacobian.safetensors", record)
 
 
 def run_jacobian(cfg) -> Path:
     run_dir, c = Path(cfg.run_dir), cfg.jacobian
     ids = [int(i) for i in c.sample_ids]
-    manifest = read_manifest(run_dir)
-    first, n = manifest["requested"]["first_seed"], manifest["requested"]["num_samples"]
+    if not ids:
+        raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
     model = HSpaceModel.from_config(cfg.model, device="cpu")
     mask = parse_mask(c.mask, model.image_shape)
+    record, inputs = identity(cfg), part_inputs(cfg)
     parts = run_dir / "jacobian" / "parts"
     if launching_rank() == 0:
-        shutil.rmtree(parts, ignore_errors=True)  # cheap to recompute; never mix settings
-    writer = PartWriter(parts, lambda p: part_name(p["sample_id"]),
-                        lambda p, path: save_file({k: v.contiguous() for k, v in p.items() if isinstance(v, torch.Tensor)},
-                                                  str(path)))
-    trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("jacobian", len(ids), count=lambda i: 1),
-                                         AfterAllRanks(lambda: write_directions(run_dir, c, ids), "jacobian")],
+        clean_parts(parts, ids, inputs)
+    agreed(None)  # the other ranks plan after rank 0's clean-up
+    timesteps, name = model.timesteps.tolist(), model.name_or_path
+    writer = PartWriter(parts, lambda p: part_name(p["sample_id"]), lambda p, path: write_part(p, path, inputs))
+    todo = Items(parts, ids)
+    trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("jacobian", len(todo.plan()), count=lambda i: 1),
+                                         AfterAllRanks(lambda: write_directions(run_dir, c, ids, timesteps, name, record),
+                                                       "jacobian")],
                            inference_mode=False)
-    trainer.predict(JacobianModule(model, c, mask), datamodule=Items(ids), return_predictions=False)
+    trainer.predict(JacobianModule(model, c, mask), datamodule=todo, return_predictions=False)
     out = run_dir / "directions" / "jacobian.safetensors"
     if trainer.is_global_zero:
-        outside = [i for i in ids if not first <= i < first + n]
-        note = f" (samples {outside} are not in the dataset; they were generated from their seeds)" if outside else ""
+        note = ""
+        if (run_dir / "samples" / "manifest.json").exists():
+            requested = read_manifest(run_dir).get("requested", {})
+            first, n = requested.get("first_seed", 0), requested.get("num_samples", 0)
+            outside = [i for i in ids if not first <= i < first + n]
+            note = f" (samples {outside} are not in the dataset; they were generated from their seeds)" if outside else ""
         print(f"hspace jacobian: top-{c.k} directions at every step of {len(ids)} samples -> {out}{note}")
     return out

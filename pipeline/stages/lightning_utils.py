@@ -5,7 +5,6 @@ import logging
 import os
 import time
 import warnings
-
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
+from ..errors import Interrupted
 from ..io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
 
 
@@ -37,7 +37,7 @@ def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopRanksOnInterrupt()],
         **kwargs,
     )
 
@@ -66,7 +66,7 @@ def join_launched_ranks(trainer_cfg) -> None:
 def agreed(decision):
     """Rank 0's ``decision`` on every rank, once rank 0 has got here (a barrier that carries a value).
 
-    For decisions read from files that rank 0 may still be changing (stamps, parts it deletes
+    For decisions read from files that rank 0 may still be changing (identity records, parts it deletes
     or quarantines). A no-op in one process, and before Lightning has started the other
     processes, which then begin the command from the top with rank 0's files in place."""
     import torch.distributed as dist
@@ -161,20 +161,35 @@ class ItemsProgress(L.Callback):
 
 
 class PartWriter(BasePredictionWriter):
-    """Writes each predicted batch as one file on the rank that made it, atomically (a temporary
-    name renamed into place), so a killed run leaves only whole parts and a re-run skips them.
+    """The one writer of the distributed stages' batches: each rank writes one part per predicted
+    batch, atomically (a temporary name renamed into place), so a killed run leaves only whole
+    parts and a re-run skips them; nothing is gathered in memory. ``name(prediction)`` -> file
+    name, ``write(prediction, path)`` writes it (shards, annotation, Jacobian and evaluation
+    parts); ``fsync``: flush each part to disk before the rename."""
 
-    name(prediction) -> file name; write(prediction, path) writes the file."""
-
-    def __init__(self, directory: Path, name: Callable[[dict], str], write: Callable[[dict, Path], None]):
+    def __init__(self, directory: Path, name: Callable[[object], str], write: Callable[[object, Path], None],
+                 fsync: bool = False):
         super().__init__(write_interval="batch")
-        self.directory, self.name, self.write = Path(directory), name, write
+        self.directory, self.name, self.write, self.fsync = Path(directory), name, write, fsync
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if batch is IDLE:
-            return
-        with atomic_path(self.directory / self.name(prediction)) as tmp:
-            self.write(prediction, tmp)
+        if batch is not IDLE:
+            with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
+                self.write(prediction, tmp)
+
+
+class StopRanksOnInterrupt(L.Callback):
+    """On SIGINT/SIGTERM (:class:`~pipeline.errors.Interrupted`) in the process the user started,
+    stop the processes Lightning launched too, as Lightning does for a KeyboardInterrupt
+    (their temporary files are swept by the next run)."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+        from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
+
+        launcher = trainer.strategy.launcher
+        if isinstance(exception, Interrupted) and isinstance(launcher, _SubprocessScriptLauncher):
+            launcher.kill(_get_sigkill_signal())
 
 
 class AfterAllRanks(L.Callback):

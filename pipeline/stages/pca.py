@@ -31,14 +31,28 @@ from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
 from ..directions import Directions, save_directions
+from ..dtypes import torch_dtype
 from ..errors import ConvergenceError
+from ..identity import artefact_ids, config_sections, make_record
 from ..io import atomic_path, write_json_atomic
-from ..pca import (PCA, Moments, PCAState, StreamingPCA, SubspaceIteration, align_signs, gaussian_sketch, gram_pca,
-                   merge_moments, moments_update, pca_directions, random_directions_like, resolve_method)
+from ..pca import (
+    PCA,
+    Moments,
+    PCAState,
+    StreamingPCA,
+    SubspaceIteration,
+    gaussian_sketch,
+    gram_pca,
+    merge_moments,
+    moments_update,
+    pca_directions,
+    random_directions_like,
+    resolve_method,
+)
 from ..samples import h_view, open_shard, read_manifest, shard_paths
+from ..signs import align_signs
 from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHUNK = 64  # samples cast to the compute dtype at a time
 
 
@@ -59,7 +73,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def new_estimator(pca_cfg) -> StreamingPCA:
     """The one-pass estimator each rank fills (method onepass)."""
     return StreamingPCA(pca_cfg.n_components, oversample=pca_cfg.oversample, joint=pca_cfg.joint,
-                        dtype=DTYPES[pca_cfg.dtype])
+                        dtype=torch_dtype(pca_cfg.dtype))
 
 
 def estimator_params(pca_cfg) -> dict:
@@ -67,7 +81,7 @@ def estimator_params(pca_cfg) -> dict:
     return dict(n_components=pca_cfg.n_components, method=pca_cfg.method, oversample=pca_cfg.oversample,
                 power_iterations=pca_cfg.power_iterations, tol=pca_cfg.tol,
                 exact_max_samples=pca_cfg.exact_max_samples, joint=pca_cfg.joint, seed=pca_cfg.seed,
-                dtype=DTYPES[pca_cfg.dtype])
+                dtype=torch_dtype(pca_cfg.dtype))
 
 
 def shard_batches(shards: list[Path], batch_size: int, h_shape_t, h_dtype: str):
@@ -92,9 +106,9 @@ def state_tensors(st: PCAState, **extra: torch.Tensor) -> dict[str, torch.Tensor
 class _PCAModule(ItemModule):
     """One rank's share of a pass over the shards; subclasses finish in ``after_pass``."""
 
-    def __init__(self, run_dir, pca_cfg):
+    def __init__(self, run_dir, pca_cfg, record: dict | None = None):
         super().__init__()
-        self.run_dir, self.cfg = str(run_dir), pca_cfg
+        self.run_dir, self.cfg, self.record = str(run_dir), pca_cfg, record
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
@@ -138,7 +152,7 @@ class OnePassModule(_PCAModule):
             result = PCA.from_state(merged.state, merged.n_steps_, merged.feature_shape_, method_used="onepass",
                                     n_passes=1, angle_bound=float("nan"), converged=True,
                                     **estimator_params(self.cfg))
-            write_directions(self.run_dir, self.cfg, result)
+            write_directions(self.run_dir, self.cfg, result, self.record)
         self.barrier("written")
 
 
@@ -163,7 +177,7 @@ class ExactModule(_PCAModule):
             self.held = []
             if self.cfg.joint:
                 X = X.reshape(len(X), 1, -1)
-            st = gram_pca(X, self.cfg.n_components, dtype=DTYPES[self.cfg.dtype])
+            st = gram_pca(X, self.cfg.n_components, dtype=torch_dtype(self.cfg.dtype))
             save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
         self.barrier("partials")
         if self.trainer.is_global_zero:
@@ -174,7 +188,7 @@ class ExactModule(_PCAModule):
             st = PCAState(int(parts[0]["n"]), cat["mean"], cat["S"], cat["V"], cat["ss"])
             result = PCA.from_state(st, self.T, tuple(self.h_shape_t[1:]), method_used="exact", n_passes=1,
                                     angle_bound=0.0, converged=True, **estimator_params(self.cfg))
-            write_directions(self.run_dir, self.cfg, result)
+            write_directions(self.run_dir, self.cfg, result, self.record)
         self.barrier("written")
 
 
@@ -183,8 +197,8 @@ class RandomizedModule(_PCAModule):
     this rank's :class:`~pipeline.pca.Moments`; rank 0 merges them, steps its
     :class:`~pipeline.pca.SubspaceIteration` and writes the next basis (or the directions)."""
 
-    def __init__(self, run_dir, pca_cfg):
-        super().__init__(run_dir, pca_cfg)
+    def __init__(self, run_dir, pca_cfg, record: dict | None = None):
+        super().__init__(run_dir, pca_cfg, record)
         self.passes, self.done, self.iteration = 0, False, None
 
     def setup(self, stage: str) -> None:
@@ -197,10 +211,10 @@ class RandomizedModule(_PCAModule):
         elif self.trainer.is_global_zero:
             self.iteration = SubspaceIteration(Tp, Dp, k, k + over, tol=self.cfg.tol,
                                                max_passes=self.cfg.power_iterations + 2, seed=self.cfg.seed,
-                                               dtype=DTYPES[self.cfg.dtype])
+                                               dtype=torch_dtype(self.cfg.dtype))
             self.basis = self.iteration.basis
         else:  # the same Gaussian sketch as rank 0's (seeded CPU generator)
-            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, DTYPES[self.cfg.dtype])
+            self.basis = gaussian_sketch(Tp, min(k + over, Dp), Dp, self.cfg.seed, torch_dtype(self.cfg.dtype))
         self.acc: Moments | None = None
 
     def predict_item(self, shard: str):
@@ -234,7 +248,7 @@ class RandomizedModule(_PCAModule):
                 result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
                                         n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
                                         **estimator_params(self.cfg))
-                write_directions(self.run_dir, self.cfg, result)
+                write_directions(self.run_dir, self.cfg, result, self.record)
             error = str(it.error()) if it.done and not it.converged else None
             write_json_atomic(status, {"pass": self.passes, "done": it.done, "error": error})
         self.barrier("step")
@@ -259,7 +273,12 @@ class ShardData(RankShare):
             super().setup(stage)
 
 
-def write_directions(run_dir, pca_cfg, pca: PCA) -> Path:
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of pca.safetensors: the settings and the samples dataset."""
+    return make_record("pca", config_sections(cfg, "pca"), artefacts=artefact_ids(cfg.run_dir, ["samples"], known))
+
+
+def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> Path:
     manifest = read_manifest(run_dir)
     T, C, H, W = manifest["h_shape_t"]
     comps = align_signs(pca.components_, method=pca_cfg.align) if not pca_cfg.joint else pca.components_
@@ -278,7 +297,7 @@ def write_directions(run_dir, pca_cfg, pca: PCA) -> Path:
                                 "n_samples": pca.n_samples_seen_, "scales": list(pca_cfg.scales),
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
-    out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors")
+    out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors", record)
     from ..figures import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
@@ -290,11 +309,13 @@ def write_directions(run_dir, pca_cfg, pca: PCA) -> Path:
 def run_pca(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     shards = shard_paths(run_dir)
+    record = identity(cfg)
     n = read_manifest(run_dir)["num_samples"]
     method = resolve_method(cfg.pca.method, n, cfg.pca.exact_max_samples)
     trainer = make_trainer(cfg.trainer, [ItemsProgress(f"pca ({method})", len(shards), count=lambda item: 1,
                                                        unit="shards")], inference_mode=False)
-    module = {"exact": ExactModule, "randomized": RandomizedModule, "onepass": OnePassModule}[method](run_dir, cfg.pca)
+    module = {"exact": ExactModule, "randomized": RandomizedModule, "onepass": OnePassModule}[method](
+        run_dir, cfg.pca, record)
     with torch.no_grad():
         while True:
             trainer.predict(module, datamodule=ShardData(str(run_dir), every_rank=method == "exact"),

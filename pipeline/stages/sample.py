@@ -14,7 +14,7 @@ def run_sample(cfg) -> Path:
     if cfg.sample.directions is not None:
         from ..directions import load_directions
 
-        direction = load_directions(cfg.sample.directions).get(cfg.sample.direction)
+        direction = load_directions(cfg.sample.directions, model).get(cfg.sample.direction)
     else:
         direction, scales = None, [0.0]
     edits = [None if direction is None or scale == 0 else scale * direction for scale in scales]

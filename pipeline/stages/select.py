@@ -17,17 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..errors import ConfigError, DatasetError
+from ..errors import DatasetError
+from ..identity import artefact_ids, config_sections, make_record, parquet_metadata, verify
 from ..io import atomic_path
 from ..selection import selection_table
 from .annotate import load_annotations
 
 
 def load_selection(run_dir) -> pd.DataFrame:
+    """The selection, checked to come from the annotations of the samples in ``run_dir`` now."""
     path = Path(run_dir) / "selection.parquet"
     if not path.exists():
         raise DatasetError(f"{path} does not exist; run `hspace select run_dir={run_dir}` first")
+    verify(run_dir, path.name)
     return pd.read_parquet(path)
 
 
@@ -47,23 +52,35 @@ def contact_sheet(selection: pd.DataFrame, attribute: str, images: dict[int, np.
     return save_figure(fig, out)
 
 
+def identity(cfg, known: dict | None = None) -> dict:
+    return make_record("select", config_sections(cfg, "select"),
+                       artefacts=artefact_ids(cfg.run_dir, ["annotations.parquet"], known))
+
+
 def run_select(cfg) -> pd.DataFrame:
+    """selection.parquet (written last, with its identity record) and one contact sheet per attribute
+    (the folder replaced as a whole: sheets of attributes no longer selected go)."""
     from ..samples import iter_samples
 
     run_dir = Path(cfg.run_dir)
     annotations = load_annotations(run_dir)
+    record = identity(cfg)
     attributes = list(cfg.select.attributes) or [c for c in annotations.columns if c != "sample_id"]
     table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold,
                             cfg.select.resolution)
-    out = run_dir / "selection.parquet"
-    with atomic_path(out) as tmp:
-        table.to_parquet(tmp, index=False)
     shown = table[table["rank"] < cfg.select.contact_sheet_size]
     images = {}
     for b in iter_samples(run_dir, batch_size=256, images=True, h=False, ids=sorted(set(shown.sample_id))):
         images.update(zip(b["sample_id"].tolist(), b["images"]))
-    sheets = [contact_sheet(table, a, images, run_dir / "contact_sheets" / f"{a}.png", cfg.select.contact_sheet_size)
-              for a in attributes]
+    sheets = run_dir / "contact_sheets"
+    with atomic_path(sheets) as tmp:
+        tmp.mkdir()
+        for a in attributes:
+            contact_sheet(table, a, images, tmp / f"{a}.png", cfg.select.contact_sheet_size)
+    out = run_dir / "selection.parquet"
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_path(out) as tmp:
+        pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **parquet_metadata(record)}), tmp)
     print(f"hspace select: top/bottom {cfg.select.n} for {len(attributes)} attributes -> {out}; "
-          f"contact sheets in {sheets[0].parent}")
+          f"contact sheets in {sheets}")
     return table

@@ -14,6 +14,7 @@ experiment), paired by file name when ``supervised.real.paired`` is true.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ import torch
 
 from .. import noise
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, InputError
+from ..identity import artefact_ids, config_sections, make_record
 from ..images import from_uint8, load_image
-from ..io import atomic_path
+from ..io import atomic_path, hash_tree
+from ..loading import weights_identity
 from ..model import HSpaceModel
 from ..samples import iter_samples, read_manifest
 from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
@@ -113,11 +116,22 @@ def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.T
     """Images of a folder (sorted by name), centre-cropped to square and resized: (n, 3, H, W) in [-1, 1]."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist")
+        raise ConfigError(f"supervised.real: image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return [p.stem for p in files], from_uint8(np.stack([load_image(p, size) for p in files]))
+    arrays, resized = [], 0
+    for p in files:
+        try:
+            array, own_size = load_image(p, size)
+        except InputError as e:
+            raise DatasetError(f"{e}; remove it from {folder} or replace it") from None
+        resized += own_size != tuple(size[::-1])
+        arrays.append(array)
+    if resized:
+        print(f"hspace supervised: warning: {resized} of {len(files)} images in {folder} are not "
+              f"{size[1]}x{size[0]}; centre-cropped to square and resized to the model's size", file=sys.stderr)
+    return [p.stem for p in files], from_uint8(np.stack(arrays))
 
 
 def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired: bool = False,
@@ -128,22 +142,38 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
     names_n, neg = load_image_folder(negative_dir, size)
 
     def invert(x):
-        return torch.cat([model.invert(x[i:i + batch_size], fixed_point_iterations).h.cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat([model.invert(x[i:i + batch_size], fixed_point_iterations).h.cpu()
+                          for i in range(0, len(x), batch_size)])
 
     hp, hn = invert(pos), invert(neg)
     if paired:
         common = sorted(set(names_p) & set(names_n))
         if not common:
-            raise DatasetError(f"supervised.real.paired: no file names in common between {positive_dir} and {negative_dir}")
+            raise ConfigError(f"supervised.real.paired: no file names in common between {positive_dir} and {negative_dir}")
         ip, ineg = [names_p.index(c) for c in common], [names_n.index(c) for c in common]
         return paired_difference(hp[ip], hn[ineg]), {"pairs": len(common)}
     return mean_difference(hp, hn), {"positives": len(names_p), "negatives": len(names_n)}
 
 
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of supervised.safetensors: the selection and the samples whose h it averages
+    (and, with real images, the model and the images' content)."""
+    sections, assets = ["supervised"], {}
+    real = cfg.supervised.real
+    if real.positive_dir and real.negative_dir:
+        sections.append("model")
+        assets = {"model": weights_identity(cfg.model.name_or_path),
+                  **{k: hash_tree(d) for k, d in (("positive", real.positive_dir), ("negative", real.negative_dir))
+                     if Path(d).is_dir()}}
+    return make_record("supervised", config_sections(cfg, *sections), assets,
+                       artefact_ids(cfg.run_dir, ["selection.parquet", "samples"], known))
+
+
 def run_supervised(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
+    record = identity(cfg)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
-    out = save_directions(directions, run_dir / "directions" / "supervised.safetensors")
+    out = save_directions(directions, run_dir / "directions" / "supervised.safetensors", record)
     with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
         curves.to_csv(tmp, index=False)
     plot_convergence(curves, run_dir / "directions" / "convergence.png")
@@ -160,6 +190,6 @@ def run_supervised(cfg) -> Path:
                                           params={**info, "positive_dir": real.positive_dir,
                                                   "negative_dir": real.negative_dir, "paired": real.paired,
                                                   "fixed_point_iterations": real.fixed_point_iterations}),
-                               run_dir / "directions" / "real.safetensors")
+                               run_dir / "directions" / "real.safetensors", record)
         print(f"hspace supervised: real-image direction {real.name!r} ({info}) -> {path}")
     return out
