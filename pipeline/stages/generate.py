@@ -153,7 +153,9 @@ def check_existing(run_dir: str, identity: dict) -> None:
                 f"{samples_dir(run_dir)} holds samples made with a different configuration "
                 f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete that folder to start over"
             )
-    foreign = scan_shards(run_dir, hash_json(identity)).foreign
+    # shards written by an older version record nothing: a matching manifest vouches for them, nothing else does
+    foreign = {p: h for p, h in scan_shards(run_dir, hash_json(identity)).foreign.items()
+               if h is not None or not path.exists()}
     if foreign:
         shard = next(iter(foreign))
         stored = read_record(shard)
