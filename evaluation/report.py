@@ -271,8 +271,9 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
         page.note("Rows: held-out seeds; columns: edit scale (0 = unedited).")
         for fam, title in present:
             page.add(f"<h3>{html.escape(title)}</h3><div class=\"grid\">")
+            captions = strip_captions(dirs, fam)
             for png in sorted((edits / fam).glob("*.png")):
-                page.image(png, png.stem, name=f"edit-{fam}-{png.name}")
+                page.image(png, captions.get(png.stem, png.stem), name=f"edit-{fam}-{png.name}")
             page.add("</div>")
     if (dirs / "convergence.png").exists():
         page.section("convergence", "Convergence of the supervised directions")
@@ -305,6 +306,20 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))
+
+
+def strip_captions(dirs: Path, family: str) -> dict[str, str]:
+    """Edit-strip file stem -> its direction's name with the label a user gave it ("pc3: hat")."""
+    from pipeline.directions import load_directions
+    from pipeline.stages.edit import safe_name
+
+    stem = {"supervised_xT": "supervised"}.get(family, family)
+    path = dirs / f"{stem}.safetensors"
+    if not path.exists():
+        return {}
+    d = load_directions(path)
+    suffix = "-xT" if family == "supervised_xT" else ""
+    return {safe_name(n) + suffix: d.display_name(i) for i, n in enumerate(d.names) if i in d.labels}
 
 
 def run_report(cfg) -> Path:

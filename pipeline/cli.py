@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
         if name == "config":
             s.add_argument("--defaults", action="store_true", help="print the defaults as conf.yaml, with comments")
+        if name == "explore":
+            s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+            s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free one)")
     return p
 
 
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "config":
             command(cfg)
         else:
+            options = {"host": args.host, "port": args.port} if args.stage == "explore" else {}
             with locked_stage(cfg.run_dir, args.stage, rank0):
-                command(cfg)
+                command(cfg, **options)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)
         return 2

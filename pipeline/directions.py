@@ -3,7 +3,8 @@
 One tensor ``directions`` of shape ``(K, T, C, H, W)`` (K directions, each a full h-space
 trajectory, ready to be used as ``delta_h`` with scale 1), optional extra tensors (explained
 variance, singular values, ...) and JSON metadata: method, names of the K directions,
-timesteps, h shape, model, source run and the method's parameters.
+timesteps, h shape, model, source run, the method's parameters and the labels users gave
+directions (``hspace explore``: index -> "hat", shown as "pc3: hat"; the names stay).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, DatasetError, InputError
-from .identity import safetensors_metadata
+from .identity import read_record, safetensors_metadata
 from .io import atomic_path
 
 _META_KEY = "hspace"
@@ -36,14 +37,19 @@ class Directions:
     source_run: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)  # index -> a user's name for it
 
     def __post_init__(self):
+        self.labels = {int(i): str(v) for i, v in self.labels.items() if str(v)}
         if self.directions.ndim != 5:
             raise InputError(f"directions must be (K, T, C, H, W), got shape {tuple(self.directions.shape)}")
         if len(self.names) != len(self.directions):
             raise InputError(f"{len(self.names)} names for {len(self.directions)} directions")
         if len(self.timesteps) != self.directions.shape[1]:
             raise InputError(f"{len(self.timesteps)} timesteps for directions with T={self.directions.shape[1]}")
+        bad = [i for i in self.labels if not 0 <= i < len(self.names)]
+        if bad:
+            raise InputError(f"labels for directions {bad}, but the file has {len(self.names)}")
 
     def __len__(self) -> int:
         return len(self.directions)
@@ -52,10 +58,18 @@ class Directions:
     def h_shape(self) -> tuple[int, int, int]:
         return tuple(self.directions.shape[2:])
 
+    def display_name(self, i: int) -> str:
+        """The name of direction ``i`` with its label, if it has one: "pc3: hat"."""
+        label = self.labels.get(int(i))
+        return f"{self.names[i]}: {label}" if label else self.names[i]
+
     def index(self, key: str | int) -> int:
-        """Position of a direction given by name, or by index (an int or a numeric string)."""
+        """Position of a direction given by name, label, or index (an int or a numeric string)."""
         if isinstance(key, str) and key in self.names:
             return self.names.index(key)
+        labelled = [i for i, label in sorted(self.labels.items()) if label == key]
+        if isinstance(key, str) and len(labelled) == 1:
+            return labelled[0]
         try:
             i = int(key)
         except (TypeError, ValueError):
@@ -71,13 +85,14 @@ class Directions:
     def subset(self, keys) -> "Directions":
         idx = [self.index(k) for k in keys]
         extras = {k: v[idx] for k, v in self.extras.items() if v.shape[:1] == (len(self),)}
+        labels = {j: self.labels[i] for j, i in enumerate(idx) if i in self.labels}
         return Directions(self.directions[idx], [self.names[i] for i in idx], self.method, self.timesteps,
-                          self.model, self.source_run, self.params, extras)
+                          self.model, self.source_run, self.params, extras, labels)
 
     def metadata(self) -> dict:
         return {"method": self.method, "names": self.names, "timesteps": list(map(int, self.timesteps)),
                 "h_shape": list(self.h_shape), "model": self.model, "source_run": self.source_run,
-                "params": self.params}
+                "params": self.params, "labels": {str(i): v for i, v in sorted(self.labels.items())}}
 
 
 def save_directions(d: Directions, path: str | os.PathLike, record: dict | None = None) -> Path:
@@ -113,7 +128,7 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
     main = tensors.pop("directions")
     try:
         d = Directions(main, meta["names"], meta["method"], meta["timesteps"], meta.get("model"),
-                       meta.get("source_run"), meta.get("params", {}), tensors)
+                       meta.get("source_run"), meta.get("params", {}), tensors, meta.get("labels", {}))
     except (InputError, KeyError) as e:
         raise DatasetError(f"{path} is not a consistent hspace directions file ({e})") from None
     if model is not None:
@@ -126,3 +141,26 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
                                f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
                                f"hook and model.num_inference_steps")
     return d
+
+
+def label_direction(path: str | os.PathLike, key: str | int, label: str) -> Directions:
+    """Give direction ``key`` of the file at ``path`` a label (an empty one removes it), rewriting the
+    file atomically; its names, order and tensors stay as they are."""
+    d = load_directions(path)
+    i, label = d.index(key), " ".join(str(label).split())
+    if label in d.names and d.names.index(label) != i:
+        raise InputError(f"{label!r} is the name of another direction in {Path(path).name}")
+    d.labels.pop(i, None)
+    if label:
+        d.labels[i] = label
+    save_directions(d, path, read_record(path))  # the stage's identity record stays
+    return d
+
+
+def compose(directions, scales) -> torch.Tensor:
+    """Sequential composition (paper Fig. 11): sum of ``scale * direction``; each (T, C, H, W)."""
+    directions, scales = list(directions), [float(s) for s in scales]
+    if not directions or len(directions) != len(scales):
+        raise InputError(f"compose needs one scale per direction, got {len(directions)} and {len(scales)}")
+    return sum(s * torch.as_tensor(d, dtype=torch.float32) for d, s in zip(directions, scales))
+

@@ -22,6 +22,23 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def load_image(file, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file (path or file object) -> (H, W, 3) uint8 of ``size`` (H, W): the centred square,
+    resized (Lanczos); and the file's own (width, height). A file PIL cannot read as an image is an
+    InputError naming it."""
+    from .errors import InputError
+
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", "the file")
+        raise InputError(f"{name} is not a readable image ({type(e).__name__})") from None
+    s = min(im.size)
+    left, top = (im.width - s) // 2, (im.height - s) // 2
+    return np.array(im.crop((left, top, left + s, top + s)).resize(tuple(size)[::-1], Image.LANCZOS)), im.size
+
+
 def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> np.ndarray:
     """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, ncol*(W+pad)+pad, 3) uint8 grid, row-major."""
     n, h, w, c = images.shape

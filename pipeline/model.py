@@ -350,7 +350,7 @@ class HSpaceModel:
         ``[uncond; cond]`` and the native predictions are combined as diffusers does."""
         if self.family.conditional and cond is None:
             cond = self.conditioning(len(x_t))
-        x_t = x_t.to(self.device)
+        x_t = x_t.to(self.device).contiguous()  # conv kernels round differently for other memory layouts
         B = len(x_t)
         x_in = x_t.to(self.dtype)
         t = self.timesteps[step].to(self.device)
@@ -439,6 +439,7 @@ class HSpaceModel:
         return_latents: bool = False,
         h_dtype: torch.dtype | None = None,
         h_device: str | torch.device | None = None,
+        start_step: int = 0,
         progress: bool = False,
     ) -> SampleOutput:
         """Generate images while recording h, optionally editing it.
@@ -458,7 +459,15 @@ class HSpaceModel:
         return_latents: also return x_t entering every step, ``.latents`` (B, T, *latent_shape).
         h_dtype, h_device: where h is recorded (default: the model's dtype and device); e.g.
             float16 on the CPU streams a batch's trajectories straight into what a shard stores.
+        start_step: resume an earlier trajectory: ``x_T`` is the latent entering this step (that
+            call's ``.latents[:, start_step]``) and the steps before it are not run; their h
+            (and latents) are NaN. Unedited earlier steps make this equal to the whole run.
         """
+        start_step = int(start_step)
+        if not 0 <= start_step < self.num_steps:
+            raise InputError(f"start_step {start_step} out of range 0..{self.num_steps - 1}")
+        if start_step and x_T is None:
+            raise InputError("start_step > 0 needs x_T: the latent entering that step")
         if x_T is None:
             if seeds is None:
                 raise InputError("give seeds, or x_T (with noise or seeds when eta > 0)")
@@ -499,10 +508,12 @@ class HSpaceModel:
         delta = self._per_sample(delta_h, "delta_h", B, h_shape)
         replace = self._per_sample(replace_h, "replace_h", B, h_shape)
         mask = self._step_mask(steps)
-        hs = torch.empty((B, self.num_steps, *h_shape), device=h_device or self.device, dtype=h_dtype or self.dtype)
-        latents = torch.empty((B, self.num_steps, *self.latent_shape), device=self.device) if return_latents else None
+        hs = torch.full((B, self.num_steps, *h_shape), float("nan"), device=h_device or self.device,
+                        dtype=h_dtype or self.dtype)
+        latents = (torch.full((B, self.num_steps, *self.latent_shape), float("nan"), device=self.device)
+                   if return_latents else None)
 
-        for i in tqdm(range(self.num_steps), disable=not progress, desc="sampling", leave=False):
+        for i in tqdm(range(start_step, self.num_steps), disable=not progress, desc="sampling", leave=False):
             if latents is not None:
                 latents[:, i] = x
             edited = mask[i] and (delta is not None or replace is not None)

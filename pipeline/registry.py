@@ -120,6 +120,12 @@ def validate_toy(cfg):
     return run_validate_toy(cfg)
 
 
+def explore(cfg, host: str = "127.0.0.1", port: int = 7860):
+    from .explore.app import run_explore
+
+    return run_explore(cfg, host=host, port=port)
+
+
 # ------------------------------------------------------------------ their identity records
 def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
     """The identity record main-job stage ``name`` would write now (its module's ``identity``; the
@@ -169,6 +175,7 @@ TOOLS: tuple[Stage, ...] = (
     Stage("finetune-toy", finetune_toy, "phase 2 of the embedded default: fine-tune with skip dropout"),
     Stage("train-toy-annotator", train_toy_annotator, "train the toy-face annotator"),
     Stage("validate-toy", validate_toy, "check the embedded default against its ground truth"),
+    Stage("explore", explore, "a local web app: sliders over the run's directions, naming, export (--host, --port)"),
 )
 
 #: every command but `run` and `config` (which pipeline.cli adds: `run` runs STAGES), by name

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..directions import Directions, load_directions
+from ..directions import Directions, compose, load_directions
 from ..errors import ConfigError
 from ..figures import image_grid_figure, save_figure
 from ..images import to_uint8
@@ -49,9 +49,7 @@ def edit_grids(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[to
 def sequential_grid(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[torch.Tensor],
                     scales: Sequence[float], batch_size: int = 64) -> np.ndarray:
     """(len(seeds), len(directions) + 1, H, W, 3): column j applies directions 1..j (Fig. 11)."""
-    steps = [None]
-    for d, s in zip(directions, scales):
-        steps.append(s * d if steps[-1] is None else steps[-1] + s * d)
+    steps = [None] + [compose(directions[:j], scales[:j]) for j in range(1, len(directions) + 1)]
     return to_uint8(model.sample_edits(seeds, steps, batch_size=batch_size)).swapaxes(0, 1)
 
 
@@ -71,7 +69,7 @@ def render_edits(model: HSpaceModel, directions: Directions, names: Sequence, se
     grids = edit_grids(model, seeds, vectors, scales, asyrp=asyrp, x_T_space=x_T_space, batch_size=batch_size)
     paths = []
     for i, grid in zip(index, grids):
-        label = f"{title_prefix}{directions.names[i]}" + (" (x_T space)" if x_T_space else "")
+        label = f"{title_prefix}{directions.display_name(i)}" + (" (x_T space)" if x_T_space else "")
         fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{s:+g}" for s in scales],
                                 title=label)
         paths.append(save_figure(fig, out_dir / f"{safe_name(directions.names[i])}{'-xT' if x_T_space else ''}.png"))
@@ -98,7 +96,7 @@ def run_edit(cfg) -> list[Path]:
             raise ConfigError(f"edit.sequential applies each of the {len(names)} directions at its own scale: "
                               f"give {len(names)} values in edit.scales (got {len(scales)})")
         grid = sequential_grid(model, list(e.seeds), [directions.get(k) for k in names], scales, e.batch_size)
-        cols = ["original"] + [f"+{directions.names[directions.index(k)]} ({s:+g})" for k, s in zip(names, scales)]
+        cols = ["original"] + [f"+{directions.display_name(directions.index(k))} ({s:+g})" for k, s in zip(names, scales)]
         fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in e.seeds], col_labels=cols,
                                 title="sequential edits (Fig. 11)", cell=1.2)
         paths = [save_figure(fig, out_dir / "sequential.png")]

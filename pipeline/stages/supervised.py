@@ -23,9 +23,9 @@ import torch
 
 from .. import noise
 from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, InputError
 from ..identity import artefact_ids, config_sections, make_record
-from ..images import from_uint8
+from ..images import from_uint8, load_image
 from ..io import atomic_path, hash_tree
 from ..loading import weights_identity
 from ..model import HSpaceModel
@@ -114,8 +114,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.Tensor]:
     """Images of a folder (sorted by name), centre-cropped to square and resized: (n, 3, H, W) in [-1, 1]."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"supervised.real: image folder {folder} does not exist")
@@ -125,14 +123,11 @@ def load_image_folder(folder, size: tuple[int, int]) -> tuple[list[str], torch.T
     arrays, resized = [], 0
     for p in files:
         try:
-            im = Image.open(p).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise DatasetError(f"{p} is not a readable image ({type(e).__name__}); remove it from {folder} or "
-                               f"replace it") from None
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        resized += im.size != tuple(size[::-1])
-        arrays.append(np.asarray(im.crop((left, top, left + s, top + s)).resize(size[::-1], Image.LANCZOS)))
+            array, own_size = load_image(p, size)
+        except InputError as e:
+            raise DatasetError(f"{e}; remove it from {folder} or replace it") from None
+        resized += own_size != tuple(size[::-1])
+        arrays.append(array)
     if resized:
         print(f"hspace supervised: warning: {resized} of {len(files)} images in {folder} are not "
               f"{size[1]}x{size[0]}; centre-cropped to square and resized to the model's size", file=sys.stderr)

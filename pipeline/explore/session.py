@@ -1,0 +1,243 @@
+"""The logic behind `hspace explore`, free of any web framework (the app in ``app.py`` only wires it).
+
+An :class:`ExploreSession` holds the model, every directions file of ``<run_dir>/directions`` and
+the run's scorer (``evaluate.scorer``: the toy annotator on the embedded default). For a source (a
+seed, or an uploaded image inverted with the run's settings) it samples the unedited trajectory
+once per eta and keeps it; an update applies the sliders' directions together as one ``delta_h``
+(sequential composition, paper Fig. 11) and runs only the edited sampling, from the first edited
+step on (the steps before it are the unedited trajectory's).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..directions import (
+    Directions,
+    compose,
+    label_direction,
+    load_directions,
+    save_directions,
+)
+from ..errors import DatasetError, InputError
+from ..images import from_uint8, load_image, save_png, to_uint8
+from ..model import HSpaceModel
+
+#: method of the files `export_directions` writes (and may overwrite)
+EXPORT_METHOD = "explore/combination"
+_CACHE = 8  # unedited trajectories kept (sources x eta values)
+
+
+@dataclass(frozen=True)
+class Slider:
+    """One slider: direction ``index`` of ``<run_dir>/directions/<file>.safetensors`` at ``scale``."""
+
+    file: str
+    index: int
+    scale: float
+
+
+@dataclass
+class View:
+    """What an update shows: images (H, W, 3) uint8 and the scorer's reading of both."""
+
+    original: np.ndarray
+    edited: np.ndarray
+    scores: dict[str, tuple[float, float]]  # attribute -> (unedited, edited)
+    seconds: float                          # time of this update
+    edited_tensor: torch.Tensor             # (3, H, W) in [-1, 1]
+
+
+@dataclass
+class _Base:
+    x_T: torch.Tensor             # (1, 3, H, W)
+    noise: torch.Tensor | None    # (1, T, 3, H, W) for an inverted image at eta > 0
+    seeds: list[int] | None
+    latents: torch.Tensor         # (1, T, 3, H, W): x_t entering every step
+    image: torch.Tensor           # (1, 3, H, W)
+    scores: dict[str, float]
+
+
+def load_run_directions(run_dir, model: HSpaceModel) -> dict[str, Directions]:
+    """Every ``<run_dir>/directions/*.safetensors`` by file stem, checked against the model."""
+    folder = Path(run_dir) / "directions"
+    paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(f"{folder} holds no directions files; run hspace pca / jacobian / supervised first "
+                           f"(or `hspace run`), or point run_dir at a run that has them")
+    files = {}
+    for p in paths:
+        files[p.stem] = load_directions(p, model)
+    return files
+
+
+class ExploreSession:
+    """Model + directions + scorer; ``render`` is one update of the app.
+
+    model: the run's HSpaceModel; run_dir: holds ``directions/``; scorer: an annotator (images in
+    [-1, 1] -> {attribute: (B,)}) or None; fixed_point_iterations: of the DDIM inversion of
+    uploaded images (``supervised.real.fixed_point_iterations``).
+    """
+
+    def __init__(self, model: HSpaceModel, run_dir, scorer=None, fixed_point_iterations: int = 1):
+        self.model, self.run_dir, self.scorer = model, Path(run_dir), scorer
+        self.fixed_point_iterations = int(fixed_point_iterations)
+        self.files = load_run_directions(self.run_dir, model)
+        self._images: dict[str, torch.Tensor] = {}
+        self._bases: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # one U-Net user at a time (the hook holds state)
+
+    @classmethod
+    def from_config(cls, cfg) -> ExploreSession:
+        from annotators.base import build_annotator
+
+        from ..config import to_dict
+
+        model = HSpaceModel.from_config(cfg.model)
+        scorer = build_annotator(cfg.evaluate.scorer, to_dict(cfg.evaluate.scorer_options), device=model.device)
+        return cls(model, cfg.run_dir, scorer, cfg.supervised.real.fixed_point_iterations)
+
+    # ------------------------------------------------------------------ directions
+    def choices(self) -> list[tuple[str, tuple[str, int]]]:
+        """(label shown, (file, index)) of every direction: "supervised / smile", "pca / pc3: hat"."""
+        return [(f"{stem} / {d.display_name(i)}", (stem, i)) for stem, d in self.files.items() for i in range(len(d))]
+
+    def direction(self, file: str, index: int) -> torch.Tensor:
+        if file not in self.files:
+            raise InputError(f"no directions file {file!r} in {self.run_dir / 'directions'}; files: {sorted(self.files)}")
+        return self.files[file].get(int(index))
+
+    def suggested_scale(self, file: str) -> float:
+        """The largest scale the file suggests (its ``params.scales``), 3 when it has none."""
+        scales = self.files[file].params.get("scales") or [3.0]
+        return max(abs(float(s)) for s in scales) or 3.0
+
+    def combination(self, sliders: Sequence[Slider], window: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The sliders' directions composed into one delta_h (T, C, H, W), zero outside the step window
+        ``(first, last)``; None when every scale is 0."""
+        active = [s for s in sliders if float(s.scale) != 0.0]
+        if not active:
+            return None
+        delta = compose([self.direction(s.file, s.index) for s in active], [s.scale for s in active])
+        first, last = self._window(window)
+        outside = torch.ones(self.model.num_steps, dtype=torch.bool)
+        outside[first:last + 1] = False
+        delta[outside] = 0.0
+        return delta
+
+    def _window(self, window) -> tuple[int, int]:
+        first, last = (0, self.model.num_steps - 1) if window is None else (int(window[0]), int(window[1]))
+        if not 0 <= first <= last < self.model.num_steps:
+            raise InputError(f"step window {first}..{last}: edited steps run from a first to a last step in "
+                             f"0..{self.model.num_steps - 1}, first <= last")
+        return first, last
+
+    def name_direction(self, file: str, index: int, label: str) -> str:
+        """Save a user's label for a direction in its file (atomically); returns the name shown."""
+        self.direction(file, index)
+        with self._lock:
+            self.files[file] = label_direction(self.run_dir / "directions" / f"{file}.safetensors", int(index), label)
+        return self.files[file].display_name(int(index))
+
+    # ------------------------------------------------------------------ sources
+    def add_image(self, file) -> str:
+        """An uploaded image (path or file object) -> the source key used by ``render``."""
+        array, _ = load_image(file, self.model.image_shape[1:])
+        key = "image:" + hashlib.sha1(array.tobytes()).hexdigest()[:12]
+        self._images[key] = from_uint8(array[None])
+        return key
+
+    def _eta(self, eta) -> torch.Tensor:
+        return self.model.coefficients(eta).sigma  # validates eta; only its schedule matters for the cache
+
+    def _base(self, source, eta, seed: int) -> _Base:
+        key = (source, None if eta is None else tuple(np.atleast_1d(np.asarray(eta, dtype=float)).tolist()),
+               seed if isinstance(source, str) else None)
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key]
+        stochastic = bool((self._eta(eta) > 0).any())
+        noise = seeds = None
+        if isinstance(source, str):
+            if source not in self._images:
+                raise InputError(f"unknown image {source!r}: upload it again")
+            image = self._images[source]
+            if stochastic:  # edit-friendly DDPM inversion: x_T and the step noise that land on the image
+                inv = self.model.invert_ddpm(image, [int(seed)], eta=eta)
+                noise = inv.noise.cpu()
+            else:
+                inv = self.model.invert(image, self.fixed_point_iterations)
+            x_T = inv.x_T.cpu()
+        else:
+            seeds = [int(source)]
+            x_T = self.model.initial_noise(seeds)
+        out = self.model.sample(seeds, x_T=x_T, noise=noise, eta=eta, return_latents=True)
+        base = _Base(x_T, noise, seeds, out.latents.cpu(), out.images.cpu(), self._score(out.images))
+        self._bases[key] = base
+        while len(self._bases) > _CACHE:
+            self._bases.popitem(last=False)
+        return base
+
+    def _score(self, images: torch.Tensor) -> dict[str, float]:
+        if self.scorer is None:
+            return {}
+        return {k: float(v[0]) for k, v in self.scorer(images).items()}
+
+    # ------------------------------------------------------------------ one update
+    def render(self, source: int | str, sliders: Sequence[Slider] = (), *, asyrp: bool = False,
+               window: tuple[int, int] | None = None, eta=None, seed: int = 0) -> View:
+        """The unedited and edited image of ``source`` (a seed, or a key from ``add_image``).
+
+        sliders: composed into one delta_h; asyrp: Asyrp's asymmetric edit; window: (first, last)
+        step indices edited (default all); eta: the model's by default; seed: of an inverted image's
+        noise at eta > 0."""
+        t0 = time.perf_counter()
+        first, _ = self._window(window)
+        delta = self.combination(sliders, window)
+        with self._lock:
+            base = self._base(source, eta, seed)
+            if delta is None:
+                edited, scores = base.image, base.scores
+            else:  # the steps before `first` are the unedited trajectory's: start from its latent there
+                out = self.model.sample(base.seeds, x_T=base.latents[:, first], noise=base.noise, delta_h=delta,
+                                        asyrp=asyrp, eta=eta, start_step=first)
+                edited, scores = out.images.cpu(), self._score(out.images)
+        both = {k: (base.scores[k], scores[k]) for k in base.scores}
+        return View(to_uint8(base.image[0]), to_uint8(edited[0]), both, time.perf_counter() - t0, edited[0])
+
+    # ------------------------------------------------------------------ export
+    def export_png(self, view: View, path) -> Path:
+        return save_png(view.edited, path)
+
+    def export_directions(self, name: str, sliders: Sequence[Slider], window=None, asyrp: bool = False) -> Path:
+        """The sliders' combination as ``<run_dir>/directions/<name>.safetensors``: one direction, usable as
+        delta_h (zero outside the window). Refuses to overwrite a file another stage wrote."""
+        name = str(name).strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise InputError(f"export name {name!r}: use letters, digits, '_', '.', '-'")
+        delta = self.combination(sliders, window)
+        if delta is None:
+            raise InputError("nothing to export: every slider is at 0")
+        path = self.run_dir / "directions" / f"{name}.safetensors"
+        if path.exists() and load_directions(path).method != EXPORT_METHOD:
+            raise InputError(f"{path} exists and was not written by explore; choose another name")
+        first, last = self._window(window)
+        components = [{"file": s.file, "index": int(s.index), "name": self.files[s.file].display_name(int(s.index)),
+                       "scale": float(s.scale)} for s in sliders if float(s.scale) != 0.0]
+        d = Directions(delta[None], [name], EXPORT_METHOD, self.model.timesteps.tolist(), model=self.model.name_or_path,
+                       source_run=str(self.run_dir.resolve()),
+                       params={"components": components, "steps": [first, last], "asyrp": bool(asyrp),
+                               "scales": [-1.0, -0.5, 0.0, 0.5, 1.0]})
+        save_directions(d, path)
+        with self._lock:
+            self.files[name] = load_directions(path)
+        return path
