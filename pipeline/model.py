@@ -48,8 +48,9 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def state_dtype(device: torch.device) -> torch.dtype:
-    """The sampler's own arithmetic (x_t, P_t, D_t): float64, so that the only float32 (or half)
-    rounding is the U-Net's; float32 where the device has no float64 (mps)."""
+    """The sampler's arithmetic within a step (P_t, D_t, x_{t-1}): float64, so that a step adds one
+    float32 rounding (x_t is kept in float32 between steps, as ``.latents`` stores it) to the
+    U-Net's; float32 where the device has no float64 (mps)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -528,6 +529,7 @@ class HSpaceModel:
             if asyrp and edited:
                 eps = self.predict(x, i, cond)[1]  # D_t from an unedited pass, P_t from the edited one
             x = ddim_step(x0, eps, float(coef.alpha_prev[i]), float(coef.sigma[i]), None if z is None else z[:, i])
+            x = x.float().to(self.state_dtype)  # x_t as stored in .latents: resuming from them is bit-identical
         x_0 = x.float()
         return SampleOutput(images=self.family.decode(x_0), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds),
                             latents=latents, x_0=x_0, prompts=None if cond is None else cond.prompts)
