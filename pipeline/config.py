@@ -56,7 +56,15 @@ class ModelConfig(Section):
     eta: Union[NonNegFloat, List[NonNegFloat]] = Field(
         0.0, description="0 = DDIM (the embedded default), 1 = DDPM-like (the paper), or a list of T values",
         **_accepts("a number >= 0 (0 DDIM, 1 DDPM-like) or a list of T such numbers"))
-    hook: Literal["after", "before"] = Field("after", description='h = mid-block output ("after") or its input ("before")')
+    hook: str = Field("after", pattern=r"^[A-Za-z_]\w*(\.\w+)*$",
+                      description='h = mid-block output ("after"), its input ("before"), or the output of a U-Net '
+                      'module by dotted path (up_blocks.0, down_blocks.3.resnets.1); checked against the model',
+                      **_accepts("after, before or a dotted module path of the U-Net (up_blocks.0)"))
+    prompt: str = Field("", description="text-to-image models: the prompt of every sample unless generate.prompts "
+                        "says otherwise, and of edits and evaluation")
+    negative_prompt: str = Field("", description="text-to-image models: the unconditional branch's prompt")
+    guidance_scale: float = Field(7.5, ge=0, description="text-to-image models: classifier-free guidance (1: one "
+                                  "conditional pass; h is the conditional branch's, edits go into both)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="of the U-Net's weights")
     device: Optional[str] = Field(None, description="null: cuda if available, else cpu (stages take it from `trainer`)")
 
@@ -98,6 +106,20 @@ class GenerateConfig(Section):
     num_samples: int = Field(512, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; one shard per batch")
     h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
+    prompts: List[str] = Field([], description="text-to-image models: [] = model.prompt for every sample, one prompt "
+                               "for all, or one per sample")
+    prompts_file: Optional[str] = Field(None, description="text-to-image models: a text file with one prompt per "
+                                        "line, one line per sample (instead of prompts)")
+
+    @model_validator(mode="after")
+    def _prompts_per_sample(self):
+        if len(self.prompts) not in (0, 1, self.num_samples):
+            raise _cross("generate.prompts", self.prompts, f"empty, one prompt or one per sample "
+                         f"(generate.num_samples={self.num_samples}), got {len(self.prompts)}", "generate.num_samples")
+        if self.prompts and self.prompts_file:
+            raise _cross("generate.prompts_file", self.prompts_file, "null when generate.prompts is given",
+                         "generate.prompts")
+        return self
 
 
 class AnnotateConfig(Section):

@@ -1,4 +1,5 @@
-"""Finding and loading a diffusers U-Net and its scheduler: embedded, local, hub or HF cache."""
+"""Finding and loading a diffusers model (pixel, latent or text-to-image) and its scheduler: embedded,
+local, hub or HF cache."""
 from __future__ import annotations
 
 import os
@@ -84,24 +85,106 @@ def _subfolder(location: str, is_local: bool, component: str, filename: str) -> 
     raise ModelLoadError(f"model {location!r} has no {filename}. " + _OFFLINE_HELP.format(name=location))
 
 
-def load_unet_and_scheduler(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[UNet2DModel, DDIMScheduler]:
-    """Load a ``UNet2DModel`` and a DDIM scheduler (``clip_sample`` off) built from its config."""
+def _read_json(location: str, is_local: bool, filename: str) -> dict | None:
+    """A JSON file of a local folder or a hub repository (the HF cache offline), or None."""
+    import json
+
+    if is_local:
+        path = Path(location) / filename
+        return json.loads(path.read_text()) if path.exists() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    cached = try_to_load_from_cache(location, filename)
+    if not isinstance(cached, str):
+        try:
+            cached = hf_hub_download(location, filename)
+        except EntryNotFoundError:
+            return None
+        except (HfHubHTTPError, OSError, ValueError):
+            return None  # unreachable: _subfolder says so with the offline help
+    return json.loads(Path(cached).read_text())
+
+
+def detect_family(location: str, is_local: bool) -> tuple[str, dict]:
+    """(family, model_index): from model_index.json's ``_class_name``, or ``pixel`` for the flat
+    hub-DDPM layout (a UNet2DModel config.json at the root) and folders without an index."""
+    from .families import PIPELINE_FAMILIES
+
+    index = _read_json(location, is_local, "model_index.json") or {}
+    name = index.get("_class_name")
+    if name is None:
+        return "pixel", index
+    if name not in PIPELINE_FAMILIES:
+        raise ModelLoadError(f"{location} is a {name}; hspace loads the pipeline types "
+                             f"{', '.join(sorted(PIPELINE_FAMILIES))}")
+    return PIPELINE_FAMILIES[name], index
+
+
+def _component_class(index: dict, component: str, classes: dict):
+    entry = index.get(component)
+    name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    if name not in classes:
+        raise ModelLoadError(f"component {component} is a {name}; hspace loads {', '.join(sorted(classes))} there")
+    return classes[name]
+
+
+def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict:
+    """The networks of a model, its family and a DDIM scheduler (``clip_sample`` off) built from its
+    scheduler config: ``{"family", "unet", "scheduler"}`` plus ``autoencoder`` and ``component``
+    (latent and text families) and ``text_encoder``, ``tokenizer`` (text family)."""
     location, is_local = resolve(name_or_path)
     try:
+        family, index = detect_family(location, is_local)
         unet_sub = _subfolder(location, is_local, "unet", "config.json")
-        unet = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
+        out = {"family": family}
+        if family == "text":
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import (
+                CLIPTextModel,
+                CLIPTextModelWithProjection,
+                CLIPTokenizer,
+                CLIPTokenizerFast,
+            )
+
+            out["unet"] = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype)
+            out["autoencoder"] = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype)
+            out["component"] = "vae"
+            encoder = _component_class(index, "text_encoder", {"CLIPTextModel": CLIPTextModel,
+                                                               "CLIPTextModelWithProjection": CLIPTextModelWithProjection})
+            out["text_encoder"] = encoder.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype)
+            tokenizer = _component_class(index, "tokenizer", {"CLIPTokenizer": CLIPTokenizer,
+                                                              "CLIPTokenizerFast": CLIPTokenizerFast})
+            out["tokenizer"] = tokenizer.from_pretrained(location, subfolder="tokenizer")
+        else:
+            out["unet"] = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
+        if family == "latent":
+            from diffusers import AutoencoderKL, VQModel
+
+            component = "vqvae" if "vqvae" in index else "vae"
+            cls = _component_class(index, component, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL})
+            out["autoencoder"] = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype)
+            out["component"] = component
         sched_sub = _subfolder(location, is_local, "scheduler", "scheduler_config.json")
         config = DDIMScheduler.load_config(location, subfolder=sched_sub)
+        out["scheduler"] = DDIMScheduler.from_config(config, clip_sample=False)
+        return out
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if is_local:  # the folder is there: downloading is not the remedy
             raise ModelLoadError(f"could not load model {location}: {first}; the folder is damaged (check its "
                                  f"config.json, scheduler_config.json and weights, or copy it again)") from None
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
                              + _OFFLINE_HELP.format(name=name_or_path)) from None
-    scheduler = DDIMScheduler.from_config(config, clip_sample=False)
-    return unet, scheduler
+
+
+def load_unet_and_scheduler(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[UNet2DModel, DDIMScheduler]:
+    """Load a pixel-space ``UNet2DModel`` and a DDIM scheduler (``clip_sample`` off) built from its config."""
+    parts = load_pipeline(name_or_path, dtype)
+    if parts["family"] != "pixel":
+        raise ModelLoadError(f"{name_or_path} is a {parts['family']} model; load it with HSpaceModel.from_pretrained")
+    return parts["unet"], parts["scheduler"]

@@ -57,13 +57,15 @@ def shard_name(sample_ids: Sequence[int]) -> str:
     return f"part-{min(sample_ids):010d}-{max(sample_ids):010d}-n{len(sample_ids)}.arrow"
 
 
-def features(h_shape_t: Sequence[int], h_dtype: str):
-    """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W)."""
+def features(h_shape_t: Sequence[int], h_dtype: str, prompt: bool = False):
+    """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W); text models' samples also
+    have a ``prompt`` column."""
     from datasets import Array4D, Features, Image, Value
 
     arrow_dtype = np.dtype(dtype_entry(h_dtype).storage).name  # bfloat16: its bits, uint16
     return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
-                     "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype)})
+                     "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype),
+                     **({"prompt": Value("string")} if prompt else {})})
 
 
 def _array_type(feature):
@@ -82,15 +84,18 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def shard_table(sample_ids: Sequence[int], seeds: Sequence[int], images: np.ndarray, h: torch.Tensor,
-                h_dtype: str = "float16", identity: dict | None = None) -> pa.Table:
+                h_dtype: str = "float16", identity: dict | None = None,
+                prompts: Sequence[str] | None = None) -> pa.Table:
     """One shard's table. images: (B, H, W, 3) uint8; h: (B, T, C, H, W); ``identity``: the content
     identity of the samples (model, scheduler, eta, dtypes), kept in the schema metadata so that
-    shards found without a manifest can be checked before they are adopted."""
-    feats = features(h.shape[1:], h_dtype)
+    shards found without a manifest can be checked before they are adopted; prompts: (B,) of a
+    text model's samples."""
+    feats = features(h.shape[1:], h_dtype, prompt=prompts is not None)
     table = pa.Table.from_arrays(
         [pa.array(np.asarray(sample_ids, dtype=np.int64)), pa.array(np.asarray(seeds, dtype=np.int64)),
          pa.array([{"bytes": encode_png(im), "path": None} for im in images], type=feats["image"].pa_type),
-         pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype))],
+         pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype)),
+         *([pa.array(list(prompts), pa.string())] if prompts is not None else [])],
         schema=feats.arrow_schema,
     )
     if identity is not None:
@@ -108,9 +113,10 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
 def write_shard(
     directory: str | os.PathLike, sample_ids: Sequence[int], seeds: Sequence[int],
     images: np.ndarray, h: torch.Tensor, h_dtype: str = "float16", identity: dict | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Path:
     """Write one shard atomically (see :func:`shard_table`)."""
-    table = shard_table(sample_ids, seeds, images, h, h_dtype, identity)
+    table = shard_table(sample_ids, seeds, images, h, h_dtype, identity, prompts)
     path = Path(directory) / shard_name(sample_ids)
     with atomic_path(path, fsync=True) as tmp:
         write_table(table, tmp)
@@ -266,7 +272,8 @@ def iter_samples(
     ids: Sequence[int] | None = None,
 ) -> Iterator[dict]:
     """Stream the dataset in batches: {"sample_id": (B,), "seed": (B,), "h": (B, T, C, H, W) torch,
-    "images": (B, H, W, 3) uint8 (if asked)}; h is a read-only view of the memory-mapped shard.
+    "images": (B, H, W, 3) uint8 (if asked), "prompt": (B,) str (text models)}; h is a read-only view
+    of the memory-mapped shard.
 
     ``ids``: only these sample ids (in dataset order). Memory stays at one batch.
     """
@@ -285,4 +292,15 @@ def iter_samples(
                 out["h"] = h_view(part.column("h"), h_shape_t, h_dtype)
             if images:
                 out["images"] = decode_images(part.column("image"))
+            if "prompt" in part.column_names:
+                out["prompt"] = part.column("prompt").to_pylist()
             yield out
+
+
+def read_prompts(run_dir: str | os.PathLike, ids: Sequence[int]) -> dict[int, str]:
+    """The stored prompts of samples ``ids`` (a text model's); empty for unconditional models."""
+    out = {}
+    for batch in iter_samples(run_dir, h=False, ids=ids):
+        out.update(zip(map(int, batch["sample_id"]), batch.get("prompt", [])))
+    return out
+

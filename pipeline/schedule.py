@@ -58,42 +58,53 @@ def ddim_coefficients(
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
 def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
     """The noise prediction eps_t implied by a U-Net output of any diffusers prediction type.
 
     The paper's formulas (and the Jacobian of eq. 6) are in terms of eps; a v-prediction model
     (v = sqrt(a) eps - sqrt(1-a) x0) gives eps = sqrt(a) v + sqrt(1-a) x_t, an x0-prediction
     model eps = (x_t - sqrt(a) x0) / sqrt(1-a)."""
+    return split_prediction(output, x_t, alpha, prediction_type)[1]
+
+
+def split_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha: float,
+                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_t, eps_t): the predicted clean sample (eq. 3) and the noise prediction, each computed
+    from the model's native output as diffusers' ``DDIMScheduler.step`` does.
+
+    Only an eps-model's P_t divides by sqrt(alpha) (and only an x0-model's eps by sqrt(1-alpha)):
+    going through eps for a v-model would divide by sqrt(alpha) ~ 5e-5 at t=999 of a cosine
+    schedule, and by 0 on a zero-terminal-SNR schedule (``rescale_betas_zero_snr``).
+    """
+    _check_prediction_type(prediction_type)
+    a, b = alpha**0.5, (1 - alpha) ** 0.5
     if prediction_type == "epsilon":
-        return output
+        return (x_t - b * output) / a, output
     if prediction_type == "v_prediction":
-        return alpha**0.5 * output + (1 - alpha) ** 0.5 * x_t
-    if prediction_type == "sample":
-        return (x_t - alpha**0.5 * output) / (1 - alpha) ** 0.5
-    raise InputError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        return a * x_t - b * output, a * output + b * x_t
+    return output, (x_t - a * output) / b
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
-    """P_t of eq. 3: the clean image predicted from x_t and the noise prediction."""
+    """P_t of eq. 3 from x_t and a noise prediction (divides by sqrt(alpha): prefer
+    :func:`split_prediction` on the model's native output)."""
     return (x_t - (1 - alpha) ** 0.5 * eps) / alpha**0.5
 
 
-def ddim_step(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    alpha: float,
-    alpha_prev: float,
-    sigma: float,
-    z: torch.Tensor | None = None,
-    eps_direction: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x_{t-1} of eq. 2. ``eps`` drives P_t; ``eps_direction`` (default ``eps``) drives D_t.
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: float, sigma: float,
+              z: torch.Tensor | None = None) -> torch.Tensor:
+    """x_{t-1} of eq. 2: sqrt(alpha_prev) P_t + D_t (+ sigma_t z_t).
 
-    Giving an unedited ``eps_direction`` is Asyrp; the default is the paper's symmetric
-    injection. ``z`` is the step's variance noise (needed when sigma > 0).
+    ``x0`` is P_t and ``eps`` drives D_t = sqrt(1 - alpha_prev - sigma^2) eps. The paper's symmetric
+    injection takes both from the edited U-Net pass; Asyrp takes ``eps`` from an unedited one.
+    ``z`` is the step's variance noise (needed when sigma > 0).
     """
-    eps_d = eps if eps_direction is None else eps_direction
-    x = alpha_prev**0.5 * predicted_x0(x_t, eps, alpha) + max(0.0, 1 - alpha_prev - sigma**2) ** 0.5 * eps_d
+    x = alpha_prev**0.5 * x0 + max(0.0, 1 - alpha_prev - sigma**2) ** 0.5 * eps
     if sigma > 0:
         if z is None:
             raise ValueError("a stochastic step (sigma > 0) needs its variance noise z")
@@ -102,13 +113,14 @@ def ddim_step(
 
 
 def ddim_inversion_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
-    """One deterministic DDIM step towards more noise: from noise level alpha_from to alpha_to."""
+    """One deterministic DDIM step towards more noise: from noise level alpha_from to alpha_to
+    (alpha_from > 0: the clean end of the step)."""
     return alpha_to**0.5 * predicted_x0(x, eps, alpha_from) + (1 - alpha_to) ** 0.5 * eps
 
 
-def solve_step_noise(x_next: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float,
+def solve_step_noise(x_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha_prev: float,
                      sigma: float) -> torch.Tensor:
-    """The z that makes ``ddim_step(x_t, eps, ...)`` land exactly on ``x_next`` (edit-friendly inversion)."""
+    """The z that makes ``ddim_step(x0, eps, alpha_prev, sigma, z)`` land exactly on ``x_next`` (edit-friendly inversion)."""
     if sigma <= 0:
         raise ValueError("step noise is only defined for stochastic steps (sigma > 0)")
-    return (x_next - ddim_step(x_t, eps, alpha, alpha_prev, sigma, torch.zeros_like(x_t))) / sigma
+    return (x_next - ddim_step(x0, eps, alpha_prev, sigma, torch.zeros_like(x0))) / sigma

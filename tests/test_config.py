@@ -49,7 +49,8 @@ def test_choices_are_the_engines_tables():
     def choices(model, key):
         return set(typing.get_args(model.model_fields[key].annotation))
 
-    assert choices(ModelConfig, "hook") == set(HOOK_POINTS)
+    for point in (*HOOK_POINTS, "up_blocks.0", "down_blocks.3.resnets.1"):  # the engine checks the module exists
+        assert ModelConfig(hook=point).hook == point
     # one dtype table; each field accepts part of it
     assert choices(ModelConfig, "dtype") == {"float32", "float16", "bfloat16"} <= set(DTYPES)
     assert choices(GenerateConfig, "h_dtype") == {"float16", "float32", "bfloat16"} <= set(DTYPES)
@@ -164,8 +165,8 @@ def test_cross_field_errors_name_every_source(tmp_path):
     f.write_text("model: 3\n")
     with pytest.raises(ConfigError, match=r"^model=3 in .*c.yaml: must be a mapping with keys"):
         load_config(f)
-    with pytest.raises(ConfigError, match=r"^model.hook='x' in the command line: "):  # the override, not the file
-        load_config(ROOT / "conf.yaml", ["model.hook=x"])
+    with pytest.raises(ConfigError, match=r"^model.hook='x y' in the command line: "):  # the override, not the file
+        load_config(ROOT / "conf.yaml", ["model.hook=x y"])
 
 
 # ------------------------------------------------------------------------------------------ annotator columns

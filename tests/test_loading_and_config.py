@@ -121,7 +121,7 @@ def test_config_overrides_and_validation(tmp_path):
     ("select.n=0", r"select.n=0 .*must be an integer >= 1"),
     ("generate.num_samples=0", r"generate.num_samples=0 .*>= 1"),
     ("evaluate.num_samples=1", r"evaluate.num_samples=1 .*>= 2"),
-    ("model.hook=middle", r"model.hook='middle' .*one of after, before"),
+    ("model.hook=mid block", r"model.hook='mid block' .*after, before or a dotted module path"),
     ("pca.dtype=float16", r"pca.dtype='float16' .*one of float64, float32"),
     ("jacobian.tol=0", r"jacobian.tol=0.0 .*> 0"),
     ("train_toy.ema_decay=1.5", r"train_toy.ema_decay=1.5 .*in \[0, 1\]"),

@@ -32,14 +32,27 @@ def check_mask(mask, image_shape: Sequence[int]) -> torch.Tensor:
     return m
 
 
-def eps_function(model, x_t: torch.Tensor, step: int, mask: torch.Tensor | None = None) -> Fn:
-    """f(h) = mask * eps_t(x_t, h), batched and flattened: (b, C*H*W) -> (b, 3*H*W).
+def latent_mask(model, mask) -> torch.Tensor:
+    """A mask for x_t: checked as :func:`check_mask`; for latent models an image-space mask is
+    averaged onto the latent grid (a mask already at the latent grid's size is taken as it is)."""
+    if tuple(model.latent_shape) == tuple(model.image_shape):
+        return check_mask(mask, model.image_shape)
+    if tuple(torch.as_tensor(mask).shape[-2:]) == tuple(model.latent_shape[-2:]):
+        return check_mask(mask, model.latent_shape)
+    m = check_mask(mask, model.image_shape).mean(0, keepdim=True)
+    return torch.nn.functional.interpolate(m[None], size=tuple(model.latent_shape[-2:]), mode="area")[0]
 
-    x_t: (3, H, W) or (1, 3, H, W); mask: as :func:`check_mask` (None: the whole image).
+
+def eps_function(model, x_t: torch.Tensor, step: int, mask: torch.Tensor | None = None) -> Fn:
+    """f(h) = mask * eps_t(x_t, h), batched and flattened: (b, C*H*W) -> (b, c*h*w).
+
+    x_t: (*latent_shape) or (1, *latent_shape); mask: as :func:`latent_mask` (None: the whole
+    image). eps is the guided noise prediction of a text model (its default prompt; an offset of h
+    moves both guidance branches, as an edit does).
     """
     C, H, W = model.h_shape
-    x = x_t.detach().reshape(1, *model.image_shape).to(model.device).clone()
-    m = None if mask is None else check_mask(mask, model.image_shape).to(model.device)
+    x = x_t.detach().reshape(1, *model.latent_shape).to(model.device).clone()
+    m = None if mask is None else latent_mask(model, mask).to(model.device)
 
     def f(hb: torch.Tensor) -> torch.Tensor:
         b = hb.shape[0]
@@ -161,7 +174,7 @@ def directions_at(model, x_t: torch.Tensor, h_t: torch.Tensor, step: int, k: int
     return JacobianDirections(
         singular_values=out.singular_values.float().cpu(),
         directions=out.V.float().reshape(-1, *model.h_shape).cpu(),
-        left=out.U.float().reshape(-1, *model.image_shape).cpu(),
+        left=out.U.float().reshape(-1, *model.latent_shape).cpu(),
         steps=[step], method=DEFAULT_METHOD if method == "auto" else method, iterations=out.iterations,
         converged=out.converged, residuals=out.residuals.float().cpu(), passes=out.passes, vectors=out.vectors,
         fallback=out.fallback is not None,

@@ -18,12 +18,13 @@ from __future__ import annotations
 import shutil
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
 from ..config import to_dict
 from ..dtypes import DTYPES
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..identity import config_sections, differences, make_record
 from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
@@ -73,10 +74,46 @@ def package_versions() -> dict:
     return out
 
 
-def content_identity(model: HSpaceModel, h_dtype: str, precision) -> dict:
+def content_identity(model: HSpaceModel, h_dtype: str, precision, prompts: dict | None = None) -> dict:
     """Everything that determines a sample's content (not the batch size, not the devices)."""
     d = model.describe()
-    return {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
+    out = {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
+    if prompts is not None:
+        out["prompts"] = prompts
+    return out
+
+
+def prompts_from_config(g) -> list[str]:
+    """generate.prompts, or the lines of generate.prompts_file (checked: one per sample)."""
+    if not g.prompts_file:
+        return list(g.prompts)
+    path = Path(g.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"generate.prompts_file={g.prompts_file}: no such file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(prompts) != g.num_samples:
+        raise ConfigError(f"generate.prompts_file={g.prompts_file} has {len(prompts)} prompts for "
+                          f"generate.num_samples={g.num_samples}; give one line per sample")
+    return prompts
+
+
+def sample_prompts(cfg, model: HSpaceModel, prompts: list[str]) -> dict | None:
+    """A text model's prompt assignment: {"first_seed", "prompts"} (one for all, or one per sample,
+    from :func:`prompts_from_config`, else model.prompt); None for other models."""
+    if model.kind != "text":
+        if prompts:
+            raise ConfigError(f"generate.prompts / generate.prompts_file apply to text-to-image models; "
+                              f"{cfg.model.name_or_path} is a {model.kind} model")
+        return None
+    return {"first_seed": cfg.generate.first_seed, "prompts": prompts or [model.prompt]}
+
+
+def prompt_function(assignment: dict | None):
+    """seed -> prompt of an assignment from :func:`sample_prompts` (None: no prompts)."""
+    if assignment is None:
+        return None
+    first, prompts = assignment["first_seed"], assignment["prompts"]
+    return lambda seed: prompts[0] if len(prompts) == 1 else prompts[int(seed) - first]
 
 
 def identity(cfg, known: dict | None = None) -> dict:
@@ -91,19 +128,21 @@ def identity(cfg, known: dict | None = None) -> dict:
 class GenerateModule(ItemModule):
     """predict_item: seeds -> images and h trajectories of an HSpaceModel."""
 
-    def __init__(self, model: HSpaceModel, h_dtype: str):
+    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None):
         super().__init__()
         self.hmodel = model
         self.unet = model.unet  # registered, so Lightning moves it to the rank's device
-        self.h_dtype = h_dtype
+        self.h_dtype, self.prompt_of = h_dtype, prompt_of
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
 
     def predict_item(self, seeds: list[int]):
         self.hmodel.to(self.device)
-        out = self.hmodel.sample(seeds)
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h.to("cpu", DTYPES[self.h_dtype].tensor)}
+        prompts = None if self.prompt_of is None else [self.prompt_of(s) for s in seeds]
+        # h goes straight into a CPU buffer of the stored dtype: the batch's trajectories are held once
+        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=DTYPES[self.h_dtype].tensor, h_device="cpu")
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts}
 
 
 class GenerateData(RankShare):
@@ -187,8 +226,10 @@ def _size(n: int) -> str:
 def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
+    prompts = prompts_from_config(g)  # before the model loads: a wrong prompts file is a quick one-line error
     model = HSpaceModel.from_config(cfg.model, device="cpu")
-    content = content_identity(model, g.h_dtype, cfg.trainer.precision)
+    prompts = sample_prompts(cfg, model, prompts)
+    content = content_identity(model, g.h_dtype, cfg.trainer.precision, prompts)
     check_existing(run_dir, content)
     record = identity(cfg)
 
@@ -197,7 +238,8 @@ def run_generate(cfg) -> dict:
     manifest = {
         "format": FORMAT, "identity": content, "identity_hash": hash_json(content),
         "model": content["model"], "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
-        "image_shape": list(model.image_shape), "config": to_dict(cfg), "config_hash": hash_json(to_dict(cfg)),
+        "image_shape": list(model.image_shape), "latent_shape": list(model.latent_shape),
+        "config": to_dict(cfg), "config_hash": hash_json(to_dict(cfg)),
         "packages": package_versions(), "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
     }
     scan = scan_shards(run_dir)
@@ -218,12 +260,13 @@ def run_generate(cfg) -> dict:
                                                               "complete": False})
     writer = PartWriter(samples_dir(run_dir) / "shards", lambda p: shard_name(p["seeds"]),
                         lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype,
-                                                                content), path), fsync=True)
+                                                                content, p.get("prompts")), path), fsync=True)
     trainer = make_trainer(cfg.trainer, [
         writer, ItemsProgress("generate", todo),
         AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted, record), "generate"),
     ])
-    trainer.predict(GenerateModule(model, g.h_dtype), datamodule=GenerateData(run_dir, g), return_predictions=False)
+    trainer.predict(GenerateModule(model, g.h_dtype, prompt_function(prompts)), datamodule=GenerateData(run_dir, g),
+                    return_predictions=False)
     if trainer.is_global_zero:
         print(f"hspace generate: {g.num_samples} samples in {samples_dir(run_dir)}")
     return manifest

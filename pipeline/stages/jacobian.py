@@ -31,7 +31,7 @@ from ..io import hash_file
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..loading import weights_identity
 from ..model import HSpaceModel
-from ..samples import read_manifest
+from ..samples import read_manifest, read_prompts
 from .lightning_utils import (
     AfterAllRanks,
     ItemModule,
@@ -78,9 +78,9 @@ def parse_mask(spec: str | None, image_shape) -> torch.Tensor | None:
 class JacobianModule(ItemModule):
     """predict_item: one sample id -> its directions at every step (autograd on)."""
 
-    def __init__(self, model: HSpaceModel, jac_cfg, mask):
+    def __init__(self, model: HSpaceModel, jac_cfg, mask, prompts: dict | None = None):
         super().__init__()
-        self.hmodel, self.cfg, self.mask = model, jac_cfg, mask
+        self.hmodel, self.cfg, self.mask, self.prompts = model, jac_cfg, mask, prompts or {}
         self.unet = model.unet
 
     def setup(self, stage: str) -> None:
@@ -89,7 +89,8 @@ class JacobianModule(ItemModule):
     def predict_item(self, sample_id: int):
         self.hmodel.to(self.device)
         c = self.cfg
-        with torch.inference_mode(False), torch.enable_grad():
+        # a text model's sample is regenerated under its own stored prompt (outside the dataset: model.prompt)
+        with torch.inference_mode(False), torch.enable_grad(), self.hmodel.prompted(self.prompts.get(int(sample_id))):
             out = jacobian_directions_all_steps(
                 self.hmodel, int(sample_id), c.k, steps=None if c.steps is None else list(c.steps), mask=self.mask,
                 method=c.method, block=c.block, tol=c.tol, max_iter=c.max_iter, unconverged=c.unconverged,
@@ -201,7 +202,9 @@ def run_jacobian(cfg) -> Path:
                                          AfterAllRanks(lambda: write_directions(run_dir, c, ids, timesteps, name, record),
                                                        "jacobian")],
                            inference_mode=False)
-    trainer.predict(JacobianModule(model, c, mask), datamodule=todo, return_predictions=False)
+    has_samples = (run_dir / "samples" / "manifest.json").exists()
+    prompts = read_prompts(run_dir, ids) if model.kind == "text" and has_samples else None
+    trainer.predict(JacobianModule(model, c, mask, prompts), datamodule=todo, return_predictions=False)
     out = run_dir / "directions" / "jacobian.safetensors"
     if trainer.is_global_zero:
         note = ""

@@ -55,7 +55,7 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
     h = gather_h(run_dir, sorted(set(selection.sample_id)))
     manifest = read_manifest(run_dir)
     ids = sorted(set(map(int, selection.sample_id)))  # generated samples: sample_id == seed
-    x_T = dict(zip(ids, noise.randn(ids, "x_T", manifest["image_shape"])))
+    x_T = dict(zip(ids, noise.randn(ids, "x_T", manifest.get("latent_shape", manifest["image_shape"]))))
     directions, x_dirs, info, curves = [], [], {}, []
     for attr in attributes:
         sel = selection[selection.attribute == attr]
