@@ -103,13 +103,15 @@ def test_zero_sliders_show_the_plain_sample_twice(session, model):
 
 
 def test_resuming_a_trajectory_equals_running_it_whole(model):
-    """start_step: the latent entering step i of an earlier run, edited from i on, equals the whole run."""
+    """start_step: the latent entering step i of an earlier run, edited from i on, equals the whole run
+    (to the float32 rounding of the stored latent)."""
     delta = 0.3 * model.sample([1]).h[0].float()
     base = model.sample([2], return_latents=True, eta=0.5)
     whole = model.sample([2], delta_h=delta, steps=range(6, T), eta=0.5)
     resumed = model.sample([2], x_T=base.latents[:, 6], delta_h=delta, steps=range(6, T), eta=0.5, start_step=6)
-    assert torch.equal(resumed.images, whole.images)
-    assert torch.isnan(resumed.h[:, :6].float()).all() and torch.equal(resumed.h[:, 6:], whole.h[:, 6:])
+    # equal but for the float32 rounding of the cached latent (the sampler's own state is float64)
+    assert torch.allclose(resumed.images, whole.images, atol=1e-5)
+    assert torch.isnan(resumed.h[:, :6].float()).all() and torch.allclose(resumed.h[:, 6:], whole.h[:, 6:], atol=1e-4)
     with pytest.raises(InputError, match="needs x_T"):
         model.sample([2], start_step=3)
 
