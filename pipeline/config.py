@@ -173,8 +173,8 @@ class PCAConfig(Section):
                                       "(randomized: >= 1); null: = n_components")
     joint: bool = Field(False, description="one PCA over the whole flattened trajectory instead of one per step")
     batch_size: int = Field(256, ge=1)
-    dtype: Literal["float64", "float32"] = Field("float64", description="accumulation: float32 is 2x faster; its "
-                                                 "rounding is far below the truncation error")
+    dtype: Literal["float64", "float32"] = Field("float64", description="accumulation precision (float32: faster, "
+                                                 "rounding far below the truncation error; docs/benchmarks.md)")
     align: Literal["chain", "reference"] = Field("chain", description="signs aligned to the neighbouring step "
                                                  "(chain) or to step 0 (reference)")
     seed: int = Field(0, description="of the norm-matched random directions (Fig. 6 baseline)")
@@ -226,7 +226,7 @@ class RealImagesConfig(Section):
     paired: bool = Field(False, description="pair files by name")
     name: str = "real"
     fixed_point_iterations: int = Field(1, ge=0, description="extra U-Net passes per DDIM-inversion step "
-                                        "(0: plain inversion; 1: +4 dB on the toy)")
+                                        "(0: plain inversion; docs/benchmarks.md has the gain)")
 
     @model_validator(mode="after")
     def _both_or_neither(self):

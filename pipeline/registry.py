@@ -1,181 +1,89 @@
-"""The one stage registry: every `hspace` command, the function it runs, and for the main job
-(`hspace run`) what each stage reads and writes.
+"""The one stage registry: every `hspace` command, the module and function it runs, and for the main
+job (`hspace run`) what each stage reads and writes.
 
 ``pipeline.cli`` builds its sub-commands from ``COMMANDS``, ``pipeline.stages.run`` runs ``STAGES``
 in order, and the commands that run Lightning Trainers (every rank of a multi-process job takes
-part) are ``DISTRIBUTED``. Each ``Stage.run`` is a function taking the validated config; the small
-wrappers below import their stage on call, so that ``hspace --help`` does not load Lightning.
+part) are ``DISTRIBUTED``. A stage's module is imported only when the stage runs (or its identity
+is asked for), so that ``hspace --help`` does not load Lightning.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Any], Any]  # takes the validated config
+    entry: str  # "module:function", the function taking the validated config
     help: str
     artefact: str = ""  # the output under run_dir that carries the stage's identity record (pipeline.identity)
     after: tuple[str, ...] = ()  # stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # paths under run_dir that must exist for it to count as done
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
 
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.entry.split(":")[0])
 
-# ------------------------------------------------------------------ stage functions (imported on call)
-def generate(cfg):
-    from .stages.generate import run_generate
+    def run(self, cfg, **kwargs) -> Any:
+        return getattr(self.module(), self.entry.split(":")[1])(cfg, **kwargs)
 
-    return run_generate(cfg)
-
-
-def annotate(cfg):
-    from .stages.annotate import run_annotate
-
-    return run_annotate(cfg)
-
-
-def select(cfg):
-    from .stages.select import run_select
-
-    return run_select(cfg)
-
-
-def pca(cfg):
-    from .stages.pca import run_pca
-
-    return run_pca(cfg)
-
-
-def jacobian(cfg):
-    from .stages.jacobian import run_jacobian
-
-    return run_jacobian(cfg)
-
-
-def supervised(cfg):
-    from .stages.supervised import run_supervised
-
-    return run_supervised(cfg)
-
-
-def disentangle(cfg):
-    from .stages.disentangle import run_disentangle
-
-    return run_disentangle(cfg)
-
-
-def figures(cfg):
-    from .stages.figures import run_figures
-
-    return run_figures(cfg)
-
-
-def evaluate(cfg):
-    from evaluation.stage import run_evaluate
-
-    return run_evaluate(cfg)
-
-
-def report(cfg):
-    from evaluation.report import run_report
-
-    return run_report(cfg)
-
-
-def edit(cfg):
-    from .stages.edit import run_edit
-
-    return run_edit(cfg)
-
-
-def sample(cfg):
-    from .stages.sample import run_sample
-
-    return run_sample(cfg)
-
-
-def train_toy(cfg):
-    from toyfaces.train_ddpm import run_train_toy
-
-    return run_train_toy(cfg)
-
-
-def finetune_toy(cfg):
-    from toyfaces.train_ddpm import run_finetune_toy
-
-    return run_finetune_toy(cfg)
-
-
-def train_toy_annotator(cfg):
-    from toyfaces.annotator import run_train_toy_annotator
-
-    return run_train_toy_annotator(cfg)
-
-
-def validate_toy(cfg):
-    from toyfaces.validate import run_validate_toy
-
-    return run_validate_toy(cfg)
-
-
-def explore(cfg, host: str = "127.0.0.1", port: int = 7860):
-    from .explore.app import run_explore
-
-    return run_explore(cfg, host=host, port=port)
-
-
-# ------------------------------------------------------------------ their identity records
-def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
-    """The identity record main-job stage ``name`` would write now (its module's ``identity``; the
-    modules are imported on call). ``known``: predicted ids of the artefacts it reads."""
-    from evaluation import report
-    from evaluation import stage as evaluation_stage
-
-    from .stages import annotate, disentangle, figures, generate, jacobian, pca, select, supervised
-
-    modules = {"generate": generate, "annotate": annotate, "select": select, "pca": pca, "jacobian": jacobian,
-               "supervised": supervised, "disentangle": disentangle, "figures": figures,
-               "evaluate": evaluation_stage, "report": report}
-    return modules[name].identity(cfg, known)
+    def identity(self, cfg, known: dict | None = None) -> dict:
+        """The identity record the stage would write now (its module's ``identity``); ``known``:
+        predicted ids of the artefacts it reads."""
+        return self.module().identity(cfg, known)
 
 
 # ------------------------------------------------------------------ the main job, in order
 STAGES: tuple[Stage, ...] = (
-    Stage("generate", generate, "generate samples with h trajectories into a sharded dataset", "samples",
+    Stage("generate", "pipeline.stages.generate:run_generate",
+          "generate samples with h trajectories into a sharded dataset", "samples",
           (), ("samples/manifest.json",), True),
-    Stage("annotate", annotate, "score every sample with the configured annotators", "annotations.parquet",
+    Stage("annotate", "pipeline.stages.annotate:run_annotate",
+          "score every sample with the configured annotators", "annotations.parquet",
           ("generate",), ("annotations.parquet",), True),
-    Stage("select", select, "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
+    Stage("select", "pipeline.stages.select:run_select",
+          "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
           ("annotate",), ("selection.parquet",)),
-    Stage("pca", pca, "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
+    Stage("pca", "pipeline.stages.pca:run_pca",
+          "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
           "directions/pca.safetensors", ("generate",), ("directions/pca.safetensors",), True),
-    Stage("jacobian", jacobian, "image-specific directions by Jacobian subspace iteration",
+    Stage("jacobian", "pipeline.stages.jacobian:run_jacobian",
+          "image-specific directions by Jacobian subspace iteration",
           "directions/jacobian.safetensors", (), ("directions/jacobian.safetensors",), True),
-    Stage("supervised", supervised, "supervised directions (eq. 10) from the selection",
+    Stage("supervised", "pipeline.stages.supervised:run_supervised",
+          "supervised directions (eq. 10) from the selection",
           "directions/supervised.safetensors", ("select",), ("directions/supervised.safetensors",)),
-    Stage("disentangle", disentangle, "remove projections onto other directions (eq. 11)",
+    Stage("disentangle", "pipeline.stages.disentangle:run_disentangle",
+          "remove projections onto other directions (eq. 11)",
           "directions/disentangled.safetensors", ("supervised",),
           ("directions/disentangled.safetensors",)),
-    Stage("figures", figures, "edit strips of every direction family for the report", "edits",
+    Stage("figures", "pipeline.stages.figures:run_figures",
+          "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
-    Stage("evaluate", evaluate, "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
+    Stage("evaluate", "evaluation.stage:run_evaluate",
+          "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
           ("pca", "supervised", "disentangle"),
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
-    Stage("report", report, "write <run_dir>/report/index.html", "report",
+    Stage("report", "evaluation.report:run_report", "write <run_dir>/report/index.html", "report",
           ("figures", "evaluate", "select"), ("report/index.html",)),
 )
 
 #: commands outside the main job
 TOOLS: tuple[Stage, ...] = (
-    Stage("edit", edit, "grids of samples x scales for a directions file"),
-    Stage("sample", sample, "write a PNG grid of seeds, optionally edited"),
-    Stage("train-toy", train_toy, "train the embedded default DDPM on toy faces"),
-    Stage("finetune-toy", finetune_toy, "phase 2 of the embedded default: fine-tune with skip dropout"),
-    Stage("train-toy-annotator", train_toy_annotator, "train the toy-face annotator"),
-    Stage("validate-toy", validate_toy, "check the embedded default against its ground truth"),
-    Stage("explore", explore, "a local web app: sliders over the run's directions, naming, export (--host, --port)"),
+    Stage("edit", "pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file"),
+    Stage("sample", "pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited"),
+    Stage("train-toy", "toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces"),
+    Stage("finetune-toy", "toyfaces.train_ddpm:run_finetune_toy",
+          "phase 2 of the embedded default: fine-tune with skip dropout"),
+    Stage("train-toy-annotator", "toyfaces.annotator:run_train_toy_annotator",
+          "train the toy-face annotator"),
+    Stage("validate-toy", "toyfaces.validate:run_validate_toy",
+          "check the embedded default against its ground truth"),
+    Stage("explore", "pipeline.explore.app:run_explore",
+          "a local web app: sliders over the run's directions, naming, export (--host, --port)"),
 )
 
 #: every command but `run` and `config` (which pipeline.cli adds: `run` runs STAGES), by name

@@ -178,4 +178,4 @@ def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
     assert set(DISTRIBUTED) == {"run"} | {st.name for st in STAGES if st.distributed}
     cmds = commands()
     assert set(cmds) == {"run", "config"} | {st.name for st in registry.STAGES + registry.TOOLS}
-    assert all(cmds[st.name][0] is st.run for st in STAGES)
+    assert all(cmds[st.name][0] == st.run for st in STAGES)

@@ -30,15 +30,13 @@ Methods (``method=``)
   complement of the vectors already found, ``Sigma <- S^(1/2)``.
 - ``"deflation"``: the original code's way: one vector at a time, power iteration on
   ``J^T J`` with the found vectors projected out. Its own stopping rule (an *absolute* 1e-5
-  change of s^2, at most 50 iterations) is loose where s^2 is small (s^2 ~ 2e-4 at the first
-  step of the toy model: 5% relative) and too short for flat spectra; here it uses the
-  criterion below, like every method, so that the methods can be compared at equal accuracy.
+  change of s^2) is loose where s^2 is small; here it uses the criterion below, like every
+  method, so that the methods can be compared at equal accuracy.
 - ``"krylov"`` (= ``"auto"``, the default): block Lanczos on ``J^T J`` with Rayleigh-Ritz over
   the whole basis, locking of converged pairs and thick restarts, expanding with the residuals
-  of the unconverged Ritz pairs; products from one linearisation (below); block 4 by default
-  (2, 3 and 4 cost about the same on CPU; larger blocks batch better on a GPU). On the flat
-  spectra of these Jacobians (``s_{k+1}/s_k`` around 0.95-0.99) it needs 4-10x fewer products
-  than the power methods: see ``bench/jacobian.py``.
+  of the unconverged Ritz pairs; products from one linearisation (below); block 4 by default.
+  It needs fewer products than the power methods on flat spectra (docs/benchmarks.md,
+  ``bench/jacobian.py``).
 
 Products (``products=``)
 ------------------------
@@ -58,8 +56,8 @@ computed anyway) and is scale-free (``s`` ranges over 10^-2..1 across steps). It
 ``tol / 2``, relative, of a singular value; in practice quadratically better) and that ``v_i``
 is within an angle of about ``tol * s_i^2 / gap`` of an eigenvector (gap: distance of
 ``s_i^2`` to the rest of the spectrum). Default ``tol = 1e-3``. The products run in float32, so
-residuals stall around 1e-6 (5e-7 on the tests' tiny U-Net): a ``tol`` below ~1e-5 may never be
-met. A search that ``max_iter`` stops short is never returned as if it had converged: by default
+residuals stall around 1e-6: a ``tol`` below ~1e-5 may never be met. A search that ``max_iter``
+stops short is never returned as if it had converged: by default
 (``unconverged="fallback"``) the default method continues from the vectors reached, and a
 :class:`~pipeline.errors.ConvergenceError` says what was reached if that stops short too
 (``"error"``: at once; ``"return"``: the unconverged result, ``converged=False``).

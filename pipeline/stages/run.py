@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import HSpaceError
 from ..identity import is_fresh
 from ..io import locked_stage, write_json_atomic
-from ..registry import STAGES, Stage, stage_identity
+from ..registry import STAGES, Stage
 from .lightning_utils import agreed, launching_rank
 
 
@@ -29,7 +29,7 @@ def stage_hashes(cfg) -> dict[str, str]:
     known: dict[str, str] = {}
     keys = {}
     for st in STAGES:
-        record = stage_identity(st.name, cfg, known)
+        record = st.identity(cfg, known)
         keys[st.name] = record["key"]
         known[st.artefact] = record["key"]
     return keys
@@ -41,7 +41,7 @@ def fresh(cfg, st: Stage) -> bool:
     if not all((run_dir / o).exists() for o in st.outputs):
         return False
     try:
-        return is_fresh(run_dir, st.artefact, stage_identity(st.name, cfg))
+        return is_fresh(run_dir, st.artefact, st.identity(cfg))
     except (HSpaceError, OSError):  # an input missing or unreadable: the stage runs and says what is wrong
         return False
 
