@@ -23,6 +23,7 @@ from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.samples import read_manifest
 
+from .costs import costs_html
 from .semantics import add_sections
 
 CSS = """
@@ -288,6 +289,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
             page.image(png, png.stem, name=f"sheet-{png.name}")
         page.add("</div>")
 
+    _costs_section(page, run_dir)
+
     # ---- provenance
     page.section("provenance", "Configuration and provenance")
     prov = {"created": dt.datetime.now().isoformat(timespec="seconds"), "hspace commit": git_commit(),
@@ -304,6 +307,13 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))
+
+
+def _costs_section(page: Page, run_dir: Path) -> None:
+    table = costs_html(run_dir)
+    if table:
+        page.section("costs", "Where the time went")
+        page.add(table)
 
 
 def strip_captions(dirs: Path, family: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """`hspace run` end to end on a tiny configuration, the report, and stage skipping."""
 from __future__ import annotations
 
+import json
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -64,10 +65,19 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     checker.feed(report.read_text())
     checker.close()
     assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
-    assert {"table1", "edits", "annotators", "provenance", "pca-random", "probes", "fig8", "restriction"} <= checker.ids
+    assert {"table1", "edits", "annotators", "provenance", "pca-random", "costs", "probes", "fig8",
+            "restriction"} <= checker.ids
     assert len(checker.images) >= 10
     for src in checker.images:
         assert not src.startswith(("http", "/")) and (report.parent / src).is_file(), src
+    # where the time went: every stage's cost recorded and printed; generate's work is exactly N x T U-Net rows
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings) == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle",
+                             "fewshot", "figures", "evaluate", "report"]
+    assert timings["generate"]["unet_evaluations"] == 24 * 3 and timings["generate"]["images"] == 24
+    assert timings["annotate"]["scored"] == 24 and timings["annotate"]["unet_evaluations"] == 0
+    assert timings["evaluate"]["unet_evaluations"] > 0 and timings["jacobian"]["unet_evaluations"] > 0
+    assert "where the time went" in first and "U-Net evals" in first
     families = {p.name for p in (run / "edits").iterdir() if p.is_dir()}
     assert families == {"pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled"}
 
