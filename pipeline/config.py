@@ -312,6 +312,8 @@ class FewshotConfig(Section):
     x_T_scale: float = Field(1.0, description="the same in x_T space")
     restriction: bool = Field(True, description="also the whole-selection h direction restricted to the probe's "
                               "encoded steps against all steps, at h_scale (needs the probes)")
+    restriction_samples: int = Field(32, ge=2, description="held-out seeds of the restriction check (from "
+                                     "first_seed)")
     batch_size: int = Field(64, ge=1, description="images per U-Net call")
 
 

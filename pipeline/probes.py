@@ -53,84 +53,82 @@ def is_binary(values, tol: float = 0.05, share: float = 0.9) -> bool:
     return float(np.mean(np.minimum(v, 1 - v) <= tol)) >= share
 
 
-def make_probe(binary: bool, components: int | None = None, seed: int = 0, folds: int = 5, size: int = 0):
-    """The scikit-learn pipeline of one probe: standardise, optionally PCA (exact SVD up to ``size``
-    = samples x features of 10^7, randomized above), then a logistic regression (binary, penalty by
-    ``folds``-fold CV) or RidgeCV (continuous)."""
+def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = None,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) features of X (N, D), standardised and, with ``components``, reduced by
+    PCA and standardised again, every transform fitted on the training samples only (exact SVD up to
+    10^7 training values, randomized above). Attribute-free: one reduction serves every attribute."""
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    steps = [StandardScaler()]
-    if components:
-        solver = "full" if size <= 10**7 else "randomized"
-        steps += [PCA(components, svd_solver=solver, random_state=seed), StandardScaler()]
-    steps.append(LogisticRegressionCV(Cs=list(CS), cv=folds, max_iter=5000) if binary else RidgeCV(alphas=ALPHAS))
-    return make_pipeline(*steps)
-
-
-def probe_step(X: np.ndarray, y: np.ndarray, test: np.ndarray, binary: bool, components: int | None = None,
-               seed: int = 0) -> tuple[float, float]:
-    """(held-out score, chance) of one probe on features X (N, D): accuracy against the accuracy of
-    always answering the training samples' majority class, or R^2 against 0. NaN when the training
-    samples hold fewer than two of either class."""
     test = np.asarray(test, bool)
     train = ~test
     X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    scaler = StandardScaler().fit(X[train])
+    Ztr, Zte = scaler.transform(X[train]), scaler.transform(X[test])
+    k = min(int(components), int(train.sum()) - 1, X.shape[1]) if components else X.shape[1]
+    if k < X.shape[1]:
+        solver = "full" if Ztr.size <= 10**7 else "randomized"
+        pca = PCA(k, svd_solver=solver, random_state=seed).fit(Ztr)
+        Ztr, Zte = pca.transform(Ztr), pca.transform(Zte)
+        scaler = StandardScaler().fit(Ztr)
+        Ztr, Zte = scaler.transform(Ztr), scaler.transform(Zte)
+    return Ztr, Zte
+
+
+def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bool, components: int | None = None,
+               seed: int = 0, reduced: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+    """(held-out score, chance) of one probe on features X (N, D): accuracy against the accuracy of
+    always answering the training samples' majority class, or R^2 against 0. NaN when the training
+    samples hold fewer than two of either class. ``reduced``: ``reduce_features(X, test, components,
+    seed)`` computed already (X is then not used)."""
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.metrics import r2_score
+
+    test = np.asarray(test, bool)
+    train = ~test
     y = np.asarray(y)
-    k = None
-    if components:
-        k = min(int(components), int(train.sum()) - 1, X.shape[1])
-        k = None if k >= X.shape[1] else k
     if binary:
         y = y.astype(int)
         classes, counts = np.unique(y[train], return_counts=True)
         if len(classes) < 2 or counts.min() < 2:
             return float("nan"), float("nan")
-        majority = classes[np.argmax(counts)]
-        chance = float(np.mean(y[test] == majority))
-    else:
-        y = y.astype(np.float64)
-        chance = 0.0
-    folds = int(min(5, counts.min())) if binary else 5
-    model = make_probe(binary, k, seed, folds, int(train.sum()) * X.shape[1]).fit(X[train], y[train])
+        chance = float(np.mean(y[test] == classes[np.argmax(counts)]))
+    Ztr, Zte = reduced if reduced is not None else reduce_features(X, test, components, seed)
     if binary:
-        return float(np.mean(model.predict(X[test]) == y[test])), chance
-    from sklearn.metrics import r2_score
-
-    return float(r2_score(y[test], model.predict(X[test]))), chance
-
-
-def probe_trajectory(features: np.ndarray, y, test, binary: bool, components: int | None = None,
-                     seed: int = 0) -> pd.DataFrame:
-    """One probe per step of ``features`` (N, T, ...) -> rows {step, metric, score, chance}."""
-    if features.ndim < 3:
-        raise InputError(f"features must be (N, T, ...), got {tuple(features.shape)}")
-    if len(features) != len(y) or len(y) != len(test):
-        raise InputError(f"{len(features)} samples of features, {len(y)} targets and {len(test)} split entries")
-    rows = []
-    for t in range(features.shape[1]):
-        score, chance = probe_step(features[:, t], y, test, binary, components, seed)
-        rows.append({"step": t, "metric": "accuracy" if binary else "r2", "score": score, "chance": chance})
-    return pd.DataFrame(rows)
+        model = LogisticRegressionCV(Cs=list(CS), cv=int(min(5, counts.min())), max_iter=5000).fit(Ztr, y[train])
+        return float(np.mean(model.predict(Zte) == y[test])), chance
+    model = RidgeCV(alphas=ALPHAS).fit(Ztr, y[train].astype(np.float64))
+    return float(r2_score(y[test].astype(np.float64), model.predict(Zte))), 0.0
 
 
 def probe_table(spaces: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], test, binary: Iterable[str] = (),
                 threshold: float = 0.5, components: int | None = None, seed: int = 0) -> pd.DataFrame:
     """Every attribute of ``targets`` ({name: (N,)}) probed at every step of every space of
     ``spaces`` ({"h": (N, T, ...), "x_t": ...}). An attribute in ``binary`` is thresholded at
-    ``threshold`` into 0/1 labels. Rows {attribute, space, step, metric, score, chance, n_train, n_test}."""
+    ``threshold`` into 0/1 labels. Rows {attribute, space, step, metric, score, chance, n_train, n_test},
+    in that order. The features of a step are reduced once for all attributes."""
     binary, test = set(binary), np.asarray(test, bool)
-    tables = []
-    for attr, y in targets.items():
-        y = np.asarray(y, dtype=float)
-        labels = (y > threshold).astype(int) if attr in binary else y
-        for space, X in spaces.items():
-            t = probe_trajectory(X, labels, test, attr in binary, components, seed)
-            tables.append(t.assign(attribute=attr, space=space, n_train=int((~test).sum()), n_test=int(test.sum())))
-    table = pd.concat(tables, ignore_index=True)
-    return table[["attribute", "space", "step", "metric", "score", "chance", "n_train", "n_test"]]
+    labels = {a: (np.asarray(y, float) > threshold).astype(int) if a in binary else np.asarray(y, float)
+              for a, y in targets.items()}
+    rows = []
+    for space, X in spaces.items():
+        if X.ndim < 3:
+            raise InputError(f"features of {space} must be (N, T, ...), got {tuple(X.shape)}")
+        if len(X) != len(test) or any(len(y) != len(test) for y in labels.values()):
+            raise InputError(f"{len(X)} samples of {space}, {len(test)} split entries and targets of "
+                             f"{sorted({len(y) for y in labels.values()})}")
+        for t in range(X.shape[1]):
+            reduced = reduce_features(X[:, t], test, components, seed)
+            for attr, y in labels.items():
+                score, chance = probe_step(None, y, test, attr in binary, reduced=reduced)
+                rows.append({"attribute": attr, "space": space, "step": t,
+                             "metric": "accuracy" if attr in binary else "r2", "score": score, "chance": chance,
+                             "n_train": int((~test).sum()), "n_test": int(test.sum())})
+    table = pd.DataFrame(rows)
+    order = {a: i for i, a in enumerate(labels)}, {s: i for i, s in enumerate(spaces)}
+    return table.sort_values(["attribute", "space", "step"], key=lambda c: c.map(order[0]) if c.name == "attribute"
+                             else c.map(order[1]) if c.name == "space" else c, kind="stable").reset_index(drop=True)
 
 
 def encoded_steps(scores, chance=0.0, fraction: float = 0.9) -> np.ndarray:

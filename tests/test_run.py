@@ -44,7 +44,7 @@ def tiny_run_args(run_dir, model_dir):
             "edit.seeds=[100,101]", "report.pca_components=2", "report.jacobian_directions=2",
             "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null", "evaluate.num_samples=3",
             "evaluate.repeats=2", "evaluate.pca_components=2", "probe.pca_components=4", "fewshot.ns=[1,5]",
-            "fewshot.draws=2", "fewshot.num_samples=2"]
+            "fewshot.draws=2", "fewshot.num_samples=2", "fewshot.restriction_samples=2"]
 
 
 def hspace_run(cwd, *args, launcher=()):

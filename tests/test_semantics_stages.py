@@ -24,7 +24,8 @@ def selected_run(tmp_path_factory, tiny_model_dir):
                              "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
                              "select.n=6", "supervised.convergence_ns=[1,3,6]", "probe.pca_components=8",
                              "probe.batch_size=16", "evaluate.scorer=fake_annotators:brightness",
-                             "fewshot.ns=[1,3,6]", "fewshot.draws=2", "fewshot.num_samples=3"])
+                             "fewshot.ns=[1,3,6]", "fewshot.draws=2", "fewshot.num_samples=3",
+                             "fewshot.restriction_samples=4"])
     run_generate(cfg)
     run_annotate(cfg)
     run_select(cfg)

@@ -12,8 +12,8 @@ over the run's samples.
 
 With ``fewshot.restriction`` and the probes present, also: the whole-selection h direction of
 each attribute zeroed outside the steps where the probe finds it encoded, against the same
-direction over all steps, at the same scale on the same seeds: own effect, largest side effect,
-pixel change.
+direction over all steps, at the same scale on the same ``fewshot.restriction_samples`` held-out
+seeds: own effect, largest side effect, pixel change.
 
 Writes ``<run_dir>/fewshot/``: ``per_edit.csv`` (one row per edit and seed), ``effect_vs_n.csv``
 and ``effect_vs_n.png``, ``restriction.csv``, and the folder's identity record.
@@ -135,44 +135,49 @@ def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
     return save_figure(fig, out)
 
 
+def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int):
+    """The seeds sampled unedited and under every edit, scored: (unedited scores, [(edit, edited
+    scores, pixel change (S,))])."""
+    images = model.sample_edits(seeds, [None] + [e["delta"] for e in edits], space=space, batch_size=batch_size)
+    s0 = scorer(images[0])
+    return s0, [(e, scorer(im), ((im - images[0]).abs().mean(dim=(1, 2, 3)) / 2).numpy())
+                for e, im in zip(edits, images[1:])]
+
+
 def measure(cfg, edits: list[dict], restricted: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sample the held-out seeds under every edit and score them: (per_edit rows, restriction rows)."""
     fc = cfg.fewshot
-    seeds = list(range(fc.first_seed, fc.first_seed + fc.num_samples))
     model = HSpaceModel.from_config(cfg.model)
     scorer = build_annotator(cfg.evaluate.scorer, cfg.evaluate.scorer_options, model.device)
-    h_edits = [e for e in edits if e["space"] == "h"]
-    x_edits = [e for e in edits if e["space"] == "x_T"]
-    images_h = model.sample_edits(seeds, [None] + [e["delta"] for e in h_edits + restricted], batch_size=fc.batch_size)
-    images_x = (model.sample_edits(seeds, [e["delta"] for e in x_edits], space="x_T", batch_size=fc.batch_size)
-                if x_edits else images_h[:0])
-    base = images_h[0]
-    s0 = scorer(base)
+    seeds = list(range(fc.first_seed, fc.first_seed + fc.num_samples))
+    results = {space: scored(model, scorer, seeds, [e for e in edits if e["space"] == space], space, fc.batch_size)
+               for space in ("h", "x_T")}
+    s0 = results["h"][0]
     missing = sorted({e["own"] for e in edits} - set(s0))
     if missing:
         raise ConfigError(f"evaluate.scorer {cfg.evaluate.scorer!r} gives {sorted(s0)}, not {missing}; map the "
                           f"attributes to its columns with evaluate.own_attribute, or set fewshot.attributes")
     units = score_units(cfg, list(s0), {a: v.numpy() for a, v in s0.items()})
     rows, rrows = [], []
-    for e, images in zip(h_edits + restricted + x_edits, list(images_h[1:]) + list(images_x)):
-        s1 = scorer(images)
-        pixel = ((images - base).abs().mean(dim=(1, 2, 3)) / 2).numpy()
-        change = {a: ((s1[a] - s0[a]) / units[a]).numpy() for a in s0}
-        for i, seed in enumerate(seeds):
-            row = {"seed": seed, "pixel_change": float(pixel[i]), **{f"d_{a}": float(change[a][i]) for a in s0}}
-            if "variant" in e:
-                rrows.append({"attribute": e["own"], "variant": e["variant"], "steps": e["steps"], **row})
-            else:
-                rows.append({"attribute": e["attribute"], "space": e["space"], "n": e["n"], "draw": e["draw"],
-                             "own_change": float(change[e["own"]][i]), **row})
-                if e["space"] == "h" and e["n"] == max(x["n"] for x in h_edits if x["attribute"] == e["attribute"]):
-                    rrows.append({"attribute": e["own"], "variant": "all steps",
-                                  "steps": f"0-{model.num_steps - 1}", **row})
+    for space, (s0, results_) in results.items():
+        for e, s1, pixel in results_:
+            change = ((s1[e["own"]] - s0[e["own"]]) / units[e["own"]]).numpy()
+            rows += [{"attribute": e["attribute"], "space": space, "n": e["n"], "draw": e["draw"], "seed": seed,
+                      "own_change": float(change[i]), "pixel_change": float(pixel[i])} for i, seed in enumerate(seeds)]
+    if restricted:
+        rseeds = list(range(fc.first_seed, fc.first_seed + fc.restriction_samples))
+        s0, results_ = scored(model, scorer, rseeds, restricted, "h", fc.batch_size)
+        for e, s1, pixel in results_:
+            change = {a: ((s1[a] - s0[a]) / units[a]).numpy() for a in s0}
+            rrows += [{"attribute": e["own"], "variant": e["variant"], "steps": e["steps"], "seed": seed,
+                       "pixel_change": float(pixel[i]), **{f"d_{a}": float(change[a][i]) for a in s0}}
+                      for i, seed in enumerate(rseeds)]
     return pd.DataFrame(rows), pd.DataFrame(rrows)
 
 
 def restricted_edits(run_dir, cfg, edits: list[dict]) -> list[dict]:
-    """The whole-selection h edit of each attribute, zeroed outside the probe's encoded steps."""
+    """The whole-selection h edit of each attribute over all steps, and zeroed outside the probe's
+    encoded steps."""
     from .probe import encoded_mask, load_probes
 
     probes = load_probes(run_dir)
@@ -181,8 +186,9 @@ def restricted_edits(run_dir, cfg, edits: list[dict]) -> list[dict]:
         if e["space"] != "h" or e["n"] != max(x["n"] for x in edits if x["attribute"] == e["attribute"]):
             continue
         mask = encoded_mask(probes, e["attribute"], e["delta"].shape[0])
-        out.append({"attribute": e["attribute"], "own": e["own"], "variant": "probe steps",
-                    "steps": ",".join(map(str, np.flatnonzero(mask))), "delta": restrict_to_steps(e["delta"], mask)})
+        out.append({**e, "variant": "all steps", "steps": f"0-{len(mask) - 1}"})
+        out.append({**e, "variant": "probe steps", "steps": ",".join(map(str, np.flatnonzero(mask))),
+                    "delta": restrict_to_steps(e["delta"], mask)})
     return out
 
 
@@ -215,7 +221,8 @@ def run_fewshot(cfg) -> Path:
     attrs = fewshot_attributes(cfg, selection)
     edits = fewshot_edits(run_dir, cfg, attrs, selection)
     restricted = restricted_edits(run_dir, cfg, edits) if fc.restriction and (run_dir / "probes").exists() else []
-    print(f"hspace fewshot: {len(edits) + len(restricted)} edits x {fc.num_samples} held-out seeds")
+    print(f"hspace fewshot: {len(edits)} edits x {fc.num_samples} held-out seeds"
+          + (f", {len(restricted)} x {fc.restriction_samples} for the restriction" if restricted else ""))
     per_edit, rrows = measure(cfg, edits, restricted)
     curve = effect_vs_n(per_edit)
     out = run_dir / FEWSHOT
