@@ -147,3 +147,52 @@ def test_not_enough_disk_space_stops_before_writing(tmp_path, tiny_model_dir, mo
     with pytest.raises(DatasetError, match="not enough disk space"):
         run_generate(cfg)
     assert not list((samples_dir(tmp_path / "run")).rglob("*.arrow"))
+
+
+def _generate_in_process(run_dir, model_dir, *overrides):
+    cfg = load_config(None, [*tiny_overrides(run_dir, model_dir, steps=2), "generate.num_samples=7",
+                             "generate.batch_size=2", *overrides])
+    return run_generate(cfg)
+
+
+@pytest.mark.slow
+def test_writer_thread_writes_the_same_shards_in_order(tmp_path, tiny_model_dir, monkeypatch):
+    """Shards written by the writer thread (the default) are byte for byte those written in the loop,
+    in batch order, all on disk before the manifest is finalised."""
+    import pipeline.stages.lightning_utils as lu
+
+    order = []
+    write_part = lu.PartWriter.write_part
+    monkeypatch.setattr(lu.PartWriter, "write_part", lambda self, p: order.append(p["seeds"][0]) or write_part(self, p))
+    _generate_in_process(tmp_path / "loop", tiny_model_dir, "generate.writer_queue=0")
+    assert order == [0, 2, 4, 6]
+    order.clear()
+    _generate_in_process(tmp_path / "thread", tiny_model_dir, "generate.writer_queue=1")
+    assert order == [0, 2, 4, 6]
+    loop, thread = samples_dir(tmp_path / "loop") / "shards", samples_dir(tmp_path / "thread") / "shards"
+    names = sorted(p.name for p in loop.iterdir())
+    assert names == sorted(p.name for p in thread.iterdir()) and len(names) == 4
+    for name in names:
+        assert (loop / name).read_bytes() == (thread / name).read_bytes(), name
+    assert read_manifest(tmp_path / "thread")["complete"] and read_manifest(tmp_path / "thread")["shards"] == names
+
+
+@pytest.mark.slow
+def test_writer_thread_error_stops_the_stage(tmp_path, tiny_model_dir, monkeypatch):
+    """A write that fails in the writer thread is raised by the stage; the parts before it are whole,
+    nothing after it is written, and the manifest is not marked complete."""
+    import pipeline.stages.lightning_utils as lu
+    from pipeline.errors import StorageError
+
+    write_part = lu.PartWriter.write_part
+
+    def failing(self, p):
+        if p["seeds"][0] == 2:
+            raise StorageError("cannot write shard: no space left on the device")
+        write_part(self, p)
+
+    monkeypatch.setattr(lu.PartWriter, "write_part", failing)
+    with pytest.raises(StorageError, match="no space left"):
+        _generate_in_process(tmp_path / "run", tiny_model_dir, "generate.writer_queue=1")
+    shards = sorted(p.name for p in (samples_dir(tmp_path / "run") / "shards").iterdir())
+    assert len(shards) == 1 and not read_manifest(tmp_path / "run").get("complete")
