@@ -63,6 +63,7 @@ from .metrics import (
     primary,
     table1_markdown,
 )
+from .preservation import build_embedder, identity_similarity, preservation_table
 
 # Seeds the pixel-matched random baseline is calibrated on (the first of the first seed set); 4 are
 # close to 8 in half the time (docs/benchmarks.md).
@@ -185,7 +186,8 @@ class EvaluateModule(ItemModule):
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
         self.edits = edit_list(self.run_dir, self.ev_cfg, self.hmodel)
-        for ann in (self.scorer, self.quality):
+        self.embedder = build_embedder(self.ev_cfg)  # face identity (evaluation/preservation.py), or None
+        for ann in (self.scorer, self.quality, self.embedder):
             if ann is not None:
                 ann.to(self.trainer.strategy.root_device)
 
@@ -206,11 +208,14 @@ class EvaluateModule(ItemModule):
         for (name, family, _), edited in zip(self.edits, images[1:]):
             s1, q1 = self._measure(edited)
             pixel = (edited - base).abs().mean(dim=(1, 2, 3)) / 2  # in [0, 1] units
+            identity = identity_similarity(self.embedder, base, edited)  # NaN without evaluate.identity_weights
             for i, seed in enumerate(seeds):
                 row = {"repeat": repeat, "seed": seed, "direction": name, "family": family,
                        "pixel_change": float(pixel[i]), "quality_before": float(q0[i]), "quality_after": float(q1[i])}
                 row.update({f"o_{a}": float(s0[a][i]) for a in s0})
                 row.update({f"d_{a}": float(s1[a][i] - s0[a][i]) for a in s0})
+                if self.embedder is not None:
+                    row["identity"] = float(identity[i])
                 rows.append(row)
         return {"repeat": repeat, "seeds": seeds, "rows": rows}
 
@@ -293,6 +298,7 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     write_text_atomic(out / "disentanglement.csv", summary_rows.to_csv(index=False))
     quality = keep.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
     write_text_atomic(out / "image_change.csv", quality.to_csv())
+    write_text_atomic(out / "preservation.csv", preservation_table(per_sample, mapping).to_csv(index=False))
     pvr = pca_vs_random(keep, scale)
     if not pvr.empty:
         write_text_atomic(out / "pca_vs_random.csv", pvr.to_csv(index=False))
