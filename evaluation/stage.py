@@ -79,6 +79,7 @@ from .metrics import (
     primary,
     table1_markdown,
 )
+from .preservation import build_embedder, identity_similarity, preservation_table
 
 # Seeds the pixel-matched random baseline is calibrated on (the first calibration seeds, never evaluated on); 4
 # are close to 8 in half the time (docs/benchmarks.md).
@@ -269,7 +270,8 @@ class EvaluateModule(ItemModule):
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
         self.edits = edit_list(self.run_dir, self.ev_cfg, self.hmodel)
-        for ann in (self.scorer, self.quality):
+        self.embedder = build_embedder(self.ev_cfg)  # face identity (evaluation/preservation.py), or None
+        for ann in (self.scorer, self.quality, self.embedder):
             if ann is not None:
                 ann.to(self.trainer.strategy.root_device)
 
@@ -289,11 +291,17 @@ class EvaluateModule(ItemModule):
         for idx, images in self.hmodel.iter_edits([(s, None if e is None else e.delta) for s, e in jobs],
                                                   batch_size=self.ev_cfg.batch_size):
             scores, q = self._measure(images)
-            for j, i in enumerate(idx):
+            for j, i in enumerate(idx):  # the unedited samples first: every edit of a seed is compared with its own
                 seed, e = jobs[i]
-                if e is None:  # the unedited sample: every edit of this seed is compared with it
+                if e is None:
                     base[seed], q0[seed] = images[j], float(q[j])
                     s0[seed] = {a: float(v[j]) for a, v in scores.items()}
+            edited = [j for j, i in enumerate(idx) if jobs[i][1] is not None]
+            identity = (identity_similarity(self.embedder, torch.stack([base[jobs[idx[j]][0]] for j in edited]),
+                                            images[edited]) if edited and self.embedder is not None else None)
+            for j, i in enumerate(idx):
+                seed, e = jobs[i]
+                if e is None:
                     continue
                 row = {"repeat": repeat, "seed": seed, "direction": e.name, "family": e.family, "scale": e.scale,
                        "table1": "table1" in e.roles, "calibrated": "calibrated" in e.roles, "fig6": "fig6" in e.roles,
@@ -301,6 +309,8 @@ class EvaluateModule(ItemModule):
                        "quality_before": q0[seed], "quality_after": float(q[j])}
                 row.update({f"o_{a}": s0[seed][a] for a in s0[seed]})
                 row.update({f"d_{a}": float(v[j]) - s0[seed][a] for a, v in scores.items()})
+                if identity is not None:  # face identity (evaluation/preservation.py) with evaluate.identity_weights
+                    row["identity"] = float(identity[edited.index(j)])
                 strip = seed in self.strips and e.family in STRIP_FOLDERS
                 row["image"] = png_bytes(images[j]) if strip else None  # every row has the columns (Arrow's schema)
                 row["base_image"] = png_bytes(base[seed]) if strip else None
@@ -473,6 +483,8 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     table_rows = keep[per_sample.table1 | per_sample.fig6]
     quality = table_rows.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
     write_text_atomic(out / "image_change.csv", quality.to_csv())
+    fixed = per_sample[per_sample.table1 | per_sample.fig6]
+    write_text_atomic(out / "preservation.csv", preservation_table(fixed, mapping).to_csv(index=False))
     pvr = pca_vs_random(keep[per_sample.fig6], scale)
     if not pvr.empty:
         write_text_atomic(out / "pca_vs_random.csv", pvr.to_csv(index=False))

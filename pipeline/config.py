@@ -249,7 +249,31 @@ class SupervisedConfig(Section):
     seed: int = 0
     scales: List[float] = Field([-3.0, -1.5, 0.0, 1.5, 3.0], description="suggested edit scales (the strips; eq. 10 "
                                 "directions are unnormalised)")
+    restrict_steps: bool = Field(False, description="zero each direction at the steps where the probe stage finds its "
+                                 "attribute not encoded (probe.encoded_fraction; the full trajectory is kept in the "
+                                 "file as unrestricted_directions); false: every step, as in the paper")
     real: RealImagesConfig = RealImagesConfig()
+
+
+class ProbeConfig(Section):
+    """hspace probe: per-step linear probes of each attribute from h_t and x_t -> <run_dir>/probes/"""
+
+    attributes: List[str] = Field([], description="empty: select.attributes, else every annotation column")
+    spaces: List[Literal["h", "x_t"]] = Field(["h", "x_t"], min_length=1, description="h: the stored h_t; x_t: the "
+                                              "latent entering each step (recomputed by sampling the seeds again)")
+    num_samples: Optional[int] = Field(None, ge=8, description="probe the first n samples by id; null: all")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out share of the samples (fixed split by "
+                                 "sample id)")
+    seed: int = Field(0, description="of the split")
+    pca_components: int = Field(64, ge=0, description="features reduced by PCA fitted on the training samples "
+                                "(0: none); then logistic regression (binary) or ridge (continuous), penalty by CV")
+    binary: Union[Literal["auto"], List[str]] = Field("auto", description="attributes probed as binary (accuracy of "
+                                                      "score > threshold); auto: those whose scores are probabilities "
+                                                      "near 0 or 1; the rest: R^2")
+    threshold: float = Field(0.5, description="class boundary of binary attributes")
+    encoded_fraction: float = Field(0.9, gt=0, le=1, description="a step encodes an attribute when its h probe's "
+                                    "score above chance is at least this share of the best step's")
+    batch_size: int = Field(64, ge=1, description="samples per U-Net call when recomputing x_t")
 
 
 class DisentangleConfig(Section):
@@ -308,6 +332,28 @@ class CalibrateConfig(Section):
         return self
 
 
+class FewshotConfig(Section):
+    """hspace fewshot: Fig. 8 as numbers (own attribute change against n per side, h and x_T space) and the
+    probe-step restriction, on held-out seeds -> <run_dir>/fewshot/"""
+
+    attributes: List[str] = Field([], description="empty: supervised.attributes, else every selected attribute")
+    ns: List[Annotated[int, Field(ge=1)]] = Field([1, 2, 5, 10, 20, 50, 100, 200, 500], min_length=1,
+                                                  description="n per side; those above the selection's size are left out")
+    draws: int = Field(3, ge=1, description="random draws of the n samples per n (one where n is the whole selection)")
+    seed: int = Field(0, description="of the draws")
+    first_seed: int = Field(2_000_000, ge=0, description="held-out seeds, disjoint from the selected samples and from "
+                            "evaluate's")
+    num_samples: int = Field(8, ge=2, description="held-out seeds every edit is applied to")
+    h_scale: float = Field(3.0, description="edit strength in h-space, in multiples of the whole selection's eq. 10 "
+                           "direction (every n rescaled to its norm)")
+    x_T_scale: float = Field(1.0, description="the same in x_T space")
+    restriction: bool = Field(True, description="also the whole-selection h direction restricted to the probe's "
+                              "encoded steps against all steps, at h_scale (needs the probes)")
+    restriction_samples: int = Field(32, ge=2, description="held-out seeds of the restriction check (from "
+                                     "first_seed)")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call")
+
+
 class EditConfig(Section):
     """hspace edit: seeds x scales grids -> <run_dir>/edits/<file>/"""
 
@@ -359,6 +405,9 @@ class EvaluateConfig(Section):
     sweep_multiples: List[float] = Field([-2.0, -1.0, 1.0, 2.0], description="sweep scales of a calibrated direction, "
                                          "in multiples of its calibrated strength (other directions: their file's "
                                          "suggested scales)")
+    identity_weights: Optional[str] = Field(None, description="face-embedding weights (a facenet-pytorch "
+                                            "InceptionResnetV1 state dict) for an identity column: cosine of the "
+                                            "embeddings before and after each edit; null: none")
 
 
 class ReportConfig(Section):
@@ -449,9 +498,11 @@ class HSpaceConfig(Section):
     select: SelectConfig = SelectConfig()
     pca: PCAConfig = PCAConfig()
     jacobian: JacobianConfig = JacobianConfig()
+    probe: ProbeConfig = ProbeConfig()
     supervised: SupervisedConfig = SupervisedConfig()
     disentangle: DisentangleConfig = DisentangleConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    fewshot: FewshotConfig = FewshotConfig()
     edit: EditConfig = EditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()

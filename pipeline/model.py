@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from . import noise as noise_streams
+from .cost import count
 from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
@@ -355,6 +356,7 @@ class HSpaceModel:
         B = len(x_t)
         x_in = x_t.to(self.dtype)
         t = self.timesteps[step].to(self.device)
+        count(unet_evaluations=B if cond is None or cond.uncond is None else 2 * B)  # the one count of U-Net work
         if cond is None:
             out = self.family.unet_output(x_in, t.expand(B))
         elif cond.uncond is None:
@@ -531,6 +533,7 @@ class HSpaceModel:
             x = ddim_step(x0, eps, float(coef.alpha_prev[i]), float(coef.sigma[i]), None if z is None else z[:, i])
             x = x.float().to(self.state_dtype)  # x_t as stored in .latents: resuming from them is bit-identical
         x_0 = x.float()
+        count(images=B)
         return SampleOutput(images=self.family.decode(x_0), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds),
                             latents=latents, x_0=x_0, prompts=None if cond is None else cond.prompts)
 

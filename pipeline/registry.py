@@ -42,6 +42,12 @@ def select(cfg):
     return run_select(cfg)
 
 
+def probe(cfg):
+    from .stages.probe import run_probe
+
+    return run_probe(cfg)
+
+
 def pca(cfg):
     from .stages.pca import run_pca
 
@@ -64,6 +70,12 @@ def disentangle(cfg):
     from .stages.disentangle import run_disentangle
 
     return run_disentangle(cfg)
+
+
+def fewshot(cfg):
+    from .stages.fewshot import run_fewshot
+
+    return run_fewshot(cfg)
 
 
 def figures(cfg):
@@ -133,10 +145,11 @@ def stage_identity(name: str, cfg, known: dict | None = None) -> dict:
     from evaluation import report
     from evaluation import stage as evaluation_stage
 
-    from .stages import annotate, disentangle, figures, generate, jacobian, pca, select, supervised
+    from .stages import annotate, disentangle, fewshot, figures, generate, jacobian, pca, probe, select, supervised
 
-    modules = {"generate": generate, "annotate": annotate, "select": select, "pca": pca, "jacobian": jacobian,
-               "supervised": supervised, "disentangle": disentangle, "figures": figures,
+    modules = {"generate": generate, "annotate": annotate, "select": select, "probe": probe, "pca": pca,
+               "jacobian": jacobian,
+               "supervised": supervised, "disentangle": disentangle, "fewshot": fewshot, "figures": figures,
                "evaluate": evaluation_stage, "report": report}
     return modules[name].identity(cfg, known)
 
@@ -149,6 +162,8 @@ STAGES: tuple[Stage, ...] = (
           ("generate",), ("annotations.parquet",), True),
     Stage("select", select, "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
           ("annotate",), ("selection.parquet",)),
+    Stage("probe", probe, "per-step linear probes: each attribute read from h_t and from x_t", "probes",
+          ("annotate",), ("probes/probes.csv",)),
     Stage("pca", pca, "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
           "directions/pca.safetensors", ("generate",), ("directions/pca.safetensors",), True),
     Stage("jacobian", jacobian, "image-specific directions by Jacobian subspace iteration",
@@ -158,13 +173,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("disentangle", disentangle, "remove projections onto other directions (eq. 11)",
           "directions/disentangled.safetensors", ("supervised",),
           ("directions/disentangled.safetensors",)),
+    Stage("fewshot", fewshot, "Fig. 8 as numbers: effect against n in h and x_T space; probe-step restriction",
+          "fewshot", ("select", "probe"), ("fewshot/effect_vs_n.csv",)),
     Stage("figures", figures, "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
     Stage("evaluate", evaluate, "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
           ("pca", "supervised", "disentangle"),
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
     Stage("report", report, "write <run_dir>/report/index.html", "report",
-          ("figures", "evaluate", "select"), ("report/index.html",)),
+          ("figures", "evaluate", "select", "probe", "fewshot"), ("report/index.html",)),
 )
 
 #: commands outside the main job

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
+# the CLIP text-embedding cache of the tests (and their subprocesses) in a folder of their own, not ~/.cache
+os.environ.setdefault("HSPACE_CACHE", tempfile.mkdtemp(prefix="hspace-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
