@@ -3,11 +3,13 @@
 The engine counts its work at one place each: every U-Net pass adds its batch rows to
 ``COUNTERS.unet_evaluations`` (``HSpaceModel.predict``: sampling, edits, inversion, Jacobian
 products; a classifier-free-guided pass counts both halves), every decoded sample adds to
-``COUNTERS.images`` (``HSpaceModel.sample``) and every image an annotator scores to
-``COUNTERS.scored`` (``Annotator.__call__``). :func:`measured` reads the counters around a stage
-and writes one entry per stage to ``timings.json``::
+``COUNTERS.images`` (``HSpaceModel.sample``), every image an annotator scores to
+``COUNTERS.scored`` (``Annotator.__call__``) and every vector pushed through the Jacobian of the
+U-Net after h (or its transpose) to ``COUNTERS.jacobian_products`` (``jacobian.Linearization``:
+backward passes through the retained graph, which the forward count does not see).
+:func:`measured` reads the counters around a stage and writes one entry per stage to ``timings.json``::
 
-    {"generate": {"seconds": 12.3, "unet_evaluations": 4800, "images": 480, "scored": 0,
+    {"generate": {"seconds": 12.3, "unet_evaluations": 4800, "images": 480, "scored": 0, "jacobian_products": 0,
                   "unet_evaluations_per_s": 390.2, "images_per_s": 39.0, "scored_per_s": 0.0,
                   "processes": 1, "finished": "2026-12-02 23:10:00"}, ...}
 
@@ -33,6 +35,7 @@ class Counters:
     unet_evaluations: int = 0  # batch rows through the U-Net
     images: int = 0  # samples decoded by the engine
     scored: int = 0  # images read by an annotator
+    jacobian_products: int = 0  # vectors pushed through J or J^T (a backward pass through the U-Net after h)
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -106,14 +109,14 @@ def record(run_dir, name: str, entry: dict) -> None:
 
 COLUMNS = (("stage", "stage"), ("seconds", "wall s"), ("unet_evaluations", "U-Net evals"),
            ("unet_evaluations_per_s", "evals/s"), ("images", "images"), ("images_per_s", "images/s"),
-           ("scored", "scored"), ("scored_per_s", "scored/s"))
+           ("scored", "scored"), ("scored_per_s", "scored/s"), ("jacobian_products", "J products"))
 
 
 def rows(timings: dict[str, dict], order=None) -> list[list[str]]:
     """The table's rows (strings), stages in ``order`` (default: as recorded), then a total."""
     names = [n for n in (order or timings) if n in timings]
     out = []
-    total = {"seconds": 0.0, "unet_evaluations": 0, "images": 0, "scored": 0}
+    total = {"seconds": 0.0, "unet_evaluations": 0, "images": 0, "scored": 0, "jacobian_products": 0}
     for n in names:
         e = timings[n]
         out.append([n] + [_fmt(e.get(key)) for key, _ in COLUMNS[1:]])
@@ -123,7 +126,7 @@ def rows(timings: dict[str, dict], order=None) -> list[list[str]]:
         s = max(total["seconds"], 1e-9)
         out.append(["total", _fmt(total["seconds"]), _fmt(total["unet_evaluations"]),
                     _fmt(total["unet_evaluations"] / s), _fmt(total["images"]), _fmt(total["images"] / s),
-                    _fmt(total["scored"]), _fmt(total["scored"] / s)])
+                    _fmt(total["scored"]), _fmt(total["scored"] / s), _fmt(total["jacobian_products"])])
     return out
 
 

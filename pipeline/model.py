@@ -254,12 +254,18 @@ class HSpaceModel:
         return self.family.image_shape
 
     @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the U-Net computes in: ``model.dtype``, or what a Lightning ``*-true`` precision
+        (``trainer.precision=bf16-true``) converted its weights to; the U-Net's input follows it."""
+        return next(self.unet.parameters()).dtype
+
+    @property
     def h_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of h at the hook point (found with one tiny forward pass, then cached)."""
         if self._h_shape is None:
             with torch.no_grad():
                 cond = self.conditioning(1, guidance_scale=1.0) if self.family.conditional else None
-                x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.dtype)
+                x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.unet_dtype)
                 self.family.unet_output(x, self.timesteps[:1].to(self.device), None if cond is None else cond.text)
             self._h_shape = tuple(self.hook.h.shape[1:])
         return self._h_shape
@@ -354,7 +360,7 @@ class HSpaceModel:
             cond = self.conditioning(len(x_t))
         x_t = x_t.to(self.device).contiguous()  # conv kernels round differently for other memory layouts
         B = len(x_t)
-        x_in = x_t.to(self.dtype)
+        x_in = x_t.to(self.unet_dtype)
         t = self.timesteps[step].to(self.device)
         count(unet_evaluations=B if cond is None or cond.uncond is None else 2 * B)  # the one count of U-Net work
         if cond is None:
