@@ -24,6 +24,14 @@ def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+def effect_table(curve: pd.DataFrame) -> pd.DataFrame:
+    """effect_vs_n.csv -> one row per attribute and space, one column per n: "effect ± std"."""
+    cells = curve.assign(cell=[f"{e:.2f} ± {s:.2f}" for e, s in zip(curve.effect, curve.effect_std)])
+    table = cells.pivot_table(index=["attribute", "space"], columns="n", values="cell", aggfunc="first", sort=False)
+    table.columns = [f"n={n}" for n in table.columns]
+    return table.reset_index().fillna("")
+
+
 def add_sections(page, run_dir) -> None:
     """Append the probe and Fig. 8 sections to a report ``page`` (evaluation.report.Page) when the
     run holds their outputs."""
@@ -53,7 +61,7 @@ def add_sections(page, run_dir) -> None:
                   "the norm of the direction from the whole selection, so n changes only where it points. Bars: "
                   "spread (std) over the random draws of the n samples.")
         page.image(fewshot / "effect_vs_n.png", "mean own-attribute change against n per side", name="effect_vs_n.png")
-        page.add(df_html(curve))
+        page.add(df_html(effect_table(curve)))
     if (fewshot / "restriction.csv").exists():
         page.section("restriction", "Supervised directions restricted to the probe's steps")
         page.note("Each supervised direction applied on the same held-out seeds at the same scale over all steps, "

@@ -53,12 +53,28 @@ def is_binary(values, tol: float = 0.05, share: float = 0.9) -> bool:
     return float(np.mean(np.minimum(v, 1 - v) <= tol)) >= share
 
 
+def pca_scores(Ztr: np.ndarray, Zte: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k principal component scores of centred training features Ztr (n, D) and of Zte
+    projected on the same components, from the eigenvectors of the smaller of the Gram matrix
+    Ztr Ztr^T (n x n) and the covariance Ztr^T Ztr (D x D): the same scores as scikit-learn's exact
+    PCA up to each component's sign, without an SVD of the n x D matrix (tens of seconds for
+    384 x 8192 on a busy CPU, under a second this way)."""
+    n, D = Ztr.shape
+    if n <= D:
+        w, U = np.linalg.eigh(Ztr @ Ztr.T)
+        top = np.argsort(w)[::-1][:k]
+        V = Ztr.T @ (U[:, top] / np.sqrt(np.maximum(w[top], 1e-300)))  # (D, k) unit principal axes
+    else:
+        w, V = np.linalg.eigh(Ztr.T @ Ztr)
+        V = V[:, np.argsort(w)[::-1][:k]]
+    return Ztr @ V, Zte @ V
+
+
 def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = None,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) features of X (N, D), standardised and, with ``components``, reduced by
-    PCA and standardised again, every transform fitted on the training samples only (exact SVD up to
-    10^7 training values, randomized above). Attribute-free: one reduction serves every attribute."""
-    from sklearn.decomposition import PCA
+    PCA (``pca_scores``) and standardised again, every transform fitted on the training samples
+    only. Attribute-free: one reduction serves every attribute. ``seed`` is unused (the PCA is exact)."""
     from sklearn.preprocessing import StandardScaler
 
     test = np.asarray(test, bool)
@@ -68,9 +84,7 @@ def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = No
     Ztr, Zte = scaler.transform(X[train]), scaler.transform(X[test])
     k = min(int(components), int(train.sum()) - 1, X.shape[1]) if components else X.shape[1]
     if k < X.shape[1]:
-        solver = "full" if Ztr.size <= 10**7 else "randomized"
-        pca = PCA(k, svd_solver=solver, random_state=seed).fit(Ztr)
-        Ztr, Zte = pca.transform(Ztr), pca.transform(Zte)
+        Ztr, Zte = pca_scores(Ztr, Zte, k)  # Ztr is centred: the scaler removed the training mean
         scaler = StandardScaler().fit(Ztr)
         Ztr, Zte = scaler.transform(Ztr), scaler.transform(Zte)
     return Ztr, Zte

@@ -105,6 +105,24 @@ def test_scores_equal_scikit_learn_fitted_directly():
             assert score == pytest.approx(acc, abs=1e-12) and chance == pytest.approx(np.mean(labels[test] == majority))
 
 
+def test_pca_scores_equal_scikit_learn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    from pipeline.probes import pca_scores
+
+    rng = np.random.default_rng(0)
+    for n, D in ((30, 80), (80, 20)):  # through the Gram matrix, and through the covariance
+        Z = rng.standard_normal((n, D)) * np.linspace(3, 0.1, D)
+        Z -= Z.mean(0)
+        Zte = rng.standard_normal((7, D))
+        tr, te = pca_scores(Z, Zte, 5)
+        pca = PCA(5, svd_solver="full").fit(Z)
+        ref_tr, ref_te = pca.transform(Z), Zte @ pca.components_.T
+        signs = np.sign((tr * ref_tr).sum(0))
+        np.testing.assert_allclose(tr * signs, ref_tr, atol=1e-8)
+        np.testing.assert_allclose(te * signs, ref_te, atol=1e-8)
+
+
 def test_one_class_in_training_gives_nan():
     X = np.random.default_rng(0).standard_normal((20, 5))
     y = np.zeros(20)

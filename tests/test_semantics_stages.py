@@ -161,3 +161,27 @@ def test_restrict_zeroes_the_steps_the_probes_leave_out():
     torch.testing.assert_close(r.extras["unrestricted_directions"], v)
     assert r.directions[0, [0, 3]].abs().sum() == 0 and torch.equal(r.directions[0, 1:3], v[0, 1:3])
     assert torch.equal(r.directions[1], v[1])
+
+
+def test_effect_vs_n_and_restriction_arithmetic():
+    from evaluation.semantics import effect_table
+    from pipeline.stages.fewshot import effect_vs_n, restriction_table
+
+    rows = []
+    for n, draws in ((1, [0.2, 0.6]), (4, [1.0])):
+        for d, effect in enumerate(draws):
+            for seed, dev in ((0, -0.1), (1, 0.1)):  # the seeds' mean is the draw's effect
+                rows.append({"attribute": "a", "space": "h", "n": n, "draw": d, "seed": seed, "own_change": effect + dev})
+    curve = effect_vs_n(pd.DataFrame(rows)).set_index("n")
+    assert curve.loc[1, "effect"] == pytest.approx(0.4)
+    assert curve.loc[1, "effect_std"] == pytest.approx(np.std([0.2, 0.6], ddof=1))
+    assert curve.loc[1, "draws"] == 2 and curve.loc[4, "effect_std"] == 0 and curve.loc[1, "share_of_full"] == pytest.approx(0.4)
+    assert effect_table(curve.reset_index()).loc[0, "n=1"] == "0.40 ± 0.28"
+
+    r = pd.DataFrame([{"attribute": "a", "variant": v, "steps": "", "seed": s, "pixel_change": 0.1,
+                       "d_a": own + 0.1 * s, "d_b": side * (-1) ** s, "d_c": 0.2}
+                      for v, own, side in (("all steps", 1.0, 0.5), ("probe steps", 0.5, 0.1)) for s in range(2)])
+    t = restriction_table(r, ["a", "b", "c"]).set_index("variant")
+    assert t.loc["all steps", "own_effect"] == pytest.approx(1.05) and t.loc["all steps", "side_attribute"] == "c"
+    assert t.loc["all steps", "largest_side_effect"] == pytest.approx(0.2)  # b's +-0.5 cancels in the mean
+    assert t.loc["probe steps", "own_effect"] == pytest.approx(0.55)
