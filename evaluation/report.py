@@ -257,6 +257,10 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                   "direction that 'works' by destroying the image is visible.")
         page.add(df_html(pd.read_csv(ev / "image_change.csv", index_col=0), index=True))
 
+    from .dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
+
+    dose_response_section(page, run_dir, df_html, table1_html)
+
     # ---- directions
     dirs = run_dir / "directions"
     if (dirs / "explained_variance.png").exists():

@@ -282,19 +282,56 @@ class DisentangleConfig(Section):
     """hspace disentangle: eq. 11 -> <run_dir>/directions/disentangled.safetensors"""
 
     source: Optional[str] = Field(None, description="default <run_dir>/directions/supervised.safetensors")
-    pairs: Dict[str, Union[Literal["others"], List[str]]] = Field(
-        {a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")}, min_length=1,
-        description="primary -> directions to remove: a list (e.g. {glasses: [hair]}) or `others` (every other "
-        "direction in the file, as in the paper's Table 1)",
-        **_accepts("a non-empty mapping primary -> a list of other directions, or others"))
+    pairs: Union[Literal["auto"], Dict[str, Union[Literal["others", "auto"], List[str]]]] = Field(
+        {a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")},
+        description="primary -> directions to remove: a list (e.g. {glasses: [hair]}), `others` (every other "
+        "direction in the file, as in the paper's Table 1) or `auto` (the directions whose attributes it measurably "
+        "moves on the calibration seeds; none: left as it is); `auto` alone: every direction of the file so",
+        **_accepts("auto, or a non-empty mapping primary -> a list of other directions, others or auto"))
+    threshold: float = Field(0.25, gt=0, description="auto: a side effect counts as entanglement when the mean change "
+                             "of the other attribute at the calibrated strength is at least this many standard "
+                             "deviations of its unedited scores and at least 2 standard errors from 0")
 
     @field_validator("pairs")
     @classmethod
     def _pairs(cls, pairs):
+        if pairs == "auto":
+            return pairs
+        if not pairs:
+            raise PydanticCustomError("pairs", "empty pairs")
         for primary, conditions in pairs.items():
-            if conditions != "others" and (not conditions or primary in conditions):
+            if conditions not in ("others", "auto") and (not conditions or primary in conditions):
                 raise PydanticCustomError("pairs", "bad pair")
         return pairs
+
+    @property
+    def uses_auto(self) -> bool:
+        return self.pairs == "auto" or "auto" in self.pairs.values()
+
+
+class CalibrateConfig(Section):
+    """calibrated strengths, measured by hspace disentangle for the supervised and disentangled directions and
+    stored in their files: used by edit, explore and Table 1"""
+
+    enabled: bool = Field(True, description="false: no calibration (edit and explore use the files' suggested "
+                          "scales; Table 1 at the fixed scale only)")
+    target: float = Field(1.0, gt=0, description="own-attribute change to reach, in standard deviations of the "
+                          "unedited scores (scored by evaluate.scorer)")
+    first_seed: int = Field(2_000_000, ge=0, description="calibration seeds: never used to find the directions nor "
+                            "to evaluate them")
+    num_samples: int = Field(8, ge=2, description="seeds each direction is applied to while searching its scale")
+    std_samples: int = Field(64, ge=2, description="unedited seeds whose scores give the standard deviations (the "
+                             "first num_samples of them are the edited ones)")
+    rtol: float = Field(0.05, gt=0, description="stop when the own change is within this fraction of the target")
+    max_iter: int = Field(4, ge=1, description="rounds of the secant search (each applies every direction once)")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call")
+
+    @model_validator(mode="after")
+    def _std_covers_edited(self):
+        if self.std_samples < self.num_samples:
+            raise _cross("calibrate.std_samples", self.std_samples, f"at least calibrate.num_samples={self.num_samples}",
+                         "calibrate.num_samples")
+        return self
 
 
 class FewshotConfig(Section):
@@ -324,8 +361,11 @@ class EditConfig(Section):
 
     directions: Optional[str] = Field(None, description="a file, or pca | jacobian | supervised | disentangled | real")
     names: List[str] = Field([], description="empty: every direction in the file")
-    scales: List[float] = Field([], description="empty: the file's suggested scales")
-    seeds: List[NonNegInt] = Field([100000, 100001, 100002], min_length=1)
+    scales: List[float] = Field([], description="empty: -2, -1, 0, 1, 2 times each direction's calibrated strength "
+                                "(calibrate), or the file's suggested scales where it has none")
+    seeds: List[NonNegInt] = Field([1_000_000, 1_000_001, 1_000_002], min_length=1, description="held-out seeds; "
+                                   "the first evaluation seeds, so that the main job's strips of the directions it "
+                                   "evaluates are images of evaluate's dose-response sweep")
     sequential: bool = Field(False, description="apply names one after another at their scales (Fig. 11)")
     asyrp: bool = False
     x_T_space: bool = Field(False, description="use the supervised directions' x_T-space version (Fig. 8 baseline)")
@@ -360,6 +400,13 @@ class EvaluateConfig(Section):
                                        "as much as their component")
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of the seeds: 95% intervals of the "
                            "disentanglement checks (0: none)")
+    calibrated: bool = Field(True, description="Table 1 also at each direction's calibrated strength (matched own "
+                             "effect; needs calibrate.enabled)")
+    sweep_samples: int = Field(8, ge=0, description="dose-response: the first seeds of the first seed set (at most "
+                               "num_samples), where each direction is also applied at the sweep scales; 0: no sweep")
+    sweep_multiples: List[float] = Field([-2.0, -1.0, 1.0, 2.0], description="sweep scales of a calibrated direction, "
+                                         "in multiples of its calibrated strength (other directions: their file's "
+                                         "suggested scales)")
     identity_weights: Optional[str] = Field(None, description="face-embedding weights (a facenet-pytorch "
                                             "InceptionResnetV1 state dict) for an identity column: cosine of the "
                                             "embeddings before and after each edit; null: none")
@@ -456,6 +503,7 @@ class HSpaceConfig(Section):
     probe: ProbeConfig = ProbeConfig()
     supervised: SupervisedConfig = SupervisedConfig()
     disentangle: DisentangleConfig = DisentangleConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     fewshot: FewshotConfig = FewshotConfig()
     edit: EditConfig = EditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -498,6 +546,16 @@ class HSpaceConfig(Section):
                          "model.num_inference_steps")
         if j.steps is not None and j.tau not in j.steps:
             raise _cross("jacobian.tau", j.tau, f"one of jacobian.steps {j.steps}", "jacobian.steps")
+        c, ev, gen = self.calibrate, self.evaluate, self.generate
+        calibration = (c.first_seed, c.first_seed + c.std_samples)
+        for key, (lo, hi) in (("evaluate.first_seed", (ev.first_seed, ev.first_seed + ev.repeats * ev.num_samples)),
+                              ("generate.first_seed", (gen.first_seed, gen.first_seed + gen.num_samples))):
+            if c.enabled and lo < calibration[1] and calibration[0] < hi:
+                raise _cross("calibrate.first_seed", c.first_seed, f"seeds disjoint from those of {key} ({lo}..{hi - 1}); "
+                             f"calibration seeds run {calibration[0]}..{calibration[1] - 1}", key)
+        if self.disentangle.uses_auto and not c.enabled:
+            raise _cross("disentangle.pairs", self.disentangle.pairs, "without auto when calibrate.enabled is false "
+                         "(auto reads the entanglement measured while calibrating)", "calibrate.enabled")
         sup, sel = self.supervised.attributes, self.select.attributes
         if sup and sel and not set(sup) <= set(sel):
             raise _cross("supervised.attributes", sup, f"among select.attributes {sel}", "select.attributes")

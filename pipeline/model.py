@@ -543,40 +543,53 @@ class HSpaceModel:
         return SampleOutput(images=self.family.decode(x_0), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds),
                             latents=latents, x_0=x_0, prompts=None if cond is None else cond.prompts)
 
+    def iter_edits(self, pairs: Sequence[tuple[int, torch.Tensor | None]], *, space: str = "h", batch_size: int = 64,
+                   asyrp: bool = False, prompt: dict | None = None, progress: bool = False):
+        """Sample (seed, edit) pairs ``batch_size`` at a time, yielding (indices into ``pairs``, images
+        (b, 3, H, W) in [-1, 1] on the CPU) per batch: a caller that scores and drops each batch holds
+        ``batch_size`` images, however many pairs there are. edit: (T, C, H, W) added to h
+        (``space="h"``), (*latent_shape) added to x_T (``space="x_T"``), or None (the plain sample).
+        prompt (text models): seed -> prompt. Each image depends only on its seed and its edit, not on
+        the batch (up to the kernels' rounding)."""
+        if space not in ("h", "x_T"):
+            raise InputError(f"space must be 'h' or 'x_T', got {space!r}")
+        trailing = self.h_shape if space == "h" else self.latent_shape
+        shape = (self.num_steps, *trailing) if space == "h" else trailing
+        batch_size = max(1, int(batch_size))
+        for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
+            idx = list(range(start, min(start + batch_size, len(pairs))))
+            chunk = [pairs[i] for i in idx]
+            delta = None
+            if any(e is not None for _, e in chunk):
+                delta = torch.stack([torch.zeros(shape) if e is None else torch.as_tensor(e, dtype=torch.float32,
+                                                                                           device="cpu")
+                                     for _, e in chunk])
+            kwargs = {"delta_h": delta, "asyrp": asyrp} if space == "h" else {"dx_T": delta}
+            if prompt is not None:
+                kwargs["prompt"] = [prompt[s] for s, _ in chunk]
+            yield idx, self.sample([int(s) for s, _ in chunk], **kwargs).images.cpu()
+
     def sample_edits(self, seeds: Sequence[int], edits: Sequence[torch.Tensor | None], *, space: str = "h",
                      batch_size: int = 64, asyrp: bool = False, prompt: str | Sequence[str] | None = None,
                      progress: bool = False) -> torch.Tensor:
-        """Images (E, S, 3, H, W) in [-1, 1]: every seed under every edit, ``batch_size`` images per call.
+        """Images (E, S, 3, H, W) in [-1, 1]: every seed under every edit, ``batch_size`` images per call
+        (:meth:`iter_edits` over every (edit, seed) pair).
 
         edits: E edits, each (T, C, H, W) added to h (``space="h"``) or (*latent_shape) added to x_T
         (``space="x_T"``); None is the plain sample. prompt (text models): one, or one per seed. The
         (edit, seed) pairs are sampled in large batches because a small one wastes most of a CPU's
         time (0.65 s per 32x32 toy image alone, 0.2 s in batches of 64). Each image depends only on
         its seed and its edit, not on the batch."""
-        if space not in ("h", "x_T"):
-            raise InputError(f"space must be 'h' or 'x_T', got {space!r}")
         seeds = [int(s) for s in seeds]
         if not seeds or not edits:
             raise InputError("sample_edits needs at least one seed and one edit")
-        pairs = [(e, s) for e in range(len(edits)) for s in range(len(seeds))]
-        prompts = None if prompt is None else prompt_list(prompt, len(seeds))
-        trailing = self.h_shape if space == "h" else self.latent_shape
+        prompts = None if prompt is None else dict(zip(seeds, prompt_list(prompt, len(seeds))))
+        pairs = [(s, e) for e in edits for s in seeds]
         images = torch.empty((len(edits), len(seeds), *self.image_shape))
-        batch_size = max(1, int(batch_size))
-        for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
-            chunk = pairs[start:start + batch_size]
-            delta = None
-            if any(edits[e] is not None for e, _ in chunk):
-                shape = (self.num_steps, *trailing) if space == "h" else trailing
-                delta = torch.stack([torch.zeros(shape) if edits[e] is None else
-                                     torch.as_tensor(edits[e], dtype=torch.float32, device="cpu")
-                                     for e, _ in chunk])
-            kwargs = {"delta_h": delta, "asyrp": asyrp} if space == "h" else {"dx_T": delta}
-            if prompts is not None:
-                kwargs["prompt"] = [prompts[s] for _, s in chunk]
-            out = self.sample([seeds[s] for _, s in chunk], **kwargs).images.cpu()
-            for (e, s), image in zip(chunk, out):
-                images[e, s] = image
+        flat = images.view(len(pairs), *self.image_shape)
+        for idx, out in self.iter_edits(pairs, space=space, batch_size=batch_size, asyrp=asyrp, prompt=prompts,
+                                        progress=progress):
+            flat[idx] = out
         return images
 
     # ------------------------------------------------------------------ inversion
