@@ -21,6 +21,9 @@ Options (``annotate.options.clip.*``):
 * ``attributes`` - optional subset of the preset's attributes to score.
 * ``quick_gelu`` - force QuickGELU activations (None: from the pretrained tag).
 
+Class embeddings are cached on disk per (weights, texts): :func:`cached_text_features`
+(``$HSPACE_CACHE/clip-text``, default ``~/.cache/hspace/clip-text``; ``HSPACE_CACHE=off``: no cache).
+
 Input size and mean/std come from the model's preprocess config (224 px, OpenAI mean/std for
 ViT-B-32); the base class resizes (squashes) the image, which equals CLIP's resize + centre crop
 for square images.

@@ -14,6 +14,7 @@ a test mask ``(N,)`` bool. Step 0 is the first, noisiest sampling step.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -110,7 +111,9 @@ def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bo
         chance = float(np.mean(y[test] == classes[np.argmax(counts)]))
     Ztr, Zte = reduced if reduced is not None else reduce_features(X, test, components, seed)
     if binary:
-        model = LogisticRegressionCV(Cs=list(CS), cv=int(min(5, counts.min())), max_iter=5000).fit(Ztr, y[train])
+        with warnings.catch_warnings():  # scikit-learn 1.8 announces changed defaults; these settings keep today's
+            warnings.simplefilter("ignore", FutureWarning)
+            model = LogisticRegressionCV(Cs=list(CS), cv=int(min(5, counts.min())), max_iter=5000).fit(Ztr, y[train])
         return float(np.mean(model.predict(Zte) == y[test])), chance
     model = RidgeCV(alphas=ALPHAS).fit(Ztr, y[train].astype(np.float64))
     return float(r2_score(y[test].astype(np.float64), model.predict(Zte))), 0.0
