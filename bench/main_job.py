@@ -6,9 +6,9 @@ Both run in this one process, on the same machine, one after another: diffusers'
 ``generate.num_samples`` samples at the same T and batch size as ``hspace generate``; then the
 whole main job (``hspace run``, every stage, into a fresh run directory) runs. The baseline runs
 again after the main job and the ratio is taken against the mean of the two (the machine's speed
-drifts). Also counted: U-Net image-evaluations (one image through the U-Net once; a batch of 64
-is 64) of every stage, by wrapping ``HSpaceModel.predict``; the Jacobian's are forward passes of
-its autograd products, each also costing a backward pass.
+drifts). Also shown, from the run's ``timings.json`` (:mod:`pipeline.cost`): each stage's wall time
+and U-Net evaluations (one image through the U-Net once; a batch of 64 is 64; the Jacobian's
+forward passes, its backward products counted apart).
 
     python bench/main_job.py [--run-dir /tmp/mainjob] [--config conf.yaml] [key=value ...]
 
@@ -50,30 +50,6 @@ def plain_diffusers(cfg) -> float:
     return time.perf_counter() - t0
 
 
-class Counter:
-    """U-Net image-evaluations, in total and per stage of `hspace run`."""
-
-    def __init__(self):
-        from pipeline.model import HSpaceModel
-        from pipeline.stages import run
-
-        self.total, self.stages, self._last = 0, {}, 0
-        predict, record_time = HSpaceModel.predict, run.record_time
-
-        def counted_predict(model, x_t, step, cond=None):
-            guided = cond is not None and getattr(cond, "uncond", None) is not None
-            self.total += len(x_t) * (2 if guided else 1)
-            return predict(model, x_t, step, cond)
-
-        def counted_record_time(run_dir, name, seconds):
-            self.stages[name] = {"seconds": round(seconds, 1), "unet_images": self.total - self._last}
-            self._last = self.total
-            return record_time(run_dir, name, seconds)
-
-        HSpaceModel.predict = counted_predict
-        run.record_time = counted_record_time
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default=None, help="fresh run directory (default: a temporary one, removed after)")
@@ -84,6 +60,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import load_config
+    from pipeline.cost import read_timings
     from pipeline.stages.run import run_all
 
     tmp = None
@@ -95,24 +72,26 @@ def main() -> None:
     print(f"plain diffusers: DDIMPipeline, {n} samples, T={T}, batch {b}, {torch.get_num_threads()} threads", flush=True)
     base = [plain_diffusers(cfg)]
     print(f"  {base[0]:.1f} s", flush=True)
-    counter = Counter()
     t0 = time.perf_counter()
     run_all(cfg)
     main_s = time.perf_counter() - t0
+    stages = read_timings(run_dir)
     if not args.baseline_once:
         base.append(plain_diffusers(cfg))
         print(f"plain diffusers again: {base[1]:.1f} s", flush=True)
     ref = sum(base) / len(base)
-    print(f"\n{'stage':<12} {'seconds':>8} {'U-Net images':>13} {'x generate':>11}")
-    gen = counter.stages.get("generate", {}).get("unet_images") or n * T
-    for name, s in counter.stages.items():
-        print(f"{name:<12} {s['seconds']:8.1f} {s['unet_images']:13d} {s['unet_images'] / gen:11.2f}")
-    print(f"{'total':<12} {main_s:8.1f} {counter.total:13d} {counter.total / gen:11.2f}")
+    print(f"\n{'stage':<12} {'seconds':>8} {'U-Net evals':>12} {'x generate':>11}")
+    gen = stages.get("generate", {}).get("unet_evaluations") or n * T
+    total = sum(s.get("unet_evaluations", 0) for s in stages.values())
+    for name, s in stages.items():
+        u = s.get("unet_evaluations", 0)
+        print(f"{name:<12} {s.get('seconds', 0):8.1f} {u:12d} {u / gen:11.2f}")
+    print(f"{'total':<12} {main_s:8.1f} {total:12d} {total / gen:11.2f}")
     ratio = main_s / ref
     print(f"\nmain job {main_s:.1f} s / plain diffusers {ref:.1f} s = ratio {ratio:.2f} (target <= 3.0)")
     if args.json:
         Path(args.json).write_text(json.dumps({"main_job_s": main_s, "plain_diffusers_s": base, "ratio": ratio,
-                                               "unet_images": counter.total, "stages": counter.stages}, indent=1))
+                                               "unet_evaluations": total, "stages": stages}, indent=1))
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

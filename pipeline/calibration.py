@@ -110,22 +110,29 @@ def secant_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start:
             "history": history}
 
 
+def unedited_scores(model, scorer: Callable, seeds: Sequence[int], batch_size: int = 64, device=None) -> dict:
+    """{attribute: (N,)} scores of the seeds' unedited samples."""
+    out: dict[str, list] = {}
+    for _, images in model.iter_edits([(int(s), None) for s in seeds], batch_size=batch_size):
+        for a, v in score(scorer, images, device).items():
+            out.setdefault(a, []).append(v)
+    return {a: np.concatenate(v) for a, v in out.items()}
+
+
 def calibrate(model, scorer: Callable, names: Sequence[str], directions: Sequence[torch.Tensor], seeds: Sequence[int],
               std_seeds: Sequence[int], start: float | Sequence[float], target: float = 1.0, rtol: float = 0.05,
-              max_iter: int = 4, own: dict[str, str] | None = None, batch_size: int = 64, device=None) -> dict:
+              max_iter: int = 4, own: dict[str, str] | None = None, batch_size: int = 64, device=None,
+              unedited: dict[str, np.ndarray] | None = None) -> dict:
     """The calibration record of named directions (each (T, C, H, W)): per direction the scale at
     which its own attribute (``own_attribute(name, own)``) moves by ``target`` standard deviations
     of the unedited scores over ``std_seeds`` (their first ones, ``seeds``, are edited), and the
     change of every attribute there (mean and standard error over the seeds, in those standard
     deviations): {"target", "seeds", "std_samples", "std", "scales", "own_effect", "effects", "se",
     "rounds", "converged"}. A direction with no scale (it does not move its attribute up) has
-    null entries."""
+    null entries. ``unedited``: the scores of ``std_seeds`` unedited ({attribute: (N,)}, ``unedited_scores``),
+    when already measured (a second file calibrated on the same seeds)."""
     seeds, std_seeds = [int(s) for s in seeds], [int(s) for s in std_seeds]
-    base_all = {}
-    for _, images in model.iter_edits([(s, None) for s in std_seeds], batch_size=batch_size):
-        for a, v in score(scorer, images, device).items():
-            base_all.setdefault(a, []).append(v)
-    base_all = {a: np.concatenate(v) for a, v in base_all.items()}
+    base_all = unedited if unedited is not None else unedited_scores(model, scorer, std_seeds, batch_size, device)
     std = {a: float(np.std(v, ddof=1)) or 1.0 for a, v in base_all.items()}
     position = {s: i for i, s in enumerate(std_seeds)}
     base = {a: v[[position[s] for s in seeds]] for a, v in base_all.items()}

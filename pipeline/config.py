@@ -317,7 +317,7 @@ class CalibrateConfig(Section):
                           "scales; Table 1 at the fixed scale only)")
     target: float = Field(1.0, gt=0, description="own-attribute change to reach, in standard deviations of the "
                           "unedited scores (scored by evaluate.scorer)")
-    first_seed: int = Field(2_000_000, ge=0, description="calibration seeds: never used to find the directions nor "
+    first_seed: int = Field(4_000_000, ge=0, description="calibration seeds: never used to find the directions nor "
                             "to evaluate them")
     num_samples: int = Field(8, ge=2, description="seeds each direction is applied to while searching its scale")
     std_samples: int = Field(64, ge=2, description="unedited seeds whose scores give the standard deviations (the "

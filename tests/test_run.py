@@ -154,7 +154,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     cos = torch.nn.functional.cosine_similarity(a.directions.flatten(2), b.directions.flatten(2), dim=2)
     assert (cos.abs() > 1 - 1e-4).all(), cos  # the exact regime (oversample 60 >= 24 samples): equal up to sign
     pd.testing.assert_frame_equal(*(pd.read_parquet(r / "annotations.parquet") for r in runs.values()))
-    key = ["repeat", "seed", "direction"]
+    key = ["repeat", "seed", "direction", "scale"]  # one row per (seed, direction, scale)
     one_ev, two_ev = (pd.read_parquet(r / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
                       for r in runs.values())
     assert one_ev[key].equals(two_ev[key])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import calibrate, entangled_with, own_attribute
+from ..calibration import calibrate, entangled_with, own_attribute, unedited_scores
 from ..config import to_dict
 from ..directions import Directions, load_directions, save_directions
 from ..errors import ConfigError
@@ -117,7 +117,7 @@ class Calibrator:
     """Calibrates directions files with the run's model and scorer (built once, on first use)."""
 
     def __init__(self, cfg):
-        self.cfg, self.model, self.scorer = cfg, None, None
+        self.cfg, self.model, self.scorer, self.unedited = cfg, None, None, None
         self.key = hash_json(calibration_sections(cfg), identity(cfg)["inputs"]["assets"])
 
     def __call__(self, d: Directions) -> dict:
@@ -130,10 +130,12 @@ class Calibrator:
             self.model = HSpaceModel.from_config(self.cfg.model)
             self.scorer = build_annotator(ev.scorer, ev.scorer_options, self.model.device)
         std_seeds = list(range(c.first_seed, c.first_seed + c.std_samples))
+        if self.unedited is None:  # sampled once for both files
+            self.unedited = unedited_scores(self.model, self.scorer, std_seeds, c.batch_size, self.model.device)
         try:
             record = calibrate(self.model, self.scorer, d.names, list(d.directions), std_seeds[:c.num_samples], std_seeds,
                                ev.scale, c.target, c.rtol, c.max_iter, to_dict(ev.own_attribute), c.batch_size,
-                               self.model.device)
+                               self.model.device, self.unedited)
         except KeyError as e:
             raise ConfigError(f"calibrate: {e.args[0]}") from None
         record["key"] = self.key

@@ -88,7 +88,17 @@ def render_edits(model: HSpaceModel, directions: Directions, names: Sequence, se
     index = [directions.index(key) for key in names]
     vectors = [extra[i] if x_T_space else directions.directions[i] for i in index]
     per = [list(scales) if scales is not None else default_scales(directions, i) for i in index]
-    grids = edit_grids(model, seeds, vectors, per, asyrp=asyrp, x_T_space=x_T_space, batch_size=batch_size)
+    # calibrated directions have len(CALIBRATED_MULTIPLES) columns, the others their file's scales: one
+    # edit_grids call per number of columns (a file where only some directions are calibrated mixes them)
+    grids: list = [None] * len(index)
+    groups: dict[int, list[int]] = {}
+    for j, cols in enumerate(per):
+        groups.setdefault(len(cols), []).append(j)
+    for js in groups.values():
+        part = edit_grids(model, seeds, [vectors[j] for j in js], [per[j] for j in js], asyrp=asyrp,
+                          x_T_space=x_T_space, batch_size=batch_size)
+        for j, grid in zip(js, part):
+            grids[j] = grid
     paths = []
     for i, grid, cols in zip(index, grids, per):
         label = f"{title_prefix}{directions.display_name(i)}" + (" (x_T space)" if x_T_space else "")
