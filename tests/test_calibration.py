@@ -135,3 +135,12 @@ def test_dose_response_of_a_linear_scorer_has_the_known_slope():
     assert curves.loc[("a", 0.0), "own"] == 0.0 and curves.loc[("a", 0.0), "quality"] == 1.0
     slope = np.polyfit([-2.0, 0.0, 1.0, 3.0], curves.loc["a"].sort_index()["own"], 1)[0]
     assert slope == pytest.approx(0.7 / 2.0)
+
+
+def test_edit_and_explore_start_from_the_calibrated_strength():
+    from pipeline.stages.edit import default_scales
+
+    d = Directions(torch.zeros(2, 1, 3, 1, 1), ["a", "b"], "supervised", [0],
+                   params={"scales": [-3.0, 0.0, 3.0], "calibration": {"scales": {"a": 0.5, "b": None}}})
+    assert default_scales(d, 0) == [-1.0, -0.5, 0.0, 0.5, 1.0]  # -2..2 times the calibrated strength
+    assert default_scales(d, 1) == [-3.0, 0.0, 3.0]  # no calibrated strength: the file's suggested scales
