@@ -105,8 +105,9 @@ class GenerateConfig(Section):
     first_seed: int = Field(0, ge=0, description="sample i has seed first_seed + i (sample_id = seed)")
     num_samples: int = Field(512, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; one shard per batch")
-    writer_queue: int = Field(2, ge=0, description="batches that wait for the writer thread (PNG encoding, shard "
-                              "writing) while the U-Net makes the next ones; 0: write each batch before the next")
+    writer_queue: int = Field(0, ge=0, description="> 0: a writer thread encodes and writes the shards while the "
+                              "U-Net makes the next batches, this many waiting (for GPUs); 0: each batch written before "
+                              "the next (an interrupt then leaves exactly the shards written)")
     h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
     prompts: List[str] = Field([], description="text-to-image models: [] = model.prompt for every sample, one prompt "
                                "for all, or one per sample")

@@ -13,9 +13,11 @@ hook, dtypes) is refused instead of mixing samples: every shard keeps that confi
 metadata, so shards found without a manifest are adopted only when it matches, and the
 manifest is rebuilt from them.
 
-Throughput: the shards (PNG encoding, Arrow, fsync) are written by a writer thread with a bounded
-queue (``generate.writer_queue`` batches) while the U-Net makes the next batch, in batch order,
-byte for byte what writing in the loop gives; a failed write stops the stage with its error.
+Throughput: with ``generate.writer_queue`` > 0 the shards (PNG encoding, Arrow, fsync) are written by
+a writer thread with a bounded queue while the U-Net makes the next batch, in batch order, byte
+for byte what writing in the loop gives; a failed write stops the stage with its error. Off by
+default: on an interrupt the process waits for the queued shards (a write that never returns
+would hold it), which the fault tests of the in-loop writer do not expect.
 """
 from __future__ import annotations
 
