@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cost import count
 from pipeline.errors import ConfigError, InputError
 
 
@@ -74,6 +75,7 @@ class Annotator(abc.ABC):
             net.eval()
         with torch.no_grad():
             out = self.score(self.preprocess(images.to(self.device)))
+        count(scored=len(images))
         missing = set(self.attributes) - set(out)
         if missing:
             raise RuntimeError(f"{self.name} did not return {sorted(missing)}")

@@ -21,6 +21,9 @@ Options (``annotate.options.clip.*``):
 * ``attributes`` - optional subset of the preset's attributes to score.
 * ``quick_gelu`` - force QuickGELU activations (None: from the pretrained tag).
 
+Class embeddings are cached on disk per (weights, texts): :func:`cached_text_features`
+(``$HSPACE_CACHE/clip-text``, default ``~/.cache/hspace/clip-text``; ``HSPACE_CACHE=off``: no cache).
+
 Input size and mean/std come from the model's preprocess config (224 px, OpenAI mean/std for
 ViT-B-32); the base class resizes (squashes) the image, which equals CLIP's resize + centre crop
 for square images.
@@ -34,7 +37,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.errors import ConfigError, ModelLoadError, StorageError
+from pipeline.io import atomic_path, hash_file, hash_json
 
 from .base import Annotator
 
@@ -224,6 +228,7 @@ def load_open_clip(model: str = "ViT-B-32", pretrained: str | None = "openai", q
             tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
         except Exception as e:  # huggingface_hub / open_clip raise many types; report one line
             raise ModelLoadError(help_.format(why=f" and cannot be downloaded ({_short(e, 200)})")) from None
+        net.hspace_weights = model  # the hub name (its weights come with it): the text-embedding cache's key
         return net.eval(), tokenizer
 
     name = model.replace("/", "-")
@@ -259,6 +264,7 @@ def load_open_clip(model: str = "ViT-B-32", pretrained: str | None = "openai", q
         except Exception as e:
             raise ModelLoadError(f"the clip annotator needs {what}, which is not in the local cache and cannot be "
                                  f"downloaded ({_short(e, 200)}). " + _SUPPLY_HELP.format(what="that file", model=name)) from None
+        net.hspace_weights = f"{name}:{pretrained}:quick_gelu={bool(quick_gelu)}"  # a pretrained tag names its weights
         return net.eval(), open_clip.get_tokenizer(name)
 
     path = Path(pretrained).expanduser()
@@ -281,7 +287,56 @@ def _load_file(open_clip, name: str, path: str, quick_gelu: bool | None, preproc
     except Exception as e:
         raise ModelLoadError(f"the clip annotator cannot load checkpoint {path} into open_clip model {name} "
                              f"({_short(e)}); check that annotate.options.clip.model matches the checkpoint") from None
+    net.hspace_weights = f"{name}:quick_gelu={bool(quick_gelu)}:sha256={file_hash(path)}"  # the file's content
     return net.eval()
+
+
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def file_hash(path: str) -> str:
+    """Content hash of a weights file, once per process (keyed by path, size and modification time)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = hash_file(path)
+    return _FILE_HASHES[key]
+
+
+def embedding_cache_dir() -> Path | None:
+    """Where CLIP text embeddings are cached: ``$HSPACE_CACHE/clip-text`` (default
+    ``~/.cache/hspace/clip-text``); ``HSPACE_CACHE=off`` turns the cache off."""
+    root = os.environ.get("HSPACE_CACHE", "")
+    if root.lower() in ("off", "0", "false", "no"):
+        return None
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "hspace") / "clip-text"
+
+
+def cached_text_features(weights: str | None, texts: Sequence[str], encode) -> torch.Tensor:
+    """``encode(texts)`` -> (N, D) float32, read from the disk cache when these exact texts were
+    encoded before by the same weights (``weights``: their identity, None: no cache); written
+    there (atomically) otherwise. A damaged cache file is ignored and rewritten."""
+    folder = embedding_cache_dir() if weights else None
+    if folder is None:
+        return encode(texts)
+    from safetensors.torch import load_file, save_file
+
+    path = folder / f"{hash_json('clip-text', weights, list(texts))}.safetensors"
+    if path.is_file():
+        try:
+            feats = load_file(str(path))["features"]
+            if feats.shape[0] == len(texts):
+                return feats
+        except Exception:  # noqa: BLE001 (a damaged cache file: encode again)
+            pass
+    feats = encode(texts)
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"features": feats.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"weights": weights, "texts": str(len(texts))})
+    except StorageError:  # a read-only cache folder costs time, not the run
+        pass
+    return feats
 
 
 class ClipAnnotator(Annotator):
@@ -336,12 +391,16 @@ class ClipAnnotator(Annotator):
         """(C, D) unit class embeddings: for each class (a list of phrases), the renormalised mean
         of the unit text embeddings of every phrase x template."""
         texts = [t.format(p) for phrases in classes for p in phrases for t in self.templates]
-        tokens = self.tokenizer(texts).to(self.device)
+        feats = cached_text_features(getattr(self.model, "hspace_weights", None), texts, self.encode_texts)
+        feats = F.normalize(feats.to(self.device), dim=-1).split([len(phrases) * len(self.templates) for phrases in classes])
+        return F.normalize(torch.stack([f.mean(0) for f in feats]), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) float32 text embeddings (not normalised), 512 texts per call."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
         self.model.eval()
         with torch.no_grad():
-            feats = torch.cat([self.model.encode_text(tokens[i:i + 512]).float() for i in range(0, len(tokens), 512)])
-        feats = F.normalize(feats, dim=-1).split([len(phrases) * len(self.templates) for phrases in classes])
-        return F.normalize(torch.stack([f.mean(0) for f in feats]), dim=-1)
+            return torch.cat([self.model.encode_text(tokens[i:i + 512]).float() for i in range(0, len(tokens), 512)])
 
     def to(self, device):
         super().to(device)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.calibration import own_attribute, primary  # the naming rules live with the calibration
+
 
 def attribute_columns(per_sample: pd.DataFrame) -> list[str]:
     return [c[2:] for c in per_sample.columns if c.startswith("d_")]
@@ -84,19 +86,6 @@ def _interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 def strongest(mean: pd.DataFrame) -> pd.Series:
     """The measured attribute with the largest effect, per row."""
     return mean.idxmax(axis=1)
-
-
-def primary(direction: str) -> str:
-    """The direction a (possibly disentangled) direction derives from: 'glasses|hair' -> 'glasses'."""
-    return direction.split("|", 1)[0]
-
-
-def own_attribute(direction: str, mapping: dict[str, str] | None = None) -> str:
-    """The measured attribute a direction targets: its primary name, or ``mapping[primary]``
-    when the scorer names it differently (e.g. the CelebA 'Eyeglasses' direction is measured
-    by CLIP's 'glasses')."""
-    p = primary(direction)
-    return (mapping or {}).get(p, p)
 
 
 def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
@@ -200,3 +189,54 @@ def table1_markdown(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], unit
     lines.append(f"Entries: |mean score change| over each seed set, averaged over seed sets (± std across sets), {unit}. "
                  "Bold: the strongest effect of the row.")
     return "\n".join(lines) + "\n"
+
+
+def matched_attribute(rows: pd.DataFrame, attrs: list[str]) -> str:
+    """The attribute a direction without a name of its own (a PCA or random direction) moves most:
+    the largest |mean change| at its largest |scale| (standardised changes)."""
+    top = rows[rows["scale"].abs() == rows["scale"].abs().max()]
+    return max(attrs, key=lambda a: abs(top[f"d_{a}"].mean()))
+
+
+def dose_response(rows: pd.DataFrame, scale: dict[str, float], mapping: dict[str, str] | None = None,
+                  n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """The dose-response curves: per direction and scale (over the seeds every scale of it was
+    applied to), the own attribute's signed mean change, the largest side effect (max over the
+    other attributes of |mean change|) and which attribute it is, the mean pixel change and the
+    mean quality score after the edit, each with a 95% bootstrap interval over the seeds (the same
+    resample for all four). Changes in units of ``scale``. The own attribute of a PCA or random
+    direction is the one it moves most (``matched_attribute``); of a named direction its own. A
+    scale-0 row (no change, the unedited quality) starts every curve."""
+    attrs = attribute_columns(rows)
+    rng = np.random.default_rng(seed)
+    out = []
+    for direction, sub in rows.groupby("direction", sort=False):
+        family = sub["family"].iloc[0]
+        z = sub.copy()
+        for a in attrs:
+            z[f"d_{a}"] = z[f"d_{a}"] / scale.get(a, 1.0)
+        named = own_attribute(direction, mapping)
+        own = named if family in ("original", "disentangled") and named in attrs else matched_attribute(z, attrs)
+        others = [a for a in attrs if a != own]
+        seeds = sorted(set.intersection(*(set(g["seed"]) for _, g in z.groupby("scale"))))
+        weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=n_boot) / len(seeds)
+        q0 = z.drop_duplicates("seed").set_index("seed").reindex(seeds)["quality_before"].to_numpy()
+        out.append({"family": family, "direction": direction, "attribute": own, "scale": 0.0, "own": 0.0,
+                    "side": 0.0, "side_attribute": "", "pixel_change": 0.0, "quality": float(np.mean(q0)),
+                    "n_seeds": len(seeds)})
+        for s, g in z.groupby("scale", sort=True):
+            g = g.set_index("seed").reindex(seeds)
+            d_own = g[f"d_{own}"].to_numpy()
+            d_side = g[[f"d_{a}" for a in others]].to_numpy() if others else np.zeros((len(seeds), 1))
+            pixel, quality = g["pixel_change"].to_numpy(), g["quality_after"].to_numpy()
+            side_means = np.abs(d_side.mean(axis=0))
+            row = {"family": family, "direction": direction, "attribute": own, "scale": float(s),
+                   "own": float(d_own.mean()), "side": float(side_means.max()),
+                   "side_attribute": others[int(side_means.argmax())] if others else "",
+                   "pixel_change": float(pixel.mean()), "quality": float(np.mean(quality)), "n_seeds": len(seeds)}
+            boot = {"own": weights @ d_own, "side": np.abs(weights @ d_side).max(axis=1), "pixel_change": weights @ pixel,
+                    "quality": weights @ quality}
+            for k, v in boot.items():
+                row[f"{k}_low"], row[f"{k}_high"] = _interval(v) if np.isfinite(v).all() else (np.nan, np.nan)
+            out.append(row)
+    return pd.DataFrame(out)

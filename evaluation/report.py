@@ -4,8 +4,8 @@ The page and its images live in ``<run_dir>/report/`` (images copied into ``repo
 and referenced relatively), so the folder opens from disk without a server and can be
 zipped or copied as a whole. Sections: provenance and configuration, Table 1 (tables and
 heatmaps) with the disentanglement checks, PCA against random directions, image change and
-quality, PCA explained variance, edit strips per direction family, the convergence of the
-supervised directions, and the annotator contact sheets.
+quality, PCA explained variance, edit strips per direction family, the per-step probes, Fig. 8
+as effect against n (evaluation/semantics.py), and the annotator contact sheets.
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from pipeline.config import to_yaml
 from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.samples import read_manifest
+
+from .costs import costs_html
+from .semantics import add_sections
 
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
@@ -157,7 +160,7 @@ def git_commit() -> str | None:
         return None
 
 
-REPORTED = ("samples", "selection.parquet", "edits", "evaluation")
+REPORTED = ("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot")
 
 
 def identity(cfg, known: dict | None = None) -> dict:
@@ -254,6 +257,10 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                   "direction that 'works' by destroying the image is visible.")
         page.add(df_html(pd.read_csv(ev / "image_change.csv", index_col=0), index=True))
 
+    from .dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
+
+    dose_response_section(page, run_dir, df_html, table1_html)
+
     # ---- directions
     dirs = run_dir / "directions"
     if (dirs / "explained_variance.png").exists():
@@ -275,11 +282,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
             for png in sorted((edits / fam).glob("*.png")):
                 page.image(png, captions.get(png.stem, png.stem), name=f"edit-{fam}-{png.name}")
             page.add("</div>")
-    if (dirs / "convergence.png").exists():
-        page.section("convergence", "Convergence of the supervised directions")
-        page.note("Cosine between the direction from n random top/bottom samples and from all of them, in h-space and in "
-                  "x_T space (paper Fig. 8: h-space needs far fewer examples).")
-        page.image(dirs / "convergence.png", "mean ± std over random draws")
+    add_sections(page, run_dir)  # probes, Fig. 8 as effect against n, probe-step restriction (evaluation/semantics.py)
     sheets = sorted((run_dir / "contact_sheets").glob("*.png"))
     if sheets:
         page.section("annotators", "Annotator contact sheets")
@@ -289,6 +292,8 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
         for png in sheets:
             page.image(png, png.stem, name=f"sheet-{png.name}")
         page.add("</div>")
+
+    _costs_section(page, run_dir)
 
     # ---- provenance
     page.section("provenance", "Configuration and provenance")
@@ -306,6 +311,13 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     title = "hspace report"
     subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
     (tmp / "index.html").write_text(page.render(title, subtitle))
+
+
+def _costs_section(page: Page, run_dir: Path) -> None:
+    table = costs_html(run_dir)
+    if table:
+        page.section("costs", "Where the time went")
+        page.add(table)
 
 
 def strip_captions(dirs: Path, family: str) -> dict[str, str]:

@@ -7,13 +7,17 @@ user can fix (bad config, missing model, corrupt data) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
 
+from .cost import measured
 from .errors import HSpaceError, Interrupted
 from .io import locked_stage
-from .registry import COMMANDS, DISTRIBUTED
+from .registry import COMMANDS, DISTRIBUTED, STAGES
+
+STAGE_NAMES = frozenset(st.name for st in STAGES)
 
 
 def run(cfg):
@@ -88,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             command(cfg)
         else:
             options = {"host": args.host, "port": args.port} if args.stage == "explore" else {}
-            with locked_stage(cfg.run_dir, args.stage, rank0):
+            # a main-job stage run on its own records its cost too (`run` records each of its stages)
+            timed = measured(cfg.run_dir, args.stage, rank0, args.stage in DISTRIBUTED) if args.stage in STAGE_NAMES \
+                else contextlib.nullcontext()
+            with locked_stage(cfg.run_dir, args.stage, rank0), timed:
                 command(cfg, **options)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)

@@ -105,6 +105,9 @@ class GenerateConfig(Section):
     first_seed: int = Field(0, ge=0, description="sample i has seed first_seed + i (sample_id = seed)")
     num_samples: int = Field(512, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; one shard per batch")
+    writer_queue: int = Field(0, ge=0, description="> 0: a writer thread encodes and writes the shards while the "
+                              "U-Net makes the next batches, this many waiting (for GPUs); 0: each batch written before "
+                              "the next (an interrupt then leaves exactly the shards written)")
     h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
     prompts: List[str] = Field([], description="text-to-image models: [] = model.prompt for every sample, one prompt "
                                "for all, or one per sample")
@@ -249,26 +252,109 @@ class SupervisedConfig(Section):
     seed: int = 0
     scales: List[float] = Field([-3.0, -1.5, 0.0, 1.5, 3.0], description="suggested edit scales (the strips; eq. 10 "
                                 "directions are unnormalised)")
+    restrict_steps: bool = Field(False, description="zero each direction at the steps where the probe stage finds its "
+                                 "attribute not encoded (probe.encoded_fraction; the full trajectory is kept in the "
+                                 "file as unrestricted_directions); false: every step, as in the paper")
     real: RealImagesConfig = RealImagesConfig()
+
+
+class ProbeConfig(Section):
+    """hspace probe: per-step linear probes of each attribute from h_t and x_t -> <run_dir>/probes/"""
+
+    attributes: List[str] = Field([], description="empty: select.attributes, else every annotation column")
+    spaces: List[Literal["h", "x_t"]] = Field(["h", "x_t"], min_length=1, description="h: the stored h_t; x_t: the "
+                                              "latent entering each step (recomputed by sampling the seeds again)")
+    num_samples: Optional[int] = Field(None, ge=8, description="probe the first n samples by id; null: all")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out share of the samples (fixed split by "
+                                 "sample id)")
+    seed: int = Field(0, description="of the split")
+    pca_components: int = Field(64, ge=0, description="features reduced by PCA fitted on the training samples "
+                                "(0: none); then logistic regression (binary) or ridge (continuous), penalty by CV")
+    binary: Union[Literal["auto"], List[str]] = Field("auto", description="attributes probed as binary (accuracy of "
+                                                      "score > threshold); auto: those whose scores are probabilities "
+                                                      "near 0 or 1; the rest: R^2")
+    threshold: float = Field(0.5, description="class boundary of binary attributes")
+    encoded_fraction: float = Field(0.9, gt=0, le=1, description="a step encodes an attribute when its h probe's "
+                                    "score above chance is at least this share of the best step's")
+    batch_size: int = Field(64, ge=1, description="samples per U-Net call when recomputing x_t")
 
 
 class DisentangleConfig(Section):
     """hspace disentangle: eq. 11 -> <run_dir>/directions/disentangled.safetensors"""
 
     source: Optional[str] = Field(None, description="default <run_dir>/directions/supervised.safetensors")
-    pairs: Dict[str, Union[Literal["others"], List[str]]] = Field(
-        {a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")}, min_length=1,
-        description="primary -> directions to remove: a list (e.g. {glasses: [hair]}) or `others` (every other "
-        "direction in the file, as in the paper's Table 1)",
-        **_accepts("a non-empty mapping primary -> a list of other directions, or others"))
+    pairs: Union[Literal["auto"], Dict[str, Union[Literal["others", "auto"], List[str]]]] = Field(
+        {a: "others" for a in ("smile", "eye_open", "glasses", "hat", "yaw", "hair")},
+        description="primary -> directions to remove: a list (e.g. {glasses: [hair]}), `others` (every other "
+        "direction in the file, as in the paper's Table 1) or `auto` (the directions whose attributes it measurably "
+        "moves on the calibration seeds; none: left as it is); `auto` alone: every direction of the file so",
+        **_accepts("auto, or a non-empty mapping primary -> a list of other directions, others or auto"))
+    threshold: float = Field(0.25, gt=0, description="auto: a side effect counts as entanglement when the mean change "
+                             "of the other attribute at the calibrated strength is at least this many standard "
+                             "deviations of its unedited scores and at least 2 standard errors from 0")
 
     @field_validator("pairs")
     @classmethod
     def _pairs(cls, pairs):
+        if pairs == "auto":
+            return pairs
+        if not pairs:
+            raise PydanticCustomError("pairs", "empty pairs")
         for primary, conditions in pairs.items():
-            if conditions != "others" and (not conditions or primary in conditions):
+            if conditions not in ("others", "auto") and (not conditions or primary in conditions):
                 raise PydanticCustomError("pairs", "bad pair")
         return pairs
+
+    @property
+    def uses_auto(self) -> bool:
+        return self.pairs == "auto" or "auto" in self.pairs.values()
+
+
+class CalibrateConfig(Section):
+    """calibrated strengths, measured by hspace disentangle for the supervised and disentangled directions and
+    stored in their files: used by edit, explore and Table 1"""
+
+    enabled: bool = Field(True, description="false: no calibration (edit and explore use the files' suggested "
+                          "scales; Table 1 at the fixed scale only)")
+    target: float = Field(1.0, gt=0, description="own-attribute change to reach, in standard deviations of the "
+                          "unedited scores (scored by evaluate.scorer)")
+    first_seed: int = Field(4_000_000, ge=0, description="calibration seeds: never used to find the directions nor "
+                            "to evaluate them")
+    num_samples: int = Field(8, ge=2, description="seeds each direction is applied to while searching its scale")
+    std_samples: int = Field(64, ge=2, description="unedited seeds whose scores give the standard deviations (the "
+                             "first num_samples of them are the edited ones)")
+    rtol: float = Field(0.05, gt=0, description="stop when the own change is within this fraction of the target")
+    max_iter: int = Field(4, ge=1, description="rounds of the secant search (each applies every direction once)")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call")
+
+    @model_validator(mode="after")
+    def _std_covers_edited(self):
+        if self.std_samples < self.num_samples:
+            raise _cross("calibrate.std_samples", self.std_samples, f"at least calibrate.num_samples={self.num_samples}",
+                         "calibrate.num_samples")
+        return self
+
+
+class FewshotConfig(Section):
+    """hspace fewshot: Fig. 8 as numbers (own attribute change against n per side, h and x_T space) and the
+    probe-step restriction, on held-out seeds -> <run_dir>/fewshot/"""
+
+    attributes: List[str] = Field([], description="empty: supervised.attributes, else every selected attribute")
+    ns: List[Annotated[int, Field(ge=1)]] = Field([1, 2, 5, 10, 20, 50, 100, 200, 500], min_length=1,
+                                                  description="n per side; those above the selection's size are left out")
+    draws: int = Field(3, ge=1, description="random draws of the n samples per n (one where n is the whole selection)")
+    seed: int = Field(0, description="of the draws")
+    first_seed: int = Field(2_000_000, ge=0, description="held-out seeds, disjoint from the selected samples and from "
+                            "evaluate's")
+    num_samples: int = Field(8, ge=2, description="held-out seeds every edit is applied to")
+    h_scale: float = Field(3.0, description="edit strength in h-space, in multiples of the whole selection's eq. 10 "
+                           "direction (every n rescaled to its norm)")
+    x_T_scale: float = Field(1.0, description="the same in x_T space")
+    restriction: bool = Field(True, description="also the whole-selection h direction restricted to the probe's "
+                              "encoded steps against all steps, at h_scale (needs the probes)")
+    restriction_samples: int = Field(32, ge=2, description="held-out seeds of the restriction check (from "
+                                     "first_seed)")
+    batch_size: int = Field(64, ge=1, description="images per U-Net call")
 
 
 class EditConfig(Section):
@@ -276,8 +362,11 @@ class EditConfig(Section):
 
     directions: Optional[str] = Field(None, description="a file, or pca | jacobian | supervised | disentangled | real")
     names: List[str] = Field([], description="empty: every direction in the file")
-    scales: List[float] = Field([], description="empty: the file's suggested scales")
-    seeds: List[NonNegInt] = Field([100000, 100001, 100002], min_length=1)
+    scales: List[float] = Field([], description="empty: -2, -1, 0, 1, 2 times each direction's calibrated strength "
+                                "(calibrate), or the file's suggested scales where it has none")
+    seeds: List[NonNegInt] = Field([1_000_000, 1_000_001, 1_000_002], min_length=1, description="held-out seeds; "
+                                   "the first evaluation seeds, so that the main job's strips of the directions it "
+                                   "evaluates are images of evaluate's dose-response sweep")
     sequential: bool = Field(False, description="apply names one after another at their scales (Fig. 11)")
     asyrp: bool = False
     x_T_space: bool = Field(False, description="use the supervised directions' x_T-space version (Fig. 8 baseline)")
@@ -312,6 +401,16 @@ class EvaluateConfig(Section):
                                        "as much as their component")
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of the seeds: 95% intervals of the "
                            "disentanglement checks (0: none)")
+    calibrated: bool = Field(True, description="Table 1 also at each direction's calibrated strength (matched own "
+                             "effect; needs calibrate.enabled)")
+    sweep_samples: int = Field(8, ge=0, description="dose-response: the first seeds of the first seed set (at most "
+                               "num_samples), where each direction is also applied at the sweep scales; 0: no sweep")
+    sweep_multiples: List[float] = Field([-2.0, -1.0, 1.0, 2.0], description="sweep scales of a calibrated direction, "
+                                         "in multiples of its calibrated strength (other directions: their file's "
+                                         "suggested scales)")
+    identity_weights: Optional[str] = Field(None, description="face-embedding weights (a facenet-pytorch "
+                                            "InceptionResnetV1 state dict) for an identity column: cosine of the "
+                                            "embeddings before and after each edit; null: none")
 
 
 class ReportConfig(Section):
@@ -402,8 +501,11 @@ class HSpaceConfig(Section):
     select: SelectConfig = SelectConfig()
     pca: PCAConfig = PCAConfig()
     jacobian: JacobianConfig = JacobianConfig()
+    probe: ProbeConfig = ProbeConfig()
     supervised: SupervisedConfig = SupervisedConfig()
     disentangle: DisentangleConfig = DisentangleConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    fewshot: FewshotConfig = FewshotConfig()
     edit: EditConfig = EditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
@@ -445,6 +547,16 @@ class HSpaceConfig(Section):
                          "model.num_inference_steps")
         if j.steps is not None and j.tau not in j.steps:
             raise _cross("jacobian.tau", j.tau, f"one of jacobian.steps {j.steps}", "jacobian.steps")
+        c, ev, gen = self.calibrate, self.evaluate, self.generate
+        calibration = (c.first_seed, c.first_seed + c.std_samples)
+        for key, (lo, hi) in (("evaluate.first_seed", (ev.first_seed, ev.first_seed + ev.repeats * ev.num_samples)),
+                              ("generate.first_seed", (gen.first_seed, gen.first_seed + gen.num_samples))):
+            if c.enabled and lo < calibration[1] and calibration[0] < hi:
+                raise _cross("calibrate.first_seed", c.first_seed, f"seeds disjoint from those of {key} ({lo}..{hi - 1}); "
+                             f"calibration seeds run {calibration[0]}..{calibration[1] - 1}", key)
+        if self.disentangle.uses_auto and not c.enabled:
+            raise _cross("disentangle.pairs", self.disentangle.pairs, "without auto when calibrate.enabled is false "
+                         "(auto reads the entanglement measured while calibrating)", "calibrate.enabled")
         sup, sel = self.supervised.attributes, self.select.attributes
         if sup and sel and not set(sup) <= set(sel):
             raise _cross("supervised.attributes", sup, f"among select.attributes {sel}", "select.attributes")

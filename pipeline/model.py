@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from . import noise as noise_streams
+from .cost import count
 from .dtypes import torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
@@ -253,12 +254,18 @@ class HSpaceModel:
         return self.family.image_shape
 
     @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the U-Net computes in: ``model.dtype``, or what a Lightning ``*-true`` precision
+        (``trainer.precision=bf16-true``) converted its weights to; the U-Net's input follows it."""
+        return next(self.unet.parameters()).dtype
+
+    @property
     def h_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of h at the hook point (found with one tiny forward pass, then cached)."""
         if self._h_shape is None:
             with torch.no_grad():
                 cond = self.conditioning(1, guidance_scale=1.0) if self.family.conditional else None
-                x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.dtype)
+                x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.unet_dtype)
                 self.family.unet_output(x, self.timesteps[:1].to(self.device), None if cond is None else cond.text)
             self._h_shape = tuple(self.hook.h.shape[1:])
         return self._h_shape
@@ -353,8 +360,9 @@ class HSpaceModel:
             cond = self.conditioning(len(x_t))
         x_t = x_t.to(self.device).contiguous()  # conv kernels round differently for other memory layouts
         B = len(x_t)
-        x_in = x_t.to(self.dtype)
+        x_in = x_t.to(self.unet_dtype)
         t = self.timesteps[step].to(self.device)
+        count(unet_evaluations=B if cond is None or cond.uncond is None else 2 * B)  # the one count of U-Net work
         if cond is None:
             out = self.family.unet_output(x_in, t.expand(B))
         elif cond.uncond is None:
@@ -531,43 +539,57 @@ class HSpaceModel:
             x = ddim_step(x0, eps, float(coef.alpha_prev[i]), float(coef.sigma[i]), None if z is None else z[:, i])
             x = x.float().to(self.state_dtype)  # x_t as stored in .latents: resuming from them is bit-identical
         x_0 = x.float()
+        count(images=B)
         return SampleOutput(images=self.family.decode(x_0), h=hs, x_T=x_start, seeds=None if seeds is None else list(seeds),
                             latents=latents, x_0=x_0, prompts=None if cond is None else cond.prompts)
+
+    def iter_edits(self, pairs: Sequence[tuple[int, torch.Tensor | None]], *, space: str = "h", batch_size: int = 64,
+                   asyrp: bool = False, prompt: dict | None = None, progress: bool = False):
+        """Sample (seed, edit) pairs ``batch_size`` at a time, yielding (indices into ``pairs``, images
+        (b, 3, H, W) in [-1, 1] on the CPU) per batch: a caller that scores and drops each batch holds
+        ``batch_size`` images, however many pairs there are. edit: (T, C, H, W) added to h
+        (``space="h"``), (*latent_shape) added to x_T (``space="x_T"``), or None (the plain sample).
+        prompt (text models): seed -> prompt. Each image depends only on its seed and its edit, not on
+        the batch (up to the kernels' rounding)."""
+        if space not in ("h", "x_T"):
+            raise InputError(f"space must be 'h' or 'x_T', got {space!r}")
+        trailing = self.h_shape if space == "h" else self.latent_shape
+        shape = (self.num_steps, *trailing) if space == "h" else trailing
+        batch_size = max(1, int(batch_size))
+        for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
+            idx = list(range(start, min(start + batch_size, len(pairs))))
+            chunk = [pairs[i] for i in idx]
+            delta = None
+            if any(e is not None for _, e in chunk):
+                delta = torch.stack([torch.zeros(shape) if e is None else torch.as_tensor(e, dtype=torch.float32,
+                                                                                           device="cpu")
+                                     for _, e in chunk])
+            kwargs = {"delta_h": delta, "asyrp": asyrp} if space == "h" else {"dx_T": delta}
+            if prompt is not None:
+                kwargs["prompt"] = [prompt[s] for s, _ in chunk]
+            yield idx, self.sample([int(s) for s, _ in chunk], **kwargs).images.cpu()
 
     def sample_edits(self, seeds: Sequence[int], edits: Sequence[torch.Tensor | None], *, space: str = "h",
                      batch_size: int = 64, asyrp: bool = False, prompt: str | Sequence[str] | None = None,
                      progress: bool = False) -> torch.Tensor:
-        """Images (E, S, 3, H, W) in [-1, 1]: every seed under every edit, ``batch_size`` images per call.
+        """Images (E, S, 3, H, W) in [-1, 1]: every seed under every edit, ``batch_size`` images per call
+        (:meth:`iter_edits` over every (edit, seed) pair).
 
         edits: E edits, each (T, C, H, W) added to h (``space="h"``) or (*latent_shape) added to x_T
         (``space="x_T"``); None is the plain sample. prompt (text models): one, or one per seed. The
         (edit, seed) pairs are sampled in large batches because a small one wastes most of a CPU's
         time (0.65 s per 32x32 toy image alone, 0.2 s in batches of 64). Each image depends only on
         its seed and its edit, not on the batch."""
-        if space not in ("h", "x_T"):
-            raise InputError(f"space must be 'h' or 'x_T', got {space!r}")
         seeds = [int(s) for s in seeds]
         if not seeds or not edits:
             raise InputError("sample_edits needs at least one seed and one edit")
-        pairs = [(e, s) for e in range(len(edits)) for s in range(len(seeds))]
-        prompts = None if prompt is None else prompt_list(prompt, len(seeds))
-        trailing = self.h_shape if space == "h" else self.latent_shape
+        prompts = None if prompt is None else dict(zip(seeds, prompt_list(prompt, len(seeds))))
+        pairs = [(s, e) for e in edits for s in seeds]
         images = torch.empty((len(edits), len(seeds), *self.image_shape))
-        batch_size = max(1, int(batch_size))
-        for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
-            chunk = pairs[start:start + batch_size]
-            delta = None
-            if any(edits[e] is not None for e, _ in chunk):
-                shape = (self.num_steps, *trailing) if space == "h" else trailing
-                delta = torch.stack([torch.zeros(shape) if edits[e] is None else
-                                     torch.as_tensor(edits[e], dtype=torch.float32, device="cpu")
-                                     for e, _ in chunk])
-            kwargs = {"delta_h": delta, "asyrp": asyrp} if space == "h" else {"dx_T": delta}
-            if prompts is not None:
-                kwargs["prompt"] = [prompts[s] for _, s in chunk]
-            out = self.sample([seeds[s] for _, s in chunk], **kwargs).images.cpu()
-            for (e, s), image in zip(chunk, out):
-                images[e, s] = image
+        flat = images.view(len(pairs), *self.image_shape)
+        for idx, out in self.iter_edits(pairs, space=space, batch_size=batch_size, asyrp=asyrp, prompt=prompts,
+                                        progress=progress):
+            flat[idx] = out
         return images
 
     # ------------------------------------------------------------------ inversion

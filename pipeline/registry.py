@@ -47,6 +47,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("select", "pipeline.stages.select:run_select",
           "top/bottom n samples per attribute, with contact sheets", "selection.parquet",
           ("annotate",), ("selection.parquet",)),
+    Stage("probe", "pipeline.stages.probe:run_probe",
+          "per-step linear probes: each attribute read from h_t and from x_t", "probes",
+          ("annotate",), ("probes/probes.csv",)),
     Stage("pca", "pipeline.stages.pca:run_pca",
           "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
           "directions/pca.safetensors", ("generate",), ("directions/pca.safetensors",), True),
@@ -60,6 +63,9 @@ STAGES: tuple[Stage, ...] = (
           "remove projections onto other directions (eq. 11)",
           "directions/disentangled.safetensors", ("supervised",),
           ("directions/disentangled.safetensors",)),
+    Stage("fewshot", "pipeline.stages.fewshot:run_fewshot",
+          "Fig. 8 as numbers: effect against n in h and x_T space; probe-step restriction",
+          "fewshot", ("select", "probe"), ("fewshot/effect_vs_n.csv",)),
     Stage("figures", "pipeline.stages.figures:run_figures",
           "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
@@ -68,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
           ("pca", "supervised", "disentangle"),
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
     Stage("report", "evaluation.report:run_report", "write <run_dir>/report/index.html", "report",
-          ("figures", "evaluate", "select"), ("report/index.html",)),
+          ("figures", "evaluate", "select", "probe", "fewshot"), ("report/index.html",)),
 )
 
 #: commands outside the main job

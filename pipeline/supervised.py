@@ -75,19 +75,26 @@ def logistic_direction(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int =
     return w.astype(np.float32), float(np.nanmean(acc)), float(np.nanstd(acc))
 
 
+def draw_subsets(n_pos: int, n_neg: int, ns, draws: int = 10, seed: int = 0) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(n, draw, positive indices, negative indices): ``draws`` random choices of n of the n_pos
+    positives and n of the n_neg negatives for each n of ``ns`` (one draw where n takes them all;
+    an n above what both sides hold is left out)."""
+    g = torch.Generator().manual_seed(seed)
+    m, out = min(n_pos, n_neg), []
+    for n in ns:
+        if n > m:
+            continue
+        for d in range(draws if n < m else 1):
+            out.append((int(n), d, torch.randperm(n_pos, generator=g)[:n], torch.randperm(n_neg, generator=g)[:n]))
+    return out
+
+
 def convergence_curve(positive: torch.Tensor, negative: torch.Tensor, ns, draws: int = 10, seed: int = 0):
     """Cosine between the direction from n random positives/negatives and from all of them.
 
     positive, negative: (N, D). Returns rows {n, cosine_mean, cosine_std} (paper Fig. 8)."""
     full = mean_difference(positive, negative)
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for n in ns:
-        if n > min(len(positive), len(negative)):
-            continue
-        cos = []
-        for _ in range(draws if n < min(len(positive), len(negative)) else 1):
-            ip, ineg = torch.randperm(len(positive), generator=g)[:n], torch.randperm(len(negative), generator=g)[:n]
-            cos.append(cosine(mean_difference(positive[ip], negative[ineg]), full))
-        rows.append({"n": int(n), "cosine_mean": float(np.mean(cos)), "cosine_std": float(np.std(cos))})
-    return rows
+    cos: dict[int, list[float]] = {}
+    for n, _, ip, ineg in draw_subsets(len(positive), len(negative), ns, draws, seed):
+        cos.setdefault(n, []).append(cosine(mean_difference(positive[ip], negative[ineg]), full))
+    return [{"n": n, "cosine_mean": float(np.mean(c)), "cosine_std": float(np.std(c))} for n, c in cos.items()]

@@ -6,13 +6,20 @@ left out by ``make test-fast``; ``make test`` runs everything.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
+# the CLIP text-embedding cache of the tests (and their subprocesses) in a folder of their own, not ~/.cache
+if "HSPACE_CACHE" not in os.environ:
+    os.environ["HSPACE_CACHE"] = tempfile.mkdtemp(prefix="hspace-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HSPACE_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

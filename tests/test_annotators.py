@@ -173,6 +173,36 @@ def test_clip_loads_a_local_checkpoint_file(tiny_clip):
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
 
 
+def test_clip_prompt_embeddings_are_cached_per_weights_and_prompts(tiny_clip, tmp_path, monkeypatch):
+    """The second annotator over the same checkpoint file and prompts loads the class embeddings from
+    the disk cache (no text encoding) and they are identical; other prompts or other weights miss."""
+    from annotators.clip import ClipAnnotator
+
+    monkeypatch.setenv("HSPACE_CACHE", str(tmp_path / "cache"))
+    model, tok, ckpt = tiny_clip
+    options = {"model": TINY_CLIP, "pretrained": str(ckpt), "prompts": "celeba40"}
+    calls = []
+    encode = ClipAnnotator.encode_texts
+    monkeypatch.setattr(ClipAnnotator, "encode_texts", lambda self, texts: calls.append(len(texts)) or encode(self, texts))
+    first = build_annotator("clip", options)
+    assert calls == [sum(len(p) for pair in first.prompts.values() for p in pair.values()) * len(first.templates)]
+    assert len(list((tmp_path / "cache" / "clip-text").glob("*.safetensors"))) == 1
+    second = build_annotator("clip", options)
+    assert len(calls) == 1  # a hit: nothing encoded
+    assert torch.equal(second.text_features, first.text_features)
+    ref = ClipAnnotator.from_model(model, tok, prompts="celeba40")  # in memory: no identity, never cached
+    assert len(calls) == 2 and torch.equal(ref.text_features, first.text_features)
+    build_annotator("clip", {**options, "templates": ["{}"]})  # another prompt list misses
+    assert len(calls) == 3
+    other = tmp_path / "other.pt"  # other weights (same size) miss
+    torch.save({k: v + 1e-3 if v.is_floating_point() else v for k, v in model.state_dict().items()}, other)
+    build_annotator("clip", {**options, "pretrained": str(other)})
+    assert len(calls) == 4 and len(list((tmp_path / "cache" / "clip-text").glob("*.safetensors"))) == 3
+    monkeypatch.setenv("HSPACE_CACHE", "off")
+    build_annotator("clip", options)
+    assert len(calls) == 5
+
+
 def test_clip_weight_errors_are_clear(tiny_clip, tmp_path, monkeypatch):
     missing = tmp_path / "weights" / "open_clip_pytorch_model.bin"
     with pytest.raises(ModelLoadError) as e:

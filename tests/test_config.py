@@ -132,7 +132,7 @@ def test_values_are_yaml_by_the_library():
     (["annotate.annotators=[]"], r"^annotate.annotators=\[\] .*non-empty list of strings$"),
     (["supervised.real.positive_dir=/a"], r"^supervised.real.positive_dir='/a' .*together with supervised.real.negative_dir"),
     (["supervised.attributes=[hat, age]"], r"^supervised.attributes=\['hat', 'age'\] .*among select.attributes"),
-    (["disentangle.pairs={}"], r"^disentangle.pairs=\{\} .*must be a non-empty mapping"),
+    (["disentangle.pairs={}"], r"^disentangle.pairs=\{\} .*must be auto, or a non-empty mapping"),
     (["disentangle.pairs={hat: [hat]}"], r"^disentangle.pairs=\{'hat': \['hat'\]\} "),
     (["trainer.precision=17"], r"^trainer.precision=17 .*one of 32-true, "),
     (["model=3"], r"^model=3 in the command line: must be a mapping with keys name_or_path, num_inference_steps, "),

@@ -182,13 +182,21 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
                              "select.n=5", "disentangle.pairs={bright: [red]}", "supervised.convergence_ns=[5]",
                              "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null",
                              "evaluate.num_samples=4", "evaluate.repeats=2", "evaluate.batch_size=3",
-                             "evaluate.scale=2.0"])
+                             "evaluate.scale=2.0", "evaluate.sweep_samples=2", "calibrate.num_samples=3",
+                             "calibrate.std_samples=6", "calibrate.max_iter=2"])
     for stage in (run_generate, run_annotate, run_select, run_supervised, run_disentangle):
         stage(cfg)
     summary = run_evaluate(cfg)
-    per = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    every = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    per = every[every.table1]
     assert len(per) == 2 * 4 * 3 and set(per.direction) == {"bright", "red", "bright|red"}
     assert set(per.seed) == set(range(1_000_000, 1_000_008))
+    # the dose-response points: on the sweep seeds only (the first 2 of set 0), each scale once per seed
+    sweep_only = every[~(every.table1 | every.calibrated | every.fig6)]
+    assert set(sweep_only.seed) <= {1_000_000, 1_000_001}
+    assert not every.duplicated(["seed", "direction", "scale"]).any()
+    curves = pd.read_csv(run / "evaluation" / "dose_response.csv")
+    assert set(curves.direction) == {"bright", "red", "bright|red"} and (curves.n_seeds == 2).all()
     # one stored change, recomputed independently
     model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=cfg.model.eta, device="cpu")
     d = load_directions(run / "directions" / "supervised.safetensors").get("red")
@@ -226,9 +234,18 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     # a re-run with everything in place only re-summarises; a changed setting starts over
     again = run_evaluate(cfg)
     assert again == summary
+    # another batch size: the same numbers (each image depends on its seed and edit only)
+    run_evaluate(with_overrides(cfg, ["evaluate.batch_size=5"]))
+    rebatched = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    key = ["seed", "direction", "scale"]
+    a, b = every.sort_values(key).reset_index(drop=True), rebatched.sort_values(key).reset_index(drop=True)
+    assert a[key].equals(b[key])
+    np.testing.assert_allclose(b[["d_bright", "d_red", "pixel_change"]].values,
+                               a[["d_bright", "d_red", "pixel_change"]].values, atol=1e-5)
     changed = with_overrides(cfg, ["evaluate.scale=1.0"])
     run_evaluate(changed)
     per2 = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
+    per2 = per2[per2.table1]
     assert not np.allclose(per2.d_red.values, per.d_red.values)
 
 

@@ -1,6 +1,7 @@
 """`hspace run` end to end on a tiny configuration, the report, and stage skipping."""
 from __future__ import annotations
 
+import json
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -42,7 +43,8 @@ def tiny_run_args(run_dir, model_dir):
             "jacobian.tau=1", "supervised.convergence_ns=[1,5]", "disentangle.pairs={bright: [red]}",
             "edit.seeds=[100,101]", "report.pca_components=2", "report.jacobian_directions=2",
             "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null", "evaluate.num_samples=3",
-            "evaluate.repeats=2", "evaluate.pca_components=2"]
+            "evaluate.repeats=2", "evaluate.pca_components=2", "probe.pca_components=4", "fewshot.ns=[1,5]",
+            "fewshot.draws=2", "fewshot.num_samples=2", "fewshot.restriction_samples=2"]
 
 
 def hspace_run(cwd, *args, launcher=()):
@@ -54,8 +56,8 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     args = tiny_run_args(run, tiny_model_dir)
     first = hspace_run(tmp_path, *args)
-    for stage in ("generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures",
-                  "evaluate", "report"):
+    for stage in ("generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle", "fewshot",
+                  "figures", "evaluate", "report"):
         assert f"{stage}: done" in first, stage
     report = run / "report" / "index.html"
     assert f"report -> {report.resolve()}" in first
@@ -63,24 +65,34 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     checker.feed(report.read_text())
     checker.close()
     assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
-    assert {"table1", "edits", "annotators", "provenance", "pca-random"} <= checker.ids
+    assert {"table1", "edits", "annotators", "provenance", "pca-random", "costs", "probes", "fig8",
+            "restriction"} <= checker.ids
     assert len(checker.images) >= 10
     for src in checker.images:
         assert not src.startswith(("http", "/")) and (report.parent / src).is_file(), src
+    # where the time went: every stage's cost recorded and printed; generate's work is exactly N x T U-Net rows
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings) == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle",
+                             "fewshot", "figures", "evaluate", "report"]
+    assert timings["generate"]["unet_evaluations"] == 24 * 3 and timings["generate"]["images"] == 24
+    assert timings["annotate"]["scored"] == 24 and timings["annotate"]["unet_evaluations"] == 0
+    assert timings["evaluate"]["unet_evaluations"] > 0 and timings["jacobian"]["unet_evaluations"] > 0
+    assert "where the time went" in first and "U-Net evals" in first
     families = {p.name for p in (run / "edits").iterdir() if p.is_dir()}
     assert families == {"pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled"}
 
     again = hspace_run(tmp_path, *args)
-    assert again.count("up to date, skipped") == 10
+    assert again.count("up to date, skipped") == 12
 
     (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage and the report run again
     restored = hspace_run(tmp_path, *args)
-    assert restored.count("up to date, skipped") == 8 and "evaluate: done" in restored and "report: done" in restored
+    assert restored.count("up to date, skipped") == 10 and "evaluate: done" in restored and "report: done" in restored
     assert (run / "evaluation" / "table1_signed.csv").exists()
 
     changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
-    assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures"]
+    # the calibration in disentangle reads evaluate.scale (calibrate.enabled): disentangle and figures run again
+    assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "fewshot"]
     assert "evaluate: done" in changed and "report: done" in changed
 
 
@@ -106,7 +118,8 @@ def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_mode
     (assets / "weights.bin").write_bytes(b"two")
     after_annotator = stage_hashes(cfg)
     changed = {k for k in before if before[k] != after_annotator[k]}
-    assert changed == {"annotate", "select", "supervised", "disentangle", "figures", "evaluate", "report"}
+    assert changed == {"annotate", "select", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate",
+                       "report"}
 
     weights = model_dir / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
@@ -132,7 +145,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     hspace_run(tmp_path, *tiny_run_args(runs["one"], tiny_model_dir), *few)
     two = hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
                      "trainer.strategy=ddp")
-    assert two.count(": done in") == 10 and "report -> " in two
+    assert two.count(": done in") == 12 and "report -> " in two
     for name in ("jacobian", "supervised", "disentangled"):
         a, b = (load_directions(r / "directions" / f"{name}.safetensors") for r in runs.values())
         assert a.names == b.names
@@ -141,7 +154,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     cos = torch.nn.functional.cosine_similarity(a.directions.flatten(2), b.directions.flatten(2), dim=2)
     assert (cos.abs() > 1 - 1e-4).all(), cos  # the exact regime (oversample 60 >= 24 samples): equal up to sign
     pd.testing.assert_frame_equal(*(pd.read_parquet(r / "annotations.parquet") for r in runs.values()))
-    key = ["repeat", "seed", "direction"]
+    key = ["repeat", "seed", "direction", "scale"]  # one row per (seed, direction, scale)
     one_ev, two_ev = (pd.read_parquet(r / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
                       for r in runs.values())
     assert one_ev[key].equals(two_ev[key])
@@ -149,7 +162,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     cols = [c for c in one_ev.columns if c.startswith("d_")]
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, two_ev.loc[table1, cols].values, atol=1e-5)
     assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
-                      "trainer.strategy=ddp").count("up to date, skipped") == 10
+                      "trainer.strategy=ddp").count("up to date, skipped") == 12
 
     # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions were
     # lost: rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps

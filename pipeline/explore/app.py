@@ -187,7 +187,7 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
                     with gr.Row(visible=k < SHOWN_SLIDERS, equal_height=True) as row:
                         d = gr.Dropdown(choices, value=value, label=f"direction {k + 1}", elem_id=f"direction-{k}",
                                         scale=2)
-                        m = session.suggested_scale(_key(value)[0]) if value else 3.0
+                        m = session.suggested_scale(*_key(value)) if value else 3.0
                         s = gr.Slider(-m, m, value=0.0, step=_step(m), label="scale", elem_id=f"scale-{k}", scale=3)
                     rows += [d, s]
                     groups.append(row)

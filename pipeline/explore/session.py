@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import calibrated_scale
 from ..directions import (
     Directions,
     compose,
@@ -116,9 +117,16 @@ class ExploreSession:
             raise InputError(f"no directions file {file!r} in {self.run_dir / 'directions'}; files: {sorted(self.files)}")
         return self.files[file].get(int(index))
 
-    def suggested_scale(self, file: str) -> float:
-        """The largest scale the file suggests (its ``params.scales``), 3 when it has none."""
-        scales = self.files[file].params.get("scales") or [3.0]
+    def suggested_scale(self, file: str, index: int | None = None) -> float:
+        """The slider's half-range: twice the direction's calibrated strength (``params.calibration``, see
+        pipeline.calibration; the file's largest when no index is given), else the largest scale the
+        file suggests (its ``params.scales``), 3 when it has none."""
+        d = self.files[file]
+        calibrated = [calibrated_scale(d.params, n) for n in ([d.names[int(index)]] if index is not None else d.names)]
+        calibrated = [abs(s) for s in calibrated if s is not None]
+        if calibrated:
+            return 2 * max(calibrated)
+        scales = d.params.get("scales") or [3.0]
         return max(abs(float(s)) for s in scales) or 3.0
 
     def combination(self, sliders: Sequence[Slider], window: tuple[int, int] | None = None) -> torch.Tensor | None:

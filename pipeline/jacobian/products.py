@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..cost import count
 from ..errors import InputError
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -128,6 +129,7 @@ class Linearization:
         if V.ndim != 2 or V.shape[1] != self.d_in:
             raise InputError(f"V must be (n, {self.d_in}), got {tuple(V.shape)}")
         self.vectors["jvp"] += len(V)
+        count(jacobian_products=len(V))
         return self._chunks(V, self._jvp_chunk, self.jvp_mode == "double_backward", self.d_out)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
@@ -135,6 +137,7 @@ class Linearization:
         if U.ndim != 2 or U.shape[1] != self.d_out:
             raise InputError(f"U must be (n, {self.d_out}), got {tuple(U.shape)}")
         self.vectors["vjp"] += len(U)
+        count(jacobian_products=len(U))
         return self._chunks(U, self._vjp_chunk, True, self.d_in)
 
     def close(self) -> None:

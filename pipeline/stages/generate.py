@@ -12,6 +12,12 @@ manifest or shards were written by a different configuration (model, weights, sc
 hook, dtypes) is refused instead of mixing samples: every shard keeps that configuration in its
 metadata, so shards found without a manifest are adopted only when it matches, and the
 manifest is rebuilt from them.
+
+Throughput: with ``generate.writer_queue`` > 0 the shards (PNG encoding, Arrow, fsync) are written by
+a writer thread with a bounded queue while the U-Net makes the next batch, in batch order, byte
+for byte what writing in the loop gives; a failed write stops the stage with its error. Off by
+default: on an interrupt the process waits for the queued shards (a write that never returns
+would hold it), which the fault tests of the in-loop writer do not expect.
 """
 from __future__ import annotations
 
@@ -120,7 +126,7 @@ def identity(cfg, known: dict | None = None) -> dict:
     """The record of the samples dataset this configuration asks for (``key``: freshness); the
     dataset's ``id`` is set when it is complete, from its content identity and sample ids."""
     return make_record("generate", config_sections(cfg, "model", "generate", "trainer.precision",
-                                                   drop=("generate.batch_size",)),
+                                                   drop=("generate.batch_size", "generate.writer_queue")),
                        assets={"model": weights_identity(cfg.model.name_or_path)})
 
 
@@ -260,7 +266,8 @@ def run_generate(cfg) -> dict:
                                                               "complete": False})
     writer = PartWriter(samples_dir(run_dir) / "shards", lambda p: shard_name(p["seeds"]),
                         lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype,
-                                                                content, p.get("prompts")), path), fsync=True)
+                                                                content, p.get("prompts")), path), fsync=True,
+                        queue_size=g.writer_queue)
     trainer = make_trainer(cfg.trainer, [
         writer, ItemsProgress("generate", todo),
         AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted, record), "generate"),

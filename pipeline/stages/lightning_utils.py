@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -160,22 +162,87 @@ class ItemsProgress(L.Callback):
             self.bar = None
 
 
+class Background:
+    """One worker thread running jobs in the order given, with at most ``maxsize`` waiting
+    (``submit`` blocks beyond that, so memory stays bounded). The first job that fails stops
+    the others; its exception is raised in the submitting thread at the next ``submit`` or at
+    ``close``."""
+
+    def __init__(self, maxsize: int, name: str = "hspace-writer"):
+        self.jobs: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # noqa: BLE001 (handed to the submitting thread)
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self.jobs.put(job)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for the jobs submitted so far, stop the thread, raise a job's error."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        if raise_error:
+            self._raise()
+
+
 class PartWriter(BasePredictionWriter):
     """The one writer of the distributed stages' batches: each rank writes one part per predicted
     batch, atomically (a temporary name renamed into place), so a killed run leaves only whole
     parts and a re-run skips them; nothing is gathered in memory. ``name(prediction)`` -> file
     name, ``write(prediction, path)`` writes it (shards, annotation, Jacobian and evaluation
-    parts); ``fsync``: flush each part to disk before the rename."""
+    parts); ``fsync``: flush each part to disk before the rename. ``queue_size`` > 0: the parts
+    are written by a :class:`Background` thread while the next batches are predicted (at most
+    that many waiting), in the same order and with the same bytes; every part is on disk when
+    predicting ends (before the callbacks after this one, e.g. :class:`AfterAllRanks`, run)."""
 
     def __init__(self, directory: Path, name: Callable[[object], str], write: Callable[[object, Path], None],
-                 fsync: bool = False):
+                 fsync: bool = False, queue_size: int = 0):
         super().__init__(write_interval="batch")
         self.directory, self.name, self.write, self.fsync = Path(directory), name, write, fsync
+        self.queue_size, self.background = int(queue_size), None
+
+    def write_part(self, prediction) -> None:
+        with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
+            self.write(prediction, tmp)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if batch is not IDLE:
-            with atomic_path(self.directory / self.name(prediction), fsync=self.fsync) as tmp:
-                self.write(prediction, tmp)
+        if batch is IDLE:
+            return
+        if self.queue_size <= 0:
+            self.write_part(prediction)
+            return
+        if self.background is None:
+            self.background = Background(self.queue_size)
+        self.background.submit(lambda: self.write_part(prediction))
+
+    def _finish(self, raise_error: bool) -> None:
+        background, self.background = self.background, None
+        if background is not None:
+            background.close(raise_error)
+
+    def on_predict_end(self, trainer, pl_module):
+        self._finish(raise_error=True)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._finish(raise_error=False)  # the parts already queued are whole: written, then the error goes on
 
 
 class StopRanksOnInterrupt(L.Callback):

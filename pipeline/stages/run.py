@@ -7,18 +7,20 @@ A stage is skipped when its artefact carries the identity record the stage would
 assets it reads and the identities of the artefacts it reads), so a changed setting re-runs
 exactly the stages downstream of it; a stage that runs again (for example to restore a deleted
 output) makes the stages that read it run again too. Each stage holds the run directory's lock
-for that stage while it runs; wall times go to ``<run_dir>/timings.json``. The stages that use
-Lightning (generate, annotate, pca, jacobian, evaluate) run on whatever the ``trainer`` section says.
+for that stage while it runs; each stage's wall time, U-Net evaluations and images/s go to
+``<run_dir>/timings.json`` (:mod:`pipeline.cost`) and the stages run are printed as a table at the
+end. The stages that use Lightning (generate, annotate, pca, jacobian, evaluate) run on whatever
+the ``trainer`` section says.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from ..cost import measured, table
 from ..errors import HSpaceError
 from ..identity import is_fresh
-from ..io import locked_stage, write_json_atomic
+from ..io import locked_stage
 from ..registry import STAGES, Stage
 from .lightning_utils import agreed, launching_rank
 
@@ -46,16 +48,6 @@ def fresh(cfg, st: Stage) -> bool:
         return False
 
 
-def record_time(run_dir: Path, name: str, seconds: float) -> None:
-    path = run_dir / "timings.json"
-    try:
-        timings = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        timings = {}
-    timings[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_json_atomic(path, timings)
-
-
 def run_all(cfg, only: list[str] | None = None) -> Path:
     from annotators.base import check_columns
 
@@ -64,6 +56,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     rank0 = launching_rank() == 0
     t_start = time.time()
     ran: set[str] = set()
+    costs: dict[str, dict] = {}
     for i, st in enumerate(STAGES, 1):
         if only and st.name not in only:
             continue
@@ -78,15 +71,16 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             continue
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
-        t0 = time.time()
-        with locked_stage(run_dir, st.name, rank0):
+        with locked_stage(run_dir, st.name, rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
             st.run(cfg)
         ran.add(st.name)
+        costs[st.name] = cost
         if rank0:
-            record_time(run_dir, st.name, time.time() - t0)
-            print(f"[{i}/{len(STAGES)}] {st.name}: done in {time.time() - t0:.0f} s", flush=True)
+            print(f"[{i}/{len(STAGES)}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)
     report = run_dir / "report" / "index.html"
     if rank0:
+        if costs:
+            print("hspace run: where the time went (also in timings.json)\n" + table(costs), flush=True)
         print(f"hspace run: finished in {time.time() - t_start:.0f} s; outputs in {run_dir.resolve()}")
         print(f"hspace run: report -> {report.resolve()}")
     return report

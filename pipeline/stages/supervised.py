@@ -8,12 +8,17 @@ the Fig. 8 baseline), and with ``supervised.method=logistic`` a logistic-regress
 instead of the mean difference (held-out accuracy reported). ``convergence.csv`` and
 ``convergence.png`` show how the direction converges with n, in h-space and in x_T-space.
 
+With ``supervised.restrict_steps`` each direction is set to zero at the steps where the probe
+stage (``probes/probes.csv``) finds its attribute not encoded in h; the whole-trajectory
+directions stay in the file as ``unrestricted_directions`` and the step masks in its params.
+
 With ``supervised.real.positive_dir`` / ``negative_dir`` it also writes ``real.safetensors``:
 the direction between two folders of real images, through DDIM inversion (the paper's BU3DFE
 experiment), paired by file name when ``supervised.real.paired`` is true.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,6 +50,40 @@ def gather_h(run_dir, ids) -> dict[int, torch.Tensor]:
     return out
 
 
+def restrict(directions: Directions, probes: pd.DataFrame) -> Directions:
+    """The directions zeroed at the steps where the probes find their attribute not encoded; the
+    unrestricted ones kept as the extra ``unrestricted_directions``, the masks in ``params``."""
+    from ..probes import restrict_to_steps
+    from .probe import encoded_mask
+
+    T = directions.directions.shape[1]
+    masks = {name: encoded_mask(probes, name, T) for name in directions.names}
+    for name, mask in masks.items():
+        if not mask.any():  # no step reads the attribute better than chance: nothing to restrict to
+            print(f"hspace supervised: warning: the probe finds {name!r} encoded at no step; kept at every step",
+                  file=sys.stderr)
+            masks[name] = np.ones(T, bool)
+    restricted = torch.stack([restrict_to_steps(v, masks[n]) for n, v in zip(directions.names, directions.directions)])
+    return dataclasses.replace(
+        directions, directions=restricted,
+        params={**directions.params, "restricted_steps": {n: np.flatnonzero(m).tolist() for n, m in masks.items()}},
+        extras={**directions.extras, "unrestricted_directions": directions.directions})
+
+
+def gather_x_T(run_dir, ids) -> dict[int, torch.Tensor]:
+    """sample_id -> x_T of the generated samples ``ids`` (sample_id == seed), from their seeds."""
+    manifest = read_manifest(run_dir)
+    ids = sorted(set(map(int, ids)))
+    return dict(zip(ids, noise.randn(ids, "x_T", manifest.get("latent_shape", manifest["image_shape"]))))
+
+
+def sides(selection: pd.DataFrame, attribute: str) -> tuple[list[int], list[int]]:
+    """The top and the bottom sample ids of one attribute in the selection, by rank."""
+    sel = selection[selection.attribute == attribute]
+    top = sel[sel.side == "top"].sort_values("rank").sample_id.astype(int).tolist()
+    return top, sel[sel.side == "bottom"].sort_values("rank").sample_id.astype(int).tolist()
+
+
 def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
     selection = load_selection(run_dir)
     attributes = list(sup_cfg.attributes) or list(dict.fromkeys(selection.attribute))
@@ -54,13 +93,10 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
                           f"(selected: {sorted(set(selection.attribute))}); add them to select.attributes")
     h = gather_h(run_dir, sorted(set(selection.sample_id)))
     manifest = read_manifest(run_dir)
-    ids = sorted(set(map(int, selection.sample_id)))  # generated samples: sample_id == seed
-    x_T = dict(zip(ids, noise.randn(ids, "x_T", manifest.get("latent_shape", manifest["image_shape"]))))
+    x_T = gather_x_T(run_dir, selection.sample_id)
     directions, x_dirs, info, curves = [], [], {}, []
     for attr in attributes:
-        sel = selection[selection.attribute == attr]
-        top = sel[sel.side == "top"].sort_values("rank").sample_id.tolist()
-        bottom = sel[sel.side == "bottom"].sort_values("rank").sample_id.tolist()
+        top, bottom = sides(selection, attr)
         pos, neg = torch.stack([h[i] for i in top]), torch.stack([h[i] for i in bottom])
         xpos, xneg = torch.stack([x_T[i] for i in top]), torch.stack([x_T[i] for i in bottom])
         d = mean_difference(pos, neg)
@@ -165,14 +201,20 @@ def identity(cfg, known: dict | None = None) -> dict:
         assets = {"model": weights_identity(cfg.model.name_or_path),
                   **{k: hash_tree(d) for k, d in (("positive", real.positive_dir), ("negative", real.negative_dir))
                      if Path(d).is_dir()}}
-    return make_record("supervised", config_sections(cfg, *sections), assets,
-                       artefact_ids(cfg.run_dir, ["selection.parquet", "samples"], known))
+    read = ["selection.parquet", "samples"] + (["probes"] if cfg.supervised.restrict_steps else [])
+    return make_record("supervised", config_sections(cfg, *sections), assets, artefact_ids(cfg.run_dir, read, known))
 
 
 def run_supervised(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     record = identity(cfg)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
+    if cfg.supervised.restrict_steps:
+        from .probe import load_probes
+
+        directions = restrict(directions, load_probes(run_dir))
+        for name, steps in directions.params["restricted_steps"].items():
+            print(f"  {name}: restricted to the steps where the probe finds it encoded: {steps}")
     out = save_directions(directions, run_dir / "directions" / "supervised.safetensors", record)
     with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
         curves.to_csv(tmp, index=False)

@@ -1,0 +1,100 @@
+"""The main job's cost: `hspace run` on the embedded default against plain diffusers generating
+the same 512 samples.
+
+Both run in this one process, on the same machine, one after another: diffusers' ``DDIMPipeline``
+(the embedded default's U-Net and scheduler, no hooks, no recording, no writing) generates
+``generate.num_samples`` samples at the same T and batch size as ``hspace generate``; then the
+whole main job (``hspace run``, every stage, into a fresh run directory) runs. The baseline runs
+again after the main job and the ratio is taken against the mean of the two (the machine's speed
+drifts). Also shown, from the run's ``timings.json`` (:mod:`pipeline.cost`): each stage's wall time
+and U-Net evaluations (one image through the U-Net once; a batch of 64 is 64; the Jacobian's
+forward passes, its backward products counted apart).
+
+    python bench/main_job.py [--run-dir /tmp/mainjob] [--config conf.yaml] [key=value ...]
+
+Prints wall times, the ratio (target <= 3.0) and the evaluations per stage. On a shared machine
+the ratio is what to read, not the seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def plain_diffusers(cfg) -> float:
+    """Seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and batch."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from pipeline.model import HSpaceModel
+
+    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    unet = copy.deepcopy(model.unet).eval()  # the copy carries no hook
+    for hook_owner in unet.modules():
+        hook_owner._forward_hooks.clear()
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    n, b = cfg.generate.num_samples, cfg.generate.batch_size
+    eta = float(model.eta[0])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, n, b):
+            pipe(batch_size=min(b, n - start), num_inference_steps=cfg.model.num_inference_steps, eta=eta,
+                 generator=torch.Generator().manual_seed(start), output_type="np")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", default=None, help="fresh run directory (default: a temporary one, removed after)")
+    ap.add_argument("--config", default=None, help="default: the built-in defaults (= conf.yaml)")
+    ap.add_argument("--baseline-once", action="store_true", help="time the baseline only before the main job")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.cost import read_timings
+    from pipeline.stages.run import run_all
+
+    tmp = None
+    run_dir = args.run_dir or (tmp := tempfile.mkdtemp(prefix="hspace-mainjob-"))
+    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+        raise SystemExit(f"{run_dir} is not empty: the main job must start from nothing")
+    cfg = load_config(args.config, [f"run_dir={run_dir}", *args.overrides])
+    T, n, b = cfg.model.num_inference_steps, cfg.generate.num_samples, cfg.generate.batch_size
+    print(f"plain diffusers: DDIMPipeline, {n} samples, T={T}, batch {b}, {torch.get_num_threads()} threads", flush=True)
+    base = [plain_diffusers(cfg)]
+    print(f"  {base[0]:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    run_all(cfg)
+    main_s = time.perf_counter() - t0
+    stages = read_timings(run_dir)
+    if not args.baseline_once:
+        base.append(plain_diffusers(cfg))
+        print(f"plain diffusers again: {base[1]:.1f} s", flush=True)
+    ref = sum(base) / len(base)
+    print(f"\n{'stage':<12} {'seconds':>8} {'U-Net evals':>12} {'x generate':>11}")
+    gen = stages.get("generate", {}).get("unet_evaluations") or n * T
+    total = sum(s.get("unet_evaluations", 0) for s in stages.values())
+    for name, s in stages.items():
+        u = s.get("unet_evaluations", 0)
+        print(f"{name:<12} {s.get('seconds', 0):8.1f} {u:12d} {u / gen:11.2f}")
+    print(f"{'total':<12} {main_s:8.1f} {total:12d} {total / gen:11.2f}")
+    ratio = main_s / ref
+    print(f"\nmain job {main_s:.1f} s / plain diffusers {ref:.1f} s = ratio {ratio:.2f} (target <= 3.0)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"main_job_s": main_s, "plain_diffusers_s": base, "ratio": ratio,
+                                               "unet_evaluations": total, "stages": stages}, indent=1))
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

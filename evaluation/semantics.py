@@ -1,0 +1,90 @@
+"""The report's sections on where semantics live and how many examples a direction needs:
+the per-step probe curves (``probes/``), Fig. 8 as effect against n and the probe-step
+restriction check (``fewshot/``). One call from evaluation.report: ``add_sections(page, run_dir)``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute and space: the metric, the first and best steps' scores, chance, and the encoded steps."""
+    rows = []
+    for (attr, space), c in table.groupby(["attribute", "space"], sort=False):
+        c = c.sort_values("step")
+        best = c.loc[c.score.idxmax()] if c.score.notna().any() else None
+        row = {"attribute": attr, "space": space, "metric": c.metric.iloc[0],
+               "first step": float(c.score.iloc[0]), "last step": float(c.score.iloc[-1]),
+               "best": float(best.score) if best is not None else float("nan"),
+               "best step": int(best.step) if best is not None else -1, "chance": float(c.chance.iloc[0])}
+        if space == "h" and "encoded" in c:
+            row["encoded steps"] = ",".join(str(int(s)) for s in c[c.encoded.astype(bool)].step)
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
+def effect_table(curve: pd.DataFrame) -> pd.DataFrame:
+    """effect_vs_n.csv -> one row per attribute and space, one column per n: "effect ± std"."""
+    cells = curve.assign(cell=[f"{e:.2f} ± {s:.2f}" for e, s in zip(curve.effect, curve.effect_std)])
+    table = cells.pivot_table(index=["attribute", "space"], columns="n", values="cell", aggfunc="first", sort=False)
+    table.columns = [f"n={n}" for n in table.columns]
+    return table.reset_index().fillna("")
+
+
+def add_sections(page, run_dir) -> None:
+    """Append the probe and Fig. 8 sections to a report ``page`` (evaluation.report.Page) when the
+    run holds their outputs."""
+    from .report import df_html
+
+    run_dir = Path(run_dir)
+    probes = run_dir / "probes"
+    if (probes / "probes.csv").exists():
+        table = pd.read_csv(probes / "probes.csv")
+        page.section("probes", "Where semantics live: per-step linear probes")
+        page.note("For every attribute and sampling step, a linear model reads the attribute from h<sub>t</sub> "
+                  "(solid) and from x<sub>t</sub>, the latent entering that step (dashed): held-out accuracy for a "
+                  "binary attribute, R<sup>2</sup> for a continuous one, on a fixed train/test split by sample id "
+                  "(features standardised and PCA-reduced on the training samples). Dotted: chance. Circled: the "
+                  "steps where the h probe counts the attribute as encoded (<code>probe.encoded_fraction</code> of "
+                  "the best step's score above chance), which <code>supervised.restrict_steps</code> keeps.")
+        page.image(probes / "probes.png", "held-out probe score against the sampling step", name="probes.png")
+        page.add(df_html(probe_summary(table)))
+    fewshot = run_dir / "fewshot"
+    if (fewshot / "effect_vs_n.csv").exists():
+        curve = pd.read_csv(fewshot / "effect_vs_n.csv")
+        page.section("fig8", "Fig. 8 as numbers: attribute change against the number of examples")
+        page.note("The change of its own attribute produced by a supervised direction estimated from n random "
+                  "top and n random bottom samples of the selection (eq. 10), in h-space and in x<sub>T</sub> "
+                  "space, applied to held-out seeds (disjoint from every selected sample) and read by the scorer, "
+                  "in standard deviations of the attribute over the run's samples. Each direction is rescaled to "
+                  "the norm of the direction from the whole selection, so n changes only where it points. Bars: "
+                  "spread (std) over the random draws of the n samples.")
+        page.image(fewshot / "effect_vs_n.png", "mean own-attribute change against n per side", name="effect_vs_n.png")
+        page.add(df_html(effect_table(curve)))
+    if (fewshot / "restriction.csv").exists():
+        page.section("restriction", "Supervised directions restricted to the probe's steps")
+        page.note("Each supervised direction applied on the same held-out seeds at the same scale over all steps, "
+                  "and zeroed outside the steps where the probe finds its attribute encoded: own effect, the "
+                  "largest side effect (in std of the attributes) and the mean absolute pixel change.")
+        page.add(df_html(pd.read_csv(fewshot / "restriction.csv")))
+    preservation = run_dir / "evaluation" / "preservation.csv"
+    if preservation.exists():
+        page.section("preservation", "What an edit should leave alone")
+        page.note("Per direction, the mean over the held-out faces of |change| of each scorer attribute that is not "
+                  "the direction's own (in std of the unedited scores): <i>untouched</i> averages them, "
+                  "<i>largest</i> names the worst. Table 1 counts the side effect all faces share (|mean change|); "
+                  "this counts each face's disturbance, which cancels in a mean. <i>background_changed</i>: share "
+                  "of faces whose toy background class changed. <i>identity</i> (with "
+                  "<code>evaluate.identity_weights</code>): cosine of face embeddings before and after the edit.")
+        page.add(df_html(pd.read_csv(preservation)))
+    convergence = run_dir / "directions" / "convergence.png"
+    if convergence.exists():
+        page.add("<details><summary>Cosine to the direction from the whole selection</summary>")
+        page.note("Cosine between the direction from n random top/bottom samples and from all of them. It reaches "
+                  "1 at the selection's size by construction, and for directions of pure noise it would follow "
+                  "sqrt(n/N): it measures how stable the estimate is, not whether it edits the attribute (the "
+                  "section above does).")
+        page.image(convergence, "mean ± std over random draws")
+        page.add("</details>")
+

@@ -1,0 +1,174 @@
+"""`hspace probe`: where semantics live, as per-timestep linear probes.
+
+For every attribute and every sampling step, how well a linear model reads the attribute from h_t
+(the stored trajectories) and, for comparison, from x_t (the latent entering that step,
+recomputed by sampling the same seeds again: the samples dataset stores h, not x_t). Held-out
+accuracy for binary attributes, R^2 for continuous ones, on a fixed train/test split by sample id
+(:mod:`pipeline.probes`). Writes ``<run_dir>/probes/``: ``probes.csv`` (attribute, space, step,
+metric, score, chance, encoded), ``probes.png`` (the curves over the steps) and its identity
+record. ``encoded`` marks the steps where the h probe says the attribute is encoded
+(``probe.encoded_fraction``); ``supervised.restrict_steps`` restricts the supervised directions
+to them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, DatasetError
+from ..identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, verify
+from ..io import atomic_path, write_json_atomic
+from ..loading import weights_identity
+from ..model import HSpaceModel
+from ..probes import encoded_steps_of, is_binary, probe_table, split_by_id
+from ..samples import iter_samples, read_manifest
+from .annotate import load_annotations
+
+PROBES = "probes"
+
+
+def probe_attributes(cfg, annotations: pd.DataFrame) -> list[str]:
+    """probe.attributes, else select.attributes, else every annotation column."""
+    columns = [c for c in annotations.columns if c != "sample_id"]
+    attrs = list(cfg.probe.attributes) or list(cfg.select.attributes) or columns
+    unknown = sorted(set(attrs) - set(columns))
+    if unknown:
+        raise ConfigError(f"probe.attributes {unknown} are not annotation columns ({columns})")
+    return attrs
+
+
+def gather_features(cfg, ids) -> dict[str, np.ndarray]:
+    """{"h": (N, T, D) float16, "x_t": (N, T, D') float32} for the samples ``ids`` (in that order);
+    x_t from sampling their seeds again with the run's model."""
+    spaces = list(dict.fromkeys(cfg.probe.spaces))
+    order = {int(i): k for k, i in enumerate(ids)}
+    out = {}
+    seeds = np.empty(len(ids), dtype=np.int64)
+    prompts: list = [None] * len(ids)
+    h = None
+    for b in iter_samples(cfg.run_dir, batch_size=256, ids=ids, h="h" in spaces):
+        rows = [order[int(i)] for i in b["sample_id"]]
+        seeds[rows] = b["seed"]
+        for r, p in zip(rows, b.get("prompt", [None] * len(rows))):
+            prompts[r] = p
+        if "h" in spaces:
+            if h is None:
+                h = np.empty((len(ids), b["h"].shape[1], int(np.prod(b["h"].shape[2:]))), dtype=np.float16)
+            h[rows] = b["h"].reshape(len(rows), b["h"].shape[1], -1).numpy()
+    if "h" in spaces:
+        out["h"] = h
+    if "x_t" in spaces:
+        model = HSpaceModel.from_config(cfg.model)
+        bs, xs = cfg.probe.batch_size, []
+        for start in range(0, len(ids), bs):
+            kwargs = {}
+            if prompts[0] is not None:
+                kwargs["prompt"] = prompts[start:start + bs]
+            res = model.sample(seeds[start:start + bs].tolist(), return_latents=True, **kwargs)
+            xs.append(res.latents.flatten(2).float().cpu().numpy())
+        out["x_t"] = np.concatenate(xs)
+    return out
+
+
+def run_probes(cfg) -> pd.DataFrame:
+    """The probe table of the run (with an ``encoded`` column from the h probes)."""
+    pc = cfg.probe
+    annotations = load_annotations(cfg.run_dir).sort_values("sample_id")
+    if pc.num_samples is not None:
+        annotations = annotations.head(pc.num_samples)
+    attrs = probe_attributes(cfg, annotations)
+    ids = annotations.sample_id.astype(int).tolist()
+    test = split_by_id(ids, pc.test_fraction, pc.seed)
+    binary = [a for a in attrs if (is_binary(annotations[a]) if pc.binary == "auto" else a in pc.binary)]
+    features = gather_features(cfg, ids)
+    table = probe_table(features, {a: annotations[a].to_numpy() for a in attrs}, test, binary, pc.threshold,
+                        pc.pca_components or None, pc.seed)
+    table["encoded"] = False
+    if "h" in features:
+        for attr in attrs:
+            mask = encoded_steps_of(table, attr, "h", pc.encoded_fraction)
+            rows = table[(table.attribute == attr) & (table.space == "h")].sort_values("step").index
+            table.loc[rows, "encoded"] = mask
+    return table
+
+
+def load_probes(run_dir) -> pd.DataFrame:
+    """The run's probe table, checked to come from its samples and annotations now."""
+    path = Path(run_dir) / PROBES / "probes.csv"
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; run `hspace probe run_dir={run_dir}` first")
+    verify(run_dir, PROBES)
+    return pd.read_csv(path)
+
+
+def encoded_mask(probes: pd.DataFrame, attribute: str, steps: int) -> np.ndarray:
+    """(T,) bool: the steps the probe stage marked as encoding ``attribute`` (from the h probes)."""
+    rows = probes[(probes.attribute == attribute) & (probes.space == "h")].sort_values("step")
+    if len(rows) != steps:
+        raise DatasetError(f"the probes hold {len(rows)} h steps of {attribute!r}, the directions {steps}; "
+                           f"add it to probe.attributes and run hspace probe again")
+    return rows.encoded.to_numpy(bool)
+
+
+def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
+    from ..figures import plt, save_figure
+
+    attrs = list(dict.fromkeys(table.attribute))
+    fig, axes = plt.subplots(1, len(attrs), figsize=(2.7 * len(attrs), 2.7), squeeze=False)
+    T = int(table.step.max()) + 1
+    for ax, attr in zip(axes[0], attrs):
+        sub = table[table.attribute == attr]
+        for space, style in (("h", "-o"), ("x_t", "--s")):
+            c = sub[sub.space == space].sort_values("step")
+            if c.empty:
+                continue
+            ax.plot(c.step, c.score, style, ms=3, lw=1.2, label=f"{space}")
+            if space == "h" and "encoded" in c:
+                enc = c[c.encoded.astype(bool)]
+                ax.plot(enc.step, enc.score, "o", ms=6, mfc="none", color="k", lw=0)
+        chance = sub.chance.dropna()
+        if len(chance):
+            ax.axhline(float(chance.mean()), color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{attr} ({sub.metric.iloc[0]})", fontsize=9)
+        ticks = list(range(0, T, max(1, T // 5)))
+        ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks], fontsize=7)
+        ax.set_xlabel("timestep (left: first, noisiest step)", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out score", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def identity(cfg, known: dict | None = None) -> dict:
+    """The record of the probes folder: its settings, the samples and annotations, and the model
+    (x_t is recomputed with it)."""
+    sections = ["probe", "select.attributes"] + (["model"] if "x_t" in cfg.probe.spaces else [])
+    assets = {"model": weights_identity(cfg.model.name_or_path)} if "x_t" in cfg.probe.spaces else {}
+    return make_record("probe", config_sections(cfg, *sections, drop=("probe.batch_size",)), assets,
+                       artefact_ids(cfg.run_dir, ["samples", "annotations.parquet"], known))
+
+
+def run_probe(cfg) -> Path:
+    run_dir = Path(cfg.run_dir)
+    record = identity(cfg)
+    table = run_probes(cfg)
+    timesteps = read_manifest(run_dir)["model"]["timesteps"]
+    out = run_dir / PROBES
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        table.to_csv(tmp / "probes.csv", index=False)
+        plot_probes(table, timesteps, tmp / "probes.png")
+        write_json_atomic(tmp / FOLDER_RECORD, record)
+    for (attr, space), c in table.groupby(["attribute", "space"], sort=False):
+        best = c.loc[c.score.idxmax()] if c.score.notna().any() else None
+        line = "no score" if best is None else f"best {best.metric} {best.score:.3f} at step {int(best.step)}"
+        if space == "h":
+            line += f", encoded at steps {c[c.encoded.astype(bool)].step.tolist()}"
+        print(f"  {attr} from {space}: {line}")
+    print(f"hspace probe: {table.attribute.nunique()} attributes x {table.space.nunique()} spaces x "
+          f"{table.step.nunique()} steps -> {out}")
+    return out
+
