@@ -104,7 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"hspace {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Close the process group a multi-process command formed: left to the interpreter's exit, gloo's
+    threads are destroyed while still running and the process aborts ("terminate called without an
+    active exception") after its work is done."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for it)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

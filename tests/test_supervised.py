@@ -85,7 +85,9 @@ def annotated_run(tmp_path_factory, tiny_model_dir):
                              "trainer.accelerator=cpu", "generate.num_samples=30", "generate.batch_size=10",
                              "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
                              "select.n=6", "disentangle.pairs={bright: [red]}", "supervised.convergence_ns=[1,3,6]",
-                             "edit.seeds=[500,501]", "edit.scales=[-1,0,1]"])
+                             "edit.seeds=[500,501]", "edit.scales=[-1,0,1]",
+                             "evaluate.scorer=fake_annotators:brightness", "calibrate.num_samples=2",
+                             "calibrate.std_samples=8"])
     run_generate(cfg)
     run_annotate(cfg)
     run_select(cfg)
