@@ -3,9 +3,11 @@
 Every file or folder the pipeline writes goes through :func:`atomic_path`: the content is written
 to a temporary name in the same folder (``.<name>.<pid>-<host>.tmp<suffix>``) and renamed into
 place, so a reader sees the old version or the new one, never half of one. On any failure (a
-full disk, a signal, a bug) the temporary is removed; an ``OSError`` becomes a one-line
-:class:`~pipeline.errors.StorageError` naming the path. Temporaries of processes killed with
-SIGKILL (which no handler sees) are removed by :func:`sweep_temp_files` when the next stage starts.
+full disk, a signal, a bug) the temporary is removed; an operating-system ``OSError`` becomes a
+one-line :class:`~pipeline.errors.StorageError` naming the path, while the pipeline's own errors
+(:class:`~pipeline.errors.HSpaceError`, some of them ``OSError`` subclasses) pass through unchanged.
+Temporaries of processes killed with SIGKILL (which no handler sees) are removed by
+:func:`sweep_temp_files` when the next stage starts.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import RunLockedError, StorageError
+from .errors import HSpaceError, RunLockedError, StorageError
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
 #: .<name>.<pid>-<host>.tmp<suffix>: the writer's pid and host, so a sweep knows whose it is
@@ -54,7 +56,9 @@ def storage_error(e: OSError, path: Path) -> StorageError:
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; write the file (or folder) there. On success it is
     renamed onto ``path`` (a folder replaces the old folder); on any exception it is removed and an
-    ``OSError`` is re-raised as :class:`StorageError`. ``fsync``: flush a file to disk first."""
+    operating-system ``OSError`` is re-raised as :class:`StorageError` (an :class:`HSpaceError` raised
+    inside the ``with``, e.g. a :class:`DatasetError`, is re-raised as it is: it already says what is
+    wrong). ``fsync``: flush a file to disk first."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,11 +78,10 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         _remove(tmp)
-        raise storage_error(e, path) from None
-    except BaseException:
-        _remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, HSpaceError):
+            raise storage_error(e, path) from None
         raise
 
 

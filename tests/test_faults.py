@@ -301,6 +301,23 @@ def test_atomic_write_removes_its_temporary_on_any_failure(tmp_path):
     assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.parametrize("error", ["DatasetError", "ModelLoadError", "StorageError", "ConfigError"])
+def test_atomic_write_passes_the_pipelines_own_errors_through(tmp_path, error):
+    # DatasetError & co. are OSErrors too; they already say what is wrong and must not become "cannot write"
+    from pipeline import errors
+    from pipeline.io import atomic_path
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    inner = getattr(errors, error)("runs/x/samples is from another configuration; use a new run_dir")
+    with pytest.raises(type(inner)) as caught:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise inner
+    assert caught.value is inner and "cannot write" not in str(caught.value)
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+
+
 # ---------------------------------------------------------------------- 6: wrong directions, bad images
 def test_directions_of_another_shape_are_refused_before_sampling(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from pipeline.directions import Directions, save_directions
