@@ -261,13 +261,23 @@ class StopRanksOnInterrupt(L.Callback):
 
 class AfterAllRanks(L.Callback):
     """When every rank has finished predicting, ``fn()`` on rank 0 only (merge the parts, write
-    the result), then every rank goes on: nothing is gathered in memory."""
+    the result), then every rank goes on: nothing is gathered in memory.
 
-    def __init__(self, fn: Callable[[], object], tag: str):
-        self.fn, self.tag = fn, tag
+    ``part()``, if given, runs on every rank first: a stage whose ranks each fold all their items
+    into one result (PCA's partial sums) writes it there, where the others have written one part per
+    batch with :class:`PartWriter`. ``then()``, if given, runs on every rank after ``fn()``: to learn
+    what rank 0 decided (another pass of an iterative method, or an error), e.g. with :func:`agreed`."""
+
+    def __init__(self, fn: Callable[[], object], tag: str, part: Callable[[], object] | None = None,
+                 then: Callable[[], object] | None = None):
+        self.fn, self.tag, self.part, self.then = fn, tag, part, then
 
     def on_predict_end(self, trainer, pl_module):
+        if self.part is not None:
+            self.part()
         trainer.strategy.barrier(f"hspace-{self.tag}-end")
         if trainer.is_global_zero:
             self.fn()
         trainer.strategy.barrier(f"hspace-{self.tag}-done")
+        if self.then is not None:
+            self.then()

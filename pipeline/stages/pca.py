@@ -7,13 +7,17 @@
 - ``randomized``: one ``Trainer.predict`` per pass; each rank streams the shards dealt to it,
   multiplying the pass's basis by the scatter of its samples (:func:`~pipeline.pca.moments_update`);
   rank 0 merges the partial sums (exact), takes the Rayleigh-Ritz step and writes the next basis
-  (``<run_dir>/pca/basis.safetensors``) until the estimated principal angle is below ``pca.tol``;
+  (``<run_dir>/pca/basis.safetensors``), and tells the other ranks whether another pass follows,
+  until the estimated principal angle is below ``pca.tol``;
   if ``pca.power_iterations`` run out first, every rank stops with a ConvergenceError and nothing
   is written.
 - ``onepass``: each rank folds its shards into a :class:`~pipeline.pca.StreamingPCA`; rank 0
   merges the partial states.
 
-Partial results go through ``<run_dir>/pca/partial-<rank>-of-<world>.safetensors``. Rank 0 writes
+At the end of each pass the ranks meet in the shared
+:class:`~pipeline.stages.lightning_utils.AfterAllRanks` callback (as the other distributed stages
+do): each writes its partial result to ``<run_dir>/pca/partial-<rank>-of-<world>.safetensors``,
+rank 0 merges them. Rank 0 writes
 ``<run_dir>/directions/pca.safetensors``: direction k at step t = std_{k,t} u_{k,t} (scale 1 = one
 standard deviation, as in the original code), signs aligned across steps so "+" means the same at
 every step, with the explained variance per step, the method, its passes and estimated principal
@@ -22,7 +26,6 @@ same per-step norms (extra ``random_directions``).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from ..directions import Directions, save_directions
 from ..dtypes import torch_dtype
 from ..errors import ConvergenceError
 from ..identity import artefact_ids, config_sections, make_record
-from ..io import atomic_path, write_json_atomic
+from ..io import atomic_path
 from ..pca import (
     PCA,
     Moments,
@@ -51,7 +54,16 @@ from ..pca import (
 )
 from ..samples import h_view, open_shard, read_manifest, shard_paths
 from ..signs import align_signs
-from .lightning_utils import IDLE, ItemModule, ItemsProgress, RankShare, make_trainer, share_cpu_threads
+from .lightning_utils import (
+    IDLE,
+    AfterAllRanks,
+    ItemModule,
+    ItemsProgress,
+    RankShare,
+    agreed,
+    make_trainer,
+    share_cpu_threads,
+)
 
 CHUNK = 64  # samples cast to the compute dtype at a time
 
@@ -104,11 +116,17 @@ def state_tensors(st: PCAState, **extra: torch.Tensor) -> dict[str, torch.Tensor
 
 
 class _PCAModule(ItemModule):
-    """One rank's share of a pass over the shards; subclasses finish in ``after_pass``."""
+    """One rank's share of a pass over the shards. When every rank has finished the pass
+    (:meth:`after_all_ranks`, the shared :class:`AfterAllRanks`), each writes its partial result
+    (``write_partial``), rank 0 merges them (``merge``), then every rank learns whether another
+    pass follows (``next_pass``)."""
 
     def __init__(self, run_dir, pca_cfg, record: dict | None = None):
         super().__init__()
         self.run_dir, self.cfg, self.record = str(run_dir), pca_cfg, record
+
+    def after_all_ranks(self) -> AfterAllRanks:
+        return AfterAllRanks(self.merge, "pca", part=self.write_partial, then=self.next_pass)
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
@@ -119,16 +137,22 @@ class _PCAModule(ItemModule):
     def batches(self, shard: str):
         return shard_batches([Path(shard)], self.cfg.batch_size, self.h_shape_t, self.h_dtype)
 
-    def barrier(self, tag: str) -> None:
-        self.trainer.strategy.barrier(f"hspace-pca-{tag}")
-
     @property
     def partial(self) -> Path:
         return partial_path(self.run_dir, self.trainer.global_rank, self.trainer.world_size)
 
-    def partials(self):
-        for r in range(self.trainer.world_size):
+    def partials(self, ranks: int | None = None):
+        for r in range(self.trainer.world_size if ranks is None else ranks):
             yield load_file(str(partial_path(self.run_dir, r, self.trainer.world_size)))
+
+    def write_partial(self) -> None:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def next_pass(self) -> None:
+        """One pass is all (the randomized method decides after each)."""
 
 
 class OnePassModule(_PCAModule):
@@ -142,18 +166,16 @@ class OnePassModule(_PCAModule):
         for h in self.batches(shard):
             self.pca.partial_fit(h)
 
-    def on_predict_end(self) -> None:
+    def write_partial(self) -> None:
         save_tensors(self.pca.state_dict(), self.partial)
-        self.barrier("partials")
-        if self.trainer.is_global_zero:
-            merged = new_estimator(self.cfg)
-            for d in self.partials():
-                merged.merge(StreamingPCA.from_state_dict(d))
-            result = PCA.from_state(merged.state, merged.n_steps_, merged.feature_shape_, method_used="onepass",
-                                    n_passes=1, angle_bound=float("nan"), converged=True,
-                                    **estimator_params(self.cfg))
-            write_directions(self.run_dir, self.cfg, result, self.record)
-        self.barrier("written")
+
+    def merge(self) -> None:
+        merged = new_estimator(self.cfg)
+        for d in self.partials():
+            merged.merge(StreamingPCA.from_state_dict(d))
+        result = PCA.from_state(merged.state, merged.n_steps_, merged.feature_shape_, method_used="onepass",
+                                n_passes=1, angle_bound=float("nan"), converged=True, **estimator_params(self.cfg))
+        write_directions(self.run_dir, self.cfg, result, self.record)
 
 
 class ExactModule(_PCAModule):
@@ -171,7 +193,7 @@ class ExactModule(_PCAModule):
             for h in self.batches(shard):
                 self.held.append(h[:, self.steps].reshape(len(h), len(self.steps), -1).clone())
 
-    def on_predict_end(self) -> None:
+    def write_partial(self) -> None:
         if self.steps:
             X = torch.cat(self.held)
             self.held = []
@@ -179,17 +201,15 @@ class ExactModule(_PCAModule):
                 X = X.reshape(len(X), 1, -1)
             st = gram_pca(X, self.cfg.n_components, dtype=torch_dtype(self.cfg.dtype))
             save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
-        self.barrier("partials")
-        if self.trainer.is_global_zero:
-            ranks = 1 if self.cfg.joint else min(self.T, self.trainer.world_size)
-            parts = [load_file(str(partial_path(self.run_dir, r, self.trainer.world_size))) for r in range(ranks)]
-            order = torch.cat([d["steps"] for d in parts]).argsort() if not self.cfg.joint else torch.tensor([0])
-            cat = {k: torch.cat([d[k] for d in parts])[order] for k in ("mean", "S", "V", "ss")}
-            st = PCAState(int(parts[0]["n"]), cat["mean"], cat["S"], cat["V"], cat["ss"])
-            result = PCA.from_state(st, self.T, tuple(self.h_shape_t[1:]), method_used="exact", n_passes=1,
-                                    angle_bound=0.0, converged=True, **estimator_params(self.cfg))
-            write_directions(self.run_dir, self.cfg, result, self.record)
-        self.barrier("written")
+
+    def merge(self) -> None:
+        parts = list(self.partials(1 if self.cfg.joint else min(self.T, self.trainer.world_size)))
+        order = torch.cat([d["steps"] for d in parts]).argsort() if not self.cfg.joint else torch.tensor([0])
+        cat = {k: torch.cat([d[k] for d in parts])[order] for k in ("mean", "S", "V", "ss")}
+        st = PCAState(int(parts[0]["n"]), cat["mean"], cat["S"], cat["V"], cat["ss"])
+        result = PCA.from_state(st, self.T, tuple(self.h_shape_t[1:]), method_used="exact", n_passes=1,
+                                angle_bound=0.0, converged=True, **estimator_params(self.cfg))
+        write_directions(self.run_dir, self.cfg, result, self.record)
 
 
 class RandomizedModule(_PCAModule):
@@ -199,7 +219,7 @@ class RandomizedModule(_PCAModule):
 
     def __init__(self, run_dir, pca_cfg, record: dict | None = None):
         super().__init__(run_dir, pca_cfg, record)
-        self.passes, self.done, self.iteration = 0, False, None
+        self.passes, self.done, self.iteration, self.status = 0, False, None, None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -223,39 +243,37 @@ class RandomizedModule(_PCAModule):
             for chunk in h.split(CHUNK):
                 self.acc = moments_update(self.acc, chunk, self.basis)
 
-    def on_predict_end(self) -> None:
+    def write_partial(self) -> None:
         self.passes += 1
         if self.acc is not None:
             save_tensors({"n": torch.tensor(self.acc.n), "mean": self.acc.mean, "ss": self.acc.ss, "Z": self.acc.Z},
                          self.partial)
         elif self.partial.exists():
             self.partial.unlink()
-        self.barrier("partials")
-        status = Path(self.run_dir) / "pca" / "status.json"
-        if self.trainer.is_global_zero:
-            merged = None
-            for r in range(self.trainer.world_size):
-                path = partial_path(self.run_dir, r, self.trainer.world_size)
-                if path.exists():
-                    d = load_file(str(path))
-                    m = Moments(int(d["n"]), d["mean"], d["ss"], d["Z"])
-                    merged = m if merged is None else merge_moments(merged, m, self.basis, inplace=True)
-            it = self.iteration
-            it.update(merged)
-            if not it.done:
-                save_tensors({"basis": it.basis}, basis_path(self.run_dir))
-            elif it.converged:
-                result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
-                                        n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
-                                        **estimator_params(self.cfg))
-                write_directions(self.run_dir, self.cfg, result, self.record)
-            error = str(it.error()) if it.done and not it.converged else None
-            write_json_atomic(status, {"pass": self.passes, "done": it.done, "error": error})
-        self.barrier("step")
-        flags = json.loads(status.read_text())
-        self.done = flags["done"]
-        if flags["error"]:
-            raise ConvergenceError(flags["error"])
+
+    def merge(self) -> None:
+        merged = None
+        for r in range(self.trainer.world_size):
+            path = partial_path(self.run_dir, r, self.trainer.world_size)
+            if path.exists():
+                d = load_file(str(path))
+                m = Moments(int(d["n"]), d["mean"], d["ss"], d["Z"])
+                merged = m if merged is None else merge_moments(merged, m, self.basis, inplace=True)
+        it = self.iteration
+        it.update(merged)
+        if not it.done:
+            save_tensors({"basis": it.basis}, basis_path(self.run_dir))
+        elif it.converged:
+            result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
+                                    n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
+                                    **estimator_params(self.cfg))
+            write_directions(self.run_dir, self.cfg, result, self.record)
+        self.status = (it.done, str(it.error()) if it.done and not it.converged else None)
+
+    def next_pass(self) -> None:
+        self.done, error = agreed(self.status)  # rank 0's decision on every rank
+        if error:
+            raise ConvergenceError(error)
 
 
 class ShardData(RankShare):
@@ -312,10 +330,10 @@ def run_pca(cfg) -> Path:
     record = identity(cfg)
     n = read_manifest(run_dir)["num_samples"]
     method = resolve_method(cfg.pca.method, n, cfg.pca.exact_max_samples)
-    trainer = make_trainer(cfg.trainer, [ItemsProgress(f"pca ({method})", len(shards), count=lambda item: 1,
-                                                       unit="shards")], inference_mode=False)
     module = {"exact": ExactModule, "randomized": RandomizedModule, "onepass": OnePassModule}[method](
         run_dir, cfg.pca, record)
+    trainer = make_trainer(cfg.trainer, [ItemsProgress(f"pca ({method})", len(shards), count=lambda item: 1,
+                                                       unit="shards"), module.after_all_ranks()], inference_mode=False)
     with torch.no_grad():
         while True:
             trainer.predict(module, datamodule=ShardData(str(run_dir), every_rank=method == "exact"),
