@@ -109,6 +109,9 @@ class GenerateConfig(Section):
                               "U-Net makes the next batches, this many waiting (for GPUs); 0: each batch written before "
                               "the next (an interrupt then leaves exactly the shards written)")
     h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
+    record_x_t: bool = Field(True, description="also store x_t, the latent entering every step (float32), which "
+                             "the probe stage reads instead of sampling the seeds again (the toy: 0.25 MB per "
+                             "sample; a 256-px pixel model at T=50: 39 MB, so conf.paper.yaml turns it off)")
     prompts: List[str] = Field([], description="text-to-image models: [] = model.prompt for every sample, one prompt "
                                "for all, or one per sample")
     prompts_file: Optional[str] = Field(None, description="text-to-image models: a text file with one prompt per "

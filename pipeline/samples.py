@@ -10,7 +10,10 @@ Each shard is an Arrow IPC stream in the Hugging Face ``datasets`` cache format 
 carries the features), so ``datasets.Dataset.from_file`` reads it memory-mapped. Columns:
 ``sample_id`` (int64; equals the seed for generated samples), ``seed`` (int64), ``image``
 (``datasets.Image``, PNG bytes) and ``h`` (``datasets.Array4D`` of shape (T, C, H, W),
-float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16).
+float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16); with
+``generate.record_x_t`` also ``x_t`` (``Array4D`` (T, *latent_shape), float32: the latent entering
+every step, exactly as the sampler held it), which the probe stage reads instead of sampling the
+seeds again.
 
 Why Array4D: it keeps the (T, C, H, W) shape for ``datasets`` users and reads faster through
 ``datasets``' numpy formatting than a flat fixed-size list, for a little more disk (its nested
@@ -47,6 +50,7 @@ from .io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_j
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
 MANIFEST = "manifest.json"
 FORMAT = "hspace-samples/1"
+X_T = "x_t"  # the optional column of the latents entering every step
 
 
 def samples_dir(run_dir: str | os.PathLike) -> Path:
@@ -57,15 +61,16 @@ def shard_name(sample_ids: Sequence[int]) -> str:
     return f"part-{min(sample_ids):010d}-{max(sample_ids):010d}-n{len(sample_ids)}.arrow"
 
 
-def features(h_shape_t: Sequence[int], h_dtype: str, prompt: bool = False):
+def features(h_shape_t: Sequence[int], h_dtype: str, prompt: bool = False, x_t_shape: Sequence[int] | None = None):
     """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W); text models' samples also
-    have a ``prompt`` column."""
+    have a ``prompt`` column, and with ``x_t_shape`` ((T, *latent_shape)) an ``x_t`` column (float32)."""
     from datasets import Array4D, Features, Image, Value
 
     arrow_dtype = np.dtype(dtype_entry(h_dtype).storage).name  # bfloat16: its bits, uint16
     return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
                      "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype),
-                     **({"prompt": Value("string")} if prompt else {})})
+                     **({"prompt": Value("string")} if prompt else {}),
+                     **({"x_t": Array4D(shape=tuple(x_t_shape), dtype="float32")} if x_t_shape is not None else {})})
 
 
 def _array_type(feature):
@@ -85,17 +90,20 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def shard_table(sample_ids: Sequence[int], seeds: Sequence[int], images: np.ndarray, h: torch.Tensor,
                 h_dtype: str = "float16", identity: dict | None = None,
-                prompts: Sequence[str] | None = None) -> pa.Table:
+                prompts: Sequence[str] | None = None, x_t: torch.Tensor | None = None) -> pa.Table:
     """One shard's table. images: (B, H, W, 3) uint8; h: (B, T, C, H, W); ``identity``: the content
     identity of the samples (model, scheduler, eta, dtypes), kept in the schema metadata so that
     shards found without a manifest can be checked before they are adopted; prompts: (B,) of a
-    text model's samples."""
-    feats = features(h.shape[1:], h_dtype, prompt=prompts is not None)
+    text model's samples; x_t: (B, T, *latent_shape), stored as float32."""
+    feats = features(h.shape[1:], h_dtype, prompt=prompts is not None,
+                     x_t_shape=None if x_t is None else x_t.shape[1:])
     table = pa.Table.from_arrays(
         [pa.array(np.asarray(sample_ids, dtype=np.int64)), pa.array(np.asarray(seeds, dtype=np.int64)),
          pa.array([{"bytes": encode_png(im), "path": None} for im in images], type=feats["image"].pa_type),
          pa.ExtensionArray.from_storage(_array_type(feats["h"]), _h_to_arrow_storage(h, h_dtype)),
-         *([pa.array(list(prompts), pa.string())] if prompts is not None else [])],
+         *([pa.array(list(prompts), pa.string())] if prompts is not None else []),
+         *([pa.ExtensionArray.from_storage(_array_type(feats["x_t"]), _h_to_arrow_storage(x_t, "float32"))]
+           if x_t is not None else [])],
         schema=feats.arrow_schema,
     )
     if identity is not None:
@@ -113,10 +121,10 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
 def write_shard(
     directory: str | os.PathLike, sample_ids: Sequence[int], seeds: Sequence[int],
     images: np.ndarray, h: torch.Tensor, h_dtype: str = "float16", identity: dict | None = None,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None, x_t: torch.Tensor | None = None,
 ) -> Path:
     """Write one shard atomically (see :func:`shard_table`)."""
-    table = shard_table(sample_ids, seeds, images, h, h_dtype, identity, prompts)
+    table = shard_table(sample_ids, seeds, images, h, h_dtype, identity, prompts, x_t)
     path = Path(directory) / shard_name(sample_ids)
     with atomic_path(path, fsync=True) as tmp:
         write_table(table, tmp)
@@ -267,18 +275,25 @@ def decode_images(column) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(v["bytes"])).convert("RGB")) for v in column.to_pylist()])
 
 
+def has_x_t(run_dir: str | os.PathLike) -> bool:
+    """Whether every shard of the (complete) dataset stores x_t (``generate.record_x_t``)."""
+    return all(X_T in open_shard(p).column_names for p in shard_paths(run_dir))
+
+
 def iter_samples(
     run_dir: str | os.PathLike, batch_size: int = 256, images: bool = False, h: bool = True,
-    ids: Sequence[int] | None = None,
+    ids: Sequence[int] | None = None, x_t: bool = False,
 ) -> Iterator[dict]:
     """Stream the dataset in batches: {"sample_id": (B,), "seed": (B,), "h": (B, T, C, H, W) torch,
-    "images": (B, H, W, 3) uint8 (if asked), "prompt": (B,) str (text models)}; h is a read-only view
-    of the memory-mapped shard.
+    "images": (B, H, W, 3) uint8 (if asked), "prompt": (B,) str (text models), "x_t": (B, T,
+    *latent_shape) float32 (if asked; :func:`has_x_t` says whether the shards hold it)}; h and x_t are
+    read-only views of the memory-mapped shard.
 
     ``ids``: only these sample ids (in dataset order). Memory stays at one batch.
     """
     manifest = read_manifest(run_dir)
     h_shape_t, h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
+    x_t_shape = (h_shape_t[0], *manifest["latent_shape"]) if x_t else None
     wanted = None if ids is None else set(int(i) for i in ids)
     for path in shard_paths(run_dir):
         table = open_shard(path)
@@ -294,6 +309,10 @@ def iter_samples(
                 out["images"] = decode_images(part.column("image"))
             if "prompt" in part.column_names:
                 out["prompt"] = part.column("prompt").to_pylist()
+            if x_t:
+                if X_T not in part.column_names:
+                    raise DatasetError(f"shard {path} stores no x_t (generated with generate.record_x_t=false)")
+                out["x_t"] = h_view(part.column(X_T), x_t_shape, "float32")
             yield out
 
 

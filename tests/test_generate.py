@@ -101,8 +101,8 @@ def test_corrupt_shards_are_named_then_redone(tmp_path, tiny_model_dir):
     assert sorted(after) == sorted(before)
     assert all(torch.equal(after[s][0], before[s][0]) for s in after)
     ds = load_samples(run).with_format("numpy")
-    assert ds.column_names == ["sample_id", "seed", "image", "h"] and len(ds) == 9
-    assert ds[0]["h"].shape == (4, 16, 8, 8)
+    assert ds.column_names == ["sample_id", "seed", "image", "h", "x_t"] and len(ds) == 9  # x_t: generate.record_x_t
+    assert ds[0]["h"].shape == (4, 16, 8, 8) and ds[0]["x_t"].shape == (4, 3, 16, 16) and ds[0]["x_t"].dtype == np.float32
 
 
 @pytest.mark.slow

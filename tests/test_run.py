@@ -76,6 +76,7 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
                              "fewshot", "figures", "evaluate", "report"]
     assert timings["generate"]["unet_evaluations"] == 24 * 3 and timings["generate"]["images"] == 24
     assert timings["annotate"]["scored"] == 24 and timings["annotate"]["unet_evaluations"] == 0
+    assert timings["probe"]["unet_evaluations"] == 0  # x_t stored by generate (generate.record_x_t), not re-sampled
     assert timings["evaluate"]["unet_evaluations"] > 0 and timings["jacobian"]["unet_evaluations"] > 0
     assert "where the time went" in first and "U-Net evals" in first
     families = {p.name for p in (run / "edits").iterdir() if p.is_dir()}

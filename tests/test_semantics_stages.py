@@ -65,6 +65,33 @@ def test_probe_stage_matches_an_independent_computation(selected_run):
         assert rows.encoded.tolist() == encoded_steps(rows.score, rows.chance, 0.9).tolist()
 
 
+def test_probe_reads_the_stored_x_t_bit_for_bit_and_samples_nothing(selected_run):
+    """generate stores x_t (generate.record_x_t): the probe reads it instead of sampling the seeds
+    again, and gets exactly what the resampling gives at the same batches (generate's 20 per batch)."""
+    from pipeline.cost import COUNTERS
+    from pipeline.probes import probe_table, split_by_id
+    from pipeline.samples import has_x_t
+    from pipeline.stages.annotate import load_annotations
+    from pipeline.stages.probe import gather_features
+
+    cfg = with_overrides(selected_run, ["probe.batch_size=20"])  # = generate.batch_size: the same batches
+    assert has_x_t(cfg.run_dir)
+    ids = load_annotations(cfg.run_dir).sort_values("sample_id").sample_id.astype(int).tolist()
+    before = COUNTERS.unet_evaluations
+    stored = gather_features(cfg, ids)
+    assert COUNTERS.unet_evaluations == before  # no U-Net pass
+    resampled = gather_features(cfg, ids, resample=True)
+    assert COUNTERS.unet_evaluations == before + len(ids) * 3
+    for space in ("h", "x_t"):
+        assert stored[space].dtype == resampled[space].dtype
+        np.testing.assert_array_equal(stored[space], resampled[space])
+    ann = load_annotations(cfg.run_dir).sort_values("sample_id")
+    scores = {a: ann[a].to_numpy() for a in ("bright", "red")}
+    test = split_by_id(ids, 0.25, 0)
+    pd.testing.assert_frame_equal(probe_table(stored, scores, test, (), components=8),
+                                  probe_table(resampled, scores, test, (), components=8))
+
+
 @pytest.mark.slow
 def test_supervised_restricted_to_the_probe_steps(selected_run):
     from pipeline.stages.probe import load_probes, run_probe

@@ -62,12 +62,17 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
     return batches
 
 
-def bytes_per_sample(h_shape_t, h_dtype: str, image_shape) -> int:
-    """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids."""
+def bytes_per_sample(h_shape_t, h_dtype: str, image_shape, latent_shape=None) -> int:
+    """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids, and x_t
+    (float32) with ``latent_shape``."""
     T, C, H, W = h_shape_t
     h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
     offsets = 4 * (T + T * C + T * C * H + 4)
-    return h_bytes + offsets + int(np.prod(image_shape)) + 1024
+    x_t = 0
+    if latent_shape is not None:
+        c, hh, _ = latent_shape
+        x_t = T * int(np.prod(latent_shape)) * 4 + 4 * (T + T * c + T * c * hh + 4)
+    return h_bytes + offsets + x_t + int(np.prod(image_shape)) + 1024
 
 
 def package_versions() -> dict:
@@ -125,20 +130,22 @@ def prompt_function(assignment: dict | None):
 def identity(cfg, known: dict | None = None) -> dict:
     """The record of the samples dataset this configuration asks for (``key``: freshness); the
     dataset's ``id`` is set when it is complete, from its content identity and sample ids."""
+    # record_x_t adds a column the samples' content does not depend on (readers check for it)
     return make_record("generate", config_sections(cfg, "model", "generate", "trainer.precision",
-                                                   drop=("generate.batch_size", "generate.writer_queue")),
+                                                   drop=("generate.batch_size", "generate.writer_queue",
+                                                         "generate.record_x_t")),
                        assets={"model": weights_identity(cfg.model.name_or_path)})
 
 
 # ---------------------------------------------------------------------- Lightning
 class GenerateModule(ItemModule):
-    """predict_item: seeds -> images and h trajectories of an HSpaceModel."""
+    """predict_item: seeds -> images and h trajectories of an HSpaceModel (and x_t with ``record_x_t``)."""
 
-    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None):
+    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None, record_x_t: bool = False):
         super().__init__()
         self.hmodel = model
         self.unet = model.unet  # registered, so Lightning moves it to the rank's device
-        self.h_dtype, self.prompt_of = h_dtype, prompt_of
+        self.h_dtype, self.prompt_of, self.record_x_t = h_dtype, prompt_of, record_x_t
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
@@ -147,8 +154,10 @@ class GenerateModule(ItemModule):
         self.hmodel.to(self.device)
         prompts = None if self.prompt_of is None else [self.prompt_of(s) for s in seeds]
         # h goes straight into a CPU buffer of the stored dtype: the batch's trajectories are held once
-        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=DTYPES[self.h_dtype].tensor, h_device="cpu")
-        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts}
+        out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=DTYPES[self.h_dtype].tensor, h_device="cpu",
+                                 return_latents=self.record_x_t)
+        x_t = out.latents.float().cpu() if self.record_x_t else None
+        return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts, "x_t": x_t}
 
 
 class GenerateData(RankShare):
@@ -260,19 +269,22 @@ def run_generate(cfg) -> dict:
         final = finalise_manifest(run_dir, manifest, wanted, record) if rank0 else manifest
         print(f"hspace generate: all {g.num_samples} samples already in {samples_dir(run_dir)}")
         return final
-    check_disk(run_dir, todo, bytes_per_sample(manifest["h_shape_t"], g.h_dtype, model.image_shape))
+    check_disk(run_dir, todo, bytes_per_sample(manifest["h_shape_t"], g.h_dtype, model.image_shape,
+                                               model.latent_shape if g.record_x_t else None))
     if rank0:
         write_json_atomic(samples_dir(run_dir) / MANIFEST, {**manifest, "shards": [p.name for p in sorted(scan.valid)],
                                                               "complete": False})
     writer = PartWriter(samples_dir(run_dir) / "shards", lambda p: shard_name(p["seeds"]),
                         lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype,
-                                                                content, p.get("prompts")), path), fsync=True,
+                                                                content, p.get("prompts"), p.get("x_t")), path),
+                        fsync=True,
                         queue_size=g.writer_queue)
     trainer = make_trainer(cfg.trainer, [
         writer, ItemsProgress("generate", todo),
         AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted, record), "generate"),
     ])
-    trainer.predict(GenerateModule(model, g.h_dtype, prompt_function(prompts)), datamodule=GenerateData(run_dir, g),
+    trainer.predict(GenerateModule(model, g.h_dtype, prompt_function(prompts), g.record_x_t),
+                    datamodule=GenerateData(run_dir, g),
                     return_predictions=False)
     if trainer.is_global_zero:
         print(f"hspace generate: {g.num_samples} samples in {samples_dir(run_dir)}")

@@ -1,8 +1,9 @@
 """`hspace probe`: where semantics live, as per-timestep linear probes.
 
 For every attribute and every sampling step, how well a linear model reads the attribute from h_t
-(the stored trajectories) and, for comparison, from x_t (the latent entering that step,
-recomputed by sampling the same seeds again: the samples dataset stores h, not x_t). Held-out
+(the stored trajectories) and, for comparison, from x_t (the latent entering that step: stored
+by ``generate`` with ``generate.record_x_t``, the default, else recomputed by sampling the same
+seeds again, a second ``generate``'s worth of U-Net work). Held-out
 accuracy for binary attributes, R^2 for continuous ones, on a fixed train/test split by sample id
 (:mod:`pipeline.probes`). Writes ``<run_dir>/probes/``: ``probes.csv`` (attribute, space, step,
 metric, score, chance, encoded), ``probes.png`` (the curves over the steps) and its identity
@@ -23,7 +24,7 @@ from ..io import atomic_path, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
 from ..probes import encoded_steps_of, is_binary, probe_table, split_by_id
-from ..samples import iter_samples, read_manifest
+from ..samples import has_x_t, iter_samples, read_manifest
 from .annotate import load_annotations
 
 PROBES = "probes"
@@ -39,16 +40,18 @@ def probe_attributes(cfg, annotations: pd.DataFrame) -> list[str]:
     return attrs
 
 
-def gather_features(cfg, ids) -> dict[str, np.ndarray]:
+def gather_features(cfg, ids, resample: bool = False) -> dict[str, np.ndarray]:
     """{"h": (N, T, D) float16, "x_t": (N, T, D') float32} for the samples ``ids`` (in that order);
-    x_t from sampling their seeds again with the run's model."""
+    x_t as the samples dataset stores it (``generate.record_x_t``), else (or with ``resample``) from
+    sampling their seeds again with the run's model."""
     spaces = list(dict.fromkeys(cfg.probe.spaces))
+    stored = "x_t" in spaces and not resample and has_x_t(cfg.run_dir)
     order = {int(i): k for k, i in enumerate(ids)}
     out = {}
     seeds = np.empty(len(ids), dtype=np.int64)
     prompts: list = [None] * len(ids)
-    h = None
-    for b in iter_samples(cfg.run_dir, batch_size=256, ids=ids, h="h" in spaces):
+    h = x_t = None
+    for b in iter_samples(cfg.run_dir, batch_size=256, ids=ids, h="h" in spaces, x_t=stored):
         rows = [order[int(i)] for i in b["sample_id"]]
         seeds[rows] = b["seed"]
         for r, p in zip(rows, b.get("prompt", [None] * len(rows))):
@@ -57,9 +60,15 @@ def gather_features(cfg, ids) -> dict[str, np.ndarray]:
             if h is None:
                 h = np.empty((len(ids), b["h"].shape[1], int(np.prod(b["h"].shape[2:]))), dtype=np.float16)
             h[rows] = b["h"].reshape(len(rows), b["h"].shape[1], -1).numpy()
+        if stored:
+            if x_t is None:
+                x_t = np.empty((len(ids), b["x_t"].shape[1], int(np.prod(b["x_t"].shape[2:]))), dtype=np.float32)
+            x_t[rows] = b["x_t"].reshape(len(rows), b["x_t"].shape[1], -1).numpy()
     if "h" in spaces:
         out["h"] = h
-    if "x_t" in spaces:
+    if stored:
+        out["x_t"] = x_t
+    elif "x_t" in spaces:
         model = HSpaceModel.from_config(cfg.model)
         bs, xs = cfg.probe.batch_size, []
         for start in range(0, len(ids), bs):
