@@ -17,6 +17,8 @@ import pandas as pd
 
 from pipeline.figures import plt, save_figure
 
+from .tables import df_html, table1_html
+
 FAMILY_TITLES = {"original": "supervised (eq. 10)", "disentangled": "disentangled (eq. 11)",
                  "pca": "PCA (matched to the attribute each moves most)", "random": "random, norm-matched"}
 
@@ -74,7 +76,7 @@ def auto_choices(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(threshold=auto["threshold"])
 
 
-def report_section(page, run_dir: Path, df_html, table1_html) -> None:
+def report_section(page, run_dir: Path) -> None:
     """The report's dose-response section: calibrated Table 1, the curves, auto's choices."""
     ev = Path(run_dir) / "evaluation"
     summary = json.loads((ev / "summary.json").read_text()) if (ev / "summary.json").exists() else {}

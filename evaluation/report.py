@@ -25,6 +25,7 @@ from pipeline.samples import read_manifest
 
 from .costs import costs_html
 from .semantics import add_sections
+from .tables import df_html, table1_html
 
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
@@ -106,18 +107,6 @@ class Page:
                 f"<main>{body}</main></body></html>\n")
 
 
-def df_html(df: pd.DataFrame, floatfmt: str = "{:.3f}", index: bool = False) -> str:
-    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    rows = []
-    for idx, r in df.iterrows():
-        cells = ([f"<td>{html.escape(str(idx))}</td>"] if index else [])
-        for v in r.values:
-            cells.append(f"<td>{floatfmt.format(v) if isinstance(v, float) else html.escape(str(v))}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
 def checks_table(d: pd.DataFrame) -> pd.DataFrame:
     """disentanglement.csv for reading: the largest side effect with its attribute, and each
     check with its bootstrap interval in one cell ("0.38 [0.02, 0.65]")."""
@@ -132,24 +121,6 @@ def checks_table(d: pd.DataFrame) -> pd.DataFrame:
         "own strongest": d["own_is_strongest"].map({True: "yes", False: "no"}),
         "own - largest side [95% CI]": with_ci("own_margin"),
         "side effect vs original [95% CI]": with_ci("off_diagonal_vs_original")})
-
-
-def table1_html(table: pd.DataFrame) -> str:
-    """table1.csv (family, direction, <attr>..., <attr>_std...) -> the paper's layout."""
-    attrs = [c for c in table.columns if c not in ("family", "direction") and not c.endswith("_std")]
-    out = ["<table><thead><tr><th>Edit \\ Effect</th>" + "".join(f"<th>{html.escape(a)}</th>" for a in attrs)
-           + "</tr></thead><tbody>"]
-    for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
-        rows = table[table.family == family]
-        if rows.empty:
-            continue
-        out.append(f'<tr class="section"><td colspan="{len(attrs) + 1}">{title}</td></tr>')
-        for _, r in rows.iterrows():
-            best = max(attrs, key=lambda a: r[a])
-            cells = "".join(f'<td class="{"best" if a == best else ""}">{r[a]:.2f} '
-                            f'<span class="pm">± {r[a + "_std"]:.2f}</span></td>' for a in attrs)
-            out.append(f"<tr><td>{html.escape(str(r.direction))}</td>{cells}</tr>")
-    return "".join(out) + "</tbody></table>"
 
 
 def git_commit() -> str | None:
@@ -259,7 +230,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
 
     from .dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
 
-    dose_response_section(page, run_dir, df_html, table1_html)
+    dose_response_section(page, run_dir)
 
     # ---- directions
     dirs = run_dir / "directions"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .tables import df_html
+
 
 def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per attribute and space: the metric, the first and best steps' scores, chance, and the encoded steps."""
@@ -35,8 +37,6 @@ def effect_table(curve: pd.DataFrame) -> pd.DataFrame:
 def add_sections(page, run_dir) -> None:
     """Append the probe and Fig. 8 sections to a report ``page`` (evaluation.report.Page) when the
     run holds their outputs."""
-    from .report import df_html
-
     run_dir = Path(run_dir)
     probes = run_dir / "probes"
     if (probes / "probes.csv").exists():
