@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cost import measured
+from .cost import measured, passive_openmp_waits
 from .errors import HSpaceError, Interrupted
 from .io import locked_stage
 from .registry import COMMANDS, DISTRIBUTED, STAGES
@@ -67,6 +67,7 @@ def _raise_interrupted(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    passive_openmp_waits()  # before anything imports torch
     args = _parser().parse_args(argv)
     from .config import defaults_yaml, load_config
     from .io import launching_rank

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,18 @@ class Counters:
 
 #: this process's counters (the engine and the annotators add to them)
 COUNTERS = Counters()
+
+
+def passive_openmp_waits() -> None:
+    """OpenMP threads waiting for work sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the environment says otherwise. Effective only before torch is imported (the command line
+    calls it first). On a machine shared with other jobs, spinning threads that wait for a
+    descheduled one multiply the time: 64 toy samples x 4 steps with 2 threads at load 5 took
+    3.6-11.4 s spinning against 2.1-2.5 s passive (2.2-2.3 s with one thread); the Jacobian and the
+    calibration of a default run took 837 s and 791 s spinning against 82 s and 99 s with one thread
+    (docs/benchmarks.md). A thread that sleeps costs a wake-up per parallel region, microseconds
+    against a U-Net layer's milliseconds."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def count(**amounts: int) -> None:

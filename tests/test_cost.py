@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -39,3 +40,15 @@ def test_measured_writes_the_stage_entry_and_the_table(tmp_path, tiny_model):
     with cost.measured(tmp_path, "x", rank0=False):  # other ranks write nothing
         pass
     assert "x" not in cost.read_timings(tmp_path)
+
+
+def test_the_command_line_lets_waiting_openmp_threads_sleep_unless_told_otherwise(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset")
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # restored to the session's value afterwards
+    assert main(["config", "--defaults"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["config", "--defaults"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
