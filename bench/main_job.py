@@ -25,7 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from pipeline.cost import passive_openmp_waits
+
+passive_openmp_waits()  # before torch is imported, as the hspace command line runs
+import torch  # noqa: E402
 
 
 def plain_diffusers(cfg) -> float:
