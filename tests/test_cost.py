@@ -45,10 +45,11 @@ def test_measured_writes_the_stage_entry_and_the_table(tmp_path, tiny_model):
 def test_the_command_line_lets_waiting_openmp_threads_sleep_unless_told_otherwise(monkeypatch, capsys):
     from pipeline.cli import main
 
-    monkeypatch.setenv("OMP_WAIT_POLICY", "unset")
-    monkeypatch.delenv("OMP_WAIT_POLICY")  # restored to the session's value afterwards
+    for name in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)  # restored to the session's value afterwards
     assert main(["config", "--defaults"]) == 0
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_THREAD_TIMEOUT"] == "4"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert main(["config", "--defaults"]) == 0
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
