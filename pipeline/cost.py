@@ -48,16 +48,10 @@ COUNTERS = Counters()
 
 def passive_openmp_waits() -> None:
     """Threads waiting for work sleep instead of spinning, unless the environment says otherwise:
-    torch's OpenMP pool (``OMP_WAIT_POLICY=PASSIVE``) and numpy's OpenBLAS pool (``OPENBLAS_THREAD_TIMEOUT=4``:
-    2^4 cycles of spinning, the least it allows). Effective only before torch and numpy are imported
-    (the command line calls it first). On a machine shared with other jobs, spinning threads that
-    wait for a descheduled one multiply the time: 64 toy samples x 4 steps with 2 threads at load 5
-    took 3.6-11.4 s spinning against 2.1-2.5 s passive (2.2-2.3 s with one thread); ten products and
-    eigendecompositions of a 384 x 8192 matrix in numpy (the probe's arithmetic) 46.5 s spinning,
-    6.4 s with the short timeout, 1.0 s with one thread; the Jacobian and the calibration of a default
-    run took 837 s and 791 s spinning against 82 s and 99 s with one thread (docs/benchmarks.md). A
-    thread that sleeps costs a wake-up per parallel region, microseconds against a U-Net layer's
-    milliseconds."""
+    torch's OpenMP pool (``OMP_WAIT_POLICY=PASSIVE``) and numpy's OpenBLAS pool
+    (``OPENBLAS_THREAD_TIMEOUT=4``, the shortest spin it allows). Effective only before torch and
+    numpy are imported (the command line calls it first). On a machine shared with other jobs,
+    spinning threads waiting for a descheduled one multiply the time (figures: docs/benchmarks.md)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
