@@ -395,3 +395,20 @@ def test_a_damaged_local_model_folder_is_not_told_to_download(tmp_path, tiny_mod
     (broken / "config.json").write_text("{not json")
     rc, err = cli(capsys, monkeypatch, "generate", *common(tmp_path / "run", broken))
     assert rc == 2 and str(broken) in err and "damaged" in err and "huggingface-cli" not in err
+
+
+def test_a_command_closes_the_process_group_it_ran_in(tmp_path, monkeypatch, capsys):
+    """Left open to the interpreter's exit, gloo's threads abort a finished multi-process command
+    ("terminate called without an active exception"); the command line closes the group itself."""
+    import torch.distributed as dist
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["config", f"run_dir={tmp_path / 'run'}"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
