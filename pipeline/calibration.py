@@ -5,11 +5,12 @@ a disentangled one is shorter than its original, the toy and celebahq differ by 
 magnitude), so a fixed scale compares edits of different sizes. ``calibrate`` finds, for every
 direction at once, the scale s at which the mean change of its own attribute over the
 calibration seeds equals ``target`` standard deviations of the attribute's unedited scores: a
-secant search on f(s) = own change, starting from the point (0, 0) (an edit of scale 0 changes
-nothing) and ``start``. A response linear in s is solved exactly by the first secant step; the
-search stops when |f(s) - target| <= rtol * target. The last measurement of each direction (at
-the returned scale) also gives every other attribute's change: the entanglement that
-``disentangle.pairs: auto`` reads.
+search on f(s) = own change (:func:`search_scales`) from the point (0, 0) (an edit of scale 0
+changes nothing) and ``start``, by secant steps until a point above and one below the target
+bracket it, then by regula falsi inside the bracket. A response linear in s is solved exactly by
+the first step; the search stops when |f(s) - target| <= rtol * target. The last measurement of
+each direction (at the returned scale) also gives every other attribute's change: the
+entanglement that ``disentangle.pairs: auto`` reads.
 
 The measuring is :func:`measure_edits`: the model samples every (seed, edit) pair in batches and
 the scorer (any callable images -> {attribute: (B,) scores}) reads them.
@@ -57,19 +58,30 @@ def measure_edits(model, scorer: Callable, seeds: Sequence[int], deltas: Sequenc
     return {a: out[a].reshape(len(deltas), len(seeds)) - np.asarray(base[a])[None] for a in out}
 
 
-def secant_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start: np.ndarray, target: float,
-                  rtol: float = 0.05, max_iter: int = 4) -> dict:
-    """Scales s_k with measure(s)_k = target, for K responses at once.
+def search_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start: np.ndarray, target: float,
+                  rtol: float = 0.05, max_iter: int = 6) -> dict:
+    """Scales s_k with measure(s)_k = target > 0, for K responses at once.
 
     measure(indices, scales) -> the responses of those directions at those scales (each measured
-    anew). Starts at (0, 0) and ``start``; each round moves every unfinished direction by a secant
-    step through its last two points (clipped to a factor 10 per round). A direction whose
-    response at its start is not positive (it moves its attribute the other way, or not at all)
-    gets no scale (NaN). Returns {"scales", "responses" (at those scales), "rounds",
-    "converged" (bool per direction), "history" (per direction, [(scale, response), ...])}."""
+    anew; the same scale must give the same response). Each round measures every unfinished
+    direction once. A direction starts from (0, 0) and ``start``. While all its points lie below
+    the target, it moves by a secant step through its last two points (clipped to a factor 10 per
+    round). Once a point lies above the target, it and the point below the target closest to it
+    ((0, 0) if none) bracket the target, and every later round stays inside the bracket: regula
+    falsi, with the Illinois modification (the value at an end kept twice in a row is halved), which
+    converges on any continuous response, however non-linear. A direction whose response at its
+    start is not positive (it moves its attribute the other way, or not at all) gets no scale (NaN).
+    The result is each direction's measured point closest to the target; a response with no point
+    within ``rtol`` of it (e.g. a step function) ends unconverged, after ``max_iter`` rounds or once
+    its bracket cannot shrink. Returns {"scales", "responses" (at those scales), "rounds",
+    "converged" (bool per direction), "history" (per direction, [(scale, response), ...], from
+    (0, 0))}."""
     start = np.asarray(start, dtype=float)
     K = len(start)
     history: list[list[tuple[float, float]]] = [[(0.0, 0.0)] for _ in range(K)]
+    lo: list[list[float]] = [[0.0, -target] for _ in range(K)]  # bracket ends [s, f(s) - target], f(lo) < target
+    hi: list[list[float] | None] = [None] * K  # f(hi) > target
+    kept = [0] * K  # the end the last round kept: -1 lo, +1 hi
     scales, todo = start.copy(), list(range(K))
     done = np.zeros(K, bool)
     failed = np.zeros(K, bool)
@@ -79,21 +91,44 @@ def secant_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start:
         rounds += 1
         nxt = []
         for k, fk in zip(todo, f):
-            history[k].append((float(scales[k]), float(fk)))
-            if abs(fk - target) <= rtol * target:
+            s1, g1 = float(scales[k]), float(fk) - target
+            history[k].append((s1, float(fk)))
+            if abs(g1) <= rtol * target:
                 done[k] = True
                 continue
-            (s0, f0), (s1, f1) = history[k][-2], history[k][-1]
-            if len(history[k]) == 2 and f1 <= 0:
+            if len(history[k]) == 2 and fk <= 0:
                 failed[k] = True  # no secant through (0, 0) reaches a positive target
                 continue
-            slope = (f1 - f0) / (s1 - s0) if s1 != s0 else 0.0
-            if slope <= 0:  # not monotone here: go back to the best point's linear guess
-                sb, fb = max(history[k][1:], key=lambda p: p[1])
-                new = sb * target / fb if fb > 0 else s1
-            else:
-                new = s1 + (target - f1) / slope
-            scales[k] = float(np.clip(new, s1 / 10, s1 * 10)) if s1 > 0 else new
+            if hi[k] is None and g1 < 0:  # no bracket yet: secant, as far as a factor 10
+                if g1 > lo[k][1]:
+                    lo[k] = [s1, g1]
+                (s0, f0) = history[k][-2]
+                slope = (fk - f0) / (s1 - s0) if s1 != s0 else 0.0
+                if slope <= 0:  # not monotone here: the best point's linear guess
+                    sb, fb = max(history[k][1:], key=lambda p: p[1])
+                    new = sb * target / fb
+                else:
+                    new = s1 + (target - fk) / slope
+                scales[k] = float(np.clip(new, s1 / 10, s1 * 10)) if s1 > 0 else new
+                nxt.append(k)
+                continue
+            if hi[k] is None:
+                hi[k] = [s1, g1]
+            else:  # the new point replaces the end of its sign; the other end is kept
+                side = 1 if g1 < 0 else -1
+                if side == 1:
+                    lo[k] = [s1, g1]
+                else:
+                    hi[k] = [s1, g1]
+                if kept[k] == side:  # Illinois: an end kept twice in a row counts half
+                    end = hi[k] if side == 1 else lo[k]
+                    end[1] /= 2
+                kept[k] = side
+            (a, ga), (b, gb) = lo[k], hi[k]
+            new = (a * gb - b * ga) / (gb - ga)
+            if not min(a, b) < new < max(a, b):
+                continue  # the bracket cannot shrink further
+            scales[k] = new
             nxt.append(k)
         todo = nxt
     out_scales = np.full(K, np.nan)
@@ -121,7 +156,7 @@ def unedited_scores(model, scorer: Callable, seeds: Sequence[int], batch_size: i
 
 def calibrate(model, scorer: Callable, names: Sequence[str], directions: Sequence[torch.Tensor], seeds: Sequence[int],
               std_seeds: Sequence[int], start: float | Sequence[float], target: float = 1.0, rtol: float = 0.05,
-              max_iter: int = 4, own: dict[str, str] | None = None, batch_size: int = 64, device=None,
+              max_iter: int = 6, own: dict[str, str] | None = None, batch_size: int = 64, device=None,
               unedited: dict[str, np.ndarray] | None = None) -> dict:
     """The calibration record of named directions (each (T, C, H, W)): per direction the scale at
     which its own attribute (``own_attribute(name, own)``) moves by ``target`` standard deviations
@@ -154,7 +189,7 @@ def calibrate(model, scorer: Callable, names: Sequence[str], directions: Sequenc
         return np.array(out)
 
     starts = np.broadcast_to(np.asarray(start, dtype=float), (len(names),)).copy()
-    found = secant_scales(measure, starts, target, rtol, max_iter)
+    found = search_scales(measure, starts, target, rtol, max_iter)
     record = {"target": float(target), "unit": "standard deviations of the unedited scores", "seeds": seeds,
               "std_samples": len(std_seeds), "std": std, "rounds": int(found["rounds"]),
               "scales": {}, "own_effect": {}, "effects": {}, "se": {}, "converged": {}}

@@ -327,7 +327,9 @@ class CalibrateConfig(Section):
     std_samples: int = Field(64, ge=2, description="unedited seeds whose scores give the standard deviations (the "
                              "first num_samples of them are the edited ones)")
     rtol: float = Field(0.05, gt=0, description="stop when the own change is within this fraction of the target")
-    max_iter: int = Field(4, ge=1, description="rounds of the secant search (each applies every direction once)")
+    max_iter: int = Field(6, ge=1, description="rounds of the search (each applies every unfinished direction once): "
+                          "secant steps until a point below and one above the target bracket it, then regula falsi "
+                          "(Illinois) inside the bracket")
     batch_size: int = Field(64, ge=1, description="images per U-Net call")
 
     @model_validator(mode="after")

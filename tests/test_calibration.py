@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.optimize import brentq
 
 from evaluation.metrics import dose_response
-from pipeline.calibration import calibrate, entangled_with, secant_scales
+from pipeline.calibration import calibrate, entangled_with, search_scales
 from pipeline.directions import Directions
 from pipeline.stages.disentangle import disentangle, resolve_auto
 
@@ -51,16 +52,99 @@ def unedited_std(model, seeds) -> np.ndarray:
     return torch.stack([model.base(s) for s in seeds]).double().std(dim=0).numpy()
 
 
-def test_secant_solves_a_linear_response_in_one_step_and_a_saturating_one_within_tolerance():
+class Responses:
+    """measure(indices, scales) for search_scales from one response function per direction; logs the
+    directions each round measured."""
+
+    def __init__(self, *fns):
+        self.fns, self.calls = fns, []
+
+    def __call__(self, idx, scales):
+        self.calls.append(list(idx))
+        return np.array([self.fns[k](s) for k, s in zip(idx, scales)])
+
+
+def saturating(s):
+    return 1.3 * np.tanh(2.0 * s)
+
+
+def convex(s):
+    return 1.3 * (s / 2.0) ** 3
+
+
+def step(s):
+    """A binary attribute on 8 seeds: seed i flips at scale thresholds[i]; levels 0.3 std apart, none
+    within 5% of 1 (0.9 and 1.2 are the nearest)."""
+    return 0.3 * float(np.sum(s > np.array([0.3, 0.7, 1.1, 1.6, 2.2, 2.9, 3.5, 5.0])))
+
+
+def test_search_solves_a_linear_response_in_one_step_and_a_saturating_one_within_tolerance():
     slopes = np.array([0.5, 2.0, 0.1])
-    lin = secant_scales(lambda idx, s: slopes[idx] * s, np.full(3, 3.0), target=1.0, rtol=1e-9, max_iter=4)
+    lin = search_scales(lambda idx, s: slopes[idx] * s, np.full(3, 3.0), target=1.0, rtol=1e-9, max_iter=4)
     np.testing.assert_allclose(lin["scales"], 1.0 / slopes, rtol=1e-12)
     assert lin["rounds"] == 2 and lin["converged"].all()  # the start, then the exact scale
-    sat = secant_scales(lambda idx, s: np.tanh(0.4 * s), np.array([3.0]), target=0.8, rtol=0.01, max_iter=6)
+    sat = search_scales(lambda idx, s: np.tanh(0.4 * s), np.array([3.0]), target=0.8, rtol=0.01, max_iter=6)
     assert abs(np.tanh(0.4 * sat["scales"][0]) - 0.8) <= 0.01 * 0.8
     np.testing.assert_allclose(sat["scales"][0], np.arctanh(0.8) / 0.4, rtol=0.02)
-    wrong = secant_scales(lambda idx, s: -1.0 * s, np.array([3.0]), target=1.0)
-    assert np.isnan(wrong["scales"][0]) and not wrong["converged"][0]
+
+
+@pytest.mark.parametrize("f", [saturating, convex], ids=["saturating", "convex"])
+def test_search_brackets_a_strongly_non_linear_response_and_reaches_the_target(f):
+    """From the start 3, where f is 1.3 std: a secant through the last two points overshoots on
+    these (its best after 6 rounds: 1.25 std for the saturating one, 0.81 for the convex one); the
+    bracketed search reaches 1 std within 5%, and every point after the first one above the target
+    lies inside the bracket of the points before it."""
+    rtol = 0.05
+    out = search_scales(Responses(f), np.array([3.0]), target=1.0, rtol=rtol, max_iter=6)
+    assert out["converged"][0]
+    s = out["scales"][0]
+    assert abs(f(s) - 1.0) <= rtol and out["responses"][0] == f(s)
+    # f is increasing: f(s) within rtol of 1 <=> s between the scales where f = 1 -/+ rtol
+    assert brentq(lambda x: f(x) - (1 - rtol), 1e-6, 3.0) <= s <= brentq(lambda x: f(x) - (1 + rtol), 1e-6, 3.0)
+    history = out["history"][0]
+    assert history[0] == (0.0, 0.0) and history[1][0] == 3.0 and history[1][1] > 1.0
+    for i in range(2, len(history)):
+        below = max(x for x, fx in history[:i] if fx < 1.0)
+        above = min(x for x, fx in history[:i] if fx > 1.0)
+        assert below < history[i][0] < above
+
+
+def test_a_step_response_ends_unconverged_at_the_measured_point_closest_to_the_target():
+    """A binary attribute on few seeds: no scale reaches 1 std within 5%. The search stops at
+    max_iter, or sooner once the bracket around the step has shrunk to nothing, and returns the
+    measured point closest to the target: 0.9 std, the nearest level there is."""
+    for max_iter in (6, 500):
+        out = search_scales(Responses(step), np.array([3.0]), target=1.0, rtol=0.05, max_iter=max_iter)
+        measured = out["history"][0][1:]
+        assert not out["converged"][0] and len(measured) == out["rounds"] <= max_iter
+        assert out["responses"][0] == pytest.approx(0.9) and (out["scales"][0], out["responses"][0]) in measured
+        assert abs(out["responses"][0] - 1.0) == min(abs(fx - 1.0) for _, fx in measured)
+    assert out["rounds"] < 500  # the bracket closed on the step at 1.6
+    assert sorted({round(fx, 9) for _, fx in measured[-4:]}) == [0.9, 1.2]  # on both sides of it
+    assert abs(measured[-1][0] - 1.6) < 1e-9
+
+
+@pytest.mark.parametrize("f", [lambda s: -1.0 * s, lambda s: 0.0 * s], ids=["down", "flat"])
+def test_a_direction_that_does_not_move_its_attribute_up_gets_no_scale(f):
+    out = search_scales(Responses(f), np.array([3.0]), target=1.0)
+    assert np.isnan(out["scales"][0]) and np.isnan(out["responses"][0]) and not out["converged"][0]
+    assert out["rounds"] == 1 and len(out["history"][0]) == 2  # measured at its start only
+
+
+def test_directions_searched_together_get_what_each_gets_alone():
+    fns = [lambda s: 0.5 * s, saturating, convex, step, lambda s: -s, lambda s: np.sqrt(s) / 4]
+    start = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 1.0])  # the last one starts below its target
+    measure = Responses(*fns)
+    together = search_scales(measure, start, target=1.0, rtol=0.05, max_iter=6)
+    alone = [search_scales(Responses(f), start[[k]], target=1.0, rtol=0.05, max_iter=6) for k, f in enumerate(fns)]
+    for k, one in enumerate(alone):
+        np.testing.assert_array_equal(together["scales"][k], one["scales"][0])
+        np.testing.assert_array_equal(together["responses"][k], one["responses"][0])
+        assert together["converged"][k] == one["converged"][0] and together["history"][k] == one["history"][0]
+        # a direction is measured only until it is done
+        assert sum(k in idx for idx in measure.calls) == len(one["history"][0]) - 1
+    assert together["rounds"] == max(one["rounds"] for one in alone)
+    assert list(together["converged"]) == [True, True, True, False, False, True]
 
 
 def test_calibrate_gives_the_known_scale_and_the_planted_side_effects():
