@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cost import passive_openmp_waits
+from pipeline.process import passive_openmp_waits
 
 passive_openmp_waits()  # before torch is imported, as the hspace command line runs
 import torch  # noqa: E402

@@ -44,6 +44,7 @@ from pipeline.directions import load_directions
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.identity import (
     FOLDER_RECORD,
+    MODEL_SECTIONS,
     artefact_ids,
     config_sections,
     make_record,
@@ -514,7 +515,8 @@ def _directions(cfg, known: dict | None = None) -> list[str]:
 def identity(cfg, known: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
     """The record of the evaluation folder: settings, model, scorer weights and the directions.
     Without the bootstrap setting (``drop``), what every part is made from."""
-    return make_record("evaluate", config_sections(cfg, "evaluate", "model", "calibrate.first_seed", "edit.seeds", drop=drop),
+    sections = config_sections(cfg, "evaluate", *MODEL_SECTIONS, "calibrate.first_seed", "edit.seeds", drop=drop)
+    return make_record("evaluate", sections,
                        assets={"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()},
                        artefacts=artefact_ids(cfg.run_dir, _directions(cfg, known), known))
 

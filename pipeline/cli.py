@@ -12,9 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
-from .cost import measured, passive_openmp_waits
+from .cost import measured
 from .errors import HSpaceError, Interrupted
 from .io import locked_stage
+from .process import passive_openmp_waits
 from .registry import COMMANDS, DISTRIBUTED, STAGES
 
 STAGE_NAMES = frozenset(st.name for st in STAGES)

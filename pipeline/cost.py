@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,16 +43,6 @@ class Counters:
 
 #: this process's counters (the engine and the annotators add to them)
 COUNTERS = Counters()
-
-
-def passive_openmp_waits() -> None:
-    """Threads waiting for work sleep instead of spinning, unless the environment says otherwise:
-    torch's OpenMP pool (``OMP_WAIT_POLICY=PASSIVE``) and numpy's OpenBLAS pool
-    (``OPENBLAS_THREAD_TIMEOUT=4``, the shortest spin it allows). Effective only before torch and
-    numpy are imported (the command line calls it first). On a machine shared with other jobs,
-    spinning threads waiting for a descheduled one multiply the time (figures: docs/benchmarks.md)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 def count(**amounts: int) -> None:

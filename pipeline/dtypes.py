@@ -39,3 +39,24 @@ def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     return dtype if isinstance(dtype, torch.dtype) else dtype_entry(dtype).tensor
+
+
+#: Lightning's shorthand precisions -> their full names (as ``lightning.Trainer`` reads them)
+_PRECISION_ALIASES = {16: "16-mixed", "16": "16-mixed", "bf16": "bf16-mixed", 32: "32-true", "32": "32-true",
+                      64: "64-true", "64": "64-true"}
+_PRECISION_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16, "32": None, "64": torch.float64}
+
+
+def precision_dtypes(precision, device_type: str = "cpu") -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(weights dtype, autocast dtype) of a ``trainer.precision`` setting, as Lightning applies it:
+    ``*-true`` converts the weights (32-true: nothing), ``*-mixed`` keeps them and autocasts (16-mixed
+    on a CPU: bfloat16, as Lightning substitutes it)."""
+    name = _PRECISION_ALIASES.get(precision, str(precision))
+    width, _, kind = name.partition("-")
+    if width not in _PRECISION_DTYPES or kind not in ("true", "mixed"):
+        raise InputError(f"unknown precision {precision!r}; choose one of 32-true, 16-mixed, bf16-mixed, 16-true, "
+                         f"bf16-true, 64-true")
+    dtype = _PRECISION_DTYPES[width]
+    if kind == "mixed" and dtype == torch.float16 and device_type == "cpu":
+        dtype = torch.bfloat16
+    return (dtype, None) if kind == "true" else (None, dtype)

@@ -45,6 +45,11 @@ def describe(name: str) -> str:
     return DESCRIPTIONS.get(name, name)
 
 
+#: the configuration a model's outputs depend on besides its weights: the model section and the precision it
+#: computes in (a Trainer's, or ``HSpaceModel.use_precision`` outside one)
+MODEL_SECTIONS = ("model", "trainer.precision")
+
+
 def config_sections(cfg, *names: str, drop: tuple[str, ...] = ()) -> dict:
     """{dotted name: plain value} of the configuration sections an artefact depends on; ``drop``:
     dotted keys inside them that do not change it (batch sizes). ``cfg``: the configuration model

@@ -18,6 +18,7 @@ Conventions used throughout the project:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import noise as noise_streams
 from .cost import count
-from .dtypes import torch_dtype
+from .dtypes import precision_dtypes, torch_dtype
 from .errors import InputError
 from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
 from .hooks import HSpaceHook, resolve_hook
@@ -53,6 +54,15 @@ def state_dtype(device: torch.device) -> torch.dtype:
     float32 rounding (x_t is kept in float32 between steps, as ``.latents`` stores it) to the
     U-Net's; float32 where the device has no float64 (mps)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def in_precision_context(method):
+    """Run an HSpaceModel method in the model's :meth:`~HSpaceModel.precision_context`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.precision_context():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def check_guidance(scale: float) -> float:
@@ -175,6 +185,7 @@ class HSpaceModel:
         self.guidance_scale = check_guidance(guidance_scale)
         self._h_shape: tuple[int, ...] | None = None
         self._prompt_cache: tuple | None = None
+        self.precision_dtypes: tuple = (None, None)  # (weights, autocast) of use_precision
 
     @classmethod
     def from_pretrained(
@@ -199,8 +210,9 @@ class HSpaceModel:
                    name_or_path=str(name_or_path), **extra, **kwargs)
 
     @classmethod
-    def from_config(cls, model_cfg, device: str | torch.device | None = None) -> "HSpaceModel":
-        """From the ``model`` section of conf.yaml; ``device`` overrides ``model.device``."""
+    def from_config(cls, model_cfg, device: str | torch.device | None = None, precision=None) -> "HSpaceModel":
+        """From the ``model`` section of conf.yaml; ``device`` overrides ``model.device``; ``precision``
+        (``trainer.precision``) for the stages that run without a Lightning Trainer (see :meth:`use_precision`)."""
         text = {k: getattr(model_cfg, k) for k in ("prompt", "negative_prompt", "guidance_scale")
                 if getattr(model_cfg, k, None) is not None}
         return cls.from_pretrained(
@@ -211,7 +223,36 @@ class HSpaceModel:
             device=device or model_cfg.device,
             dtype=model_cfg.dtype,
             **text,
-        )
+        ).use_precision(precision)
+
+    def use_precision(self, precision=None) -> "HSpaceModel":
+        """Compute as a Lightning Trainer at ``precision`` (``trainer.precision``) would, without one:
+        ``*-true`` converts the networks' weights (and makes their dtype the default one while the model
+        works), ``*-mixed`` autocasts. None or 32-true: as loaded. Stages under a Trainer leave it to Lightning."""
+        self.precision_dtypes = precision_dtypes(precision, self.device.type) if precision is not None else (None, None)
+        weights = self.precision_dtypes[0]
+        if weights is not None and weights != self.dtype:
+            for module in self.family.modules().values():
+                module.to(dtype=weights)
+            self.dtype = weights
+        return self
+
+    @contextlib.contextmanager
+    def precision_context(self):
+        """Where sampling, inversion and U-Net passes run: :meth:`use_precision`'s autocast or default dtype."""
+        weights, autocast = self.precision_dtypes
+        if autocast is not None:
+            with torch.autocast(self.device.type, dtype=autocast):
+                yield
+        elif weights is not None:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(weights)
+            try:
+                yield
+            finally:
+                torch.set_default_dtype(previous)
+        else:
+            yield
 
     def to(self, device: str | torch.device) -> "HSpaceModel":
         """Move the networks (and where noise is sent) to ``device``."""
@@ -350,6 +391,7 @@ class HSpaceModel:
     def _alpha(self, step: int) -> float:
         return float(self.scheduler.alphas_cumprod[self.timesteps[step]].double())
 
+    @in_precision_context
     def predict(self, x_t: torch.Tensor, step: int, cond: Conditioning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_t, eps_t) at step index ``step`` from one U-Net pass, each computed from the model's
         native prediction (epsilon, v or sample); the hook's current edit applies.
@@ -429,6 +471,7 @@ class HSpaceModel:
             raise InputError(f"steps {bad} out of range: step indices run 0..{self.num_steps - 1} (0 = first, noisiest)")
         return [i in set(steps) for i in range(self.num_steps)]
 
+    @in_precision_context
     @torch.no_grad()
     def sample(
         self,
@@ -602,6 +645,7 @@ class HSpaceModel:
             raise InputError("images must be scaled to [-1, 1] (use pipeline.images.from_uint8 for uint8 arrays)")
         return self.family.encode(x.to(self.device)).to(self.state_dtype)
 
+    @in_precision_context
     @torch.no_grad()
     def invert(self, images: torch.Tensor, fixed_point_iterations: int = 0, *, prompt: str | Sequence[str] | None = None,
                negative_prompt: str | Sequence[str] | None = None, guidance_scale: float | None = None,
@@ -635,6 +679,7 @@ class HSpaceModel:
             x = x_i
         return InversionOutput(x_T=x.float(), h=hs)
 
+    @in_precision_context
     @torch.no_grad()
     def invert_ddpm(self, images: torch.Tensor, seeds: Sequence[int], eta: float | Sequence[float] | None = None, *,
                     prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,

@@ -221,3 +221,49 @@ def test_half_precision_generates_what_float32_does_within_rounding(tmp_path, ti
 def dataset_of(run_dir, model_dir, *overrides):
     _generate_in_process(run_dir, model_dir, "generate.num_samples=4", *overrides)
     return dataset(run_dir)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, "bf16"])
+def test_precision_dtypes_are_lightnings(precision):
+    """The stages without a Trainer read trainer.precision as Lightning does: the weights dtype of
+    *-true (the default dtype inside Fabric's context) and the autocast dtype of *-mixed."""
+    import lightning
+
+    from pipeline.dtypes import precision_dtypes
+
+    weights, autocast = precision_dtypes(precision)
+    with lightning.Fabric(accelerator="cpu", devices=1, precision=precision).autocast():
+        assert torch.is_autocast_enabled("cpu") == (autocast is not None)
+        if autocast is not None:
+            assert torch.get_autocast_dtype("cpu") == autocast
+        assert torch.get_default_dtype() == (weights or torch.float32)
+
+
+def test_an_unknown_precision_is_one_clear_error():
+    from pipeline.dtypes import precision_dtypes
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="unknown precision 'bf15-mixed'; choose one of"):
+        precision_dtypes("bf15-mixed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_stages_without_a_trainer_sample_at_the_trainers_precision(tmp_path, tiny_model_dir, precision):
+    """trainer.precision applies to every stage: a model built for a stage that runs without a
+    Lightning Trainer (sample, edit, figures, fewshot, the calibration) gives, seed for seed, the h
+    and images `hspace generate` (under a Trainer) gives at that precision, and not float32's."""
+    from pipeline.images import to_uint8
+    from pipeline.model import HSpaceModel
+
+    half = dataset_of(tmp_path / "half", tiny_model_dir, f"trainer.precision={precision}")
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "x", tiny_model_dir, steps=2), f"trainer.precision={precision}"])
+    for model, same in ((HSpaceModel.from_config(cfg.model, precision=precision), True),
+                        (HSpaceModel.from_config(cfg.model), False)):
+        out = model.sample(seeds=[0, 1])
+        images = to_uint8(out.images)
+        for i, sid in enumerate((0, 1)):
+            h, image = half[sid]
+            assert torch.equal(out.h[i].to(h.dtype), h) == same
+            if same:
+                np.testing.assert_array_equal(images[i], image)

@@ -103,7 +103,7 @@ class ExploreSession:
 
         from ..config import to_dict
 
-        model = HSpaceModel.from_config(cfg.model)
+        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
         scorer = build_annotator(cfg.evaluate.scorer, to_dict(cfg.evaluate.scorer_options), device=model.device)
         return cls(model, cfg.run_dir, scorer, cfg.supervised.real.fixed_point_iterations)
 

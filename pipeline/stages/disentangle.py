@@ -24,7 +24,7 @@ from ..calibration import calibrate, entangled_with, own_attribute, unedited_sco
 from ..config import to_dict
 from ..directions import Directions, load_directions, save_directions
 from ..errors import ConfigError
-from ..identity import artefact_ids, config_sections, make_record, read_record, verify
+from ..identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record, read_record, verify
 from ..io import hash_file, hash_json
 from ..supervised import cosine, project_out
 
@@ -93,7 +93,7 @@ def calibration_sections(cfg) -> dict:
     """What a calibration depends on (besides the directions and the model's weights): the calibrate
     section, the scorer and its own-attribute mapping, the start scale and the model section."""
     return config_sections(cfg, "calibrate", "evaluate.scorer", "evaluate.scorer_options", "evaluate.own_attribute",
-                           "evaluate.scale", "model", drop=("calibrate.batch_size",))
+                           "evaluate.scale", *MODEL_SECTIONS, drop=("calibrate.batch_size",))
 
 
 def identity(cfg, known: dict | None = None) -> dict:
@@ -127,7 +127,7 @@ class Calibrator:
 
         c, ev = self.cfg.calibrate, self.cfg.evaluate
         if self.model is None:
-            self.model = HSpaceModel.from_config(self.cfg.model)
+            self.model = HSpaceModel.from_config(self.cfg.model, precision=self.cfg.trainer.precision)
             self.scorer = build_annotator(ev.scorer, ev.scorer_options, self.model.device)
         std_seeds = list(range(c.first_seed, c.first_seed + c.std_samples))
         if self.unedited is None:  # sampled once for both files

@@ -31,7 +31,7 @@ from annotators.base import build_annotator
 
 from ..config import to_dict
 from ..errors import ConfigError
-from ..identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
 from ..io import atomic_path, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
@@ -147,7 +147,7 @@ def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int)
 def measure(cfg, edits: list[dict], restricted: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sample the held-out seeds under every edit and score them: (per_edit rows, restriction rows)."""
     fc = cfg.fewshot
-    model = HSpaceModel.from_config(cfg.model)
+    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
     scorer = build_annotator(cfg.evaluate.scorer, cfg.evaluate.scorer_options, model.device)
     seeds = list(range(fc.first_seed, fc.first_seed + fc.num_samples))
     results = {space: scored(model, scorer, seeds, [e for e in edits if e["space"] == space], space, fc.batch_size)
@@ -201,7 +201,7 @@ def identity(cfg, known: dict | None = None) -> dict:
     """The record of the fewshot folder: its settings, the scorer, the model, the selection and
     samples it estimates from, and the probes when it restricts."""
     sections = config_sections(cfg, "fewshot", "evaluate.scorer", "evaluate.scorer_options", "supervised.attributes",
-                               "model", "annotate.annotators", drop=("fewshot.batch_size",))
+                               *MODEL_SECTIONS, "annotate.annotators", drop=("fewshot.batch_size",))
     return make_record("fewshot", sections,
                        {"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()},
                        artefact_ids(cfg.run_dir, _reads(cfg, known), known))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..directions import Directions, load_directions
-from ..identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
 from ..io import atomic_path, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
@@ -42,7 +42,7 @@ def _present(run_dir, known: dict | None = None) -> list[str]:
 def identity(cfg, known: dict | None = None) -> dict:
     """The record of the edits folder: the model, the seeds and scales shown, and every directions
     file of the run it draws."""
-    return make_record("figures", config_sections(cfg, "report", "edit.seeds", "model", "evaluate.first_seed",
+    return make_record("figures", config_sections(cfg, "report", "edit.seeds", *MODEL_SECTIONS, "evaluate.first_seed",
                                                   "evaluate.sweep_samples", "evaluate.num_samples",
                                                   "evaluate.pca_components"),
                        assets={"model": weights_identity(cfg.model.name_or_path)},
@@ -52,7 +52,7 @@ def identity(cfg, known: dict | None = None) -> dict:
 def run_figures(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     d, out = run_dir / "directions", run_dir / "edits"
-    model = HSpaceModel.from_config(cfg.model)
+    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
     seeds = list(cfg.edit.seeds)
     for name in _present(run_dir):
         verify(run_dir, name)

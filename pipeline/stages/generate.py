@@ -31,7 +31,7 @@ import numpy as np
 from ..config import to_dict
 from ..dtypes import DTYPES
 from ..errors import ConfigError, DatasetError
-from ..identity import config_sections, differences, make_record
+from ..identity import MODEL_SECTIONS, config_sections, differences, make_record
 from ..images import to_uint8
 from ..io import hash_json, write_json_atomic
 from ..loading import weights_identity
@@ -131,7 +131,7 @@ def identity(cfg, known: dict | None = None) -> dict:
     """The record of the samples dataset this configuration asks for (``key``: freshness); the
     dataset's ``id`` is set when it is complete, from its content identity and sample ids."""
     # record_x_t adds a column the samples' content does not depend on (readers check for it)
-    return make_record("generate", config_sections(cfg, "model", "generate", "trainer.precision",
+    return make_record("generate", config_sections(cfg, *MODEL_SECTIONS, "generate",
                                                    drop=("generate.batch_size", "generate.writer_queue",
                                                          "generate.record_x_t")),
                        assets={"model": weights_identity(cfg.model.name_or_path)})

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..config import to_dict
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, ConvergenceError, DatasetError
-from ..identity import config_sections, make_record, read_record, safetensors_metadata
+from ..identity import MODEL_SECTIONS, config_sections, make_record, read_record, safetensors_metadata
 from ..io import hash_file
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..loading import weights_identity
@@ -118,7 +118,7 @@ def part_name(sample_id: int) -> str:
 def identity(cfg, known: dict | None = None) -> dict:
     """The record of jacobian.safetensors: the settings and the model (the samples are regenerated
     from their seeds, so the samples dataset is not an input)."""
-    return make_record("jacobian", config_sections(cfg, "jacobian", "model"), assets=_assets(cfg))
+    return make_record("jacobian", config_sections(cfg, "jacobian", *MODEL_SECTIONS), assets=_assets(cfg))
 
 
 def _assets(cfg) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
-from ..identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, verify
+from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, verify
 from ..io import atomic_path, write_json_atomic
 from ..loading import weights_identity
 from ..model import HSpaceModel
@@ -69,7 +69,7 @@ def gather_features(cfg, ids, resample: bool = False) -> dict[str, np.ndarray]:
     if stored:
         out["x_t"] = x_t
     elif "x_t" in spaces:
-        model = HSpaceModel.from_config(cfg.model)
+        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
         bs, xs = cfg.probe.batch_size, []
         for start in range(0, len(ids), bs):
             kwargs = {}
@@ -154,7 +154,7 @@ def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
 def identity(cfg, known: dict | None = None) -> dict:
     """The record of the probes folder: its settings, the samples and annotations, and the model
     (x_t is recomputed with it)."""
-    sections = ["probe", "select.attributes"] + (["model"] if "x_t" in cfg.probe.spaces else [])
+    sections = ["probe", "select.attributes"] + (list(MODEL_SECTIONS) if "x_t" in cfg.probe.spaces else [])
     assets = {"model": weights_identity(cfg.model.name_or_path)} if "x_t" in cfg.probe.spaces else {}
     return make_record("probe", config_sections(cfg, *sections, drop=("probe.batch_size",)), assets,
                        artefact_ids(cfg.run_dir, ["samples", "annotations.parquet"], known))

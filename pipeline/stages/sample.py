@@ -8,7 +8,7 @@ from ..model import HSpaceModel
 
 
 def run_sample(cfg) -> Path:
-    model = HSpaceModel.from_config(cfg.model)
+    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
     seeds = list(cfg.sample.seeds)
     scales = list(cfg.sample.scales)
     if cfg.sample.directions is not None:

@@ -29,7 +29,7 @@ import torch
 from .. import noise
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, DatasetError, InputError
-from ..identity import artefact_ids, config_sections, make_record
+from ..identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record
 from ..images import from_uint8, load_image
 from ..io import atomic_path, hash_tree
 from ..loading import weights_identity
@@ -197,7 +197,7 @@ def identity(cfg, known: dict | None = None) -> dict:
     sections, assets = ["supervised"], {}
     real = cfg.supervised.real
     if real.positive_dir and real.negative_dir:
-        sections.append("model")
+        sections.extend(MODEL_SECTIONS)
         assets = {"model": weights_identity(cfg.model.name_or_path),
                   **{k: hash_tree(d) for k, d in (("positive", real.positive_dir), ("negative", real.negative_dir))
                      if Path(d).is_dir()}}
@@ -224,7 +224,7 @@ def run_supervised(cfg) -> Path:
     print(f"hspace supervised: {len(directions)} directions ({', '.join(directions.names)}) -> {out}")
     real = cfg.supervised.real
     if real.positive_dir:  # the schema requires negative_dir with it
-        model = HSpaceModel.from_config(cfg.model)
+        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
         d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired,
                                        fixed_point_iterations=real.fixed_point_iterations)
         path = save_directions(Directions(d[None], [real.name], "real/ddim-inversion", model.timesteps.tolist(),
