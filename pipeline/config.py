@@ -79,7 +79,9 @@ class TrainerConfig(Section):
     num_nodes: int = Field(1, ge=1)
     strategy: str = Field("auto", description="auto | ddp | ddp_spawn ...")
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "bf16"] = Field(
-        "32-true", description="32-true | 16-mixed | bf16-mixed")
+        "32-true", description="32-true | 16-mixed | bf16-mixed | 16-true | bf16-true: what every stage samples in, "
+        "with or without a Trainer; jacobian computes in float32 (its tol is below half precision's "
+        "rounding)")
 
     @field_validator("devices")
     @classmethod

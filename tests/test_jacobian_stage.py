@@ -13,14 +13,16 @@ from pipeline.stages.jacobian import parse_mask
 
 
 @pytest.mark.slow
-def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_jacobian_stage_matches_the_explicit_svd(tmp_path, tiny_model_dir, precision):
+    """Under any trainer.precision the stage computes in float32 (bf16's rounding is above its tol)."""
     from pipeline.stages.generate import run_generate
     from pipeline.stages.jacobian import run_jacobian
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}",
                              "model.num_inference_steps=3", "model.eta=1.0", "trainer.accelerator=cpu",
                              "generate.num_samples=3", "jacobian.sample_ids=[2]", "jacobian.k=3", "jacobian.tau=1",
-                             "jacobian.tol=1e-6", "jacobian.mask=rect:0.5:1:0:1"])
+                             "jacobian.tol=1e-6", "jacobian.mask=rect:0.5:1:0:1", f"trainer.precision={precision}"])
     run_generate(cfg)
     run_jacobian(cfg)
     d = load_directions(tmp_path / "run" / "directions" / "jacobian.safetensors")

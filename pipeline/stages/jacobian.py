@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..config import to_dict
 from ..directions import Directions, save_directions
 from ..errors import ConfigError, ConvergenceError, DatasetError
-from ..identity import MODEL_SECTIONS, config_sections, make_record, read_record, safetensors_metadata
+from ..identity import config_sections, make_record, read_record, safetensors_metadata
 from ..io import hash_file
 from ..jacobian import global_at_index, jacobian_directions_all_steps
 from ..loading import weights_identity
@@ -118,7 +118,7 @@ def part_name(sample_id: int) -> str:
 def identity(cfg, known: dict | None = None) -> dict:
     """The record of jacobian.safetensors: the settings and the model (the samples are regenerated
     from their seeds, so the samples dataset is not an input)."""
-    return make_record("jacobian", config_sections(cfg, "jacobian", *MODEL_SECTIONS), assets=_assets(cfg))
+    return make_record("jacobian", config_sections(cfg, "jacobian", "model"), assets=_assets(cfg))
 
 
 def _assets(cfg) -> dict:
@@ -198,7 +198,8 @@ def run_jacobian(cfg) -> Path:
     timesteps, name = model.timesteps.tolist(), model.name_or_path
     writer = PartWriter(parts, lambda p: part_name(p["sample_id"]), lambda p, path: write_part(p, path, inputs))
     todo = Items(parts, ids)
-    trainer = make_trainer(cfg.trainer, [writer, ItemsProgress("jacobian", len(todo.plan()), count=lambda i: 1),
+    float32 = cfg.trainer.model_copy(update={"precision": "32-true"})  # tol is below half precision's rounding
+    trainer = make_trainer(float32, [writer, ItemsProgress("jacobian", len(todo.plan()), count=lambda i: 1),
                                          AfterAllRanks(lambda: write_directions(run_dir, c, ids, timesteps, name, record),
                                                        "jacobian")],
                            inference_mode=False)
