@@ -73,7 +73,8 @@ class Annotator(abc.ABC):
             raise InputError(f"{self.name}: images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
         for net in self.networks():
             net.eval()
-        with torch.no_grad():
+        # scores are measurements: float32 whatever autocast the caller runs under (trainer.precision)
+        with torch.no_grad(), torch.autocast(torch.device(self.device).type, enabled=False):
             out = self.score(self.preprocess(images.to(self.device)))
         count(scored=len(images))
         missing = set(self.attributes) - set(out)

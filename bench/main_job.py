@@ -18,6 +18,7 @@ the ratio is what to read, not the seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -31,22 +32,28 @@ passive_openmp_waits()  # before torch is imported, as the hspace command line r
 import torch  # noqa: E402
 
 
-def plain_diffusers(cfg) -> float:
-    """Seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and batch."""
+def plain_diffusers(cfg, precision="32-true") -> float:
+    """Seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and batch, at
+    ``precision`` (a ``trainer.precision`` value: weights converted or autocast, as hspace does)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
+    from pipeline.dtypes import precision_dtypes
     from pipeline.model import HSpaceModel
 
     model = HSpaceModel.from_config(cfg.model, device="cpu")
     unet = copy.deepcopy(model.unet).eval()  # the copy carries no hook
     for hook_owner in unet.modules():
         hook_owner._forward_hooks.clear()
+    weights, autocast = precision_dtypes(precision)
+    if weights is not None:
+        unet.to(weights)
+    compute = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     n, b = cfg.generate.num_samples, cfg.generate.batch_size
     eta = float(model.eta[0])
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), compute:
         for start in range(0, n, b):
             pipe(batch_size=min(b, n - start), num_inference_steps=cfg.model.num_inference_steps, eta=eta,
                  generator=torch.Generator().manual_seed(start), output_type="np")
@@ -72,15 +79,21 @@ def main() -> None:
         raise SystemExit(f"{run_dir} is not empty: the main job must start from nothing")
     cfg = load_config(args.config, [f"run_dir={run_dir}", *args.overrides])
     T, n, b = cfg.model.num_inference_steps, cfg.generate.num_samples, cfg.generate.batch_size
-    print(f"plain diffusers: DDIMPipeline, {n} samples, T={T}, batch {b}, {torch.get_num_threads()} threads", flush=True)
-    base = [plain_diffusers(cfg)]
+    precision = str(cfg.trainer.precision)
+    print(f"plain diffusers: DDIMPipeline, {n} samples, T={T}, batch {b}, {torch.get_num_threads()} threads, "
+          f"{precision}", flush=True)
+    base = [plain_diffusers(cfg, precision)]
     print(f"  {base[0]:.1f} s", flush=True)
+    float32 = None
+    if precision not in ("32-true", "32"):
+        float32 = plain_diffusers(cfg)
+        print(f"plain diffusers at 32-true (its default): {float32:.1f} s", flush=True)
     t0 = time.perf_counter()
     run_all(cfg)
     main_s = time.perf_counter() - t0
     stages = read_timings(run_dir)
     if not args.baseline_once:
-        base.append(plain_diffusers(cfg))
+        base.append(plain_diffusers(cfg, precision))
         print(f"plain diffusers again: {base[1]:.1f} s", flush=True)
     ref = sum(base) / len(base)
     print(f"\n{'stage':<12} {'seconds':>8} {'U-Net evals':>12} {'x generate':>11}")
@@ -92,8 +105,11 @@ def main() -> None:
     print(f"{'total':<12} {main_s:8.1f} {total:12d} {total / gen:11.2f}")
     ratio = main_s / ref
     print(f"\nmain job {main_s:.1f} s / plain diffusers {ref:.1f} s = ratio {ratio:.2f} (target <= 3.0)")
+    if float32 is not None:
+        print(f"main job at {precision} {main_s:.1f} s / plain diffusers at 32-true {float32:.1f} s = {main_s / float32:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"main_job_s": main_s, "plain_diffusers_s": base, "ratio": ratio,
+                                               "precision": precision, "plain_diffusers_32_true_s": float32,
                                                "unet_evaluations": total, "stages": stages}, indent=1))
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)

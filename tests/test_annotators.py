@@ -474,3 +474,18 @@ def test_classifier_checkpoint_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="cannot read"):
         build_annotator("celeba", {"checkpoint": str(garbage)})
+
+
+@pytest.mark.parametrize("name", ["toy", "clip"])
+def test_scores_are_float32_measurements_under_any_autocast(name, tiny_clip):
+    """Under a bf16-mixed Trainer's autocast an annotator still scores in float32: the same scores as
+    without it (the toy annotator's numpy conversion failed on bfloat16 before)."""
+    options = {"model": TINY_CLIP, "pretrained": str(tiny_clip[2]), "prompts": "paper"} if name == "clip" else {}
+    a = build_annotator(name, options)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = a(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = a(images)
+    for k in plain:
+        assert mixed[k].dtype == torch.float32
+        torch.testing.assert_close(mixed[k], plain[k], rtol=0, atol=0)
