@@ -96,6 +96,12 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "fewshot"]
     assert "evaluate: done" in changed and "report: done" in changed
 
+    # another precision: every stage that samples runs again at it (fewshot, figures and the calibration
+    # included, which run without a Trainer); jacobian computes in float32 whatever it says
+    half = hspace_run(tmp_path, *args, "evaluate.scale=0.5", "trainer.precision=bf16-mixed")
+    skipped = [line.split("]")[1].split(":")[0].strip() for line in half.splitlines() if "skipped" in line]
+    assert skipped == ["jacobian"] and "report: done" in half
+
 
 def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_model_dir, monkeypatch):
     """New weights at the same model path re-run generate and everything after it; new annotator

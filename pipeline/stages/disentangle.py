@@ -170,6 +170,6 @@ def run_disentangle(cfg) -> Path:
     out = save_directions(result, run_dir / "directions" / "disentangled.safetensors", record)
     for name, r in result.params["report"].items():
         before = ", ".join(f"cos(v0,{c})={v:+.2f}" for c, v in r["cosines_before"].items())
-        print(f"  {name}: {before}; kept {r['norm_ratio']:.0%} of the norm")
+        print(f"  {name}: {before}; kept {r['norm_ratio']:.0%} of the norm" if before else f"  {name}: unchanged")
     print(f"hspace disentangle: {len(result)} directions -> {out}")
     return out
