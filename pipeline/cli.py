@@ -16,7 +16,7 @@ from .cost import measured
 from .errors import HSpaceError, Interrupted
 from .io import locked_stage
 from .process import passive_openmp_waits
-from .registry import COMMANDS, DISTRIBUTED, STAGES
+from .registry import COMMANDS, DISTRIBUTED, STAGES, check_skip
 
 STAGE_NAMES = frozenset(st.name for st in STAGES)
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
+        if args.stage == "run":
+            check_skip(cfg.run.skip)  # before the run directory's lock is taken
         if args.stage in DISTRIBUTED:
             from .stages.lightning_utils import join_launched_ranks
 

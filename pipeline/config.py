@@ -496,12 +496,21 @@ def _cross(key: str, value, must: str, *others: str) -> PydanticCustomError:
                                {"key": key, "value": value, "must": must, "others": list(others)})
 
 
+class RunConfig(Section):
+    """hspace run: the main job, every stage in order"""
+
+    skip: List[str] = Field([], description="stages of the main job not to run, e.g. [probe, fewshot] (the paper's "
+                            "pipeline without the probes and Fig. 8 as numbers); a stage that reads a skipped one's "
+                            "outputs uses those of an earlier run, or does without them where it can")
+
+
 class HSpaceConfig(Section):
     """the whole configuration"""
 
     run_dir: str = Field("runs/demo", description="every stage reads and writes here")
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
+    run: RunConfig = RunConfig()
     sample: SampleConfig = SampleConfig()
     generate: GenerateConfig = GenerateConfig()
     annotate: AnnotateConfig = AnnotateConfig()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -97,3 +99,11 @@ COMMANDS: dict[str, Stage] = {st.name: st for st in STAGES + TOOLS}
 
 #: the commands that run Lightning Trainers: `run` and the distributed stages
 DISTRIBUTED: frozenset[str] = frozenset({"run"} | {st.name for st in STAGES if st.distributed})
+
+
+def check_skip(skip) -> None:
+    """``run.skip`` names stages of the main job, or it is a ConfigError naming them."""
+    names = [st.name for st in STAGES]
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise ConfigError(f"run.skip: {', '.join(unknown)} is not a stage of the main job; its stages are {', '.join(names)}")

@@ -103,6 +103,29 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert skipped == ["jacobian"] and "report: done" in half
 
 
+def test_skipping_a_stage_that_is_not_in_the_main_job_is_one_clear_error(tmp_path):
+    out = hspace("run", f"run_dir={tmp_path / 'run'}", "run.skip=[probe,fewshots]", cwd=tmp_path, check=False)
+    assert out.returncode == 2 and not (tmp_path / "run").exists()
+    assert out.stderr.strip().splitlines()[-1] == (
+        "hspace run: error: run.skip: fewshots is not a stage of the main job; its stages are generate, annotate, "
+        "select, probe, pca, jacobian, supervised, disentangle, fewshot, figures, evaluate, report")
+
+
+@pytest.mark.slow
+def test_main_job_without_the_skipped_stages(tmp_path, tiny_model_dir):
+    """run.skip=[probe, fewshot, jacobian]: those stages do not run, and the report renders without them."""
+    run = tmp_path / "run"
+    out = hspace_run(tmp_path, *tiny_run_args(run, tiny_model_dir), "run.skip=[probe,fewshot,jacobian]")
+    for stage in ("probe", "fewshot", "jacobian"):
+        assert f"{stage}: not run (run.skip)" in out and not (run / stage).exists()
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings) == ["generate", "annotate", "select", "pca", "supervised", "disentangle", "figures",
+                             "evaluate", "report"]
+    checker = Checker()
+    checker.feed((run / "report" / "index.html").read_text())
+    assert {"table1", "edits"} <= checker.ids and not {"probes", "fig8", "restriction"} & checker.ids
+
+
 def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_model_dir, monkeypatch):
     """New weights at the same model path re-run generate and everything after it; new annotator
     weights re-run annotate and evaluate (and what reads them), not generate or pca."""

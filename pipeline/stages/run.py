@@ -21,7 +21,7 @@ from ..cost import measured, table
 from ..errors import HSpaceError
 from ..identity import is_fresh
 from ..io import locked_stage
-from ..registry import STAGES, Stage
+from ..registry import STAGES, Stage, check_skip
 from .lightning_utils import agreed, launching_rank
 
 
@@ -52,6 +52,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     from annotators.base import check_columns
 
     check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
+    check_skip(cfg.run.skip)
     run_dir = Path(cfg.run_dir)
     rank0 = launching_rank() == 0
     t_start = time.time()
@@ -59,6 +60,10 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     costs: dict[str, dict] = {}
     for i, st in enumerate(STAGES, 1):
         if only and st.name not in only:
+            continue
+        if st.name in cfg.run.skip:
+            if rank0:
+                print(f"[{i}/{len(STAGES)}] {st.name}: not run (run.skip)")
             continue
         if not (rank0 or st.distributed):
             continue  # other ranks only take part in the Lightning stages
