@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -96,11 +97,19 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "fewshot"]
     assert "evaluate: done" in changed and "report: done" in changed
 
-    # another precision: every stage that samples runs again at it (fewshot, figures and the calibration
-    # included, which run without a Trainer); jacobian computes in float32 whatever it says
+    # another precision (generate and annotate keep what was made otherwise until it is deleted): every stage
+    # that samples runs again at it (fewshot, figures and the calibration included, which run without a
+    # Trainer); jacobian computes in float32 whatever it says
+    refused = hspace("run", *args, "evaluate.scale=0.5", "trainer.precision=bf16-mixed", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "precision: '32-true' (existing) vs 'bf16-mixed' (now)" in refused.stderr
+    shutil.rmtree(run / "samples")
+    refused = hspace("run", *args, "evaluate.scale=0.5", "trainer.precision=bf16-mixed", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "annotations.parquet was made for a different samples dataset (id " in refused.stderr
+    shutil.rmtree(run / "annotations")
+    (run / "annotations.parquet").unlink()
     half = hspace_run(tmp_path, *args, "evaluate.scale=0.5", "trainer.precision=bf16-mixed")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in half.splitlines() if "skipped" in line]
-    assert skipped == ["jacobian"] and "report: done" in half
+    assert skipped == ["generate", "jacobian"] and "report: done" in half  # generate ran in the refused run
 
 
 def test_skipping_a_stage_that_is_not_in_the_main_job_is_one_clear_error(tmp_path):

@@ -97,10 +97,13 @@ def identity(cfg, known: dict | None = None) -> dict:
 
 
 def _refusal(path: Path, stored: dict, now: dict, run_dir) -> DatasetError:
-    what = "samples dataset" if stored.get("samples") != now["samples"] else "annotators or their options"
-    return DatasetError(f"{path} was made for a different {what} ({stored.get('annotate', {}).get('annotators')} vs "
-                        f"{now['annotate']['annotators']}); delete {annotations_path(run_dir)} and "
-                        f"{Path(run_dir) / 'annotations'} to re-annotate")
+    if stored.get("samples") != now["samples"]:
+        what, was, now_ = "samples dataset", f"id {str(stored.get('samples'))[:12]}", f"id {str(now['samples'])[:12]}"
+    else:
+        what = "annotators or their options"
+        was, now_ = stored.get("annotate", {}).get("annotators"), now["annotate"]["annotators"]
+    return DatasetError(f"{path} was made for a different {what} ({was} vs {now_}); delete {annotations_path(run_dir)} "
+                        f"and {Path(run_dir) / 'annotations'} to re-annotate")
 
 
 def clean_existing(cfg, inputs: dict, dataset_ids: set[int]) -> None:
