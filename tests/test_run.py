@@ -231,3 +231,16 @@ def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
     cmds = commands()
     assert set(cmds) == {"run", "config"} | {st.name for st in registry.STAGES + registry.TOOLS}
     assert all(cmds[st.name][0] == st.run for st in STAGES)
+
+
+def test_the_stages_that_sample_name_the_precision_in_their_identity(tmp_path):
+    """trainer.precision changes the identity of exactly the stages whose outputs it changes: those that
+    sample (with or without a Trainer); not annotate (scores in float32), pca, select, supervised or
+    jacobian (float32 whatever it says)."""
+    from pipeline.config import load_config
+    from pipeline.registry import STAGES
+
+    known = {st.artefact: f"id-of-{st.name}" for st in STAGES}  # the same inputs either way
+    cfgs = [load_config(None, [f"run_dir={tmp_path}", f"trainer.precision={p}"]) for p in ("32-true", "bf16-mixed")]
+    changed = {st.name for st in STAGES if st.identity(cfgs[0], known)["key"] != st.identity(cfgs[1], known)["key"]}
+    assert changed == {"generate", "probe", "disentangle", "fewshot", "figures", "evaluate"}
