@@ -8,7 +8,7 @@ package stays light.
 """
 from pathlib import Path
 
-from .base import ANNOTATORS, Annotator, build_annotator, register
+from annotators.base import ANNOTATORS, Annotator, build_annotator, register
 
 #: Weights that ship inside the package (the toy annotator's, used by toyfaces.annotator).
 ASSETS = Path(__file__).resolve().parent / "assets"

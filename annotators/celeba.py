@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from annotators.base import Annotator
 from pipeline.errors import ModelLoadError
-
-from .base import Annotator
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",

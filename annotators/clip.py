@@ -37,10 +37,9 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from annotators.base import Annotator
 from pipeline.errors import ConfigError, ModelLoadError, StorageError
 from pipeline.io import atomic_path, hash_file, hash_json
-
-from .base import Annotator
 
 #: CLIP-style ensemble templates, applied to each class phrase.
 DEFAULT_TEMPLATES: tuple[str, ...] = (

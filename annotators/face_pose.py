@@ -62,9 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from annotators.base import Annotator
 from pipeline.errors import ConfigError, ModelLoadError
-
-from .base import Annotator
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 BOX = ("face_x0", "face_y0", "face_x1", "face_y1")

@@ -20,9 +20,9 @@ import torch
 
 from annotators.base import build_annotator
 from pipeline.config import load_config
-from pipeline.identity import make_record
-from pipeline.images import from_uint8
-from pipeline.samples import FORMAT, iter_samples, samples_dir, write_json_atomic, write_shard
+from pipeline.formats.identity import make_record
+from pipeline.formats.images import from_uint8
+from pipeline.formats.samples import FORMAT, iter_samples, samples_dir, write_json_atomic, write_shard
 from pipeline.stages.annotate import run_annotate
 from toyfaces.render import render_faces, sample_factors
 

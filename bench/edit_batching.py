@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pipeline.model import HSpaceModel
+from pipeline.engine.model import HSpaceModel
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import torch
 
 from annotators.base import build_annotator
 from pipeline import HSpaceModel
-from pipeline.directions import Directions, save_directions
 from pipeline.explore.session import ExploreSession, Slider
+from pipeline.formats.directions import Directions, save_directions
 
 
 def main() -> None:

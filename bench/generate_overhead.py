@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 
 from pipeline import HSpaceModel
 from pipeline.config import ToyTrainConfig, load_config
-from pipeline.samples import iter_samples, load_samples, shard_paths
+from pipeline.formats.samples import iter_samples, load_samples, shard_paths
 from pipeline.stages.generate import plan_batches, run_generate
 from toyfaces.train_ddpm import build_unet
 

@@ -2,7 +2,7 @@
 `DDIMPipeline` alone, same model, batch, steps and device, in one run.
 
 The model: a U-Net with google/ddpm-ema-celebahq-256's block structure at full width (113.7M
-parameters, random weights: timing does not depend on them; `pipeline/standins.py`), 256 px, T=10,
+parameters, random weights: timing does not depend on them; `pipeline/testing/standins.py`), 256 px, T=10,
 eta 1, batch 64. Steady-state samples/s of each side: diffusers after one warm-up batch; hspace as
 the difference between a run of 1 + K batches and a run of 1 batch (each a fresh run directory, so
 loading, Lightning's start-up and the first batch cancel out). Also hspace with the writer thread
@@ -87,7 +87,7 @@ def main() -> None:
     if args.reduced or (args.device == "cpu" and not args.full):
         for k, v in REDUCED.items():
             setattr(args, k, v)
-    from pipeline.standins import celebahq_unet, save_celebahq
+    from pipeline.testing.standins import celebahq_unet, save_celebahq
 
     tmp = Path(tempfile.mkdtemp(prefix="hspace-gpu-bench-"))
     try:

@@ -64,7 +64,7 @@ def load_model(spec: str, steps: int):
 
 
 def trajectory(args):
-    from pipeline.jacobian import sample_trajectory
+    from pipeline.methods.jacobian import sample_trajectory
 
     model = load_model(args.model, args.T)
     latents, hs = sample_trajectory(model, args.seed)
@@ -108,7 +108,7 @@ class RssSampler:
 
 def worker(args) -> None:
     """One method on all steps; writes its figures to args.out."""
-    from pipeline.jacobian import jacobian_directions_all_steps
+    from pipeline.methods.jacobian import jacobian_directions_all_steps
 
     torch.set_num_threads(args.threads)
     model, sample = trajectory(args)
@@ -127,7 +127,7 @@ def worker(args) -> None:
 
 def reference(args) -> tuple[torch.Tensor, float]:
     """Reference top-k singular values (T', k) and the seconds it took."""
-    from pipeline.jacobian import directions_at, eps_function, explicit_jacobian
+    from pipeline.methods.jacobian import directions_at, eps_function, explicit_jacobian
 
     torch.set_num_threads(args.threads)
     model, sample = trajectory(args)

@@ -38,7 +38,7 @@ def plain_diffusers(cfg, precision="32-true") -> float:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from pipeline.dtypes import precision_dtypes
-    from pipeline.model import HSpaceModel
+    from pipeline.engine.model import HSpaceModel
 
     model = HSpaceModel.from_config(cfg.model, device="cpu")
     unet = copy.deepcopy(model.unet).eval()  # the copy carries no hook

@@ -1,4 +1,4 @@
-"""hspace's per-step PCA (pipeline.pca.PCA: randomized, exact, onepass) against scikit-learn's
+"""hspace's per-step PCA (pipeline.methods.pca.PCA: randomized, exact, onepass) against scikit-learn's
 IncrementalPCA and PCA (full SVD): time, peak memory and accuracy at a configurable size.
 
 Data: synthetic h of T steps x D features (--steps, --dim; the toy model's are 20 x 8192, the
@@ -85,7 +85,7 @@ def worker(args) -> dict:
     from sklearn.decomposition import IncrementalPCA
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from pipeline.pca import PCA
+    from pipeline.methods.pca import PCA
 
     torch.set_num_threads(args.threads)
     # Limits only the libraries loaded by now; an unlimited OpenBLAS spin-waits on a busy machine.

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.figures import plt, save_figure
-
-from .tables import df_html, table1_html
+from evaluation.tables import df_html, table1_html
+from pipeline.formats.figures import plt, save_figure
 
 FAMILY_TITLES = {"original": "supervised (eq. 10)", "disentangled": "disentangled (eq. 11)",
                  "pca": "PCA (matched to the attribute each moves most)", "random": "random, norm-matched"}
@@ -59,7 +58,7 @@ def dose_response_plot(curves: pd.DataFrame, out: Path, unit: str) -> Path:
 def auto_choices(run_dir: Path) -> pd.DataFrame:
     """One row per direction ``disentangle.pairs: auto`` decided on: what it was conditioned on and the
     measured changes of the other attributes (in std, at its calibrated strength, calibration seeds)."""
-    from pipeline.directions import load_directions
+    from pipeline.formats.directions import load_directions
 
     path = Path(run_dir) / "directions" / "disentangled.safetensors"
     if not path.exists():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.calibration import own_attribute, primary  # the naming rules live with the calibration
+from pipeline.methods.calibration import own_attribute, primary  # the naming rules live with the calibration
 
 
 def attribute_columns(per_sample: pd.DataFrame) -> list[str]:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import NullFormatter
 
-from pipeline.figures import plt, save_figure
+from pipeline.formats.figures import plt, save_figure
 
 
 def effect_heatmaps(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], out: Path, unit: str,

@@ -83,7 +83,7 @@ def identity_similarity(embedder: FaceEmbedder | None, before: torch.Tensor, aft
 def preservation_table(per_sample: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.DataFrame:
     """``untouched_factors`` of the evaluation's per-sample table: each direction's own attribute by
     its name (``evaluate.own_attribute``), units the std of the unedited scores over the seeds."""
-    from .metrics import own_attribute
+    from evaluation.metrics import own_attribute
 
     unedited = per_sample.drop_duplicates(["repeat", "seed"])
     scale = {c[2:]: float(unedited[c].std(ddof=1)) for c in per_sample.columns if c.startswith("o_")}

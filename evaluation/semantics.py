@@ -1,13 +1,13 @@
 """The report's sections on where semantics live and how many examples a direction needs:
 the per-step probe curves (``probes/``), Fig. 8 as effect against n and the probe-step
-restriction check (``fewshot/``). One call from evaluation.report: ``add_sections(page, run_dir)``."""
+restriction check (``fewshot/``). One call from pipeline.stages.report: ``add_sections(page, run_dir)``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
-from .tables import df_html
+from evaluation.tables import df_html
 
 
 def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -35,7 +35,7 @@ def effect_table(curve: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_sections(page, run_dir) -> None:
-    """Append the probe and Fig. 8 sections to a report ``page`` (evaluation.report.Page) when the
+    """Append the probe and Fig. 8 sections to a report ``page`` (pipeline.stages.report.Page) when the
     run holds their outputs."""
     run_dir = Path(run_dir)
     probes = run_dir / "probes"

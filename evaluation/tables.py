@@ -1,4 +1,4 @@
-"""The report's HTML tables, shared by the page (:mod:`evaluation.report`) and its sections
+"""The report's HTML tables, shared by the page (:mod:`pipeline.stages.report`) and its sections
 (:mod:`evaluation.semantics`, :mod:`evaluation.dose`)."""
 from __future__ import annotations
 

@@ -2,20 +2,20 @@
 
 Public API (imported lazily, so that ``import pipeline.errors`` stays cheap)::
 
-    HSpaceModel, SampleOutput, InversionOutput   # the engine (pipeline.model)
-    load_samples, iter_samples                   # the samples dataset (pipeline.samples)
-    Directions, load_directions, save_directions # directions files (pipeline.directions)
+    HSpaceModel, SampleOutput, InversionOutput   # the engine (pipeline.engine.model)
+    load_samples, iter_samples                   # the samples dataset (pipeline.formats.samples)
+    Directions, load_directions, save_directions # directions files (pipeline.formats.directions)
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "HSpaceModel": "pipeline.model", "SampleOutput": "pipeline.model", "InversionOutput": "pipeline.model",
-    "load_samples": "pipeline.samples", "iter_samples": "pipeline.samples",
-    "Directions": "pipeline.directions", "load_directions": "pipeline.directions",
-    "save_directions": "pipeline.directions",
-    "jacobian_directions": "pipeline.jacobian",
+    "HSpaceModel": "pipeline.engine.model", "SampleOutput": "pipeline.engine.model", "InversionOutput": "pipeline.engine.model",
+    "load_samples": "pipeline.formats.samples", "iter_samples": "pipeline.formats.samples",
+    "Directions": "pipeline.formats.directions", "load_directions": "pipeline.formats.directions",
+    "save_directions": "pipeline.formats.directions",
+    "jacobian_directions": "pipeline.methods.jacobian",
 }
 __all__ = sorted(_EXPORTS)
 

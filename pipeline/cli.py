@@ -12,17 +12,17 @@ import signal
 import sys
 from pathlib import Path
 
-from .cost import measured
-from .errors import HSpaceError, Interrupted
-from .io import locked_stage
-from .process import passive_openmp_waits
-from .registry import COMMANDS, DISTRIBUTED, STAGES, check_skip
+from pipeline.cost import measured
+from pipeline.errors import HSpaceError, Interrupted
+from pipeline.io import locked_stage
+from pipeline.process import passive_openmp_waits
+from pipeline.registry import COMMANDS, DISTRIBUTED, STAGES, check_skip
 
 STAGE_NAMES = frozenset(st.name for st in STAGES)
 
 
 def run(cfg):
-    from .stages.run import run_all
+    from pipeline.stages.run import run_all
 
     return run_all(cfg)
 
@@ -30,8 +30,7 @@ def run(cfg):
 def print_config(cfg) -> None:
     """Print the resolved configuration, once every check that needs no data has passed."""
     from annotators.base import check_columns
-
-    from .config import to_yaml
+    from pipeline.config import to_yaml
 
     check_columns(cfg)
     print(to_yaml(cfg), end="")
@@ -70,8 +69,8 @@ def _raise_interrupted(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     passive_openmp_waits()  # before anything imports torch
     args = _parser().parse_args(argv)
-    from .config import defaults_yaml, load_config
-    from .io import launching_rank
+    from pipeline.config import defaults_yaml, load_config
+    from pipeline.io import launching_rank
 
     if getattr(args, "defaults", False):
         print(defaults_yaml(), end="")
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "run":
             check_skip(cfg.run.skip)  # before the run directory's lock is taken
         if args.stage in DISTRIBUTED:
-            from .stages.lightning_utils import join_launched_ranks
+            from pipeline.stages.lightning_utils import join_launched_ranks
 
             join_launched_ranks(cfg.trainer)
         command = commands()[args.stage][0]

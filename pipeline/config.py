@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -842,7 +842,7 @@ def to_yaml(cfg) -> str:
 
 def config_hash(*parts) -> str:
     """A short stable hash of JSON-able config parts (what determines a stage's output)."""
-    from .io import hash_json
+    from pipeline.io import hash_json
 
     return hash_json(*[to_dict(p) if isinstance(p, BaseModel) else p for p in parts])
 

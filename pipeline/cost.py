@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .io import write_json_atomic
+from pipeline.io import write_json_atomic
 
 TIMINGS = "timings.json"
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 
 class DType(NamedTuple):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import HSpaceError, RunLockedError, StorageError
+from pipeline.errors import HSpaceError, RunLockedError, StorageError
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
 #: .<name>.<pid>-<host>.tmp<suffix>: the writer's pid and host, so a sweep knows whose it is

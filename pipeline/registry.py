@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Stage:
     name: str
     entry: str  # "module:function", the function taking the validated config
     help: str
-    artefact: str = ""  # the output under run_dir that carries the stage's identity record (pipeline.identity)
+    artefact: str = ""  # the output under run_dir that carries the stage's identity record (pipeline.formats.identity)
     after: tuple[str, ...] = ()  # stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # paths under run_dir that must exist for it to count as done
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
@@ -71,11 +71,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("figures", "pipeline.stages.figures:run_figures",
           "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
-    Stage("evaluate", "evaluation.stage:run_evaluate",
+    Stage("evaluate", "pipeline.stages.evaluate:run_evaluate",
           "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
           ("pca", "supervised", "disentangle"),
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), True),
-    Stage("report", "evaluation.report:run_report", "write <run_dir>/report/index.html", "report",
+    Stage("report", "pipeline.stages.report:run_report", "write <run_dir>/report/index.html", "report",
           ("figures", "evaluate", "select", "probe", "fewshot"), ("report/index.html",)),
 )
 

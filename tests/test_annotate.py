@@ -13,7 +13,7 @@ import pytest
 import conftest
 from conftest import tiny_overrides
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.selection import select_top_bottom, selection_table
+from pipeline.methods.selection import select_top_bottom, selection_table
 from pipeline.stages.annotate import annotations_path, load_annotations
 
 
@@ -42,7 +42,7 @@ ANN = ["annotate.annotators=[fake_annotators:brightness]", "annotate.batch_size=
 
 
 def expected_brightness(run: Path) -> pd.DataFrame:
-    from pipeline.samples import iter_samples
+    from pipeline.formats.samples import iter_samples
 
     rows = []
     for b in iter_samples(run, images=True, h=False):

@@ -10,8 +10,8 @@ import torch
 from scipy.optimize import brentq
 
 from evaluation.metrics import dose_response
-from pipeline.calibration import calibrate, entangled_with, search_scales
-from pipeline.directions import Directions
+from pipeline.formats.directions import Directions
+from pipeline.methods.calibration import calibrate, entangled_with, search_scales
 from pipeline.stages.disentangle import disentangle, resolve_auto
 
 ATTRS = ("a", "b", "c")

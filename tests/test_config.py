@@ -44,7 +44,7 @@ def test_hspace_config_defaults_prints_conf_yaml(capsys):
 
 def test_choices_are_the_engines_tables():
     from pipeline.dtypes import DTYPES
-    from pipeline.hooks import HOOK_POINTS
+    from pipeline.engine.hooks import HOOK_POINTS
 
     def choices(model, key):
         return set(typing.get_args(model.model_fields[key].annotation))

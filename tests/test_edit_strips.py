@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.directions import Directions
+from pipeline.formats.directions import Directions
 from pipeline.stages.edit import CALIBRATED_MULTIPLES, edit_grids, render_edits
 
 

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline import HSpaceModel
+from pipeline.engine.noise import randn
 from pipeline.errors import InputError
-from pipeline.noise import randn
 
 SEEDS = [11, 3, 5, 8, 13, 21, 34]
 

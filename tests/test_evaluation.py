@@ -165,12 +165,12 @@ def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
 
 @pytest.mark.slow
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
-    from evaluation.stage import run_evaluate
     from pipeline import HSpaceModel
     from pipeline.config import load_config, with_overrides
-    from pipeline.directions import load_directions
+    from pipeline.formats.directions import load_directions
     from pipeline.stages.annotate import run_annotate
     from pipeline.stages.disentangle import run_disentangle
+    from pipeline.stages.evaluate import run_evaluate
     from pipeline.stages.generate import run_generate
     from pipeline.stages.select import run_select
     from pipeline.stages.supervised import run_supervised
@@ -255,8 +255,8 @@ def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet)
     import torch
     from diffusers import DDIMScheduler
 
-    from evaluation.stage import match_pixel_change, pixel_changes
     from pipeline import HSpaceModel
+    from pipeline.stages.evaluate import match_pixel_change, pixel_changes
 
     # x0-prediction keeps the random U-Net's samples inside [-1, 1], so changes are not clipped away
     m = HSpaceModel(tiny_unet, DDIMScheduler(prediction_type="sample"), num_inference_steps=3, eta=0.0, device="cpu")

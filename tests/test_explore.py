@@ -23,10 +23,10 @@ from PIL import Image
 
 from annotators.base import build_annotator
 from pipeline import HSpaceModel
-from pipeline.directions import Directions, compose, load_directions, save_directions
 from pipeline.errors import DatasetError, InputError
 from pipeline.explore.session import ExploreSession, Slider
-from pipeline.images import save_png, to_uint8
+from pipeline.formats.directions import Directions, compose, load_directions, save_directions
+from pipeline.formats.images import save_png, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 T = 20
@@ -147,7 +147,7 @@ def test_naming_saves_a_label_and_keeps_index_names_and_tensors(session, run_dir
     assert not list(path.parent.glob(".*tmp"))
     later = ExploreSession(model, session.run_dir, toy)                # a later session shows it
     assert ("pca / pc3: hat", ("pca", 2)) in later.choices()
-    from evaluation.report import strip_captions  # and the report's edit strips
+    from pipeline.stages.report import strip_captions  # and the report's edit strips
 
     assert strip_captions(path.parent, "pca") == {"pc3": "pc3: hat"}
     assert session.name_direction("pca", 2, "") == "pc3"               # an empty name removes it

@@ -391,7 +391,7 @@ def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, conf):
     overrides, runs every stage and writes the report; text samples carry their prompts."""
     from test_run import hspace_run
 
-    from pipeline.samples import iter_samples
+    from pipeline.formats.samples import iter_samples
 
     root = Path(__file__).resolve().parents[1]
     model = write_ldm(tmp_path / "model") if "ldm" in conf else write_sd(tmp_path / "model")

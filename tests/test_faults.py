@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.samples import iter_samples, read_manifest
+from pipeline.formats.samples import iter_samples, read_manifest
 
 HSPACE = str(Path(sys.executable).parent / "hspace")
 TESTS = Path(__file__).resolve().parent
@@ -320,7 +320,7 @@ def test_atomic_write_passes_the_pipelines_own_errors_through(tmp_path, error):
 
 # ---------------------------------------------------------------------- 6: wrong directions, bad images
 def test_directions_of_another_shape_are_refused_before_sampling(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    from pipeline.directions import Directions, save_directions
+    from pipeline.formats.directions import Directions, save_directions
 
     path = tmp_path / "other.safetensors"
     save_directions(Directions(torch.zeros(1, 3, 4, 2, 2), ["x"], "test", [600, 300, 0]), path)

@@ -12,7 +12,7 @@ import torch
 from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import DatasetError
-from pipeline.samples import iter_samples, load_samples, read_manifest, samples_dir
+from pipeline.formats.samples import iter_samples, load_samples, read_manifest, samples_dir
 from pipeline.stages.generate import plan_batches, run_generate
 
 
@@ -253,8 +253,8 @@ def test_stages_without_a_trainer_sample_at_the_trainers_precision(tmp_path, tin
     """trainer.precision applies to every stage: a model built for a stage that runs without a
     Lightning Trainer (sample, edit, figures, fewshot, the calibration) gives, seed for seed, the h
     and images `hspace generate` (under a Trainer) gives at that precision, and not float32's."""
-    from pipeline.images import to_uint8
-    from pipeline.model import HSpaceModel
+    from pipeline.engine.model import HSpaceModel
+    from pipeline.formats.images import to_uint8
 
     half = dataset_of(tmp_path / "half", tiny_model_dir, f"trainer.precision={precision}")
     cfg = load_config(None, [*tiny_overrides(tmp_path / "x", tiny_model_dir, steps=2), f"trainer.precision={precision}"])

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 
 from conftest import make_tiny_unet
 from pipeline import HSpaceModel
-from pipeline import jacobian as jac
+from pipeline.methods import jacobian as jac
 from pipeline.errors import ConvergenceError, InputError
 
 SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable gaps (s5/s4 ~ 0.93)

@@ -6,9 +6,9 @@ import torch
 
 from pipeline import HSpaceModel
 from pipeline.config import load_config
-from pipeline.directions import load_directions
 from pipeline.errors import ConfigError
-from pipeline.jacobian import explicit_jacobian
+from pipeline.formats.directions import load_directions
+from pipeline.methods.jacobian import explicit_jacobian
 from pipeline.stages.jacobian import parse_mask
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline import HSpaceModel
-from pipeline.schedule import output_to_eps, predicted_x0, split_prediction
+from pipeline.engine.schedule import output_to_eps, predicted_x0, split_prediction
 
 
 def diffusers_loop(unet, scheduler, x, z, etas, dtype=torch.float32):

@@ -31,9 +31,9 @@ def documented_command() -> list[str]:
 
 @pytest.mark.slow
 def test_paper_setting_dry_run_at_real_size(tmp_path):
-    from pipeline.directions import load_directions
-    from pipeline.samples import read_manifest
-    from pipeline.standins import save_celebahq, save_random_open_clip
+    from pipeline.formats.directions import load_directions
+    from pipeline.formats.samples import read_manifest
+    from pipeline.testing.standins import save_celebahq, save_random_open_clip
 
     model = save_celebahq(tmp_path / "celebahq", width=WIDTH)
     clip = save_random_open_clip(tmp_path / "clip.pt")

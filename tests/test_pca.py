@@ -1,4 +1,4 @@
-"""Streaming PCA (pipeline/pca.py) against an exact torch.linalg.svd on data small enough for it."""
+"""Streaming PCA (pipeline/methods/pca.py) against an exact torch.linalg.svd on data small enough for it."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import sklearn.decomposition  # noqa: F401  (loaded before the thread limit belo
 import torch
 
 from pipeline.errors import ConvergenceError, InputError
-from pipeline.pca import (
+from pipeline.methods.pca import (
     PCA,
     NotFittedError,
     StreamingPCA,

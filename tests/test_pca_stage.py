@@ -6,8 +6,8 @@ import torch
 
 from conftest import hspace, tiny_overrides
 from pipeline.config import load_config
-from pipeline.directions import load_directions
-from pipeline.samples import load_samples
+from pipeline.formats.directions import load_directions
+from pipeline.formats.samples import load_samples
 
 pytestmark = pytest.mark.slow  # every test here generates a samples dataset first
 
@@ -116,7 +116,7 @@ def test_randomized_pca_that_stops_short_fails_and_writes_nothing(samples_run, t
 def test_joint_pca_stage_matches_the_estimator(samples_run, tiny_model_dir, tmp_path, method):
     import shutil
 
-    from pipeline.pca import PCA
+    from pipeline.methods.pca import PCA
     from pipeline.stages.pca import run_pca
 
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Per-timestep linear probes (pipeline/probes.py): a planted signal is found at exactly its steps,
+"""Per-timestep linear probes (pipeline/methods/probes.py): a planted signal is found at exactly its steps,
 and each score equals scikit-learn's own fit on the same split."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.probes import (
+from pipeline.methods.probes import (
     encoded_steps,
     encoded_steps_of,
     is_binary,
@@ -79,7 +79,7 @@ def test_scores_equal_scikit_learn_fitted_directly():
     from sklearn.metrics import accuracy_score, r2_score
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.probes import ALPHAS, CS
+    from pipeline.methods.probes import ALPHAS, CS
 
     h, targets = planted(1)
     test = split_by_id(np.arange(N), 0.3, seed=5)
@@ -108,7 +108,7 @@ def test_scores_equal_scikit_learn_fitted_directly():
 def test_pca_scores_equal_scikit_learn_up_to_sign():
     from sklearn.decomposition import PCA
 
-    from pipeline.probes import pca_scores
+    from pipeline.methods.probes import pca_scores
 
     rng = np.random.default_rng(0)
     for n, D in ((30, 80), (80, 20)):  # through the Gram matrix, and through the covariance

@@ -177,7 +177,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     import pandas as pd
     import torch
 
-    from pipeline.directions import load_directions
+    from pipeline.formats.directions import load_directions
 
     few = ["generate.batch_size=24", "annotate.batch_size=64", "evaluate.repeats=1", "pca.oversample=60"]
     runs = {n: tmp_path / n for n in ("one", "two")}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config, with_overrides
-from pipeline.directions import load_directions
+from pipeline.formats.directions import load_directions
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def selected_run(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.slow
 def test_probe_stage_matches_an_independent_computation(selected_run):
-    from pipeline.model import HSpaceModel
-    from pipeline.probes import encoded_steps, probe_table, split_by_id
-    from pipeline.samples import load_samples
+    from pipeline.engine.model import HSpaceModel
+    from pipeline.formats.samples import load_samples
+    from pipeline.methods.probes import encoded_steps, probe_table, split_by_id
     from pipeline.stages.annotate import load_annotations
     from pipeline.stages.probe import gather_features, load_probes, run_probe
 
@@ -69,8 +69,8 @@ def test_probe_reads_the_stored_x_t_bit_for_bit_and_samples_nothing(selected_run
     """generate stores x_t (generate.record_x_t): the probe reads it instead of sampling the seeds
     again, and gets exactly what the resampling gives at the same batches (generate's 20 per batch)."""
     from pipeline.cost import COUNTERS
-    from pipeline.probes import probe_table, split_by_id
-    from pipeline.samples import has_x_t
+    from pipeline.formats.samples import has_x_t
+    from pipeline.methods.probes import probe_table, split_by_id
     from pipeline.stages.annotate import load_annotations
     from pipeline.stages.probe import gather_features
 
@@ -126,12 +126,12 @@ def test_fewshot_stage_effect_against_n(selected_run):
     from pathlib import Path
 
     from fake_annotators import Brightness
-    from pipeline.model import HSpaceModel
+    from pipeline.engine.model import HSpaceModel
+    from pipeline.methods.supervised import draw_subsets, mean_difference
     from pipeline.stages.annotate import load_annotations
     from pipeline.stages.fewshot import effect_vs_n, fewshot_edits, run_fewshot
     from pipeline.stages.probe import run_probe
     from pipeline.stages.select import load_selection
-    from pipeline.supervised import draw_subsets, mean_difference
 
     cfg = selected_run
     if not (Path(cfg.run_dir) / "probes").exists():
@@ -155,7 +155,7 @@ def test_fewshot_stage_effect_against_n(selected_run):
     sel = selection[selection.attribute == "bright"]
     top = sel[sel.side == "top"].sort_values("rank").sample_id.tolist()
     bottom = sel[sel.side == "bottom"].sort_values("rank").sample_id.tolist()
-    from pipeline.samples import load_samples
+    from pipeline.formats.samples import load_samples
 
     ds = load_samples(cfg.run_dir).with_format("torch", columns=["sample_id", "h"])
     h = dict(zip(map(int, ds["sample_id"]), ds["h"]))
@@ -176,7 +176,7 @@ def test_fewshot_stage_effect_against_n(selected_run):
 
 
 def test_restrict_zeroes_the_steps_the_probes_leave_out():
-    from pipeline.directions import Directions
+    from pipeline.formats.directions import Directions
     from pipeline.stages.supervised import restrict
 
     v = torch.randn(2, 4, 3, 2, 2)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from pipeline import HSpaceModel
 from pipeline.config import load_config
-from pipeline.images import from_uint8
-from pipeline.loading import EMBEDDED_MODELS
+from pipeline.engine.loading import EMBEDDED_MODELS
+from pipeline.formats.images import from_uint8
 from toyfaces.annotator import ToyConsistency, ToyFaceAnnotator
 from toyfaces.render import FACTORS, render_faces, sample_factors
 from toyfaces.validate import editability, factor_statistics, hf_energy, inversion_round_trip

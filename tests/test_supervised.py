@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.directions import Directions, load_directions, save_directions
 from pipeline.errors import ConfigError, DatasetError, InputError
-from pipeline.supervised import convergence_curve, cosine, logistic_direction, mean_difference, project_out
+from pipeline.formats.directions import Directions, load_directions, save_directions
+from pipeline.methods.supervised import convergence_curve, cosine, logistic_direction, mean_difference, project_out
 
 
 def test_project_out_is_orthogonal_and_exact():
@@ -96,8 +96,8 @@ def annotated_run(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.slow
 def test_supervised_stage_matches_an_independent_computation(annotated_run):
-    from pipeline.noise import randn
-    from pipeline.samples import load_samples
+    from pipeline.engine.noise import randn
+    from pipeline.formats.samples import load_samples
     from pipeline.stages.select import load_selection
     from pipeline.stages.supervised import run_supervised
 
@@ -148,7 +148,7 @@ def test_disentangle_and_edit_stages(annotated_run):
 def test_edit_grids_put_each_direction_and_scale_in_its_place(tiny_model):
     """grids[n, :, j] is direction n at scales[j] (sampled alone, to one grey level: the batches
     differ); scale 0 is the plain sample, shared by every direction."""
-    from pipeline.images import to_uint8
+    from pipeline.formats.images import to_uint8
     from pipeline.stages.edit import edit_grids
 
     tiny_model = tiny_model()

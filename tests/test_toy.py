@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from annotators.base import build_annotator
-from pipeline.images import from_uint8
+from pipeline.formats.images import from_uint8
 from toyfaces.annotator import evaluate_annotator
 from toyfaces.render import FACTORS, correlation_matrix, render_face, render_faces, sample_factors
 

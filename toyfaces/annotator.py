@@ -25,8 +25,7 @@ from torch import nn
 from annotators import ASSETS
 from annotators.base import Annotator
 from pipeline.errors import ModelLoadError
-
-from .render import FACTORS, render_faces, sample_factors
+from toyfaces.render import FACTORS, render_faces, sample_factors
 
 ASSET = ASSETS / "toyfaces-annotator"
 CONTINUOUS = tuple(f.name for f in FACTORS if f.kind == "continuous")
@@ -104,7 +103,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def training_batch(seed: int, step: int, batch_size: int, aug: bool = True):
-    from pipeline.images import from_uint8
+    from pipeline.formats.images import from_uint8
 
     factors = sample_factors(batch_size, np.random.SeedSequence([seed, 3, step]))
     x = from_uint8(render_faces(factors))
@@ -203,7 +202,7 @@ class ToyConsistency(Annotator):
         return self
 
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from pipeline.images import from_uint8
+        from pipeline.formats.images import from_uint8
 
         factors = {k: v.cpu().numpy() for k, v in self.reader.score(x).items()}
         rerender = from_uint8(render_faces(factors)).to(x.device)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from pipeline.images import image_grid, save_png, to_uint8
+from pipeline.formats.images import image_grid, save_png, to_uint8
 
 
 @torch.no_grad()

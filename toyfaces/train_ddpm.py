@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.config import ToyTrainConfig, to_dict
-from pipeline.images import from_uint8
+from pipeline.formats.images import from_uint8
 from pipeline.io import atomic_path
-
-from .render import RESOLUTION, render_faces, sample_factors
+from toyfaces.render import RESOLUTION, render_faces, sample_factors
 
 
 def build_unet(cfg: ToyTrainConfig) -> UNet2DModel:
@@ -223,7 +222,7 @@ class _Export(L.Callback):
         if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
             export_model(module, Path(self.cfg.out_dir) / "model")
         if step % self.cfg.sample_every == 0 or step == self.cfg.steps:
-            from .grids import save_model_grid
+            from toyfaces.grids import save_model_grid
 
             save_model_grid(Path(self.cfg.out_dir) / "model", Path(self.cfg.out_dir) / "samples" / f"step-{step:06d}.png")
 

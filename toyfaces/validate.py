@@ -26,13 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ModelLoadError
-from pipeline.images import from_uint8
-from pipeline.model import HSpaceModel
-from pipeline.samples import write_json_atomic
-from pipeline.supervised import mean_difference
-
-from .render import FACTORS, render_faces, sample_factors
+from pipeline.formats.images import from_uint8
+from pipeline.formats.samples import write_json_atomic
+from pipeline.methods.supervised import mean_difference
+from toyfaces.render import FACTORS, render_faces, sample_factors
 
 
 def hf_energy(images: torch.Tensor) -> float:
@@ -106,7 +105,7 @@ def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, ne
     renderer std, half the range if binary). h: (N, T, C, H, W), scores: name -> (N,)."""
     import pandas as pd
 
-    from pipeline.selection import select_top_bottom
+    from pipeline.methods.selection import select_top_bottom
 
     base = {k: v for k, v in annotator(torch.cat([o.images for o in _batched(model.sample, list(new_seeds), 128)])).items()}
     out = {}
@@ -156,8 +155,8 @@ def samples_vs_renders_figure(model: HSpaceModel, path, n: int = 48, correlation
     """Model samples (seeds 0..n-1) beside rendered faces of the training distribution."""
     import matplotlib.pyplot as plt
 
-    from pipeline.figures import save_figure
-    from pipeline.images import image_grid, to_uint8
+    from pipeline.formats.figures import save_figure
+    from pipeline.formats.images import image_grid, to_uint8
 
     samples = to_uint8(model.sample(list(range(n))).images.cpu())
     renders = render_faces(sample_factors(n, 12345, correlations))
@@ -175,7 +174,7 @@ def training_correlations(cfg) -> dict:
     train-toy / finetune-toy), else ``train_toy.correlations``."""
     import json
 
-    from pipeline.loading import resolve
+    from pipeline.engine.loading import resolve
 
     location, is_local = resolve(cfg.model.name_or_path)
     record = Path(location) / "training.json"
@@ -189,7 +188,7 @@ def training_correlations(cfg) -> dict:
 
 
 def run_validate_toy(cfg) -> dict:
-    from .annotator import ToyFaceAnnotator
+    from toyfaces.annotator import ToyFaceAnnotator
 
     model = HSpaceModel.from_config(cfg.model)
     correlations = training_correlations(cfg)

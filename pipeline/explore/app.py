@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import HSpaceError, InputError, Interrupted
-from .session import ExploreSession, Slider
+from pipeline.errors import HSpaceError, InputError, Interrupted
+from pipeline.explore.session import ExploreSession, Slider
 
 MAX_SLIDERS = 8
 SHOWN_SLIDERS = 3

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration import calibrated_scale
-from ..directions import (
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import DatasetError, InputError
+from pipeline.formats.directions import (
     Directions,
     compose,
     label_direction,
     load_directions,
     save_directions,
 )
-from ..errors import DatasetError, InputError
-from ..images import from_uint8, load_image, save_png, to_uint8
-from ..model import HSpaceModel
+from pipeline.formats.images import from_uint8, load_image, save_png, to_uint8
+from pipeline.methods.calibration import calibrated_scale
 
 #: method of the files `export_directions` writes (and may overwrite)
 EXPORT_METHOD = "explore/combination"
@@ -100,8 +100,7 @@ class ExploreSession:
     @classmethod
     def from_config(cls, cfg) -> ExploreSession:
         from annotators.base import build_annotator
-
-        from ..config import to_dict
+        from pipeline.config import to_dict
 
         model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
         scorer = build_annotator(cfg.evaluate.scorer, to_dict(cfg.evaluate.scorer_options), device=model.device)
@@ -119,7 +118,7 @@ class ExploreSession:
 
     def suggested_scale(self, file: str, index: int | None = None) -> float:
         """The slider's half-range: twice the direction's calibrated strength (``params.calibration``, see
-        pipeline.calibration; the file's largest when no index is given), else the largest scale the
+        pipeline.methods.calibration; the file's largest when no index is given), else the largest scale the
         file suggests (its ``params.scales``), 3 when it has none."""
         d = self.files[file]
         calibrated = [calibrated_scale(d.params, n) for n in ([d.names[int(index)]] if index is not None else d.names)]

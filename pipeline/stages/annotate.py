@@ -5,7 +5,7 @@ each rank writes one small Parquet part per batch (atomically) to
 ``<run_dir>/annotations/parts/``; rank 0 then merges them into
 ``<run_dir>/annotations.parquet``: ``sample_id`` plus one float column per score, sorted by
 sample_id. A re-run skips batches whose part exists. Parts and table carry identity records
-(:mod:`pipeline.identity`): a run against samples with another content identity or with other
+(:mod:`pipeline.formats.identity`): a run against samples with another content identity or with other
 annotators is refused instead of mixing scores; when the dataset holds other sample ids (made
 again with other seeds, or extended), the parts of samples no longer in it are removed, the
 missing ones annotated, and the table describes exactly the samples on disk.
@@ -25,13 +25,12 @@ import pyarrow.parquet as pq
 
 from annotators import assets_identity
 from annotators.base import build_annotator, check_columns, column_names
-
-from ..errors import DatasetError
-from ..identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
-from ..images import from_uint8
-from ..io import atomic_path
-from ..samples import dataset_ids, decode_images, open_shard, read_manifest, shard_paths
-from .lightning_utils import (
+from pipeline.errors import DatasetError
+from pipeline.formats.identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
+from pipeline.formats.images import from_uint8
+from pipeline.formats.samples import dataset_ids, decode_images, open_shard, read_manifest, shard_paths
+from pipeline.io import atomic_path
+from pipeline.stages.lightning_utils import (
     AfterAllRanks,
     ItemModule,
     ItemsProgress,

@@ -6,7 +6,7 @@ file, as in the paper's Table 1; or ``auto``), and writes ``<run_dir>/directions
 with one direction per primary, named ``<primary>|<cond1>,<cond2>`` (``glasses|hair``: glasses
 with hair removed), ``<primary>|others``, or ``<primary>|none`` (``auto`` found no entanglement).
 
-Calibrated strengths (``calibrate``, :mod:`pipeline.calibration`): this stage measures them,
+Calibrated strengths (``calibrate``, :mod:`pipeline.methods.calibration`): this stage measures them,
 for the source directions (stored in the run's supervised file, rewritten atomically with its
 identity record kept; done once per calibration setting) and for the disentangled ones (stored
 with them). ``auto`` conditions a direction on the other directions whose attributes it moves,
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import calibrate, entangled_with, own_attribute, unedited_scores
-from ..config import to_dict
-from ..directions import Directions, load_directions, save_directions
-from ..errors import ConfigError
-from ..identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record, read_record, verify
-from ..io import hash_file, hash_json
-from ..supervised import cosine, project_out
+from pipeline.config import to_dict
+from pipeline.errors import ConfigError
+from pipeline.formats.directions import Directions, load_directions, save_directions
+from pipeline.formats.identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record, read_record, verify
+from pipeline.io import hash_file, hash_json
+from pipeline.methods.calibration import calibrate, entangled_with, own_attribute, unedited_scores
+from pipeline.methods.supervised import cosine, project_out
 
 OTHERS = "others"  # pairs value: every other direction in the file
 AUTO = "auto"  # pairs value: the directions whose attributes it measurably moves (calibration seeds)
@@ -103,8 +103,7 @@ def identity(cfg, known: dict | None = None) -> dict:
     assets = {}
     if cfg.calibrate.enabled:
         from annotators import assets_identity
-
-        from ..loading import weights_identity
+        from pipeline.engine.loading import weights_identity
 
         sections.update(calibration_sections(cfg))
         assets = {"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()}
@@ -122,8 +121,7 @@ class Calibrator:
 
     def __call__(self, d: Directions) -> dict:
         from annotators.base import build_annotator
-
-        from ..model import HSpaceModel
+        from pipeline.engine.model import HSpaceModel
 
         c, ev = self.cfg.calibrate, self.cfg.evaluate
         if self.model is None:

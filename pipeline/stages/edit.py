@@ -13,12 +13,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..calibration import calibrated_scale
-from ..directions import Directions, compose, load_directions
-from ..errors import ConfigError
-from ..figures import image_grid_figure, save_figure
-from ..images import to_uint8
-from ..model import HSpaceModel
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError
+from pipeline.formats.directions import Directions, compose, load_directions
+from pipeline.formats.figures import image_grid_figure, save_figure
+from pipeline.formats.images import to_uint8
+from pipeline.methods.calibration import calibrated_scale
 
 
 def resolve_directions_path(run_dir, name_or_path: str) -> Path:
@@ -59,7 +59,7 @@ def edit_grids(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[to
 
 def default_scales(directions: Directions, index: int, multiples: Sequence[float] = CALIBRATED_MULTIPLES) -> list[float]:
     """A direction's grid columns: ``multiples`` of its calibrated strength when its file has one
-    (pipeline.calibration), else the file's suggested scales (-2..2 without any)."""
+    (pipeline.methods.calibration), else the file's suggested scales (-2..2 without any)."""
     s = calibrated_scale(directions.params, directions.names[index])
     if s is not None:
         return [m * s for m in multiples]

@@ -28,18 +28,17 @@ import torch
 
 from annotators import assets_identity
 from annotators.base import build_annotator
-
-from ..config import to_dict
-from ..errors import ConfigError
-from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
-from ..io import atomic_path, write_json_atomic
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from ..probes import restrict_to_steps
-from ..supervised import draw_subsets, mean_difference
-from .annotate import load_annotations
-from .select import load_selection
-from .supervised import gather_h, gather_x_T, sides
+from pipeline.config import to_dict
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError
+from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.methods.probes import restrict_to_steps
+from pipeline.methods.supervised import draw_subsets, mean_difference
+from pipeline.stages.annotate import load_annotations
+from pipeline.stages.select import load_selection
+from pipeline.stages.supervised import gather_h, gather_x_T, sides
 
 FEWSHOT = "fewshot"
 
@@ -113,7 +112,7 @@ def restriction_table(rows: pd.DataFrame, attrs: list[str]) -> pd.DataFrame:
 
 
 def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
-    from ..figures import plt, save_figure
+    from pipeline.formats.figures import plt, save_figure
 
     attrs = list(dict.fromkeys(curve.attribute))
     fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.7), squeeze=False, sharey=True)
@@ -178,7 +177,7 @@ def measure(cfg, edits: list[dict], restricted: list[dict]) -> tuple[pd.DataFram
 def restricted_edits(run_dir, cfg, edits: list[dict]) -> list[dict]:
     """The whole-selection h edit of each attribute over all steps, and zeroed outside the probe's
     encoded steps."""
-    from .probe import encoded_mask, load_probes
+    from pipeline.stages.probe import encoded_mask, load_probes
 
     probes = load_probes(run_dir)
     out = []

@@ -2,7 +2,7 @@
 
 ``<run_dir>/edits/<family>/<direction>.png`` for pca, pca_random (norm-matched random
 directions), jacobian, supervised, supervised_xT (the same directions in x_T space) and
-disentangled, each at its calibrated multiples (pipeline.calibration) or the scales its directions
+disentangled, each at its calibrated multiples (pipeline.methods.calibration) or the scales its directions
 file suggests; the report shows them. When the evaluate stage's dose-response sweep covers
 edit.seeds (the default), it draws the strips of the supervised, disentangled, PCA and random
 directions from its own images (``evaluation/strips/``) and this stage leaves them out.
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..directions import Directions, load_directions
-from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
-from ..io import atomic_path, write_json_atomic
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from .edit import render_edits
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.formats.directions import Directions, load_directions
+from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.stages.edit import render_edits
 
 #: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
 #: class-mean gap of x_T)

@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import to_dict
-from ..dtypes import DTYPES
-from ..errors import ConfigError, DatasetError
-from ..identity import MODEL_SECTIONS, config_sections, differences, make_record
-from ..images import to_uint8
-from ..io import hash_json, write_json_atomic
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from ..samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
-from .lightning_utils import (
+from pipeline.config import to_dict
+from pipeline.dtypes import DTYPES
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.formats.identity import MODEL_SECTIONS, config_sections, differences, make_record
+from pipeline.formats.images import to_uint8
+from pipeline.formats.samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
+from pipeline.io import hash_json, write_json_atomic
+from pipeline.stages.lightning_utils import (
     AfterAllRanks,
     ItemModule,
     ItemsProgress,

@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import to_dict
-from ..directions import Directions, save_directions
-from ..errors import ConfigError, ConvergenceError, DatasetError
-from ..identity import config_sections, make_record, read_record, safetensors_metadata
-from ..io import hash_file
-from ..jacobian import global_at_index, jacobian_directions_all_steps
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from ..samples import read_manifest, read_prompts
-from .lightning_utils import (
+from pipeline.config import to_dict
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError, ConvergenceError, DatasetError
+from pipeline.formats.directions import Directions, save_directions
+from pipeline.formats.identity import config_sections, make_record, read_record, safetensors_metadata
+from pipeline.formats.samples import read_manifest, read_prompts
+from pipeline.io import hash_file
+from pipeline.methods.jacobian import global_at_index, jacobian_directions_all_steps
+from pipeline.stages.lightning_utils import (
     AfterAllRanks,
     ItemModule,
     ItemsProgress,

@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
-from ..errors import Interrupted
-from ..io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
+from pipeline.errors import Interrupted
+from pipeline.io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
 
 
 def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:

@@ -1,17 +1,17 @@
 """`hspace pca`: per-step (or joint) PCA of the samples' h on any number of processes.
 
-``pca.method`` (see :mod:`pipeline.pca`), resolved from the number of samples when ``auto``:
+``pca.method`` (see :mod:`pipeline.methods.pca`), resolved from the number of samples when ``auto``:
 
 - ``exact``: the ranks share the steps (rank r takes steps r, r + world, ...; joint PCA runs on
   rank 0), each reads those steps of every shard and takes their Gram-matrix PCA.
 - ``randomized``: one ``Trainer.predict`` per pass; each rank streams the shards dealt to it,
-  multiplying the pass's basis by the scatter of its samples (:func:`~pipeline.pca.moments_update`);
+  multiplying the pass's basis by the scatter of its samples (:func:`~pipeline.methods.pca.moments_update`);
   rank 0 merges the partial sums (exact), takes the Rayleigh-Ritz step and writes the next basis
   (``<run_dir>/pca/basis.safetensors``), and tells the other ranks whether another pass follows,
   until the estimated principal angle is below ``pca.tol``;
   if ``pca.power_iterations`` run out first, every rank stops with a ConvergenceError and nothing
   is written.
-- ``onepass``: each rank folds its shards into a :class:`~pipeline.pca.StreamingPCA`; rank 0
+- ``onepass``: each rank folds its shards into a :class:`~pipeline.methods.pca.StreamingPCA`; rank 0
   merges the partial states.
 
 At the end of each pass the ranks meet in the shared
@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import to_dict
-from ..directions import Directions, save_directions
-from ..dtypes import torch_dtype
-from ..errors import ConvergenceError
-from ..identity import artefact_ids, config_sections, make_record
-from ..io import atomic_path
-from ..pca import (
+from pipeline.config import to_dict
+from pipeline.dtypes import torch_dtype
+from pipeline.errors import ConvergenceError
+from pipeline.formats.directions import Directions, save_directions
+from pipeline.formats.identity import artefact_ids, config_sections, make_record
+from pipeline.formats.samples import h_view, open_shard, read_manifest, shard_paths
+from pipeline.io import atomic_path
+from pipeline.methods.pca import (
     PCA,
     Moments,
     PCAState,
@@ -52,9 +53,8 @@ from ..pca import (
     random_directions_like,
     resolve_method,
 )
-from ..samples import h_view, open_shard, read_manifest, shard_paths
-from ..signs import align_signs
-from .lightning_utils import (
+from pipeline.methods.signs import align_signs
+from pipeline.stages.lightning_utils import (
     IDLE,
     AfterAllRanks,
     ItemModule,
@@ -89,7 +89,7 @@ def new_estimator(pca_cfg) -> StreamingPCA:
 
 
 def estimator_params(pca_cfg) -> dict:
-    """:class:`~pipeline.pca.PCA` parameters of the ``pca`` section."""
+    """:class:`~pipeline.methods.pca.PCA` parameters of the ``pca`` section."""
     return dict(n_components=pca_cfg.n_components, method=pca_cfg.method, oversample=pca_cfg.oversample,
                 power_iterations=pca_cfg.power_iterations, tol=pca_cfg.tol,
                 exact_max_samples=pca_cfg.exact_max_samples, joint=pca_cfg.joint, seed=pca_cfg.seed,
@@ -214,8 +214,8 @@ class ExactModule(_PCAModule):
 
 class RandomizedModule(_PCAModule):
     """One pass of the randomized method per ``Trainer.predict``: predict_item folds one shard into
-    this rank's :class:`~pipeline.pca.Moments`; rank 0 merges them, steps its
-    :class:`~pipeline.pca.SubspaceIteration` and writes the next basis (or the directions)."""
+    this rank's :class:`~pipeline.methods.pca.Moments`; rank 0 merges them, steps its
+    :class:`~pipeline.methods.pca.SubspaceIteration` and writes the next basis (or the directions)."""
 
     def __init__(self, run_dir, pca_cfg, record: dict | None = None):
         super().__init__(run_dir, pca_cfg, record)
@@ -316,7 +316,7 @@ def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> 
                                 "scale_unit": "standard deviations along the component"},
                         extras=extras)
     out = save_directions(result, Path(run_dir) / "directions" / "pca.safetensors", record)
-    from ..figures import explained_variance_plot
+    from pipeline.formats.figures import explained_variance_plot
 
     ratio = pca.explained_variance_ratio_.float().numpy()
     if not pca_cfg.joint:

@@ -5,7 +5,7 @@ For every attribute and every sampling step, how well a linear model reads the a
 by ``generate`` with ``generate.record_x_t``, the default, else recomputed by sampling the same
 seeds again, a second ``generate``'s worth of U-Net work). Held-out
 accuracy for binary attributes, R^2 for continuous ones, on a fixed train/test split by sample id
-(:mod:`pipeline.probes`). Writes ``<run_dir>/probes/``: ``probes.csv`` (attribute, space, step,
+(:mod:`pipeline.methods.probes`). Writes ``<run_dir>/probes/``: ``probes.csv`` (attribute, space, step,
 metric, score, chance, encoded), ``probes.png`` (the curves over the steps) and its identity
 record. ``encoded`` marks the steps where the h probe says the attribute is encoded
 (``probe.encoded_fraction``); ``supervised.restrict_steps`` restricts the supervised directions
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, DatasetError
-from ..identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, verify
-from ..io import atomic_path, write_json_atomic
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from ..probes import encoded_steps_of, is_binary, probe_table, split_by_id
-from ..samples import has_x_t, iter_samples, read_manifest
-from .annotate import load_annotations
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, verify
+from pipeline.formats.samples import has_x_t, iter_samples, read_manifest
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.methods.probes import encoded_steps_of, is_binary, probe_table, split_by_id
+from pipeline.stages.annotate import load_annotations
 
 PROBES = "probes"
 
@@ -122,7 +122,7 @@ def encoded_mask(probes: pd.DataFrame, attribute: str, steps: int) -> np.ndarray
 
 
 def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
-    from ..figures import plt, save_figure
+    from pipeline.formats.figures import plt, save_figure
 
     attrs = list(dict.fromkeys(table.attribute))
     fig, axes = plt.subplots(1, len(attrs), figsize=(2.7 * len(attrs), 2.7), squeeze=False)

@@ -3,7 +3,7 @@
 generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures ->
 evaluate -> report (the order and each stage's inputs and outputs: pipeline.registry.STAGES).
 A stage is skipped when its artefact carries the identity record the stage would write now
-(:mod:`pipeline.identity`: the configuration sections it reads, the content hashes of the
+(:mod:`pipeline.formats.identity`: the configuration sections it reads, the content hashes of the
 assets it reads and the identities of the artefacts it reads), so a changed setting re-runs
 exactly the stages downstream of it; a stage that runs again (for example to restore a deleted
 output) makes the stages that read it run again too. Each stage holds the run directory's lock
@@ -17,12 +17,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..cost import measured, table
-from ..errors import HSpaceError
-from ..identity import is_fresh
-from ..io import locked_stage
-from ..registry import STAGES, Stage, check_skip
-from .lightning_utils import agreed, launching_rank
+from pipeline.cost import measured, table
+from pipeline.errors import HSpaceError
+from pipeline.formats.identity import is_fresh
+from pipeline.io import locked_stage
+from pipeline.registry import STAGES, Stage, check_skip
+from pipeline.stages.lightning_utils import agreed, launching_rank
 
 
 def stage_hashes(cfg) -> dict[str, str]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..images import image_grid, save_png, to_uint8
-from ..model import HSpaceModel
+from pipeline.engine.model import HSpaceModel
+from pipeline.formats.images import image_grid, save_png, to_uint8
 
 
 def run_sample(cfg) -> Path:
@@ -12,7 +12,7 @@ def run_sample(cfg) -> Path:
     seeds = list(cfg.sample.seeds)
     scales = list(cfg.sample.scales)
     if cfg.sample.directions is not None:
-        from ..directions import load_directions
+        from pipeline.formats.directions import load_directions
 
         direction = load_directions(cfg.sample.directions, model).get(cfg.sample.direction)
     else:

@@ -20,11 +20,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import DatasetError
-from ..identity import artefact_ids, config_sections, make_record, parquet_metadata, verify
-from ..io import atomic_path
-from ..selection import selection_table
-from .annotate import load_annotations
+from pipeline.errors import DatasetError
+from pipeline.formats.identity import artefact_ids, config_sections, make_record, parquet_metadata, verify
+from pipeline.io import atomic_path
+from pipeline.methods.selection import selection_table
+from pipeline.stages.annotate import load_annotations
 
 
 def load_selection(run_dir) -> pd.DataFrame:
@@ -39,7 +39,7 @@ def load_selection(run_dir) -> pd.DataFrame:
 def contact_sheet(selection: pd.DataFrame, attribute: str, images: dict[int, np.ndarray], out: Path,
                   per_side: int = 10) -> Path:
     """A labelled PNG: the ``per_side`` most extreme samples on each side, with their scores."""
-    from ..figures import image_grid_figure, save_figure
+    from pipeline.formats.figures import image_grid_figure, save_figure
 
     sel = selection[selection.attribute == attribute]
     grid, titles = [], []
@@ -60,7 +60,7 @@ def identity(cfg, known: dict | None = None) -> dict:
 def run_select(cfg) -> pd.DataFrame:
     """selection.parquet (written last, with its identity record) and one contact sheet per attribute
     (the folder replaced as a whole: sheets of attributes no longer selected go)."""
-    from ..samples import iter_samples
+    from pipeline.formats.samples import iter_samples
 
     run_dir = Path(cfg.run_dir)
     annotations = load_annotations(run_dir)

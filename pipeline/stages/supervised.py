@@ -26,17 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import noise
-from ..directions import Directions, save_directions
-from ..errors import ConfigError, DatasetError, InputError
-from ..identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record
-from ..images import from_uint8, load_image
-from ..io import atomic_path, hash_tree
-from ..loading import weights_identity
-from ..model import HSpaceModel
-from ..samples import iter_samples, read_manifest
-from ..supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
-from .select import load_selection
+from pipeline.engine import noise
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel
+from pipeline.errors import ConfigError, DatasetError, InputError
+from pipeline.formats.directions import Directions, save_directions
+from pipeline.formats.identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record
+from pipeline.formats.images import from_uint8, load_image
+from pipeline.formats.samples import iter_samples, read_manifest
+from pipeline.io import atomic_path, hash_tree
+from pipeline.methods.supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
+from pipeline.stages.select import load_selection
 
 
 def gather_h(run_dir, ids) -> dict[int, torch.Tensor]:
@@ -53,8 +53,8 @@ def gather_h(run_dir, ids) -> dict[int, torch.Tensor]:
 def restrict(directions: Directions, probes: pd.DataFrame) -> Directions:
     """The directions zeroed at the steps where the probes find their attribute not encoded; the
     unrestricted ones kept as the extra ``unrestricted_directions``, the masks in ``params``."""
-    from ..probes import restrict_to_steps
-    from .probe import encoded_mask
+    from pipeline.methods.probes import restrict_to_steps
+    from pipeline.stages.probe import encoded_mask
 
     T = directions.directions.shape[1]
     masks = {name: encoded_mask(probes, name, T) for name in directions.names}
@@ -124,7 +124,7 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
 
 
 def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
-    from ..figures import plt, save_figure
+    from pipeline.formats.figures import plt, save_figure
 
     attrs = list(dict.fromkeys(curves.attribute))
     fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.6), squeeze=False, sharey=True)
@@ -210,7 +210,7 @@ def run_supervised(cfg) -> Path:
     record = identity(cfg)
     directions, curves = supervised_directions(run_dir, cfg.supervised)
     if cfg.supervised.restrict_steps:
-        from .probe import load_probes
+        from pipeline.stages.probe import load_probes
 
         directions = restrict(directions, load_probes(run_dir))
         for name, steps in directions.params["restricted_steps"].items():

@@ -9,7 +9,7 @@ Modules: ``products`` (Jacobian-vector products by autograd, :class:`Linearizati
 and the deflation baseline), ``krylov`` (the default solver), ``solve`` (:func:`top_singular`,
 one entry point over a function f), ``model`` (f of a sample's trajectory, the directions at
 one step or all steps, :class:`JacobianDirections`, the "global at index" edit). Everything is
-re-exported here: ``from pipeline.jacobian import jacobian_directions``.
+re-exported here: ``from pipeline.methods.jacobian import jacobian_directions``.
 
 Conventions
 -----------
@@ -72,9 +72,19 @@ must have been created outside inference mode (its weights are saved for backwar
 """
 from __future__ import annotations
 
-from .basis import DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular, orthonormal_complement, orthonormalize, ritz
-from .krylov import block_krylov
-from .model import (
+from pipeline.methods.jacobian.basis import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    TopSingular,
+    orthonormal_complement,
+    orthonormalize,
+    ritz,
+)
+from pipeline.methods.jacobian.krylov import block_krylov
+from pipeline.methods.jacobian.paper import power_deflation, sequential_subspace_iteration, subspace_iteration
+from pipeline.methods.jacobian.products import Fn, Linearization, autograd_context, explicit_jacobian, jvp, vjp
+from pipeline.methods.jacobian.solve import DEFAULT_METHOD, METHODS, PRODUCTS, UNCONVERGED, default_block, top_singular
+from pipeline.methods.jacobian.trajectory import (
     JacobianDirections,
     check_mask,
     directions_at,
@@ -84,9 +94,6 @@ from .model import (
     jacobian_directions_all_steps,
     sample_trajectory,
 )
-from .paper import power_deflation, sequential_subspace_iteration, subspace_iteration
-from .products import Fn, Linearization, autograd_context, explicit_jacobian, jvp, vjp
-from .solve import DEFAULT_METHOD, METHODS, PRODUCTS, UNCONVERGED, default_block, top_singular
 
 __all__ = [
     "DEFAULT_MAX_ITER", "DEFAULT_METHOD", "DEFAULT_TOL", "METHODS", "PRODUCTS", "Fn", "JacobianDirections", "Linearization",

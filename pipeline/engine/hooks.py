@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 HOOK_POINTS = ("after", "before")
 

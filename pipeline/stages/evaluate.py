@@ -38,11 +38,23 @@ import pyarrow.parquet as pq
 import torch
 
 from annotators import assets_identity
-from pipeline.calibration import calibrated_scale
+from evaluation.metrics import (
+    bootstrap_effects,
+    disentanglement_summary,
+    dose_response,
+    effect_matrix,
+    own_attribute,
+    pca_vs_random,
+    primary,
+    table1_markdown,
+)
+from evaluation.preservation import build_embedder, identity_similarity, preservation_table
 from pipeline.config import to_dict
-from pipeline.directions import load_directions
+from pipeline.engine.loading import weights_identity
+from pipeline.engine.model import HSpaceModel, default_device
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.identity import (
+from pipeline.formats.directions import load_directions
+from pipeline.formats.identity import (
     FOLDER_RECORD,
     MODEL_SECTIONS,
     artefact_ids,
@@ -53,10 +65,9 @@ from pipeline.identity import (
     read_record,
     verify,
 )
-from pipeline.images import to_uint8
+from pipeline.formats.images import to_uint8
 from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
-from pipeline.loading import weights_identity
-from pipeline.model import HSpaceModel, default_device
+from pipeline.methods.calibration import calibrated_scale
 from pipeline.stages.figures import evaluated_strips
 from pipeline.stages.lightning_utils import (
     AfterAllRanks,
@@ -69,18 +80,6 @@ from pipeline.stages.lightning_utils import (
     make_trainer,
     share_cpu_threads,
 )
-
-from .metrics import (
-    bootstrap_effects,
-    disentanglement_summary,
-    dose_response,
-    effect_matrix,
-    own_attribute,
-    pca_vs_random,
-    primary,
-    table1_markdown,
-)
-from .preservation import build_embedder, identity_similarity, preservation_table
 
 # Seeds the pixel-matched random baseline is calibrated on (the first calibration seeds, never evaluated on); 4
 # are close to 8 in half the time (docs/benchmarks.md).
@@ -374,7 +373,7 @@ def write_strips(per_sample: pd.DataFrame, seeds: list[int], out: Path) -> None:
 
     from PIL import Image
 
-    from pipeline.figures import image_grid_figure, save_figure
+    from pipeline.formats.figures import image_grid_figure, save_figure
     from pipeline.stages.edit import safe_name
 
     with atomic_path(out) as tmp:
@@ -416,7 +415,7 @@ def table1_sections(keep: pd.DataFrame, scale: dict, signed: bool = False):
 def table1_outputs(keep: pd.DataFrame, scale: dict, ev_cfg, out: Path, suffix: str = "") -> tuple[list, dict]:
     """Table 1 of the rows ``keep`` (csv, signed csv, markdown, heatmaps) and its disentanglement
     checks (``disentanglement<suffix>.csv``, with bootstrap intervals) -> (sections, summary counts)."""
-    from .plots import effect_heatmaps
+    from evaluation.plots import effect_heatmaps
 
     mapping = to_dict(ev_cfg.own_attribute)
     families = dict(zip(keep.direction, keep.family))
@@ -458,8 +457,8 @@ def table1_outputs(keep: pd.DataFrame, scale: dict, ev_cfg, out: Path, suffix: s
 def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     """Table 1 at the fixed scale and at the calibrated strengths (csv + markdown, heatmaps,
     checks), image change, PCA vs random, the dose-response curves, summary.json."""
-    from .dose import dose_response_plot
-    from .plots import pca_vs_random_plot
+    from evaluation.dose import dose_response_plot
+    from evaluation.plots import pca_vs_random_plot
 
     attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
     mapping = to_dict(ev_cfg.own_attribute)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .basis import (
+from pipeline.methods.jacobian.basis import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     TopSingular,

@@ -24,7 +24,7 @@ Shards are written to a temporary name, fsynced and renamed, so a crash never le
 that a reader accepts; a shard that fails validation (truncated, wrong row count, wrong ids)
 is reported by name. Each shard's schema metadata keeps the content identity it was made with
 (model, scheduler, eta, hook, dtypes), so the manifest can always be rebuilt from the shards and
-checked. The manifest's ``record`` (see :mod:`pipeline.identity`) identifies the dataset by that
+checked. The manifest's ``record`` (see :mod:`pipeline.formats.identity`) identifies the dataset by that
 content identity and exactly which sample ids it holds.
 """
 from __future__ import annotations
@@ -42,10 +42,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .dtypes import dtype_entry
-from .errors import DatasetError
-from .identity import META_KEY, read_record
-from .io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
+from pipeline.dtypes import dtype_entry
+from pipeline.errors import DatasetError
+from pipeline.formats.identity import META_KEY, read_record
+from pipeline.io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
 MANIFEST = "manifest.json"

@@ -1,6 +1,6 @@
 """Model families: what differs between a pixel DDPM, a latent diffusion model and Stable Diffusion.
 
-The sampling loop of :class:`~pipeline.model.HSpaceModel` runs the same DDIM steps for every
+The sampling loop of :class:`~pipeline.engine.model.HSpaceModel` runs the same DDIM steps for every
 family on x_t, the U-Net's input. A family adapter supplies the rest:
 
 - ``pixel``: a ``UNet2DModel`` on images; x_t is the image (``DDPMPipeline`` layout).
@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 #: The pipeline layouts hspace loads, by the ``_class_name`` of their model_index.json.
 PIPELINE_FAMILIES = {"DDPMPipeline": "pixel", "DDIMPipeline": "pixel", "LDMPipeline": "latent",

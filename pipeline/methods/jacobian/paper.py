@@ -1,5 +1,5 @@
 """The paper's methods and the original code's baseline, each a solver over products ``ops``
-(``jvp`` / ``vjp`` / ``d_in`` / ``d_out``, e.g. a :class:`~pipeline.jacobian.products.Linearization`):
+(``jvp`` / ``vjp`` / ``d_in`` / ``d_out``, e.g. a :class:`~pipeline.methods.jacobian.products.Linearization`):
 
 - :func:`subspace_iteration`: Alg. 1 (Jacobian subspace iteration), ``method="subspace"``;
 - :func:`sequential_subspace_iteration`: Alg. 2 (supp. C), mini-batches, ``method="sequential"``;
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .basis import (
+from pipeline.methods.jacobian.basis import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     TopSingular,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .errors import ConfigError, DatasetError
+from pipeline.errors import ConfigError, DatasetError
 
 
 def select_top_bottom(scores: pd.Series, n: int, condition: pd.Series | None = None,

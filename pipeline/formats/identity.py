@@ -31,8 +31,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import DatasetError
-from .io import hash_json
+from pipeline.errors import DatasetError
+from pipeline.io import hash_json
 
 META_KEY = "hspace_identity"
 FOLDER_RECORD = "identity.json"

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)

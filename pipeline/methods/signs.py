@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 
 def largest_entry_signs(V: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def align_signs(components: torch.Tensor, *, method: str = "chain", reference: i
     well-conditioned; aligning every step to one fixed step (``"reference"``, what the original
     code did with step 0) compares components of distant steps, which can be nearly orthogonal, so
     the sign of a small dot product is decided by noise. Where |cos| between neighbours is small
-    (components swapped order, see :func:`pipeline.pca.adjacent_cosines`) no sign rule is meaningful.
+    (components swapped order, see :func:`pipeline.methods.pca.adjacent_cosines`) no sign rule is meaningful.
     """
     if components.ndim != 3:
         raise InputError(f"components must be (T, K, D), got shape {tuple(components.shape)}")

@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError, DatasetError, InputError
-from .identity import read_record, safetensors_metadata
-from .io import atomic_path
+from pipeline.errors import ConfigError, DatasetError, InputError
+from pipeline.formats.identity import read_record, safetensors_metadata
+from pipeline.io import atomic_path
 
 _META_KEY = "hspace"
 
@@ -97,7 +97,7 @@ class Directions:
 
 def save_directions(d: Directions, path: str | os.PathLike, record: dict | None = None) -> Path:
     """Write atomically (a temporary file renamed into place), with the identity ``record`` of
-    what the directions were made from (:mod:`pipeline.identity`) when a stage made them."""
+    what the directions were made from (:mod:`pipeline.formats.identity`) when a stage made them."""
     path = Path(path)
     tensors = {"directions": d.directions.detach().float().cpu().contiguous()}
     for k, v in d.extras.items():

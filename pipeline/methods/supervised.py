@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 
 def mean_difference(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
-from .errors import ConvergenceError, InputError
-from .signs import align_signs, largest_entry_signs
+from pipeline.errors import ConvergenceError, InputError
+from pipeline.methods.signs import align_signs, largest_entry_signs
 
 __all__ = [
     "PCAState", "NotFittedError", "init_state", "svd_update", "merge_summaries", "StreamingPCA",
@@ -489,7 +489,7 @@ class _FittedPCA:
 
     def directions(self, *, align: str | None = "chain", dtype=torch.float32) -> torch.Tensor:
         """Directions (K, T, D), each one standard deviation along its component at every step
-        (scale 1 = 1 std). Per-step mode aligns the signs across steps (see :func:`pipeline.signs.align_signs`);
+        (scale 1 = 1 std). Per-step mode aligns the signs across steps (see :func:`pipeline.methods.signs.align_signs`);
         joint mode splits the one trajectory-long component into its T steps."""
         comps, var = self.components_, self.explained_variance_
         if self.joint:

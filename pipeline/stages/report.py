@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.costs import costs_html
+from evaluation.semantics import add_sections
+from evaluation.tables import df_html, table1_html
 from pipeline.config import to_yaml
-from pipeline.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from pipeline.formats.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from pipeline.formats.samples import read_manifest
 from pipeline.io import atomic_path, write_json_atomic
-from pipeline.samples import read_manifest
-
-from .costs import costs_html
-from .semantics import add_sections
-from .tables import df_html, table1_html
 
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
@@ -228,7 +227,7 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
                   "direction that 'works' by destroying the image is visible.")
         page.add(df_html(pd.read_csv(ev / "image_change.csv", index_col=0), index=True))
 
-    from .dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
+    from evaluation.dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
 
     dose_response_section(page, run_dir)
 
@@ -293,7 +292,7 @@ def _costs_section(page: Page, run_dir: Path) -> None:
 
 def strip_captions(dirs: Path, family: str) -> dict[str, str]:
     """Edit-strip file stem -> its direction's name with the label a user gave it ("pc3: hat")."""
-    from pipeline.directions import load_directions
+    from pipeline.formats.directions import load_directions
     from pipeline.stages.edit import safe_name
 
     stem = {"supervised_xT": "supervised"}.get(family, family)

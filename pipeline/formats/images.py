@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import atomic_path
+from pipeline.io import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -26,7 +26,7 @@ def load_image(file, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]
     """An image file (path or file object) -> (H, W, 3) uint8 of ``size`` (H, W): the centred square,
     resized (Lanczos); and the file's own (width, height). A file PIL cannot read as an image is an
     InputError naming it."""
-    from .errors import InputError
+    from pipeline.errors import InputError
 
     try:
         with Image.open(file) as im:

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..cost import count
-from ..errors import InputError
+from pipeline.cost import count
+from pipeline.errors import InputError
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 

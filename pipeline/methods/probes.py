@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from pipeline.errors import InputError
 
 #: ridge penalties RidgeCV chooses from, and inverse penalties LogisticRegressionCV chooses from (5-fold on
 #: the training samples); both on standardised features

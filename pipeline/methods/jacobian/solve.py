@@ -7,12 +7,12 @@ import operator
 
 import torch
 
-from ..errors import ConvergenceError, InputError
-from ..signs import largest_entry_signs
-from .basis import DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular
-from .krylov import block_krylov
-from .paper import power_deflation, sequential_subspace_iteration, subspace_iteration
-from .products import Fn, Linearization, autograd_context
+from pipeline.errors import ConvergenceError, InputError
+from pipeline.methods.jacobian.basis import DEFAULT_MAX_ITER, DEFAULT_TOL, TopSingular
+from pipeline.methods.jacobian.krylov import block_krylov
+from pipeline.methods.jacobian.paper import power_deflation, sequential_subspace_iteration, subspace_iteration
+from pipeline.methods.jacobian.products import Fn, Linearization, autograd_context
+from pipeline.methods.signs import largest_entry_signs
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """HSpaceModel: sample, record, edit and invert a diffusion model in h-space.
 
-One class for every family (:mod:`pipeline.families`): pixel ``UNet2DModel``s, latent diffusion
+One class for every family (:mod:`pipeline.engine.families`): pixel ``UNet2DModel``s, latent diffusion
 (a U-Net over a VQ or KL autoencoder's latents) and Stable Diffusion (text prompts and
 classifier-free guidance). Sampling runs in the U-Net's own space (x_t: pixels or latents); images
 are decoded at the end.
@@ -27,13 +27,12 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from . import noise as noise_streams
-from .cost import count
-from .dtypes import precision_dtypes, torch_dtype
-from .errors import InputError
-from .families import LatentFamily, PixelFamily, TextFamily, prompt_list
-from .hooks import HSpaceHook, resolve_hook
-from .schedule import (
+from pipeline.cost import count
+from pipeline.dtypes import precision_dtypes, torch_dtype
+from pipeline.engine import noise as noise_streams
+from pipeline.engine.families import LatentFamily, PixelFamily, TextFamily, prompt_list
+from pipeline.engine.hooks import HSpaceHook, resolve_hook
+from pipeline.engine.schedule import (
     PREDICTION_TYPES,
     ddim_coefficients,
     ddim_inversion_step,
@@ -42,6 +41,7 @@ from .schedule import (
     solve_step_noise,
     split_prediction,
 )
+from pipeline.errors import InputError
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -202,7 +202,7 @@ class HSpaceModel:
         hub id or the HF cache (``HF_HUB_OFFLINE=1``); the family comes from model_index.json
         (``DDPMPipeline``, ``LDMPipeline``, ``StableDiffusionPipeline``) or the flat U-Net layout.
         ``kwargs``: ``prompt``, ``negative_prompt``, ``guidance_scale`` of a text model."""
-        from .loading import load_pipeline
+        from pipeline.engine.loading import load_pipeline
 
         parts = load_pipeline(name_or_path, dtype=torch_dtype(dtype))
         extra = {k: parts[k] for k in ("autoencoder", "component", "text_encoder", "tokenizer") if k in parts}
@@ -507,7 +507,7 @@ class HSpaceModel:
         eta: override the model's eta for this call.
         prompt, negative_prompt: text models only; one string or one per sample (default: the
             model's). guidance_scale: > 1 is classifier-free guidance, h from the conditional
-            branch, edits in both (see :mod:`pipeline.families`); 1 is one conditional pass.
+            branch, edits in both (see :mod:`pipeline.engine.families`); 1 is one conditional pass.
         return_latents: also return x_t entering every step, ``.latents`` (B, T, *latent_shape).
         h_dtype, h_device: where h is recorded (default: the model's dtype and device); e.g.
             float16 on the CPU streams a batch's trajectories straight into what a shard stores.
@@ -642,7 +642,7 @@ class HSpaceModel:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise InputError(f"images have shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.image_shape))})")
         if x.min() < -1.001 or x.max() > 1.001:
-            raise InputError("images must be scaled to [-1, 1] (use pipeline.images.from_uint8 for uint8 arrays)")
+            raise InputError("images must be scaled to [-1, 1] (use pipeline.formats.images.from_uint8 for uint8 arrays)")
         return self.family.encode(x.to(self.device)).to(self.state_dtype)
 
     @in_precision_context

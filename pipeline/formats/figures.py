@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from pipeline.io import atomic_path  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from .errors import ModelLoadError
-from .io import hash_tree
+from pipeline.errors import ModelLoadError
+from pipeline.io import hash_tree
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 #: Models that ship inside the package, usable by name without any download.
 EMBEDDED_MODELS = {"toyfaces": ASSETS / "toyfaces-ddpm"}
 
@@ -109,7 +109,7 @@ def _read_json(location: str, is_local: bool, filename: str) -> dict | None:
 def detect_family(location: str, is_local: bool) -> tuple[str, dict]:
     """(family, model_index): from model_index.json's ``_class_name``, or ``pixel`` for the flat
     hub-DDPM layout (a UNet2DModel config.json at the root) and folders without an index."""
-    from .families import PIPELINE_FAMILIES
+    from pipeline.engine.families import PIPELINE_FAMILIES
 
     index = _read_json(location, is_local, "model_index.json") or {}
     name = index.get("_class_name")

@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..signs import agreement_signs
-from .basis import DEFAULT_MAX_ITER, DEFAULT_TOL
-from .products import Fn
-from .solve import DEFAULT_METHOD, top_singular
+from pipeline.errors import InputError
+from pipeline.methods.jacobian.basis import DEFAULT_MAX_ITER, DEFAULT_TOL
+from pipeline.methods.jacobian.products import Fn
+from pipeline.methods.jacobian.solve import DEFAULT_METHOD, top_singular
+from pipeline.methods.signs import agreement_signs
 
 
 def check_mask(mask, image_shape: Sequence[int]) -> torch.Tensor:
@@ -73,7 +73,7 @@ def _get(sample, name: str):
 def sample_trajectory(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
     """The sample's own trajectory: x_t entering every step (T, 3, H, W) and h_t (T, C, H, W).
 
-    sample: a seed (int); or a :class:`~pipeline.model.SampleOutput`-like object / dict of ONE
+    sample: a seed (int); or a :class:`~pipeline.engine.model.SampleOutput`-like object / dict of ONE
     sample with ``x_T`` ((1, 3, H, W) or (3, H, W)) and, for eta > 0, its step noise ``noise``
     ((1, T, 3, H, W)) or ``seeds``/``seed``. If it already carries ``latents`` and ``h`` these are
     used as they are (no re-sampling).
