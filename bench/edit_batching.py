@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from pipeline.engine.model import HSpaceModel
+from pipeline import Edit, HSpaceModel
+from pipeline.config import load_config
 
 
 def main() -> None:
@@ -26,14 +27,15 @@ def main() -> None:
     ap.add_argument("--model", default="toyfaces")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    model = HSpaceModel.from_pretrained(args.model, num_inference_steps=args.steps, device="cpu")
+    model = HSpaceModel.from_config(load_config(None, [f"model.name_or_path={args.model}", "model.device=cpu",
+                                                       f"model.num_inference_steps={args.steps}"]))
     g = torch.Generator().manual_seed(0)
     edits = [None] + [torch.randn(model.num_steps, *model.h_shape, generator=g) for _ in range(args.edits - 1)]
     seeds = list(range(1_000_000, 1_000_000 + args.seeds))
     model.sample(seeds[:2])  # warm-up
 
     t0 = time.perf_counter()
-    per_edit = torch.stack([model.sample(seeds, delta_h=e).images for e in edits])
+    per_edit = torch.stack([model.sample(seeds, Edit(delta=e)).images for e in edits])
     t_per_edit = time.perf_counter() - t0
     t0 = time.perf_counter()
     batched = model.sample_edits(seeds, edits, batch_size=args.batch)

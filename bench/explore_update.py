@@ -20,6 +20,7 @@ import torch
 
 from annotators.base import build_annotator
 from pipeline import HSpaceModel
+from pipeline.config import load_config
 from pipeline.explore.session import ExploreSession, Slider
 from pipeline.formats.directions import Directions, save_directions
 
@@ -34,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = HSpaceModel.from_pretrained(args.model, num_inference_steps=args.steps, device=args.device)
+    model = HSpaceModel.from_config(load_config(None, [f"model.name_or_path={args.model}", f"model.device={args.device}",
+                                                       f"model.num_inference_steps={args.steps}"]))
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as run:
         save_directions(Directions(torch.randn(2, model.num_steps, *model.h_shape, generator=g), ["a", "b"], "test",

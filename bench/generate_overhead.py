@@ -33,7 +33,10 @@ def main() -> None:
         torch.manual_seed(0)
         build_unet(ToyTrainConfig()).save_pretrained(tmp / "model")
         DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp / "model")
-        model = HSpaceModel.from_pretrained(str(tmp / "model"), num_inference_steps=args.steps, device="cpu")
+        cfg = load_config(None, [f"run_dir={tmp / 'run'}", f"model.name_or_path={tmp / 'model'}",
+                                 f"model.num_inference_steps={args.steps}", f"generate.num_samples={args.n}",
+                                 f"generate.batch_size={args.batch}", "trainer.accelerator=cpu", "model.device=cpu"])
+        model = HSpaceModel.from_config(cfg)
         batches = plan_batches(0, args.n, args.batch, set())
         model.sample(batches[0][:2])  # warm-up
         t0 = time.perf_counter()
@@ -41,9 +44,6 @@ def main() -> None:
             model.sample(seeds)
         t_sample = time.perf_counter() - t0
 
-        cfg = load_config(None, [f"run_dir={tmp / 'run'}", f"model.name_or_path={tmp / 'model'}",
-                                 f"model.num_inference_steps={args.steps}", f"generate.num_samples={args.n}",
-                                 f"generate.batch_size={args.batch}", "trainer.accelerator=cpu"])
         t0 = time.perf_counter()
         run_generate(cfg)
         t_generate = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 REDUCED = {"width": 32, "size": 128, "batch": 4, "steps": 3, "batches": 2}
+PRECISION = {"float32": "32-true", "float16": "16-true", "bfloat16": "bf16-true"}  # weights dtype -> trainer.precision
 
 
 def sync(device: str) -> None:
@@ -55,8 +56,9 @@ def hspace_seconds(folder: Path, run_dir: Path, n_batches: int, args, writer_que
 
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
     cfg = load_config(None, [f"run_dir={run_dir}", f"model.name_or_path={folder}", f"model.num_inference_steps={args.steps}",
-                             "model.eta=1.0", f"model.dtype={args.dtype}", f"generate.num_samples={n_batches * args.batch}",
-                             f"generate.batch_size={args.batch}", f"generate.writer_queue={writer_queue}",
+                             "model.eta=1.0", f"trainer.precision={PRECISION[args.dtype]}",
+                             f"generate.num_samples={n_batches * args.batch}", f"generate.batch_size={args.batch}",
+                             f"generate.writer_queue={writer_queue}",
                              f"trainer.accelerator={accelerator}", "trainer.devices=1"])
     t0 = time.perf_counter()
     run_generate(cfg)

@@ -54,13 +54,16 @@ def load_model(spec: str, steps: int):
     from diffusers import DDIMScheduler
 
     from pipeline import HSpaceModel
-    from pipeline.config import ToyTrainConfig
+    from pipeline.config import ToyTrainConfig, load_config
     from toyfaces.train_ddpm import build_unet
 
-    if spec == "random":
+    if spec == "random":  # the embedded default's architecture, random weights, saved where the builder reads it
         torch.manual_seed(0)
-        return HSpaceModel(build_unet(ToyTrainConfig()).eval(), DDIMScheduler(), num_inference_steps=steps, device="cpu")
-    return HSpaceModel.from_pretrained(spec, num_inference_steps=steps, device="cpu")
+        spec = tempfile.mkdtemp(prefix="hspace-bench-")
+        build_unet(ToyTrainConfig()).save_pretrained(spec)
+        DDIMScheduler().save_pretrained(spec)
+    return HSpaceModel.from_config(load_config(None, [f"model.name_or_path={spec}", "model.device=cpu",
+                                                      f"model.num_inference_steps={steps}"]))
 
 
 def trajectory(args):

@@ -40,7 +40,7 @@ def plain_diffusers(cfg, precision="32-true") -> float:
     from pipeline.dtypes import precision_dtypes
     from pipeline.engine.model import HSpaceModel
 
-    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # converted below, as hspace does
     unet = copy.deepcopy(model.unet).eval()  # the copy carries no hook
     for hook_owner in unet.modules():
         hook_owner._forward_hooks.clear()

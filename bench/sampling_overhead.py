@@ -9,15 +9,15 @@ cost of an edit: symmetric injection against Asyrp (two U-Net passes per step).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
+import tempfile
 import time
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DModel
 
-from pipeline import HSpaceModel
-from pipeline.config import ToyTrainConfig
+from pipeline import Edit, HSpaceModel
+from pipeline.config import ToyTrainConfig, load_config
 from toyfaces.train_ddpm import build_unet
 
 
@@ -46,9 +46,12 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=1.0)
     args = ap.parse_args()
     torch.manual_seed(0)
-    unet = build_unet(ToyTrainConfig()).eval()
-    baseline_unet = copy.deepcopy(unet)  # no hooks on this one
-    model = HSpaceModel(unet, DDIMScheduler(), num_inference_steps=args.steps, eta=args.eta, device="cpu")
+    folder = tempfile.mkdtemp(prefix="hspace-bench-")
+    build_unet(ToyTrainConfig()).save_pretrained(folder)
+    DDIMScheduler().save_pretrained(folder)
+    baseline_unet = UNet2DModel.from_pretrained(folder).eval()  # no hooks on this one
+    model = HSpaceModel.from_config(load_config(None, [f"model.name_or_path={folder}", "model.device=cpu",
+                                                       f"model.num_inference_steps={args.steps}", f"model.eta={args.eta}"]))
     sched = DDIMScheduler(clip_sample=False)
     sched.set_timesteps(args.steps)
     seeds = list(range(args.batch))
@@ -57,11 +60,11 @@ def main() -> None:
 
     t_plain = timed(lambda: plain_loop(baseline_unet, sched, x_T.clone(), args.eta, z), args.repeats)
     t_record = timed(lambda: model.sample(seeds), args.repeats)
-    t_sym = timed(lambda: model.sample(seeds, delta_h=delta), args.repeats)
-    t_asyrp = timed(lambda: model.sample(seeds, delta_h=delta, asyrp=True), args.repeats)
+    t_sym = timed(lambda: model.sample(seeds, Edit(delta=delta)), args.repeats)
+    t_asyrp = timed(lambda: model.sample(seeds, Edit(delta=delta, asyrp=True)), args.repeats)
     check = (model.sample(seeds).images - plain_loop(baseline_unet, sched, x_T.clone(), args.eta, z).clamp(-1, 1)).abs().max()
 
-    print(f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, batch {args.batch}, "
+    print(f"U-Net {sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M params, batch {args.batch}, "
           f"T={args.steps}, eta={args.eta}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"plain diffusers DDIM loop      {t_plain:8.3f} s")
     print(f"HSpaceModel.sample (record h)  {t_record:8.3f} s   ratio {t_record / t_plain:.3f}  (target <= 1.05)")

@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so that ``import pipeline.errors`` stays cheap)::
 
-    HSpaceModel, SampleOutput, InversionOutput   # the engine (pipeline.engine.model)
+    HSpaceModel, SampleOutput, Edit, InversionOutput  # the engine (pipeline.engine)
     load_samples, iter_samples                   # the samples dataset (pipeline.formats.samples)
     Directions, load_directions, save_directions # directions files (pipeline.formats.directions)
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "HSpaceModel": "pipeline.engine.model", "SampleOutput": "pipeline.engine.model", "InversionOutput": "pipeline.engine.model",
+    "HSpaceModel": "pipeline.engine.model", "SampleOutput": "pipeline.engine.model", "Edit": "pipeline.engine.edits",
+    "InversionOutput": "pipeline.engine.inversion",
     "load_samples": "pipeline.formats.samples", "iter_samples": "pipeline.formats.samples",
     "Directions": "pipeline.formats.directions", "load_directions": "pipeline.formats.directions",
     "save_directions": "pipeline.formats.directions",

@@ -65,7 +65,6 @@ class ModelConfig(Section):
     negative_prompt: str = Field("", description="text-to-image models: the unconditional branch's prompt")
     guidance_scale: float = Field(7.5, ge=0, description="text-to-image models: classifier-free guidance (1: one "
                                   "conditional pass; h is the conditional branch's, edits go into both)")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="of the U-Net's weights")
     device: Optional[str] = Field(None, description="null: cuda if available, else cpu (stages take it from `trainer`)")
 
 

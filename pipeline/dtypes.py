@@ -1,11 +1,13 @@
 """The one dtype table: the names the configuration and the API use -> the torch dtype, and the
 numpy dtype its values are stored as on disk (bfloat16 as its bits, uint16: Arrow has no bfloat16).
 
-Each configuration field lists the names it accepts (``model.dtype``, ``generate.h_dtype``,
-``pca.dtype``); every one of them is a key here.
+Each configuration field lists the names it accepts (``generate.h_dtype``, ``pca.dtype``); every one
+of them is a key here. ``trainer.precision`` (Lightning's names) is the one precision of the weights:
+:func:`precision_dtypes` reads it as Lightning does, :func:`autocast` applies its ``*-mixed`` half.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -60,3 +62,15 @@ def precision_dtypes(precision, device_type: str = "cpu") -> tuple[torch.dtype |
     if kind == "mixed" and dtype == torch.float16 and device_type == "cpu":
         dtype = torch.bfloat16
     return (dtype, None) if kind == "true" else (None, dtype)
+
+
+def autocast(precision, device_type: str):
+    """The context a ``*-mixed`` precision computes in on ``device_type`` (torch.autocast), else a no-op
+    (``*-true`` precisions are applied by converting the weights, once)."""
+    dtype = precision_dtypes(precision, device_type)[1]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def weights_dtype(precision) -> torch.dtype:
+    """The dtype a ``trainer.precision`` keeps the weights in: ``*-true``'s own, else (and for None) float32."""
+    return (None if precision is None else precision_dtypes(precision)[0]) or torch.float32

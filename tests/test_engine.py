@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pipeline import HSpaceModel
+from pipeline import Edit, HSpaceModel
 from pipeline.engine.noise import randn
 from pipeline.errors import InputError
 
@@ -17,7 +17,7 @@ SEEDS = [11, 3, 5, 8, 13, 21, 34]
 def test_zero_edit_is_bit_identical(tiny_model, eta):
     m = tiny_model(eta=eta)
     plain = m.sample(SEEDS[:3])
-    zero = m.sample(SEEDS[:3], delta_h=torch.zeros(m.num_steps, *m.h_shape))
+    zero = m.sample(SEEDS[:3], Edit(delta=torch.zeros(m.num_steps, *m.h_shape)))
     assert torch.equal(plain.images, zero.images)
     assert torch.equal(plain.h, zero.h)
 
@@ -46,7 +46,7 @@ def test_sample_edits_gives_each_edit_as_if_sampled_alone(tiny_model, eta):
     g = torch.Generator().manual_seed(0)
     seeds = SEEDS[:3]
     edits = [None, torch.randn(m.num_steps, *m.h_shape, generator=g), 3 * torch.randn(m.num_steps, *m.h_shape, generator=g)]
-    alone = torch.stack([m.sample(seeds, delta_h=e).images for e in edits])
+    alone = torch.stack([m.sample(seeds, Edit(delta=e)).images for e in edits])
     for batch_size in (1, 4, 64):
         images = m.sample_edits(seeds, edits, batch_size=batch_size)
         assert images.shape == (3, 3, *m.image_shape)
@@ -54,7 +54,7 @@ def test_sample_edits_gives_each_edit_as_if_sampled_alone(tiny_model, eta):
     assert (alone[2] - alone[0]).abs().max() > 1e-2, "the edits must show for this test to tell them apart"
     dx = torch.randn(*m.image_shape, generator=g)
     shifted = m.sample_edits(seeds, [dx, None], space="x_T", batch_size=2)
-    torch.testing.assert_close(shifted[0], m.sample(seeds, dx_T=dx).images, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shifted[0], m.sample(seeds, Edit(dx_T=dx)).images, atol=1e-4, rtol=0)
     torch.testing.assert_close(shifted[1], alone[0], atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="space"):
         m.sample_edits(seeds, edits, space="pixels")
@@ -107,15 +107,15 @@ def test_noise_streams_are_independent_and_leave_global_rng_alone():
 def test_asyrp_runs_two_passes_per_edited_step(tiny_model):
     m = tiny_model(eta=1.0)
     delta = 0.5 * torch.ones(m.num_steps, *m.h_shape)
-    with m.counting_passes() as passes:
-        sym = m.sample([1, 2], delta_h=delta)
-        assert passes() == m.num_steps
-    with m.counting_passes() as passes:
-        asy = m.sample([1, 2], delta_h=delta, asyrp=True)
-        assert passes() == 2 * m.num_steps
-    with m.counting_passes() as passes:
-        m.sample([1, 2], delta_h=delta, asyrp=True, steps=[0, 2])
-        assert passes() == m.num_steps + 2
+    start = m.hook.calls  # the hook counts the network's passes
+    sym = m.sample([1, 2], Edit(delta=delta))
+    assert m.hook.calls - start == m.num_steps
+    start = m.hook.calls
+    asy = m.sample([1, 2], Edit(delta=delta, asyrp=True))
+    assert m.hook.calls - start == 2 * m.num_steps
+    start = m.hook.calls
+    m.sample([1, 2], Edit(delta=delta, asyrp=True, steps=[0, 2]))
+    assert m.hook.calls - start == m.num_steps + 2
     assert (sym.images - asy.images).abs().max() > 1e-4
     # the recorded h is the activation before the edit: step 0 sees the same x_T either way
     assert torch.equal(sym.h[:, 0], asy.h[:, 0])
@@ -125,11 +125,11 @@ def test_steps_limit_where_the_edit_applies(tiny_model):
     m = tiny_model(eta=1.0)
     plain = m.sample([3])
     delta = torch.randn(m.num_steps, *m.h_shape, generator=torch.Generator().manual_seed(0))
-    edited = m.sample([3], delta_h=delta, steps=[3])
+    edited = m.sample([3], Edit(delta=delta, steps=[3]))
     assert torch.equal(plain.h[:, :4], edited.h[:, :4])  # h at step 3 is recorded before the edit
     assert not torch.allclose(plain.h[:, 4], edited.h[:, 4])
     # per-sample deltas: sample 0 unedited, sample 1 edited
-    both = m.sample([3, 3], delta_h=torch.stack([torch.zeros_like(delta), delta]), steps=[3])
+    both = m.sample([3, 3], Edit(delta=torch.stack([torch.zeros_like(delta), delta]), steps=[3]))
     torch.testing.assert_close(both.images[0], plain.images[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(both.images[1], edited.images[0], atol=1e-5, rtol=0)
 
@@ -139,22 +139,22 @@ def test_edit_is_added_to_h(tiny_model):
     m = tiny_model(eta=0.0)
     plain = m.sample([5])
     delta = 0.3 * torch.randn(m.num_steps, *m.h_shape, generator=torch.Generator().manual_seed(1))
-    edited = m.sample([5], delta_h=delta, steps=[0])
-    replaced = m.sample([5], replace_h=plain.h + delta, steps=[0])
+    edited = m.sample([5], Edit(delta=delta, steps=[0]))
+    replaced = m.sample([5], Edit(replace=plain.h + delta, steps=[0]))
     torch.testing.assert_close(edited.images, replaced.images, atol=1e-6, rtol=0)
 
 
 def test_replaying_recorded_h_reproduces_the_image(tiny_model):
     m = tiny_model(eta=1.0)
     out = m.sample([1, 2])
-    replay = m.sample([1, 2], replace_h=out.h)
+    replay = m.sample([1, 2], Edit(replace=out.h))
     assert torch.equal(replay.images, out.images)
 
 
 def test_swapping_h_swaps_the_bottleneck_only(tiny_model):
     m = tiny_model(eta=1.0)
     a, b = m.sample([1]), m.sample([2])
-    swapped = m.sample([1], replace_h=b.h)
+    swapped = m.sample([1], Edit(replace=b.h))
     assert torch.equal(swapped.x_T, a.x_T)
     assert torch.equal(swapped.h[:, 0], a.h[:, 0])  # recorded before the swap
     da, db = (swapped.images - a.images).abs().mean(), (swapped.images - b.images).abs().mean()
@@ -169,7 +169,7 @@ def test_latents_round_trip_through_sample(tiny_model):
     via_seeds = m.sample([6, 7], x_T=out.x_T)
     assert torch.equal(via_seeds.images, out.images)
     dx = 0.1 * torch.ones(3, 16, 16)
-    shifted = m.sample([6, 7], dx_T=dx)
+    shifted = m.sample([6, 7], Edit(dx_T=dx))
     assert torch.equal(shifted.x_T, out.x_T + dx)
     assert torch.equal(shifted.images, m.sample([6, 7], x_T=out.x_T + dx).images)
 
@@ -177,7 +177,7 @@ def test_latents_round_trip_through_sample(tiny_model):
 @pytest.mark.parametrize("point", ["after", "before"])
 def test_hook_records_the_mid_block_activation(tiny_unet, point):
     m = HSpaceModel(tiny_unet, DDIMScheduler(), num_inference_steps=3, hook=point, device="cpu")
-    assert m.h_shape == (16, 8, 8)  # probes the U-Net once, before we listen
+    assert m.h_shape == (16, 8, 8)  # probed once when the model loads, before we listen
     seen = []
     if point == "after":
         handle = tiny_unet.mid_block.register_forward_hook(lambda mod, a, out: seen.append(out.clone()))
@@ -224,8 +224,8 @@ def test_fixed_point_inversion_lands_closer_and_converges_to_exact(tiny_unet):
 
 def test_bad_inputs_raise_clear_errors(tiny_unet, tiny_model):
     m = tiny_model(eta=1.0)
-    with pytest.raises(InputError, match=r"delta_h has shape"):
-        m.sample([1], delta_h=torch.zeros(2, 16, 8, 8))
+    with pytest.raises(InputError, match=r"Edit.delta has shape"):
+        m.sample([1], Edit(delta=torch.zeros(2, 16, 8, 8)))
     with pytest.raises(InputError, match=r"eta has 3 values but there are 5"):
         HSpaceModel(tiny_unet, DDIMScheduler(), num_inference_steps=5, eta=[0, 1, 0], device="cpu")
     with pytest.raises(InputError, match="eta values must be finite and >= 0"):
@@ -235,7 +235,7 @@ def test_bad_inputs_raise_clear_errors(tiny_unet, tiny_model):
     with pytest.raises(InputError, match="needs per-step noise"):
         m.sample(x_T=torch.zeros(1, 3, 16, 16))
     with pytest.raises(InputError, match="steps .* out of range"):
-        m.sample([1], delta_h=torch.zeros(m.num_steps, *m.h_shape), steps=[9])
+        m.sample([1], Edit(delta=torch.zeros(m.num_steps, *m.h_shape), steps=[9]))
     with pytest.raises(InputError, match="give seeds"):
         m.sample()
 

@@ -165,7 +165,7 @@ def test_pca_vs_random_ranks_cancelling_changes_below_a_consistent_edit():
 
 @pytest.mark.slow
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
-    from pipeline import HSpaceModel
+    from pipeline import Edit, HSpaceModel
     from pipeline.config import load_config, with_overrides
     from pipeline.formats.directions import load_directions
     from pipeline.stages.annotate import run_annotate
@@ -201,7 +201,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=cfg.model.eta, device="cpu")
     d = load_directions(run / "directions" / "supervised.safetensors").get("red")
     seed = 1_000_005
-    x0, x1 = model.sample([seed]).images, model.sample([seed], delta_h=2.0 * d).images
+    x0, x1 = model.sample([seed]).images, model.sample([seed], Edit(delta=2.0 * d)).images
     def red(x):
         return float((x * 0.5 + 0.5)[:, 0].mean() - (x * 0.5 + 0.5)[:, 1:].mean())
 
@@ -255,7 +255,7 @@ def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet)
     import torch
     from diffusers import DDIMScheduler
 
-    from pipeline import HSpaceModel
+    from pipeline import Edit, HSpaceModel
     from pipeline.stages.evaluate import match_pixel_change, pixel_changes
 
     # x0-prediction keeps the random U-Net's samples inside [-1, 1], so changes are not clipped away
@@ -265,7 +265,7 @@ def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet)
     g = torch.Generator().manual_seed(0)
     d = [0.1 * torch.randn(m.num_steps, *m.h_shape, generator=g) for _ in range(2)]
     start = pixel_changes(m, seeds, d, base)
-    alone = float((m.sample(seeds, delta_h=d[1]).images - base).abs().mean()) / 2
+    alone = float((m.sample(seeds, Edit(delta=d[1])).images - base).abs().mean()) / 2
     assert abs(start[1] - alone) < 1e-5
     targets = [0.2 * start[0], 4 * start[1]]  # 4x needs about 6x the direction here: the change saturates
     c = match_pixel_change(m, seeds, d, targets, batch_size=4)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from annotators.base import build_annotator
-from pipeline import HSpaceModel
+from pipeline import Edit, HSpaceModel
 from pipeline.errors import DatasetError, InputError
 from pipeline.explore.session import ExploreSession, Slider
 from pipeline.formats.directions import Directions, compose, load_directions, save_directions
@@ -84,7 +84,7 @@ def test_update_equals_sample_and_annotator(session, model, toy, asyrp, window, 
     view = session.render(7, sliders, asyrp=asyrp, window=window, eta=eta)
     delta = compose([session.direction("supervised", 0), session.direction("pca", 2)], [2.0, -1.5])
     steps = None if window is None else range(window[0], window[1] + 1)
-    ref = model.sample([7], delta_h=delta, steps=steps, asyrp=asyrp, eta=eta)
+    ref = model.sample([7], Edit(delta=delta, steps=steps, asyrp=asyrp), eta=eta)
     plain = model.sample([7], eta=eta)
     assert torch.allclose(view.edited_tensor, ref.images[0], atol=1e-5)
     np.testing.assert_array_equal(view.original, to_uint8(plain.images[0]))
@@ -107,8 +107,8 @@ def test_resuming_a_trajectory_equals_running_it_whole(model):
     (to the float32 rounding of the stored latent)."""
     delta = 0.3 * model.sample([1]).h[0].float()
     base = model.sample([2], return_latents=True, eta=0.5)
-    whole = model.sample([2], delta_h=delta, steps=range(6, T), eta=0.5)
-    resumed = model.sample([2], x_T=base.latents[:, 6], delta_h=delta, steps=range(6, T), eta=0.5, start_step=6)
+    whole = model.sample([2], Edit(delta=delta, steps=range(6, T)), eta=0.5)
+    resumed = model.sample([2], Edit(delta=delta, steps=range(6, T)), x_T=base.latents[:, 6], eta=0.5, start_step=6)
     # equal but for the float32 rounding of the cached latent (the sampler's own state is float64)
     assert torch.allclose(resumed.images, whole.images, atol=1e-5)
     assert torch.isnan(resumed.h[:, :6].float()).all() and torch.allclose(resumed.h[:, 6:], whole.h[:, 6:], atol=1e-4)
@@ -125,14 +125,14 @@ def test_uploaded_image_is_inverted_with_the_runs_settings(session, model, toy, 
     assert torch.equal(model.invert(x.contiguous(), fixed_point_iterations=1).x_T, inv.x_T)  # any memory layout
     delta = 2.0 * session.direction("supervised", 1)
     view = session.render(key, [Slider("supervised", 1, 2.0)])
-    ref = model.sample(x_T=inv.x_T, delta_h=delta)
+    ref = model.sample(edit=Edit(delta=delta), x_T=inv.x_T)
     np.testing.assert_array_equal(view.original, to_uint8(model.sample(x_T=inv.x_T).images[0]))
     assert torch.allclose(view.edited_tensor, ref.images[0], atol=1e-5)
     assert view.scores["hat"][1] == pytest.approx(readings(toy, ref.images)["hat"], abs=1e-5)
     # at eta > 0: the edit-friendly inversion, its noise from the seed given
     inv = model.invert_ddpm(x, [5], eta=1.0)
     view = session.render(key, [Slider("supervised", 1, 2.0)], eta=1.0, seed=5)
-    ref = model.sample(x_T=inv.x_T, noise=inv.noise, delta_h=delta, eta=1.0)
+    ref = model.sample(edit=Edit(delta=delta), x_T=inv.x_T, noise=inv.noise, eta=1.0)
     assert torch.allclose(view.edited_tensor, ref.images[0], atol=1e-5)
 
 
@@ -171,7 +171,7 @@ def test_export_combination_is_a_delta_h_that_reproduces_the_edit(session, model
     assert d.method == "explore/combination" and d.params["steps"] == [3, 15]
     assert [c["name"] for c in d.params["components"]] == ["smile", "pc1"]
     assert d.directions[0, :3].abs().max() == 0 and d.directions[0, 16:].abs().max() == 0
-    again = model.sample([4], delta_h=d.get(0))
+    again = model.sample([4], Edit(delta=d.get(0)))
     assert torch.allclose(again.images[0], view.edited_tensor, atol=1e-5)
     assert ("smile_and_pc1", 0) in [c[1] for c in session.choices()]  # offered on the sliders at once
     session.export_directions("smile_and_pc1", [Slider("supervised", 0, 1.0)])  # its own file: overwritten
@@ -304,7 +304,7 @@ def test_browser_slider_scores_naming_upload(browser, app, session, model, toy, 
     box.press("Enter")
     page.wait_for_function("s => document.querySelector('#edited img').getAttribute('src') !== s", arg=before_src)
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('update')")
-    ref = model.sample([0], delta_h=2.5 * session.direction("supervised", 0))
+    ref = model.sample([0], Edit(delta=2.5 * session.direction("supervised", 0)))
     edited = _shown_image(page, app, "edited")
     assert not np.array_equal(edited, plain)                            # the shown image changed ...
     np.testing.assert_array_equal(edited, to_uint8(ref.images[0]))      # ... to the API's edit
@@ -335,7 +335,7 @@ def test_browser_slider_scores_naming_upload(browser, app, session, model, toy, 
     box.press("Enter")
     page.wait_for_function("s => document.querySelector('#edited img').getAttribute('src') !== s", arg=before_src)
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('update')")
-    ref = model.sample([0], delta_h=-2.5 * session.direction("supervised", 0))
+    ref = model.sample([0], Edit(delta=-2.5 * session.direction("supervised", 0)))
     np.testing.assert_array_equal(_shown_image(page, app, "edited"), to_uint8(ref.images[0]))
 
     outside = [u for u in requests if not u.startswith(app) and not u.startswith(("data:", "blob:"))]

@@ -199,16 +199,16 @@ def test_writer_thread_error_stops_the_stage(tmp_path, tiny_model_dir, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["model.dtype=bfloat16", "model.dtype=float16", "trainer.precision=bf16-mixed",
+@pytest.mark.parametrize("override", ["trainer.precision=16-true", "trainer.precision=bf16-mixed",
                                       "trainer.precision=bf16-true"])
 def test_half_precision_generates_what_float32_does_within_rounding(tmp_path, tiny_model_dir, override):
-    """model.dtype and trainer.precision in half precision: the same samples as float32 up to the
+    """trainer.precision in half precision: the same samples as float32 up to the
     rounding of a half-precision U-Net (bf16-true converts the U-Net's weights itself: the engine's input
     follows them). float16 runs here on the CPU; on a GPU it is the same code path."""
     ref = dataset_of(tmp_path / "ref", tiny_model_dir)
     half = dataset_of(tmp_path / "half", tiny_model_dir, override)
     assert sorted(ref) == sorted(half) == list(range(4))
-    tol = 0.05 if "float16" in override else 0.1  # bfloat16 keeps 8 bits of mantissa
+    tol = 0.05 if override.endswith("=16-true") else 0.1  # bfloat16 keeps 8 bits of mantissa
     for sid in ref:
         h32, im32 = ref[sid]
         h16, im16 = half[sid]
@@ -258,8 +258,8 @@ def test_stages_without_a_trainer_sample_at_the_trainers_precision(tmp_path, tin
 
     half = dataset_of(tmp_path / "half", tiny_model_dir, f"trainer.precision={precision}")
     cfg = load_config(None, [*tiny_overrides(tmp_path / "x", tiny_model_dir, steps=2), f"trainer.precision={precision}"])
-    for model, same in ((HSpaceModel.from_config(cfg.model, precision=precision), True),
-                        (HSpaceModel.from_config(cfg.model), False)):
+    for model, same in ((HSpaceModel.from_config(cfg), True),
+                        (HSpaceModel.from_config(cfg, precision="32-true"), False)):
         out = model.sample(seeds=[0, 1])
         images = to_uint8(out.images)
         for i, sid in enumerate((0, 1)):

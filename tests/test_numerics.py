@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline import HSpaceModel
-from pipeline.engine.schedule import output_to_eps, predicted_x0, split_prediction
+from pipeline.engine.schedules.ddim import output_to_eps, predicted_x0, split_prediction
 
 
 def diffusers_loop(unet, scheduler, x, z, etas, dtype=torch.float32):
@@ -57,7 +57,7 @@ def test_toy_first_step_prediction_is_exact_to_float32(toy):
     """P_t at t=999 (alpha_bar 2.4e-9) from the native v-prediction against float64: within float32
     rounding; the route through eps (dividing by sqrt(alpha_bar)) is off by orders of magnitude."""
     x = toy.initial_noise([0, 1])
-    alpha = toy._alpha(0)
+    alpha = float(toy.coefficients().alpha[0])
     t = toy.timesteps[0]
     with torch.no_grad():
         v32 = toy.unet(x, t).sample

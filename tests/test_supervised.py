@@ -148,6 +148,7 @@ def test_disentangle_and_edit_stages(annotated_run):
 def test_edit_grids_put_each_direction_and_scale_in_its_place(tiny_model):
     """grids[n, :, j] is direction n at scales[j] (sampled alone, to one grey level: the batches
     differ); scale 0 is the plain sample, shared by every direction."""
+    from pipeline import Edit
     from pipeline.formats.images import to_uint8
     from pipeline.stages.edit import edit_grids
 
@@ -161,7 +162,7 @@ def test_edit_grids_put_each_direction_and_scale_in_its_place(tiny_model):
     assert (grids[:, :, 1] == plain[None]).all()
     for n, d in enumerate(dirs):
         for j in (0, 2):
-            direct = to_uint8(tiny_model.sample(seeds, delta_h=scales[j] * d).images)
+            direct = to_uint8(tiny_model.sample(seeds, Edit(delta=scales[j] * d)).images)
             assert np.abs(grids[n, :, j].astype(int) - direct.astype(int)).max() <= 1, (n, j)
     columns_apart = np.abs(grids[0, :, 0].astype(int) - grids[0, :, 2].astype(int)).max()
     directions_apart = np.abs(grids[0, :, 2].astype(int) - grids[1, :, 2].astype(int)).max()

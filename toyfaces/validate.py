@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.engine.edits import Edit
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ModelLoadError
 from pipeline.formats.images import from_uint8
@@ -114,7 +115,8 @@ def editability(model: HSpaceModel, annotator, h: torch.Tensor, scores: dict, ne
             continue
         top, bottom = select_top_bottom(pd.Series(scores[f.name].cpu().numpy(), name=f.name), n, resolution=resolution)
         d = mean_difference(h[torch.as_tensor(top.index)], h[torch.as_tensor(bottom.index)])
-        edited = torch.cat([o.images for o in _batched(lambda s, d=d: model.sample(s, delta_h=scale * d), list(new_seeds), 128)])
+        edit = Edit(delta=scale * d)
+        edited = torch.cat([o.images for o in _batched(lambda s, e=edit: model.sample(s, e), list(new_seeds), 128)])
         moved = float(annotator(edited)[f.name].mean() - base[f.name].mean())
         bar = 0.5 if f.kind == "binary" else f.std
         out[f.name] = {"mean_change": moved, "bar": bar, "ok": bool(moved >= bar)}
@@ -190,7 +192,7 @@ def training_correlations(cfg) -> dict:
 def run_validate_toy(cfg) -> dict:
     from toyfaces.annotator import ToyFaceAnnotator
 
-    model = HSpaceModel.from_config(cfg.model)
+    model = HSpaceModel.from_config(cfg)
     correlations = training_correlations(cfg)
     result = validate(model, ToyFaceAnnotator(), n_top=cfg.select.n, edit_scale=cfg.evaluate.scale,
                       correlations=correlations, resolution=cfg.select.resolution)

@@ -1,12 +1,13 @@
-"""Finding and loading a diffusers model (pixel, latent or text-to-image) and its scheduler: embedded,
-local, hub or HF cache."""
+"""Finding and loading a diffusers model and its scheduler: embedded, local, hub or HF cache. The
+family (model_index.json's ``_class_name``) loads its own networks (:mod:`pipeline.engine.families`)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 
 from pipeline.errors import ModelLoadError
 from pipeline.io import hash_tree
@@ -129,46 +130,39 @@ def _component_class(index: dict, component: str, classes: dict):
     return classes[name]
 
 
+@dataclass(frozen=True)
+class Folder:
+    """A model found by :func:`resolve`: its location, whether it is local, and its model_index.json
+    (empty for the flat hub-DDPM layout). What a family's ``load`` reads its networks from."""
+
+    location: str
+    is_local: bool
+    index: dict
+
+    def subfolder(self, component: str, filename: str) -> str | None:
+        """None where ``filename`` is at the root (hub DDPMs), else ``component`` (pipelines)."""
+        return _subfolder(self.location, self.is_local, component, filename)
+
+    def component(self, name: str, classes: dict, dtype: torch.dtype | None = None):
+        """The component ``name``, of one of ``classes`` (class name -> class) as model_index.json says."""
+        cls = _component_class(self.index, name, classes)
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        return cls.from_pretrained(self.location, subfolder=name, **kwargs)
+
+
 def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict:
-    """The networks of a model, its family and a DDIM scheduler (``clip_sample`` off) built from its
-    scheduler config: ``{"family", "unet", "scheduler"}`` plus ``autoencoder`` and ``component``
-    (latent and text families) and ``text_encoder``, ``tokenizer`` (text family)."""
+    """The networks of a model as its family's adapter, and the scheduler hspace samples with
+    (:func:`~pipeline.engine.schedules.scheduler_from_config`): ``{"family", "scheduler"}``."""
+    from pipeline.engine.families import FAMILIES
+    from pipeline.engine.schedules import scheduler_from_config
+
     location, is_local = resolve(name_or_path)
     try:
-        family, index = detect_family(location, is_local)
-        unet_sub = _subfolder(location, is_local, "unet", "config.json")
-        out = {"family": family}
-        if family == "text":
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import (
-                CLIPTextModel,
-                CLIPTextModelWithProjection,
-                CLIPTokenizer,
-                CLIPTokenizerFast,
-            )
-
-            out["unet"] = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype)
-            out["autoencoder"] = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype)
-            out["component"] = "vae"
-            encoder = _component_class(index, "text_encoder", {"CLIPTextModel": CLIPTextModel,
-                                                               "CLIPTextModelWithProjection": CLIPTextModelWithProjection})
-            out["text_encoder"] = encoder.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype)
-            tokenizer = _component_class(index, "tokenizer", {"CLIPTokenizer": CLIPTokenizer,
-                                                              "CLIPTokenizerFast": CLIPTokenizerFast})
-            out["tokenizer"] = tokenizer.from_pretrained(location, subfolder="tokenizer")
-        else:
-            out["unet"] = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
-        if family == "latent":
-            from diffusers import AutoencoderKL, VQModel
-
-            component = "vqvae" if "vqvae" in index else "vae"
-            cls = _component_class(index, component, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL})
-            out["autoencoder"] = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype)
-            out["component"] = component
-        sched_sub = _subfolder(location, is_local, "scheduler", "scheduler_config.json")
-        config = DDIMScheduler.load_config(location, subfolder=sched_sub)
-        out["scheduler"] = DDIMScheduler.from_config(config, clip_sample=False)
-        return out
+        kind, index = detect_family(location, is_local)
+        folder = Folder(location, is_local, index)
+        family = FAMILIES[kind].load(folder, dtype)
+        config = DDIMScheduler.load_config(location, subfolder=folder.subfolder("scheduler", "scheduler_config.json"))
+        return {"family": family, "scheduler": scheduler_from_config(config)}
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError, TypeError) as e:
@@ -178,13 +172,3 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
                                  f"config.json, scheduler_config.json and weights, or copy it again)") from None
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
                              + _OFFLINE_HELP.format(name=name_or_path)) from None
-
-
-def load_unet_and_scheduler(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[UNet2DModel, DDIMScheduler]:
-    """Load a pixel-space ``UNet2DModel`` and a DDIM scheduler (``clip_sample`` off) built from its config."""
-    parts = load_pipeline(name_or_path, dtype)
-    if parts["family"] != "pixel":
-        raise ModelLoadError(f"{name_or_path} is a {parts['family']} model; load it with HSpaceModel.from_pretrained")
-    return parts["unet"], parts["scheduler"]

@@ -40,9 +40,10 @@ def generator(seed: int, stream: str) -> torch.Generator:
 
 
 def randn(seeds: Sequence[int], stream: str, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise ``(len(seeds), *shape)``, row i drawn from seed i's stream."""
+    """Standard normal noise ``(len(seeds), *shape)`` (float32, whatever the default dtype), row i drawn
+    from seed i's stream."""
     seeds = _check_seeds(seeds)
-    out = torch.empty((len(seeds), *shape))
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     for i, s in enumerate(seeds):
         torch.randn(tuple(shape), generator=generator(s, stream), out=out[i])
     return out

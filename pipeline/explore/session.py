@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.engine.edits import Edit
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import DatasetError, InputError
 from pipeline.formats.directions import (
@@ -102,7 +103,7 @@ class ExploreSession:
         from annotators.base import build_annotator
         from pipeline.config import to_dict
 
-        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+        model = HSpaceModel.from_config(cfg)
         scorer = build_annotator(cfg.evaluate.scorer, to_dict(cfg.evaluate.scorer_options), device=model.device)
         return cls(model, cfg.run_dir, scorer, cfg.supervised.real.fixed_point_iterations)
 
@@ -215,8 +216,8 @@ class ExploreSession:
             if delta is None:
                 edited, scores = base.image, base.scores
             else:  # the steps before `first` are the unedited trajectory's: start from its latent there
-                out = self.model.sample(base.seeds, x_T=base.latents[:, first], noise=base.noise, delta_h=delta,
-                                        asyrp=asyrp, eta=eta, start_step=first)
+                out = self.model.sample(base.seeds, Edit(delta=delta, asyrp=asyrp), x_T=base.latents[:, first],
+                                        noise=base.noise, eta=eta, start_step=first)
                 edited, scores = out.images.cpu(), self._score(out.images)
         both = {k: (base.scores[k], scores[k]) for k in base.scores}
         return View(to_uint8(base.image[0]), to_uint8(edited[0]), both, time.perf_counter() - t0, edited[0])

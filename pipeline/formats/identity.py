@@ -46,7 +46,7 @@ def describe(name: str) -> str:
 
 
 #: the configuration a model's outputs depend on besides its weights: the model section and the precision it
-#: computes in (a Trainer's, or ``HSpaceModel.use_precision`` outside one)
+#: computes in (``HSpaceModel.from_config`` applies it, under a Trainer or not)
 MODEL_SECTIONS = ("model", "trainer.precision")
 
 

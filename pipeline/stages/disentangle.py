@@ -125,7 +125,7 @@ class Calibrator:
 
         c, ev = self.cfg.calibrate, self.cfg.evaluate
         if self.model is None:
-            self.model = HSpaceModel.from_config(self.cfg.model, precision=self.cfg.trainer.precision)
+            self.model = HSpaceModel.from_config(self.cfg)
             self.scorer = build_annotator(ev.scorer, ev.scorer_options, self.model.device)
         std_seeds = list(range(c.first_seed, c.first_seed + c.std_samples))
         if self.unedited is None:  # sampled once for both files

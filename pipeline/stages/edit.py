@@ -114,7 +114,7 @@ def run_edit(cfg) -> list[Path]:
         raise ConfigError("edit.directions is not set: give a directions file or a name (pca, jacobian, supervised, "
                           "disentangled, real) from <run_dir>/directions")
     path = resolve_directions_path(cfg.run_dir, e.directions)
-    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+    model = HSpaceModel.from_config(cfg)
     directions = load_directions(path, model)
     if tuple(directions.timesteps) != tuple(model.timesteps.tolist()):
         raise ConfigError(f"{path} was made for timesteps {directions.timesteps[:3]}... (T={len(directions.timesteps)}) "

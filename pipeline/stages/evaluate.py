@@ -549,7 +549,7 @@ def run_evaluate(cfg) -> dict:
         verify(run_dir, name)
     out = eval_dir(run_dir)
     record, part_key = identity(cfg), identity(cfg, drop=("evaluate.bootstrap",))["key"]
-    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    model = HSpaceModel.from_config(cfg, under_trainer=True)
     scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
     calibration = out / "pixel_matching.json"

@@ -146,7 +146,7 @@ def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int)
 def measure(cfg, edits: list[dict], restricted: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sample the held-out seeds under every edit and score them: (per_edit rows, restriction rows)."""
     fc = cfg.fewshot
-    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+    model = HSpaceModel.from_config(cfg)
     scorer = build_annotator(cfg.evaluate.scorer, cfg.evaluate.scorer_options, model.device)
     seeds = list(range(fc.first_seed, fc.first_seed + fc.num_samples))
     results = {space: scored(model, scorer, seeds, [e for e in edits if e["space"] == space], space, fc.batch_size)

@@ -52,7 +52,7 @@ def identity(cfg, known: dict | None = None) -> dict:
 def run_figures(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     d, out = run_dir / "directions", run_dir / "edits"
-    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+    model = HSpaceModel.from_config(cfg)
     seeds = list(cfg.edit.seeds)
     for name in _present(run_dir):
         verify(run_dir, name)

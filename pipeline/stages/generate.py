@@ -242,7 +242,7 @@ def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
     prompts = prompts_from_config(g)  # before the model loads: a wrong prompts file is a quick one-line error
-    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    model = HSpaceModel.from_config(cfg, under_trainer=True)
     prompts = sample_prompts(cfg, model, prompts)
     content = content_identity(model, g.h_dtype, cfg.trainer.precision, prompts)
     check_existing(run_dir, content)

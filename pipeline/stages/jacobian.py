@@ -188,7 +188,7 @@ def run_jacobian(cfg) -> Path:
     ids = [int(i) for i in c.sample_ids]
     if not ids:
         raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
-    model = HSpaceModel.from_config(cfg.model, device="cpu")
+    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # tol is below half precision's rounding
     mask = parse_mask(c.mask, model.image_shape)
     record, inputs = identity(cfg), part_inputs(cfg)
     parts = run_dir / "jacobian" / "parts"

@@ -69,7 +69,7 @@ def gather_features(cfg, ids, resample: bool = False) -> dict[str, np.ndarray]:
     if stored:
         out["x_t"] = x_t
     elif "x_t" in spaces:
-        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+        model = HSpaceModel.from_config(cfg)
         bs, xs = cfg.probe.batch_size, []
         for start in range(0, len(ids), bs):
             kwargs = {}

@@ -8,7 +8,7 @@ from pipeline.formats.images import image_grid, save_png, to_uint8
 
 
 def run_sample(cfg) -> Path:
-    model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+    model = HSpaceModel.from_config(cfg)
     seeds = list(cfg.sample.seeds)
     scales = list(cfg.sample.scales)
     if cfg.sample.directions is not None:

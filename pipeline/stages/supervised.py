@@ -224,7 +224,7 @@ def run_supervised(cfg) -> Path:
     print(f"hspace supervised: {len(directions)} directions ({', '.join(directions.names)}) -> {out}")
     real = cfg.supervised.real
     if real.positive_dir:  # the schema requires negative_dir with it
-        model = HSpaceModel.from_config(cfg.model, precision=cfg.trainer.precision)
+        model = HSpaceModel.from_config(cfg)
         d, info = real_image_direction(model, real.positive_dir, real.negative_dir, real.paired,
                                        fixed_point_iterations=real.fixed_point_iterations)
         path = save_directions(Directions(d[None], [real.name], "real/ddim-inversion", model.timesteps.tolist(),

@@ -44,19 +44,18 @@ def latent_mask(model, mask) -> torch.Tensor:
 
 
 def eps_function(model, x_t: torch.Tensor, step: int, mask: torch.Tensor | None = None) -> Fn:
-    """f(h) = mask * eps_t(x_t, h), batched and flattened: (b, C*H*W) -> (b, c*h*w).
+    """f(h) = mask * eps_t(x_t, h), batched and flattened: (b, prod(h_shape)) -> (b, prod(latent_shape)).
 
     x_t: (*latent_shape) or (1, *latent_shape); mask: as :func:`latent_mask` (None: the whole
     image). eps is the guided noise prediction of a text model (its default prompt; an offset of h
     moves both guidance branches, as an edit does).
     """
-    C, H, W = model.h_shape
     x = x_t.detach().reshape(1, *model.latent_shape).to(model.device).clone()
     m = None if mask is None else latent_mask(model, mask).to(model.device)
 
     def f(hb: torch.Tensor) -> torch.Tensor:
         b = hb.shape[0]
-        eps = model.eps_given_h(x.expand(b, -1, -1, -1), step, hb.reshape(b, C, H, W))
+        eps = model.eps_given_h(x.expand(b, *model.latent_shape), step, hb.reshape(b, *model.h_shape))
         if m is not None:
             eps = eps * m
         return eps.reshape(b, -1)
@@ -163,7 +162,7 @@ def directions_at(model, x_t: torch.Tensor, h_t: torch.Tensor, step: int, k: int
     """Directions at a given point: x_t (3, H, W), h_t (C, H, W) at step index ``step``."""
     step = _check_step(model, step)
     h_t = torch.as_tensor(h_t)
-    if tuple(h_t.shape[-3:]) != tuple(model.h_shape) or h_t.numel() != math.prod(model.h_shape):
+    if tuple(h_t.shape[-len(model.h_shape):]) != tuple(model.h_shape) or h_t.numel() != math.prod(model.h_shape):
         raise InputError(f"h_t has shape {tuple(h_t.shape)}; expected {tuple(model.h_shape)}")
     if _is_inference(model):
         raise InputError("the model's weights are inference tensors (created under torch.inference_mode()); "
@@ -233,7 +232,8 @@ def jacobian_directions_all_steps(model, sample, k: int, *, steps: Sequence[int]
                           max_iter=max_iter, init=prev if warm_start else None, generator=generator, **kw)
         if align and results:
             flip = agreement_signs(r.directions.reshape(k, -1), results[-1].directions.reshape(k, -1))
-            r.directions, r.left = r.directions * flip[:, :, None, None], r.left * flip[:, :, None, None]
+            r.directions = r.directions * flip.reshape(k, *[1] * (r.directions.ndim - 1))
+            r.left = r.left * flip.reshape(k, *[1] * (r.left.ndim - 1))
         results.append(r)
         prev = r.directions
     passes = {key: sum(r.passes.get(key, 0) for r in results) for key in results[0].passes}

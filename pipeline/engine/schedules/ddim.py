@@ -1,8 +1,10 @@
-"""DDIM arithmetic of the paper (eq. 2-5) as pure tensor functions.
+"""DDIM (eq. 2-5 of the paper): the arithmetic as pure tensor functions, and :class:`DDIMSchedule`,
+the :class:`~pipeline.engine.schedules.base.Schedule` of every DDPM-trained model.
 
 Indices follow sampling order: step i goes from timestep ``timesteps[i]`` to
 ``timesteps[i + 1]`` (or to the clean image after the last step). Step 0 is the first,
-noisiest step.
+noisiest step. a_t = sqrt(alpha_t), b_t = sqrt(1 - alpha_t) in the notation of
+:mod:`pipeline.engine.schedules.base`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.engine.schedules.base import Schedule, check_num_steps, eta_schedule
 from pipeline.errors import InputError
 
 
@@ -22,26 +25,6 @@ class DDIMCoefficients:
     alpha_prev: torch.Tensor
     sigma: torch.Tensor
     eta: torch.Tensor
-
-
-def eta_schedule(eta: float | Sequence[float], num_steps: int) -> torch.Tensor:
-    """A scalar eta or a list of T values -> (T,) float64 tensor, checked."""
-    if isinstance(eta, (int, float)) and not isinstance(eta, bool):
-        values = [float(eta)] * num_steps
-    else:
-        try:
-            values = [float(e) for e in eta]
-        except (TypeError, ValueError):
-            raise InputError(f"eta must be a number or a list of numbers, got {eta!r}") from None
-        if len(values) != num_steps:
-            raise InputError(
-                f"eta has {len(values)} values but there are {num_steps} sampling steps; "
-                f"give one eta per step or a single number"
-            )
-    out = torch.tensor(values, dtype=torch.float64)
-    if (out < 0).any() or not torch.isfinite(out).all():
-        raise InputError(f"eta values must be finite and >= 0, got {values}")
-    return out
 
 
 def ddim_coefficients(
@@ -124,3 +107,48 @@ def solve_step_noise(x_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, 
     if sigma <= 0:
         raise ValueError("step noise is only defined for stochastic steps (sigma > 0)")
     return (x_next - ddim_step(x0, eps, alpha_prev, sigma, torch.zeros_like(x0))) / sigma
+
+
+class DDIMSchedule(Schedule):
+    """DDIM on a DDPM-trained model: diffusers' ``DDIMScheduler`` (``clip_sample`` off) gives the
+    timesteps and alpha_t; P_t and eps_t come from the native prediction (epsilon, v or sample).
+    ``eta``: 0 is DDIM, 1 DDPM-like, or a list of T values."""
+
+    def __init__(self, scheduler, num_steps: int, eta: float | Sequence[float] = 0.0):
+        from diffusers import DDIMScheduler
+
+        num_steps = check_num_steps(num_steps, scheduler.config.num_train_timesteps)
+        self.scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+        self.scheduler.set_timesteps(num_steps)
+        self.timesteps = self.scheduler.timesteps.clone().cpu()
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"unsupported prediction_type {self.prediction_type!r} in the scheduler config; "
+                             f"expected one of {PREDICTION_TYPES}")
+        self.eta = eta_schedule(eta, self.num_steps)
+
+    def coefficients(self, eta: float | Sequence[float] | None = None) -> DDIMCoefficients:
+        """alpha_t, alpha_{t-1} and sigma_t (eq. 5) of every step."""
+        eta_t = self.eta if eta is None else eta_schedule(eta, self.num_steps)
+        return ddim_coefficients(self.scheduler.alphas_cumprod, self.timesteps,
+                                 float(self.scheduler.final_alpha_cumprod), eta_t)
+
+    def _alpha(self, step: int) -> float:
+        return float(self.scheduler.alphas_cumprod[self.timesteps[step]].double())
+
+    def split_prediction(self, output, x_t, step):
+        return split_prediction(output, x_t, self._alpha(step), self.prediction_type)
+
+    def step(self, x0, eps, step, coef, z=None):
+        return ddim_step(x0, eps, float(coef.alpha_prev[step]), float(coef.sigma[step]), z)
+
+    def inversion_step(self, x_next, eps, step):
+        coef = self.coefficients(0.0)
+        return ddim_inversion_step(x_next, eps, float(coef.alpha_prev[step]), float(coef.alpha[step]))
+
+    def add_noise(self, x0, noise, coef):
+        a = coef.alpha.to(torch.float32).to(x0.device).view(1, -1, *[1] * (x0.ndim - 1))
+        return a.sqrt() * x0.float()[:, None] + (1 - a).sqrt() * noise
+
+    def solve_step_noise(self, x_next, x0, eps, step, coef):
+        return solve_step_noise(x_next, x0, eps, float(coef.alpha_prev[step]), float(coef.sigma[step]))
