@@ -258,3 +258,122 @@ def test_edit_friendly_ddpm_inversion_reproduces_the_image(tiny_model):
     assert (out.images - images).abs().mean() < 0.05
     with pytest.raises(InputError, match="eta > 0"):
         tiny_model(eta=0.0).invert_ddpm(images, seeds=[1, 2])
+
+
+# ---------------------------------------------------------------------- the one builder
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_every_stage_builds_the_model_with_the_one_builder():
+    """Stages, explore, evaluation, the direction methods, validate-toy and the bench scripts build the model only
+    with HSpaceModel.from_config(cfg, ...) from the whole configuration: never HSpaceModel(...), from_pretrained,
+    load_pipeline or a model section alone (which would leave trainer.precision out)."""
+    import re
+
+    files = [*(ROOT / "pipeline" / "stages").glob("*.py"), *(ROOT / "pipeline" / "explore").glob("*.py"),
+             *(ROOT / "pipeline" / "methods").rglob("*.py"), *(ROOT / "evaluation").glob("*.py"),
+             *(ROOT / "bench").glob("*.py"), ROOT / "toyfaces" / "validate.py"]
+    other_way = re.compile(r"HSpaceModel\(|HSpaceModel\.from_pretrained|load_pipeline\(|use_precision\(")
+    builder = re.compile(r"HSpaceModel\.from_config\(\s*([^,)]*)")
+    bad, builds = [], 0
+    for path in files:
+        text = path.read_text()
+        bad += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in other_way.finditer(text)]
+        for m in builder.finditer(text):
+            builds += 1
+            if m.group(1).strip() not in ("cfg", "self.cfg") and not m.group(1).strip().startswith("load_config("):
+                bad.append(f"{path.relative_to(ROOT)}: from_config({m.group(1)}...): give the whole configuration")
+    assert not bad, bad
+    assert builds >= 17  # every stage that samples, explore, validate-toy and the bench scripts
+
+
+class Stop(Exception):
+    """Raised by the first pass of the denoiser once its precision is recorded."""
+
+
+def record_first_pass(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name(model, ...)``: its model's first denoiser pass records (autocast dtype or None, the
+    weights' dtype) and stops the run with :class:`Stop`."""
+    seen, original = [], getattr(module, name)
+
+    def wrapper(model, *args, **kwargs):
+        def first_pass(net, args):
+            seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+                         next(net.parameters()).dtype))
+            raise Stop
+
+        handle = model.unet.register_forward_pre_hook(first_pass)
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16-mixed", (torch.bfloat16, torch.float32)),
+                                                ("bf16-true", (None, torch.bfloat16))])
+def test_validate_toy_samples_at_the_trainers_precision(monkeypatch, tmp_path, precision, expected):
+    import toyfaces.validate
+    from pipeline.config import load_config
+
+    seen = record_first_pass(monkeypatch, toyfaces.validate, "validate")
+    cfg = load_config(None, [f"run_dir={tmp_path}", "model.num_inference_steps=2", "trainer.accelerator=cpu",
+                             f"trainer.precision={precision}"])
+    with pytest.raises(Stop):
+        toyfaces.validate.run_validate_toy(cfg)
+    assert seen == [expected]
+
+
+@pytest.mark.slow
+def test_evaluates_pixel_matching_samples_at_the_trainers_precision(monkeypatch, tmp_path, tiny_model_dir):
+    """evaluate's random-direction pixel matching (calibrate_random, before the Trainer starts) samples at
+    trainer.precision, as the Trainer's part of the stage does."""
+    import pipeline.stages.evaluate as evaluate
+    from pipeline.config import load_config
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.pca import run_pca
+    from pipeline.stages.select import run_select
+    from pipeline.stages.supervised import run_supervised
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}",
+                             "model.num_inference_steps=2", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+                             "generate.num_samples=8", "annotate.annotators=[fake_annotators:brightness]",
+                             "select.attributes=[bright,red]", "select.n=2", "supervised.convergence_ns=[1]",
+                             "pca.n_components=2", "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null",
+                             "evaluate.pca_components=1"])
+    for stage in (run_generate, run_annotate, run_select, run_supervised, run_pca):
+        stage(cfg)
+    seen = record_first_pass(monkeypatch, evaluate, "calibrate_random")
+    with pytest.raises(Stop):
+        evaluate.run_evaluate(cfg)
+    assert seen == [(torch.bfloat16, torch.float32)]
+
+
+def test_text_settings_are_refused_for_a_model_that_takes_no_text(tiny_model_dir):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    base = [f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=2", "model.device=cpu"]
+    assert HSpaceModel.from_config(load_config(None, base)).kind == "pixel"  # the defaults are no setting
+    with pytest.raises(ConfigError, match=r"^model.prompt='a face', model.guidance_scale=3.0: .* is a pixel model, "
+                                          r"which takes no text; remove the setting"):
+        HSpaceModel.from_config(load_config(None, [*base, "model.prompt=a face", "model.guidance_scale=3"]))
+
+
+def test_a_hook_point_whose_output_is_not_h_is_refused_when_the_model_loads(tiny_unet):
+    with pytest.raises(InputError, match=r"^model.hook=time_embedding: TimestepEmbedding returns a tensor \(1, 32\) "
+                                         r"for a batch of 1; h must be a per-sample activation of rank >= 2"):
+        HSpaceModel(tiny_unet, DDIMScheduler(), num_inference_steps=2, hook="time_embedding", device="cpu")
+
+
+def test_an_edit_with_non_finite_values_is_refused(tiny_model):
+    m = tiny_model()
+    bad = torch.zeros(m.num_steps, *m.h_shape)
+    bad[2, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"^Edit.delta has non-finite values \(nan or inf\); give finite numbers$"):
+        m.sample([1], Edit(delta=bad))
+    with pytest.raises(InputError, match=r"^Edit.dx_T has non-finite values"):
+        m.sample([1], Edit(dx_T=torch.full(m.latent_shape, float("inf"))))

@@ -13,6 +13,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LDMPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -21,6 +22,7 @@ from diffusers import (
 )
 
 from pipeline import Edit, HSpaceModel
+from pipeline.engine.families import Family
 from pipeline.errors import InputError, ModelLoadError
 
 SEEDS = [11, 3, 5, 8, 13, 21, 34]
@@ -360,6 +362,107 @@ def test_prompts_are_for_text_models_only(folders):
     t = load(folders, "text")
     with pytest.raises(InputError, match="got 3 values of prompt for 2 samples"):
         t.sample(SEEDS[:2], prompt=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------- a family of tokens, sampled by flow matching
+class TwoStreamBlock(torch.nn.Module):
+    """A block as SD3's and FLUX's are: (image tokens, text tokens) -> (text, image)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mix, self.txt = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, image, text):
+        return self.txt(text), image + torch.tanh(self.mix(image + text.mean(1, keepdim=True)))
+
+
+class TinyTokenNet(torch.nn.Module):
+    """A velocity predictor on packed latents (B, N, C) at time t (s * 1000), with two two-stream blocks."""
+
+    def __init__(self, dim: int = 12, seed: int = 0):
+        torch.manual_seed(seed)
+        super().__init__()
+        self.time, self.out = torch.nn.Linear(1, dim), torch.nn.Linear(dim, dim)
+        self.blocks = torch.nn.ModuleList([TwoStreamBlock(dim) for _ in range(2)])
+        self.text = torch.nn.Parameter(torch.randn(1, 3, dim))
+
+    def forward(self, x, t):
+        h, text = x + self.time(t.view(-1, 1, 1) / 1000), self.text.expand(len(x), -1, -1)
+        for block in self.blocks:
+            text, h = block(h, text)
+        return self.out(h)
+
+
+class TokenFamily(Family):
+    """What a family of issue 32 supplies for a flow-matching transformer on packed latents (16 tokens of 12
+    channels, a 3 x 8 x 8 image), and nothing more: the loop, edits, hooks and inversion are the engine's."""
+
+    kind = "tokens"
+
+    def __init__(self, net):
+        self.net = net
+
+    @property
+    def denoiser(self):
+        return self.net
+
+    def modules(self):
+        return {"transformer": self.net}
+
+    latent_shape, image_shape = (16, 12), (3, 8, 8)
+
+    def decode(self, x0):
+        return x0.float().reshape(len(x0), *self.image_shape).clamp(-1, 1)
+
+    def encode(self, images):
+        return images.float().reshape(len(images), *self.latent_shape)
+
+    def denoise(self, x, t, cond, hook):
+        return self.net(x, t.expand(len(x)))
+
+    def hook_element(self, module):
+        return 1 if isinstance(module, TwoStreamBlock) else None
+
+
+def test_a_flow_matching_family_of_tokens_runs_the_same_loop():
+    """A transformer family sampled by flow matching supplies only its adapter and scheduler: sampling equals
+    diffusers' FlowMatchEulerDiscreteScheduler loop to float32 tolerance; h is the image stream (element [1])
+    of a two-stream block, token-wise (N, C); a zero edit is bit-exact, an edit and Asyrp change the image,
+    replaying h reproduces it; inverting then sampling lands back."""
+    net = TinyTokenNet()
+    m = HSpaceModel(TokenFamily(net), FlowMatchEulerDiscreteScheduler(shift=3.0), num_inference_steps=STEPS,
+                    hook="blocks.0", device="cpu")
+    assert m.h_shape == (16, 12) and m.kind == "tokens"
+    seen = []
+    handle = net.blocks[0].register_forward_hook(lambda mod, a, o: seen.append(o[1].clone()), prepend=True)
+    out = m.sample(SEEDS[:2])
+    handle.remove()
+    assert torch.equal(out.h, torch.stack(seen, 1))
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(STEPS)
+    x = m.initial_noise(SEEDS[:2])
+    with torch.no_grad():
+        for t in ref.timesteps:
+            x = ref.step(net(x, t.expand(2)), t, x).prev_sample
+    torch.testing.assert_close(out.x_0, x, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="eta > 0 has no meaning for a flow-matching model"):
+        m.sample(SEEDS[:2], eta=1.0)
+
+    zero = m.sample(SEEDS[:2], Edit(delta=torch.zeros(STEPS, *m.h_shape)))
+    assert torch.equal(zero.images, out.images) and torch.equal(zero.h, out.h)
+    delta = 0.5 * torch.randn(STEPS, *m.h_shape, generator=torch.Generator().manual_seed(0))
+    edited, asyrp = m.sample(SEEDS[:2], Edit(delta=delta)), m.sample(SEEDS[:2], Edit(delta=delta, asyrp=True))
+    assert (edited.images - out.images).abs().max() > 1e-3 and (asyrp.images - edited.images).abs().max() > 1e-4
+    assert torch.equal(edited.h[:, 0], out.h[:, 0]), "h is recorded before the edit"
+    assert torch.equal(m.sample(SEEDS[:2], Edit(replace=out.h)).images, out.images)
+
+    with torch.no_grad():  # a net whose steps contract, so that the fixed-point iteration converges
+        net.out.weight.mul_(0.02)
+        net.out.bias.zero_()
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    inv = m.invert(images, fixed_point_iterations=20)
+    assert inv.h.shape == (2, STEPS, 16, 12)
+    assert (m.sample(x_T=inv.x_T).images - images).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------- the main job on every family

@@ -42,8 +42,8 @@ def ddim_inversion(model, x0: torch.Tensor, cond, fixed_point_iterations: int = 
     for i in tqdm(reversed(range(T)), total=T, disable=not progress, desc="inverting", leave=False):
         x_next, x_i = x, x
         for _ in range(int(fixed_point_iterations) + 1):
-            eps = model.predict(x_i, i, cond)[1]
-            x_i = model.schedule.inversion_step(x_next, eps, i)
+            p0, eps = model.predict(x_i, i, cond)
+            x_i = model.schedule.inversion_step(x_next, p0, eps, i)
         hs[:, i] = model.hook.h
         x = x_i
     return InversionOutput(x_T=x.float(), h=hs)

@@ -10,7 +10,7 @@ and splits the denoiser's native output (eps, v, x_0 or a flow velocity) into P_
 clean sample (eq. 3), and eps_t, the predicted noise, such that this holds at the step's own level.
 The step is eq. 2, x_{t-1} = a_{t-1} P_t + D_t (+ sigma_t z_t), D_t = sqrt(b_{t-1}^2 - sigma_t^2) eps_t:
 the paper's symmetric injection takes P_t and eps_t from the edited pass, Asyrp eps_t from an unedited
-one. Inverting a deterministic step solves the same equation for x_t given eps_t.
+one. Inverting a deterministic step solves the same equation for x_t given the prediction.
 """
 from __future__ import annotations
 
@@ -84,9 +84,10 @@ class Schedule(ABC):
         """x_{t-1} of eq. 2 from P_t (``x0``) and eps_t; ``z``: the step's noise where sigma_t > 0."""
 
     @abstractmethod
-    def inversion_step(self, x_next: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
-        """x_t from the latent after the deterministic step ``step`` (``x_next``) and eps_t: the solution
-        of ``x_next = step(P_t, eps_t)`` with x_t = a_t P_t + b_t eps_t."""
+    def inversion_step(self, x_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
+        """x_t from the latent after the deterministic step ``step`` (``x_next``) and the prediction
+        (P_t, eps_t) at the current estimate of x_t: solves ``x_next = step(P_t, eps_t)`` for x_t, exactly
+        where the prediction is taken at the solution (the fixed point of :func:`ddim_inversion`)."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, coef) -> torch.Tensor:
         """x_t of every step drawn around x_0 (B, *shape) with ``noise`` (B, T, *shape) -> (B, T, *shape)

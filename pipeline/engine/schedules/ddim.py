@@ -142,7 +142,8 @@ class DDIMSchedule(Schedule):
     def step(self, x0, eps, step, coef, z=None):
         return ddim_step(x0, eps, float(coef.alpha_prev[step]), float(coef.sigma[step]), z)
 
-    def inversion_step(self, x_next, eps, step):
+    def inversion_step(self, x_next, x0, eps, step):
+        """DDIM inversion from eps_t alone: P_t recomputed from x_next (x_t = a_t P_t + b_t eps_t)."""
         coef = self.coefficients(0.0)
         return ddim_inversion_step(x_next, eps, float(coef.alpha_prev[step]), float(coef.alpha[step]))
 

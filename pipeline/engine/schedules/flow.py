@@ -8,9 +8,10 @@ a_t = 1 - s and b_t = s, and the split of the native output v at x_s is
 
 The Euler step of diffusers' ``FlowMatchEulerDiscreteScheduler``, x + (s' - s) v, is then the
 deterministic DDIM step (1 - s') P_t + s' eps_t: P_t, D_t = s' eps_t, Asyrp (P_t from the edited
-pass, eps_t from the unedited one), inversion and the Jacobian of the prediction carry over as they
-are. ``eta`` has no meaning here (the Euler sampler is deterministic; diffusers has no eta for it):
-eta > 0 is refused.
+pass, eps_t from the unedited one), inversion (the Euler step backwards, with the same fixed-point
+iterations) and the Jacobian of the prediction carry over. ``eta`` has no meaning here (the Euler
+sampler is deterministic; diffusers has no eta for it): eta > 0 is refused, and with it the
+edit-friendly (DDPM) inversion, which needs stochastic steps.
 
 The noise levels s_i are computed as that scheduler computes them (the static ``shift`` of SD3, or
 FLUX's resolution-dependent ``mu`` with ``use_dynamic_shifting``, and ``shift_terminal``), in the
@@ -121,9 +122,11 @@ class FlowMatchSchedule(Schedule):
         s_next = float(coef.s_next[step])
         return (1 - s_next) * x0 + s_next * eps
 
-    def inversion_step(self, x_next, eps, step):
+    def inversion_step(self, x_next, x0, eps, step):
+        """The Euler step backwards, x_t = x_next + (s - s') v with v = eps_t - P_t (from eps_t alone the
+        first step, s = 1, would lose v: eps_t = x_t there)."""
         s, s_next = float(self._s[step]), float(self._s[step + 1])
-        return (1 - s) * (x_next - s_next * eps) / (1 - s_next) + s * eps
+        return x_next + (s - s_next) * (eps - x0)
 
     def describe(self) -> dict:
         return {**super().describe(), "mu": self.mu, "sigmas": self.sigmas.tolist()}
