@@ -85,7 +85,9 @@ class HSpaceModel:
         self.precision = "32-true" if precision is None else str(precision)
         weights = weights_dtype(self.precision)
         for module in self.family.modules().values():
-            module.to(self.device).eval().requires_grad_(False).to(dtype=weights)
+            module.to(self.device).eval().requires_grad_(False)
+            if any(p.dtype != weights for p in module.parameters() if p.is_floating_point()):
+                module.to(dtype=weights)
         options = self.family.schedule_options(scheduler.config, int(num_inference_steps))
         self.schedule = schedule_for(scheduler, num_inference_steps, eta, **options)
         self.name_or_path = name_or_path
