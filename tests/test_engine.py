@@ -377,3 +377,11 @@ def test_an_edit_with_non_finite_values_is_refused(tiny_model):
         m.sample([1], Edit(delta=bad))
     with pytest.raises(InputError, match=r"^Edit.dx_T has non-finite values"):
         m.sample([1], Edit(dx_T=torch.full(m.latent_shape, float("inf"))))
+
+
+def test_the_earlier_keywords_say_what_replaced_them(tiny_model):
+    m = tiny_model()
+    with pytest.raises(InputError, match=r"^delta_h= is now Edit\(delta=...\); asyrp= is now Edit\(asyrp=...\) "):
+        m.sample([1], delta_h=torch.zeros(m.num_steps, *m.h_shape), asyrp=True)
+    with pytest.raises(InputError, match=r"^dtype= is now precision= \('16-true', 'bf16-true', ...\)"):
+        HSpaceModel(m.unet, DDIMScheduler(), num_inference_steps=2, dtype="float16")

@@ -58,6 +58,19 @@ def weights_identity(name_or_path: str | os.PathLike) -> str:
     return location
 
 
+def weights_fingerprint(modules: dict) -> str:
+    """A short hash of loaded networks' weights ({component: module}; sums and squared sums of every tensor)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    state = {f"{c}.{k}" if c != "unet" else k: v for c, m in modules.items() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for name, p in sorted(state.items()):
+            p = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{p.sum().item():.10e}:{p.square().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
 def _subfolder(location: str, is_local: bool, component: str, filename: str) -> str | None:
     """Hub DDPMs keep the U-Net at the root; pipelines keep it in unet/: find which."""
     if is_local:

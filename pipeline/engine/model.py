@@ -37,6 +37,18 @@ from pipeline.engine.inversion import InversionOutput, ddim_inversion, edit_frie
 from pipeline.engine.schedules import schedule_for, state_dtype
 from pipeline.errors import ConfigError, InputError
 
+#: keywords of the API before the Edit value and the one precision setting -> what says it now
+RENAMED = {"delta_h": "Edit(delta=...)", "replace_h": "Edit(replace=...)", "dx_T": "Edit(dx_T=...)",
+           "steps": "Edit(steps=...)", "asyrp": "Edit(asyrp=...)", "dtype": "precision= ('16-true', 'bf16-true', ...)"}
+
+
+def refuse_renamed(kwargs: dict) -> None:
+    """A keyword of the earlier API is one line saying what replaced it."""
+    old = [k for k in kwargs if k in RENAMED]
+    if old:
+        raise InputError("; ".join(f"{k}= is now {RENAMED[k]}" for k in old)
+                         + " (model.sample(seeds, Edit(delta=...)); HSpaceModel.from_pretrained(name, precision=...))")
+
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the GPU when there is one (``model.device: null``)."""
@@ -78,6 +90,7 @@ class HSpaceModel:
                  hook: str = "after", device: str | torch.device | None = None, precision=None,
                  name_or_path: str | None = None, *, autoencoder=None, component: str | None = None,
                  text_encoder=None, tokenizer=None, **condition):
+        refuse_renamed(condition)
         self.family: Family = unet if isinstance(unet, Family) else family_of(unet, autoencoder, component,
                                                                                 text_encoder, tokenizer)
         self.family.set_defaults(**condition)
@@ -106,6 +119,7 @@ class HSpaceModel:
         ``condition``: a text model's ``prompt``, ``negative_prompt``, ``guidance_scale``."""
         from pipeline.engine.loading import load_pipeline
 
+        refuse_renamed(condition)
         parts = load_pipeline(name_or_path, dtype=weights_dtype(precision))
         return cls(parts["family"], parts["scheduler"], num_inference_steps, eta, hook, device, precision,
                    name_or_path=str(name_or_path), **condition)
@@ -222,17 +236,10 @@ class HSpaceModel:
         return self.schedule.coefficients(eta)
 
     def fingerprint(self) -> str:
-        """A short hash of the networks' weights (sums and squared sums of every tensor)."""
-        import hashlib
+        """A short hash of the networks' weights (:func:`~pipeline.engine.loading.weights_fingerprint`)."""
+        from pipeline.engine.loading import weights_fingerprint
 
-        h = hashlib.sha256()
-        state = {f"{c}.{k}" if c != "unet" else k: v for c, m in self.family.modules().items()
-                 for k, v in m.state_dict().items()}
-        with torch.no_grad():
-            for name, p in sorted(state.items()):
-                p = p.detach().double()
-                h.update(f"{name}:{tuple(p.shape)}:{p.sum().item():.10e}:{p.square().sum().item():.10e}".encode())
-        return h.hexdigest()[:16]
+        return weights_fingerprint(self.family.modules())
 
     def describe(self) -> dict:
         """Provenance: what determines this model's samples."""
@@ -313,6 +320,7 @@ class HSpaceModel:
         condition: the family's conditioning inputs (text models: ``prompt``, ``negative_prompt``, one
             or one per sample, and ``guidance_scale``; see :mod:`pipeline.engine.families.text`).
         """
+        refuse_renamed(condition)
         with self._autocast():
             # 1. noise from seeds: x_T (or the given latents) and the step noise z_t
             x_T, seeds = self._start(seeds, x_T, int(start_step))
