@@ -1,2 +1,3 @@
 """The engine: a diffusers model sampled, recorded and edited in h-space (:class:`~pipeline.engine.model.HSpaceModel`),
-its families, schedule, noise streams, hooks and loading."""
+with its edits, inversion, model families (:mod:`.families`), schedules (:mod:`.schedules`: DDIM, flow
+matching), hooks, noise streams and loading (docs/design.md, "Inside the engine")."""
