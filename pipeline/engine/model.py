@@ -435,7 +435,7 @@ class HSpaceModel:
             raise InputError("sample_edits needs at least one seed and one edit")
         prompts = None if prompt is None else dict(zip(seeds, prompt_list(prompt, len(seeds))))
         pairs = [(s, e) for e in edits for s in seeds]
-        images = torch.empty((len(edits), len(seeds), *self.image_shape))
+        images = torch.empty((len(edits), len(seeds), *self.image_shape), dtype=torch.float32)
         flat = images.view(len(pairs), *self.image_shape)
         for idx, out in self.iter_edits(pairs, space=space, batch_size=batch_size, asyrp=asyrp, prompt=prompts,
                                         progress=progress):

@@ -91,7 +91,7 @@ def flow_sigmas(config, num_steps: int, mu: float | None = None,
     if terminal:
         one_minus = 1 - levels
         levels = 1 - one_minus / (one_minus[-1] / (1 - terminal))
-    return torch.cat([torch.from_numpy(np.asarray(levels)).to(torch.float32), torch.zeros(1)])
+    return torch.cat([torch.from_numpy(np.asarray(levels)).to(torch.float32), torch.zeros(1, dtype=torch.float32)])
 
 
 class FlowMatchSchedule(Schedule):
