@@ -385,3 +385,25 @@ def test_the_earlier_keywords_say_what_replaced_them(tiny_model):
         m.sample([1], delta_h=torch.zeros(m.num_steps, *m.h_shape), asyrp=True)
     with pytest.raises(InputError, match=r"^dtype= is now precision= \('16-true', 'bf16-true', ...\)"):
         HSpaceModel(m.unet, DDIMScheduler(), num_inference_steps=2, dtype="float16")
+
+
+def test_precision_leaves_the_global_default_dtype_alone(tiny_model_dir):
+    """bf16-true converts the weights and nothing else: torch's default dtype stays float32 while the model
+    samples, and a default dtype set around it (as Lightning's *-true context does under a Trainer) changes
+    nothing, so that stages with and without a Trainer give the same samples."""
+    from pipeline.config import load_config
+
+    m = HSpaceModel.from_config(load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu",
+                                                   "model.num_inference_steps=3", "trainer.precision=bf16-true"]))
+    seen = []
+    handle = m.unet.register_forward_pre_hook(lambda module, args: seen.append(torch.get_default_dtype()))
+    out = m.sample([1, 2], Edit(delta=torch.ones(3, *m.h_shape)))
+    handle.remove()
+    assert set(seen) == {torch.float32} and m.dtype == torch.bfloat16 and out.h.dtype == torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        under = m.sample([1, 2], Edit(delta=torch.ones(3, *m.h_shape)))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(under.images, out.images) and torch.equal(under.h, out.h) and torch.equal(under.x_T, out.x_T)
