@@ -385,6 +385,7 @@ class TinyTokenNet(torch.nn.Module):
         self.time, self.out = torch.nn.Linear(1, dim), torch.nn.Linear(dim, dim)
         self.blocks = torch.nn.ModuleList([TwoStreamBlock(dim) for _ in range(2)])
         self.text = torch.nn.Parameter(torch.randn(1, 3, dim))
+        self.unused = torch.nn.Linear(dim, dim)  # in the module tree, never run
 
     def forward(self, x, t):
         h, text = x + self.time(t.view(-1, 1, 1) / 1000), self.text.expand(len(x), -1, -1)
@@ -447,6 +448,8 @@ def test_a_flow_matching_family_of_tokens_runs_the_same_loop():
     torch.testing.assert_close(out.x_0, x, atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="eta > 0 has no meaning for a flow-matching model"):
         m.sample(SEEDS[:2], eta=1.0)
+    with pytest.raises(InputError, match=r"^model.hook=unused: the network's pass never runs this Linear"):
+        HSpaceModel(TokenFamily(net), FlowMatchEulerDiscreteScheduler(), num_inference_steps=2, hook="unused", device="cpu")
 
     zero = m.sample(SEEDS[:2], Edit(delta=torch.zeros(STEPS, *m.h_shape)))
     assert torch.equal(zero.images, out.images) and torch.equal(zero.h, out.h)

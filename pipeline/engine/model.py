@@ -107,7 +107,11 @@ class HSpaceModel:
         self.hook_point = str(hook)
         module, before = resolve_hook(self.unet, self.hook_point)
         self.hook = HSpaceHook(module, before, self.family.hook_element(module), self.hook_point)
-        self.h_shape: tuple[int, ...] = self._probe_h()
+        try:
+            self.h_shape: tuple[int, ...] = self._probe_h()
+        except BaseException:
+            self.hook.remove()  # the networks stay as they were
+            raise
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, num_inference_steps: int = 20, eta: float | Sequence[float] = 0.0,
@@ -151,10 +155,14 @@ class HSpaceModel:
 
     def _probe_h(self) -> tuple[int, ...]:
         """h_shape, from one pass of a batch of one; refuses a hook point whose output is not h."""
+        calls = self.hook.calls
         with torch.no_grad():
             cond = self.family.conditioning(1) if self.family.conditional else None
             x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.dtype)
             self.family.denoise(x, self.timesteps[0].to(self.device), cond, self.hook)
+        if self.hook.calls == calls:
+            raise InputError(f"model.hook={self.hook_point}: the network's pass never runs this "
+                             f"{type(self.hook.module).__name__}; hook a block it runs")
         check_h(self.hook.h, self.hook_point, self.hook.module, 1)
         return tuple(self.hook.h.shape[1:])
 
