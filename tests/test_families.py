@@ -544,16 +544,21 @@ def test_a_prompts_file_with_another_count_than_samples_is_one_line_error(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_hook_path_that_does_not_exist_exits_2_with_one_line(tmp_path, folders):
+@pytest.mark.parametrize("hook,says", [("up_blocks.7", "down_blocks, up_blocks, mid_block"),
+                                       ("time_embedding", "model.hook=time_embedding: TimestepEmbedding returns a tensor")])
+def test_a_hook_point_that_is_not_h_exits_2_with_one_line(tmp_path, folders, hook, says):
+    """A path that is no module, or a module whose output is not a per-sample activation (it used to crash
+    later, sizing the samples), is one line and exit status 2 when the model loads, before anything is written."""
     import subprocess
     import sys
 
     hspace = str(Path(sys.executable).parent / "hspace")
     out = subprocess.run([hspace, "generate", f"run_dir={tmp_path / 'run'}", f"model.name_or_path={folders['latent']}",
-                          "model.hook=up_blocks.7", "generate.num_samples=2", "trainer.accelerator=cpu"],
+                          f"model.hook={hook}", "generate.num_samples=2", "trainer.accelerator=cpu"],
                          check=False, capture_output=True, text=True, timeout=600)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode == 2 and len(lines) == 1 and "down_blocks, up_blocks, mid_block" in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr
+    assert not (tmp_path / "run" / "samples").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision is for the GPU")
