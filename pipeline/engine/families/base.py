@@ -8,6 +8,11 @@ the conditioning of a batch (:meth:`~Family.conditioning`: None for an unconditi
 is recorded from), where a hook point's h is in a module's output (:meth:`~Family.hook_element`),
 and what its schedule needs (:meth:`~Family.schedule_options`, e.g. FLUX's resolution shift).
 A new family is one module with a subclass and one entry in :data:`pipeline.engine.families.FAMILIES`.
+
+x_t keeps the shape its noise is drawn in (``latent_shape``, e.g. (C, H, W) for every latent model, so
+that a seed's noise is the pipeline's); a family whose network takes another layout (FLUX's packed
+2x2 tokens) converts inside :meth:`~Family.denoise`. h is whatever the hooked block gives, token-wise
+in a transformer.
 """
 from __future__ import annotations
 
