@@ -251,7 +251,7 @@ class SupervisedConfig(Section):
     method: Literal["mean_difference", "logistic"] = Field("mean_difference", description="mean_difference | logistic "
                                                            "(normal of a logistic regression)")
     convergence_ns: List[Annotated[int, Field(ge=1)]] = Field(
-        [1, 2, 5, 10, 20, 50], description="n per side for the convergence curve (h vs x_T space)")
+        [1, 2, 5, 10, 20, 50], min_length=1, description="n per side for the convergence curve (h vs x_T space)")
     convergence_draws: int = Field(10, ge=1)
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # scikit-learn's random_state takes no more
     scales: List[float] = Field([-3.0, -1.5, 0.0, 1.5, 3.0], description="suggested edit scales (the strips; eq. 10 "
