@@ -146,26 +146,27 @@ def test_a_prompts_file_is_read_as_utf8_or_refused_in_one_line(encoding, ok, tmp
 
 
 # ---------------------------------------------------------------------- directions files
-def nan_directions(path: Path, record: dict | None = None, steps: int = 3) -> Path:
-    """A directions file for the tiny model (T=steps, h: 16 x 8 x 8) whose second direction holds a NaN."""
-    from pipeline.formats.directions import Directions, save_directions
-
-    d = torch.randn(2, steps, 16, 8, 8)
-    save_directions(Directions(d, ["smile", "hat"], "supervised", list(range(steps))[::-1]), path, record)
+def poison(path: Path, row: int, value: float) -> Path:
+    """Put ``value`` into direction ``row`` of a directions file, its metadata and identity record kept
+    (written around save_directions, which refuses it)."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
+    tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    d[1, 0, 3, 2, 1] = float("nan")
-    save_file({"directions": d}, str(path), metadata=meta)  # written around save_directions, which refuses it
+    tensors["directions"][row, -1, 0, 0, 0] = value
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
 def test_non_finite_directions_are_refused_where_they_enter(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from pipeline.errors import InputError
-    from pipeline.formats.directions import Directions
+    from pipeline.formats.directions import Directions, save_directions
 
-    path = nan_directions(tmp_path / "user.safetensors")
+    path = tmp_path / "user.safetensors"  # for the tiny model: T=3, h 16 x 8 x 8
+    save_directions(Directions(torch.randn(2, 3, 16, 8, 8), ["smile", "hat"], "supervised", [2, 1, 0]), path)
+    poison(path, 1, float("nan"))
     run = tmp_path / "run"
     for stage, args in (("sample", [f"sample.directions={path}", "sample.direction=hat", "sample.scales=[1]"]),
                         ("edit", [f"edit.directions={path}"]),
@@ -184,7 +185,6 @@ def test_non_finite_directions_are_refused_where_they_enter(tmp_path, tiny_model
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_annotator_scores_are_refused_naming_the_sample(value):
     from fake_annotators import Broken
-
     from pipeline.errors import InputError
 
     images = torch.zeros(3, 3, 8, 8)
@@ -308,21 +308,12 @@ def test_the_runs_own_directions_with_a_nan_are_refused_by_their_readers(selecte
     and black images)."""
     import shutil
 
-    from pipeline.formats.directions import load_directions
     from pipeline.formats.identity import read_record
 
     run = tmp_path / "run"
     shutil.copytree(selected[0], run)
     assert cli(capsys, monkeypatch, "supervised", *selected[1], f"run_dir={run}", "supervised.convergence_ns=[1, 3]")[0] == 0
-    path = run / "directions" / "supervised.safetensors"
-    d = load_directions(path)
-    tensors = {"directions": d.directions.clone(), **d.extras}
-    tensors["directions"][1, -1, 0, 0, 0] = float("inf")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    save_file(tensors, str(path), metadata=meta)
+    path = poison(run / "directions" / "supervised.safetensors", 1, float("inf"))
     assert read_record(path)["stage"] == "supervised"
     before = sorted(written(run))
     for stage, args in (("disentangle", ["calibrate.enabled=false", "disentangle.pairs={bright: [red]}"]),
