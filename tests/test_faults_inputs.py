@@ -242,6 +242,24 @@ def test_a_missing_or_damaged_component_is_named(pipelines, tmp_path, family, re
     assert not out.exists()
 
 
+def test_the_hub_ddpm_layout_keeps_its_unet_and_scheduler_at_the_root(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A model_index.json beside a root config.json (google/ddpm-ema-celebahq-256, the embedded default) loads."""
+    import json
+    import shutil
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                                         "scheduler": ["diffusers", "DDPMScheduler"]}))
+    out = tmp_path / "grid.png"
+    rc, err = cli(capsys, monkeypatch, "sample", *common(tmp_path / "run", folder, steps=2), "sample.seeds=[0]",
+                  f"sample.out={out}")
+    assert rc == 0 and out.is_file(), err
+    (folder / "scheduler_config.json").unlink()
+    rc, err = cli(capsys, monkeypatch, "sample", *common(tmp_path / "run", folder, steps=2), f"sample.out={out}")
+    assert rc == 2 and one_error(err, "sample") and "has no scheduler/ folder" in err, err
+
+
 def test_a_hook_whose_output_is_not_a_feature_map_is_refused(tmp_path, tiny_model_dir, capsys, monkeypatch):
     run = tmp_path / "run"
     rc, err = cli(capsys, monkeypatch, "generate", *common(run, tiny_model_dir, steps=2), "model.hook=time_embedding",

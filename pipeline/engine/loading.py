@@ -137,6 +137,8 @@ def check_components(location: str, index: dict) -> None:
             continue
         folder = Path(location) / component
         lacking = [" or ".join(group) for group in files if not any((folder / f).is_file() for f in group)]
+        if lacking and component in ("unet", "scheduler") and all((Path(location) / g[0]).is_file() for g in files):
+            continue  # the hub DDPM layout: U-Net and scheduler configs at the root
         if lacking:
             what = f"no {component}/ folder" if not folder.is_dir() else f"no {lacking[0]} in {component}/"
             raise ModelLoadError(f"model folder {location} has {what}, though its model_index.json lists the "
