@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -454,3 +453,128 @@ def test_h_block_output_has_the_documented_shape(folders, family):
         assert other_calls == [(None, expected[1])] * STEPS
     if family == "flux":
         assert other_calls == [expected] * STEPS
+
+
+# ---- the real block structure ----
+def real_blocks(family: str):
+    """(pipeline with the real block structure and tiny widths, its denoiser)."""
+    pipe = tiny_families.build(family, blocks="real")
+    return pipe, pipe.unet if family == "sdxl" else pipe.transformer
+
+
+def test_real_block_structure_with_tiny_widths():
+    """blocks="real" keeps each real model's block types, counts and depths, patch size, latent
+    channels and sample size, its text encoders' depths and lengths, and an 8x VAE."""
+    pipe, unet = real_blocks("sdxl")
+    real = tiny_families.REAL["sdxl"]
+    assert (unet.config.down_block_types, unet.config.up_block_types) == (real["down_block_types"], real["up_block_types"])
+    depths = [[len(a.transformer_blocks) for a in block.attentions] for block in unet.down_blocks[1:]]
+    assert depths == [[2, 2], [10, 10]] and len(unet.mid_block.attentions[0].transformer_blocks) == 10
+    assert [len(b.resnets) for b in unet.down_blocks] == [2, 2, 2] and unet.config.sample_size == 128
+    assert [a.transformer_blocks[0].attn1.heads for a in unet.down_blocks[2].attentions] == [20, 20]
+    assert (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers) == (12, 32)
+    assert pipe.tokenizer.model_max_length == 77 and pipe.vae_scale_factor == 8
+    for family, count in (("dit", 28), ("pixart_alpha", 28), ("pixart_sigma", 28), ("sd3", 24)):
+        pipe, transformer = real_blocks(family)
+        assert len(transformer.transformer_blocks) == count, family
+        assert transformer.config.patch_size == 2 and transformer.config.sample_size in (32, 128)
+    assert transformer.config.in_channels == 16 and transformer.config.pos_embed_max_size == 192
+    assert [b.context_pre_only for b in transformer.transformer_blocks].index(True) == 23
+    assert pipe.text_encoder_3.config.num_layers == 24 and pipe.vae_scale_factor == 8
+    assert real_blocks("pixart_alpha")[1].use_additional_conditions
+    assert not real_blocks("pixart_sigma")[1].use_additional_conditions
+    pipe, transformer = real_blocks("flux")
+    assert (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)) == (19, 38)
+    assert transformer.config.in_channels == 64 and transformer.config.guidance_embeds
+    assert pipe.text_encoder_2.config.num_layers == 24 and pipe.vae.config.latent_channels == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", tiny_families.FAMILIES)
+def test_real_blocks_pipeline_samples_and_h_has_the_latent_patches(family):
+    """A pipeline with the real block structure makes an image (two steps at 64 px, DiT at its
+    256 px) and its default h block fires each step with the documented shape."""
+    pipe, denoiser = real_blocks(family)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    handle = record_outputs(denoiser.get_submodule(default_h_module(denoiser)), calls)
+    kw = {"num_inference_steps": 2, "output_type": "pt"}
+    if family == "dit":
+        image = pipe(class_labels=[3], generator=torch.Generator().manual_seed(0), **kw).images
+    else:
+        extra = {"use_resolution_binning": False, "clean_caption": False} if family.startswith("pixart") else {}
+        image = pipe(prompt="a cat", height=64, width=64, generator=torch.Generator().manual_seed(0), **kw, **extra).images
+    handle.remove()
+    side = 256 if family == "dit" else 64
+    assert image.shape == (1, 3, side, side) and torch.isfinite(image).all()
+    text = {"sd3": 77 + 256, "flux": 512}.get(family, 0)
+    expected = expected_h(family, denoiser, 1 if family == "flux" else 2, side // 8, text)
+    assert calls == [expected] * 2
+
+
+# ---- h at the real models' size, from diffusers' own modules on the meta device ----
+#: family: (image size in px, h per sample and step at the default block) -- docs/families.md's table
+REAL_H = {"sdxl": (1024, (1280, 32, 32)), "dit": (256, (256, 1152)), "pixart": (1024, (4096, 1152)),
+          "sd3": (1024, (4096, 1536)), "flux": (1024, (4096, 3072))}
+
+
+def real_size_h(family: str):
+    """(default module, shape of h per sample) of the real denoiser at its real image size, run on the
+    meta device (shapes only: no weights, no arithmetic)."""
+    import diffusers
+
+    latent = REAL_H[family][0] // 8
+    with torch.device("meta"):
+        if family == "sdxl":
+            model = diffusers.UNet2DConditionModel(**tiny_families.REAL["sdxl"])
+            args = dict(sample=torch.randn(1, 4, latent, latent), timestep=torch.ones(1),
+                        encoder_hidden_states=torch.randn(1, 77, 2048),
+                        added_cond_kwargs={"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)})
+        elif family == "dit":
+            model = diffusers.DiTTransformer2DModel(**tiny_families.REAL["dit"])
+            args = dict(hidden_states=torch.randn(1, 4, latent, latent), timestep=torch.ones(1),
+                        class_labels=torch.zeros(1, dtype=torch.long))
+        elif family == "pixart":
+            model = diffusers.PixArtTransformer2DModel(**tiny_families.REAL["pixart"])
+            args = dict(hidden_states=torch.randn(1, 4, latent, latent), timestep=torch.ones(1),
+                        encoder_hidden_states=torch.randn(1, 120, 4096), encoder_attention_mask=torch.ones(1, 120),
+                        added_cond_kwargs={"resolution": torch.randn(1, 2), "aspect_ratio": torch.randn(1, 1)})
+        elif family == "sd3":
+            model = diffusers.SD3Transformer2DModel(**tiny_families.REAL["sd3"])
+            args = dict(hidden_states=torch.randn(1, 16, latent, latent), timestep=torch.ones(1),
+                        encoder_hidden_states=torch.randn(1, 77 + 256, 4096), pooled_projections=torch.randn(1, 2048))
+        else:
+            model = diffusers.FluxTransformer2DModel(**tiny_families.REAL["flux"])
+            tokens_ = (latent // 2) ** 2
+            args = dict(hidden_states=torch.randn(1, tokens_, 64), timestep=torch.ones(1), guidance=torch.ones(1),
+                        encoder_hidden_states=torch.randn(1, 512, 4096), pooled_projections=torch.randn(1, 768),
+                        img_ids=torch.zeros(tokens_, 3), txt_ids=torch.zeros(512, 3))
+    name, calls = default_h_module(model), []
+    record_outputs(model.get_submodule(name), calls)
+    model(**args)
+    shape = calls[0][1] if isinstance(calls[0][0], tuple) or calls[0][0] is None else calls[0]
+    return name, shape[1:]
+
+
+@pytest.mark.parametrize("family", REAL_H)
+def test_real_size_h_shape_and_bytes_are_what_the_docs_say(family):
+    """At the real size the default block's h per sample and step is docs/families.md's shape, and its
+    float16 bytes are the docs' figure (FLUX: 4,096 image tokens x 3,072 channels, 25.2 MB)."""
+    name, shape = real_size_h(family)
+    assert shape == REAL_H[family][1], (family, name, shape)
+    docs = (ROOT / "docs" / "families.md").read_text()
+    row = next((line for line in docs.splitlines() if line.startswith("| ") and f"`{name}`" in line
+                and " x ".join(f"{d:,}" for d in shape) in line), None)
+    assert row is not None, f"docs/families.md has no row with `{name}` and {shape}"
+    assert f"{2 * math.prod(shape) / 1e6:.2f} MB" in row, row
+
+
+def test_flow_euler_step_is_the_deterministic_ddim_step_of_the_x0_eps_split():
+    """With x_0 = x - s v and eps = x + (1 - s) v, the Euler step x + (s' - s) v equals
+    (1 - s') x_0 + s' eps: DDIM's eq. 2 with sqrt(alpha) = 1 - s, sqrt(1 - alpha) = s, sigma_t = 0."""
+    generator = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=generator).unbind(0)
+    for s, s_next in sd3_sigmas(FlowMatchEulerDiscreteScheduler(shift=3.0).config, 4).reshape(2, 2).tolist():
+        x0, eps = x - s * v, x + (1 - s) * v
+        torch.testing.assert_close(x + (s_next - s) * v, (1 - s_next) * x0 + s_next * eps, rtol=0, atol=1e-14)
+        assert torch.allclose((1 - s) * x0 + s * eps, x)
