@@ -23,18 +23,9 @@ from pipeline.testing import tiny_families
 STEPS, SIZE, GUIDANCE = 3, 16, 4.0
 PROMPT = "  A Photo of a Cat "
 ROOT = Path(__file__).resolve().parents[1]
-DDIM_FAMILIES = ("sdxl", "dit", "pixart_alpha", "pixart_sigma")  # hspace samples these with DDIM from their config
 
 diffusers_logging.set_verbosity_error()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread's hand-offs cost more than they save (and the CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +35,8 @@ def folders(tmp_path_factory):
 
 
 def load(folder, dtype=torch.float32) -> DiffusionPipeline:
+    """The saved pipeline as hspace samples it: the epsilon families with DDIM built from the saved
+    scheduler's config (clip_sample off), the flow-matching ones with their own scheduler."""
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
