@@ -464,7 +464,6 @@ def test_real_block_structure_with_tiny_widths():
     depths = [[len(a.transformer_blocks) for a in block.attentions] for block in unet.down_blocks[1:]]
     assert depths == [[2, 2], [10, 10]] and len(unet.mid_block.attentions[0].transformer_blocks) == 10
     assert [len(b.resnets) for b in unet.down_blocks] == [2, 2, 2] and unet.config.sample_size == 128
-    assert [a.transformer_blocks[0].attn1.heads for a in unet.down_blocks[2].attentions] == [20, 20]
     assert (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers) == (12, 32)
     assert pipe.tokenizer.model_max_length == 77 and pipe.vae_scale_factor == 8
     for family, count in (("dit", 28), ("pixart_alpha", 28), ("pixart_sigma", 28), ("sd3", 24)):

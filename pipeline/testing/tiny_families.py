@@ -9,8 +9,9 @@ and ``pixart_sigma`` (PixArtAlphaPipeline, PixArtSigmaPipeline), ``sd3`` (Stable
 * ``blocks="tiny"``: one to four blocks, widths of 16-64, a 2x VAE: a pipeline call of a few steps at
   16 px takes a fraction of a second on a CPU (tests).
 * ``blocks="real"``: the real model's block structure (block types, counts and depths, patch size,
-  latent channels, 8x VAE, text encoders' depths and lengths) with tiny widths (dry runs at the real
-  image size, like :func:`pipeline.testing.standins.celebahq_unet`).
+  latent channels, 8x VAE, text encoders' depths and lengths) with tiny widths and one to three
+  attention heads (attention over N tokens costs heads x N^2: 4,096 tokens at 1024 px), for dry runs
+  at the real image size, like :func:`pipeline.testing.standins.celebahq_unet`.
 
 The real configurations are kept in :data:`REAL` (their sources: docs/families.md). The tokenizers
 are written here from a small vocabulary (a CLIP BPE over letters and a few merges; a T5 unigram
@@ -166,8 +167,8 @@ def sdxl(blocks: str = "tiny"):
 
     tok, enc, tok2, enc2 = _clips(blocks)
     context = enc.config.hidden_size + enc2.config.hidden_size
-    if blocks == "real":  # the real block structure at 1/16 of the channels (head width 4, the same head counts)
-        unet_config = {**REAL["sdxl"], "block_out_channels": (20, 40, 80), "norm_num_groups": 4,
+    if blocks == "real":  # the real block structure at 1/16 of the channels, one attention head per level
+        unet_config = {**REAL["sdxl"], "block_out_channels": (20, 40, 80), "norm_num_groups": 4, "attention_head_dim": 1,
                        "addition_time_embed_dim": 16}
     else:
         unet_config = {**REAL["sdxl"], "sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1,
@@ -190,7 +191,7 @@ def dit(blocks: str = "tiny"):
     sigma (8 output channels), DDIMScheduler as scripts/convert_dit_to_diffusers.py builds it."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    size = dict(num_layers=28, num_attention_heads=16, attention_head_dim=4) if blocks == "real" \
+    size = dict(num_layers=28, num_attention_heads=2, attention_head_dim=16) if blocks == "real" \
         else dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8)
     transformer = DiTTransformer2DModel(**{**REAL["dit"], **size}).eval()
     _shrink_output(transformer.proj_out_2)
@@ -207,7 +208,7 @@ def pixart(blocks: str = "tiny", sigma: bool = False):
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     tokenizer, text_encoder = _t5(blocks)  # widths divisible by 3: the size conditioning takes a third each
-    size = dict(num_layers=28, num_attention_heads=16, attention_head_dim=6) if blocks == "real" \
+    size = dict(num_layers=28, num_attention_heads=3, attention_head_dim=8) if blocks == "real" \
         else dict(num_layers=2, num_attention_heads=3, attention_head_dim=8, sample_size=8 if sigma else 128)
     heads_width = size["num_attention_heads"] * size["attention_head_dim"]
     transformer = PixArtTransformer2DModel(**{**REAL["pixart"], **size, "cross_attention_dim": heads_width,
@@ -226,7 +227,7 @@ def sd3(blocks: str = "tiny"):
 
     tok, enc, tok2, enc2 = _clips(blocks, with_projection=(True, True))
     tok3, enc3 = _t5(blocks, d_model=48)  # wider than the two CLIPs joined (40): the pipeline pads them to it
-    size = dict(num_layers=24, num_attention_heads=24, attention_head_dim=4) if blocks == "real" \
+    size = dict(num_layers=24, num_attention_heads=2, attention_head_dim=16) if blocks == "real" \
         else dict(num_layers=4, num_attention_heads=2, attention_head_dim=8, sample_size=8, pos_embed_max_size=16)
     size["caption_projection_dim"] = size["num_attention_heads"] * size["attention_head_dim"]
     transformer = SD3Transformer2DModel(**{**REAL["sd3"], **size, "joint_attention_dim": enc3.config.d_model,
