@@ -3,11 +3,11 @@ family (model_index.json's ``_class_name``) loads its own networks (:mod:`pipeli
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
+from safetensors import SafetensorError
 
 from pipeline.errors import ModelLoadError
 from pipeline.io import hash_tree
@@ -135,6 +135,30 @@ def detect_family(location: str, is_local: bool) -> tuple[str, dict]:
     return PIPELINE_FAMILIES[name], index
 
 
+#: the components hspace loads from a pipeline folder, and the files (any one of each group) that must be in each
+_COMPONENT_FILES = {"unet": [("config.json",)], "vae": [("config.json",)], "vqvae": [("config.json",)],
+                    "text_encoder": [("config.json",)], "scheduler": [("scheduler_config.json",)],
+                    "tokenizer": [("tokenizer_config.json",), ("tokenizer.json", "vocab.json")]}
+
+
+def check_components(location: str, index: dict) -> None:
+    """A local pipeline folder has a folder, with its config, for every component of model_index.json
+    that hspace loads; else a ModelLoadError naming the component and the folder."""
+    for component, files in _COMPONENT_FILES.items():
+        entry = index.get(component)
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]):
+            continue
+        folder = Path(location) / component
+        lacking = [" or ".join(group) for group in files if not any((folder / f).is_file() for f in group)]
+        if lacking and component in ("unet", "scheduler") and all((Path(location) / g[0]).is_file() for g in files):
+            continue  # the hub DDPM layout: U-Net and scheduler configs at the root
+        if lacking:
+            what = f"no {component}/ folder" if not folder.is_dir() else f"no {lacking[0]} in {component}/"
+            raise ModelLoadError(f"model folder {location} has {what}, though its model_index.json lists the "
+                                 f"{component} ({entry[1]}); the copy is incomplete: copy or download the whole model "
+                                 f"folder again")
+
+
 def _component_class(index: dict, component: str, classes: dict):
     entry = index.get(component)
     name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
@@ -143,24 +167,27 @@ def _component_class(index: dict, component: str, classes: dict):
     return classes[name]
 
 
-@dataclass(frozen=True)
 class Folder:
     """A model found by :func:`resolve`: its location, whether it is local, and its model_index.json
-    (empty for the flat hub-DDPM layout). What a family's ``load`` reads its networks from."""
+    (empty for the flat hub-DDPM layout). What a family's ``load`` reads its networks from; ``part``
+    is the component being read (for the message when it cannot be)."""
 
-    location: str
-    is_local: bool
-    index: dict
+    def __init__(self, location: str, is_local: bool, index: dict):
+        self.location, self.is_local, self.index, self.part = location, is_local, index, "model"
 
     def subfolder(self, component: str, filename: str) -> str | None:
         """None where ``filename`` is at the root (hub DDPMs), else ``component`` (pipelines)."""
         return _subfolder(self.location, self.is_local, component, filename)
 
+    def network(self, cls, subfolder: str | None, dtype: torch.dtype | None = None):
+        """``cls.from_pretrained`` of the component in ``subfolder`` (None: the root), in ``dtype``."""
+        self.part = subfolder or "model"
+        kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        return cls.from_pretrained(self.location, subfolder=subfolder, **kwargs)
+
     def component(self, name: str, classes: dict, dtype: torch.dtype | None = None):
         """The component ``name``, of one of ``classes`` (class name -> class) as model_index.json says."""
-        cls = _component_class(self.index, name, classes)
-        kwargs = {} if dtype is None else {"torch_dtype": dtype}
-        return cls.from_pretrained(self.location, subfolder=name, **kwargs)
+        return self.network(_component_class(self.index, name, classes), name, dtype)
 
 
 def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict:
@@ -170,18 +197,25 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
     from pipeline.engine.schedules import scheduler_from_config
 
     location, is_local = resolve(name_or_path)
+    folder = Folder(location, is_local, {})
     try:
         kind, index = detect_family(location, is_local)
+        if is_local:
+            check_components(location, index)
         folder = Folder(location, is_local, index)
         family = FAMILIES[kind].load(folder, dtype)
+        folder.part = "scheduler"
         config = DDIMScheduler.load_config(location, subfolder=folder.subfolder("scheduler", "scheduler_config.json"))
         return {"family": family, "scheduler": scheduler_from_config(config)}
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        part = folder.part
+        what = "model" if part == "model" else f"the {part} of model"
         if is_local:  # the folder is there: downloading is not the remedy
-            raise ModelLoadError(f"could not load model {location}: {first}; the folder is damaged (check its "
-                                 f"config.json, scheduler_config.json and weights, or copy it again)") from None
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
+            where = location if part == "model" else f"{location}/{part}"
+            raise ModelLoadError(f"could not load {what} {location}: {first}; the folder is damaged (check the "
+                                 f"config and weights in {where}, or copy the model again)") from None
+        raise ModelLoadError(f"could not load {what} {str(name_or_path)!r}: {first}. "
                              + _OFFLINE_HELP.format(name=name_or_path)) from None

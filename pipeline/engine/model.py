@@ -137,7 +137,9 @@ class HSpaceModel:
         the CPU and Lightning moves it to each rank's device. The engine applies the precision itself
         either way (Lightning's own at the same setting then changes nothing), so that the networks
         Lightning does not see (the autoencoder, the text encoder) follow it too. Text settings
-        (``model.prompt``, ...) other than their defaults are refused for a model that takes no text."""
+        (``model.prompt``, ...) other than their defaults are refused for a model that takes no text, and
+        h of another rank than (C, H, W), which the run directory's samples and directions files cannot
+        hold yet (the API samples and edits h of any rank)."""
         m = cfg.model
         model = cls.from_pretrained(m.name_or_path, num_inference_steps=m.num_inference_steps, eta=m.eta, hook=m.hook,
                                     device="cpu" if under_trainer else m.device,
@@ -150,6 +152,9 @@ class HSpaceModel:
             settings = ", ".join(f"model.{k}={given[k]!r}" for k in other)
             raise ConfigError(f"{settings}: {m.name_or_path} is a {model.kind} model, which takes no text; "
                               f"remove the setting (it applies to text-to-image models)")
+        if len(model.h_shape) != 3:  # the samples' Array4D and the directions files are (T, C, H, W)
+            raise ConfigError(f"h at model.hook={m.hook} has shape {model.h_shape} per sample, not (C, H, W), which "
+                              f"the stages store; hook a block whose output is a feature map (after, before, up_blocks.0)")
         model.family.set_defaults(**given)
         return model
 

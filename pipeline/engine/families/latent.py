@@ -53,8 +53,7 @@ class LatentFamily(PixelFamily):
     def load(cls, folder, dtype):
         from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
-        unet = UNet2DModel.from_pretrained(folder.location, subfolder=folder.subfolder("unet", "config.json"),
-                                           torch_dtype=dtype)
+        unet = folder.network(UNet2DModel, folder.subfolder("unet", "config.json"), dtype)
         component = "vqvae" if "vqvae" in folder.index else "vae"
         autoencoder = folder.component(component, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}, dtype)
         return cls(unet, autoencoder, component)

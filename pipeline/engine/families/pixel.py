@@ -46,5 +46,4 @@ class PixelFamily(Family):
     def load(cls, folder, dtype):
         from diffusers import UNet2DModel
 
-        return cls(UNet2DModel.from_pretrained(folder.location, subfolder=folder.subfolder("unet", "config.json"),
-                                               torch_dtype=dtype))
+        return cls(folder.network(UNet2DModel, folder.subfolder("unet", "config.json"), dtype))

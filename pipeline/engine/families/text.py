@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.families.latent import LatentFamily
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ModelLoadError
 
 
 def prompt_list(prompt: str | Sequence[str] | None, batch: int, name: str = "prompt") -> list[str]:
@@ -162,9 +162,12 @@ class TextFamily(LatentFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
 
-        unet = UNet2DConditionModel.from_pretrained(folder.location, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder.location, subfolder="vae", torch_dtype=dtype)
+        unet = folder.network(UNet2DConditionModel, "unet", dtype)
+        vae = folder.network(AutoencoderKL, "vae", dtype)
         encoder = folder.component("text_encoder", {"CLIPTextModel": CLIPTextModel,
                                                     "CLIPTextModelWithProjection": CLIPTextModelWithProjection}, dtype)
         tokenizer = folder.component("tokenizer", {"CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizerFast})
+        if not 0 < tokenizer.model_max_length <= 100_000:  # unset: transformers' 1e30, an overflow later
+            raise ModelLoadError(f"the tokenizer of model {folder.location} has no model_max_length (tokenizer/"
+                                 f"tokenizer_config.json); copy or download the whole model folder again")
         return cls(unet, vae, encoder, tokenizer)
