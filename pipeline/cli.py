@@ -16,7 +16,7 @@ from pipeline.cost import measured
 from pipeline.errors import HSpaceError, Interrupted
 from pipeline.io import writing
 from pipeline.process import passive_openmp_waits
-from pipeline.registry import COMMANDS, DISTRIBUTED, STAGES, check_skip
+from pipeline.registry import COMMANDS, DISTRIBUTED, STAGES
 
 STAGE_NAMES = frozenset(st.name for st in STAGES)
 
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
         if args.stage == "run":
-            check_skip(cfg.run.skip)  # before the run directory's lock is taken
+            from pipeline.stages.run import check_plan
+
+            check_plan(cfg)  # run.skip, and what the stages need: before the run directory's lock is taken
         if args.stage in DISTRIBUTED:
             from pipeline.stages.lightning_utils import check_trainer, join_launched_ranks
 

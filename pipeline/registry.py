@@ -147,6 +147,15 @@ def _calibration_sections(cfg) -> tuple[str, ...]:
     return CALIBRATION_SECTIONS if cfg.calibrate.enabled else ()
 
 
+def calibration_key(cfg) -> str:
+    """What a calibration stored in a directions file was measured with (its settings, the scorer and
+    the model), to tell whether it is current."""
+    calibration = Stage("calibration", "", "", sections=CALIBRATION_SECTIONS, drop=("calibrate.batch_size",), model=True,
+                        annotators=True)
+    config, assets, _ = calibration.inputs(cfg)
+    return hash_json(config, assets)
+
+
 def _real(cfg) -> bool:
     return bool(cfg.supervised.real.positive_dir and cfg.supervised.real.negative_dir)
 

@@ -193,14 +193,17 @@ def parquet_table(table, record: dict):
 
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, str], record: dict | None = None) -> bytes:
-    """A safetensors file's bytes with ``metadata`` and, if given, ``record`` sealed with its content."""
+    """A safetensors file's bytes with ``metadata`` and, if given, ``record``: sealed with its content
+    when a stage writes it; one sealed already (read from the file, to rewrite a person's labels) is
+    kept as it is, so that other tensors under an old record are told apart from the stage's."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     data = save(tensors, metadata=metadata)
     if record is None:
         return data
-    return save(tensors, metadata={**metadata, **safetensors_metadata(seal(record, safetensors_digest(data)))})
+    sealed = record if "content" in record else seal(record, safetensors_digest(data))
+    return save(tensors, metadata={**metadata, **safetensors_metadata(sealed)})
 
 
 def seal_folder(folder: str | os.PathLike, record: dict, files=None) -> dict:

@@ -7,8 +7,9 @@ A stage is skipped when its artefact carries the identity record the stage would
 (:mod:`pipeline.formats.identity`: the configuration sections it reads, the content hashes of the
 assets it reads and the identities of the artefacts it reads), so a changed setting re-runs
 exactly the stages downstream of it; an artefact damaged or changed since it was written (its
-content no longer the one its record holds) is not up to date either; a stage that runs again (for
-example to restore a deleted output) makes the stages that read it run again too. Before the first
+content no longer the one its record holds) is not up to date either. An artefact's id covers what
+it holds, so a stage that runs again (for example to restore a deleted output) makes the stages
+that read it run again exactly when what it wrote differs from what they read. Before the first
 stage, what the stages to run need and none of them makes is checked (:func:`check_plan`). The
 job holds the run directory's one writer lock from start to end; each stage's wall time, U-Net
 evaluations and images/s go to
@@ -29,11 +30,19 @@ from pipeline.registry import PRODUCERS, STAGES, Stage, check_skip
 from pipeline.stages.lightning_utils import agreed, launching_rank
 
 
-def check_plan(cfg, stages) -> None:
-    """Before the first stage: what the stages to run need and no stage of this run makes (an output
+def to_run(cfg, only: list[str] | None = None) -> list[Stage]:
+    """The stages of the main job this run may run (all, or ``only``), but those of ``run.skip``."""
+    check_skip(cfg.run.skip)
+    return [st for st in STAGES if (not only or st.name in only) and st.name not in cfg.run.skip]
+
+
+def check_plan(cfg, only: list[str] | None = None) -> None:
+    """Before the first stage (and before the run directory is locked, so created): ``run.skip`` names
+    stages of the main job, and what the stages to run need and no stage of this run makes (an output
     of a skipped stage, a file the configuration names) is there, or a ConfigError says which."""
     run_dir = Path(cfg.run_dir)
     skipped = set(cfg.run.skip)
+    stages = to_run(cfg, only)
     for st in stages:
         st.inputs_exist(cfg)
         for name in st.required(cfg):
@@ -59,13 +68,10 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     from annotators.base import check_columns
 
     check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
-    check_skip(cfg.run.skip)
-    todo = [st for st in STAGES if (not only or st.name in only) and st.name not in cfg.run.skip]
-    check_plan(cfg, todo)
+    check_plan(cfg, only)
     run_dir = Path(cfg.run_dir)
     rank0 = launching_rank() == 0
     t_start = time.time()
-    ran: set[str] = set()
     costs: dict[str, dict] = {}
     for i, st in enumerate(STAGES, 1):
         if only and st.name not in only:
@@ -76,7 +82,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             continue
         if not (rank0 or st.distributed):
             continue  # other ranks only take part in the Lightning stages
-        skip = rank0 and not (ran & set(st.after)) and fresh(cfg, st)
+        skip = rank0 and fresh(cfg, st)  # judged after the stages before it ran: their ids cover what they hold
         if st.distributed:  # the other ranks wait here for rank 0's single-process stages, then follow its decision
             skip = agreed(skip)
         if skip:
@@ -87,7 +93,6 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
         with writing(run_dir, "run", rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
             st.run(cfg)
-        ran.add(st.name)
         costs[st.name] = cost
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)

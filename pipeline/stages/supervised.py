@@ -35,13 +35,12 @@ from pipeline.engine import noise
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError, InputError
 from pipeline.formats.directions import Directions, save_directions
-from pipeline.formats.identity import MODEL_DROP, MODEL_SECTIONS, config_sections
 from pipeline.formats.images import from_uint8, load_image
 from pipeline.formats.samples import iter_samples, read_manifest
-from pipeline.io import atomic_path, hash_json
+from pipeline.io import atomic_path
 from pipeline.methods.calibration import calibrate, unedited_scores
 from pipeline.methods.supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
-from pipeline.registry import CALIBRATION_SECTIONS, COMMANDS
+from pipeline.registry import COMMANDS, calibration_key
 from pipeline.stages.select import load_selection
 
 
@@ -198,15 +197,6 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
 
 
 # ---------------------------------------------------------------------- calibrated strengths
-def calibration_key(cfg) -> str:
-    """What a calibration depends on besides the directions: its settings, the scorer and the model."""
-    from annotators import assets_identity
-    from pipeline.engine.loading import weights_identity
-
-    sections = config_sections(cfg, *CALIBRATION_SECTIONS, *MODEL_SECTIONS, drop=("calibrate.batch_size", *MODEL_DROP))
-    return hash_json(sections, weights_identity(cfg.model.name_or_path), assets_identity())
-
-
 class Calibrator:
     """Calibrates directions with the run's model and scorer (built once, on first use): the scale at
     which each moves its own attribute by ``calibrate.target`` standard deviations
