@@ -115,7 +115,7 @@ def run_disentangle(cfg) -> Path:
     if cfg.disentangle.source:
         check_source(cfg, directions, source)
     calibrator = Calibrator(cfg) if cfg.calibrate.enabled else None
-    if calibrator is not None and (directions.params.get("calibration") or {}).get("key") != calibrator.key:
+    if calibrator is not None and not calibrator.current(directions.params.get("calibration")):
         directions.params["calibration"] = calibrator(directions)  # in memory: this stage writes only its own file
     pairs = cfg.disentangle.pairs if cfg.disentangle.pairs == AUTO else to_dict(cfg.disentangle.pairs)
     pairs, choices = resolve_auto(directions, pairs, cfg.disentangle.threshold, to_dict(cfg.evaluate.own_attribute))

@@ -206,6 +206,15 @@ class Calibrator:
         self.cfg, self.model, self.scorer, self.unedited = cfg, None, None, None
         self.key = calibration_key(cfg)
 
+    def current(self, record: dict | None) -> bool:
+        """Whether a file's calibration ``record`` was measured with these settings; if so its unedited
+        scores of the calibration seeds are used again (not sampled a second time)."""
+        if not record or record.get("key") != self.key:
+            return False
+        if "unedited" in record and self.unedited is None:
+            self.unedited = {a: np.asarray(v, dtype=np.float64) for a, v in record["unedited"].items()}
+        return True
+
     def __call__(self, d: Directions) -> dict:
         from annotators.base import build_annotator
 
@@ -223,6 +232,7 @@ class Calibrator:
         except KeyError as e:
             raise ConfigError(f"calibrate: {e.args[0]}") from None
         record["key"] = self.key
+        record["unedited"] = {a: v.tolist() for a, v in self.unedited.items()}  # float64: exact through JSON
         print(f"  calibrated {d.method} directions ({record['rounds']} rounds, {c.num_samples} seeds): " + ", ".join(
             f"{n} x{s:.2f}" if s is not None else f"{n} (none)" for n, s in record["scales"].items()))
         return record
