@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_faults import cli, finish, one_error, spawn, temporaries, wait_for
+from test_faults import cli, finish, inject, one_error, spawn, temporaries, wait_for  # noqa: F401 (inject: a fixture)
 
 TESTS = Path(__file__).resolve().parent
 ANN = "annotate.annotators=[fake_annotators:brightness]"
@@ -246,7 +246,7 @@ def test_a_stage_writes_only_its_outputs_and_keeps_a_users_files(clean, tmp_path
 
 # ---------------------------------------------------------------------- 4: one writer lock per run directory
 @pytest.mark.slow
-def test_one_writer_per_run_directory_and_readers_need_no_lock(clean, tmp_path, tiny_model_dir, inject):
+def test_one_writer_per_run_directory_and_readers_need_no_lock(clean, tmp_path, tiny_model_dir, inject):  # noqa: F811
     """While `hspace run` writes (held inside generate), any other writer of the run directory is refused
     naming it; edit and sample writing elsewhere only read the run (nothing created in it)."""
     run = copy(clean[0], tmp_path)
@@ -279,24 +279,6 @@ def test_one_writer_per_run_directory_and_readers_need_no_lock(clean, tmp_path, 
         for p in [ro, *ro.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
     assert tree(ro) == before and sorted(p.name for p in out.iterdir()) == ["bright.png", "red.png", "s.png"]
-
-
-@pytest.fixture(scope="module")
-def inject(tmp_path_factory) -> Path:
-    """A folder for PYTHONPATH whose sitecustomize makes a subprocess's HOLD_AT-th Arrow stream (a shard)
-    wait, its temporary open, for as long as the file HOLD exists."""
-    folder = tmp_path_factory.mktemp("inject-rundir")
-    (folder / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "import pyarrow as pa\n"
-        "_new_stream, _calls = pa.ipc.new_stream, [0]\n"
-        "def new_stream(sink, schema, **kw):\n"
-        "    _calls[0] += 1\n"
-        "    while _calls[0] == int(os.environ.get('HOLD_AT', 0)) and os.path.exists(os.environ['HOLD']):\n"
-        "        time.sleep(0.05)\n"
-        "    return _new_stream(sink, schema, **kw)\n"
-        "pa.ipc.new_stream = new_stream\n")
-    return folder
 
 
 # ---------------------------------------------------------------------- 5: every safetensors write through the atomic writer

@@ -340,8 +340,12 @@ def verify(run_dir, name: str, record: dict | None = None) -> dict:
 
 
 def present(run_dir, names, known: dict | None = None) -> list[str]:
-    """The optional artefacts among ``names`` that exist (or are predicted, in ``known``)."""
-    return [n for n in names if (known is not None and n in known) or (Path(run_dir) / n).exists()]
+    """The optional artefacts among ``names`` that exist (or are predicted, in ``known``): a file, or a
+    folder holding its record (a folder a person made under that name is not the stage's artefact)."""
+    def exists(path: Path) -> bool:
+        return (path / FOLDER_RECORD).exists() or (path / "manifest.json").exists() if path.is_dir() else path.exists()
+
+    return [n for n in names if (known is not None and n in known) or exists(Path(run_dir) / n)]
 
 
 def is_fresh(run_dir, name: str, expected: dict) -> bool:
