@@ -107,13 +107,13 @@ def check_source(cfg, directions: Directions, source: Path) -> None:
 
 def run_disentangle(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
-    record = COMMANDS["disentangle"].identity(cfg)  # checks the run's supervised file, or that the source exists
     source = Path(cfg.disentangle.source or run_dir / SUPERVISED)
-    if not cfg.disentangle.source:
-        verify(run_dir, SUPERVISED)
-    directions = load_directions(source)
+    directions = load_directions(source)  # a file that cannot be used (missing, not finite) is said as such first
     if cfg.disentangle.source:
         check_source(cfg, directions, source)
+    else:
+        verify(run_dir, SUPERVISED)  # the run's own file: what its record says, made from what the run holds now
+    record = COMMANDS["disentangle"].identity(cfg)
     calibrator = Calibrator(cfg) if cfg.calibrate.enabled else None
     if calibrator is not None and not calibrator.current(directions.params.get("calibration")):
         directions.params["calibration"] = calibrator(directions)  # in memory: this stage writes only its own file

@@ -37,7 +37,7 @@ from pipeline.methods.supervised import draw_subsets, mean_difference
 from pipeline.registry import COMMANDS
 from pipeline.stages.annotate import load_annotations
 from pipeline.stages.select import load_selection
-from pipeline.stages.supervised import gather_h, gather_x_T, sides
+from pipeline.stages.supervised import check_ns, gather_h, gather_x_T, sides
 
 FEWSHOT = "fewshot"
 
@@ -204,6 +204,7 @@ def run_fewshot(cfg) -> Path:
     if restrict:
         verify(run_dir, "probes")  # the rest is checked as it is read
     attrs = fewshot_attributes(cfg, selection)
+    check_ns("fewshot.ns", fc.ns, selection, attrs)
     edits = fewshot_edits(run_dir, cfg, attrs, selection)
     restricted = restricted_edits(run_dir, cfg, edits) if restrict else []
     print(f"hspace fewshot: {len(edits)} edits x {fc.num_samples} held-out seeds"
