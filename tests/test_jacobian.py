@@ -1,4 +1,4 @@
-"""Jacobian directions (pipeline/jacobian.py) against the explicit Jacobian of a tiny U-Net."""
+"""Jacobian directions (pipeline/methods/jacobian/) against the explicit Jacobian of a tiny U-Net."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ from diffusers import DDIMScheduler
 
 from conftest import make_tiny_unet
 from pipeline import HSpaceModel
-from pipeline.methods import jacobian as jac
 from pipeline.errors import ConvergenceError, InputError
+from pipeline.methods import jacobian as jac
 
 SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable gaps (s5/s4 ~ 0.93)
 TOL = {"subspace": 1e-4, "sequential": 1e-4, "deflation": 1e-4, "auto": 1e-5}  # float32 floor ~5e-7

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.methods.linalg import gram_svd, top_eigh
 
 #: ridge penalties RidgeCV chooses from, and inverse penalties LogisticRegressionCV chooses from (5-fold on
 #: the training samples); both on standardised features
@@ -55,19 +56,17 @@ def is_binary(values, tol: float = 0.05, share: float = 0.9) -> bool:
 
 
 def pca_scores(Ztr: np.ndarray, Zte: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k principal component scores of centred training features Ztr (n, D) and of Zte
-    projected on the same components, from the eigenvectors of the smaller of the Gram matrix
-    Ztr Ztr^T (n x n) and the covariance Ztr^T Ztr (D x D): the same scores as scikit-learn's exact
-    PCA up to each component's sign, without an SVD of the n x D matrix (tens of seconds for
-    384 x 8192 on a busy CPU, under a second this way)."""
+    """The top-k principal component scores of centred training features Ztr (n, D) and of Zte (m, D)
+    projected on the same components: (n, k), (m, k). The components come from the smaller of the
+    Gram matrix Ztr Ztr^T (n x n, :func:`~pipeline.methods.linalg.gram_svd`) and the covariance
+    Ztr^T Ztr (D x D): the same scores as scikit-learn's exact PCA up to each component's sign,
+    without an SVD of the n x D matrix (docs/benchmarks.md has the time saved)."""
     n, D = Ztr.shape
     if n <= D:
-        w, U = np.linalg.eigh(Ztr @ Ztr.T)
-        top = np.argsort(w)[::-1][:k]
-        V = Ztr.T @ (U[:, top] / np.sqrt(np.maximum(w[top], 1e-300)))  # (D, k) unit principal axes
+        _, W = gram_svd(Ztr @ Ztr.T, k)
+        V = Ztr.T @ W.mT  # (D, k) unit principal axes
     else:
-        w, V = np.linalg.eigh(Ztr.T @ Ztr)
-        V = V[:, np.argsort(w)[::-1][:k]]
+        _, V = top_eigh(Ztr.T @ Ztr, k)
     return Ztr @ V, Zte @ V
 
 

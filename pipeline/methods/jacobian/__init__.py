@@ -77,7 +77,6 @@ from pipeline.methods.jacobian.basis import (
     DEFAULT_TOL,
     TopSingular,
     orthonormal_complement,
-    orthonormalize,
     ritz,
 )
 from pipeline.methods.jacobian.krylov import block_krylov
@@ -99,6 +98,6 @@ __all__ = [
     "DEFAULT_MAX_ITER", "DEFAULT_METHOD", "DEFAULT_TOL", "METHODS", "PRODUCTS", "Fn", "JacobianDirections", "Linearization",
     "TopSingular", "autograd_context", "block_krylov", "check_mask", "default_block", "directions_at", "eps_function",
     "explicit_jacobian", "global_at_index", "jacobian_directions", "jacobian_directions_all_steps", "jvp",
-    "orthonormal_complement", "orthonormalize", "power_deflation", "ritz", "sample_trajectory",
+    "orthonormal_complement", "power_deflation", "ritz", "sample_trajectory",
     "sequential_subspace_iteration", "subspace_iteration", "top_singular", "vjp", "UNCONVERGED",
 ]

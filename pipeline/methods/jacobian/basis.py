@@ -1,5 +1,5 @@
-"""Small linear algebra on row bases shared by the solvers: orthonormalisation, Rayleigh-Ritz,
-starting blocks, and the solvers' result (:class:`TopSingular`).
+"""What the solvers share on top of :mod:`pipeline.methods.linalg`: the orthonormal complement,
+Rayleigh-Ritz with relative residuals, starting blocks, and the solvers' result (:class:`TopSingular`).
 """
 from __future__ import annotations
 
@@ -8,18 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.methods.linalg import orthonormal_rows, rayleigh_ritz
+
 DEFAULT_TOL = 1e-3
 DEFAULT_MAX_ITER = 300
 _STATE_DTYPE = torch.float64  # algorithm state (bases, Rayleigh quotients); products run in f's dtype
-
-
-def orthonormalize(X: torch.Tensor) -> torch.Tensor:
-    """Reduced QR of the rows: (m, d) -> (m, d) orthonormal rows spanning the same space, in order
-    (row i's direction keeps a positive component on X's row i)."""
-    Q, R = torch.linalg.qr(X.T)
-    s = torch.sign(torch.diagonal(R))
-    s[s == 0] = 1
-    return (Q * s).T.contiguous()
 
 
 def orthonormal_complement(X: torch.Tensor, Q: torch.Tensor | None, rtol: float = 1e-8) -> torch.Tensor:
@@ -36,7 +29,7 @@ def orthonormal_complement(X: torch.Tensor, Q: torch.Tensor | None, rtol: float 
     X = X[keep]
     if not len(X):
         return X
-    B = orthonormalize(X)
+    B = orthonormal_rows(X)
     _, R = torch.linalg.qr(X.T)
     B = B[torch.diagonal(R).abs() > rtol]
     if Q is not None and len(Q) and len(B):
@@ -51,13 +44,11 @@ def ritz(Q: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     Returns (lam (m,) descending Ritz values s^2, A (m, m) with Ritz vectors ``A^T Q``,
     rel_res (m,) relative residuals ``||J^T J v - lam v|| / lam``).
     """
-    M = Q @ Z.T
-    lam, E = torch.linalg.eigh((M + M.T) / 2)
-    lam, E = lam.flip(0), E.flip(1)
-    R = E.T @ Z - lam[:, None] * (E.T @ Q)
-    rel = R.norm(dim=1) / lam.clamp_min(torch.finfo(lam.dtype).tiny)
+    pairs = rayleigh_ritz(Q, Z)
+    lam = pairs.values
+    rel = pairs.residual_norms / lam.clamp_min(torch.finfo(lam.dtype).tiny)
     rel[lam <= 0] = math.inf
-    return lam, E, rel
+    return lam, pairs.coefficients, rel
 
 
 @dataclass
@@ -115,4 +106,4 @@ def _bwd(ops, Y, like):
 
 def _left_from(Y: torch.Tensor) -> torch.Tensor:
     """Unit left vectors from Y ~ J V (rows), orthonormalised in order (the paper's "Orthonormalize U")."""
-    return orthonormalize(Y)
+    return orthonormal_rows(Y)

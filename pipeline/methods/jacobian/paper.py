@@ -22,9 +22,9 @@ from pipeline.methods.jacobian.basis import (
     _start_block,
     _state,
     orthonormal_complement,
-    orthonormalize,
     ritz,
 )
+from pipeline.methods.linalg import orthonormal_rows
 
 
 def subspace_iteration(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,
@@ -75,7 +75,7 @@ def sequential_subspace_iteration(ops, k: int, block: int, *, tol: float = DEFAU
         while True:
             it += 1
             if len(found):
-                Phi = orthonormalize(project(Phi))                      # project, QR
+                Phi = orthonormal_rows(project(Phi))                    # project, QR
             Psi = _fwd(ops, Phi, like)                                    # Psi <- J Phi
             Ph = _bwd(ops, Psi, like)                                     # Phi_hat <- J^T Psi
             _, _, rel = ritz(Phi, project(Ph))                            # criterion on (I - P) J^T J (I - P)
