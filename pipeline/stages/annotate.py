@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotators import assets_identity
-from annotators.base import build_annotator, check_columns, column_names
+from annotators.base import build_annotator, column_names
 from pipeline.errors import DatasetError
 from pipeline.formats.identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
 from pipeline.formats.images import from_uint8
@@ -195,7 +195,6 @@ def load_annotations(run_dir) -> pd.DataFrame:
 
 def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
-    check_columns(cfg, "annotate")  # before anything is removed
     shard_paths(run_dir)  # the samples dataset must be complete
     inputs, record = part_inputs(cfg), identity(cfg)
     if launching_rank() == 0:

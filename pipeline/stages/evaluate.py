@@ -538,10 +538,9 @@ def write_part(prediction: dict, path: Path, part_key: str) -> None:
 
 
 def run_evaluate(cfg) -> dict:
-    from annotators.base import build_annotator, check_columns
+    from annotators.base import build_annotator
 
     run_dir, ev = Path(cfg.run_dir), cfg.evaluate
-    check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
     for name in _directions(cfg):
