@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 
-def primary(direction: str) -> str:
+def primary_direction(direction: str) -> str:
     """The direction a (possibly disentangled) direction derives from: 'glasses|hair' -> 'glasses'."""
     return direction.split("|", 1)[0]
 
@@ -32,7 +32,7 @@ def own_attribute(direction: str, mapping: dict[str, str] | None = None) -> str:
     """The measured attribute a direction targets: its primary name, or ``mapping[primary]``
     when the scorer names it differently (e.g. the CelebA 'Eyeglasses' direction is measured
     by CLIP's 'glasses')."""
-    p = primary(direction)
+    p = primary_direction(direction)
     return (mapping or {}).get(p, p)
 
 

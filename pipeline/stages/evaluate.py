@@ -45,7 +45,7 @@ from evaluation.metrics import (
     effect_matrix,
     own_attribute,
     pca_vs_random,
-    primary,
+    primary_direction,
     table1_markdown,
 )
 from evaluation.preservation import build_embedder, identity_similarity, preservation_table
@@ -143,8 +143,8 @@ def edit_list(run_dir, ev_cfg, model=None) -> list[Edit]:
     for family, dirs in files:
         for name, v in zip(dirs.names, dirs.directions):
             fixed = ev_cfg.scale
-            if family == "disentangled" and ev_cfg.match_norm and primary(name) in original.names:
-                fixed *= float(original.get(primary(name)).norm() / v.norm().clamp_min(1e-12))
+            if family == "disentangled" and ev_cfg.match_norm and primary_direction(name) in original.names:
+                fixed *= float(original.get(primary_direction(name)).norm() / v.norm().clamp_min(1e-12))
             _add(edits, name, family, v, fixed, "table1")
             calibrated = calibrated_scale(dirs.params, name)
             if calibrated is not None and ev_cfg.calibrated:

@@ -93,7 +93,7 @@ def run_probes(cfg) -> pd.DataFrame:
     binary = [a for a in attrs if (is_binary(annotations[a]) if pc.binary == "auto" else a in pc.binary)]
     features = gather_features(cfg, ids)
     table = probe_table(features, {a: annotations[a].to_numpy() for a in attrs}, test, binary, pc.threshold,
-                        pc.pca_components or None, pc.seed)
+                        pc.pca_components or None)
     table["encoded"] = False
     if "h" in features:
         for attr in attrs:

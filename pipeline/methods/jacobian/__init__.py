@@ -5,10 +5,12 @@ change the noise prediction, and so the predicted image P_t (supp. E, eq. 13), t
 ``J_t`` is never stored: every method only applies ``J`` and ``J^T`` to blocks of vectors.
 
 Modules: ``products`` (Jacobian-vector products by autograd, :class:`Linearization`), ``basis``
-(row-basis linear algebra, the solvers' result :class:`TopSingular`), ``paper`` (Alg. 1, Alg. 2
-and the deflation baseline), ``krylov`` (the default solver), ``solve`` (:func:`top_singular`,
-one entry point over a function f), ``model`` (f of a sample's trajectory, the directions at
-one step or all steps, :class:`JacobianDirections`, the "global at index" edit). Everything is
+(the orthonormal complement, Ritz pairs with relative residuals and starting blocks, on
+:mod:`pipeline.methods.linalg`; the solvers' result :class:`TopSingular`), ``paper`` (Alg. 1,
+Alg. 2 and the deflation baseline), ``krylov`` (the default solver), ``solve``
+(:func:`top_singular`, one entry point over a function f), ``trajectory`` (f of a sample's
+trajectory, the directions at one step or all steps, :class:`JacobianDirections`, the "global
+at index" edit). Everything is
 re-exported here: ``from pipeline.methods.jacobian import jacobian_directions``.
 
 Conventions

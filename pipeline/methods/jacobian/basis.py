@@ -72,13 +72,15 @@ class TopSingular:
     fallback: str | None = None
 
 
-def _state(ops) -> dict:
+def _state_kwargs(ops) -> dict:
+    """{"device", "dtype"} of the algorithm's state (bases, Rayleigh quotients) for ``ops``."""
     dev = getattr(ops, "device", torch.device("cpu"))
     dtype = torch.float32 if torch.device(dev).type == "mps" else _STATE_DTYPE
     return {"device": dev, "dtype": dtype}
 
 
 def _gaussian(n: int, d: int, generator: torch.Generator | None, like: dict) -> torch.Tensor:
+    """(n, d) standard Gaussian rows drawn in float64 on the generator's device, then moved ``like``."""
     gen_dev = generator.device if generator is not None else torch.device("cpu")
     X = torch.randn(n, d, generator=generator, dtype=torch.float64, device=gen_dev)
     return X.to(**like)
@@ -96,14 +98,16 @@ def _start_block(init: torch.Tensor | None, m: int, d: int, generator, like: dic
     return rows
 
 
-def _fwd(ops, X, like):
+def _times_J(ops, X, like):
+    """J X^T as rows: X (b, d_in) -> (b, d_out), in the state's dtype."""
     return ops.jvp(X).to(**like)
 
 
-def _bwd(ops, Y, like):
+def _times_JT(ops, Y, like):
+    """J^T Y^T as rows: Y (b, d_out) -> (b, d_in), in the state's dtype."""
     return ops.vjp(Y).to(**like)
 
 
-def _left_from(Y: torch.Tensor) -> torch.Tensor:
+def _orthonormal_left(Y: torch.Tensor) -> torch.Tensor:
     """Unit left vectors from Y ~ J V (rows), orthonormalised in order (the paper's "Orthonormalize U")."""
     return orthonormal_rows(Y)
