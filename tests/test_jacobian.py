@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, principal_angles
 from pipeline import HSpaceModel
 from pipeline.errors import ConvergenceError, InputError
 from pipeline.methods import jacobian as jac
@@ -16,13 +16,7 @@ SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable ga
 TOL = {"subspace": 1e-4, "sequential": 1e-4, "deflation": 1e-4, "auto": 1e-5}  # float32 floor ~5e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and robust to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +63,8 @@ def point(model):
 
 
 def max_angle(V: torch.Tensor, W: torch.Tensor) -> float:
-    """Largest principal angle (rad) between the row spaces of V and W (k, d)."""
-    Qv = torch.linalg.qr(V.double().reshape(len(V), -1).T)[0]
-    Qw = torch.linalg.qr(W.double().reshape(len(W), -1).T)[0]
-    return float(torch.arccos(torch.linalg.svdvals(Qv.T @ Qw).clamp(max=1.0)).max())
+    """Largest principal angle (rad) between the row spaces of V and W (k, ...)."""
+    return float(principal_angles(V.reshape(len(V), -1), W.reshape(len(W), -1)).max())
 
 
 def check_against_svd(res, J, S, Vh, k=K, left=True):
