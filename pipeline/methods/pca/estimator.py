@@ -83,9 +83,9 @@ class PCA(FittedPCA):
                               device=self.device, chunk_size=self.chunk_size).fit(batches())
             self._set(sp.state, "onepass", 1, float("nan"), True, sp.n_steps_, sp.feature_shape_)
             return self
-        it, held, n = batches(), [], 0
+        pending, held, n = batches(), [], 0
         if self.method in ("auto", "exact"):
-            for b in it:
+            for b in pending:
                 held.append(self._as_steps(b))
                 n += len(held[-1])
                 if self.method == "auto" and n > self.exact_max_samples:
@@ -97,25 +97,25 @@ class PCA(FittedPCA):
                 self._set(st, "exact", 1, 0.0, True)
                 return self
         # randomized; its first pass continues where the exact attempt stopped
-        first = itertools.chain(held, (self._as_steps(b) for b in it))
-        si: SubspaceIteration | None = None
-        while si is None or not si.done:
-            acc = None
-            for b in (first if si is None else (self._as_steps(b) for b in batches())):
+        first = itertools.chain(held, (self._as_steps(b) for b in pending))
+        iteration: SubspaceIteration | None = None
+        while iteration is None or not iteration.done:
+            moments = None
+            for b in (first if iteration is None else (self._as_steps(b) for b in batches())):
                 for chunk in b.split(self.chunk_size):
-                    if si is None:
-                        si = SubspaceIteration(chunk.shape[1], chunk.shape[2], self.n_components,
-                                               self.n_components + self.oversample, tol=self.tol,
-                                               max_passes=self.power_iterations + 2, seed=self.seed,
-                                               dtype=self.dtype, device=self.device)
-                    acc = moments_update(acc, chunk, si.basis)
-            first = held = it = None
-            if acc is None:
+                    if iteration is None:
+                        iteration = SubspaceIteration(chunk.shape[1], chunk.shape[2], self.n_components,
+                                                      self.n_components + self.oversample, tol=self.tol,
+                                                      max_passes=self.power_iterations + 2, seed=self.seed,
+                                                      dtype=self.dtype, device=self.device)
+                    moments = moments_update(moments, chunk, iteration.basis)
+            first = held = pending = None
+            if moments is None:
                 raise InputError("no samples")
-            si.update(acc)
-        self._set(si.state(), "randomized", si.passes, si.angle, si.converged)
-        if not si.converged:
-            raise si.error()
+            iteration.update(moments)
+        self._set(iteration.state(), "randomized", iteration.passes, iteration.angle, iteration.converged)
+        if not iteration.converged:
+            raise iteration.error()
         return self
 
     @classmethod
