@@ -3,8 +3,10 @@ seconds), the overrides every stage test starts from, a run taken through genera
 select, `hspace` run as a subprocess, one thread for modules of small tensors, and the references
 the maths is checked against (exact PCA by SVD, principal angles).
 
-Tests marked ``slow`` (subprocesses, end-to-end stages, model training, the shipped model) are
-left out by ``make test-fast``; ``make test`` runs everything.
+Tests marked ``slow`` are left out by ``make test-fast``; ``make test`` runs everything. A test is
+slow when it starts a subprocess, trains a model or runs a stage end to end (itself or through a
+fixture); besides those, only tests of real-size networks (the shipped model, CLIP, MTCNN, the
+face embedder), which take minutes on a CPU. Nothing else: maths on small arrays stays in the fast suite.
 """
 from __future__ import annotations
 

@@ -54,6 +54,7 @@ def test_probe_stage_matches_an_independent_computation(selected_run):
         assert rows.encoded.tolist() == encoded_steps(rows.score, rows.chance, 0.9).tolist()
 
 
+@pytest.mark.slow
 def test_probe_reads_the_stored_x_t_bit_for_bit_and_samples_nothing(selected_run):
     """generate stores x_t (generate.record_x_t): the probe reads it instead of sampling the seeds
     again, and gets exactly what the resampling gives at the same batches (generate's 20 per batch)."""
