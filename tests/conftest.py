@@ -6,8 +6,8 @@ the maths is checked against (exact PCA by SVD, principal angles).
 Tests marked ``slow`` are left out by ``make test-fast``; ``make test`` runs everything. A test is
 slow when it starts a subprocess, trains a model or runs a stage end to end (itself or through a
 fixture); besides those, only tests of real-size networks (CLIP, MTCNN, the face embedder) and tests
-that sample the shipped model over many seeds (its statistics, the PCA contract on real h): each
-about a minute on a busy 2-core CPU. Nothing else: maths on small arrays stays in the fast suite.
+that sample the shipped model over many seeds (its statistics, the PCA contract on real h). Nothing
+else: maths on small arrays and tiny models stays in the fast suite.
 """
 from __future__ import annotations
 
