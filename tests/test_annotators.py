@@ -25,7 +25,7 @@ CELEBA_NAMES = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # on a busy 2-core machine 2 threads make these small forwards slower
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU forwards: a second thread only adds contention
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
