@@ -125,10 +125,8 @@ class StreamingPCA(FittedPCA):
 
     ``partial_fit(h)`` with h: (B, T, D) or (B, T, C, H, W) (trailing dims are flattened), any float
     dtype. Keeps q = n_components + oversample components internally (default oversample =
-    n_components, which more than halves the principal-angle error on slowly decaying spectra;
-    docs/benchmarks.md), reports the top K.
-    dtype: compute/accumulation dtype (float64 default; float32 is faster and its rounding error
-    is far below the truncation error of such spectra). device: where the state
+    n_components), reports the top K. dtype: compute/accumulation dtype (float64 default; float32
+    is an option: docs/benchmarks.md has both choices' accuracy and cost). device: where the state
     lives (e.g. "cuda"); batches are moved there chunk by chunk.
     Fitted attributes (per step; joint mode: T'=1, D'=T*D): ``mean_ (T, D)``, ``components_ (T, K, D)``,
     ``explained_variance_ (T, K)`` (ddof=1), ``explained_variance_ratio_ (T, K)`` (of the exact total
