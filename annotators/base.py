@@ -29,10 +29,13 @@ class Annotator(abc.ABC):
     Subclasses set ``attributes``, ``input_size`` ((H, W) or None to keep the size), ``mean``
     and ``std`` (per channel, applied to images scaled to [0, 1]), and implement ``score`` on
     preprocessed inputs. ``networks()`` lists the torch modules to move and put in eval mode.
+    Scores are finite, but for the attributes in ``may_be_missing``, which are NaN on an image they
+    cannot be read from (face_pose's geometry without a face).
     """
 
     name: str = "annotator"
     attributes: tuple[str, ...] = ()
+    may_be_missing: tuple[str, ...] = ()
     input_size: tuple[int, int] | None = None
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
@@ -68,7 +71,10 @@ class Annotator(abc.ABC):
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scores for preprocessed inputs ``x``; called under no_grad with networks in eval mode."""
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, sample_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Scores of ``images``; a score that is not finite (but NaN where ``may_be_missing``) is an
+        InputError naming the annotator, the attribute and the sample (``sample_ids``: the images'
+        ids, else their place in the batch)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"{self.name}: images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
         for net in self.networks():
@@ -79,8 +85,17 @@ class Annotator(abc.ABC):
         count(scored=len(images))
         missing = set(self.attributes) - set(out)
         if missing:
-            raise RuntimeError(f"{self.name} did not return {sorted(missing)}")
-        return {k: out[k].detach().float().reshape(len(images)).cpu() for k in self.attributes}
+            raise InputError(f"annotator {self.name!r} did not return {sorted(missing)}: its score() must return every "
+                             f"name in its attributes")
+        scores = {k: out[k].detach().float().reshape(len(images)).cpu() for k in self.attributes}
+        for attr, v in scores.items():
+            bad = (torch.isinf(v) if attr in self.may_be_missing else ~torch.isfinite(v)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                which = f"sample {sample_ids[i]}" if sample_ids is not None else f"image {i} of a batch of {len(images)}"
+                raise InputError(f"annotator {self.name!r} scored {attr}={float(v[i])} for {which} ({len(bad)} non-finite "
+                                 f"scores in the batch): check its weights and options, or the image")
+        return scores
 
 
 #: name -> factory(**options) -> Annotator, or a lazy ``"package.module:factory"`` entry imported on first

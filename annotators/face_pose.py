@@ -108,6 +108,7 @@ class FacePoseAnnotator(Annotator):
 
     name = "face_pose"
     attributes = ("face_prob",) + BOX + LANDMARK_KEYS + POSE
+    may_be_missing = BOX + LANDMARK_KEYS + POSE  # NaN when no face is found
     input_size = None
     mean = (0.0, 0.0, 0.0)
     std = (1 / 255, 1 / 255, 1 / 255)  # preprocess -> [0, 255], MTCNN's uint8 range

@@ -41,8 +41,26 @@ def commands() -> dict:
             "config": (print_config, "print the resolved configuration")}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line and exit status 2, as every other problem the user can fix."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    """--port: 0 (any free port) or 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 1-65535, or 0 for any free one")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hspace",
         description="Discover, apply and evaluate editing directions in the h-space of diffusion models.",
         epilog="Example: hspace generate run_dir=runs/x generate.num_samples=1000 trainer.devices=2",
@@ -56,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--defaults", action="store_true", help="print the defaults as conf.yaml, with comments")
         if name == "explore":
             s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-            s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free one)")
+            s.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0: any free one)")
     return p
 
 

@@ -94,8 +94,9 @@ def tiny_model(tiny_unet):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread and one BLAS thread (numpy, scikit-learn) for a module of small tensors: more
-    only add contention on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One torch thread and one BLAS thread (numpy, scikit-learn) for a module of tiny models or small
+    tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): a second thread's hand-offs cost
+    more than they save, and the CPUs are shared."""
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()

@@ -35,3 +35,18 @@ def darkness(**kw):
     original = b.score
     b.score = lambda x: {k: -v for k, v in original(x).items()}
     return b
+
+
+class Broken(Annotator):
+    """bright, but NaN for the second image of every batch (``value``: what it gives there)."""
+
+    name = "broken"
+    attributes = ("bright",)
+
+    def __init__(self, value: float = float("nan")):
+        self.value = value
+
+    def score(self, x):
+        out = (x * 0.5 + 0.5).mean(dim=(1, 2, 3))
+        out[1:2] = self.value
+        return {"bright": out}

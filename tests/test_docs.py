@@ -100,7 +100,7 @@ def test_the_readme_stage_table_names_every_command_and_its_module():
     section = text.split("\n## Stages\n", 1)[1].split("\n## ", 1)[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| `")]
     entries = {name: st.entry.split(":")[0] for name, st in COMMANDS.items()}
-    entries |= {"run": "pipeline.stages.run", "config": "pipeline.config"}
+    entries |= {"run": "pipeline.stages.run", "config": "pipeline.cli"}
     assert set(entries) == set(commands())
     for name, module in entries.items():
         file = Path(*module.split(".")).with_suffix(".py")

@@ -16,7 +16,7 @@ SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable ga
 TOL = {"subspace": 1e-4, "sequential": 1e-4, "deflation": 1e-4, "auto": 1e-5}  # float32 floor ~5e-7
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster, and robust to a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from safetensors import SafetensorError
 
 from pipeline.errors import ModelLoadError
 from pipeline.io import hash_tree
@@ -121,6 +122,30 @@ def detect_family(location: str, is_local: bool) -> tuple[str, dict]:
     return PIPELINE_FAMILIES[name], index
 
 
+#: the components hspace loads from a pipeline folder, and the files (any one of each group) that must be in each
+_COMPONENT_FILES = {"unet": [("config.json",)], "vae": [("config.json",)], "vqvae": [("config.json",)],
+                    "text_encoder": [("config.json",)], "scheduler": [("scheduler_config.json",)],
+                    "tokenizer": [("tokenizer_config.json",), ("tokenizer.json", "vocab.json")]}
+
+
+def check_components(location: str, index: dict) -> None:
+    """A local pipeline folder has a folder, with its config, for every component of model_index.json
+    that hspace loads; else a ModelLoadError naming the component and the folder."""
+    for component, files in _COMPONENT_FILES.items():
+        entry = index.get(component)
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]):
+            continue
+        folder = Path(location) / component
+        lacking = [" or ".join(group) for group in files if not any((folder / f).is_file() for f in group)]
+        if lacking and component in ("unet", "scheduler") and all((Path(location) / g[0]).is_file() for g in files):
+            continue  # the hub DDPM layout: U-Net and scheduler configs at the root
+        if lacking:
+            what = f"no {component}/ folder" if not folder.is_dir() else f"no {lacking[0]} in {component}/"
+            raise ModelLoadError(f"model folder {location} has {what}, though its model_index.json lists the "
+                                 f"{component} ({entry[1]}); the copy is incomplete: copy or download the whole model "
+                                 f"folder again")
+
+
 def _component_class(index: dict, component: str, classes: dict):
     entry = index.get(component)
     name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
@@ -134,8 +159,11 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
     scheduler config: ``{"family", "unet", "scheduler"}`` plus ``autoencoder`` and ``component``
     (latent and text families) and ``text_encoder``, ``tokenizer`` (text family)."""
     location, is_local = resolve(name_or_path)
+    part = "model"  # what is being loaded, for the message
     try:
         family, index = detect_family(location, is_local)
+        if is_local:
+            check_components(location, index)
         unet_sub = _subfolder(location, is_local, "unet", "config.json")
         out = {"family": family}
         if family == "text":
@@ -147,36 +175,48 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.fl
                 CLIPTokenizerFast,
             )
 
+            part = "unet"
             out["unet"] = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype)
+            part = "vae"
             out["autoencoder"] = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype)
             out["component"] = "vae"
             encoder = _component_class(index, "text_encoder", {"CLIPTextModel": CLIPTextModel,
                                                                "CLIPTextModelWithProjection": CLIPTextModelWithProjection})
+            part = "text_encoder"
             out["text_encoder"] = encoder.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype)
             tokenizer = _component_class(index, "tokenizer", {"CLIPTokenizer": CLIPTokenizer,
                                                               "CLIPTokenizerFast": CLIPTokenizerFast})
+            part = "tokenizer"
             out["tokenizer"] = tokenizer.from_pretrained(location, subfolder="tokenizer")
+            if not 0 < out["tokenizer"].model_max_length <= 100_000:  # unset: transformers' 1e30, an overflow later
+                raise ModelLoadError(f"the tokenizer of model {location} has no model_max_length (tokenizer/"
+                                     f"tokenizer_config.json); copy or download the whole model folder again")
         else:
+            part = unet_sub or "model"
             out["unet"] = UNet2DModel.from_pretrained(location, subfolder=unet_sub, torch_dtype=dtype)
         if family == "latent":
             from diffusers import AutoencoderKL, VQModel
 
             component = "vqvae" if "vqvae" in index else "vae"
             cls = _component_class(index, component, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL})
+            part = component
             out["autoencoder"] = cls.from_pretrained(location, subfolder=component, torch_dtype=dtype)
             out["component"] = component
+        part = "scheduler"
         sched_sub = _subfolder(location, is_local, "scheduler", "scheduler_config.json")
         config = DDIMScheduler.load_config(location, subfolder=sched_sub)
         out["scheduler"] = DDIMScheduler.from_config(config, clip_sample=False)
         return out
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "model" if part == "model" else f"the {part} of model"
         if is_local:  # the folder is there: downloading is not the remedy
-            raise ModelLoadError(f"could not load model {location}: {first}; the folder is damaged (check its "
-                                 f"config.json, scheduler_config.json and weights, or copy it again)") from None
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {first}. "
+            folder = location if part == "model" else f"{location}/{part}"
+            raise ModelLoadError(f"could not load {what} {location}: {first}; the folder is damaged (check the "
+                                 f"config and weights in {folder}, or copy the model again)") from None
+        raise ModelLoadError(f"could not load {what} {str(name_or_path)!r}: {first}. "
                              + _OFFLINE_HELP.format(name=name_or_path)) from None
 
 

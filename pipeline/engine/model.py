@@ -308,7 +308,11 @@ class HSpaceModel:
                 cond = self.conditioning(1, guidance_scale=1.0) if self.family.conditional else None
                 x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.unet_dtype)
                 self.family.unet_output(x, self.timesteps[:1].to(self.device), None if cond is None else cond.text)
-            self._h_shape = tuple(self.hook.h.shape[1:])
+            shape = tuple(self.hook.h.shape[1:])
+            if len(shape) != 3:  # directions files and the samples' h are (T, C, H, W) per sample
+                raise InputError(f"h at model.hook={self.hook_point} has shape {shape} per sample, not (C, H, W); hook a "
+                                 f"U-Net block whose output is a feature map (after, before, up_blocks.0, ...)")
+            self._h_shape = shape
         return self._h_shape
 
     def conditioning(self, batch: int, prompt: str | Sequence[str] | None = None,

@@ -9,6 +9,7 @@ directions (``hspace explore``: index -> "hat", shown as "pc3: hat"; the names s
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class Directions:
         bad = [i for i in self.labels if not 0 <= i < len(self.names)]
         if bad:
             raise InputError(f"labels for directions {bad}, but the file has {len(self.names)}")
+        problem = nonfinite(self.names, {"directions": self.directions, **self.extras})
+        if problem:
+            raise InputError(problem)
 
     def __len__(self) -> int:
         return len(self.directions)
@@ -95,6 +99,18 @@ class Directions:
                 "params": self.params, "labels": {str(i): v for i, v in sorted(self.labels.items())}}
 
 
+def nonfinite(names: list[str], tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is not finite in the tensors used as edits: ``directions`` (row i: direction ``names[i]``)
+    and every extra named ``*directions``; None when all is finite."""
+    for key, t in tensors.items():
+        if key.endswith("directions") and t.is_floating_point() and t.ndim > 1 and not bool(torch.isfinite(t).all()):
+            i = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0])
+            what = f"direction {names[i]!r}" if key == "directions" and i < len(names) else f"{key}[{i}]"
+            return f"{what} holds {int((~torch.isfinite(t[i])).sum())} non-finite values (NaN or inf): an edit with it " \
+                   f"gives blank images"
+    return None
+
+
 def save_directions(d: Directions, path: str | os.PathLike, record: dict | None = None) -> Path:
     """Write atomically (a temporary file renamed into place), with the identity ``record`` of
     what the directions were made from (:mod:`pipeline.formats.identity`) when a stage made them."""
@@ -123,9 +139,17 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})[_META_KEY])
+        main = tensors.pop("directions")
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise DatasetError(f"{path} is not a readable hspace directions file ({type(e).__name__}: {e})") from None
-    main = tensors.pop("directions")
+    problem = nonfinite(meta.get("names", []), {"directions": main, **tensors})
+    scales = ((meta.get("params") or {}).get("calibration") or {}).get("scales") or {}
+    bad = [n for n, v in scales.items() if isinstance(v, float) and not math.isfinite(v)]
+    problem = problem or (f"direction {bad[0]!r} has a calibrated strength of {scales[bad[0]]}" if bad else None)
+    if problem:
+        stage = (read_record(path) or {}).get("stage")
+        raise DatasetError(f"{path}: {problem}; " + (f"delete it and run hspace {stage} again" if stage else
+                                                      "make the file again"))
     try:
         d = Directions(main, meta["names"], meta["method"], meta["timesteps"], meta.get("model"),
                        meta.get("source_run"), meta.get("params", {}), tensors, meta.get("labels", {}))

@@ -47,7 +47,7 @@ from pipeline.errors import DatasetError
 from pipeline.formats.identity import META_KEY, read_record
 from pipeline.io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
-SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})-n(\d+)\.arrow$")
+SHARD_RE = re.compile(r"^part-(\d{10,})-(\d{10,})-n(\d+)\.arrow$")  # seeds of any width up to 2**63 - 1
 MANIFEST = "manifest.json"
 FORMAT = "hspace-samples/1"
 X_T = "x_t"  # the optional column of the latents entering every step

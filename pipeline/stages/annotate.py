@@ -147,7 +147,7 @@ class AnnotateModule(ItemModule):
         images = from_uint8(decode_images(table.column("image")))
         out = {"sample_id": np.asarray(item["ids"], dtype=np.int64)}
         for name, ann in self.annotators.items():
-            for attr, v in ann(images).items():
+            for attr, v in ann(images, sample_ids=item["ids"]).items():
                 out[self.columns[(name, attr)]] = v.numpy().astype(np.float32)
         return out
 

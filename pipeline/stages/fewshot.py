@@ -38,7 +38,7 @@ from pipeline.methods.probes import restrict_to_steps
 from pipeline.methods.supervised import draw_subsets, mean_difference
 from pipeline.stages.annotate import load_annotations
 from pipeline.stages.select import load_selection
-from pipeline.stages.supervised import gather_h, gather_x_T, sides
+from pipeline.stages.supervised import check_ns, gather_h, gather_x_T, sides
 
 FEWSHOT = "fewshot"
 
@@ -203,6 +203,7 @@ def run_fewshot(cfg) -> Path:
         verify(run_dir, name)
     record = identity(cfg)
     attrs = fewshot_attributes(cfg, selection)
+    check_ns("fewshot.ns", fc.ns, selection, attrs)
     edits = fewshot_edits(run_dir, cfg, attrs, selection)
     restricted = restricted_edits(run_dir, cfg, edits) if fc.restriction and (run_dir / "probes").exists() else []
     print(f"hspace fewshot: {len(edits)} edits x {fc.num_samples} held-out seeds"

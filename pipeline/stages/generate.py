@@ -101,7 +101,15 @@ def prompts_from_config(g) -> list[str]:
     path = Path(g.prompts_file)
     if not path.is_file():
         raise ConfigError(f"generate.prompts_file={g.prompts_file}: no such file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"generate.prompts_file={g.prompts_file}: line {line} is not UTF-8 (byte {e.object[e.start]:#04x}); "
+                          f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as e:
+        raise ConfigError(f"generate.prompts_file={g.prompts_file}: cannot be read ({e.strerror or e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if len(prompts) != g.num_samples:
         raise ConfigError(f"generate.prompts_file={g.prompts_file} has {len(prompts)} prompts for "
                           f"generate.num_samples={g.num_samples}; give one line per sample")

@@ -84,6 +84,15 @@ def sides(selection: pd.DataFrame, attribute: str) -> tuple[list[int], list[int]
     return top, sel[sel.side == "bottom"].sort_values("rank").sample_id.astype(int).tolist()
 
 
+def check_ns(key: str, ns, selection: pd.DataFrame, attributes) -> None:
+    """Some n of ``ns`` (config key ``key``: n per side, those above the selection's size left out) fits
+    every attribute's selection; else a ConfigError before any work."""
+    per_side = min(min(map(len, sides(selection, a))) for a in attributes)
+    if min(ns) > per_side:
+        raise ConfigError(f"{key}={list(ns)}: every n is above the {per_side} selected samples per side; give at least "
+                          f"one n <= {per_side} (or raise select.n)")
+
+
 def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
     selection = load_selection(run_dir)
     attributes = list(sup_cfg.attributes) or list(dict.fromkeys(selection.attribute))
@@ -91,6 +100,7 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
     if unknown:
         raise ConfigError(f"supervised.attributes {sorted(unknown)} are not in selection.parquet "
                           f"(selected: {sorted(set(selection.attribute))}); add them to select.attributes")
+    check_ns("supervised.convergence_ns", sup_cfg.convergence_ns, selection, attributes)
     h = gather_h(run_dir, sorted(set(selection.sample_id)))
     manifest = read_manifest(run_dir)
     x_T = gather_x_T(run_dir, selection.sample_id)
