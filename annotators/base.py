@@ -187,34 +187,30 @@ def _missing(cfg, key: str, value, wanted: list, columns, what: str) -> None:
                           f"{', '.join(columns)}")
 
 
-def check_columns(cfg, *sections: str) -> None:
+def check_columns(cfg) -> None:
     """Check, before any work, that the attribute names the configuration asks for are among the
-    columns its annotators give: ``"select"`` (select.attributes and select.balance against
-    annotate.annotators with their options), ``"evaluate"`` (evaluate.attributes, own_attribute's
-    columns and quality_score against the scorer and the quality annotator) and ``"annotate"``
-    (names known, options accepted, no clashing columns); all three by default. Annotators that
-    do not declare their columns (see :meth:`Annotator.columns`) are checked once built."""
-    sections = sections or ("annotate", "select", "evaluate")
-    if "annotate" in sections or "select" in sections:
-        a = cfg.annotate
-        declared = {k: declared_columns(k, a.options.get(k)) for k in a.annotators}
-        if all(cols is not None for cols in declared.values()):
-            columns = list(column_names({k: SimpleNamespace(name=getattr(annotator_factory(k), "name", k), attributes=cols)
-                                         for k, cols in declared.items()}).values())
-            if "select" in sections:
-                what = f"annotate.annotators {list(a.annotators)}"
-                sel = cfg.select
-                _missing(cfg, "select.attributes", sel.attributes, list(sel.attributes), columns, what)
-                _missing(cfg, "select.balance", sel.balance, [sel.balance] if sel.balance else [], columns, what)
-    if "evaluate" in sections:
-        ev = cfg.evaluate
-        scorer = declared_columns(ev.scorer, ev.scorer_options)
-        if scorer is not None:
-            what = f"the scorer {ev.scorer}" + (f" with {dict(ev.scorer_options)}" if ev.scorer_options else "")
-            _missing(cfg, "evaluate.attributes", ev.attributes, list(ev.attributes), scorer, what)
-            _missing(cfg, "evaluate.own_attribute", ev.own_attribute, list(ev.own_attribute.values()), scorer, what)
-        quality = declared_columns(ev.quality, {}) if ev.quality else None
-        if quality is not None and ev.quality_score not in quality:
-            where = cfg.source_of("evaluate.quality_score", "evaluate.quality")
-            raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} in {where}: "
-                              f"must be one of the columns of evaluate.quality {ev.quality}: {', '.join(quality)}")
+    columns its annotators give: select.attributes and select.balance against annotate.annotators
+    with their options (names known, options accepted, no clashing columns), evaluate.attributes,
+    own_attribute's columns and quality_score against the scorer and the quality annotator. The CLI
+    calls it once, right after loading the configuration. Annotators that do not declare their
+    columns (see :meth:`Annotator.columns`) are checked once built."""
+    a = cfg.annotate
+    declared = {k: declared_columns(k, a.options.get(k)) for k in a.annotators}
+    if all(cols is not None for cols in declared.values()):
+        columns = list(column_names({k: SimpleNamespace(name=getattr(annotator_factory(k), "name", k), attributes=cols)
+                                     for k, cols in declared.items()}).values())
+        what = f"annotate.annotators {list(a.annotators)}"
+        sel = cfg.select
+        _missing(cfg, "select.attributes", sel.attributes, list(sel.attributes), columns, what)
+        _missing(cfg, "select.balance", sel.balance, [sel.balance] if sel.balance else [], columns, what)
+    ev = cfg.evaluate
+    scorer = declared_columns(ev.scorer, ev.scorer_options)
+    if scorer is not None:
+        what = f"the scorer {ev.scorer}" + (f" with {dict(ev.scorer_options)}" if ev.scorer_options else "")
+        _missing(cfg, "evaluate.attributes", ev.attributes, list(ev.attributes), scorer, what)
+        _missing(cfg, "evaluate.own_attribute", ev.own_attribute, list(ev.own_attribute.values()), scorer, what)
+    quality = declared_columns(ev.quality, {}) if ev.quality else None
+    if quality is not None and ev.quality_score not in quality:
+        where = cfg.source_of("evaluate.quality_score", "evaluate.quality")
+        raise ConfigError(f"evaluate.quality_score={ev.quality_score!r} in {where}: "
+                          f"must be one of the columns of evaluate.quality {ev.quality}: {', '.join(quality)}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.methods.calibration import own_attribute, primary  # the naming rules live with the calibration
+from pipeline.methods.calibration import own_attribute, primary_direction  # the naming rules live with the calibration
 
 
 def attribute_columns(per_sample: pd.DataFrame) -> list[str]:
@@ -111,8 +111,8 @@ def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
         return out
     original = {r.direction: r.max_off_diagonal for r in out.itertuples() if r.family == "original"}
     out["off_diagonal_vs_original"] = [
-        (r.max_off_diagonal - original[primary(r.direction)]) if r.family == "disentangled"
-        and primary(r.direction) in original else np.nan for r in out.itertuples()]
+        (r.max_off_diagonal - original[primary_direction(r.direction)]) if r.family == "disentangled"
+        and primary_direction(r.direction) in original else np.nan for r in out.itertuples()]
     out["own_margin"] = out["own_effect"] - out["max_off_diagonal"]
     if boot is not None:
         effects, order, attrs = boot
@@ -126,7 +126,7 @@ def disentanglement_summary(mean: pd.DataFrame, families: dict[str, str],
         for r in out.itertuples():
             margins.append(_interval(effects[:, row[r.direction], attrs.index(own_attribute(r.direction, mapping))]
                                      - max_off(r.direction)))
-            p = primary(r.direction)
+            p = primary_direction(r.direction)
             changes.append(_interval(max_off(r.direction) - max_off(p)) if r.family == "disentangled"
                            and p in original else (np.nan, np.nan))
         out[["own_margin_ci_low", "own_margin_ci_high"]] = margins

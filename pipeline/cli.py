@@ -28,11 +28,9 @@ def run(cfg):
 
 
 def print_config(cfg) -> None:
-    """Print the resolved configuration, once every check that needs no data has passed."""
-    from annotators.base import check_columns
+    """Print the resolved configuration, once every check that needs no data has passed (``main``)."""
     from pipeline.config import to_yaml
 
-    check_columns(cfg)
     print(to_yaml(cfg), end="")
 
 
@@ -87,6 +85,7 @@ def _raise_interrupted(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     passive_openmp_waits()  # before anything imports torch
     args = _parser().parse_args(argv)
+    from annotators.base import check_columns
     from pipeline.config import defaults_yaml, load_config
     from pipeline.io import launching_rank
 
@@ -102,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
+        check_columns(cfg)  # the attributes asked for against the annotators' columns: before any command
         if args.stage == "run":
             from pipeline.stages.run import check_plan
 

@@ -1,8 +1,13 @@
 """Shared fixtures and helpers: tiny random U-Nets built and saved by the tests themselves (CPU,
-seconds), the overrides every stage test starts from, and `hspace` run as a subprocess.
+seconds), the overrides every stage test starts from, a run taken through generate, annotate and
+select, `hspace` run as a subprocess, one thread for modules of small tensors, and the references
+the maths is checked against (exact PCA by SVD, principal angles).
 
-Tests marked ``slow`` (subprocesses, end-to-end stages, model training, the shipped model) are
-left out by ``make test-fast``; ``make test`` runs everything.
+Tests marked ``slow`` are left out by ``make test-fast``; ``make test`` runs everything. A test is
+slow when it starts a subprocess, trains a model or runs a stage end to end (itself or through a
+fixture); besides those, only tests of real-size networks (CLIP, MTCNN, the face embedder) and tests
+that sample the shipped model over many seeds (its statistics, the PCA contract on real h). Nothing
+else: maths on small arrays and tiny models stays in the fast suite.
 """
 from __future__ import annotations
 
@@ -72,16 +77,6 @@ def make_tiny_unet(seed: int = 0, size: int = 16) -> UNet2DModel:
     return unet.eval()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
-    a second thread's hand-offs cost more than they save, and the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
@@ -95,6 +90,51 @@ def tiny_model(tiny_unet):
         return HSpaceModel(tiny_unet, DDIMScheduler(), num_inference_steps=steps, eta=eta, hook=hook, device="cpu")
 
     return build
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread and one BLAS thread (numpy, scikit-learn) for a module of tiny models or small
+    tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): a second thread's hand-offs cost
+    more than they save, and the CPUs are shared."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+def exact_pca(X: torch.Tensor):
+    """The reference PCA of every step by a full SVD: X (N, T, D) -> mean (T, D), components (T, D', D),
+    explained variance (T, D') (ddof=1), total variance (T,)."""
+    Xc = (X - X.mean(0)).transpose(0, 1)
+    _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    return X.mean(0), Vh, S ** 2 / (X.shape[0] - 1), Xc.pow(2).sum((1, 2)) / (X.shape[0] - 1)
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (rad, ascending) between the row spaces of a and b: (..., k, d) each, any
+    independent rows (orthonormalised here) -> (..., k)."""
+    qa, qb = torch.linalg.qr(a.double().mT)[0], torch.linalg.qr(b.double().mT)[0]
+    return torch.arccos(torch.linalg.svdvals(qa.mT @ qb).clamp(max=1.0))
+
+
+def selected_run(run_dir, model_dir, *overrides: str):
+    """A tiny run taken through generate, annotate (the known responses of fake_annotators.brightness:
+    bright, red) and select, in this process -> its configuration; ``overrides`` after the common ones."""
+    from pipeline.config import load_config
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.select import run_select
+
+    cfg = load_config(None, [*tiny_overrides(run_dir, model_dir), "annotate.annotators=[fake_annotators:brightness]",
+                             "select.attributes=[bright,red]", "evaluate.scorer=fake_annotators:brightness", *overrides])
+    run_generate(cfg)
+    run_annotate(cfg)
+    run_select(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="session")

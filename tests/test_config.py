@@ -85,7 +85,9 @@ def test_interpolation_follows_one_override_and_survives_with_overrides():
     again = with_overrides(cfg, ["train_toy.layers_per_block=1"])
     assert again.finetune_toy.batch_size == 8 and again.finetune_toy.layers_per_block == 1
     assert cfg.finetune_toy.layers_per_block == 2  # the first one is unchanged (read-only)
-    with pytest.raises(Exception):  # noqa: B017 (read-only: whichever error the library raises)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="Instance is frozen"):  # read-only
         cfg.model.eta = 1.0
 
 

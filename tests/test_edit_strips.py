@@ -3,14 +3,12 @@ strip has its own columns (calibrated multiples or the file's scales) and equals
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from pipeline.formats.directions import Directions
 from pipeline.stages.edit import CALIBRATED_MULTIPLES, edit_grids, render_edits
 
 
-@pytest.mark.slow
 def test_mixed_calibrated_and_suggested_scales(tmp_path, tiny_model):
     model = tiny_model(steps=2)
     torch.manual_seed(0)

@@ -210,6 +210,7 @@ def hspace(*args, timeout=None):
                           timeout=timeout)
 
 
+@pytest.mark.slow  # starts hspace subprocesses
 def test_cli_errors_are_one_line_exit_2(session, tmp_path):
     from pipeline.explore.app import free_port
 

@@ -1,4 +1,4 @@
-"""Jacobian directions (pipeline/jacobian.py) against the explicit Jacobian of a tiny U-Net."""
+"""Jacobian directions (pipeline/methods/jacobian/) against the explicit Jacobian of a tiny U-Net."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, principal_angles
 from pipeline import HSpaceModel
 from pipeline.errors import ConvergenceError, InputError
 from pipeline.methods import jacobian as jac
@@ -63,10 +63,8 @@ def point(model):
 
 
 def max_angle(V: torch.Tensor, W: torch.Tensor) -> float:
-    """Largest principal angle (rad) between the row spaces of V and W (k, d)."""
-    Qv = torch.linalg.qr(V.double().reshape(len(V), -1).T)[0]
-    Qw = torch.linalg.qr(W.double().reshape(len(W), -1).T)[0]
-    return float(torch.arccos(torch.linalg.svdvals(Qv.T @ Qw).clamp(max=1.0)).max())
+    """Largest principal angle (rad) between the row spaces of V and W (k, ...)."""
+    return float(principal_angles(V.reshape(len(V), -1), W.reshape(len(W), -1)).max())
 
 
 def check_against_svd(res, J, S, Vh, k=K, left=True):

@@ -169,6 +169,7 @@ def test_cli_reports_errors_in_one_line_with_exit_code_2(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_sample_writes_a_grid(tiny_model_dir, tmp_path):
     out = tmp_path / "grid.png"
     rc = main(["sample", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",

@@ -1,4 +1,4 @@
-"""Streaming PCA (pipeline/methods/pca.py) against an exact torch.linalg.svd on data small enough for it."""
+"""PCA (pipeline/methods/pca/: exact, randomized, one-pass) against an exact torch.linalg.svd on data small enough for it."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import pytest
 import sklearn.decomposition  # noqa: F401  (loaded before the thread limit below, so that it applies)
 import torch
 
+from conftest import exact_pca, principal_angles
 from pipeline.errors import ConvergenceError, InputError
 from pipeline.methods.pca import (
     PCA,
@@ -30,17 +31,7 @@ SIZES = [1, 37, 5, 100, 2, 64, 91]  # uneven, first batch smaller than q
 ANGLE_TOL = 1e-3  # rad
 VAR_TOL = 1e-4  # relative
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: a second BLAS thread only adds contention on a busy machine."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # scikit-learn's BLAS too: its idle threads spin on a shared machine
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(kind: str, n: int = N, seed: int = 0) -> torch.Tensor:
@@ -62,23 +53,10 @@ def make_data(kind: str, n: int = N, seed: int = 0) -> torch.Tensor:
     return torch.einsum("ntd,ted->nte", z, Q) + mean
 
 
-def exact_pca(X: torch.Tensor):
-    """X: (N, T, D) -> mean (T, D), components (T, D', D), explained variance (T, D'), total var (T,)."""
-    Xc = (X - X.mean(0)).transpose(0, 1)
-    _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
-    return X.mean(0), Vh, S ** 2 / (X.shape[0] - 1), Xc.pow(2).sum((1, 2)) / (X.shape[0] - 1)
-
-
 def component_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Angle between matching rows of a, b: (T, K, D), sign-invariant."""
     cos = (torch.nn.functional.normalize(a.double(), dim=-1) * torch.nn.functional.normalize(b.double(), dim=-1)).sum(-1)
     return torch.arccos(cos.abs().clamp(max=1.0))
-
-
-def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Principal angles between the row spaces of a, b: (T, K, D) with orthonormal rows -> (T, K)."""
-    s = torch.linalg.svdvals(a.double() @ b.double().mT)
-    return torch.arccos(s.clamp(max=1.0))
 
 
 def stream(X: torch.Tensor, pca: StreamingPCA, sizes=SIZES) -> StreamingPCA:
@@ -141,7 +119,7 @@ def test_truncated_regime_with_spectral_gap():
     pca = stream(X, StreamingPCA(5, oversample=5))
     _, V, ev, _ = exact_pca(X)
     assert component_angles(pca.components_, V[:, :5]).max() < 1e-4
-    assert subspace_angles(pca.components_, V[:, :5]).max() < 1e-4
+    assert principal_angles(pca.components_, V[:, :5]).max() < 1e-4
     torch.testing.assert_close(pca.explained_variance_, ev[:, :5], rtol=1e-5, atol=0)
     # the ratio's denominator is tracked exactly, whatever the truncation
     torch.testing.assert_close(pca.total_variance_, exact_pca(X)[3], rtol=1e-10, atol=0)
@@ -435,7 +413,7 @@ def sklearn_pca(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_contract(p, X: torch.Tensor, k: int, ref=None) -> torch.Tensor:
     V, ev = ref if ref is not None else sklearn_pca(X, k)
-    angles = subspace_angles(p.components_, V).max(-1).values  # (T,)
+    angles = principal_angles(p.components_, V).max(-1).values  # (T,)
     assert angles.max() <= CONTRACT_ANGLE, angles
     torch.testing.assert_close(p.explained_variance_, ev, rtol=CONTRACT_VAR, atol=0)
     return angles
@@ -461,7 +439,7 @@ def test_onepass_is_only_a_quick_look():
     X = slow_spectrum(600, alpha=0.6)
     p = PCA(10, method="onepass").fit(X)
     V, _ = sklearn_pca(X, 10)
-    assert subspace_angles(p.components_, V).max() > CONTRACT_ANGLE
+    assert principal_angles(p.components_, V).max() > CONTRACT_ANGLE
     assert p.angle_bound_.isnan().all() and p.method_ == "onepass"
 
 
@@ -520,7 +498,7 @@ def test_subspace_iteration_over_merged_parts_equals_one_process():
     assert it.passes == one.n_passes_
     st = it.state()
     torch.testing.assert_close(st.S.pow(2) / 399, one.explained_variance_, rtol=1e-9, atol=0)
-    assert subspace_angles(st.V, one.components_).max() < 1e-6
+    assert principal_angles(st.V, one.components_).max() < 1e-6
 
 
 def test_gram_pca_pads_beyond_the_rank_and_joint_mode_flattens():
@@ -531,7 +509,7 @@ def test_gram_pca_pads_beyond_the_rank_and_joint_mode_flattens():
     j = PCA(4, method="exact", joint=True).fit(X)
     V, ev = sklearn_pca(X.reshape(200, 1, -1), 4)
     assert j.components_.shape == (1, 4, 192) and j.directions().shape == (4, 3, 64)
-    assert subspace_angles(j.components_, V).max() < 1e-6
+    assert principal_angles(j.components_, V).max() < 1e-6
     r = PCA(4, method="randomized", joint=True).fit(X)
     assert_contract(r, X.reshape(200, 1, -1), 4, (V, ev))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hspace, tiny_overrides
+from conftest import exact_pca, hspace, principal_angles, tiny_overrides
 from pipeline.config import load_config
 from pipeline.formats.directions import load_directions
 from pipeline.formats.samples import load_samples
@@ -21,18 +21,11 @@ def samples_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
-def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A, B: (k, D) orthonormal rows -> k principal angles."""
-    s = torch.linalg.svdvals(A.double() @ B.double().T).clamp(-1, 1)
-    return torch.arccos(s)
-
-
-def exact_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_pca(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference PCA of the run's h as stored (float16 values): components (T, N, D), variance (T, N)."""
     ds = load_samples(run).with_format("torch", columns=["h"])
-    h = ds[:]["h"].double().flatten(2)  # (N, T, D), float16 values as stored
-    X = h - h.mean(0)
-    U, S, Vh = torch.linalg.svd(X.transpose(0, 1), full_matrices=False)  # per step
-    return Vh, S ** 2 / (len(h) - 1)  # (T, N, D), (T, N)
+    _, V, ev, _ = exact_pca(ds[:]["h"].double().flatten(2))
+    return V, ev
 
 
 # onepass: q >= N is exact
@@ -50,7 +43,7 @@ def test_pca_stage_matches_exact_svd(samples_run, tiny_model_dir, method):
     assert d.params["method_used"] == method and d.extras["angle_bound"].shape == (3,)
     if method == "randomized":
         assert d.params["n_passes"] > 2 and (d.extras["angle_bound"] <= 1e-4).all()
-    V, ev = exact_pca(samples_run)
+    V, ev = stored_pca(samples_run)
     assert d.directions.shape == (4, 3, 16, 8, 8) and d.names == ["pc1", "pc2", "pc3", "pc4"]
     torch.testing.assert_close(d.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
     for t in range(3):
@@ -90,7 +83,7 @@ def test_pca_two_processes_merge_to_the_same_result(samples_run, tiny_model_dir,
     torch.testing.assert_close(two.extras["explained_variance"], one.extras["explained_variance"], rtol=1e-6, atol=0)
     torch.testing.assert_close(two.directions.abs(), one.directions.abs(), rtol=0, atol=1e-5)
     assert two.params["n_passes"] == one.params["n_passes"]
-    V, ev = exact_pca(run)
+    V, ev = stored_pca(run)
     torch.testing.assert_close(two.extras["explained_variance"].double(), ev[:, :4], rtol=1e-4, atol=0)
     for t in range(3):
         ours = two.directions[:, t].flatten(1).double()

@@ -51,7 +51,6 @@ def test_is_binary():
     assert not is_binary(np.linspace(0, 1, 50))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("components", [None, 10])
 def test_planted_signal_is_found_at_exactly_its_steps(components):
     h, targets = planted()
@@ -72,7 +71,6 @@ def test_planted_signal_is_found_at_exactly_its_steps(components):
             assert (np.abs(noise - rows.chance.to_numpy()[0]) < 0.2).all()
 
 
-@pytest.mark.slow
 def test_scores_equal_scikit_learn_fitted_directly():
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV

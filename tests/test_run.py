@@ -112,6 +112,7 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert skipped == ["generate", "jacobian"] and "report: done" in half  # generate ran in the refused run
 
 
+@pytest.mark.slow
 def test_skipping_a_stage_that_is_not_in_the_main_job_is_one_clear_error(tmp_path):
     out = hspace("run", f"run_dir={tmp_path / 'run'}", "run.skip=[probe,fewshots]", cwd=tmp_path, check=False)
     assert out.returncode == 2 and not (tmp_path / "run").exists()

@@ -7,29 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import load_config, with_overrides
+from conftest import selected_run as make_selected_run
+from pipeline.config import with_overrides
 from pipeline.formats.directions import load_directions
 
 
 @pytest.fixture(scope="module")
 def selected_run(tmp_path_factory, tiny_model_dir):
     """A tiny run directory taken through generate, annotate (known responses) and select, in-process."""
-    from pipeline.stages.annotate import run_annotate
-    from pipeline.stages.generate import run_generate
-    from pipeline.stages.select import run_select
-
-    run = tmp_path_factory.mktemp("semantics") / "run"
-    cfg = load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
-                             "trainer.accelerator=cpu", "generate.num_samples=40", "generate.batch_size=20",
-                             "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
-                             "select.n=6", "supervised.convergence_ns=[1,3,6]", "probe.pca_components=8",
-                             "probe.batch_size=16", "evaluate.scorer=fake_annotators:brightness",
-                             "fewshot.ns=[1,3,6]", "fewshot.draws=2", "fewshot.num_samples=3",
-                             "fewshot.restriction_samples=4"])
-    run_generate(cfg)
-    run_annotate(cfg)
-    run_select(cfg)
-    return cfg
+    return make_selected_run(tmp_path_factory.mktemp("semantics") / "run", tiny_model_dir, "generate.num_samples=40",
+                             "generate.batch_size=20", "select.n=6", "supervised.convergence_ns=[1,3,6]",
+                             "probe.pca_components=8", "probe.batch_size=16", "fewshot.ns=[1,3,6]", "fewshot.draws=2",
+                             "fewshot.num_samples=3", "fewshot.restriction_samples=4")
 
 
 @pytest.mark.slow
@@ -65,6 +54,7 @@ def test_probe_stage_matches_an_independent_computation(selected_run):
         assert rows.encoded.tolist() == encoded_steps(rows.score, rows.chance, 0.9).tolist()
 
 
+@pytest.mark.slow
 def test_probe_reads_the_stored_x_t_bit_for_bit_and_samples_nothing(selected_run):
     """generate stores x_t (generate.record_x_t): the probe reads it instead of sampling the seeds
     again, and gets exactly what the resampling gives at the same batches (generate's 20 per batch)."""

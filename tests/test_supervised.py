@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import load_config
+from conftest import selected_run
 from pipeline.errors import ConfigError, DatasetError, InputError
 from pipeline.formats.directions import Directions, load_directions, save_directions
 from pipeline.methods.supervised import convergence_curve, cosine, logistic_direction, mean_difference, project_out
@@ -76,22 +76,10 @@ def test_directions_file_round_trip_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def annotated_run(tmp_path_factory, tiny_model_dir):
     """A tiny run directory taken through generate, annotate (known responses) and select, in-process."""
-    from pipeline.stages.annotate import run_annotate
-    from pipeline.stages.generate import run_generate
-    from pipeline.stages.select import run_select
-
-    run = tmp_path_factory.mktemp("sup") / "run"
-    cfg = load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
-                             "trainer.accelerator=cpu", "generate.num_samples=30", "generate.batch_size=10",
-                             "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
-                             "select.n=6", "disentangle.pairs={bright: [red]}", "supervised.convergence_ns=[1,3,6]",
-                             "edit.seeds=[500,501]", "edit.scales=[-1,0,1]",
-                             "evaluate.scorer=fake_annotators:brightness", "calibrate.num_samples=2",
-                             "calibrate.std_samples=8"])
-    run_generate(cfg)
-    run_annotate(cfg)
-    run_select(cfg)
-    return cfg
+    return selected_run(tmp_path_factory.mktemp("sup") / "run", tiny_model_dir, "generate.num_samples=30",
+                        "generate.batch_size=10", "select.n=6", "disentangle.pairs={bright: [red]}",
+                        "supervised.convergence_ns=[1,3,6]", "edit.seeds=[500,501]", "edit.scales=[-1,0,1]",
+                        "calibrate.num_samples=2", "calibrate.std_samples=8")
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """Matplotlib figures shared by the stages and the report: labelled image grids, the PCA stage's
-explained-variance plot, atomic saving."""
+explained-variance plot, curves per attribute (convergence with n, effect against n, probes per
+step), atomic saving."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -68,3 +69,64 @@ def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("PCA of h per step", fontsize=9)
     return save_figure(fig, out)
+
+
+SERIES_STYLES = ("-o", "--s")  # the first space (h) solid with circles, the one it is compared with dashed with squares
+
+
+def curves_by_attribute(table, y: str, out: Path, *, ylabel: str, x: str = "n", yerr: str | None = None,
+                        spaces: Sequence[tuple[str, str]] = (("h", "h-space"), ("x_T", "x_T-space")),
+                        timesteps: Sequence[int] | None = None, baseline: float | str | None = None,
+                        highlight: str | None = None, title: Callable | None = None, size: tuple[float, float] = (2.6, 2.6),
+                        sharey: bool = True) -> Path:
+    """One panel per attribute (``table.attribute``, in order of appearance), one curve per space
+    (``spaces``: (value of ``table.space``, legend label)) of ``y`` against ``x``, with error bars
+    ``yerr`` when given; saved to ``out``.
+
+    x axis: without ``timesteps``, a log axis ticked at the values of ``x`` (n per side); with them,
+    step indices labelled by their timestep. baseline: a number (a solid grey line there) or a
+    column whose mean over the panel's rows is drawn dotted (e.g. ``chance``). highlight: a bool
+    column; the first space's points where it is true get an open black circle. title(attribute,
+    rows) -> the panel's title (default: the attribute). size: (width, height) of a panel in inches."""
+    attrs = list(dict.fromkeys(table.attribute))
+    steps = int(table[x].max()) + 1 if timesteps is not None else 0
+    fig, axes = plt.subplots(1, len(attrs), figsize=(size[0] * len(attrs), size[1]), squeeze=False, sharey=sharey)
+    for ax, attr in zip(axes[0], attrs):
+        rows = table[table.attribute == attr]
+        for (space, label), style in zip(spaces, SERIES_STYLES):
+            c = rows[rows.space == space].sort_values(x, kind="stable")
+            if c.empty:
+                continue
+            if yerr is None:
+                ax.plot(c[x], c[y], style, ms=3, lw=1.2, label=label)
+            else:
+                ax.errorbar(c[x], c[y], yerr=c[yerr], fmt=style, ms=3, capsize=2, label=label)
+            if highlight is not None and space == spaces[0][0] and highlight in c:
+                marked = c[c[highlight].astype(bool)]
+                ax.plot(marked[x], marked[y], "o", ms=6, mfc="none", color="k", lw=0)
+        if isinstance(baseline, str):
+            level = rows[baseline].dropna()
+            if len(level):
+                ax.axhline(float(level.mean()), color="grey", lw=0.8, ls=":")
+        elif baseline is not None:
+            ax.axhline(baseline, color="grey", lw=0.8)
+        _x_axis(ax, sorted(set(rows[x])), timesteps, steps)
+        ax.set_title(attr if title is None else title(attr, rows), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def _x_axis(ax, values: list, timesteps: Sequence[int] | None, steps: int) -> None:
+    """A log axis ticked at ``values`` (n per side), or with ``timesteps``, steps 0..steps-1 labelled by timestep."""
+    if timesteps is None:
+        ax.set_xscale("log")
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.minorticks_off()
+        ax.set_xlabel("n per side", fontsize=8)
+        return
+    ticks = list(range(0, steps, max(1, steps // 5)))
+    ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks], fontsize=7)
+    ax.set_xlabel("timestep (left: first, noisiest step)", fontsize=7)

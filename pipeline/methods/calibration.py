@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 
-def primary(direction: str) -> str:
+def primary_direction(direction: str) -> str:
     """The direction a (possibly disentangled) direction derives from: 'glasses|hair' -> 'glasses'."""
     return direction.split("|", 1)[0]
 
@@ -32,7 +32,7 @@ def own_attribute(direction: str, mapping: dict[str, str] | None = None) -> str:
     """The measured attribute a direction targets: its primary name, or ``mapping[primary]``
     when the scorer names it differently (e.g. the CelebA 'Eyeglasses' direction is measured
     by CLIP's 'glasses')."""
-    p = primary(direction)
+    p = primary_direction(direction)
     return (mapping or {}).get(p, p)
 
 
@@ -102,14 +102,7 @@ def search_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start:
             if hi[k] is None and g1 < 0:  # no bracket yet: secant, as far as a factor 10
                 if g1 > lo[k][1]:
                     lo[k] = [s1, g1]
-                (s0, f0) = history[k][-2]
-                slope = (fk - f0) / (s1 - s0) if s1 != s0 else 0.0
-                if slope <= 0:  # not monotone here: the best point's linear guess
-                    sb, fb = max(history[k][1:], key=lambda p: p[1])
-                    new = sb * target / fb
-                else:
-                    new = s1 + (target - fk) / slope
-                scales[k] = float(np.clip(new, s1 / 10, s1 * 10)) if s1 > 0 else new
+                scales[k] = _secant_step(history[k], target)
                 nxt.append(k)
                 continue
             if hi[k] is None:
@@ -131,18 +124,25 @@ def search_scales(measure: Callable[[list[int], np.ndarray], np.ndarray], start:
             scales[k] = new
             nxt.append(k)
         todo = nxt
-    out_scales = np.full(K, np.nan)
-    responses = np.full(K, np.nan)
-    for k in range(K):
-        if failed[k]:
-            continue
-        measured = history[k][1:]
-        if not measured:
-            continue
-        s, f = min(measured, key=lambda p: abs(p[1] - target))  # the measured point closest to the target
-        out_scales[k], responses[k] = s, f
-    return {"scales": out_scales, "responses": responses, "rounds": rounds, "converged": done.copy(),
-            "history": history}
+    closest = [None if failed[k] or len(history[k]) < 2 else min(history[k][1:], key=lambda p: abs(p[1] - target))
+               for k in range(K)]  # the measured point closest to the target
+    return {"scales": np.array([np.nan if p is None else p[0] for p in closest]),
+            "responses": np.array([np.nan if p is None else p[1] for p in closest]), "rounds": rounds,
+            "converged": done.copy(), "history": history}
+
+
+def _secant_step(history: list[tuple[float, float]], target: float) -> float:
+    """The next scale of a direction whose points [(scale, response), ...] (from (0, 0)) all lie below
+    the target: the secant through its last two points, as far as a factor 10 from the last one; where
+    the response does not increase there, the linear guess through its best point."""
+    (s0, f0), (s1, f1) = history[-2], history[-1]
+    slope = (f1 - f0) / (s1 - s0) if s1 != s0 else 0.0
+    if slope <= 0:  # not monotone here: the best point's linear guess
+        sb, fb = max(history[1:], key=lambda p: p[1])
+        new = sb * target / fb
+    else:
+        new = s1 + (target - f1) / slope
+    return float(np.clip(new, s1 / 10, s1 * 10)) if s1 > 0 else new
 
 
 def unedited_scores(model, scorer: Callable, seeds: Sequence[int], batch_size: int = 64, device=None) -> dict:

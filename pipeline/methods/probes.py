@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.methods.linalg import gram_svd, top_eigh
 
 #: ridge penalties RidgeCV chooses from, and inverse penalties LogisticRegressionCV chooses from (5-fold on
 #: the training samples); both on standardised features
@@ -55,27 +56,24 @@ def is_binary(values, tol: float = 0.05, share: float = 0.9) -> bool:
 
 
 def pca_scores(Ztr: np.ndarray, Zte: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k principal component scores of centred training features Ztr (n, D) and of Zte
-    projected on the same components, from the eigenvectors of the smaller of the Gram matrix
-    Ztr Ztr^T (n x n) and the covariance Ztr^T Ztr (D x D): the same scores as scikit-learn's exact
-    PCA up to each component's sign, without an SVD of the n x D matrix (tens of seconds for
-    384 x 8192 on a busy CPU, under a second this way)."""
+    """The top-k principal component scores of centred training features Ztr (n, D) and of Zte (m, D)
+    projected on the same components: (n, k), (m, k). The components come from the smaller of the
+    Gram matrix Ztr Ztr^T (n x n, :func:`~pipeline.methods.linalg.gram_svd`) and the covariance
+    Ztr^T Ztr (D x D): the same scores as scikit-learn's exact PCA up to each component's sign,
+    without an SVD of the n x D matrix (docs/benchmarks.md has the time saved)."""
     n, D = Ztr.shape
     if n <= D:
-        w, U = np.linalg.eigh(Ztr @ Ztr.T)
-        top = np.argsort(w)[::-1][:k]
-        V = Ztr.T @ (U[:, top] / np.sqrt(np.maximum(w[top], 1e-300)))  # (D, k) unit principal axes
+        _, W = gram_svd(Ztr @ Ztr.T, k)
+        V = Ztr.T @ W.mT  # (D, k) unit principal axes
     else:
-        w, V = np.linalg.eigh(Ztr.T @ Ztr)
-        V = V[:, np.argsort(w)[::-1][:k]]
+        _, V = top_eigh(Ztr.T @ Ztr, k)
     return Ztr @ V, Zte @ V
 
 
-def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = None,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) features of X (N, D), standardised and, with ``components``, reduced by
     PCA (``pca_scores``) and standardised again, every transform fitted on the training samples
-    only. Attribute-free: one reduction serves every attribute. ``seed`` is unused (the PCA is exact)."""
+    only. Attribute-free: one reduction serves every attribute."""
     from sklearn.preprocessing import StandardScaler
 
     test = np.asarray(test, bool)
@@ -92,11 +90,11 @@ def reduce_features(X: np.ndarray, test: np.ndarray, components: int | None = No
 
 
 def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bool, components: int | None = None,
-               seed: int = 0, reduced: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+               reduced: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
     """(held-out score, chance) of one probe on features X (N, D): accuracy against the accuracy of
     always answering the training samples' majority class, or R^2 against 0. NaN when the training
-    samples hold fewer than two of either class. ``reduced``: ``reduce_features(X, test, components,
-    seed)`` computed already (X is then not used)."""
+    samples hold fewer than two of either class. ``reduced``: ``reduce_features(X, test,
+    components)`` computed already (X is then not used)."""
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.metrics import r2_score
 
@@ -109,7 +107,7 @@ def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bo
         if len(classes) < 2 or counts.min() < 2:
             return float("nan"), float("nan")
         chance = float(np.mean(y[test] == classes[np.argmax(counts)]))
-    Ztr, Zte = reduced if reduced is not None else reduce_features(X, test, components, seed)
+    Ztr, Zte = reduced if reduced is not None else reduce_features(X, test, components)
     if binary:
         with warnings.catch_warnings():  # scikit-learn 1.8 announces changed defaults; these settings keep today's
             warnings.simplefilter("ignore", FutureWarning)
@@ -120,7 +118,7 @@ def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bo
 
 
 def probe_table(spaces: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], test, binary: Iterable[str] = (),
-                threshold: float = 0.5, components: int | None = None, seed: int = 0) -> pd.DataFrame:
+                threshold: float = 0.5, components: int | None = None) -> pd.DataFrame:
     """Every attribute of ``targets`` ({name: (N,)}) probed at every step of every space of
     ``spaces`` ({"h": (N, T, ...), "x_t": ...}). An attribute in ``binary`` is thresholded at
     ``threshold`` into 0/1 labels. Rows {attribute, space, step, metric, score, chance, n_train, n_test},
@@ -136,7 +134,7 @@ def probe_table(spaces: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarr
             raise InputError(f"{len(X)} samples of {space}, {len(test)} split entries and targets of "
                              f"{sorted({len(y) for y in labels.values()})}")
         for t in range(X.shape[1]):
-            reduced = reduce_features(X[:, t], test, components, seed)
+            reduced = reduce_features(X[:, t], test, components)
             for attr, y in labels.items():
                 score, chance = probe_step(None, y, test, attr in binary, reduced=reduced)
                 rows.append({"attribute": attr, "space": space, "step": t,

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotators.base import build_annotator, check_columns, column_names
+from annotators.base import build_annotator, column_names
 from pipeline.errors import DatasetError
 from pipeline.formats.identity import is_fresh, parquet_metadata, parquet_table, read_record, verify
 from pipeline.formats.images import from_uint8
@@ -179,7 +179,6 @@ def load_annotations(run_dir) -> pd.DataFrame:
 
 def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
-    check_columns(cfg, "annotate")  # before anything is removed
     shard_paths(run_dir)  # the samples dataset must be complete and intact
     stage = COMMANDS["annotate"]
     inputs, record = stage.part_inputs(cfg), stage.identity(cfg)

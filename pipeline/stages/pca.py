@@ -259,7 +259,7 @@ class RandomizedModule(_PCAModule):
             save_safetensors({"basis": it.basis}, basis_path(self.run_dir))
         elif it.converged:
             result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
-                                    n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
+                                    n_passes=it.passes, angle_bound=it.angle, converged=True,
                                     **estimator_params(self.cfg))
             write_directions(self.run_dir, self.cfg, result, self.record)
         self.status = (it.done, str(it.error()) if it.done and not it.converged else None)

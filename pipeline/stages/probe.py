@@ -93,7 +93,7 @@ def run_probes(cfg) -> pd.DataFrame:
     binary = [a for a in attrs if (is_binary(annotations[a]) if pc.binary == "auto" else a in pc.binary)]
     features = gather_features(cfg, ids)
     table = probe_table(features, {a: annotations[a].to_numpy() for a in attrs}, test, binary, pc.threshold,
-                        pc.pca_components or None, pc.seed)
+                        pc.pca_components or None)
     table["encoded"] = False
     if "h" in features:
         for attr in attrs:
@@ -122,33 +122,12 @@ def encoded_mask(probes: pd.DataFrame, attribute: str, steps: int) -> np.ndarray
 
 
 def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
-    from pipeline.formats.figures import plt, save_figure
+    """Each attribute's held-out probe score against the step, from h_t and from x_t; encoded steps circled."""
+    from pipeline.formats.figures import curves_by_attribute
 
-    attrs = list(dict.fromkeys(table.attribute))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(2.7 * len(attrs), 2.7), squeeze=False)
-    T = int(table.step.max()) + 1
-    for ax, attr in zip(axes[0], attrs):
-        sub = table[table.attribute == attr]
-        for space, style in (("h", "-o"), ("x_t", "--s")):
-            c = sub[sub.space == space].sort_values("step")
-            if c.empty:
-                continue
-            ax.plot(c.step, c.score, style, ms=3, lw=1.2, label=f"{space}")
-            if space == "h" and "encoded" in c:
-                enc = c[c.encoded.astype(bool)]
-                ax.plot(enc.step, enc.score, "o", ms=6, mfc="none", color="k", lw=0)
-        chance = sub.chance.dropna()
-        if len(chance):
-            ax.axhline(float(chance.mean()), color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{attr} ({sub.metric.iloc[0]})", fontsize=9)
-        ticks = list(range(0, T, max(1, T // 5)))
-        ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks], fontsize=7)
-        ax.set_xlabel("timestep (left: first, noisiest step)", fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out score", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    return curves_by_attribute(table, "score", out, x="step", ylabel="held-out score", spaces=(("h", "h"), ("x_t", "x_t")),
+                               timesteps=timesteps, baseline="chance", highlight="encoded",
+                               title=lambda attr, rows: f"{attr} ({rows.metric.iloc[0]})", size=(2.7, 2.7), sharey=False)
 
 
 def run_probe(cfg) -> Path:

@@ -65,9 +65,6 @@ def fresh(cfg, st: Stage) -> bool:
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
-    from annotators.base import check_columns
-
-    check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
     check_plan(cfg, only)
     run_dir = Path(cfg.run_dir)
     rank0 = launching_rank() == 0

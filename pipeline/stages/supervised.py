@@ -139,24 +139,10 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
 
 
 def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
-    from pipeline.formats.figures import plt, save_figure
+    """Cosine of the direction of n samples per side to the whole selection's, against n, in h and x_T space."""
+    from pipeline.formats.figures import curves_by_attribute
 
-    attrs = list(dict.fromkeys(curves.attribute))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.6), squeeze=False, sharey=True)
-    for ax, attr in zip(axes[0], attrs):
-        for space, style in (("h", "-o"), ("x_T", "--s")):
-            c = curves[(curves.attribute == attr) & (curves.space == space)]
-            ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=style, ms=3, capsize=2, label=f"{space}-space")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(set(c.n)), [str(n) for n in sorted(set(c.n))])
-        ax.minorticks_off()
-        ax.set_title(attr, fontsize=9)
-        ax.set_xlabel("n per side", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("cosine to the full direction", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    return curves_by_attribute(curves, "cosine_mean", out, yerr="cosine_std", ylabel="cosine to the full direction")
 
 
 # ---------------------------------------------------------------------- real images

@@ -5,10 +5,12 @@ change the noise prediction, and so the predicted image P_t (supp. E, eq. 13), t
 ``J_t`` is never stored: every method only applies ``J`` and ``J^T`` to blocks of vectors.
 
 Modules: ``products`` (Jacobian-vector products by autograd, :class:`Linearization`), ``basis``
-(row-basis linear algebra, the solvers' result :class:`TopSingular`), ``paper`` (Alg. 1, Alg. 2
-and the deflation baseline), ``krylov`` (the default solver), ``solve`` (:func:`top_singular`,
-one entry point over a function f), ``model`` (f of a sample's trajectory, the directions at
-one step or all steps, :class:`JacobianDirections`, the "global at index" edit). Everything is
+(the orthonormal complement, Ritz pairs with relative residuals and starting blocks, on
+:mod:`pipeline.methods.linalg`; the solvers' result :class:`TopSingular`), ``paper`` (Alg. 1,
+Alg. 2 and the deflation baseline), ``krylov`` (the default solver), ``solve``
+(:func:`top_singular`, one entry point over a function f), ``trajectory`` (f of a sample's
+trajectory, the directions at one step or all steps, :class:`JacobianDirections`, the "global
+at index" edit). Everything is
 re-exported here: ``from pipeline.methods.jacobian import jacobian_directions``.
 
 Conventions
@@ -77,7 +79,6 @@ from pipeline.methods.jacobian.basis import (
     DEFAULT_TOL,
     TopSingular,
     orthonormal_complement,
-    orthonormalize,
     ritz,
 )
 from pipeline.methods.jacobian.krylov import block_krylov
@@ -99,6 +100,6 @@ __all__ = [
     "DEFAULT_MAX_ITER", "DEFAULT_METHOD", "DEFAULT_TOL", "METHODS", "PRODUCTS", "Fn", "JacobianDirections", "Linearization",
     "TopSingular", "autograd_context", "block_krylov", "check_mask", "default_block", "directions_at", "eps_function",
     "explicit_jacobian", "global_at_index", "jacobian_directions", "jacobian_directions_all_steps", "jvp",
-    "orthonormal_complement", "orthonormalize", "power_deflation", "ritz", "sample_trajectory",
+    "orthonormal_complement", "power_deflation", "ritz", "sample_trajectory",
     "sequential_subspace_iteration", "subspace_iteration", "top_singular", "vjp", "UNCONVERGED",
 ]

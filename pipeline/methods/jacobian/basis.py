@@ -1,5 +1,5 @@
-"""Small linear algebra on row bases shared by the solvers: orthonormalisation, Rayleigh-Ritz,
-starting blocks, and the solvers' result (:class:`TopSingular`).
+"""What the solvers share on top of :mod:`pipeline.methods.linalg`: the orthonormal complement,
+Rayleigh-Ritz with relative residuals, starting blocks, and the solvers' result (:class:`TopSingular`).
 """
 from __future__ import annotations
 
@@ -8,18 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.methods.linalg import orthonormal_rows, rayleigh_ritz
+
 DEFAULT_TOL = 1e-3
 DEFAULT_MAX_ITER = 300
 _STATE_DTYPE = torch.float64  # algorithm state (bases, Rayleigh quotients); products run in f's dtype
-
-
-def orthonormalize(X: torch.Tensor) -> torch.Tensor:
-    """Reduced QR of the rows: (m, d) -> (m, d) orthonormal rows spanning the same space, in order
-    (row i's direction keeps a positive component on X's row i)."""
-    Q, R = torch.linalg.qr(X.T)
-    s = torch.sign(torch.diagonal(R))
-    s[s == 0] = 1
-    return (Q * s).T.contiguous()
 
 
 def orthonormal_complement(X: torch.Tensor, Q: torch.Tensor | None, rtol: float = 1e-8) -> torch.Tensor:
@@ -36,7 +29,7 @@ def orthonormal_complement(X: torch.Tensor, Q: torch.Tensor | None, rtol: float 
     X = X[keep]
     if not len(X):
         return X
-    B = orthonormalize(X)
+    B = orthonormal_rows(X)
     _, R = torch.linalg.qr(X.T)
     B = B[torch.diagonal(R).abs() > rtol]
     if Q is not None and len(Q) and len(B):
@@ -51,13 +44,11 @@ def ritz(Q: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     Returns (lam (m,) descending Ritz values s^2, A (m, m) with Ritz vectors ``A^T Q``,
     rel_res (m,) relative residuals ``||J^T J v - lam v|| / lam``).
     """
-    M = Q @ Z.T
-    lam, E = torch.linalg.eigh((M + M.T) / 2)
-    lam, E = lam.flip(0), E.flip(1)
-    R = E.T @ Z - lam[:, None] * (E.T @ Q)
-    rel = R.norm(dim=1) / lam.clamp_min(torch.finfo(lam.dtype).tiny)
+    pairs = rayleigh_ritz(Q, Z)
+    lam = pairs.values
+    rel = pairs.residual_norms / lam.clamp_min(torch.finfo(lam.dtype).tiny)
     rel[lam <= 0] = math.inf
-    return lam, E, rel
+    return lam, pairs.coefficients, rel
 
 
 @dataclass
@@ -81,13 +72,15 @@ class TopSingular:
     fallback: str | None = None
 
 
-def _state(ops) -> dict:
+def _state_kwargs(ops) -> dict:
+    """{"device", "dtype"} of the algorithm's state (bases, Rayleigh quotients) for ``ops``."""
     dev = getattr(ops, "device", torch.device("cpu"))
     dtype = torch.float32 if torch.device(dev).type == "mps" else _STATE_DTYPE
     return {"device": dev, "dtype": dtype}
 
 
 def _gaussian(n: int, d: int, generator: torch.Generator | None, like: dict) -> torch.Tensor:
+    """(n, d) standard Gaussian rows drawn in float64 on the generator's device, then moved ``like``."""
     gen_dev = generator.device if generator is not None else torch.device("cpu")
     X = torch.randn(n, d, generator=generator, dtype=torch.float64, device=gen_dev)
     return X.to(**like)
@@ -105,14 +98,16 @@ def _start_block(init: torch.Tensor | None, m: int, d: int, generator, like: dic
     return rows
 
 
-def _fwd(ops, X, like):
+def _times_J(ops, X, like):
+    """J X^T as rows: X (b, d_in) -> (b, d_out), in the state's dtype."""
     return ops.jvp(X).to(**like)
 
 
-def _bwd(ops, Y, like):
+def _times_JT(ops, Y, like):
+    """J^T Y^T as rows: Y (b, d_out) -> (b, d_in), in the state's dtype."""
     return ops.vjp(Y).to(**like)
 
 
-def _left_from(Y: torch.Tensor) -> torch.Tensor:
+def _orthonormal_left(Y: torch.Tensor) -> torch.Tensor:
     """Unit left vectors from Y ~ J V (rows), orthonormalised in order (the paper's "Orthonormalize U")."""
-    return orthonormalize(Y)
+    return orthonormal_rows(Y)

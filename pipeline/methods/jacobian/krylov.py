@@ -8,11 +8,11 @@ from pipeline.methods.jacobian.basis import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     TopSingular,
-    _bwd,
-    _fwd,
     _gaussian,
     _start_block,
-    _state,
+    _state_kwargs,
+    _times_J,
+    _times_JT,
     orthonormal_complement,
     ritz,
 )
@@ -30,12 +30,12 @@ def block_krylov(ops, k: int, block: int, *, tol: float = DEFAULT_TOL, max_iter:
     vectors, left vectors and residuals need no extra products; past ``max_basis`` rows the basis
     is rotated onto its top Ritz vectors (thick restart, no products). max_iter: block products.
     """
-    like = _state(ops)
+    like = _state_kwargs(ops)
     d = ops.d_in
     max_basis = min(d, max_basis or max(k + 2 * block, 24 * block, 3 * k))
     Q = _start_block(init, block, d, generator, like, at_least=True)
-    JQ = _fwd(ops, Q, like)
-    Z = _bwd(ops, JQ, like)
+    JQ = _times_J(ops, Q, like)
+    Z = _times_JT(ops, JQ, like)
     it = 1
     while True:
         lam, A, rel = ritz(Q, Z)
@@ -55,8 +55,8 @@ def block_krylov(ops, k: int, block: int, *, tol: float = DEFAULT_TOL, max_iter:
         if len(Q) + len(N) > max_basis:                                   # thick restart
             keep = A[:, : max(k, max_basis - len(N))]
             Q, JQ, Z = keep.T @ Q, keep.T @ JQ, keep.T @ Z
-        JN = _fwd(ops, N, like)
-        Q, JQ, Z = torch.cat([Q, N]), torch.cat([JQ, JN]), torch.cat([Z, _bwd(ops, JN, like)])
+        JN = _times_J(ops, N, like)
+        Q, JQ, Z = torch.cat([Q, N]), torch.cat([JQ, JN]), torch.cat([Z, _times_JT(ops, JN, like)])
         it += 1
     k_ = min(k, len(lam))
     s = lam[:k_].clamp_min(0).sqrt()

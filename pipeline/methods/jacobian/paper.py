@@ -15,30 +15,30 @@ from pipeline.methods.jacobian.basis import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     TopSingular,
-    _bwd,
-    _fwd,
     _gaussian,
-    _left_from,
+    _orthonormal_left,
     _start_block,
-    _state,
+    _state_kwargs,
+    _times_J,
+    _times_JT,
     orthonormal_complement,
-    orthonormalize,
     ritz,
 )
+from pipeline.methods.linalg import orthonormal_rows
 
 
 def subspace_iteration(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,
                        init: torch.Tensor | None = None, generator: torch.Generator | None = None,
                        oversample: int = 0) -> TopSingular:
     """Alg. 1 (Jacobian subspace iteration). init: (m, d_in) starting V (else Gaussian); m = k + oversample."""
-    like = _state(ops)
+    like = _state_kwargs(ops)
     m = min(k + max(0, oversample), ops.d_in)
     V = _start_block(init, m, ops.d_in, generator, like)                   # V <- QR(V)
     it, converged = 0, False
     while True:
         it += 1
-        U = _fwd(ops, V, like)                                            # U <- J V (batch forward)
-        Vh = _bwd(ops, U, like)                                           # V_hat <- J^T U
+        U = _times_J(ops, V, like)                                            # U <- J V (batch forward)
+        Vh = _times_JT(ops, U, like)                                           # V_hat <- J^T U
         _, _, rel = ritz(V, Vh)                                           # stopping criterion on V
         A, S2, Vnew = torch.linalg.svd(Vh, full_matrices=False)            # V, Sigma^2, R <- SVD(V_hat)
         residuals = rel[:k]
@@ -47,7 +47,7 @@ def subspace_iteration(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int =
         if converged or it >= max_iter:
             break
     s = S2[:k].clamp_min(0).sqrt()
-    return TopSingular(s, V[:k], _left_from(U[:k]), it, converged, residuals)
+    return TopSingular(s, V[:k], _orthonormal_left(U[:k]), it, converged, residuals)
 
 
 def sequential_subspace_iteration(ops, k: int, block: int, *, tol: float = DEFAULT_TOL,
@@ -55,7 +55,7 @@ def sequential_subspace_iteration(ops, k: int, block: int, *, tol: float = DEFAU
                                   generator: torch.Generator | None = None) -> TopSingular:
     """Alg. 2 (supp. C): mini-batches of ``block`` vectors, each iterated on the complement of
     the vectors already found (projector ``I - V (V^T V)^-1 V^T``). max_iter: per mini-batch."""
-    like = _state(ops)
+    like = _state_kwargs(ops)
     d = ops.d_in
     found = torch.zeros(0, d, **like)
     sig, lefts, res = [], [], []
@@ -75,9 +75,9 @@ def sequential_subspace_iteration(ops, k: int, block: int, *, tol: float = DEFAU
         while True:
             it += 1
             if len(found):
-                Phi = orthonormalize(project(Phi))                      # project, QR
-            Psi = _fwd(ops, Phi, like)                                    # Psi <- J Phi
-            Ph = _bwd(ops, Psi, like)                                     # Phi_hat <- J^T Psi
+                Phi = orthonormal_rows(project(Phi))                    # project, QR
+            Psi = _times_J(ops, Phi, like)                                    # Psi <- J Phi
+            Ph = _times_JT(ops, Psi, like)                                     # Phi_hat <- J^T Psi
             _, _, rel = ritz(Phi, project(Ph))                            # criterion on (I - P) J^T J (I - P)
             A, S, Phi_new = torch.linalg.svd(Ph, full_matrices=False)      # Phi, S, R <- SVD(Phi_hat)
             conv = bool((rel < tol).all())
@@ -91,14 +91,14 @@ def sequential_subspace_iteration(ops, k: int, block: int, *, tol: float = DEFAU
         lefts.append(Psi)                                                 # U <- [U; Psi]
         res.append(rel)
     s = torch.cat(sig)
-    return TopSingular(s, found, _left_from(torch.cat(lefts)), iters, all_converged, torch.cat(res))
+    return TopSingular(s, found, _orthonormal_left(torch.cat(lefts)), iters, all_converged, torch.cat(res))
 
 
 def power_deflation(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER,
                     init: torch.Tensor | None = None, generator: torch.Generator | None = None) -> TopSingular:
     """The original code's baseline: power iteration on J^T J for one vector at a time, the
     vectors found so far projected out (deflation). max_iter: per vector."""
-    like = _state(ops)
+    like = _state_kwargs(ops)
     d = ops.d_in
     found = torch.zeros(0, d, **like)
     sig, lefts, res = [], [], []
@@ -111,8 +111,8 @@ def power_deflation(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DE
         it = 0
         while True:
             it += 1
-            u = _fwd(ops, v, like)
-            w = _bwd(ops, u, like)
+            u = _times_J(ops, v, like)
+            w = _times_JT(ops, u, like)
             w = w - (w @ found.T) @ found                                 # deflate
             lam = float((v * w).sum())
             rel = float((w - lam * v).norm()) / lam if lam > 0 else math.inf
@@ -131,4 +131,4 @@ def power_deflation(ops, k: int, *, tol: float = DEFAULT_TOL, max_iter: int = DE
         lefts.append(u)
         res.append(rel)
     s = torch.tensor(sig, **like)
-    return TopSingular(s, found, _left_from(torch.cat(lefts)), iters, all_converged, torch.tensor(res, **like))
+    return TopSingular(s, found, _orthonormal_left(torch.cat(lefts)), iters, all_converged, torch.tensor(res, **like))

@@ -68,26 +68,9 @@ def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block:
     :class:`~pipeline.errors.ConvergenceError` if that stops short too; ``"error"`` raises at once;
     ``"return"`` returns the unconverged result (``converged=False``, a logged warning).
     """
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {METHODS}")
-    method = DEFAULT_METHOD if method == "auto" else method
     h = torch.as_tensor(h).detach().reshape(-1)
     d_in = h.numel()
-    k = _check_k(k, d_in)
-    if not tol > 0:
-        raise InputError(f"tol must be > 0, got {tol!r}")
-    if int(max_iter) < 1:
-        raise InputError(f"max_iter must be >= 1, got {max_iter!r}")
-    if block is not None and (int(block) < 1 or (method == "sequential" and int(block) > k)):
-        raise InputError(f"block must be in 1..k={k}, got {block}")
-    if unconverged not in UNCONVERGED:
-        raise InputError(f"unconverged must be one of {UNCONVERGED}, got {unconverged!r}")
-    if int(oversample) < 0:
-        raise InputError(f"oversample must be >= 0, got {oversample}")
-    b = int(block) if block is not None else default_block(method, k)
-    products = products or ("linearized" if method == "krylov" else "forward")
-    if products not in PRODUCTS:
-        raise InputError(f"unknown products {products!r}; choose one of {PRODUCTS}")
+    method, k, b, products = _checked_options(method, k, d_in, tol, max_iter, block, unconverged, oversample, products)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     with autograd_context():
@@ -136,6 +119,30 @@ def top_singular(f: Fn, h: torch.Tensor, k: int, *, method: str = "auto", block:
         f"{k} has relative residual {float(out.residuals[worst]):.2e} (residuals {_fmt(out.residuals)}). Raise "
         f"max_iter, loosen tol (the float32 products stall near 1e-6)"
         + (f", or let it fall back to {DEFAULT_METHOD} (unconverged='fallback')" if method != DEFAULT_METHOD else ""))
+
+
+def _checked_options(method: str, k: int, d_in: int, tol: float, max_iter: int, block: int | None, unconverged: str,
+                     oversample: int, products: str | None) -> tuple[str, int, int, str]:
+    """top_singular's options checked -> (method, k, block size, products), "auto" and None resolved."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {METHODS}")
+    method = DEFAULT_METHOD if method == "auto" else method
+    k = _check_k(k, d_in)
+    if not tol > 0:
+        raise InputError(f"tol must be > 0, got {tol!r}")
+    if int(max_iter) < 1:
+        raise InputError(f"max_iter must be >= 1, got {max_iter!r}")
+    if block is not None and (int(block) < 1 or (method == "sequential" and int(block) > k)):
+        raise InputError(f"block must be in 1..k={k}, got {block}")
+    if unconverged not in UNCONVERGED:
+        raise InputError(f"unconverged must be one of {UNCONVERGED}, got {unconverged!r}")
+    if int(oversample) < 0:
+        raise InputError(f"oversample must be >= 0, got {oversample}")
+    b = int(block) if block is not None else default_block(method, k)
+    products = products or ("linearized" if method == "krylov" else "forward")
+    if products not in PRODUCTS:
+        raise InputError(f"unknown products {products!r}; choose one of {PRODUCTS}")
+    return method, k, b, products
 
 
 def _fmt(r: torch.Tensor) -> str:
