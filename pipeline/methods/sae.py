@@ -220,9 +220,14 @@ class FeatureStats:
         self.sq += x.pow(2).sum()
         self.vec += x.sum(0)
         self.l0 += (values > 0).sum()
-        dense = dense_codes(values, indices, len(self.fires))
-        self.fires += (dense > 0).sum(0).double()
-        self.act_sum += dense.double().sum(0)
+        F = len(self.fires)
+        if indices is None:
+            self.fires += (values > 0).sum(0).double().cpu()
+            self.act_sum += values.double().sum(0).cpu()
+        else:
+            idx, v = indices.flatten(), values.flatten().double()
+            self.fires += torch.bincount(idx[v > 0], minlength=F).double().cpu()
+            self.act_sum += torch.zeros(F, dtype=torch.float64, device=v.device).index_add_(0, idx, v).cpu()
 
     def add(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(*(a + b for a, b in zip(self.tensors(), other.tensors())))
@@ -296,8 +301,11 @@ def per_sample_activations(values: torch.Tensor, indices: torch.Tensor | None, s
                            num_latents: int) -> torch.Tensor:
     """(num_samples, F): each sample's sum of activations over its examples; ``sample`` (N,) gives the sample of
     each example (0 .. num_samples - 1)."""
-    dense = dense_codes(values, indices, num_latents)
-    return torch.zeros(num_samples, num_latents, dtype=dense.dtype, device=dense.device).index_add_(0, sample, dense)
+    if indices is None:
+        return torch.zeros(num_samples, num_latents, dtype=values.dtype, device=values.device).index_add_(0, sample, values)
+    flat = (sample[:, None] * num_latents + indices).flatten()
+    out = torch.zeros(num_samples * num_latents, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, flat, values.flatten()).reshape(num_samples, num_latents)
 
 
 # ---------------------------------------------------------------------- labels and directions

@@ -40,7 +40,7 @@ from pipeline.stages.lightning_utils import (
     share_cpu_threads,
 )
 
-BATCH = 32  # samples encoded at a time
+LATENT_VALUES = 2**24  # pre-activations (examples x latents) computed at a time: 64 MiB in float32
 SPLITS = ("train", "heldout")
 
 
@@ -100,8 +100,10 @@ class FeaturesModule(ItemModule):
     def predict_item(self, shard: str):
         h, ids, rows = self.layout.open(Path(shard), "all")
         out = held_out(ids, self.layout.holdout)
-        for start in range(0, len(rows), BATCH):
-            r = rows[start:start + BATCH]
+        per_sample = len(self.layout.steps) * self.layout.per_step * self.model.num_latents
+        batch = max(1, LATENT_VALUES // per_sample)
+        for start in range(0, len(rows), batch):
+            r = rows[start:start + batch]
             hb = h[r].to(self.device)
             self.add(hb, ids[r.numpy()], out[r.numpy()])
 

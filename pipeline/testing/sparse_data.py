@@ -33,16 +33,19 @@ def sparse_codes(n: int, num_atoms: int, active: int, seed: int = 0) -> torch.Te
 
 
 def sparse_h(atoms: torch.Tensor, num_samples: int, T: int, h_shape, active: int, feed: str = "token",
-             noise: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """h (N, T, C, H, W) whose examples of the ``feed`` are ``codes @ atoms`` (+ Gaussian noise of std ``noise``)."""
+             noise: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (N, T, C, H, W), codes (N, T * P, num_atoms)): the examples of the ``feed`` (P per step) are ``codes @
+    atoms`` (+ Gaussian noise of std ``noise``)."""
     C, H, W = h_shape
-    per = num_samples * T * (H * W if feed == "token" else 1)
-    x = sparse_codes(per, len(atoms), active, seed) @ atoms
+    P = H * W if feed == "token" else 1
+    codes = sparse_codes(num_samples * T * P, len(atoms), active, seed)
+    x = codes @ atoms
     if noise:
         x += noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2))
+    codes = codes.reshape(num_samples, T * P, len(atoms))
     if feed == "token":
-        return x.reshape(num_samples, T, H, W, C).permute(0, 1, 4, 2, 3).contiguous()
-    return x.reshape(num_samples, T, C, H, W)
+        return x.reshape(num_samples, T, H, W, C).permute(0, 1, 4, 2, 3).contiguous(), codes
+    return x.reshape(num_samples, T, C, H, W), codes
 
 
 def write_samples(run_dir, h: torch.Tensor, shard_size: int = 16, h_dtype: str = "float16", first_id: int = 0) -> Path:
@@ -63,3 +66,20 @@ def write_samples(run_dir, h: torch.Tensor, shard_size: int = 16, h_dtype: str =
                                           "image_shape": [3, 8, 8], "latent_shape": [3, 8, 8], "shards": names,
                                           "num_samples": N, "complete": True, "record": record})
     return folder
+
+
+def write_annotations(run_dir, table) -> Path:
+    """Write a pandas table (``sample_id`` + score columns) as ``<run_dir>/annotations.parquet``, recorded as
+    made from the run's samples dataset (as the annotate stage records it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.formats.identity import artefact_ids, parquet_metadata
+    from pipeline.io import atomic_path
+
+    record = make_record("annotate", artefacts=artefact_ids(run_dir, ["samples"]))
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    path = Path(run_dir) / "annotations.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **parquet_metadata(record)}), tmp)
+    return path
