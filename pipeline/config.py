@@ -404,6 +404,9 @@ class EvaluateConfig(Section):
     quality_score: str = Field("render_error", description="its score to report: face_prob for face_pose")
     pca_components: int = Field(3, ge=0, description="top PCA directions vs as many norm-matched random ones")
     pca_scale: float = Field(2.0, description="in standard deviations along the component")
+    sae_features: int = Field(1, ge=0, description="with directions/sae.safetensors (hspace sae): per attribute the "
+                              "features of largest |correlation|, beside the PCA component of largest correlation, "
+                              "at calibrated strength (table1_sae.*, sae_factors.csv); 0: none")
     pixel_matched_random: bool = Field(True, description="also the random directions rescaled to change the images "
                                        "as much as their component")
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples of the seeds: 95% intervals of the "

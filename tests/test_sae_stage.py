@@ -152,3 +152,63 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, args, m
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), lines
     assert not (run / "sae").exists() and not (run / "directions").exists()
+
+
+def test_evaluate_edits_the_best_features_at_calibrated_strength_beside_pca_and_supervised(tmp_path, tiny_model_dir):
+    """The SAE family of `hspace evaluate` on a tiny run: each attribute's best feature and best PCA component,
+    calibrated on the calibration seeds, in table1_sae.* and sae_factors.csv; a stored change recomputed."""
+    from pipeline import HSpaceModel
+    from pipeline.formats.directions import load_directions
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.disentangle import run_disentangle
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.generate import run_generate
+    from pipeline.stages.pca import run_pca
+    from pipeline.stages.sae import run_sae
+    from pipeline.stages.select import run_select
+    from pipeline.stages.supervised import run_supervised
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=3",
+                             "trainer.accelerator=cpu", "generate.num_samples=24", "generate.batch_size=12",
+                             "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]",
+                             "select.n=5", "supervised.convergence_ns=[5]", "pca.n_components=4",
+                             "disentangle.pairs={bright: [red]}",
+                             "sae.num_latents=32", "sae.k=4", "sae.epochs=2", "sae.batch_size=512",
+                             "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null",
+                             "evaluate.num_samples=4", "evaluate.repeats=2", "evaluate.batch_size=8",
+                             "evaluate.sweep_samples=2", "evaluate.pixel_matched_random=false",
+                             "calibrate.num_samples=3", "calibrate.std_samples=6", "calibrate.max_iter=3"])
+    for stage in (run_generate, run_annotate, run_select, run_supervised, run_disentangle, run_pca, run_sae):
+        stage(cfg)
+    summary = run_evaluate(cfg)
+    ev = run / "evaluation"
+    every = pd.read_parquet(ev / "per_sample.parquet")
+    rows = every[every.sae]
+    scales = pd.read_json(ev / "sae_calibration.json", typ="series")["scales"]
+    # each attribute's best feature and best PCA component were calibrated; those with a scale are evaluated there
+    assert {n.split(" ")[1] for n in scales} == {"(bright)", "(red)"} and len(scales) == 4
+    assert set(rows.direction) == {n for n, s in scales.items() if s is not None} and len(rows)
+    assert len(rows) == 2 * 4 * rows.direction.nunique()
+    for name, g in rows.groupby("direction"):
+        assert g.scale.nunique() == 1 and g.scale.iloc[0] == scales[name]
+    # one stored change, recomputed: the feature's direction (signed for its attribute) at its calibrated scale
+    sae = load_directions(run / "directions" / "sae.safetensors")
+    row = rows[rows.family == "sae"].iloc[0]
+    feature, attr = row.direction.split(" ")[0], row.target
+    info = sae.params["features"][sae.index(feature)]
+    sign = (1 if info["correlations"][attr] >= 0 else -1) * info["sign"]
+    model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=cfg.model.eta, device="cpu")
+    x0 = model.sample([int(row.seed)]).images
+    x1 = model.sample([int(row.seed)], delta_h=row.scale * sign * sae.get(feature)).images
+    assert row.pixel_change == pytest.approx(float((x1 - x0).abs().mean() / 2), abs=1e-5)
+    table = pd.read_csv(ev / "table1_sae.csv")
+    assert set(table.family) == set(rows.family) and {"bright", "red", "bright_std"} <= set(table.columns)
+    factors = pd.read_csv(ev / "sae_factors.csv").set_index("attribute")
+    assert set(factors.index) == set(rows.target)
+    for col in ("sae", "sae_r", "sae_own", "sae_side", "sae_side_attribute", "supervised_own", "supervised_side"):
+        assert col in factors
+    best = factors.loc[row.target]
+    assert best.sae_own == pytest.approx(table.set_index("direction").loc[f"{best.sae} ({row.target})", row.target])
+    assert summary["sae"]["num_latents"] == 32 and "fvu" in summary["sae"]["heldout"]
+    assert list((ev / "strips" / "sae").glob("*.png"))  # the features' edit strips, from the sweep
