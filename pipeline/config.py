@@ -444,8 +444,10 @@ class SAEConfig(Section):
     lr: Optional[float] = Field(None, gt=0, description="Adam's learning rate; null: 2e-4 / sqrt(num_latents / 2^14) "
                                 "(Gao et al.)")
     warmup_steps: int = Field(50, ge=0, description="linear learning-rate warm-up (optimizer steps)")
-    batch_size: int = Field(4096, ge=1, description="examples per optimizer step, all processes together")
-    epochs: int = Field(3, ge=1, description="passes over the training examples")
+    batch_size: Optional[int] = Field(None, ge=1, description="examples (h vectors) per optimizer step, all processes "
+                                      "together; null: 4096 token-wise, 256 whole-h")
+    epochs: Optional[int] = Field(None, ge=1, description="passes over the training examples; null: 3 token-wise (the "
+                                  "toy: 1.8M h vectors), 30 whole-h (the toy: 280k)")
     holdout: float = Field(0.1, ge=0, lt=1, description="share of the samples (a fixed hash of their ids) not trained "
                            "on: the fraction of variance unexplained and L0 are measured on them")
     window: int = Field(4, ge=1, description="shards whose examples are shuffled together (and held at once); at "
@@ -468,6 +470,12 @@ class SAEConfig(Section):
             raise _cross("sae.steps", self.steps, "null, a step index or a window [first, last] with first <= last",
                          "sae.steps")
         return self
+
+    def examples_per_batch(self) -> int:
+        return self.batch_size or (4096 if self.feed == "token" else 256)
+
+    def num_epochs(self) -> int:
+        return self.epochs or (3 if self.feed == "token" else 30)
 
     def step_list(self, T: int) -> list[int]:
         """The trained steps as indices (null: 0..T-1)."""

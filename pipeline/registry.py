@@ -68,9 +68,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("fewshot", "pipeline.stages.fewshot:run_fewshot",
           "Fig. 8 as numbers: effect against n in h and x_T space; probe-step restriction",
           "fewshot", ("select", "probe"), ("fewshot/effect_vs_n.csv",)),
-    Stage("sae", "pipeline.stages.sae:run_sae",
-          "a sparse autoencoder on h (Lightning fit, streamed shards); its features labelled by annotation", "sae",
-          ("generate", "annotate", "pca"), ("sae/sae.safetensors", "directions/sae.safetensors"), True),
     Stage("figures", "pipeline.stages.figures:run_figures",
           "edit strips of every direction family for the report", "edits",
           ("pca", "jacobian", "supervised", "disentangle"), ("edits",)),
@@ -93,6 +90,9 @@ TOOLS: tuple[Stage, ...] = (
           "train the toy-face annotator"),
     Stage("validate-toy", "toyfaces.validate:run_validate_toy",
           "check the embedded default against its ground truth"),
+    Stage("sae", "pipeline.stages.sae:run_sae",
+          "a sparse autoencoder on h (Lightning fit over the streamed shards); features labelled by annotation",
+          distributed=True),
     Stage("explore", "pipeline.explore.app:run_explore",
           "a local web app: sliders over the run's directions, naming, export (--host, --port)"),
 )
@@ -100,8 +100,8 @@ TOOLS: tuple[Stage, ...] = (
 #: every command but `run` and `config` (which pipeline.cli adds: `run` runs STAGES), by name
 COMMANDS: dict[str, Stage] = {st.name: st for st in STAGES + TOOLS}
 
-#: the commands that run Lightning Trainers: `run` and the distributed stages
-DISTRIBUTED: frozenset[str] = frozenset({"run"} | {st.name for st in STAGES if st.distributed})
+#: the commands that run Lightning Trainers: `run` and the distributed stages and tools
+DISTRIBUTED: frozenset[str] = frozenset({"run"} | {st.name for st in STAGES + TOOLS if st.distributed})
 
 
 def check_skip(skip) -> None:

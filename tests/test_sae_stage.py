@@ -178,6 +178,7 @@ def test_evaluate_edits_the_best_features_at_calibrated_strength_beside_pca_and_
                              "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null",
                              "evaluate.num_samples=4", "evaluate.repeats=2", "evaluate.batch_size=8",
                              "evaluate.sweep_samples=2", "evaluate.pixel_matched_random=false",
+                             "edit.seeds=[1000000, 1000001]",
                              "calibrate.num_samples=3", "calibrate.std_samples=6", "calibrate.max_iter=3"])
     for stage in (run_generate, run_annotate, run_select, run_supervised, run_disentangle, run_pca, run_sae):
         stage(cfg)

@@ -49,8 +49,9 @@ class SAEModel:
         return self.coder.W_dec.shape[0]
 
     def inputs(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, T, C, H, W) -> the normalised examples of the trained steps, (B, T', P, d)."""
-        x = examples(h[:, self.steps].float(), self.feed)
+        """h (B, T, C, H, W), or h at the trained steps only (B, T', C, H, W) -> the normalised examples of the
+        trained steps, (B, T', P, d)."""
+        x = examples((h if h.shape[1] == len(self.steps) else h[:, self.steps]).float(), self.feed)
         return x * self.scales.to(x.device)[None, :, None, None]
 
     @torch.no_grad()

@@ -130,7 +130,7 @@ def git_commit() -> str | None:
         return None
 
 
-REPORTED = ("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot")
+REPORTED = ("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot", "sae")
 
 
 def identity(cfg, known: dict | None = None) -> dict:
@@ -230,6 +230,9 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     from evaluation.dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
 
     dose_response_section(page, run_dir)
+    from evaluation.sae import report_section as sae_section  # the SAE's measures, features, Table 1 and strips
+
+    sae_section(page, run_dir)
 
     # ---- directions
     dirs = run_dir / "directions"

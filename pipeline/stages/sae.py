@@ -83,6 +83,10 @@ class Layout:
         rows = {"train": ~out, "heldout": out, "all": np.ones(len(ids), bool)}[split]
         return h_view(table.column("h"), self.h_shape_t, self.h_dtype), ids, torch.from_numpy(np.flatnonzero(rows))
 
+    def at_steps(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """h of those rows at the trained steps, (B, T', C, H, W) (only those steps are read)."""
+        return h[rows[:, None], torch.tensor(self.steps)[None, :]]
+
     def train_rows(self) -> list[int]:
         return [int((~held_out(open_shard(s).column("sample_id").to_numpy(), self.holdout)).sum()) for s in self.shards]
 
@@ -91,7 +95,7 @@ class Layout:
         for shard in self.shards:
             h, _, rows = self.open(shard)
             for start in range(0, len(rows), batch_size):
-                stats.update(examples(h[rows[start:start + batch_size]][:, self.steps], self.feed))
+                stats.update(examples(self.at_steps(h, rows[start:start + batch_size]), self.feed))
         if not stats.count.sum():
             raise DatasetError("no training samples: sae.holdout leaves none of the samples to train on; lower it")
         return stats
@@ -115,9 +119,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             if batch.window is not window:
                 window, views = batch.window, {}  # the last window's maps are dropped
-                views = {j: self.layout.open(self.layout.shards[s]) for j, s in enumerate(window.shards)
-                         if j % self.world == self.rank}
+                views = self.views(window)
             yield self.gather(batch, views)
+
+    def views(self, window) -> dict:
+        """Position in the window -> (h view, sample ids, training rows) of this rank's shards of the window."""
+        return {j: self.layout.open(self.layout.shards[s]) for j, s in enumerate(window.shards) if j % self.world == self.rank}
 
     def gather(self, batch, views) -> dict:
         L_ = self.layout
@@ -293,16 +300,23 @@ def checkpoint_path(run_dir, key: str) -> Path:
     return sae_dir(run_dir) / f"last-{key}.ckpt"
 
 
+def prepare(sae_cfg, layout: Layout) -> tuple[SAEModule, ExamplePlan]:
+    """The untrained module (normalisation measured on the training examples) and the batch plan."""
+    s = sae_cfg
+    stats = layout.norm_stats()
+    mean, variance = stats.normalised_moments()
+    plan = ExamplePlan(layout.train_rows(), len(layout.steps), layout.per_step, s.examples_per_batch(), s.num_epochs(),
+                       s.window, s.seed)
+    dead_after = min(s.dead_after, plan.examples_per_epoch())
+    return SAEModule(s, layout.d, stats.scales(), mean, variance, dead_after, plan.num_batches()), plan
+
+
 def train(cfg, layout: Layout, key: str) -> SAEModel:
     """Trains (or resumes) the SAE; every rank returns the trained model."""
     s = cfg.sae
     run_dir = Path(cfg.run_dir)
-    stats = layout.norm_stats()
-    mean, variance = stats.normalised_moments()
-    plan = ExamplePlan(layout.train_rows(), len(layout.steps), layout.per_step, s.batch_size, s.epochs, s.window, s.seed)
-    total = plan.num_batches()
-    dead_after = min(s.dead_after, plan.examples_per_epoch())
-    module = SAEModule(s, layout.d, stats.scales(), mean, variance, dead_after, total)
+    module, plan = prepare(s, layout)
+    total, dead_after, variance = module.total_steps, module.dead_after, module.variance
     ckpt = checkpoint_path(run_dir, key)
     if launching_rank() == 0:
         stale = [p for p in sae_dir(run_dir).glob("last-*.ckpt") if p != ckpt]

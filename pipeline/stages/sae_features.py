@@ -76,8 +76,9 @@ class PCAProjection:
         self.units = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
         self.mean = d.extras["mean"][steps].flatten().double()
 
-    def __call__(self, h: torch.Tensor, steps: list[int]) -> torch.Tensor:
-        return (h[:, steps].flatten(1).double() - self.mean) @ self.units.T
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """h at the trained steps (B, T', C, H, W) -> (B, K)."""
+        return (h.flatten(1).double() - self.mean) @ self.units.T
 
 
 class FeaturesModule(ItemModule):
@@ -104,7 +105,7 @@ class FeaturesModule(ItemModule):
         batch = max(1, LATENT_VALUES // per_sample)
         for start in range(0, len(rows), batch):
             r = rows[start:start + batch]
-            hb = h[r].to(self.device)
+            hb = self.layout.at_steps(h, r).to(self.device)  # (B, T', C, H, W)
             self.add(hb, ids[r.numpy()], out[r.numpy()])
 
     def add(self, h: torch.Tensor, ids: np.ndarray, out: np.ndarray) -> None:
@@ -125,7 +126,7 @@ class FeaturesModule(ItemModule):
             y = self.Y[[self.rows[int(ids[j])] for j in known]]
             self.corr.update(acts[known], y)
             if self.pca is not None:
-                self.pca_corr.update(self.pca(h.cpu(), self.layout.steps)[known], y)
+                self.pca_corr.update(self.pca(h.cpu())[known], y)
 
     def partial(self) -> Path:
         return self.out / f"partial-{self.trainer.global_rank}-of-{self.trainer.world_size}.safetensors"
