@@ -437,7 +437,8 @@ class SAEConfig(Section):
     sparsity: Literal["topk", "l1"] = Field("topk", description="topk: the k largest latents (Gao et al. 2024, with "
                                             "AuxK for dead latents); l1: ReLU latents with an L1 penalty")
     k: int = Field(16, ge=1, description="topk: active latents per example (at most num_latents)")
-    l1_coefficient: float = Field(5.0, ge=0, description="l1: weight of the mean L1 norm of the codes")
+    l1_coefficient: float = Field(0.1, ge=0, description="l1: weight of the mean L1 norm of the codes (per example, over "
+                                  "the FVU term's scale)")
     auxk_alpha: float = Field(1 / 32, ge=0, description="topk: weight of the AuxK loss (0: none)")
     dead_after: int = Field(1_000_000, ge=1, description="topk: a latent that has not fired for this many examples "
                             "(at most one epoch's) counts as dead and AuxK trains it on the residual")
