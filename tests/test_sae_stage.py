@@ -213,3 +213,11 @@ def test_evaluate_edits_the_best_features_at_calibrated_strength_beside_pca_and_
     assert best.sae_own == pytest.approx(table.set_index("direction").loc[f"{best.sae} ({row.target})", row.target])
     assert summary["sae"]["num_latents"] == 32 and "fvu" in summary["sae"]["heldout"]
     assert list((ev / "strips" / "sae").glob("*.png"))  # the features' edit strips, from the sweep
+    # hspace explore offers the features by name and label, and applies them like any direction
+    from pipeline.explore.session import ExploreSession, Slider
+
+    session = ExploreSession(model, run)
+    shown = dict(session.choices())
+    assert all(f"sae / {sae.display_name(i)}" in shown for i in range(len(sae)))
+    view = session.render(int(row.seed), [Slider("sae", sae.index(feature), 2.0)])
+    assert view.edited.shape == view.original.shape and (view.edited != view.original).any()

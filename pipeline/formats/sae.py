@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.errors import DatasetError, InputError
+from pipeline.formats.directions import _META_KEY, read_tensors
 from pipeline.formats.identity import safetensors_metadata
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.methods.sae import decode, encode, examples, sparse_coder, to_h
-
-_META_KEY = "hspace"
 
 
 def sae_dir(run_dir) -> Path:
@@ -116,12 +114,7 @@ def load_sae(path: str | os.PathLike) -> SAEModel:
         path = path / "sae.safetensors" if (path / "sae.safetensors").exists() else sae_dir(path) / "sae.safetensors"
     if not path.exists():
         raise DatasetError(f"no trained SAE at {path}; run `hspace sae` first")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[_META_KEY])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise DatasetError(f"{path} is not a readable hspace SAE file ({type(e).__name__}: {e})") from None
+    tensors, meta = read_tensors(path, "hspace SAE file")
     F, d = tensors["W_dec"].shape
     k = int((meta.get("info") or {}).get("k", 1))
     coder = sparse_coder(d, F, k, seed=0)

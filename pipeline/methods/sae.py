@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -91,9 +91,24 @@ def to_h(vectors: torch.Tensor, feed: str, h_shape) -> torch.Tensor:
     return vectors.reshape(*vectors.shape[:-1], C, H, W)
 
 
+# ---------------------------------------------------------------------- sums over batches and ranks
+class Sums:
+    """A dataclass of float64 sums: made of zeros of given shapes, added field by field (the ranks' parts)."""
+
+    @classmethod
+    def of_shapes(cls, *shapes):
+        return cls(*(torch.zeros(s, dtype=torch.float64) for s in shapes))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def add(self, other):
+        return type(self)(*(a + b for a, b in zip(self.tensors(), other.tensors())))
+
+
 # ---------------------------------------------------------------------- normalisation
 @dataclass
-class NormStats:
+class NormStats(Sums):
     """Sums over raw examples, per step: count, sum of norms, sum of squared norms, sum of vectors (T', d)."""
 
     count: torch.Tensor
@@ -103,8 +118,7 @@ class NormStats:
 
     @classmethod
     def zeros(cls, steps: int, d: int) -> NormStats:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        return cls(z(steps), z(steps), z(steps), z(steps, d))
+        return cls.of_shapes(steps, steps, steps, (steps, d))
 
     def update(self, x: torch.Tensor) -> None:
         """x: (B, T', P, d) raw examples of the steps in order."""
@@ -195,7 +209,7 @@ def _auxk(sae: nn.Module, pre: torch.Tensor, e: torch.Tensor, dead: torch.Tensor
 
 # ---------------------------------------------------------------------- statistics of a trained SAE
 @dataclass
-class FeatureStats:
+class FeatureStats(Sums):
     """Sums over the examples of one split: count, squared error, squared norm, sum of the examples (d,), active
     latents; per latent: the examples it fires on and the sum of its activations."""
 
@@ -209,8 +223,7 @@ class FeatureStats:
 
     @classmethod
     def zeros(cls, d: int, num_latents: int) -> FeatureStats:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        return cls(z(()), z(()), z(()), z(d), z(()), z(num_latents), z(num_latents))
+        return cls.of_shapes((), (), (), d, (), num_latents, num_latents)
 
     def update(self, x: torch.Tensor, recon: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> None:
         """x, recon: (N, d) normalised examples and their reconstructions; values/indices from :func:`encode`."""
@@ -228,12 +241,6 @@ class FeatureStats:
             idx, v = indices.flatten(), values.flatten().double()
             self.fires += torch.bincount(idx[v > 0], minlength=F).double().cpu()
             self.act_sum += torch.zeros(F, dtype=torch.float64, device=v.device).index_add_(0, idx, v).cpu()
-
-    def add(self, other: FeatureStats) -> FeatureStats:
-        return FeatureStats(*(a + b for a, b in zip(self.tensors(), other.tensors())))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.count, self.sse, self.sq, self.vec, self.l0, self.fires, self.act_sum)
 
     def fvu(self) -> float:
         """Fraction of variance unexplained: squared error over the squared deviation from the split's mean."""
@@ -254,7 +261,7 @@ def dense_codes(values: torch.Tensor, indices: torch.Tensor | None, num_latents:
 
 
 @dataclass
-class CorrelationSums:
+class CorrelationSums(Sums):
     """Sums that give the Pearson correlation of F per-sample scores with A annotations, over any number of
     batches and ranks: n, sum x (F), sum x^2 (F), sum y (A), sum y^2 (A), sum x y (F, A)."""
 
@@ -267,9 +274,8 @@ class CorrelationSums:
 
     @classmethod
     def zeros(cls, num_scores: int, num_annotations: int) -> CorrelationSums:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         F, A = num_scores, num_annotations
-        return cls(z(()), z(F), z(F), z(A), z(A), z(F, A))
+        return cls.of_shapes((), F, F, A, A, (F, A))
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """x: (B, F) per-sample scores; y: (B, A) their annotations."""
@@ -280,12 +286,6 @@ class CorrelationSums:
         self.sy += y.sum(0)
         self.syy += y.pow(2).sum(0)
         self.sxy += x.T @ y
-
-    def add(self, other: CorrelationSums) -> CorrelationSums:
-        return CorrelationSums(*(a + b for a, b in zip(self.tensors(), other.tensors())))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.n, self.sx, self.sxx, self.sy, self.syy, self.sxy)
 
     def correlation(self) -> torch.Tensor:
         """(F, A) Pearson correlations; 0 where a score or an annotation does not vary."""
