@@ -18,6 +18,7 @@ includes the memory-mapped shard pages touched) and the peak of anonymous memory
 above what the process held after its imports, against N.
 
     python bench/sae.py [--n 256] [--train-steps 40] [--repeats 3] [--memory-n 256 1024 4096] [--threads 1]
+                        [--parts throughput memory] [--dir DIR (keeps the datasets)]
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def train(run: Path, steps: int, train_steps: int | None, in_memory: bool, extra
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 4:
+            if batch_idx in (0, 4):  # from the 5th step (a run of fewer steps: from the first)
                 self.t0, self.c0, self.n0 = time.perf_counter(), time.process_time(), pl_module.examples_seen
 
         def on_train_end(self, trainer, pl_module):
@@ -178,6 +179,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-n", type=int, nargs="*", default=[256, 1024, 4096])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", nargs="*", default=["throughput", "memory"], choices=["throughput", "memory"])
     p.add_argument("--dir", default=None, help="where the datasets are written (default: a temporary folder)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-n", type=int, default=None, help=argparse.SUPPRESS)
@@ -195,8 +197,10 @@ def main() -> None:
             make_dataset(Path(args.dir) / f"n{n}", n, args.steps)
         if args.dir == tmp:
             sys.argv += ["--dir", tmp]
-        report_throughput(args)
-        report_memory(args)
+        if "throughput" in args.parts:
+            report_throughput(args)
+        if "memory" in args.parts:
+            report_memory(args)
 
 
 def throughput_worker(args) -> dict:

@@ -177,3 +177,42 @@ def test_settings_that_cannot_work_are_refused_by_the_configuration(overrides, m
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("feed, window", [("token", 2), ("whole", 1)])
+def test_the_ranks_streams_share_every_batch_and_read_only_their_shards(tmp_path, feed, window):
+    """Two ranks' ShardStreams give, batch by batch, exactly the examples of one rank's stream (a window of one
+    shard leaves one rank an empty share); every example is h at its step, normalised later."""
+    from pipeline.config import load_config
+    from pipeline.stages.sae import Layout, ShardStream
+    from pipeline.testing.sparse_data import write_samples
+
+    h = torch.randn(12, 3, 4, 2, 2)
+    write_samples(tmp_path, h, shard_size=4, h_dtype="float32")
+    cfg = load_config(None, [f"run_dir={tmp_path}", "model.num_inference_steps=3", f"sae.feed={feed}",
+                             "sae.steps=[1, 2]", "sae.holdout=0.2", f"sae.window={window}", "sae.batch_size=7",
+                             "sae.epochs=2"])
+    layout = Layout(tmp_path, cfg.sae)
+    plan = ExamplePlan(layout.train_rows(), 2, layout.per_step, 7, 2, window, 0)
+    one = list(ShardStream(plan, layout))
+    two = [list(ShardStream(plan, layout, rank=r, world=2)) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == plan.num_batches()
+    empty = 0
+    for a, r0, r1 in zip(one, *two):
+        assert a["n"] == r0["n"] == r1["n"] == len(a["x"]) == len(r0["x"]) + len(r1["x"])
+        key = lambda x, t: sorted(map(tuple, torch.cat([x, t[:, None].float()], 1).tolist()))  # noqa: E731
+        assert key(a["x"], a["t"]) == key(torch.cat([r0["x"], r1["x"]]), torch.cat([r0["t"], r1["t"]]))
+        empty += len(r1["x"]) == 0
+    assert empty > 0 if window == 1 else empty < len(one)
+    train = h[torch.from_numpy(~held_out(np.arange(12), 0.2))][:, [1, 2]]  # every training example, once per epoch
+    expected = sorted(map(tuple, examples(train, feed).reshape(-1, layout.d).tolist()))
+    for epoch in (0, 1):
+        seen = torch.cat([x["x"] for x, b in zip(one, plan.batches()) if b.window.epoch == epoch])
+        assert sorted(map(tuple, seen.tolist())) == expected
+
+
+def test_an_empty_share_gives_zero_gradients():
+    sae = sparse_coder(6, 12, 3, seed=0)
+    terms = sae_terms(sae, torch.zeros(0, 6), 10, 1.0, dead=torch.ones(12, dtype=torch.bool))
+    terms.loss.backward()
+    assert float(terms.loss.detach()) == 0 and all(p.grad is not None and not p.grad.any() for p in sae.parameters())

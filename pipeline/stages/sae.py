@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from pipeline.dtypes import torch_dtype
 from pipeline.errors import DatasetError
 from pipeline.formats.identity import artefact_ids, config_sections, make_record, present, read_record
 from pipeline.formats.sae import SAEModel, sae_dir, save_sae
@@ -127,9 +128,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {j: self.layout.open(self.layout.shards[s]) for j, s in enumerate(window.shards) if j % self.world == self.rank}
 
     def gather(self, batch, views) -> dict:
-        L_ = self.layout
+        """This rank's examples of ``batch``, read from the views of its shards (an empty share is (0, d))."""
+        layout = self.layout
         j, row, t, p = batch.locate()
-        steps = torch.tensor(L_.steps)
+        steps = torch.tensor(layout.steps)
         xs, ts = [], []
         for jj, (h, _, rows) in views.items():
             mine = j == jj
@@ -137,18 +139,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             r, s = rows[row[mine]], steps[t[mine]]
             N, T = h.shape[:2]
-            x = h.reshape(N, T, L_.h_shape[0], -1)[r, s, :, p[mine]] if L_.feed == "token" else h.reshape(N, T, -1)[r, s]
-            xs.append(x)
+            token = layout.feed == "token"
+            xs.append(h.reshape(N, T, layout.h_shape[0], -1)[r, s, :, p[mine]] if token else h.reshape(N, T, -1)[r, s])
             ts.append(t[mine])
         if not xs:
-            return {"x": torch.zeros(0, L_.d, dtype=h_dtype_of(L_)), "t": torch.zeros(0, dtype=torch.long), "n": batch.size}
+            return {"x": torch.zeros(0, layout.d, dtype=torch_dtype(layout.h_dtype)), "t": torch.zeros(0, dtype=torch.long),
+                    "n": batch.size}
         return {"x": torch.cat(xs), "t": torch.cat(ts), "n": batch.size}
-
-
-def h_dtype_of(layout: Layout) -> torch.dtype:
-    from pipeline.dtypes import torch_dtype
-
-    return torch_dtype(layout.h_dtype)
 
 
 class SAEData(L.LightningDataModule):
