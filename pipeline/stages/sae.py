@@ -25,7 +25,7 @@ import torch
 from pipeline.dtypes import torch_dtype
 from pipeline.errors import DatasetError
 from pipeline.formats.identity import artefact_ids, config_sections, make_record, present, read_record
-from pipeline.formats.sae import SAEModel, sae_dir, save_sae
+from pipeline.formats.sae import SAEModel, load_sae, sae_dir, save_sae
 from pipeline.formats.samples import h_view, open_shard, read_manifest, shard_paths
 from pipeline.io import atomic_path, launching_rank, write_text_atomic
 from pipeline.methods.sae import (
@@ -352,21 +352,15 @@ def is_trained(cfg) -> bool:
     return record is not None and record.get("key") == training_identity(cfg)["key"]
 
 
-def trained_model(cfg, layout: Layout) -> SAEModel:
-    from pipeline.formats.sae import load_sae
-
-    return load_sae(sae_dir(cfg.run_dir) / "sae.safetensors")
-
-
 def run_sae(cfg) -> Path:
     from pipeline.stages.sae_features import write_features
 
     run_dir = Path(cfg.run_dir)
     layout = Layout(run_dir, cfg.sae)  # every check before anything is written
     key = training_identity(cfg)["key"]
-    model = trained_model(cfg, layout) if agreed(is_trained(cfg)) else None
-    if model is None:
-        model = train(cfg, layout, key)
-    else:
+    if agreed(is_trained(cfg)):
+        model = load_sae(sae_dir(run_dir) / "sae.safetensors")
         print(f"hspace sae: {sae_dir(run_dir) / 'sae.safetensors'} is up to date; measuring its features")
+    else:
+        model = train(cfg, layout, key)
     return write_features(cfg, layout, model, identity(cfg))
