@@ -360,7 +360,8 @@ def run_sae(cfg) -> Path:
     key = training_identity(cfg)["key"]
     if agreed(is_trained(cfg)):
         model = load_sae(sae_dir(run_dir) / "sae.safetensors")
-        print(f"hspace sae: {sae_dir(run_dir) / 'sae.safetensors'} is up to date; measuring its features")
+        if launching_rank() == 0:
+            print(f"hspace sae: {sae_dir(run_dir) / 'sae.safetensors'} is up to date; measuring its features")
     else:
         model = train(cfg, layout, key)
     return write_features(cfg, layout, model, identity(cfg))
