@@ -100,9 +100,13 @@ class Stage:
             raise ConfigError(f"{missing[0]}: no such file or folder")
         return files
 
-    def identity(self, cfg, known: dict | None = None) -> dict:
-        """The identity record the stage would write now; ``known``: predicted ids of the artefacts it reads."""
-        config, assets, names = self.inputs(cfg, known)
+    def identity(self, cfg, known: dict | None = None, drop: tuple[str, ...] = (),
+                 reads: tuple[str, ...] | None = None) -> dict:
+        """The identity record the stage would write now; ``known``: predicted ids of the artefacts it reads.
+        ``drop`` and ``reads`` narrow it to what an intermediate output depends on (the SAE's weights: not the
+        labelling keys, the samples only)."""
+        config, assets, names = self.inputs(cfg, known, drop)
+        names = [n for n in names if reads is None or n in reads]
         return make_record(self.name, config, assets, artefact_ids(cfg.run_dir, names, known))
 
     def part_inputs(self, cfg) -> dict:
@@ -217,12 +221,14 @@ _MAIN_JOB: tuple[Stage, ...] = (
     Stage("evaluate", "pipeline.stages.evaluate:run_evaluate",
           "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
           ("evaluation/summary.json", "evaluation/table1_signed.csv"), reads=(SUPERVISED,),
-          optional=("directions/disentangled.safetensors", "directions/pca.safetensors"),
-          only={"directions/pca.safetensors": lambda cfg: cfg.evaluate.pca_components > 0},
+          optional=("directions/disentangled.safetensors", "directions/pca.safetensors", "directions/sae.safetensors"),
+          only={"directions/pca.safetensors": lambda cfg: cfg.evaluate.pca_components > 0 or cfg.evaluate.sae_features > 0,
+                "directions/sae.safetensors": lambda cfg: cfg.evaluate.sae_features > 0},
           sections=("evaluate", "calibrate.first_seed", "edit.seeds"), model=True, annotators=True,
           part_drop=("evaluate.bootstrap",), distributed=True),
     Stage("report", "pipeline.stages.report:run_report", "write <run_dir>/report/index.html", "report",
-          ("report/index.html",), optional=("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot"),
+          ("report/index.html",), optional=("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot",
+                                             "sae"),
           sections=("report",)),
 )
 
@@ -262,6 +268,11 @@ TOOLS: tuple[Stage, ...] = (
           "train the toy-face annotator", writes=False),
     Stage("validate-toy", "toyfaces.validate:run_validate_toy",
           "check the embedded default against its ground truth"),
+    Stage("sae", "pipeline.stages.sae:run_sae",
+          "a sparse autoencoder on h (Lightning fit over the streamed shards); features labelled by annotation",
+          "sae", ("directions/sae.safetensors",), reads=("samples",),
+          optional=("annotations.parquet", "directions/pca.safetensors"), sections=("sae", "trainer.precision"),
+          drop=("sae.num_workers", "sae.checkpoint_every", "sae.log_every"), distributed=True),
     Stage("explore", "pipeline.explore.app:run_explore",
           "a local web app: sliders over the run's directions, naming, export (--host, --port)",
           writes=False),  # a reader: it takes the writer lock only while it saves
@@ -270,8 +281,8 @@ TOOLS: tuple[Stage, ...] = (
 #: every command but `run` and `config` (which pipeline.cli adds: `run` runs STAGES), by name
 COMMANDS: dict[str, Stage] = {st.name: st for st in STAGES + TOOLS}
 
-#: the commands that run Lightning Trainers: `run` and the distributed stages
-DISTRIBUTED: frozenset[str] = frozenset({"run"} | {st.name for st in STAGES if st.distributed})
+#: the commands that run Lightning Trainers: `run` and the distributed stages and tools
+DISTRIBUTED: frozenset[str] = frozenset({"run"} | {st.name for st in STAGES + TOOLS if st.distributed})
 
 
 def record(name: str, cfg, known: dict | None = None) -> dict:

@@ -234,13 +234,13 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
 
 def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
     """The CLI's commands and its list of multi-process commands derive from the one registry:
-    `run` plus the main job's distributed stages."""
+    `run` plus the distributed stages of the main job and the distributed tools (sae)."""
     from pipeline import registry
     from pipeline.cli import DISTRIBUTED, commands
     from pipeline.stages.run import STAGES
 
     assert STAGES is registry.STAGES
-    assert set(DISTRIBUTED) == {"run"} | {st.name for st in STAGES if st.distributed}
+    assert set(DISTRIBUTED) == {"run"} | {st.name for st in STAGES + registry.TOOLS if st.distributed}
     cmds = commands()
     assert set(cmds) == {"run", "config"} | {st.name for st in registry.STAGES + registry.TOOLS}
     assert all(cmds[st.name][0] == st.run for st in STAGES)

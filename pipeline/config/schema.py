@@ -21,6 +21,7 @@ from pipeline.config.sections import (
     ProbeConfig,
     ReportConfig,
     RunConfig,
+    SAEConfig,
     SampleConfig,
     Section,
     SelectConfig,
@@ -51,6 +52,7 @@ class HSpaceConfig(Section):
     fewshot: FewshotConfig = FewshotConfig()
     edit: EditConfig = EditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    sae: SAEConfig = SAEConfig()
     report: ReportConfig = ReportConfig()
     train_toy: ToyTrainConfig = ToyTrainConfig()
     finetune_toy: FinetuneToyConfig = FinetuneToyConfig()
@@ -87,6 +89,10 @@ class HSpaceConfig(Section):
                          "model.num_inference_steps")
         if j.tau is not None and j.tau >= T:
             raise _cross("jacobian.tau", j.tau, f"a step index in 0..{T - 1} (T = model.num_inference_steps)",
+                         "model.num_inference_steps")
+        sae_steps = self.sae.step_list(T)
+        if sae_steps[-1] >= T:
+            raise _cross("sae.steps", self.sae.steps, f"step indices in 0..{T - 1} (T = model.num_inference_steps)",
                          "model.num_inference_steps")
         if j.steps is not None and j.tau not in j.steps:
             raise _cross("jacobian.tau", j.tau, f"one of jacobian.steps {j.steps}", "jacobian.steps")

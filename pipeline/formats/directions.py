@@ -132,15 +132,10 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
     if not path.exists():
         raise DatasetError(f"directions file {path} does not exist; run the stage that writes it "
                            f"(hspace pca / jacobian / supervised / disentangle) first")
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})[_META_KEY])
-        main = tensors.pop("directions")
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise DatasetError(f"{path} is not a readable hspace directions file ({type(e).__name__}: {e})") from None
+    tensors, meta = read_tensors(path, "hspace directions file")
+    if "directions" not in tensors or "names" not in meta:
+        raise DatasetError(f"{path} is not a readable hspace directions file (no directions tensor or names); make it again")
+    main = tensors.pop("directions")
     problem = nonfinite(meta.get("names", []), {"directions": main, **tensors})
     scales = ((meta.get("params") or {}).get("calibration") or {}).get("scales") or {}
     bad = [n for n, v in scales.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -164,6 +159,20 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
                                f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
                                f"hook and model.num_inference_steps")
     return d
+
+
+def read_tensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a safetensors file written by hspace and its ``hspace`` metadata (JSON); a file that cannot
+    be read is a DatasetError naming it as ``what``."""
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise DatasetError(f"{path} is not a readable {what} ({type(e).__name__}: {e})") from None
+    return tensors, meta
 
 
 def label_direction(path: str | os.PathLike, key: str | int, label: str) -> Directions:

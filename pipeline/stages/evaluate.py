@@ -75,7 +75,8 @@ PIXEL_RTOL = 0.025
 PIXEL_ROUNDS = 8
 
 #: evaluated family -> the edit-strip folder it fills (the names of the figures stage)
-STRIP_FOLDERS = {"original": "supervised", "disentangled": "disentangled", "pca": "pca", "random": "pca_random"}
+STRIP_FOLDERS = {"original": "supervised", "disentangled": "disentangled", "pca": "pca", "random": "pca_random",
+                 "sae": "sae"}
 
 
 def eval_dir(run_dir) -> Path:
@@ -86,7 +87,8 @@ def eval_dir(run_dir) -> Path:
 @dataclass
 class Edit:
     """``scale * unit`` applied as delta_h. ``roles``: the tables it serves ("table1": the fixed
-    scale, "calibrated": the calibrated strength, "fig6": PCA against random); an edit with no role
+    scale, "calibrated": the calibrated strength, "fig6": PCA against random, "sae": the SAE family at its
+    calibrated strength, pipeline.stages.sae_evaluate); an edit with no role
     is a dose-response point, applied on the sweep seeds only (every edit is applied there)."""
 
     name: str
@@ -94,6 +96,8 @@ class Edit:
     unit: torch.Tensor
     scale: float
     roles: set = field(default_factory=set)
+    target: str = ""  # the SAE family's: the attribute it is matched to, and the correlation it was chosen by
+    target_r: float = float("nan")
 
     @property
     def delta(self) -> torch.Tensor:
@@ -104,13 +108,13 @@ class Edit:
         return not self.roles
 
 
-def _add(edits: list[Edit], name, family, unit, scale, role=None) -> None:
+def _add(edits: list[Edit], name, family, unit, scale, role=None, **extra) -> None:
     """One edit per (direction, scale): a scale asked for twice serves both roles."""
     for e in edits:
         if e.name == name and e.scale == float(scale):
             e.roles |= {role} if role else set()
             return
-    edits.append(Edit(name, family, unit, float(scale), {role} if role else set()))
+    edits.append(Edit(name, family, unit, float(scale), {role} if role else set(), **extra))
 
 
 def edit_list(run_dir, ev_cfg, model=None) -> list[Edit]:
@@ -155,7 +159,25 @@ def edit_list(run_dir, ev_cfg, model=None) -> list[Edit]:
         randoms = {e.name: e for e in fig6 if e.family == "random"}
         for name, c in json.loads(calibration.read_text())["multipliers"].items():
             _add(edits, f"{name}-pixmatch", "random_pixel", randoms[name].unit, c * randoms[name].scale, "fig6")
+    _add_sae_family(edits, run_dir, ev_cfg, model)
     return edits
+
+
+def _add_sae_family(edits: list[Edit], run_dir, ev_cfg, model=None) -> None:
+    """The SAE features and matched PCA components (pipeline.stages.sae_evaluate) at their calibrated strength
+    (scale 1 without a calibration; none where the calibration found no scale), the features also at the sweep
+    scales (their edit strips)."""
+    from pipeline.stages.sae_evaluate import calibrated_scales, candidates
+
+    scales = calibrated_scales(eval_dir(run_dir))
+    for c in candidates(run_dir, ev_cfg, model):
+        s = 1.0 if scales is None else scales.get(c.name)
+        if s is None:
+            continue
+        _add(edits, c.name, c.family, c.unit, s, "sae", target=c.attribute, target_r=c.r)
+        if ev_cfg.sweep_samples > 0 and c.family == "sae":
+            for m in ev_cfg.sweep_multiples:
+                _add(edits, c.name, c.family, c.unit, m * s, target=c.attribute, target_r=c.r)
 
 
 def pca_and_random(run_dir, ev_cfg, model=None) -> list[Edit]:
@@ -214,6 +236,21 @@ def calibrate_random(model: HSpaceModel, run_dir, ev_cfg, seeds) -> dict[str, fl
     multipliers = match_pixel_change(model, seeds, [v for _, v in randoms], targets, base=base,
                                      batch_size=ev_cfg.batch_size)
     return {name: float(c) for (name, _), c in zip(randoms, multipliers)}
+
+
+def calibrate_sae_family(cfg, model: HSpaceModel, scorer, out: Path, part_key: str) -> None:
+    """Rank 0, before the evaluation: the calibrated strengths of the SAE family (pipeline.stages.sae_evaluate),
+    once per evaluation key."""
+    from pipeline.stages.sae_evaluate import CALIBRATION, calibrate_candidates, candidates
+
+    cands = candidates(cfg.run_dir, cfg.evaluate, model)
+    if cands and cfg.calibrate.enabled and not (out / CALIBRATION).exists():
+        device = default_device(cfg.model.device)  # on the GPU if there is one (the ranks start after this)
+        model.to(device)
+        scorer.to(device)
+        calibrate_candidates(cfg, model, scorer, cands, part_key, out)
+        model.to("cpu")
+        scorer.to("cpu")
 
 
 def seed_sets(ev_cfg) -> list[tuple[int, list[int]]]:
@@ -291,6 +328,7 @@ class EvaluateModule(ItemModule):
                     continue
                 row = {"repeat": repeat, "seed": seed, "direction": e.name, "family": e.family, "scale": e.scale,
                        "table1": "table1" in e.roles, "calibrated": "calibrated" in e.roles, "fig6": "fig6" in e.roles,
+                       "sae": "sae" in e.roles, "target": e.target, "target_r": e.target_r,
                        "pixel_change": float((images[j] - base[seed]).abs().mean() / 2),  # in [0, 1] units
                        "quality_before": q0[seed], "quality_after": float(q[j])}
                 row.update({f"o_{a}": s0[seed][a] for a in s0[seed]})
@@ -447,7 +485,9 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     from evaluation.plots import pca_vs_random_plot
 
     attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
-    mapping = to_dict(ev_cfg.own_attribute)
+    for col, empty in (("sae", False), ("target", ""), ("target_r", np.nan)):  # parts written before the SAE family
+        per_sample[col] = per_sample[col].fillna(empty) if col in per_sample else empty
+    mapping = {**to_dict(ev_cfg.own_attribute), **{d: t for d, t in zip(per_sample.direction, per_sample.target) if t}}
     measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(own_attribute(d, mapping) for d in per_sample.direction)
                                            if a in attrs]
     if not measured:
@@ -486,16 +526,20 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
         write_text_atomic(out / "dose_response.csv", curves.to_csv(index=False))
         dose_response_plot(curves, out / "dose_response.png", unit)
         summary["dose_response"] = {"seeds": len(sweep_seeds(ev_cfg)), "directions": int(curves.direction.nunique())}
+    if per_sample.sae.any() or (out.parent / "sae" / "metrics.json").exists():
+        from pipeline.stages.sae_evaluate import sae_tables
+
+        summary["sae"] = sae_tables(per_sample, keep, scale, ev_cfg, out)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
 def clean_existing(out: Path, part_key: str) -> None:
     """Remove parts and calibration made from other directions or settings."""
-    calibration = out / "pixel_matching.json"
     stale = [p for p in (out / "parts").glob("part-*.parquet") if (read_record(p) or {}).get("key") != part_key]
-    if calibration.exists() and json.loads(calibration.read_text()).get("key") != part_key:
-        stale.append(calibration)
+    for calibration in (out / "pixel_matching.json", out / "sae_calibration.json"):
+        if calibration.exists() and json.loads(calibration.read_text()).get("key") != part_key:
+            stale.append(calibration)
     if stale:
         print(f"hspace evaluate: the directions or settings changed since the last evaluation; starting over in {out}")
         for p in stale:
@@ -537,6 +581,7 @@ def run_evaluate(cfg) -> dict:
             write_json_atomic(calibration, {"key": part_key, "seeds": seeds, "multipliers": multipliers})
             print("hspace evaluate: random directions rescaled to their component's pixel change: "
                   + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
+        calibrate_sae_family(cfg, model, scorer, out, part_key)
     items, strips = seed_sets(ev), strip_seeds(cfg)
     todo = rank0_first(lambda: remaining(run_dir, items))  # after rank 0's calibration
     if todo:

@@ -223,6 +223,9 @@ def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
     from evaluation.dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
 
     dose_response_section(page, run_dir)
+    from evaluation.sae import report_section as sae_section  # the SAE's measures, features, Table 1 and strips
+
+    sae_section(page, run_dir)
 
     # ---- directions
     dirs = run_dir / "directions"
