@@ -112,26 +112,25 @@ def restriction_table(rows: pd.DataFrame, attrs: list[str]) -> pd.DataFrame:
 
 
 def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
-    from pipeline.formats.figures import plt, save_figure
+    from pipeline.formats.figures import attribute_panels, label_outer, save_figure, style
 
-    attrs = list(dict.fromkeys(curve.attribute))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.7), squeeze=False, sharey=True)
-    for ax, attr in zip(axes[0], attrs):
-        for space, style in (("h", "-o"), ("x_T", "--s")):
-            c = curve[(curve.attribute == attr) & (curve.space == space)]
-            ax.errorbar(c.n, c.effect, yerr=c.effect_std, fmt=style, ms=3, capsize=2, label=f"{space}-space")
-        ns = sorted(set(curve[curve.attribute == attr].n))
-        ax.set_xscale("log")
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.minorticks_off()
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(attr, fontsize=9)
-        ax.set_xlabel("n per side", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("own attribute change (std)", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    with style():
+        attrs = list(dict.fromkeys(curve.attribute))
+        fig, axes = attribute_panels(attrs, sharey=True)
+        for attr, ax in axes.items():
+            for space, fmt in (("h", "-o"), ("x_T", "--s")):
+                c = curve[(curve.attribute == attr) & (curve.space == space)]
+                ax.errorbar(c.n, c.effect, yerr=c.effect_std, fmt=fmt, ms=4, capsize=2, label=f"{space}-space")
+            ns = sorted(set(curve[curve.attribute == attr].n))
+            ax.set_xscale("log")
+            ax.set_xticks(ns, [str(n) if i % 2 == 0 or n == ns[-1] else "" for i, n in enumerate(ns)])
+            ax.minorticks_off()
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(attr)
+            ax.grid(alpha=0.3)
+        label_outer(axes, "n per side", "own change (SD)")
+        axes[attrs[0]].legend()
+        return save_figure(fig, out)
 
 
 def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int):

@@ -122,33 +122,33 @@ def encoded_mask(probes: pd.DataFrame, attribute: str, steps: int) -> np.ndarray
 
 
 def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
-    from pipeline.formats.figures import plt, save_figure
+    from pipeline.formats.figures import attribute_panels, label_outer, save_figure, style
 
-    attrs = list(dict.fromkeys(table.attribute))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(2.7 * len(attrs), 2.7), squeeze=False)
-    T = int(table.step.max()) + 1
-    for ax, attr in zip(axes[0], attrs):
-        sub = table[table.attribute == attr]
-        for space, style in (("h", "-o"), ("x_t", "--s")):
-            c = sub[sub.space == space].sort_values("step")
-            if c.empty:
-                continue
-            ax.plot(c.step, c.score, style, ms=3, lw=1.2, label=f"{space}")
-            if space == "h" and "encoded" in c:
-                enc = c[c.encoded.astype(bool)]
-                ax.plot(enc.step, enc.score, "o", ms=6, mfc="none", color="k", lw=0)
-        chance = sub.chance.dropna()
-        if len(chance):
-            ax.axhline(float(chance.mean()), color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{attr} ({sub.metric.iloc[0]})", fontsize=9)
-        ticks = list(range(0, T, max(1, T // 5)))
-        ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks], fontsize=7)
-        ax.set_xlabel("timestep (left: first, noisiest step)", fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out score", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    with style():
+        attrs = list(dict.fromkeys(table.attribute))
+        fig, axes = attribute_panels(attrs)
+        T = int(table.step.max()) + 1
+        for attr, ax in axes.items():
+            sub = table[table.attribute == attr]
+            for space, fmt in (("h", "-o"), ("x_t", "--s")):
+                c = sub[sub.space == space].sort_values("step")
+                if c.empty:
+                    continue
+                ax.plot(c.step, c.score, fmt, ms=3, lw=1.2, label=f"{space}")
+                if space == "h" and "encoded" in c:
+                    enc = c[c.encoded.astype(bool)]
+                    ax.plot(enc.step, enc.score, "o", ms=7, mfc="none", color="k", lw=0,
+                            label="encoded" if attr == attrs[0] else None)
+            chance = sub.chance.dropna()
+            if len(chance):
+                ax.axhline(float(chance.mean()), color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{attr} ({sub.metric.iloc[0]})")
+            ticks = list(range(0, T, max(1, T // 4)))
+            ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks])
+            ax.grid(alpha=0.3)
+        label_outer(axes, "timestep (left: first step)", "held-out score")
+        axes[attrs[0]].legend()
+        return save_figure(fig, out)
 
 
 def identity(cfg, known: dict | None = None) -> dict:

@@ -124,24 +124,24 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
 
 
 def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
-    from pipeline.formats.figures import plt, save_figure
+    from pipeline.formats.figures import attribute_panels, label_outer, save_figure, style
 
-    attrs = list(dict.fromkeys(curves.attribute))
-    fig, axes = plt.subplots(1, len(attrs), figsize=(2.6 * len(attrs), 2.6), squeeze=False, sharey=True)
-    for ax, attr in zip(axes[0], attrs):
-        for space, style in (("h", "-o"), ("x_T", "--s")):
-            c = curves[(curves.attribute == attr) & (curves.space == space)]
-            ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=style, ms=3, capsize=2, label=f"{space}-space")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(set(c.n)), [str(n) for n in sorted(set(c.n))])
-        ax.minorticks_off()
-        ax.set_title(attr, fontsize=9)
-        ax.set_xlabel("n per side", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("cosine to the full direction", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    with style():
+        attrs = list(dict.fromkeys(curves.attribute))
+        fig, axes = attribute_panels(attrs, sharey=True)
+        for attr, ax in axes.items():
+            for space, fmt in (("h", "-o"), ("x_T", "--s")):
+                c = curves[(curves.attribute == attr) & (curves.space == space)]
+                ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=fmt, ms=4, capsize=2, label=f"{space}-space")
+            ns = sorted(set(curves[curves.attribute == attr].n))
+            ax.set_xscale("log")
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
+            ax.set_title(attr)
+            ax.grid(alpha=0.3)
+        label_outer(axes, "n per side", "cosine to the full direction")
+        axes[attrs[0]].legend()
+        return save_figure(fig, out)
 
 
 # ---------------------------------------------------------------------- real images
