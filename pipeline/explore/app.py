@@ -2,16 +2,17 @@
 
 The page wires :class:`~pipeline.explore.session.ExploreSession` to controls: a seed (or an
 uploaded image), sliders bound to directions, the Asyrp toggle, the edited step window and eta;
-the unedited and edited images with the scorer's readings; naming a direction; exporting the
-image and the combination. It binds to 127.0.0.1 unless ``--host`` says otherwise, sends no
-telemetry and loads nothing from outside (gradio serves its own assets and local fonts).
+the unedited and edited images (and an upload as the model sees it, with its inversion error) with
+the scorer's readings; naming a direction; exporting the image and the combination. Every slider
+ranges over ``ExploreSession.slider_range``; a value typed beyond it is applied and the slider
+widened, with a message. It binds to 127.0.0.1 unless ``--host`` says otherwise, sends no telemetry
+and loads nothing from outside (gradio serves its own assets and local fonts).
 """
 from __future__ import annotations
 
 import html
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from pipeline.explore.session import ExploreSession, Slider
 MAX_SLIDERS = 8
 SHOWN_SLIDERS = 3
 DISPLAY_PX = 256
+#: sizes (pixels, longer side) offered for an exported image; 0: the model's own
+EXPORT_SIZES = (0, 256, 512, 1024)
 #: files offered first on the sliders (the rest follow by name)
 PREFERRED = ("supervised", "disentangled", "real", "pca", "jacobian")
 
@@ -47,17 +50,29 @@ def _enlarge(image: np.ndarray) -> np.ndarray:
     return image.repeat(k, 0).repeat(k, 1) if k > 1 else image
 
 
-def scores_html(scores: dict[str, tuple[float, float]]) -> str:
-    """The readings as a table; every cell carries data-attr / data-which for the browser test."""
+def scores_html(scores: dict) -> str:
+    """The readings as a table: unedited, edited, the change in the scorer's units and in standard
+    deviations of its unedited scores; a categorical score as its classes. Every cell carries
+    data-attr / data-which / data-value (the raw number) for the browser test."""
     if not scores:
         return "<p>(no scorer configured)</p>"
-    rows = "".join(
-        f"<tr><td>{html.escape(a)}</td>"
-        + "".join(f'<td data-attr="{html.escape(a)}" data-which="{w}">{v:.4f}</td>'
-                  for w, v in (("unedited", u), ("edited", e), ("change", e - u)))
-        + "</tr>" for a, (u, e) in scores.items())
+
+    def cell(a, which, text, value):
+        return f'<td data-attr="{html.escape(a)}" data-which="{which}" data-value="{value!r}">{html.escape(text)}</td>'
+
+    rows = []
+    for a, r in scores.items():
+        if r.classes is not None:
+            change = "same class" if round(r.edited) == round(r.unedited) else "changed class"
+            sd = ""
+        else:
+            change = f"{r.change:+.4f}"
+            sd = "" if r.change_sd is None else f"{r.change_sd:+.2f}"
+        rows.append(f"<tr><td>{html.escape(a)}</td>" + cell(a, "unedited", r.label(r.unedited), r.unedited)
+                    + cell(a, "edited", r.label(r.edited), r.edited) + cell(a, "change", change, r.change)
+                    + cell(a, "change_sd", sd, r.change_sd) + "</tr>")
     return ('<table class="scores"><thead><tr><th>attribute</th><th>unedited</th><th>edited</th><th>change</th>'
-            f"</tr></thead><tbody>{rows}</tbody></table>")
+            f"<th>change (SD)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _ordered_choices(session: ExploreSession) -> list[tuple[str, str]]:
@@ -76,14 +91,33 @@ def _key(value: str) -> tuple[str, int]:
     return file, int(index)
 
 
-def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = None):
+def _scale_slider_class():
+    """gr.Slider that takes a value typed beyond its range instead of refusing it (gradio raises an error
+    there); the app then widens the slider. Drawn by the same front-end component as gr.Slider."""
+    import gradio as gr
+
+    class ScaleSlider(gr.Slider):
+        is_template = True  # the front end draws it as the slider it derives from
+
+        def preprocess(self, payload):
+            return None if payload is None else float(payload)
+
+    return ScaleSlider
+
+
+def export_folder(session: ExploreSession) -> Path:
+    """Where exported images go: ``<run_dir>/explore`` (the app serves files from there)."""
+    return session.run_dir / "explore"
+
+
+def build_app(session: ExploreSession):
     """The gradio Blocks of the app (not launched)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
+    ScaleSlider = _scale_slider_class()
     model = session.model
     T = model.num_steps
-    export_dir = Path(export_dir or tempfile.mkdtemp(prefix="hspace-explore-"))  # under the temp dir gradio serves
     eta0 = [float(v) for v in model.eta]
     uniform_eta = all(v == eta0[0] for v in eta0)
     choices = _ordered_choices(session)
@@ -95,31 +129,54 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
     def eta_of(value):
         return None if (not uniform_eta and float(value) == eta0[0]) else float(value)
 
+    def beyond(rows) -> list[str]:
+        """A note for every slider whose value lies beyond its range (typed in): it is applied."""
+        notes = []
+        for k, (choice, scale) in enumerate(zip(rows[::2], rows[1::2])):
+            if choice and scale is not None and abs(float(scale)) > session.slider_range(*_key(choice)) * (1 + 1e-9):
+                notes.append(f"slider {k + 1}: {float(scale):g} lies beyond its range "
+                             f"±{session.slider_range(*_key(choice)):g}; applied, and the slider widened")
+        return notes
+
     def update(source, seed, asyrp, first, last, eta, *rows):
         try:
             view = session.render(seed if source is None else source, sliders_of(rows), asyrp=bool(asyrp),
                                   window=(int(first), int(last)), eta=eta_of(eta), seed=int(seed or 0))
         except HSpaceError as e:
-            return gr.skip(), gr.skip(), gr.skip(), f"**error:** {html.escape(str(e))}", None
-        where = "seed" if source is None else "uploaded image"
-        status = f"{where}; update {view.seconds * 1000:.0f} ms"
-        return _enlarge(view.original), _enlarge(view.edited), scores_html(view.scores), status, view
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"**error:** {html.escape(str(e))}", None
+        if view.source_image is None:
+            where = f"seed {int(seed or 0)}"
+            shown = gr.update(value=None, visible=False)
+        else:
+            where = f"uploaded image, inversion error {view.inversion_error:.4f} (mean absolute pixel difference, [0, 1])"
+            shown = gr.update(value=_enlarge(view.source_image), visible=True)
+        status = "; ".join([f"{where}; update {view.seconds * 1000:.0f} ms", *beyond(rows)])
+        return shown, _enlarge(view.original), _enlarge(view.edited), scores_html(view.scores), status, view
 
-    def upload(file):
+    def upload(file, seed, *rest):
+        """A readable image becomes the source and is shown; anything else is said, the box is emptied and the
+        seed is shown again (what the box shows is what the images come from)."""
         if file is None:
-            return gr.skip(), gr.skip()
+            return (gr.skip(),) * 8
         try:
-            key = session.add_image(file)
+            key, box, note = session.add_image(file), gr.skip(), ""
         except HSpaceError as e:
             message = str(e).replace(str(file), Path(str(file)).name)  # not gradio's upload folder
             gr.Warning(message)
-            return gr.skip(), f"**error:** {html.escape(message)}"
-        return key, f"inverting {Path(str(file)).name} ..."
+            key, box, note = None, None, f"**error:** {html.escape(message)}; showing the seed again"
+        shown = update(key, seed, *rest)
+        status = f"{note}; {shown[4]}" if note and isinstance(shown[4], str) else shown[4]
+        return (key, box, *shown[:4], status, shown[5])
 
-    def rebind(choice):
-        file, _ = _key(choice)
-        m = session.suggested_scale(file)
+    def rebind(choice, value):
+        m = max(session.slider_range(*_key(choice)), abs(float(value or 0.0)))
         return gr.update(minimum=-m, maximum=m, step=_step(m))
+
+    def widen(choice, value):
+        """Widen a slider to a value typed beyond its range (nothing otherwise)."""
+        if not choice or value is None or abs(float(value)) <= session.slider_range(*_key(choice)):
+            return gr.skip()
+        return gr.update(minimum=-abs(float(value)), maximum=abs(float(value)))
 
     def name_direction(choice, label):
         try:
@@ -131,11 +188,11 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
         msg = f"saved: {html.escape(shown)} (in {html.escape(str(session.run_dir / 'directions' / file))}.safetensors)"
         return [gr.update(choices=new)] * (MAX_SLIDERS + 1) + [msg]
 
-    def export_png(view):
+    def export_png(view, size):
         if view is None:
             return gr.skip(), "nothing to export yet"
-        path = session.export_png(view, export_dir / "explore-edited.png")
-        return gr.update(value=str(path), visible=True), f"PNG: {path}"
+        path = session.export_png(view, int(size) or None, export_folder(session))
+        return gr.update(value=str(path), visible=True), f"PNG: {path} (how it was made: in its metadata)"
 
     def export_directions(name, asyrp, first, last, *rows):
         try:
@@ -170,12 +227,16 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
                                          elem_id="export-name")
                 with gr.Row():
                     export_dirs_button = gr.Button("save combination", elem_id="export-directions", size="sm")
+                    export_size = gr.Dropdown([("model's size" if v == 0 else f"{v} px", v) for v in EXPORT_SIZES],
+                                              value=DISPLAY_PX, label="PNG size", elem_id="export-size", min_width=100)
                     export_png_button = gr.Button("export PNG", elem_id="export-png", size="sm")
                 exported = gr.File(label="exported file", interactive=False, elem_id="exported", visible=False)
             with gr.Column(scale=2):  # the images, their readings and the sliders
                 with gr.Row():
-                    original = gr.Image(label="unedited", format="png", interactive=False, elem_id="original",
-                                        buttons=["download", "fullscreen"])
+                    uploaded = gr.Image(label="uploaded (as the model sees it)", format="png", interactive=False,
+                                        elem_id="uploaded", visible=False, buttons=["download", "fullscreen"])
+                    original = gr.Image(label="unedited (for an upload: its reconstruction)", format="png",
+                                        interactive=False, elem_id="original", buttons=["download", "fullscreen"])
                     edited = gr.Image(label="edited", format="png", interactive=False, elem_id="edited",
                                       buttons=["download", "fullscreen"])
                 with gr.Row():
@@ -187,24 +248,27 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
                     with gr.Row(visible=k < SHOWN_SLIDERS, equal_height=True) as row:
                         d = gr.Dropdown(choices, value=value, label=f"direction {k + 1}", elem_id=f"direction-{k}",
                                         scale=2)
-                        m = session.suggested_scale(*_key(value)) if value else 3.0
-                        s = gr.Slider(-m, m, value=0.0, step=_step(m), label="scale", elem_id=f"scale-{k}", scale=3)
+                        m = session.slider_range(*_key(value)) if value else 3.0
+                        s = ScaleSlider(-m, m, value=0.0, step=_step(m), label="scale", elem_id=f"scale-{k}", scale=3)
                     rows += [d, s]
                     groups.append(row)
                 shown = gr.State(SHOWN_SLIDERS)
                 more = gr.Button("add a slider", elem_id="add-slider", size="sm")
 
         inputs = [source, seed, asyrp, first, last, eta, *rows]
-        outputs = [original, edited, scores, status, view_state]
+        outputs = [uploaded, original, edited, scores, status, view_state]
         events = {"fn": update, "inputs": inputs, "outputs": outputs, "trigger_mode": "always_last", "show_progress": "hidden"}
         demo.load(**events)
         for control in (asyrp, first, last, eta, *rows):
             control.change(**events)
         seed.change(lambda: None, outputs=source).then(**events)
         random_seed.click(lambda: (int(np.random.default_rng().integers(0, 2**31 - 1)), None), outputs=[seed, source])
-        image_file.upload(upload, inputs=image_file, outputs=[source, status]).then(**events)
+        image_file.upload(upload, inputs=[image_file, *inputs[1:]], outputs=[source, image_file, *outputs],
+                          show_progress="hidden")
+        image_file.clear(lambda: None, outputs=source).then(**events)  # clearing the box: back to the seed
         for d, s in zip(rows[::2], rows[1::2]):
-            d.change(rebind, inputs=d, outputs=s)
+            d.change(rebind, inputs=[d, s], outputs=s)
+            s.change(widen, inputs=[d, s], outputs=s)
 
         def add_row(n):
             n = min(n + 1, MAX_SLIDERS)
@@ -213,18 +277,20 @@ def build_app(session: ExploreSession, export_dir: str | os.PathLike | None = No
         more.click(add_row, inputs=shown, outputs=[shown, *groups])
         dropdowns = [*rows[::2], name_choice]
         name_button.click(name_direction, inputs=[name_choice, name_text], outputs=[*dropdowns, status])
-        export_png_button.click(export_png, inputs=view_state, outputs=[exported, status])
+        export_png_button.click(export_png, inputs=[view_state, export_size], outputs=[exported, status])
         export_dirs_button.click(export_directions, inputs=[export_name, asyrp, first, last, *rows],
                                  outputs=[*dropdowns, exported, status])
     return demo
 
 
-def launch(demo, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Serve ``demo`` on host:port (checked free first); returns the URL. ``block``: until Ctrl+C."""
+def launch(demo, host: str = "127.0.0.1", port: int = 7860, block: bool = True, allowed_paths=()) -> str:
+    """Serve ``demo`` on host:port (checked free first); returns the URL. ``block``: until Ctrl+C.
+    ``allowed_paths``: folders whose files the page may offer for download (the exports)."""
     port = free_port(host, port)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
-                ssr_mode=False, mcp_server=False, pwa=False, footer_links=["api", "settings"])
+                ssr_mode=False, mcp_server=False, pwa=False, footer_links=["api", "settings"],
+                allowed_paths=[str(p) for p in allowed_paths])
     url = f"http://{host}:{port}/"
     if not block:
         return url
@@ -249,4 +315,4 @@ def run_explore(cfg, host: str = "127.0.0.1", port: int = 7860) -> None:
         import torch
 
         torch.set_num_threads(1)  # one small sample per update: extra threads only contend (docs/explore.md)
-    launch(build_app(session), host, port)
+    launch(build_app(session), host, port, allowed_paths=[export_folder(session)])
