@@ -264,7 +264,8 @@ class ExploreSession:
         categorical = getattr(self.scorer, "categorical", {}) or {}
         readings = {k: Reading(base.scores[k], scores[k], self.stds.get(k), tuple(categorical[k]) if k in categorical
                                else None) for k in base.scores}
-        settings = {"source": source if isinstance(source, str) else int(source), "seed": int(seed),
+        settings = {"source": source if isinstance(source, str) else int(source),
+                    "seed": int(seed) if isinstance(source, str) else int(source),  # the noise's seed of an upload
                     "sliders": [{"file": s.file, "index": int(s.index), "name": self.files[s.file].display_name(int(s.index)),
                                  "scale": float(s.scale)} for s in sliders if float(s.scale) != 0.0],
                     "window": list(self._window(window)), "asyrp": bool(asyrp),
