@@ -10,6 +10,7 @@ and loads nothing from outside (gradio serves its own assets and local fonts).
 """
 from __future__ import annotations
 
+import functools
 import html
 import os
 import socket
@@ -91,17 +92,27 @@ def _key(value: str) -> tuple[str, int]:
     return file, int(index)
 
 
+@functools.cache
 def _scale_slider_class():
     """gr.Slider that takes a value typed beyond its range instead of refusing it (gradio raises an error
-    there); the app then widens the slider. Drawn by the same front-end component as gr.Slider."""
+    there); the app then widens the slider. Drawn by the same front-end component as gr.Slider. A
+    subclass, not a patched instance: gradio re-creates a component from its class when an update
+    changes its range. Defined with gradio's stub writer switched off: gradio writes a ``.pyi`` beside
+    every module that defines a component, which would be this package's source folder."""
     import gradio as gr
+    import gradio.component_meta as meta
 
-    class ScaleSlider(gr.Slider):
-        is_template = True  # the front end draws it as the slider it derives from
+    write_stub = getattr(meta, "create_or_modify_pyi", None)
+    meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        class ScaleSlider(gr.Slider):
+            is_template = True  # the front end draws it as the slider it derives from
 
-        def preprocess(self, payload):
-            return None if payload is None else float(payload)
-
+            def preprocess(self, payload):
+                return None if payload is None else float(payload)
+    finally:
+        if write_stub is not None:
+            meta.create_or_modify_pyi = write_stub
     return ScaleSlider
 
 
