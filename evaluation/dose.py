@@ -27,23 +27,28 @@ def dose_response_path(out: Path, family: str) -> Path:
     return Path(out) / f"dose_response-{family}.png"
 
 
-def dose_response_plots(curves: pd.DataFrame, out: Path, unit: str) -> list[Path]:
+def dose_response_plots(curves: pd.DataFrame, out: Path, unit: str, max_multiple: float = 2.0) -> list[Path]:
     """One figure per family (``dose_response-<family>.png``): three panels against the edit's
-    strength (in multiples of each direction's calibrated strength where it has one, else its scale):
-    the own attribute's signed change, the largest side effect and the mean pixel change; one line
-    per direction (its matched attribute named where it has no name of its own), 95% bootstrap
-    intervals over the seeds as bars."""
-    return [_family_plot(curves[curves.family == f], f, dose_response_path(out, f), unit)
+    strength (in multiples of each direction's calibrated strength where it has one, up to
+    ``max_multiple``: the sweep, not Table 1's fixed scale; else its scale): the own attribute's
+    signed change, the largest side effect and the mean pixel change; one line per direction (its
+    matched attribute named where it has no name of its own), moved sideways a little so that the
+    bars do not hide each other; 95% bootstrap intervals over the seeds as bars."""
+    return [_family_plot(curves[curves.family == f], f, dose_response_path(out, f), unit, max_multiple)
             for f in FAMILY_TITLES if f in set(curves.family)]
 
 
 @styled
-def _family_plot(sub: pd.DataFrame, family: str, path: Path, unit: str) -> Path:
+def _family_plot(sub: pd.DataFrame, family: str, path: Path, unit: str, max_multiple: float) -> Path:
     multiples = sub.multiple.notna().all()
+    if multiples:
+        sub = sub[sub.multiple.abs() <= max_multiple * (1 + 1e-6)]
+    span = float((sub.multiple if multiples else sub.scale).abs().max() or 1.0)
+    names = list(dict.fromkeys(sub.direction))
     fig, axes = plt.subplots(1, 3, figsize=(8.6, 3.4), layout="constrained")
     for i, (direction, g) in enumerate(sub.groupby("direction", sort=False)):
         g = g.sort_values("scale")
-        x = g.multiple if multiples else g.scale
+        x = (g.multiple if multiples else g.scale) + 0.025 * span * (i - (len(names) - 1) / 2)
         label = direction if family in ("original", "disentangled") else f"{direction} → {g.attribute.iloc[0]}"
         color, marker = plt.get_cmap("tab10")(i % 10), "osD^vP*X"[i % 8]
         for ax, (y, _) in zip(axes, PANELS):
@@ -99,8 +104,8 @@ def report_section(page, run_dir: Path) -> None:
         page.note("Every direction at a sweep of strengths on the first "
                   f"{summary.get('dose_response', {}).get('seeds', '?')} evaluation seeds, one figure per family. "
                   "x: the strength, in multiples of each direction's calibrated strength (+1&times; moves its own "
-                  "attribute by the calibration target on the calibration seeds; Table 1's fixed scale is one more "
-                  "point, at its own multiple), or for PCA and random directions the scale in standard "
+                  "attribute by the calibration target on the calibration seeds; Table 1's fixed scale, a larger "
+                  "multiple, is in the CSV, not on these axes), or for PCA and random directions the scale in standard "
                   "deviations along the direction. Panels: the signed change of the direction's own attribute, the "
                   "largest noise-corrected |mean change| of any other attribute, the mean absolute pixel change. Bars: "
                   "95% bootstrap intervals over the seeds. A good direction climbs in the first panel and stays low "

@@ -168,7 +168,7 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path, sweep: list[int]) -> 
     if sweep and not rows.empty:
         curves = dose_response(rows, scale, mapping, matched=matched, calibrated=calibrated)
         write_text_atomic(out / "dose_response.csv", curves.to_csv(index=False))
-        dose_response_plots(curves, out, unit)
+        dose_response_plots(curves, out, unit, max(abs(m) for m in ev_cfg.sweep_multiples) if ev_cfg.sweep_multiples else 2.0)
         summary["dose_response"] = {"seeds": len(sweep), "directions": int(curves.direction.nunique())}
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -117,9 +117,9 @@ def label_outer(axes: dict, xlabel: str, ylabel: str, ncols: int = 3) -> None:
 
 @styled
 def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
-                      title: str = "", cell: float = 0.85, cell_titles: Sequence[Sequence[str]] | None = None):
+                      title: str = "", cell: float = 0.72, cell_titles: Sequence[Sequence[str]] | None = None):
     """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None.
-    ``cell``: inches per image (0.85: 85 px, a 32-px image nearest-upscaled)."""
+    ``cell``: inches per image (0.72: 72 px, so that two strips of six columns fit side by side on a wide page)."""
     rows, cols = len(images), max(len(r) for r in images)
     lines = max([1] + [str(c).count("\n") + 1 for c in col_labels])
     head = (0.45 if title else 0.0) + (0.2 * lines if col_labels else 0.0)

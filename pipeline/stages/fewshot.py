@@ -129,7 +129,7 @@ def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
             ax.set_title(attr)
             ax.grid(alpha=0.3)
         label_outer(axes, "n per side", "own change (SD)")
-        axes[attrs[0]].legend()
+        fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
         return save_figure(fig, out)
 
 

@@ -147,7 +147,7 @@ def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
             ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks])
             ax.grid(alpha=0.3)
         label_outer(axes, "timestep (left: first step)", "held-out score")
-        axes[attrs[0]].legend()
+        fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
         return save_figure(fig, out)
 
 

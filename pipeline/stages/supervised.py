@@ -140,7 +140,7 @@ def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
             ax.set_title(attr)
             ax.grid(alpha=0.3)
         label_outer(axes, "n per side", "cosine to the full direction")
-        axes[attrs[0]].legend()
+        fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
         return save_figure(fig, out)
 
 
