@@ -112,3 +112,17 @@ def test_figures_record_their_smallest_font(tmp_path):
     assert scale_labels([-1.0, 0.0, 0.5, 1.0, 3.0], 0.5, 3.0) == ["-2×\n(-1)", "unedited", "+1× cal.\n(+0.5)", "+2×\n(+1)",
                                                                   "fixed\n(+3)"]
     assert scale_labels([3.0], 3.0, 3.0) == ["+1× cal. = fixed\n(+3)"] and scale_labels([-4.0], unit=" SD") == ["-4 SD"]
+
+
+@pytest.mark.parametrize("command, resumes", [("explore", False), ("select", True)])
+def test_an_interrupted_command_says_resume_only_when_it_does(command, resumes, tmp_path, monkeypatch, capsys):
+    from pipeline.errors import Interrupted
+
+    def interrupted(cfg, **kwargs):
+        raise Interrupted("SIGINT")
+
+    real = cli.commands
+    monkeypatch.setattr(cli, "commands", lambda: {**real(), command: (interrupted, real()[command][1])})
+    assert cli.main([command, f"run_dir={tmp_path / 'run'}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"hspace {command}: interrupted" + ("; re-run the same command to resume" if resumes else "")
