@@ -27,7 +27,7 @@ nav { position:sticky; top:0; z-index:2; background:#fff; border-bottom:1px soli
       font-size:14px; display:flex; flex-wrap:wrap; gap:2px 16px; }
 nav a { color:var(--muted); text-decoration:none; white-space:nowrap; }
 nav a:hover { color:var(--accent); }
-main { max-width:1180px; margin:0 auto; padding:8px 24px 60px; }
+main { max-width:1280px; margin:0 auto; padding:8px 24px 60px; }
 section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px 22px; margin:20px 0; }
 h2 { font-size:20px; margin:0 0 10px; }
 h3 { font-size:16px; margin:20px 0 8px; color:var(--muted); font-weight:600; }

@@ -259,9 +259,8 @@ def _views(session: ExploreSession, gr) -> SimpleNamespace:
                               elem_id="original", buttons=["download", "fullscreen"])
         v.edited = gr.Image(label="edited", format="png", interactive=False, elem_id="edited",
                             buttons=["download", "fullscreen"])
-    with gr.Row():
-        v.scores = gr.HTML(elem_id="scores")
-        v.status = gr.Markdown(elem_id="status")
+    v.status = gr.Markdown(elem_id="status")
+    v.scores = gr.HTML(elem_id="scores")
     for k in range(MAX_SLIDERS):
         value = choices[k % len(choices)][1] if choices else None
         with gr.Row(visible=k < SHOWN_SLIDERS, equal_height=True) as row:
