@@ -295,31 +295,6 @@ def test_cli_errors_are_one_line_exit_2(session, tmp_path):
 
 
 # ---------------------------------------------------------------------- the app in a real browser
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None or not _has_playwright():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI must run the browser test: install Debian's chromium and the test extra (playwright)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium) and playwright (pip install -e '.[test]')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-def _has_playwright() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def app_session(run_dir, model, toy, tmp_path_factory):
     """A copy of the run for the app of this module's browser tests, and a session on it (for lookups)."""

@@ -10,29 +10,21 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_run import tiny_run_args
 
-from conftest import hspace, tiny_overrides
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from conftest import hspace
 
 
 def run_args(run_dir, model_dir) -> list[str]:
-    return [*tiny_overrides(run_dir, model_dir), "generate.num_samples=24", "generate.batch_size=12",
-            "annotate.annotators=[fake_annotators:brightness]", "select.attributes=[bright,red]", "select.n=5",
-            "select.contact_sheet_size=4", "pca.n_components=3", "jacobian.sample_ids=[0]", "jacobian.k=2",
-            "jacobian.tau=1", "supervised.convergence_ns=[1,5]", "disentangle.pairs={bright: [red]}",
-            "edit.seeds=[1000000,1000001]", "report.pca_components=2", "report.jacobian_directions=2",
-            "evaluate.scorer=fake_annotators:brightness", "evaluate.quality=null", "evaluate.num_samples=4",
-            "evaluate.repeats=2", "evaluate.pca_components=2", "evaluate.sweep_samples=3", "evaluate.bootstrap=50",
-            "probe.pca_components=4", "fewshot.ns=[1,5]", "fewshot.draws=2", "fewshot.num_samples=2",
-            "fewshot.restriction_samples=2", "calibrate.num_samples=3", "calibrate.std_samples=6",
+    """test_run's small main job, with a dose-response sweep and a short calibration."""
+    return [*tiny_run_args(run_dir, model_dir), "edit.seeds=[1000000,1000001]", "evaluate.num_samples=4",
+            "evaluate.sweep_samples=3", "evaluate.bootstrap=50", "calibrate.num_samples=3", "calibrate.std_samples=6",
             "calibrate.max_iter=2"]
 
 
@@ -108,30 +100,6 @@ def test_the_report_folder_is_complete_and_reproduces_its_configuration(run):
 
 
 # ---------------------------------------------------------------------- the page in a browser
-def _has_playwright() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None or not _has_playwright():
-        import os
-
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI must run the browser test: install Debian's chromium and the test extra (playwright)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium) and playwright (pip install -e '.[test]')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
 FIGURES = """() => [...document.querySelectorAll('figure img')].map(img => {
     const r = img.getBoundingClientRect(), a = img.closest('a');
     return {src: img.getAttribute('src'), width: r.width, href: a ? a.getAttribute('href') : null};

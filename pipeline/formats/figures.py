@@ -116,6 +116,29 @@ def label_outer(axes: dict, xlabel: str, ylabel: str, ncols: int = 3) -> None:
 
 
 @styled
+def curves_against_n(curves, y: str, yerr: str, ylabel: str, out: Path, zero_line: bool = False) -> Path:
+    """One panel per attribute of ``curves`` (columns attribute, space, n, ``y``, ``yerr``): ``y`` against
+    the number of examples per side (log axis), h-space solid and x_T space dashed, ``yerr`` as bars."""
+    attrs = list(dict.fromkeys(curves.attribute))
+    fig, axes = attribute_panels(attrs, sharey=True)
+    for attr, ax in axes.items():
+        for space, fmt in (("h", "-o"), ("x_T", "--s")):
+            c = curves[(curves.attribute == attr) & (curves.space == space)]
+            ax.errorbar(c.n, c[y], yerr=c[yerr], fmt=fmt, ms=4, capsize=2, label=f"{space}-space")
+        ns = sorted(set(curves[curves.attribute == attr].n))
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) if i % 2 == 0 or n == ns[-1] else "" for i, n in enumerate(ns)])
+        ax.minorticks_off()
+        if zero_line:
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(attr)
+        ax.grid(alpha=0.3)
+    label_outer(axes, "n per side", ylabel)
+    fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+    return save_figure(fig, out)
+
+
+@styled
 def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
                       title: str = "", cell: float = 0.72, cell_titles: Sequence[Sequence[str]] | None = None):
     """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None.

@@ -112,25 +112,9 @@ def restriction_table(rows: pd.DataFrame, attrs: list[str]) -> pd.DataFrame:
 
 
 def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
-    from pipeline.formats.figures import attribute_panels, label_outer, save_figure, style
+    from pipeline.formats.figures import curves_against_n
 
-    with style():
-        attrs = list(dict.fromkeys(curve.attribute))
-        fig, axes = attribute_panels(attrs, sharey=True)
-        for attr, ax in axes.items():
-            for space, fmt in (("h", "-o"), ("x_T", "--s")):
-                c = curve[(curve.attribute == attr) & (curve.space == space)]
-                ax.errorbar(c.n, c.effect, yerr=c.effect_std, fmt=fmt, ms=4, capsize=2, label=f"{space}-space")
-            ns = sorted(set(curve[curve.attribute == attr].n))
-            ax.set_xscale("log")
-            ax.set_xticks(ns, [str(n) if i % 2 == 0 or n == ns[-1] else "" for i, n in enumerate(ns)])
-            ax.minorticks_off()
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.set_title(attr)
-            ax.grid(alpha=0.3)
-        label_outer(axes, "n per side", "own change (SD)")
-        fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
-        return save_figure(fig, out)
+    return curves_against_n(curve, "effect", "effect_std", "own change (SD)", out, zero_line=True)
 
 
 def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int):

@@ -124,24 +124,9 @@ def supervised_directions(run_dir, sup_cfg) -> tuple[Directions, pd.DataFrame]:
 
 
 def plot_convergence(curves: pd.DataFrame, out: Path) -> Path:
-    from pipeline.formats.figures import attribute_panels, label_outer, save_figure, style
+    from pipeline.formats.figures import curves_against_n
 
-    with style():
-        attrs = list(dict.fromkeys(curves.attribute))
-        fig, axes = attribute_panels(attrs, sharey=True)
-        for attr, ax in axes.items():
-            for space, fmt in (("h", "-o"), ("x_T", "--s")):
-                c = curves[(curves.attribute == attr) & (curves.space == space)]
-                ax.errorbar(c.n, c.cosine_mean, yerr=c.cosine_std, fmt=fmt, ms=4, capsize=2, label=f"{space}-space")
-            ns = sorted(set(curves[curves.attribute == attr].n))
-            ax.set_xscale("log")
-            ax.set_xticks(ns, [str(n) for n in ns])
-            ax.minorticks_off()
-            ax.set_title(attr)
-            ax.grid(alpha=0.3)
-        label_outer(axes, "n per side", "cosine to the full direction")
-        fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
-        return save_figure(fig, out)
+    return curves_against_n(curves, "cosine_mean", "cosine_std", "cosine to the full direction", out)
 
 
 # ---------------------------------------------------------------------- real images
