@@ -72,6 +72,16 @@ def make_tiny_unet(seed: int = 0, size: int = 16) -> UNet2DModel:
     return unet.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    a second thread's hand-offs cost more than they save, and the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()

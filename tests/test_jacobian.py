@@ -9,20 +9,14 @@ from diffusers import DDIMScheduler
 
 from conftest import make_tiny_unet
 from pipeline import HSpaceModel
-from pipeline.methods import jacobian as jac
 from pipeline.errors import ConvergenceError, InputError
+from pipeline.methods import jacobian as jac
 
 SEED, STEP, K = 0, 0, 4  # at this point the tiny U-Net's spectrum has usable gaps (s5/s4 ~ 0.93)
 TOL = {"subspace": 1e-4, "sequential": 1e-4, "deflation": 1e-4, "auto": 1e-5}  # float32 floor ~5e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and robust to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster, and robust to a busy machine
 
 
 @pytest.fixture(scope="module")
