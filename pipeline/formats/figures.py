@@ -84,7 +84,9 @@ def scale_labels(scales: Sequence[float], calibrated: float | None = None, fixed
         elif is_fixed:
             out.append(f"fixed\n({s:+.3g})")
         elif calibrated:
-            out.append(f"{s / calibrated:+.3g}×\n({s:+.2g})")
+            m = s / calibrated
+            near = round(m * 4) / 4  # a scale typed from a rounded strength still reads as its multiple
+            out.append(f"{near if abs(m - near) <= 0.02 * abs(m) else m:+.3g}×\n({s:+.2g})")
         else:
             out.append(f"{s:+.3g}{unit}")
     return out
