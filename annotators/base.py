@@ -36,6 +36,8 @@ class Annotator(abc.ABC):
     name: str = "annotator"
     attributes: tuple[str, ...] = ()
     may_be_missing: tuple[str, ...] = ()
+    #: scores that are class indices: attribute -> the class names (index k is classes[k])
+    categorical: dict[str, tuple[str, ...]] = {}
     input_size: tuple[int, int] | None = None
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)

@@ -9,7 +9,13 @@ and the image-quality score before/after. From it:
   sets is the reported standard deviation); optionally in units of the attribute's standard
   deviation over the unedited samples, so attributes with different ranges compare;
 - the **strongest effect per row**, marked as in the paper's Table 1; the same matrix signed
-  (which way each edit moves each attribute) beside it;
+  (which way each edit moves each attribute) beside it, with whether every seed set agrees on the
+  sign (where they do, the signed entry's magnitude is Table 1's entry exactly);
+- Table 1's **noise floor** (``noise_floor``): |mean| over a seed set of n is biased upward by
+  about sqrt(2/pi) * sd / sqrt(n) when the true change is 0, so Table 1 is also given corrected
+  for it (``corrected_effect_matrix``: the PCA section's statistic, over all seeds);
+- the **matching** of each direction to "its" attribute (``matched_attributes``), one rule used by
+  every table and plot: a named direction's own attribute, else the one it moves most consistently;
 - **PCA vs random** (paper Fig. 6 as a number): consistent attribute change per unit of pixel
   change, where the consistent change is |mean| corrected for its noise floor
   (``consistent_abs_mean``): a direction whose per-sample changes cancel has none;
@@ -49,6 +55,69 @@ def effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = Non
     mean = grouped.mean().reindex(order)
     std = grouped.std(ddof=1).reindex(order).fillna(0.0)
     return mean, std
+
+
+def sets_agree(per_sample: pd.DataFrame) -> pd.DataFrame:
+    """Per (direction, attribute): whether the mean change has the same sign in every seed set (a
+    zero mean counts with either sign). Where it does, ``effect_matrix``'s unsigned entry equals the
+    magnitude of its signed one (mean of |x_r| = |mean of x_r| exactly when the x_r share a sign)."""
+    attrs = attribute_columns(per_sample)
+    per_repeat = per_sample.groupby(["direction", "repeat"], sort=False)[[f"d_{a}" for a in attrs]].mean()
+    per_repeat.columns = attrs
+    grouped = per_repeat.groupby(level="direction", sort=False)
+    agree = (grouped.min() >= 0) | (grouped.max() <= 0)
+    return agree.reindex(list(dict.fromkeys(per_sample["direction"])))
+
+
+def noise_floor(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> pd.DataFrame:
+    """What ``effect_matrix``'s entry would be with no true change: per seed set, E|mean| of n
+    zero-mean changes of their spread, sqrt(2 / pi) * sd / sqrt(n), averaged over sets (in ``scale``
+    units). The bias of Table 1's statistic: an entry near its floor is noise."""
+    attrs = attribute_columns(per_sample)
+    cols = [f"d_{a}" for a in attrs]
+    g = per_sample.groupby(["direction", "repeat"], sort=False)[cols]
+    floor = np.sqrt(2 / np.pi) * g.std(ddof=1) / np.sqrt(g.count())
+    floor.columns = attrs
+    for a in attrs:
+        floor[a] = floor[a] / (scale or {}).get(a, 1.0)
+    out = floor.groupby(level="direction", sort=False).mean()
+    return out.reindex(list(dict.fromkeys(per_sample["direction"])))
+
+
+def corrected_effect_matrix(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> pd.DataFrame:
+    """Table 1 corrected for its noise floor: per (direction, attribute), ``consistent_abs_mean`` of the
+    changes over all seeds of every set (sqrt(max(mean^2 - var/n, 0)): the PCA section's statistic),
+    in ``scale`` units. A change that scatters around 0 gives about 0 instead of its noise floor."""
+    attrs = attribute_columns(per_sample)
+    out = per_sample.groupby("direction", sort=False)[[f"d_{a}" for a in attrs]].apply(
+        lambda g: pd.Series(consistent_abs_mean(g.to_numpy()), index=attrs))
+    for a in attrs:
+        out[a] = out[a] / (scale or {}).get(a, 1.0)
+    return out.reindex(list(dict.fromkeys(per_sample["direction"])))
+
+
+def matched_attributes(per_sample: pd.DataFrame, scale: dict[str, float] | None = None,
+                       mapping: dict[str, str] | None = None) -> dict[str, str]:
+    """The one rule that gives every direction "its" attribute, used by every table and plot: a
+    supervised or disentangled direction's own attribute by its name (``own_attribute``); any other
+    (PCA, random) the attribute it moves most consistently (largest ``consistent_abs_mean`` in
+    ``scale`` units) at the scale it was applied to on the most seeds (its Fig. 6 scale; ties: the
+    largest |scale|)."""
+    attrs = attribute_columns(per_sample)
+    out = {}
+    for direction, rows in per_sample.groupby("direction", sort=False):
+        named = own_attribute(direction, mapping)
+        if rows["family"].iloc[0] in ("original", "disentangled") and named in attrs:
+            out[direction] = named
+            continue
+        if "scale" in rows:
+            counts = rows.groupby("scale")["seed"].nunique()
+            best = max(counts.index, key=lambda s: (counts[s], abs(s)))
+            rows = rows[rows["scale"] == best]
+        effect = consistent_abs_mean(rows[[f"d_{a}" for a in attrs]].to_numpy())
+        effect = effect / np.array([(scale or {}).get(a, 1.0) for a in attrs])
+        out[direction] = attrs[int(np.argmax(effect))]
+    return out
 
 
 def bootstrap_effects(per_sample: pd.DataFrame, scale: dict[str, float] | None = None, n_boot: int = 1000,
@@ -145,30 +214,31 @@ def consistent_abs_mean(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(x.mean(axis=0) ** 2 - x.var(axis=0, ddof=1) / n, 0.0, None))
 
 
-def pca_vs_random(per_sample: pd.DataFrame, scale: dict[str, float] | None = None) -> pd.DataFrame:
+def pca_vs_random(per_sample: pd.DataFrame, scale: dict[str, float] | None = None,
+                  matched: dict[str, str] | None = None) -> pd.DataFrame:
     """Per direction of the PCA and random families (``random``: norm-matched; ``random_pixel``:
     rescaled to the same pixel change as its component): the largest attribute effect as in
-    the effect matrix, the largest *consistent* effect over all its seeds (``consistent_abs_mean``),
-    the mean pixel change, and consistent effect per unit of pixel change (higher: the edit is
-    semantic rather than noise). The correction matters for norm-matched random directions:
-    their tiny edits change attributes per sample in both signs, and |mean| of such changes
-    divided by a tiny pixel change would rank noise above semantics."""
+    the effect matrix, the *consistent* effect over all its seeds (``consistent_abs_mean``) on its
+    matched attribute (``matched``, default ``matched_attributes``: the one it moves most
+    consistently), the mean pixel change, and consistent effect per unit of pixel change (higher:
+    the edit is semantic rather than noise). The correction matters for norm-matched random
+    directions: their tiny edits change attributes per sample in both signs, and |mean| of such
+    changes divided by a tiny pixel change would rank noise above semantics."""
     sub = per_sample[per_sample["family"].isin(["pca", "random", "random_pixel"])]
     if sub.empty:
         return pd.DataFrame()
     scale = scale or {}
-    attrs = attribute_columns(sub)
+    matched = matched or matched_attributes(sub, scale)
     mean, _ = effect_matrix(sub, scale)
-    consistent = sub.groupby("direction", sort=False)[[f"d_{a}" for a in attrs]].apply(
-        lambda g: pd.Series(consistent_abs_mean(g.to_numpy()), index=attrs))
-    consistent = consistent / pd.Series({a: scale.get(a, 1.0) for a in attrs})
+    consistent = corrected_effect_matrix(sub, scale)
     pixel = sub.groupby("direction", sort=False)["pixel_change"].mean()
     fam = sub.groupby("direction", sort=False)["family"].first()
+    attribute = pd.Series({d: matched[d] for d in consistent.index})
     out = pd.DataFrame({"family": fam, "max_attribute_effect": mean.max(axis=1),
-                        "consistent_effect": consistent.max(axis=1), "attribute": consistent.idxmax(axis=1),
-                        "pixel_change": pixel})
+                        "consistent_effect": [consistent.loc[d, a] for d, a in attribute.items()],
+                        "attribute": attribute, "pixel_change": pixel})
     out["effect_per_pixel_change"] = out["consistent_effect"] / out["pixel_change"].clip(lower=1e-12)
-    return out.reset_index()
+    return out.rename_axis("direction").reset_index()
 
 
 def table1_markdown(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], unit: str) -> str:
@@ -191,23 +261,32 @@ def table1_markdown(sections: list[tuple[str, pd.DataFrame, pd.DataFrame]], unit
     return "\n".join(lines) + "\n"
 
 
-def matched_attribute(rows: pd.DataFrame, attrs: list[str]) -> str:
-    """The attribute a direction without a name of its own (a PCA or random direction) moves most:
-    the largest |mean change| at its largest |scale| (standardised changes)."""
-    top = rows[rows["scale"].abs() == rows["scale"].abs().max()]
-    return max(attrs, key=lambda a: abs(top[f"d_{a}"].mean()))
+def _consistent_weighted(weights: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``consistent_abs_mean`` of every bootstrap resample at once: weights (B, n) resample frequencies
+    (rows sum to 1) of the n seeds' changes d (n, k) -> (B, k)."""
+    n = d.shape[0]
+    m = weights @ d
+    if n < 2:
+        return np.abs(m)
+    var = (weights @ d ** 2 - m ** 2) * n / (n - 1)
+    return np.sqrt(np.clip(m ** 2 - var / n, 0.0, None))
 
 
 def dose_response(rows: pd.DataFrame, scale: dict[str, float], mapping: dict[str, str] | None = None,
-                  n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+                  n_boot: int = 200, seed: int = 0, matched: dict[str, str] | None = None,
+                  calibrated: dict[str, float] | None = None) -> pd.DataFrame:
     """The dose-response curves: per direction and scale (over the seeds every scale of it was
     applied to), the own attribute's signed mean change, the largest side effect (max over the
-    other attributes of |mean change|) and which attribute it is, the mean pixel change and the
-    mean quality score after the edit, each with a 95% bootstrap interval over the seeds (the same
-    resample for all four). Changes in units of ``scale``. The own attribute of a PCA or random
-    direction is the one it moves most (``matched_attribute``); of a named direction its own. A
-    scale-0 row (no change, the unedited quality) starts every curve."""
+    other attributes of the noise-corrected |mean change|, ``consistent_abs_mean``) and which attribute
+    it is, the mean pixel change and the mean quality score after the edit, each with a 95% bootstrap
+    interval over the seeds (the same resample for all four). Changes in units of ``scale``. The own
+    attribute is ``matched[direction]`` (default: ``matched_attributes`` of ``rows``; pass the
+    evaluation's so that every section agrees). ``multiple``: the scale over the direction's
+    ``calibrated`` strength (NaN without one). A scale-0 row (no change, the unedited quality)
+    starts every curve."""
     attrs = attribute_columns(rows)
+    matched = matched or matched_attributes(rows, scale, mapping)
+    calibrated = calibrated or {}
     rng = np.random.default_rng(seed)
     out = []
     for direction, sub in rows.groupby("direction", sort=False):
@@ -215,27 +294,27 @@ def dose_response(rows: pd.DataFrame, scale: dict[str, float], mapping: dict[str
         z = sub.copy()
         for a in attrs:
             z[f"d_{a}"] = z[f"d_{a}"] / scale.get(a, 1.0)
-        named = own_attribute(direction, mapping)
-        own = named if family in ("original", "disentangled") and named in attrs else matched_attribute(z, attrs)
+        own = matched[direction]
         others = [a for a in attrs if a != own]
+        cal = calibrated.get(direction)
         seeds = sorted(set.intersection(*(set(g["seed"]) for _, g in z.groupby("scale"))))
         weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=n_boot) / len(seeds)
         q0 = z.drop_duplicates("seed").set_index("seed").reindex(seeds)["quality_before"].to_numpy()
-        out.append({"family": family, "direction": direction, "attribute": own, "scale": 0.0, "own": 0.0,
-                    "side": 0.0, "side_attribute": "", "pixel_change": 0.0, "quality": float(np.mean(q0)),
-                    "n_seeds": len(seeds)})
+        out.append({"family": family, "direction": direction, "attribute": own, "scale": 0.0, "multiple": 0.0 if cal
+                    else np.nan, "own": 0.0, "side": 0.0, "side_attribute": "", "pixel_change": 0.0,
+                    "quality": float(np.mean(q0)), "n_seeds": len(seeds)})
         for s, g in z.groupby("scale", sort=True):
             g = g.set_index("seed").reindex(seeds)
             d_own = g[f"d_{own}"].to_numpy()
             d_side = g[[f"d_{a}" for a in others]].to_numpy() if others else np.zeros((len(seeds), 1))
             pixel, quality = g["pixel_change"].to_numpy(), g["quality_after"].to_numpy()
-            side_means = np.abs(d_side.mean(axis=0))
+            side_effects = consistent_abs_mean(d_side)
             row = {"family": family, "direction": direction, "attribute": own, "scale": float(s),
-                   "own": float(d_own.mean()), "side": float(side_means.max()),
-                   "side_attribute": others[int(side_means.argmax())] if others else "",
+                   "multiple": float(s) / cal if cal else np.nan, "own": float(d_own.mean()),
+                   "side": float(side_effects.max()), "side_attribute": others[int(side_effects.argmax())] if others else "",
                    "pixel_change": float(pixel.mean()), "quality": float(np.mean(quality)), "n_seeds": len(seeds)}
-            boot = {"own": weights @ d_own, "side": np.abs(weights @ d_side).max(axis=1), "pixel_change": weights @ pixel,
-                    "quality": weights @ quality}
+            boot = {"own": weights @ d_own, "side": _consistent_weighted(weights, d_side).max(axis=1),
+                    "pixel_change": weights @ pixel, "quality": weights @ quality}
             for k, v in boot.items():
                 row[f"{k}_low"], row[f"{k}_high"] = _interval(v) if np.isfinite(v).all() else (np.nan, np.nan)
             out.append(row)

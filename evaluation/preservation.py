@@ -80,14 +80,16 @@ def identity_similarity(embedder: FaceEmbedder | None, before: torch.Tensor, aft
     return F.cosine_similarity(a, b, dim=1).numpy()
 
 
-def preservation_table(per_sample: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.DataFrame:
-    """``untouched_factors`` of the evaluation's per-sample table: each direction's own attribute by
-    its name (``evaluate.own_attribute``), units the std of the unedited scores over the seeds."""
+def preservation_table(per_sample: pd.DataFrame, mapping: dict[str, str] | None = None,
+                       matched: dict[str, str] | None = None) -> pd.DataFrame:
+    """``untouched_factors`` of the evaluation's per-sample table: each direction's own attribute is
+    ``matched[direction]`` (the evaluation's one matching, ``evaluation.metrics.matched_attributes``), else
+    its name (``evaluate.own_attribute``); units the std of the unedited scores over the seeds."""
     from evaluation.metrics import own_attribute
 
     unedited = per_sample.drop_duplicates(["repeat", "seed"])
     scale = {c[2:]: float(unedited[c].std(ddof=1)) for c in per_sample.columns if c.startswith("o_")}
-    own = {d: own_attribute(d, mapping) for d in dict.fromkeys(per_sample.direction)}
+    own = {d: (matched or {}).get(d) or own_attribute(d, mapping) for d in dict.fromkeys(per_sample.direction)}
     return untouched_factors(per_sample, own, scale)
 
 

@@ -259,7 +259,7 @@ TOOLS: tuple[Stage, ...] = (
     Stage("edit", "pipeline.stages.edit:run_edit", "grids of samples x scales for a directions file",
           writes=lambda cfg: _inside_run_dir(cfg.edit.out_dir, cfg)),
     Stage("sample", "pipeline.stages.sample:run_sample", "write a PNG grid of seeds, optionally edited",
-          writes=lambda cfg: _inside_run_dir(cfg.sample.out, cfg)),
+          writes=lambda cfg: Path(cfg.run_dir).is_dir() and _inside_run_dir(cfg.sample.out, cfg)),  # no run: ./sample.png
     Stage("train-toy", "toyfaces.train_ddpm:run_train_toy", "train the embedded default DDPM on toy faces",
           writes=False),
     Stage("finetune-toy", "toyfaces.train_ddpm:run_finetune_toy",

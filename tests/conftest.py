@@ -144,3 +144,29 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_unet().save_pretrained(path)
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(path)
     return path
+
+
+def _has_playwright() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by Playwright (no downloaded browser); skipped without them, a
+    failure under CI=true."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None or not _has_playwright():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI must run the browser tests: install Debian's chromium and the test extra (playwright)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium) and playwright (pip install -e '.[test]')")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+

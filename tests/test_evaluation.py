@@ -275,3 +275,81 @@ def test_match_pixel_change_finds_the_multiplier_that_hits_the_target(tiny_unet)
     assert c[0] < 1 < c[1]
     with pytest.raises(ValueError, match="changes nothing"):
         match_pixel_change(m, seeds, [torch.zeros_like(d[0])], [0.1])
+
+
+# ---------------------------------------------------------------------- Table 1's noise floor, one matching rule
+def test_signed_table_equals_table1_exactly_where_the_seed_sets_agree():
+    """known_table: a moves a by +1 and +3 (agree) and b by -2 twice (agree); a|b moves b by +0.5 and
+    -0.5 (disagree): |signed| equals the unsigned entry where the sets agree, and is smaller where not."""
+    from evaluation.metrics import sets_agree
+
+    unsigned, _ = effect_matrix(known_table())
+    signed, _ = effect_matrix(known_table(), signed=True)
+    agree = sets_agree(known_table())
+    assert agree.to_numpy().tolist() == [[True, True], [True, False]]
+    np.testing.assert_allclose(signed.abs().to_numpy()[agree.to_numpy()], unsigned.to_numpy()[agree.to_numpy()])
+    assert signed.abs().loc["a|b", "b"] < unsigned.loc["a|b", "b"]
+
+
+def test_noise_floor_is_what_table1_gives_without_an_effect():
+    """Pure noise: Table 1's entry averages about the floor sqrt(2/pi) sd/sqrt(n); the corrected entry
+    about 0 (it is 0 when the pooled mean is within one standard error); a real effect survives both."""
+    from evaluation.metrics import corrected_effect_matrix, noise_floor
+
+    rng = np.random.default_rng(0)
+    rows = [{"repeat": r, "seed": 100 * r + j, "direction": f"d{k}", "family": "original", "d_a": rng.normal(),
+             "d_b": 2.0 + rng.normal()} for k in range(400) for r in range(3) for j in range(16)]
+    table = pd.DataFrame(rows)
+    mean, _ = effect_matrix(table)
+    floor, corrected = noise_floor(table), corrected_effect_matrix(table)
+    assert mean["a"].mean() == pytest.approx(np.sqrt(2 / np.pi) / 4, rel=0.1)  # the bias, measured (SE ~2%)
+    assert floor["a"].mean() == pytest.approx(np.sqrt(2 / np.pi) / 4, rel=0.05)  # ... and predicted
+    assert corrected["a"].mean() < 0.5 * mean["a"].mean() and (corrected["a"] == 0).mean() > 0.5
+    assert corrected["b"].mean() == pytest.approx(2.0, abs=0.02) and mean["b"].mean() == pytest.approx(2.0, abs=0.02)
+    one = table[table.direction == "d0"]
+    pooled = one[["d_a", "d_b"]].to_numpy()
+    np.testing.assert_allclose(corrected.loc["d0"].to_numpy(), consistent_abs_mean(pooled))
+
+
+def fig6_and_sweep_rows() -> pd.DataFrame:
+    """pc1 at its Fig. 6 scale (2, all 12 seeds) moves b consistently (+0.5 each) and a not at all on
+    average; at the sweep's scales (3 and 4, 3 seeds) it moves a by 1.0 and b by 0.8 on those seeds:
+    the old dose-response rule (largest |mean| at the largest scale) matched it to a, Fig. 6 to b.
+    Direction a (supervised) moves b most but is a's."""
+    rows = []
+    for j in range(12):
+        rows.append({"repeat": 0, "seed": j, "direction": "pc1", "family": "pca", "scale": 2.0, "pixel_change": 0.1,
+                     "quality_before": 1.0, "quality_after": 1.0, "d_a": (-1) ** j * 0.3, "d_b": 0.5})
+        if j < 3:
+            for s in (3.0, 4.0):
+                rows.append({"repeat": 0, "seed": j, "direction": "pc1", "family": "pca", "scale": s, "pixel_change": 0.2,
+                             "quality_before": 1.0, "quality_after": 1.0, "d_a": np.sign(s) * 1.0, "d_b": np.sign(s) * 0.8})
+        rows.append({"repeat": 0, "seed": j, "direction": "a", "family": "original", "scale": 3.0, "pixel_change": 0.1,
+                     "quality_before": 1.0, "quality_after": 1.0, "d_a": 0.1, "d_b": 2.0})
+    return pd.DataFrame(rows)
+
+
+def test_one_matching_rule_for_fig6_and_the_dose_response():
+    from evaluation.metrics import dose_response, matched_attributes
+
+    rows = fig6_and_sweep_rows()
+    matched = matched_attributes(rows)
+    assert matched == {"pc1": "b", "a": "a"}  # its Fig. 6 scale, noise-corrected; a named direction: its own
+    fig6 = pca_vs_random(rows[rows.scale == 2.0]).set_index("direction")
+    dose = dose_response(rows[rows.seed < 3], {}, n_boot=20, matched=matched)
+    assert fig6.loc["pc1", "attribute"] == "b" and set(dose[dose.direction == "pc1"].attribute) == {"b"}
+    # without the evaluation's matching, the sweep's own rows give the same rule's answer on those rows
+    alone = dose_response(rows[rows.seed < 3], {}, n_boot=20)
+    assert set(alone[alone.direction == "pc1"].attribute) == {matched_attributes(rows[rows.seed < 3])["pc1"]}
+
+
+def test_report_formatting_of_steps_draws_and_signs():
+    from evaluation.semantics import effect_table, step_ranges
+    from evaluation.tables import number
+
+    assert step_ranges([3, 4, 5, 6, 9, 10, 12]) == "3-6, 9-10, 12" and step_ranges([]) == "none"
+    assert number(-0.0003) == "0.000" and number(-0.0123) == "-0.012" and number(float("nan")) == ""
+    assert number(-0.004, "{:+.2f}") == "0.00" and number(0.5, "{:+.2f}") == "+0.50"
+    curve = pd.DataFrame({"attribute": ["a", "a"], "space": ["h", "h"], "n": [1, 50], "effect": [0.5, -0.001],
+                          "effect_std": [0.1, 0.0], "draws": [3, 1]})
+    assert effect_table(curve).iloc[0].tolist() == ["a", "h", "0.50 ± 0.10", "0.00 (1 draw)"]

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -91,9 +92,9 @@ def test_update_equals_sample_and_annotator(session, model, toy, asyrp, window, 
     assert not np.array_equal(view.original, view.edited)
     expected_edit, expected_plain = readings(toy, ref.images), readings(toy, plain.images)
     assert set(view.scores) == set(toy.attributes)
-    for attr, (before, after) in view.scores.items():
-        assert before == pytest.approx(expected_plain[attr], abs=1e-5)
-        assert after == pytest.approx(expected_edit[attr], abs=1e-5)
+    for attr, r in view.scores.items():
+        assert r.unedited == pytest.approx(expected_plain[attr], abs=1e-5)
+        assert r.edited == pytest.approx(expected_edit[attr], abs=1e-5)
 
 
 def test_zero_sliders_show_the_plain_sample_twice(session, model):
@@ -128,7 +129,12 @@ def test_uploaded_image_is_inverted_with_the_runs_settings(session, model, toy, 
     ref = model.sample(edit=Edit(delta=delta), x_T=inv.x_T)
     np.testing.assert_array_equal(view.original, to_uint8(model.sample(x_T=inv.x_T).images[0]))
     assert torch.allclose(view.edited_tensor, ref.images[0], atol=1e-5)
-    assert view.scores["hat"][1] == pytest.approx(readings(toy, ref.images)["hat"], abs=1e-5)
+    assert view.scores["hat"].edited == pytest.approx(readings(toy, ref.images)["hat"], abs=1e-5)
+    # the upload as the model sees it, and how far the inversion lands from it
+    np.testing.assert_array_equal(view.source_image, face)
+    recon = model.sample(x_T=inv.x_T).images
+    assert view.inversion_error == pytest.approx(float((recon - x).abs().mean() / 2), abs=1e-6)
+    assert session.render(0).source_image is None  # a seed has none
     # at eta > 0: the edit-friendly inversion, its noise from the seed given
     inv = model.invert_ddpm(x, [5], eta=1.0)
     view = session.render(key, [Slider("supervised", 1, 2.0)], eta=1.0, seed=5)
@@ -179,8 +185,70 @@ def test_export_combination_is_a_delta_h_that_reproduces_the_edit(session, model
         session.export_directions("pca", sliders)
     with pytest.raises(InputError, match="every slider is at 0"):
         session.export_directions("zero", [Slider("pca", 0, 0.0)])
-    out = session.export_png(view, session.run_dir / "edited.png")
+    out = session.export_png(view)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), view.edited)
+
+
+def test_one_slider_range_rule(session, model, toy):
+    """Twice the calibrated strength, else the file's largest suggested scale, else 3; rounded up to two
+    significant digits; the same for every direction of a file however the slider was bound."""
+    from pipeline.explore.session import round_up
+
+    assert session.slider_range("supervised", 0) == session.slider_range("supervised", 1) == 3.0  # scales [-3, 0, 3]
+    assert session.slider_range("pca", 2) == 4.0
+    d = load_directions(session.run_dir / "directions" / "supervised.safetensors")
+    d.params["calibration"] = {"scales": {"smile": 0.8660254, "hat": None}}
+    save_directions(d, session.run_dir / "directions" / "supervised.safetensors")
+    d.params = {}
+    save_directions(d, session.run_dir / "directions" / "bare.safetensors")
+    again = ExploreSession(model, session.run_dir, toy)
+    assert again.slider_range("supervised", 0) == 1.8  # 2 x 0.866 = 1.73, rounded up
+    assert again.slider_range("supervised", 1) == 3.0  # no calibrated strength: the file's scales
+    assert again.slider_range("bare", 0) == 3.0
+    assert [round_up(x) for x in (1.7320508, 612.3, 3.0, 0.0123)] == [1.8, 620.0, 3.0, 0.013]
+
+
+def test_readings_in_standard_deviations_and_classes(session, model, toy):
+    """The change of a reading in SD of the unedited scores (the calibration's when a file has one),
+    and the toy's background as its class, not a number."""
+    from pipeline.explore.app import scores_html
+
+    view = session.render(5, [Slider("supervised", 0, 3.0)])
+    assert session.stds == {}  # no calibration and no evaluation in this run: raw only
+    assert view.scores["smile"].change_sd is None
+    d = load_directions(session.run_dir / "directions" / "supervised.safetensors")
+    d.params["calibration"] = {"std": {"smile": 0.5, "hat": 0.25}, "scales": {}}
+    save_directions(d, session.run_dir / "directions" / "supervised.safetensors")
+    view = ExploreSession(model, session.run_dir, toy).render(5, [Slider("supervised", 0, 3.0)])
+    smile = view.scores["smile"]
+    assert smile.std == 0.5 and smile.change_sd == pytest.approx((smile.edited - smile.unedited) / 0.5)
+    bg = view.scores["background"]
+    assert bg.classes == toy.categorical["background"] and bg.label(bg.unedited) in toy.categorical["background"]
+    table = scores_html(view.scores)
+    assert f'data-which="change_sd" data-value="{smile.change_sd!r}">{smile.change_sd:+.2f}</td>' in table
+    assert f">{bg.label(bg.edited)}</td>" in table and "class" in table
+
+
+def test_export_png_carries_how_it_was_made(session, model):
+    """The edited image at the size asked for, under a new name each time in <run_dir>/explore, with
+    the seed, sliders, window, Asyrp, eta and model in its PNG metadata."""
+    import json
+
+    sliders = [Slider("supervised", 0, 1.5), Slider("pca", 1, -2.0)]
+    view = session.render(4, sliders, window=(2, 17), asyrp=True)
+    first, second = session.export_png(view, size=128), session.export_png(view, size=128)
+    assert first != second and first.parent == second.parent == session.run_dir / "explore"
+    with Image.open(first) as im:
+        assert im.size == (128, 128)
+        np.testing.assert_array_equal(np.asarray(im)[::4, ::4], view.edited)  # nearest-neighbour x4
+        meta = json.loads(im.text["hspace"])
+    assert meta["seed"] == 4 and meta["source"] == 4 and meta["window"] == [2, 17] and meta["asyrp"] is True
+    assert meta["model"] == str(model.name_or_path) and meta["steps"] == T and meta["size"] == 128
+    assert [(c["file"], c["index"], c["name"], c["scale"]) for c in meta["sliders"]] == [
+        ("supervised", 0, "smile", 1.5), ("pca", 1, "pc2", -2.0)]
+    again = model.sample([4], delta_h=compose([session.direction("supervised", 0), session.direction("pca", 1)],
+                                              [1.5, -2.0]), steps=range(2, 18), asyrp=True)
+    np.testing.assert_array_equal(view.edited, to_uint8(again.images[0]))  # the metadata remake the image
 
 
 # ---------------------------------------------------------------------- bad input
@@ -228,48 +296,29 @@ def test_cli_errors_are_one_line_exit_2(session, tmp_path):
 
 
 # ---------------------------------------------------------------------- the app in a real browser
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+@pytest.fixture(scope="module")
+def app_session(run_dir, model, toy, tmp_path_factory):
+    """A copy of the run for the app of this module's browser tests, and a session on it (for lookups)."""
+    run = tmp_path_factory.mktemp("explore-app") / "run"
+    shutil.copytree(run_dir, run)
+    return ExploreSession(model, run, toy, fixed_point_iterations=1)
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None or not _has_playwright():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI must run the browser test: install Debian's chromium and the test extra (playwright)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium) and playwright (pip install -e '.[test]')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-def _has_playwright() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture
-def app(session):
-    """`hspace explore` on the test's run directory, as a user starts it; yields its URL."""
+def app(app_session, tmp_path_factory):
+    """`hspace explore` on the module's run directory, as a user starts it; yields (its URL, its log file)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "explore", f"run_dir={session.run_dir}",
-                             f"model.num_inference_steps={T}", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-        if m:
-            break
-    else:
-        raise AssertionError("hspace explore did not start:\n" + "".join(lines))
+    log = tmp_path_factory.mktemp("explore-log") / "explore.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "explore", f"run_dir={app_session.run_dir}",
+                                 f"model.num_inference_steps={T}", "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        yield m.group(1)
+        while not (m := re.search(r"(http://127\.0\.0\.1:\d+/)", log.read_text())):
+            if proc.poll() is not None:
+                raise AssertionError("hspace explore did not start:\n" + log.read_text())
+            time.sleep(0.2)
+        yield m.group(1), log
     finally:
         proc.terminate()
         proc.wait()
@@ -283,11 +332,23 @@ def _shown_image(page, url, elem) -> np.ndarray:
 
 
 def _score(page, attr, which) -> float:
-    return float(page.locator(f'#scores td[data-attr="{attr}"][data-which="{which}"]').inner_text())
+    return float(page.locator(f'#scores td[data-attr="{attr}"][data-which="{which}"]').get_attribute("data-value"))
+
+
+def _set_scale(page, k: int, value: float) -> None:
+    """Type a value into slider k's box and wait for the edited image to change."""
+    before = page.locator("#edited img").get_attribute("src")
+    box = page.locator(f"#scale-{k} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_function("s => document.querySelector('#edited img').getAttribute('src') !== s", arg=before)
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('update')")
 
 
 @pytest.mark.slow
-def test_browser_slider_scores_naming_upload(browser, app, session, model, toy, tmp_path):
+def test_browser_slider_scores_naming_upload(browser, app, app_session, model, toy, tmp_path):
+    app, log = app
+    session = app_session
     page = browser.new_page()
     page.set_default_timeout(600_000)  # generous: the CPU may be shared; a broken page fails instead of hanging
     requests = []
@@ -342,3 +403,62 @@ def test_browser_slider_scores_naming_upload(browser, app, session, model, toy, 
     outside = [u for u in requests if not u.startswith(app) and not u.startswith(("data:", "blob:"))]
     assert not outside, f"the page fetched external resources: {outside[:5]}"
     page.close()
+
+
+@pytest.mark.slow
+def test_browser_typed_scale_upload_clear_and_export(browser, app, app_session, model, tmp_path):
+    """A scale typed beyond the slider's range is applied (the slider widened, a message, no traceback);
+    an upload shows itself, its reconstruction and the inversion error; junk and clearing return to the
+    seed; an exported PNG has the size asked for and how it was made in its metadata."""
+    import json
+
+    app, log = app
+    session = app_session
+    page = browser.new_page()
+    page.set_default_timeout(600_000)
+    page.goto(app)
+    page.wait_for_selector('#scores td[data-attr="smile"][data-which="edited"]')
+    assert page.locator("#direction-0 input").input_value() == "supervised / smile"
+    assert page.locator("#scale-0 input[type=range]").get_attribute("max") == "3"  # the file's scales: +-3
+    _set_scale(page, 0, 4.5)  # beyond the range
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('beyond its range')")
+    ref = model.sample([0], delta_h=4.5 * session.direction("supervised", 0))
+    np.testing.assert_array_equal(_shown_image(page, app, "edited"), to_uint8(ref.images[0]))
+    page.wait_for_function("() => document.querySelector('#scale-0 input[type=range]').getAttribute('max') === '4.5'")
+    assert page.locator("#scale-0 input[type=number]").input_value() == "4.5"
+    assert "Traceback" not in log.read_text() and "Error" not in log.read_text()
+
+    # an upload: the image as the model sees it, its reconstruction, the inversion error
+    face = to_uint8(model.sample([11]).images[0])
+    save_png(face, tmp_path / "face.png")
+    page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "face.png"))
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('inversion error')")
+    np.testing.assert_array_equal(_shown_image(page, app, "uploaded"), face)
+    x = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 127.5 - 1
+    recon = model.sample(x_T=model.invert(x, fixed_point_iterations=1).x_T).images
+    np.testing.assert_array_equal(_shown_image(page, app, "original"), to_uint8(recon[0]))
+    shown_error = float(re.search(r"inversion error ([0-9.]+)", page.locator("#status").inner_text()).group(1))
+    assert shown_error == pytest.approx(float((recon - x).abs().mean() / 2), abs=1e-4)
+
+    # clearing the box: back to the seed
+    page.locator("#upload button[aria-label='Clear']").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.startsWith('seed 0')")
+    np.testing.assert_array_equal(_shown_image(page, app, "original"), to_uint8(model.sample([0]).images[0]))
+    assert not page.locator("#uploaded img").count() or not page.locator("#uploaded").is_visible()
+
+    # an export: the size asked for, a new name each time, how it was made in the metadata
+    page.locator("#export-size input").click()
+    page.locator('[role=option][aria-label="512 px"]').click()
+    page.locator("#export-png").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('PNG: ')")
+    path = Path(re.search(r"PNG: (\S+\.png)", page.locator("#status").inner_text()).group(1))
+    assert path.parent == session.run_dir / "explore"
+    with Image.open(path) as im:
+        assert im.size == (512, 512)
+        meta = json.loads(im.text["hspace"])
+    assert meta["seed"] == 0 and meta["window"] == [0, T - 1] and meta["model"] == "toyfaces"
+    assert meta["sliders"] == [{"file": "supervised", "index": 0, "name": "smile", "scale": 4.5}]
+    assert "Traceback" not in log.read_text()
+    assert not list((REPO / "pipeline" / "explore").glob("*.pyi"))  # gradio wrote no stub into the package
+    page.close()
+

@@ -67,6 +67,7 @@ class ToyFaceAnnotator(Annotator):
 
     name = "toy"
     attributes = ATTRIBUTES
+    categorical = {"background": ("pale blue", "pale green", "pale orange", "pale grey")}  # toyfaces.render.BACKGROUNDS
     input_size = (32, 32)
 
     def __init__(self, weights: str | os.PathLike | None = None, net: ToyFaceNet | None = None):

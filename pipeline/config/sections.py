@@ -160,6 +160,9 @@ class SelectConfig(Section):
                               "this one; 0: exact")
     contact_sheet_size: int = Field(10, ge=0, description="samples shown per side in "
                                     "<run_dir>/contact_sheets/<attribute>.png")
+    confound_threshold: float = Field(0.5, gt=0, description="warn (contact sheets, report) when another attribute "
+                                      "differs between an attribute's top and bottom samples by more than this many "
+                                      "standard deviations")
 
 
 class PCAConfig(Section):

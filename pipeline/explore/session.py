@@ -6,10 +6,18 @@ seed, or an uploaded image inverted with the run's settings) it samples the uned
 once per eta and keeps it; an update applies the sliders' directions together as one ``delta_h``
 (sequential composition, paper Fig. 11) and runs only the edited sampling, from the first edited
 step on (the steps before it are the unedited trajectory's).
+
+Readings are given in the scorer's units and in standard deviations of its unedited scores (the
+calibration's, as in the report); a categorical score (the annotator's ``categorical``) as its
+class. A slider's range is one rule, :meth:`ExploreSession.slider_range`. An exported image carries
+how it was made in its PNG metadata (:meth:`ExploreSession.export_png`).
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
+import math
 import re
 import threading
 import time
@@ -50,14 +58,44 @@ class Slider:
 
 
 @dataclass
+class Reading:
+    """The scorer's reading of one attribute, unedited and edited; ``std``: the unit of ``change_sd``
+    (None: unknown); ``classes``: a categorical score's class names (None: a number)."""
+
+    unedited: float
+    edited: float
+    std: float | None = None
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def change(self) -> float:
+        return self.edited - self.unedited
+
+    @property
+    def change_sd(self) -> float | None:
+        return None if not self.std else self.change / self.std
+
+    def label(self, value: float) -> str:
+        """A categorical value as its class name ("class 3" without names), a number with 4 decimals."""
+        if self.classes is None:
+            return f"{value:.4f}"
+        k = int(round(value))
+        return self.classes[k] if 0 <= k < len(self.classes) else f"class {k}"
+
+
+@dataclass
 class View:
-    """What an update shows: images (H, W, 3) uint8 and the scorer's reading of both."""
+    """What an update shows: images (H, W, 3) uint8, the scorer's readings of both, and for an uploaded
+    image the image itself as the model sees it and how far its inversion lands from it."""
 
     original: np.ndarray
     edited: np.ndarray
-    scores: dict[str, tuple[float, float]]  # attribute -> (unedited, edited)
+    scores: dict[str, Reading]              # attribute -> its reading
     seconds: float                          # time of this update
     edited_tensor: torch.Tensor             # (3, H, W) in [-1, 1]
+    settings: dict                          # what made it: source, seed, sliders, window, asyrp, eta
+    source_image: np.ndarray | None = None  # the uploaded image, resized as the model samples
+    inversion_error: float | None = None    # mean |reconstruction - upload|, in [0, 1] pixel units
 
 
 @dataclass
@@ -68,6 +106,7 @@ class _Base:
     latents: torch.Tensor         # (1, T, 3, H, W): x_t entering every step
     image: torch.Tensor           # (1, 3, H, W)
     scores: dict[str, float]
+    target: torch.Tensor | None = None  # (1, 3, H, W): the uploaded image the inversion should land on
 
 
 def load_run_directions(run_dir, model: HSpaceModel) -> dict[str, Directions]:
@@ -95,6 +134,7 @@ class ExploreSession:
         self.model, self.run_dir, self.scorer = model, Path(run_dir), scorer
         self.fixed_point_iterations = int(fixed_point_iterations)
         self.files = load_run_directions(self.run_dir, model)
+        self.stds = score_stds(self.files, self.run_dir)
         self._images: dict[str, torch.Tensor] = {}
         self._bases: OrderedDict = OrderedDict()
         self._lock = threading.Lock()  # one U-Net user at a time (the hook holds state)
@@ -118,17 +158,18 @@ class ExploreSession:
             raise InputError(f"no directions file {file!r} in {self.run_dir / 'directions'}; files: {sorted(self.files)}")
         return self.files[file].get(int(index))
 
-    def suggested_scale(self, file: str, index: int | None = None) -> float:
-        """The slider's half-range: twice the direction's calibrated strength (``params.calibration``, see
-        pipeline.methods.calibration; the file's largest when no index is given), else the largest scale the
-        file suggests (its ``params.scales``), 3 when it has none."""
+    def slider_range(self, file: str, index: int) -> float:
+        """A slider's half-range, one rule for every slider however it was bound: twice the direction's
+        calibrated strength (``params.calibration``, pipeline.methods.calibration), else the largest
+        |scale| its file suggests (``params.scales``), else 3; rounded up to two significant digits.
+        A value typed beyond it is applied all the same (the app widens the slider)."""
         d = self.files[file]
-        calibrated = [calibrated_scale(d.params, n) for n in ([d.names[int(index)]] if index is not None else d.names)]
-        calibrated = [abs(s) for s in calibrated if s is not None]
-        if calibrated:
-            return 2 * max(calibrated)
-        scales = d.params.get("scales") or [3.0]
-        return max(abs(float(s)) for s in scales) or 3.0
+        calibrated = calibrated_scale(d.params, d.names[int(index)])
+        if calibrated is not None and abs(calibrated) > 0:
+            half = 2 * abs(calibrated)
+        else:
+            half = max((abs(float(s)) for s in d.params.get("scales") or []), default=0.0) or 3.0
+        return round_up(half)
 
     def combination(self, sliders: Sequence[Slider], window: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The sliders' directions composed into one delta_h (T, C, H, W), zero outside the step window
@@ -159,7 +200,8 @@ class ExploreSession:
 
     # ------------------------------------------------------------------ sources
     def add_image(self, file) -> str:
-        """An uploaded image (path or file object) -> the source key used by ``render``."""
+        """An uploaded image (path or file object) -> the source key used by ``render``; the image is
+        kept resized as the model samples (its centred square, ``formats.images.load_image``)."""
         array, _ = load_image(file, self.model.image_shape[1:])
         key = "image:" + hashlib.sha1(array.tobytes()).hexdigest()[:12]
         self._images[key] = from_uint8(array[None])
@@ -190,7 +232,8 @@ class ExploreSession:
             seeds = [int(source)]
             x_T = self.model.initial_noise(seeds)
         out = self.model.sample(seeds, x_T=x_T, noise=noise, eta=eta, return_latents=True)
-        base = _Base(x_T, noise, seeds, out.latents.cpu(), out.images.cpu(), self._score(out.images))
+        target = self._images[source] if isinstance(source, str) else None
+        base = _Base(x_T, noise, seeds, out.latents.cpu(), out.images.cpu(), self._score(out.images), target)
         self._bases[key] = base
         while len(self._bases) > _CACHE:
             self._bases.popitem(last=False)
@@ -220,12 +263,41 @@ class ExploreSession:
                 out = self.model.sample(base.seeds, Edit(delta=delta, asyrp=asyrp), x_T=base.latents[:, first],
                                         noise=base.noise, eta=eta, start_step=first)
                 edited, scores = out.images.cpu(), self._score(out.images)
-        both = {k: (base.scores[k], scores[k]) for k in base.scores}
-        return View(to_uint8(base.image[0]), to_uint8(edited[0]), both, time.perf_counter() - t0, edited[0])
+        categorical = getattr(self.scorer, "categorical", {}) or {}
+        readings = {k: Reading(base.scores[k], scores[k], self.stds.get(k), tuple(categorical[k]) if k in categorical
+                               else None) for k in base.scores}
+        settings = {"source": source if isinstance(source, str) else int(source),
+                    "seed": int(seed) if isinstance(source, str) else int(source),  # the noise's seed of an upload
+                    "sliders": [{"file": s.file, "index": int(s.index), "name": self.files[s.file].display_name(int(s.index)),
+                                 "scale": float(s.scale)} for s in sliders if float(s.scale) != 0.0],
+                    "window": list(self._window(window)), "asyrp": bool(asyrp),
+                    "eta": None if eta is None else np.atleast_1d(np.asarray(eta, dtype=float)).tolist()}
+        view = View(to_uint8(base.image[0]), to_uint8(edited[0]), readings, time.perf_counter() - t0, edited[0], settings)
+        if base.target is not None:
+            view.source_image = to_uint8(base.target[0])
+            view.inversion_error = float((base.image - base.target).abs().mean() / 2)
+        return view
 
     # ------------------------------------------------------------------ export
-    def export_png(self, view: View, path) -> Path:
-        return save_png(view.edited, path)
+    def export_png(self, view: View, size: int | None = None, folder=None) -> Path:
+        """The edited image of ``view`` as ``<run_dir>/explore/edited-<time>-<what>.png`` (a new name each
+        time; ``folder`` instead of ``<run_dir>/explore``), ``size`` pixels on its longer side (default: the
+        model's), with how it was made in its PNG metadata: the text chunk ``hspace`` holds JSON of the
+        model, its steps, the source (seed or uploaded image), the sliders, the step window, Asyrp and eta."""
+        folder = Path(folder) if folder is not None else self.run_dir / "explore"
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"model": str(self.model.name_or_path), "steps": self.model.num_steps, **view.settings,
+                "size": int(size or max(view.edited.shape[:2])), "run_dir": str(self.run_dir.resolve()),
+                "created": dt.datetime.now().isoformat(timespec="seconds")}
+        what = (f"seed{view.settings['seed']}" if not isinstance(view.settings["source"], str)
+                else view.settings["source"].replace(":", "-"))
+        what += "".join(f"_{re.sub(r'[^A-Za-z0-9.+-]+', '-', s['name'])}{s['scale']:+g}" for s in view.settings["sliders"])
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for k in range(1000):
+            path = folder / f"edited-{stamp}-{what[:80]}{'' if k == 0 else f'-{k}'}.png"
+            if not path.exists():
+                break
+        return save_png(view.edited, path, size=size, text={"hspace": json.dumps(meta)})
 
     def export_directions(self, name: str, sliders: Sequence[Slider], window=None, asyrp: bool = False) -> Path:
         """The sliders' combination as ``<run_dir>/directions/<name>.safetensors``: one direction, usable as
@@ -251,3 +323,28 @@ class ExploreSession:
         with self._lock:
             self.files[name] = load_directions(path)
         return path
+
+
+def round_up(x: float, digits: int = 2) -> float:
+    """``x`` > 0 rounded up to ``digits`` significant digits: 1.7321 -> 1.8, 612.3 -> 620."""
+    if x <= 0:
+        return x
+    k = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(round(math.ceil(round(x / k, 9)) * k, 12))
+
+
+def score_stds(files: dict[str, Directions], run_dir) -> dict[str, float]:
+    """Per scorer attribute, the standard deviation of its unedited scores, the unit of the readings'
+    change: the calibration's (``params.calibration.std``, on the calibration seeds) of any directions
+    file, else that of the evaluation's unedited scores (``evaluation/per_sample.parquet``), else none."""
+    for d in files.values():
+        std = (d.params.get("calibration") or {}).get("std")
+        if std:
+            return {k: float(v) for k, v in std.items() if v}
+    path = Path(run_dir) / "evaluation" / "per_sample.parquet"
+    if path.exists():
+        import pandas as pd
+
+        table = pd.read_parquet(path).drop_duplicates(["repeat", "seed"])
+        return {c[2:]: float(table[c].std(ddof=1)) for c in table.columns if c.startswith("o_") and table[c].std(ddof=1) > 0}
+    return {}

@@ -1,8 +1,16 @@
-"""Matplotlib figures shared by the stages and the report: labelled image grids, the PCA stage's
-explained-variance plot, curves per attribute (convergence with n, effect against n, probes per
-step), atomic saving."""
+"""Matplotlib figures shared by the stages and the report: one style, labelled image grids, panels
+per attribute (curves against n or the step), the PCA stage's explained-variance plot, atomic saving.
+
+Every figure is drawn for the report's page: at most ``PAGE_WIDTH_IN`` inches wide at ``DPI``, so
+that the page shows it at its natural size (one PNG pixel per CSS pixel) on a 1,000-px window, with
+text of at least ``FONT_PT`` points (``FONT_PT * DPI / 72`` = 14 px there, the body text's size).
+Plot functions draw inside :func:`style` (or are :func:`styled`); :func:`save_figure` writes the smallest font size the
+figure uses into the PNG (``hspace:min_font_pt``), so that a test can check what a reader sees.
+"""
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,26 +20,112 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
 
+#: pixels per inch of every saved figure (stored in the PNG)
+DPI = 100
+#: the widest figure the report shows unscaled on a 1,000-px window
+PAGE_WIDTH_IN = 8.6
+#: the smallest text of a figure, in points
+FONT_PT = 10
+STYLE = {"font.size": FONT_PT, "axes.titlesize": FONT_PT + 1, "axes.labelsize": FONT_PT, "xtick.labelsize": FONT_PT,
+         "ytick.labelsize": FONT_PT, "legend.fontsize": FONT_PT, "legend.title_fontsize": FONT_PT,
+         "figure.titlesize": FONT_PT + 2, "lines.markersize": 5}
+#: PNG text key holding the smallest font size (points) of a saved figure
+MIN_FONT_KEY = "hspace:min_font_pt"
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a figure as PNG atomically and close it."""
+
+def style():
+    """A context in which figures are drawn in the shared style (``STYLE``'s font sizes)."""
+    return plt.rc_context(STYLE)
+
+
+def styled(fn):
+    """``fn`` draws its figure in :func:`style`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with style():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def min_font_pt(fig) -> float:
+    """The smallest font size (points) of the figure's visible, non-empty texts."""
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return float(min(sizes)) if sizes else float("nan")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """Save a figure as PNG atomically (its smallest font size in the PNG's metadata) and close it."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
+                        metadata={MIN_FONT_KEY: f"{min_font_pt(fig):g}"})
     finally:
         plt.close(fig)
     return path
 
 
+def scale_labels(scales: Sequence[float], calibrated: float | None = None, fixed: float | None = None,
+                 unit: str = "") -> list[str]:
+    """Column labels of an edit strip, on two lines: 0 is "unedited"; with a calibrated strength a scale
+    reads as its multiple ("+1x cal." for the strength itself, "-2x" above "(-1.05)"); ``fixed``: the
+    evaluation's fixed scale ("fixed" above "(+3)"); else the number with ``unit`` ("+2 SD")."""
+    out = []
+    for s in scales:
+        is_fixed = fixed is not None and math.isclose(s, fixed, rel_tol=1e-6)
+        if s == 0:
+            out.append("unedited")
+        elif calibrated and math.isclose(s / calibrated, 1, rel_tol=1e-6):
+            out.append("+1× cal." + (" = fixed" if is_fixed else "") + f"\n({s:+.2g})")
+        elif is_fixed:
+            out.append(f"fixed\n({s:+.3g})")
+        elif calibrated:
+            m = s / calibrated
+            near = round(m * 4) / 4  # a scale typed from a rounded strength still reads as its multiple
+            out.append(f"{near if abs(m - near) <= 0.02 * abs(m) else m:+.3g}×\n({s:+.2g})")
+        else:
+            out.append(f"{s:+.3g}{unit}")
+    return out
+
+
+def attribute_panels(names: Sequence[str], ncols: int = 3, panel: tuple[float, float] = (2.8, 2.3),
+                     sharey: bool = False):
+    """One panel per name, ``ncols`` to a row (a page-wide figure) -> (fig, {name: ax}); the panels
+    left empty are hidden. Label the left column's y axes and the bottom row's x axes with
+    :func:`label_outer`."""
+    ncols = max(1, min(ncols, len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows), squeeze=False,
+                             sharey=sharey, layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[len(names):]:
+        ax.set_visible(False)
+    return fig, dict(zip(names, flat))
+
+
+def label_outer(axes: dict, xlabel: str, ylabel: str, ncols: int = 3) -> None:
+    """x labels on the bottom panel of each column, y labels on the first column."""
+    flat = list(axes.values())
+    for i, ax in enumerate(flat):
+        if i + ncols >= len(flat):
+            ax.set_xlabel(xlabel)
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+
+
+@styled
 def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
-                      title: str = "", cell: float = 1.0, cell_titles: Sequence[Sequence[str]] | None = None):
-    """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None."""
+                      title: str = "", cell: float = 0.72, cell_titles: Sequence[Sequence[str]] | None = None):
+    """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None.
+    ``cell``: inches per image (0.72: 72 px, so that two strips of six columns fit side by side on a wide page)."""
     rows, cols = len(images), max(len(r) for r in images)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 0.8, rows * cell + (0.6 if title else 0.3)),
+    lines = max([1] + [str(c).count("\n") + 1 for c in col_labels])
+    head = (0.45 if title else 0.0) + (0.2 * lines if col_labels else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.1, rows * cell * (1.25 if cell_titles else 1) + head),
                              squeeze=False, layout="constrained")
     fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.02)
     for r in range(rows):
@@ -44,66 +138,69 @@ def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_la
             if c < len(images[r]) and images[r][c] is not None:
                 ax.imshow(images[r][c], interpolation="nearest" if images[r][c].shape[0] <= 64 else "antialiased")
             if cell_titles is not None and c < len(cell_titles[r]):
-                ax.set_title(cell_titles[r][c], fontsize=7, pad=2)
+                ax.set_title(cell_titles[r][c], pad=2)
             if r == 0 and c < len(col_labels):
-                ax.set_title(col_labels[c] if cell_titles is None else f"{col_labels[c]}\n{cell_titles[r][c]}", fontsize=8)
+                ax.set_title(col_labels[c] if cell_titles is None else f"{col_labels[c]}\n{cell_titles[r][c]}")
         if r < len(row_labels):
-            axes[r][0].set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
+            axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title)
     return fig
 
 
+@styled
 def explained_variance_plot(ratio: np.ndarray, timesteps, out: Path, k: int = 10) -> Path:
     """ratio: (T, K) explained variance ratio per step and component."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
     T = ratio.shape[0]
     cmap = plt.get_cmap("viridis")
-    for j in range(min(k, ratio.shape[1])):
-        ax.plot(range(T), ratio[:, j], "-o", ms=2.5, lw=1, color=cmap(j / max(1, min(k, ratio.shape[1]) - 1)),
-                label=f"PC{j + 1}")
-    ax.set_xticks(range(0, T, max(1, T // 10)), [str(timesteps[i]) for i in range(0, T, max(1, T // 10))], fontsize=7)
-    ax.set_xlabel("timestep (step index 0 = first, noisiest)", fontsize=8)
-    ax.set_ylabel("explained variance ratio", fontsize=8)
+    shown = min(k, ratio.shape[1])
+    for j in range(shown):
+        ax.plot(range(T), ratio[:, j], "-o", ms=3, lw=1.2, color=cmap(j / max(1, shown - 1)), label=f"PC{j + 1}")
+    ticks = range(0, T, max(1, T // 8))
+    ax.set_xticks(ticks, [str(timesteps[i]) for i in ticks])
+    ax.set_xlabel("timestep (left: step 0, the first and noisiest)")
+    ax.set_ylabel("explained variance ratio")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("PCA of h per step", fontsize=9)
+    ax.legend(ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title("PCA of h per step")
     return save_figure(fig, out)
 
 
 SERIES_STYLES = ("-o", "--s")  # the first space (h) solid with circles, the one it is compared with dashed with squares
 
 
+@styled
 def curves_by_attribute(table, y: str, out: Path, *, ylabel: str, x: str = "n", yerr: str | None = None,
                         spaces: Sequence[tuple[str, str]] = (("h", "h-space"), ("x_T", "x_T-space")),
                         timesteps: Sequence[int] | None = None, baseline: float | str | None = None,
-                        highlight: str | None = None, title: Callable | None = None, size: tuple[float, float] = (2.6, 2.6),
-                        sharey: bool = True) -> Path:
-    """One panel per attribute (``table.attribute``, in order of appearance), one curve per space
-    (``spaces``: (value of ``table.space``, legend label)) of ``y`` against ``x``, with error bars
-    ``yerr`` when given; saved to ``out``.
+                        highlight: str | None = None, title: Callable | None = None, sharey: bool = True) -> Path:
+    """One panel per attribute (``table.attribute``, in order of appearance; :func:`attribute_panels`), one
+    curve per space (``spaces``: (value of ``table.space``, legend label)) of ``y`` against ``x``, with error
+    bars ``yerr`` when given; saved to ``out``.
 
     x axis: without ``timesteps``, a log axis ticked at the values of ``x`` (n per side); with them,
     step indices labelled by their timestep. baseline: a number (a solid grey line there) or a
     column whose mean over the panel's rows is drawn dotted (e.g. ``chance``). highlight: a bool
     column; the first space's points where it is true get an open black circle. title(attribute,
-    rows) -> the panel's title (default: the attribute). size: (width, height) of a panel in inches."""
+    rows) -> the panel's title (default: the attribute)."""
     attrs = list(dict.fromkeys(table.attribute))
     steps = int(table[x].max()) + 1 if timesteps is not None else 0
-    fig, axes = plt.subplots(1, len(attrs), figsize=(size[0] * len(attrs), size[1]), squeeze=False, sharey=sharey)
-    for ax, attr in zip(axes[0], attrs):
+    fig, axes = attribute_panels(attrs, sharey=sharey)
+    for attr, ax in axes.items():
         rows = table[table.attribute == attr]
-        for (space, label), style in zip(spaces, SERIES_STYLES):
+        for (space, label), fmt in zip(spaces, SERIES_STYLES):
             c = rows[rows.space == space].sort_values(x, kind="stable")
             if c.empty:
                 continue
             if yerr is None:
-                ax.plot(c[x], c[y], style, ms=3, lw=1.2, label=label)
+                ax.plot(c[x], c[y], fmt, ms=3, lw=1.2, label=label)
             else:
-                ax.errorbar(c[x], c[y], yerr=c[yerr], fmt=style, ms=3, capsize=2, label=label)
+                ax.errorbar(c[x], c[y], yerr=c[yerr], fmt=fmt, ms=4, capsize=2, label=label)
             if highlight is not None and space == spaces[0][0] and highlight in c:
                 marked = c[c[highlight].astype(bool)]
-                ax.plot(marked[x], marked[y], "o", ms=6, mfc="none", color="k", lw=0)
+                ax.plot(marked[x], marked[y], "o", ms=7, mfc="none", color="k", lw=0,
+                        label=highlight if attr == attrs[0] else None)
         if isinstance(baseline, str):
             level = rows[baseline].dropna()
             if len(level):
@@ -111,22 +208,21 @@ def curves_by_attribute(table, y: str, out: Path, *, ylabel: str, x: str = "n", 
         elif baseline is not None:
             ax.axhline(baseline, color="grey", lw=0.8)
         _x_axis(ax, sorted(set(rows[x])), timesteps, steps)
-        ax.set_title(attr if title is None else title(attr, rows), fontsize=9)
+        ax.set_title(attr if title is None else title(attr, rows))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel, fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    xlabel = "n per side" if timesteps is None else "timestep (left: first, noisiest step)"
+    label_outer(axes, xlabel, ylabel)
+    fig.legend(*axes[attrs[0]].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     return save_figure(fig, out)
 
 
 def _x_axis(ax, values: list, timesteps: Sequence[int] | None, steps: int) -> None:
-    """A log axis ticked at ``values`` (n per side), or with ``timesteps``, steps 0..steps-1 labelled by timestep."""
+    """A log axis ticked at ``values`` (n per side; every other label on a crowded axis), or with ``timesteps``,
+    steps 0..steps-1 labelled by timestep."""
     if timesteps is None:
         ax.set_xscale("log")
-        ax.set_xticks(values, [str(v) for v in values])
+        ax.set_xticks(values, [str(v) if i % 2 == 0 or v == values[-1] else "" for i, v in enumerate(values)])
         ax.minorticks_off()
-        ax.set_xlabel("n per side", fontsize=8)
         return
-    ticks = list(range(0, steps, max(1, steps // 5)))
-    ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks], fontsize=7)
-    ax.set_xlabel("timestep (left: first, noisiest step)", fontsize=7)
+    ticks = list(range(0, steps, max(1, steps // 4)))
+    ax.set_xticks(ticks, [str(timesteps[i]) if i < len(timesteps) else str(i) for i in ticks])

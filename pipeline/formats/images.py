@@ -50,12 +50,23 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> 
     return grid
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
-    """Write a uint8 (H, W, 3) array as PNG (nearest-neighbour upscaled), atomically."""
+def save_png(array: np.ndarray, path: str | os.PathLike, upscale: int = 1, size: int | None = None,
+             text: dict[str, str] | None = None) -> Path:
+    """Write a uint8 (H, W, 3) array as PNG, atomically: nearest-neighbour upscaled by ``upscale``, or
+    resized to ``size`` pixels on its longer side (nearest-neighbour up, Lanczos down); ``text``: PNG
+    text chunks (key -> value, read back by ``PIL.Image.open(path).text``)."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     img = Image.fromarray(array)
-    if upscale > 1:
+    if size is not None and size != max(img.size):
+        k = size / max(img.size)
+        img = img.resize((round(img.width * k), round(img.height * k)), Image.NEAREST if k > 1 else Image.LANCZOS)
+    elif upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
     return path

@@ -37,25 +37,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from evaluation.metrics import (
-    bootstrap_effects,
-    disentanglement_summary,
-    dose_response,
-    effect_matrix,
-    own_attribute,
-    pca_vs_random,
-    primary_direction,
-    table1_markdown,
-)
-from evaluation.preservation import build_embedder, identity_similarity, preservation_table
-from pipeline.config import to_dict
+from evaluation.preservation import build_embedder, identity_similarity
+from evaluation.summary import summarise
 from pipeline.engine.model import HSpaceModel, default_device
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import DatasetError
 from pipeline.formats.directions import load_directions
 from pipeline.formats.identity import folder_files, parquet_metadata, read_record, seal_folder, verify
 from pipeline.formats.images import to_uint8
-from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
-from pipeline.methods.calibration import calibrated_scale, search_scales
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.methods.calibration import calibrated_scale, primary_direction, search_scales
 from pipeline.registry import COMMANDS
 from pipeline.stages.figures import evaluated_strips
 from pipeline.stages.lightning_utils import (
@@ -384,9 +374,18 @@ def write_results(run_dir, ev_cfg, items, record: dict, strips: list[int] = ()) 
     per_sample = per_sample.drop(columns=[c for c in ("image", "base_image") if c in per_sample])
     with atomic_path(out / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
-    summary = summarise(per_sample, ev_cfg, out)
+    summary = summarise(per_sample, ev_cfg, out, sweep_seeds(ev_cfg), sae_section(per_sample, ev_cfg, out))
     seal_folder(out, record, [f for f in folder_files(out) if not f.startswith("parts/") and f != "pixel_matching.json"])
     return summary
+
+
+def sae_section(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
+    """The SAE family's section of summary.json (``pipeline.stages.sae_evaluate``), when the run has an SAE."""
+    if not (("sae" in per_sample and per_sample.sae.any()) or (out.parent / "sae" / "metrics.json").exists()):
+        return {}
+    from pipeline.stages.sae_evaluate import sae_tables
+
+    return {"sae": lambda keep, scale: sae_tables(per_sample, keep, scale, ev_cfg, out)}
 
 
 def write_strips(per_sample: pd.DataFrame, seeds: list[int], out: Path) -> None:
@@ -397,7 +396,7 @@ def write_strips(per_sample: pd.DataFrame, seeds: list[int], out: Path) -> None:
 
     from PIL import Image
 
-    from pipeline.formats.figures import image_grid_figure, save_figure
+    from pipeline.formats.figures import image_grid_figure, save_figure, scale_labels
     from pipeline.stages.edit import safe_name
 
     with atomic_path(out) as tmp:
@@ -416,122 +415,13 @@ def write_strips(per_sample: pd.DataFrame, seeds: list[int], out: Path) -> None:
             cols = sorted([0.0] + scales)
             order = [([0.0] + scales).index(c) for c in cols]
             grid = np.stack([np.stack([r[i] for i in order]) for r in grid])
-            fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{c:+.3g}" for c in cols],
-                                    title=direction)
+            calibrated = g[g.calibrated].scale.iloc[0] if g.calibrated.any() else None
+            fixed = g[g.table1].scale.iloc[0] if g.table1.any() else None
+            labels = scale_labels(cols, calibrated, fixed, unit=" SD" if family in ("pca", "random") else "")
+            fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=labels, title=direction)
             save_figure(fig, tmp / STRIP_FOLDERS[family] / f"{safe_name(direction)}.png")
 
 
-def table1_sections(keep: pd.DataFrame, scale: dict, signed: bool = False):
-    """[(title, mean, std)] for the original and disentangled families, and the same as one
-    table (family, direction, <attr>..., <attr>_std...)."""
-    sections, tables = [], []
-    for family, title in (("original", "Original directions"), ("disentangled", "Disentangled directions")):
-        sub = keep[keep.family == family]
-        if sub.empty:
-            continue
-        mean, std = effect_matrix(sub, scale, signed=signed)
-        sections.append((title, mean, std))
-        tables.append(mean.join(std.add_suffix("_std")).rename_axis("direction").reset_index().assign(family=family))
-    table = pd.concat(tables, ignore_index=True)
-    return sections, table[["family", "direction"] + [c for c in table.columns if c not in ("family", "direction")]]
-
-
-def table1_outputs(keep: pd.DataFrame, scale: dict, ev_cfg, out: Path, suffix: str = "") -> tuple[list, dict]:
-    """Table 1 of the rows ``keep`` (csv, signed csv, markdown, heatmaps) and its disentanglement
-    checks (``disentanglement<suffix>.csv``, with bootstrap intervals) -> (sections, summary counts)."""
-    from evaluation.plots import effect_heatmaps
-
-    mapping = to_dict(ev_cfg.own_attribute)
-    families = dict(zip(keep.direction, keep.family))
-    sections, table = table1_sections(keep, scale)
-    signed_sections, signed_table = table1_sections(keep, scale, signed=True)
-    unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
-    write_text_atomic(out / f"table1{suffix}.csv", table.to_csv(index=False))
-    write_text_atomic(out / f"table1{suffix}_signed.csv", signed_table.to_csv(index=False))
-    write_text_atomic(out / f"table1{suffix}.md", table1_markdown(sections, unit))
-    effect_heatmaps(sections, out / f"table1{suffix}.png", unit)
-    effect_heatmaps(signed_sections, out / f"table1{suffix}_signed.png", unit, signed=True)
-    all_mean = pd.concat([sec[1] for sec in sections])
-    rows = keep[keep.family.isin(["original", "disentangled"])]
-    boot = bootstrap_effects(rows, scale, ev_cfg.bootstrap, seed=0) if ev_cfg.bootstrap and len(rows) else None
-    summary_rows = disentanglement_summary(all_mean, families, mapping, boot)
-    write_text_atomic(out / f"disentanglement{suffix}.csv", summary_rows.to_csv(index=False))
-    summary = {"disentangled_own_strongest": None, "rows_with_lower_max_off_diagonal": None,
-               "all_disentangled_own_strongest": None, "disentangling_lowers_max_off_diagonal": None}
-    if not summary_rows.empty:  # [how many pass, of how many], and whether all do
-        disentangled = summary_rows[summary_rows.family == "disentangled"]
-        compared = summary_rows.dropna(subset=["off_diagonal_vs_original"])
-        own = [int(disentangled.own_is_strongest.sum()), len(disentangled)]
-        lowered = [int((compared.off_diagonal_vs_original < 0).sum()), len(compared)]
-        summary.update({"disentangled_own_strongest": own, "rows_with_lower_max_off_diagonal": lowered,
-                        "all_disentangled_own_strongest": own[0] == own[1],
-                        "disentangling_lowers_max_off_diagonal": lowered[0] == lowered[1]})
-        if boot is not None:  # the same counts where the 95% bootstrap interval excludes 0
-            summary.update({
-                "bootstrap_resamples": int(ev_cfg.bootstrap),
-                "disentangled_own_strongest_ci": {
-                    "confirmed": int((disentangled.own_margin_ci_low > 0).sum()),
-                    "contradicted": int((disentangled.own_margin_ci_high < 0).sum()), "of": len(disentangled)},
-                "rows_with_lower_max_off_diagonal_ci": {
-                    "confirmed": int((compared.off_diagonal_vs_original_ci_high < 0).sum()),
-                    "contradicted": int((compared.off_diagonal_vs_original_ci_low > 0).sum()), "of": len(compared)}})
-    return sections, summary
-
-
-def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
-    """Table 1 at the fixed scale and at the calibrated strengths (csv + markdown, heatmaps,
-    checks), image change, PCA vs random, the dose-response curves, summary.json."""
-    from evaluation.dose import dose_response_plot
-    from evaluation.plots import pca_vs_random_plot
-
-    attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
-    for col, empty in (("sae", False), ("target", ""), ("target_r", np.nan)):  # parts written before the SAE family
-        per_sample[col] = per_sample[col].fillna(empty) if col in per_sample else empty
-    mapping = {**to_dict(ev_cfg.own_attribute), **{d: t for d, t in zip(per_sample.direction, per_sample.target) if t}}
-    measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(own_attribute(d, mapping) for d in per_sample.direction)
-                                           if a in attrs]
-    if not measured:
-        raise ConfigError(f"evaluate.attributes is empty and no direction is named after a scorer attribute ({attrs}); "
-                          f"list the attributes to measure")
-    unedited = per_sample.drop_duplicates(["repeat", "seed"])
-    scale = {a: float(unedited[f"o_{a}"].std(ddof=1)) if ev_cfg.normalize else 1.0 for a in measured}
-    columns = ["repeat", "seed", "direction", "family", "scale", "pixel_change", "quality_before", "quality_after"]
-    keep = per_sample[columns + [f"d_{a}" for a in measured]]
-    unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
-    _, summary = table1_outputs(keep[per_sample.table1], scale, ev_cfg, out)
-    summary = {"num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
-               "scorer": ev_cfg.scorer, "measured": measured, "unit": unit, **summary}
-    if per_sample.calibrated.any():
-        cal = keep[per_sample.calibrated]
-        _, cal_summary = table1_outputs(cal, scale, ev_cfg, out, "_calibrated")
-        summary["calibrated"] = {**cal_summary, "scales": {d: float(g.scale.iloc[0]) for d, g in
-                                                           cal.groupby("direction", sort=False)}}
-    table_rows = keep[per_sample.table1 | per_sample.fig6]
-    quality = table_rows.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
-    write_text_atomic(out / "image_change.csv", quality.to_csv())
-    fixed = per_sample[per_sample.table1 | per_sample.fig6]
-    write_text_atomic(out / "preservation.csv", preservation_table(fixed, mapping).to_csv(index=False))
-    pvr = pca_vs_random(keep[per_sample.fig6], scale)
-    if not pvr.empty:
-        write_text_atomic(out / "pca_vs_random.csv", pvr.to_csv(index=False))
-        pca_vs_random_plot(pvr, out / "pca_vs_random.png")
-        fam = pvr.groupby("family").effect_per_pixel_change.mean()
-        summary["pca_effect_per_pixel"] = float(fam.get("pca", np.nan))
-        summary["random_effect_per_pixel"] = float(fam.get("random", np.nan))
-        if "random_pixel" in fam:
-            summary["random_pixel_matched_effect_per_pixel"] = float(fam["random_pixel"])
-    sweep = keep[keep.seed.isin(sweep_seeds(ev_cfg)) & (keep.family != "random_pixel")]
-    if sweep_seeds(ev_cfg) and not sweep.empty:
-        curves = dose_response(sweep, scale, mapping)
-        write_text_atomic(out / "dose_response.csv", curves.to_csv(index=False))
-        dose_response_plot(curves, out / "dose_response.png", unit)
-        summary["dose_response"] = {"seeds": len(sweep_seeds(ev_cfg)), "directions": int(curves.direction.nunique())}
-    if per_sample.sae.any() or (out.parent / "sae" / "metrics.json").exists():
-        from pipeline.stages.sae_evaluate import sae_tables
-
-        summary["sae"] = sae_tables(per_sample, keep, scale, ev_cfg, out)
-    write_json_atomic(out / "summary.json", summary)
-    return summary
 
 
 def clean_existing(out: Path, part_key: str) -> None:

@@ -114,8 +114,7 @@ def plot_effect_vs_n(curve: pd.DataFrame, out: Path) -> Path:
     """Own-attribute change on held-out seeds against n per side, in h and x_T space (Fig. 8 as numbers)."""
     from pipeline.formats.figures import curves_by_attribute
 
-    return curves_by_attribute(curve, "effect", out, yerr="effect_std", ylabel="own attribute change (std)",
-                               baseline=0.0, size=(2.6, 2.7))
+    return curves_by_attribute(curve, "effect", out, yerr="effect_std", ylabel="own change (SD)", baseline=0.0)
 
 
 def scored(model, scorer, seeds, edits: list[dict], space: str, batch_size: int):

@@ -127,7 +127,7 @@ def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
 
     return curves_by_attribute(table, "score", out, x="step", ylabel="held-out score", spaces=(("h", "h"), ("x_t", "x_t")),
                                timesteps=timesteps, baseline="chance", highlight="encoded",
-                               title=lambda attr, rows: f"{attr} ({rows.metric.iloc[0]})", size=(2.7, 2.7), sharey=False)
+                               title=lambda attr, rows: f"{attr} ({rows.metric.iloc[0]})", sharey=False)
 
 
 def run_probe(cfg) -> Path:

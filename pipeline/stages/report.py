@@ -1,125 +1,37 @@
 """`hspace report`: ``<run_dir>/report/index.html``, one page a researcher can share.
 
-The page and its images live in ``<run_dir>/report/`` (images copied into ``report/img/``
-and referenced relatively), so the folder opens from disk without a server and can be
-zipped or copied as a whole. Sections: provenance and configuration, Table 1 (tables and
-heatmaps) with the disentanglement checks, PCA against random directions, image change and
-quality, PCA explained variance, edit strips per direction family, the per-step probes, Fig. 8
-as effect against n (evaluation/semantics.py), and the annotator contact sheets.
+The page lives in ``<run_dir>/report/`` with everything it shows: figures copied into ``img/``, every
+data file it summarises copied into ``data/`` (and linked where it is named), the resolved
+configuration as ``data/config.yaml``; the folder opens from disk without a server and can be
+zipped as it is. The page says how it was made (the command line, the configuration file read) and
+how to make it again.
+
+Its sections, in order: an overview (with the selection's confounds), then ``SECTIONS`` (Table 1,
+calibrated Table 1, dose-response, PCA against random, image quality, PCA of h, edit strips, the
+probes and Fig. 8 (evaluation/semantics.py), the contact sheets with their confound check, where the
+time went), then how to reproduce it. A section is a function ``(page, run_dir)`` that adds nothing
+when the run lacks its files: a new one is one more entry of ``SECTIONS``.
 """
 from __future__ import annotations
 
 import datetime as dt
 import html
 import json
-import shutil
+import shlex
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 
+from evaluation import dose, effects, sae, semantics
 from evaluation.costs import costs_html
-from evaluation.semantics import add_sections
-from evaluation.tables import df_html, table1_html
+from evaluation.page import Page
 from pipeline.config import to_yaml
 from pipeline.formats.identity import seal_folder, verify
 from pipeline.formats.samples import read_manifest
 from pipeline.io import atomic_path
-
-CSS = """
-:root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
-* { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color:var(--ink); background:var(--bg); }
-header { background:#1d232b; color:#fff; padding:28px 40px 22px; }
-header h1 { margin:0 0 4px; font-size:24px; font-weight:600; }
-header p { margin:0; color:#c5ccd5; font-size:14px; }
-nav { position:sticky; top:0; z-index:2; background:#fff; border-bottom:1px solid var(--line); padding:8px 40px; font-size:13px; }
-nav a { color:var(--muted); text-decoration:none; margin-right:18px; }
-nav a:hover { color:var(--accent); }
-main { max-width:1180px; margin:0 auto; padding:10px 40px 60px; }
-section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:18px 24px; margin:22px 0; }
-h2 { font-size:19px; margin:0 0 10px; }
-h3 { font-size:15px; margin:18px 0 8px; color:var(--muted); font-weight:600; }
-p.note { color:var(--muted); font-size:13px; margin:6px 0 12px; }
-table { border-collapse:collapse; font-size:13px; margin:8px 0 14px; }
-th, td { border-bottom:1px solid var(--line); padding:5px 10px; text-align:right; white-space:nowrap; }
-th:first-child, td:first-child { text-align:left; }
-thead th { background:#f1f3f6; font-weight:600; }
-tr.section td { background:#fafbfc; font-style:italic; color:var(--muted); text-align:left; }
-td.best { font-weight:700; background:#fff4e5; }
-.cards { display:flex; flex-wrap:wrap; gap:12px; margin:6px 0 12px; }
-.card { border:1px solid var(--line); border-radius:8px; padding:10px 14px; min-width:200px; background:#fcfcfd; }
-.card .v { font-size:20px; font-weight:600; }
-.card .k { font-size:12px; color:var(--muted); }
-.ok { color:var(--good); } .no { color:var(--bad); }
-figure { margin:10px 0 18px; }
-figure img { max-width:100%; border:1px solid var(--line); border-radius:4px; background:#fff; }
-figcaption { font-size:12.5px; color:var(--muted); margin-top:4px; }
-.grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(340px, 1fr)); gap:14px; }
-details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); }
-pre { background:#f6f8fa; border:1px solid var(--line); border-radius:6px; padding:10px; font-size:12px; overflow:auto;
-      max-height:420px; }
-code { font-size:12.5px; }
-.pm { color:#8a939c; font-size:12px; }
-"""
-
-
-class Page:
-    """A tiny HTML builder that copies every image it shows into the report folder."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.parts: list[str] = []
-        self.toc: list[tuple[str, str]] = []
-        self.images: list[str] = []
-
-    def add(self, s: str) -> None:
-        self.parts.append(s)
-
-    def section(self, anchor: str, title: str) -> None:
-        if self.toc:
-            self.add("</section>")
-        self.toc.append((anchor, title))
-        self.add(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>')
-
-    def image(self, path: Path, caption: str = "", name: str | None = None) -> None:
-        if not Path(path).exists():
-            return
-        rel = f"img/{name or Path(path).name}"
-        (self.out_dir / "img").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, self.out_dir / rel)
-        self.images.append(rel)
-        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.add(f'<figure><img src="{rel}" alt="{html.escape(caption or Path(path).stem)}" loading="lazy">{cap}</figure>')
-
-    def note(self, text: str) -> None:
-        self.add(f'<p class="note">{text}</p>')
-
-    def render(self, title: str, subtitle: str) -> str:
-        body = "\n".join(self.parts) + ("</section>" if self.toc else "")
-        nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in self.toc)
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-                f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-                f"<header><h1>{html.escape(title)}</h1><p>{subtitle}</p></header><nav>{nav}</nav>"
-                f"<main>{body}</main></body></html>\n")
-
-
-def checks_table(d: pd.DataFrame) -> pd.DataFrame:
-    """disentanglement.csv for reading: the largest side effect with its attribute, and each
-    check with its bootstrap interval in one cell ("0.38 [0.02, 0.65]")."""
-    def with_ci(col):
-        if f"{col}_ci_low" not in d:
-            return [f"{v:.2f}" if pd.notna(v) else "" for v in d[col]]
-        return [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if pd.notna(v) and pd.notna(lo) else (f"{v:.2f}" if pd.notna(v) else "")
-                for v, lo, hi in zip(d[col], d[f"{col}_ci_low"], d[f"{col}_ci_high"])]
-    return pd.DataFrame({
-        "direction": d["direction"], "family": d["family"], "own effect": [f"{v:.2f}" for v in d["own_effect"]],
-        "largest side effect": [f"{v:.2f} ({a})" for v, a in zip(d["max_off_diagonal"], d["max_off_attribute"])],
-        "own strongest": d["own_is_strongest"].map({True: "yes", False: "no"}),
-        "own - largest side [95% CI]": with_ci("own_margin"),
-        "side effect vs original [95% CI]": with_ci("off_diagonal_vs_original")})
+from pipeline.methods.selection import chance_difference
+from pipeline.process import command
 
 
 def git_commit() -> str | None:
@@ -130,12 +42,209 @@ def git_commit() -> str | None:
         return None
 
 
+# ---------------------------------------------------------------------- sections
+def overview(page: Page, run_dir: Path) -> None:
+    manifest = read_manifest(run_dir)
+    model = manifest["model"]
+    ev = run_dir / "evaluation"
+    summary = json.loads((ev / "summary.json").read_text()) if (ev / "summary.json").exists() else {}
+    page.section("overview", "Overview")
+    cards = [("samples", f"{manifest.get('num_samples', '?')}"), ("model", Path(str(model["name_or_path"])).name),
+             ("steps T / eta", f"{len(model['timesteps'])} / {sorted(set(model['eta']))}"),
+             ("h shape", "x".join(map(str, model["h_shape"])))]
+    for key, label in (("disentangled_own_strongest", "disentangled directions whose own effect is strongest"),
+                       ("rows_with_lower_max_off_diagonal", "rows whose largest side effect disentangling lowers")):
+        if summary.get(key):
+            value = "{} of {}".format(*summary[key])
+            ci = summary.get(f"{key}_ci")
+            if ci:  # how many checks the 95% bootstrap interval confirms, and how many it contradicts
+                value += f" (95% CI: {ci['confirmed']} confirmed, {ci['contradicted']} contradicted)"
+            cards.append((label, value))
+    for key, label in (("random_effect_per_pixel", "norm-matched"), ("random_pixel_matched_effect_per_pixel", "pixel-matched")):
+        if summary.get(key) is not None:
+            cards.append((f"consistent attribute change per pixel change: PCA vs random ({label})",
+                          f"{summary['pca_effect_per_pixel']:.1f} vs {summary[key]:.1f}"))
+    page.add('<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{html.escape(str(v))}</div><div class="k">{html.escape(k)}</div></div>'
+        for k, v in cards) + "</div>")
+    for r in confounded(run_dir).itertuples():
+        page.warning(f"<b>Confound:</b> the top and bottom {r.n} samples of <b>{html.escape(r.attribute)}</b> also differ "
+                     f"in <b>{html.escape(r.other)}</b> by {r.difference:+.2f} standard deviations (above "
+                     f"<code>select.confound_threshold</code> = {r.threshold:g} and above chance, "
+                     f"{chance_difference(r.n):.2f}): its supervised direction may move "
+                     f"{html.escape(r.other)} too. See <a href=\"#annotators\">the contact sheets</a>.")
+    page.note("Directions in the semantic latent space (h-space, the U-Net bottleneck at every sampling step) found by "
+              "PCA, Jacobian subspace iteration, supervised mean differences (eq. 10) and their linear disentanglement "
+              "(eq. 11), evaluated on held-out seeds as in Table 1 of Haas et al. Click a figure to open it at full "
+              "size; every number has its file in <code>data/</code> (<a href=\"#provenance\">how this page was made</a>).")
+
+
+def pca_section(page: Page, run_dir: Path) -> None:
+    ev_png = run_dir / "directions" / "explained_variance.png"
+    if ev_png.exists():
+        page.section("pca", "PCA of h")
+        page.image(ev_png, "Explained variance ratio of the leading components at every step.")
+
+
+#: edit-strip families: folder, title, what its names and scales mean
+STRIP_FAMILIES = (
+    ("supervised", "Supervised directions (eq. 10)", ""),
+    ("disentangled", "Disentangled directions (eq. 11)", ""),
+    ("pca", "PCA directions", "Scales in standard deviations of h along the component."),
+    ("pca_random", "Random directions, norm-matched", "The same per-step norms as the PCA directions: scales in the "
+     "same units."),
+    ("jacobian", "Jacobian directions (Alg. 1)", "<code>sI-tT-vK</code>: the K-th right singular vector of the "
+     "Jacobian of the U-Net's output with respect to h at step T of sample (seed) I, applied at every step scaled "
+     "by that step's singular value (\"global at index\"). Image-specific, shown on other seeds. Its size is the "
+     "singular value (about 0.1 on the toy), hence scales of hundreds (<code>jacobian.scales</code>)."),
+    ("supervised_xT", "The supervised directions in x_T space (Fig. 8 baseline)", "Scales in multiples of the "
+     "class-mean gap of x_T."),
+    ("real", "Real-image directions", ""),
+)
+
+
+def strips_section(page: Page, run_dir: Path) -> None:
+    """Every family's edit strips once: those the evaluation drew from its sweep (``evaluation/strips``) and
+    the others of the figures stage (``edits/``)."""
+    from pipeline.stages.evaluate import STRIP_FOLDERS
+
+    evaluated = set(STRIP_FOLDERS.values())
+    found = []
+    for folder, title, explain in STRIP_FAMILIES:
+        where = run_dir / "evaluation" / "strips" / folder
+        if folder not in evaluated or not any(where.glob("*.png")):
+            where = run_dir / "edits" / folder
+        pngs = sorted(where.glob("*.png"))
+        if pngs:
+            found.append((folder, title, explain, pngs))
+    if not found:
+        return
+    page.section("edits", "Edit strips", "Strips")
+    page.note("Rows: held-out seeds (<code>edit.seeds</code>); columns: edit strengths, <i>unedited</i> the plain sample. "
+              "A supervised or disentangled direction is shown at multiples of its calibrated strength (<i>+1&times; "
+              "cal.</i> moves its own attribute by the calibration target, 1 SD by default; in brackets the scale "
+              "itself) and at Table 1's fixed scale (<i>fixed</i>): the images the dose-response was measured on. "
+              "Click a strip to open it at full size.")
+    for folder, title, explain, pngs in found:
+        page.add(f"<h3>{html.escape(title)}</h3>")
+        if explain:
+            page.note(explain)
+        captions = strip_captions(run_dir / "directions", folder)
+        page.add('<div class="figs">')
+        for png in pngs:
+            page.image(png, html.escape(captions.get(png.stem, "")), name=f"edit-{folder}-{png.name}",
+                       alt=f"edit strip of {png.stem}")
+        page.add("</div>")
+
+
+def confounded(run_dir: Path) -> pd.DataFrame:
+    """The confounded rows of ``contact_sheets/confounds.csv`` (empty without one)."""
+    path = run_dir / "contact_sheets" / "confounds.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["attribute", "other", "difference", "threshold", "n", "confounded"])
+    table = pd.read_csv(path)
+    return table[table.confounded]
+
+
+def contact_sheets_section(page: Page, run_dir: Path) -> None:
+    sheets = sorted((run_dir / "contact_sheets").glob("*.png"))
+    if not sheets:
+        return
+    path = run_dir / "contact_sheets" / "confounds.csv"
+    table = pd.read_csv(path) if path.exists() else None
+    page.section("annotators", "Annotator contact sheets and confounds", "Contact sheets")
+    page.note("The most and least extreme samples of every selected attribute, with their scores: check the annotator "
+              "by eye before trusting a supervised direction. Below each sheet, the confound check: how much every "
+              "other annotated attribute differs between the attribute's top and bottom samples, in standard "
+              "deviations over all samples: over the whole selection (<code>select.n</code> per side, what the "
+              "supervised direction is made of) and over the samples shown. <i>chance</i>: what chance alone gives with n per "
+              "side, two standard errors (2 sqrt(2/n)); a difference counts as a confound (red) above both it and "
+              "<code>select.confound_threshold</code>. "
+              + (f"All: {page.data(path)}; the selection: {page.data(run_dir / 'selection.parquet')}."
+                 if table is not None else ""))
+    for png in sheets:
+        page.image(png, "", name=f"sheet-{png.name}", alt=f"contact sheet of {png.stem}")
+        rows = table[table.attribute == png.stem] if table is not None else []
+        if len(rows):
+            head = "".join(f"<th>{html.escape(o)}</th>" for o in rows.other)
+            body = ""
+            for col, n, marked in (("difference", int(rows.n.iloc[0]), True),
+                                   ("shown_difference", int(rows.shown.iloc[0]), False)):
+                if n and rows[col].notna().all():
+                    cells = "".join(f'<td class="{"over" if marked and over else ""}">{v:+.2f}</td>'
+                                    for v, over in zip(rows[col], rows.confounded))
+                    label = f"the {n} per side{' shown' if not marked else ''}"
+                    body += f"<tr><td>{label}</td><td>{chance_difference(n):.2f}</td>{cells}</tr>"
+            page.table(f"<table><thead><tr><th>{html.escape(png.stem)}: top - bottom (SD)</th><th>chance</th>{head}"
+                       f"</tr></thead><tbody>{body}</tbody></table>")
+
+
+def costs_section(page: Page, run_dir: Path) -> None:
+    timings = run_dir / "timings.json"
+    table = costs_html(run_dir, link=page.data(timings) if timings.exists() else "")
+    if table:
+        page.section("costs", "Where the time went", "Time")
+        page.add(table)
+
+
+#: the page between its overview and how it was made, in order: (page, run_dir) -> None each
+SECTIONS = (effects.table1_section, effects.calibrated_section, dose.report_section, sae.report_section,
+            effects.baselines_section,
+            pca_section, strips_section, semantics.add_sections, contact_sheets_section, costs_section)
+
+
+def reproduce_section(page: Page, run_dir: Path, cfg) -> None:
+    """How the page was made and how to make it again: the command, the configuration, the data, provenance."""
+    manifest = read_manifest(run_dir)
+    model = manifest["model"]
+    page.section("provenance", "How this page was made", "How it was made")
+    made = command()
+    if made is not None:
+        config = (f"the configuration file <code>{html.escape(made['config'])}</code> (a copy: "
+                  f"{page.data(Path(made['config']))})" if made["config"] else "no configuration file (the built-in defaults)")
+        page.add(f"<p>This page was written by</p><pre>{html.escape(shlex.join(made['argv']))}</pre>"
+                 f"<p class=\"note\">run in <code>{html.escape(made['cwd'])}</code>, reading {config} and the overrides "
+                 "on the command line.</p>")
+    else:
+        page.note("This page was written from Python (<code>pipeline.stages.report.build_report</code>), not by a command.")
+    if cfg is not None:
+        link = page.write_data("config-resolved.yaml", to_yaml(cfg))
+        again = shlex.join(["hspace", "run", "--config", str(Path(cfg.run_dir) / "report" / "data" / "config-resolved.yaml"),
+                            f"run_dir={cfg.run_dir}-again"])
+        page.add(f"<p>The configuration as resolved: {link}, every setting of every stage. From the same directory, "
+                 f"this makes the run again in a new run directory:</p><pre>{html.escape(again)}</pre>"
+                 "<details><summary>the configuration</summary><pre>" + html.escape(to_yaml(cfg)) + "</pre></details>")
+    for name in ("annotations.parquet", "evaluation/per_sample.parquet", "evaluation/summary.json"):
+        page.data(run_dir / name, Path(name).name)
+    files = sorted(page.files)
+    page.add("<h3>Data files</h3>")
+    page.note("Every file this page summarises, copied into <code>data/</code> beside it: " + ", ".join(
+        f'<a href="data/{html.escape(f)}"><code>{html.escape(f)}</code></a> '
+        f'<span class="pm">({(page.out_dir / "data" / f).stat().st_size / 1024:.0f} kB)</span>' for f in files) + ".")
+    prov = {"created": dt.datetime.now().isoformat(timespec="seconds"), "hspace commit": git_commit(),
+            "model": model.get("name_or_path"), "weights fingerprint": model.get("weights_fingerprint"),
+            "scheduler": model.get("scheduler"), "timesteps": model.get("timesteps"), "eta": model.get("eta"),
+            "hook": model.get("hook"), "samples identity": (manifest.get("record") or {}).get("id"),
+            "packages": manifest.get("packages")}
+    page.add("<h3>Provenance</h3>")
+    page.table("<table><tbody>" + "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left;white-space:normal'>"
+                                          f"<code>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
+                                          for k, v in prov.items()) + "</tbody></table>")
+
+
+# ---------------------------------------------------------------------- the page
 def build_report(run_dir, cfg=None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        _write_report(run_dir, cfg, tmp)
+        page = Page(tmp)
+        overview(page, run_dir)
+        for section in SECTIONS:
+            section(page, run_dir)
+        reproduce_section(page, run_dir, cfg)
+        subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
+        (tmp / "index.html").write_text(page.render("hspace report", subtitle))
         if cfg is not None:
             from pipeline.registry import COMMANDS
 
@@ -143,157 +252,14 @@ def build_report(run_dir, cfg=None) -> Path:
     return out / "index.html"
 
 
-def _write_report(run_dir: Path, cfg, tmp: Path) -> None:
-    page = Page(tmp)
-    manifest = read_manifest(run_dir)
-    model = manifest["model"]
-    ev = run_dir / "evaluation"
-
-    # ---- overview
-    page.section("overview", "Overview")
-    summary = json.loads((ev / "summary.json").read_text()) if (ev / "summary.json").exists() else {}
-    cards = [("samples", f"{manifest.get('num_samples', '?')}"), ("model", Path(str(model["name_or_path"])).name),
-             ("steps T / eta", f"{len(model['timesteps'])} / {sorted(set(model['eta']))}"),
-             ("h shape", "x".join(map(str, model["h_shape"])))]
-    if summary:
-        for key, label in (("disentangled_own_strongest", "disentangled directions whose own effect is strongest"),
-                           ("rows_with_lower_max_off_diagonal", "rows whose largest side effect disentangling lowers")):
-            if summary.get(key):
-                value = "{} of {}".format(*summary[key])
-                ci = summary.get(f"{key}_ci")
-                if ci:  # how many checks the 95% bootstrap interval confirms, and how many it contradicts
-                    value += f" (95% CI: {ci['confirmed']} confirmed, {ci['contradicted']} contradicted)"
-                cards.append((label, value))
-        if summary.get("pca_effect_per_pixel") is not None:
-            cards.append(("consistent attribute change per pixel change: PCA vs random (norm-matched)",
-                          f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_effect_per_pixel']:.1f}"))
-        if summary.get("random_pixel_matched_effect_per_pixel") is not None:
-            cards.append(("consistent attribute change per pixel change: PCA vs random (pixel-matched)",
-                          f"{summary['pca_effect_per_pixel']:.1f} vs {summary['random_pixel_matched_effect_per_pixel']:.1f}"))
-    page.add('<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{html.escape(str(v))}</div><div class="k">{html.escape(k)}</div></div>'
-        for k, v in cards) + "</div>")
-    page.note("Directions in the semantic latent space (h-space, the U-Net bottleneck at every sampling step) found by "
-              "PCA, Jacobian subspace iteration, supervised mean differences (eq. 10) and their linear disentanglement "
-              "(eq. 11), evaluated on held-out seeds as in Table 1 of Haas et al.")
-
-    # ---- Table 1
-    if (ev / "table1.csv").exists():
-        page.section("table1", "Table 1: effect of each edit on each attribute")
-        table = pd.read_csv(ev / "table1.csv")
-        page.note(f"Rows: applied direction; columns: measured attribute ({html.escape(str(summary.get('scorer')))} scorer). "
-                  f"Entries: |mean score change| {html.escape(summary.get('unit', ''))}, mean ± std over "
-                  f"{summary.get('repeats')} disjoint seed sets of {summary.get('num_samples')} held-out samples, edit "
-                  f"scale {summary.get('scale')}. The strongest effect of each row is highlighted.")
-        page.add(table1_html(table))
-        page.image(ev / "table1.png", "Heatmaps of the same matrices; the strongest effect per row is outlined.")
-        page.image(ev / "table1_signed.png", "The same effects with their sign (table1_signed.csv): which way each edit "
-                   "moves each attribute. A side effect that disentangling over-corrects changes sign.")
-        if (ev / "disentanglement.csv").exists():
-            page.add("<h3>Disentanglement checks</h3>")
-            d = pd.read_csv(ev / "disentanglement.csv")
-            if "own_margin_ci_low" in d:
-                page.note("<i>own - largest side</i>: above 0, the own effect is the strongest; <i>side effect vs "
-                          "original</i>: the largest side effect minus the original direction's, below 0 when "
-                          "disentangling lowered it. In brackets: 95% paired bootstrap interval "
-                          f"({summary.get('bootstrap_resamples')} resamples of the seeds; every direction edits the "
-                          "same seeds, so differences between rows keep their pairing). A check is confirmed (or "
-                          "contradicted) when its interval excludes 0. All columns: <code>evaluation/disentanglement.csv</code>.")
-            page.add(df_html(checks_table(d)))
-    if (ev / "pca_vs_random.csv").exists():
-        page.section("pca-random", "PCA directions against random directions (Fig. 6)")
-        pvr = pd.read_csv(ev / "pca_vs_random.csv")
-        page.note("Largest consistent attribute effect (|mean change| over all held-out seeds, less its noise floor: "
-                  "sqrt(max(mean<sup>2</sup> - var/n, 0)); <i>max_attribute_effect</i> is the uncorrected Table-1 "
-                  "value) per unit of mean absolute pixel change, for the top principal directions, "
-                  "random directions with the same per-step norms (norm-matched), and the same random directions "
-                  "rescaled until they change the images as much as their component (pixel-matched, "
-                  "<code>-pixmatch</code>). A semantic direction moves attributes; a random one barely changes the "
-                  "image at the same norm and degrades it at the same pixel change.")
-        page.add(df_html(pvr))
-        page.image(ev / "pca_vs_random.png",
-                   "Consistent attribute change per pixel change (left) and against pixel change (right).")
-    if (ev / "image_change.csv").exists():
-        page.section("quality", "Image change and quality per edit")
-        page.note("Mean absolute pixel change (in [0, 1] units) and the image-quality score before and after the edit "
-                  "(MTCNN face probability for faces; the render error of the toy domain, lower is better), so that a "
-                  "direction that 'works' by destroying the image is visible.")
-        page.add(df_html(pd.read_csv(ev / "image_change.csv", index_col=0), index=True))
-
-    from evaluation.dose import report_section as dose_response_section  # calibrated Table 1, dose-response, auto, strips
-
-    dose_response_section(page, run_dir)
-    from evaluation.sae import report_section as sae_section  # the SAE's measures, features, Table 1 and strips
-
-    sae_section(page, run_dir)
-
-    # ---- directions
-    dirs = run_dir / "directions"
-    if (dirs / "explained_variance.png").exists():
-        page.section("pca", "PCA of h")
-        page.image(dirs / "explained_variance.png", "Explained variance ratio of the leading components at every step.")
-    edits = run_dir / "edits"
-    families = [("pca", "PCA directions (scale in standard deviations)"), ("pca_random", "Random directions, norm-matched"),
-                ("jacobian", "Jacobian directions (Alg. 1): image-specific, applied to other seeds"),
-                ("supervised", "Supervised directions (eq. 10)"), ("disentangled", "Disentangled directions (eq. 11)"),
-                ("supervised_xT", "The same supervised directions in x_T space (Fig. 8 baseline)"),
-                ("real", "Real-image directions")]
-    present = [(f, t) for f, t in families if (edits / f).is_dir() and any((edits / f).glob("*.png"))]
-    if present:
-        page.section("edits", "Edit strips")
-        page.note("Rows: held-out seeds; columns: edit scale (0 = unedited).")
-        for fam, title in present:
-            page.add(f"<h3>{html.escape(title)}</h3><div class=\"grid\">")
-            captions = strip_captions(dirs, fam)
-            for png in sorted((edits / fam).glob("*.png")):
-                page.image(png, captions.get(png.stem, png.stem), name=f"edit-{fam}-{png.name}")
-            page.add("</div>")
-    add_sections(page, run_dir)  # probes, Fig. 8 as effect against n, probe-step restriction (evaluation/semantics.py)
-    sheets = sorted((run_dir / "contact_sheets").glob("*.png"))
-    if sheets:
-        page.section("annotators", "Annotator contact sheets")
-        page.note("The most and least extreme samples of every selected attribute, with their scores: check the annotator "
-                  "by eye before trusting a supervised direction.")
-        page.add('<div class="grid">')
-        for png in sheets:
-            page.image(png, png.stem, name=f"sheet-{png.name}")
-        page.add("</div>")
-
-    _costs_section(page, run_dir)
-
-    # ---- provenance
-    page.section("provenance", "Configuration and provenance")
-    prov = {"created": dt.datetime.now().isoformat(timespec="seconds"), "hspace commit": git_commit(),
-            "model": model.get("name_or_path"), "weights fingerprint": model.get("weights_fingerprint"),
-            "scheduler": model.get("scheduler"), "timesteps": model.get("timesteps"), "eta": model.get("eta"),
-            "hook": model.get("hook"), "samples identity": (manifest.get("record") or {}).get("id"),
-            "packages": manifest.get("packages")}
-    page.add("<table><tbody>" + "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
-                                        f"<code>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
-                                        for k, v in prov.items()) + "</tbody></table>")
-    if cfg is not None:
-        page.add("<details><summary>Full configuration (conf.yaml as resolved)</summary><pre>"
-                 f"{html.escape(to_yaml(cfg))}</pre></details>")
-    title = "hspace report"
-    subtitle = html.escape(f"{run_dir.resolve()} · {dt.datetime.now():%Y-%m-%d %H:%M}")
-    (tmp / "index.html").write_text(page.render(title, subtitle))
-
-
-def _costs_section(page: Page, run_dir: Path) -> None:
-    table = costs_html(run_dir)
-    if table:
-        page.section("costs", "Where the time went")
-        page.add(table)
-
-
 def strip_captions(dirs: Path, family: str) -> dict[str, str]:
     """Edit-strip file stem -> its direction's name with the label a user gave it ("pc3: hat")."""
     from pipeline.formats.directions import load_directions
     from pipeline.stages.edit import safe_name
 
-    stem = {"supervised_xT": "supervised"}.get(family, family)
+    stem = {"supervised_xT": "supervised", "pca_random": ""}.get(family, family)
     path = dirs / f"{stem}.safetensors"
-    if not path.exists():
+    if not stem or not path.exists():
         return {}
     d = load_directions(path)
     suffix = "-xT" if family == "supervised_xT" else ""
