@@ -211,6 +211,18 @@ def test_sdxl_guides_against_zeros_only_without_a_negative_prompt(models):
     assert m.family.negative_prompt is None, "the default is restored"
 
 
+def test_sdxl_in_float16_decodes_with_its_vae_upcast(tiny_family_folders, models):
+    """precision 16-true: SDXL's VAE (force_upcast) decodes in float32, as the pipeline does, and is
+    float16 again afterwards; the images stay close to float32's."""
+    m = load(tiny_family_folders, "sdxl", precision="16-true")
+    seen = []
+    handle = m.family.autoencoder.decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    out = m.sample(SEEDS[:2])
+    handle.remove()
+    assert seen == [torch.float32] and m.family.autoencoder.dtype == torch.float16 and m.unet.dtype == torch.float16
+    assert (out.images - models["sdxl"].sample(SEEDS[:2]).images).abs().max() < 0.05
+
+
 def test_pixart_masks_the_padding_and_lower_cases(models):
     m = models["pixart_sigma"]
     emb = m.family.encode_prompts(["A Cat ", "a cat"])

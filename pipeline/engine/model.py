@@ -221,7 +221,7 @@ class HSpaceModel:
 
     @property
     def kind(self) -> str:
-        """The model family: ``pixel``, ``latent`` or ``text``."""
+        """The model family: ``pixel``, ``latent``, ``text`` (SD 1.x/2.x), ``sdxl``, ``dit`` or ``pixart``."""
         return self.family.kind
 
     @property

@@ -138,7 +138,8 @@ class DiTFamily(LatentFamily):
         if cond.branches == 1:
             return self.forward(x, t.expand(B), labels)
         with hook.branch_rows(0, B):  # [class; null]: h of the conditional rows, first here
-            both = self.forward(torch.cat([x, x]), t.expand(2 * B), torch.cat([labels, torch.full_like(labels, self.num_classes)]))
+            null = torch.full_like(labels, self.num_classes)
+            both = self.forward(torch.cat([x, x]), t.expand(2 * B), torch.cat([labels, null]))
         conditional, null = both.chunk(2)
         return null + cond.scale * (conditional - null)
 

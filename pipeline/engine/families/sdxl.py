@@ -72,13 +72,13 @@ class SDXLFamily(TextFamily):
         """The VAE in float32 while it runs when it is in float16 and its config says ``force_upcast``
         (SDXL's VAE overflows in float16), as the pipeline does."""
         upcast = self._ae_dtype() == torch.float16 and getattr(self.autoencoder.config, "force_upcast", False)
-        if upcast:
-            self.autoencoder.to(torch.float32)
+        if upcast:  # nn.Module's own ``to``: diffusers' logs a float32-modules warning at every call
+            nn.Module.to(self.autoencoder, torch.float32)
         try:
             yield
         finally:
             if upcast:
-                self.autoencoder.to(torch.float16)
+                nn.Module.to(self.autoencoder, torch.float16)
 
     def decode(self, x0):
         with self._upcast():

@@ -4,10 +4,10 @@ the :class:`~pipeline.engine.schedules.base.Schedule` of every DDPM-trained mode
 Indices follow sampling order: step i goes from timestep ``timesteps[i]`` to the noise level of
 ``timesteps[i] - N // T`` (N training timesteps, T steps), or to the clean image
 (``final_alpha_cumprod``) below 0, as diffusers' ``DDIMScheduler.step`` does. With the "leading"
-spacing that is the next timestep of the list; with "linspace" and "trailing" (PixArt's and SD 2.1's
-schedulers) it is not: the next step's prediction is then taken at its own listed timestep from a
-latent at another noise level, as in diffusers. Step 0 is the first, noisiest step. a_t = sqrt(alpha_t), b_t = sqrt(1 - alpha_t) in the notation of
-:mod:`pipeline.engine.schedules.base`.
+spacing that is the next timestep of the list; with "linspace" (PixArt's scheduler) and "trailing"
+it is not: the next step's prediction is then taken at its own listed timestep from a latent at
+another noise level, as in diffusers. Step 0 is the first, noisiest step. a_t = sqrt(alpha_t),
+b_t = sqrt(1 - alpha_t) in the notation of :mod:`pipeline.engine.schedules.base`.
 """
 from __future__ import annotations
 
