@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.engine.families.latent import LatentFamily
 from pipeline.engine.families.pixart import drop_learned_sigma, middle_block
-from pipeline.engine.families.text import check_guidance
+from pipeline.engine.families.text import check_guidance, guided_pass
 from pipeline.errors import InputError
 
 
@@ -137,11 +137,8 @@ class DiTFamily(LatentFamily):
         labels = cond.labels.to(x.device)
         if cond.branches == 1:
             return self.forward(x, t.expand(B), labels)
-        with hook.branch_rows(0, B):  # [class; null]: h of the conditional rows, first here
-            null = torch.full_like(labels, self.num_classes)
-            both = self.forward(torch.cat([x, x]), t.expand(2 * B), torch.cat([labels, null]))
-        conditional, null = both.chunk(2)
-        return null + cond.scale * (conditional - null)
+        null = torch.full_like(labels, self.num_classes)  # DiTPipeline's order, [class; null]
+        return guided_pass(self.forward, x, t, labels, null, cond.scale, hook, conditional_first=True)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One pass: the noise prediction (B, C, H, W) of x at times t (B,) for classes ``labels`` (B,)."""

@@ -66,6 +66,20 @@ def join_rows(first: Embedding, second: Embedding) -> Embedding:
     return torch.cat([first, second])
 
 
+def guided_pass(forward, x: torch.Tensor, t: torch.Tensor, conditional: Embedding, null: Embedding, scale: float,
+                hook, conditional_first: bool = False) -> torch.Tensor:
+    """Classifier-free guidance in one pass of ``forward(x, t, condition)`` over the doubled batch,
+    [null; conditional] (SD's order) or [conditional; null] (DiT's): ``null + scale (conditional - null)``.
+    h is recorded from the conditional rows; an edit moves both branches (the hook's ``branch_rows``)."""
+    B = len(x)
+    first, second = (conditional, null) if conditional_first else (null, conditional)
+    with hook.branch_rows(0, B) if conditional_first else hook.branch_rows(B):
+        both = forward(torch.cat([x, x]), t.expand(2 * B), join_rows(first, second))
+    a, b = both.chunk(2)
+    cond_out, null_out = (a, b) if conditional_first else (b, a)
+    return null_out + scale * (cond_out - null_out)
+
+
 @dataclass
 class Conditioning:
     """Text embeddings of a batch: ``text`` (B rows) and, under classifier-free guidance
@@ -177,10 +191,7 @@ class TextFamily(LatentFamily):
         cond = cond.expand(B)
         if cond.uncond is None:
             return self.forward(x, t.expand(B), cond.text)
-        with hook.branch_rows(B):  # h of the conditional half; edits move both halves
-            both = self.forward(torch.cat([x, x]), t.expand(2 * B), join_rows(cond.uncond, cond.text))
-        uncond, text = both.chunk(2)
-        return uncond + cond.scale * (text - uncond)
+        return guided_pass(self.forward, x, t, cond.text, cond.uncond, cond.scale, hook)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: Embedding) -> torch.Tensor:
         """One pass of the denoiser: its native prediction (B, *latent_shape) for x (B, *latent_shape)
