@@ -138,6 +138,22 @@ def selected_run(run_dir, model_dir, *overrides: str):
 
 
 @pytest.fixture(scope="session")
+def tiny_family_folders(tmp_path_factory):
+    """family -> its tiny random-weight pipeline saved in the hub layout (pipeline.testing.tiny_families),
+    each built the first time a test asks for it."""
+    from pipeline.testing import tiny_families
+
+    root = tmp_path_factory.mktemp("tiny-families")
+
+    class Folders(dict):
+        def __missing__(self, family):
+            self[family] = tiny_families.save(family, root / family)
+            return self[family]
+
+    return Folders()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny model saved in the flat hub-DDPM layout (config.json + scheduler_config.json)."""
     path = tmp_path_factory.mktemp("tiny-ddpm")

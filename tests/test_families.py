@@ -163,9 +163,12 @@ def test_unsupported_pipeline_types_name_the_supported_ones(folders, tmp_path):
     folder = tmp_path / "kandinsky"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    from pipeline.engine.families import PIPELINE_FAMILIES
+
     with pytest.raises(ModelLoadError, match="KandinskyPipeline; hspace loads the pipeline types DDIMPipeline, "
-                                             "DDPMPipeline, LDMPipeline, StableDiffusionPipeline"):
+                                             "DDPMPipeline, DiTPipeline, LDMPipeline") as info:
         HSpaceModel.from_pretrained(str(folder))
+    assert str(info.value).endswith(", ".join(sorted(PIPELINE_FAMILIES)))
 
 
 def test_a_hub_id_loads_from_the_cache_offline(folders, tmp_path, monkeypatch):

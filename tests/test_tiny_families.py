@@ -29,9 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-families")
-    return {family: tiny_families.save(family, root / family) for family in tiny_families.FAMILIES}
+def folders(tiny_family_folders):
+    return tiny_family_folders  # conftest: saved once per session, shared with test_families_new.py
 
 
 def load(folder, dtype=torch.float32) -> DiffusionPipeline:

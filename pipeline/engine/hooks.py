@@ -60,17 +60,17 @@ class HSpaceHook:
     activation it saw, before any edit, in ``h``. ``calls`` counts passes. ``element``: which element
     of a tuple output is h (default 0).
 
-    Inside :meth:`branch_rows` the batch rows before ``first`` are another branch of the same
-    samples (the unconditional half of a classifier-free-guidance batch): h is recorded from rows
-    ``first:`` only, and the rows before move by the same offset ``h' - h`` (the batch halves must
-    then be of equal size).
+    Inside :meth:`branch_rows` only the batch rows ``start:stop`` are h; the other rows are another
+    branch of the same samples (the unconditional half of a classifier-free-guidance batch, before
+    them as in SD or after them as in DiT): they move by the same offset ``h' - h`` (the branches
+    must then be of equal size).
     """
 
     def __init__(self, module: nn.Module, before: bool = False, element: int | None = None, point: str = ""):
         self.module, self.element, self.point = module, element, point or type(module).__name__
         self.delta: torch.Tensor | None = None
         self.replace: torch.Tensor | None = None
-        self.first_row = 0
+        self.rows = slice(None)
         self.h: torch.Tensor | None = None
         self.calls = 0
         if before:
@@ -88,19 +88,19 @@ class HSpaceHook:
             self.delta = self.replace = None
 
     @contextlib.contextmanager
-    def branch_rows(self, first: int):
-        """Within the block, h is rows ``first:`` of each pass (see the class docstring)."""
-        self.first_row = int(first)
+    def branch_rows(self, start: int, stop: int | None = None):
+        """Within the block, h is rows ``start:stop`` of each pass (see the class docstring)."""
+        self.rows = slice(int(start), None if stop is None else int(stop))
         try:
             yield self
         finally:
-            self.first_row = 0
+            self.rows = slice(None)
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
         if not isinstance(h, torch.Tensor):
             check_h(h, self.point, self.module, 0)
         self.calls += 1
-        own = h[self.first_row:]
+        own = h[self.rows]
         self.h = own.detach()
         if self.replace is None and self.delta is None:
             return h
@@ -112,9 +112,11 @@ class HSpaceHook:
             if self.delta is not None:
                 new = new + self.delta.to(h.dtype)
             offset = new - own.detach()
-        if self.first_row == 0:
+        start, stop = self.rows.start or 0, len(h) if self.rows.stop is None else self.rows.stop
+        if start == 0 and stop == len(h):
             return new
-        return torch.cat([h[:self.first_row] + offset, new])
+        before, after = ([h[:start] + offset] if start else []), ([h[stop:] + offset] if stop < len(h) else [])
+        return torch.cat([*before, new, *after])
 
     def _after(self, module, args, output):
         if isinstance(output, tuple):

@@ -51,7 +51,7 @@ def weights_identity(name_or_path: str | os.PathLike) -> str:
         return hash_tree(location)
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("config.json", "unet/config.json"):
+    for filename in ("config.json", "unet/config.json", "transformer/config.json"):
         cached = try_to_load_from_cache(location, filename)
         if isinstance(cached, str):
             return f"{location}@{Path(cached).parent.name if filename == 'config.json' else Path(cached).parent.parent.name}"
@@ -136,9 +136,11 @@ def detect_family(location: str, is_local: bool) -> tuple[str, dict]:
 
 
 #: the components hspace loads from a pipeline folder, and the files (any one of each group) that must be in each
-_COMPONENT_FILES = {"unet": [("config.json",)], "vae": [("config.json",)], "vqvae": [("config.json",)],
-                    "text_encoder": [("config.json",)], "scheduler": [("scheduler_config.json",)],
-                    "tokenizer": [("tokenizer_config.json",), ("tokenizer.json", "vocab.json")]}
+_TOKENIZER_FILES = [("tokenizer_config.json",), ("tokenizer.json", "vocab.json", "spiece.model")]
+_COMPONENT_FILES = {"unet": [("config.json",)], "transformer": [("config.json",)], "vae": [("config.json",)],
+                    "vqvae": [("config.json",)], "text_encoder": [("config.json",)],
+                    "text_encoder_2": [("config.json",)], "scheduler": [("scheduler_config.json",)],
+                    "tokenizer": _TOKENIZER_FILES, "tokenizer_2": _TOKENIZER_FILES}
 
 
 def check_components(location: str, index: dict) -> None:

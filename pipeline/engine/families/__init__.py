@@ -4,7 +4,12 @@ adapter (the interface and what it owns: :mod:`.base`).
 - ``pixel`` (:mod:`.pixel`): a ``UNet2DModel`` on images (``DDPMPipeline`` layout).
 - ``latent`` (:mod:`.latent`): a ``UNet2DModel`` on a VQ or KL autoencoder's latents (``LDMPipeline``).
 - ``text`` (:mod:`.text`): Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``), prompts and
-  classifier-free guidance.
+  classifier-free guidance; the base of the prompt-conditioned families.
+- ``sdxl`` (:mod:`.sdxl`): SDXL (``StableDiffusionXLPipeline``): two CLIP encoders, pooled text and
+  size conditioning.
+- ``dit`` (:mod:`.dit`): DiT (``DiTPipeline``): a class-conditional transformer, ImageNet class names.
+- ``pixart`` (:mod:`.pixart`): PixArt-alpha / Sigma (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``):
+  a transformer conditioned on T5 with its attention mask.
 
 A new family is a module here and one entry in :data:`FAMILIES`.
 """
@@ -13,19 +18,23 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.engine.families.base import Family
+from pipeline.engine.families.dit import ClassConditioning, DiTFamily
 from pipeline.engine.families.latent import LatentFamily
+from pipeline.engine.families.pixart import PixArtFamily
 from pipeline.engine.families.pixel import PixelFamily
+from pipeline.engine.families.sdxl import SDXLFamily
 from pipeline.engine.families.text import Conditioning, TextFamily, prompt_list
 from pipeline.errors import InputError
 
 #: Every family hspace loads, by kind.
-FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFamily, TextFamily)}
+FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFamily, TextFamily, SDXLFamily, DiTFamily,
+                                                          PixArtFamily)}
 
 #: The pipeline layouts hspace loads, by the ``_class_name`` of their model_index.json -> the family's kind.
 PIPELINE_FAMILIES = {name: kind for kind, f in FAMILIES.items() for name in f.pipelines}
 
-__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "Conditioning",
-           "prompt_list", "family_of"]
+__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "SDXLFamily",
+           "DiTFamily", "PixArtFamily", "Conditioning", "ClassConditioning", "prompt_list", "family_of"]
 
 
 def family_of(unet: nn.Module, autoencoder: nn.Module | None = None, component: str | None = None,

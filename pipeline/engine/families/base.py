@@ -89,7 +89,11 @@ class Family:
         try:
             yield
         finally:
-            self.set_defaults(**old)
+            self.restore_defaults(old)
+
+    def restore_defaults(self, old: dict) -> None:
+        """Set the defaults to ``old`` (what :meth:`defaults` gave), None values included."""
+        self.set_defaults(**old)
 
     def conditioning(self, batch: int, **inputs):
         """The conditioning of a batch (inputs not given: the defaults); None for an unconditional model."""
@@ -107,6 +111,11 @@ class Family:
         """The native prediction for a batch x (B, *latent_shape) at time t (a scalar tensor), guided
         where ``cond`` asks for it; h is recorded from the rows of the conditioned branch."""
         raise NotImplementedError
+
+    def default_hook(self) -> str:
+        """Where h is taken unless ``hook`` says otherwise: after the mid block of a U-Net; a transformer
+        family names a block (docs/families.md says which and why)."""
+        return "after"
 
     def hook_element(self, module: nn.Module) -> int | None:
         """Which element of ``module``'s tuple output is h (None: the first)."""

@@ -19,12 +19,12 @@ class LatentFamily(PixelFamily):
     kind = "latent"
     pipelines = ("LDMPipeline",)
 
-    def __init__(self, unet: nn.Module, autoencoder: nn.Module, component: str = "vqvae"):
-        super().__init__(unet)
+    def __init__(self, net: nn.Module, autoencoder: nn.Module, component: str = "vqvae"):
+        super().__init__(net)
         self.autoencoder, self.component = autoencoder, component
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, self.component: self.autoencoder}
+        return {self.net_component: self.net, self.component: self.autoencoder}
 
     @property
     def scale_factor(self) -> int:

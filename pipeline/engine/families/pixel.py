@@ -2,6 +2,8 @@
 hub-DDPM layout with config.json at the root); x_t is the image."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -9,25 +11,29 @@ from pipeline.engine.families.base import Family, square
 
 
 class PixelFamily(Family):
-    """x_t is the image: encode and decode are the identity (decode clamps to [-1, 1])."""
+    """x_t is the image: encode and decode are the identity (decode clamps to [-1, 1]).
+
+    ``net``: the denoiser, saved in the pipeline's folder ``net_component`` (``unet``; the
+    transformer families': ``transformer``)."""
 
     kind = "pixel"
     pipelines = ("DDPMPipeline", "DDIMPipeline")
+    net_component: ClassVar[str] = "unet"
 
-    def __init__(self, unet: nn.Module):
-        self.unet = unet
+    def __init__(self, net: nn.Module):
+        self.net = net
 
     @property
     def denoiser(self) -> nn.Module:
-        return self.unet
+        return self.net
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet}
+        return {self.net_component: self.net}
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of x_t, the U-Net's input."""
-        return (self.unet.config.in_channels, *square(self.unet.config.sample_size))
+        """(C, H, W) of x_t, the denoiser's input."""
+        return (self.net.config.in_channels, *square(self.net.config.sample_size))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -40,7 +46,7 @@ class PixelFamily(Family):
         return images.float()
 
     def denoise(self, x, t, cond, hook):
-        return self.unet(x, t.expand(len(x))).sample
+        return self.net(x, t.expand(len(x))).sample
 
     @classmethod
     def load(cls, folder, dtype):

@@ -1,7 +1,10 @@
 """The text-to-image family: Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline`` layout), a
 ``UNet2DConditionModel`` on ``AutoencoderKL`` latents conditioned on a CLIP text encoder's last
 hidden states; prompts are tokenised as StableDiffusionPipeline does (padded to the tokenizer's
-``model_max_length``).
+``model_max_length``). :class:`TextFamily` is also what every prompt-conditioned family builds on
+(SDXL, PixArt): the prompts, their cache and the guided pass are here; a subclass says how prompts
+are encoded (:meth:`TextFamily.encode_prompts`: a tensor, or a dict of tensors with one row per
+prompt) and how the denoiser is called with them (:meth:`TextFamily.forward`).
 
 Classifier-free guidance (guidance_scale > 1): each step runs one U-Net pass on the batch
 ``[unconditional; conditional]`` (diffusers' order) and combines the native predictions as
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence, Union
 
 import torch
 from torch import nn
@@ -46,13 +49,44 @@ def check_guidance(scale: float) -> float:
     return scale
 
 
+#: A batch's text embeddings: a tensor (B, L, D), or a dict of tensors with B rows each (SDXL's pooled
+#: embeddings, PixArt's attention mask)
+Embedding = Union[torch.Tensor, dict]
+
+
+def map_rows(fn, emb: Embedding) -> Embedding:
+    """``fn`` applied to the embedding's tensor, or to each of its tensors."""
+    return {k: fn(v) for k, v in emb.items()} if isinstance(emb, dict) else fn(emb)
+
+
+def join_rows(first: Embedding, second: Embedding) -> Embedding:
+    """Two embeddings' rows one after the other (a guidance batch)."""
+    if isinstance(first, dict):
+        return {k: torch.cat([first[k], second[k]]) for k in first}
+    return torch.cat([first, second])
+
+
+def guided_pass(forward, x: torch.Tensor, t: torch.Tensor, conditional: Embedding, null: Embedding, scale: float,
+                hook, conditional_first: bool = False) -> torch.Tensor:
+    """Classifier-free guidance in one pass of ``forward(x, t, condition)`` over the doubled batch,
+    [null; conditional] (SD's order) or [conditional; null] (DiT's): ``null + scale (conditional - null)``.
+    h is recorded from the conditional rows; an edit moves both branches (the hook's ``branch_rows``)."""
+    B = len(x)
+    first, second = (conditional, null) if conditional_first else (null, conditional)
+    with hook.branch_rows(0, B) if conditional_first else hook.branch_rows(B):
+        both = forward(torch.cat([x, x]), t.expand(2 * B), join_rows(first, second))
+    a, b = both.chunk(2)
+    cond_out, null_out = (a, b) if conditional_first else (b, a)
+    return null_out + scale * (cond_out - null_out)
+
+
 @dataclass
 class Conditioning:
-    """Text embeddings of a batch: ``text`` (B, L, D) and, under classifier-free guidance
-    (``scale`` > 1), ``uncond`` (B, L, D) of the negative prompts."""
+    """Text embeddings of a batch: ``text`` (B rows) and, under classifier-free guidance
+    (``scale`` > 1), ``uncond`` (B rows) of the negative prompts."""
 
-    text: torch.Tensor
-    uncond: torch.Tensor | None
+    text: Embedding
+    uncond: Embedding | None
     scale: float
     prompts: list[str]
 
@@ -63,28 +97,29 @@ class Conditioning:
 
     def expand(self, batch: int) -> Conditioning:
         """One sample's conditioning repeated for a batch (a Jacobian's vectors)."""
-        if len(self.text) == batch:
+        if len(self.prompts) == batch:
             return self
-        grow = lambda t: None if t is None else t.expand(batch, *t.shape[1:])  # noqa: E731
+        grow = lambda e: None if e is None else map_rows(lambda t: t.expand(batch, *t.shape[1:]), e)  # noqa: E731
         return Conditioning(grow(self.text), grow(self.uncond), self.scale, self.prompts * batch)
 
 
 class TextFamily(LatentFamily):
     """Stable Diffusion 1.x / 2.x; ``prompt``, ``negative_prompt`` and ``guidance_scale`` are the
-    conditioning inputs (defaults: "", "", 7.5)."""
+    conditioning inputs (defaults: "", "", ``default_guidance``)."""
 
     kind = "text"
     pipelines = ("StableDiffusionPipeline",)
     condition_inputs = ("prompt", "negative_prompt", "guidance_scale")
+    default_guidance: ClassVar[float] = 7.5
 
-    def __init__(self, unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module, tokenizer):
-        super().__init__(unet, autoencoder, "vae")
+    def __init__(self, net: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module, tokenizer):
+        super().__init__(net, autoencoder, "vae")
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.prompt, self.negative_prompt, self.guidance_scale = "", "", 7.5
+        self.prompt, self.negative_prompt, self.guidance_scale = "", "", self.default_guidance
         self._cache: tuple | None = None
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "vae": self.autoencoder, "text_encoder": self.text_encoder}
+        return {**super().modules(), "text_encoder": self.text_encoder}
 
     # ------------------------------------------------------------------ conditioning
     def set_defaults(self, prompt=None, negative_prompt=None, guidance_scale=None, **other) -> None:
@@ -96,10 +131,13 @@ class TextFamily(LatentFamily):
     def defaults(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance_scale": self.guidance_scale}
 
+    def restore_defaults(self, old: dict) -> None:
+        self.prompt, self.negative_prompt, self.guidance_scale = old["prompt"], old["negative_prompt"], old["guidance_scale"]
+
     def _refuse(self, inputs: dict) -> None:
         if inputs:
-            raise InputError(f"unknown conditioning input(s) {', '.join(inputs)} of a text-to-image model; it takes "
-                             f"{', '.join(self.condition_inputs)}")
+            raise InputError(f"unknown conditioning input(s) {', '.join(inputs)} of a {self.kind} text-to-image model; "
+                             f"it takes {', '.join(self.condition_inputs)}")
 
     def conditioning(self, batch: int, prompt=None, negative_prompt=None, guidance_scale=None, **other) -> Conditioning:
         """Prompts (one, or one per sample; None: the default) -> their embeddings; guidance (a second,
@@ -107,27 +145,29 @@ class TextFamily(LatentFamily):
         self._refuse(other)
         scale = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale)
         prompts = prompt_list(self.prompt if prompt is None else prompt, batch)
-        uncond = None
         text = self.embed(prompts)
+        uncond = None
         if scale > 1:
-            negative = prompt_list(self.negative_prompt if negative_prompt is None else negative_prompt, batch,
-                                   "negative_prompt")
-            uncond = self.embed(negative)
+            uncond = self.negative(self.negative_prompt if negative_prompt is None else negative_prompt, batch, text)
         return Conditioning(text, uncond, scale, prompts)
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D) of prompts, the distinct ones encoded once (and the last set cached)."""
+    def negative(self, negative_prompt, batch: int, text: Embedding) -> Embedding:
+        """The unconditional branch's embeddings of the negative prompts (one, or one per sample)."""
+        return self.embed(prompt_list(negative_prompt, batch, "negative_prompt"))
+
+    def embed(self, prompts: list[str]) -> Embedding:
+        """Text embeddings (B rows) of prompts, the distinct ones encoded once (and the last set cached)."""
         key = tuple(prompts)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         unique = list(dict.fromkeys(prompts))
-        emb = self.encode_prompts(unique)
-        out = emb[[unique.index(p) for p in prompts]]
+        rows = [unique.index(p) for p in prompts]
+        out = map_rows(lambda t: t[rows], self.encode_prompts(unique))
         self._cache = (key, out)
         return out
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: Sequence[str]) -> Embedding:
         """Prompts -> text embeddings (B, L, D), in the text encoder's dtype and device."""
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
@@ -150,12 +190,19 @@ class TextFamily(LatentFamily):
         B = len(x)
         cond = cond.expand(B)
         if cond.uncond is None:
-            return self.unet(x, t.expand(B), encoder_hidden_states=cond.text.to(x.dtype)).sample
-        with hook.branch_rows(B):  # h of the conditional half; edits move both halves
-            context = torch.cat([cond.uncond, cond.text]).to(x.dtype)
-            both = self.unet(torch.cat([x, x]), t.expand(2 * B), encoder_hidden_states=context).sample
-        uncond, text = both.chunk(2)
-        return uncond + cond.scale * (text - uncond)
+            return self.forward(x, t.expand(B), cond.text)
+        return guided_pass(self.forward, x, t, cond.text, cond.uncond, cond.scale, hook)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: Embedding) -> torch.Tensor:
+        """One pass of the denoiser: its native prediction (B, *latent_shape) for x (B, *latent_shape)
+        at times t (B,) with text embeddings of B rows."""
+        return self.net(x, t, encoder_hidden_states=emb.to(x.dtype)).sample
+
+    @staticmethod
+    def check_tokenizer(tokenizer, location: str, component: str = "tokenizer") -> None:
+        if not 0 < tokenizer.model_max_length <= 100_000:  # unset: transformers' 1e30, an overflow later
+            raise ModelLoadError(f"the {component} of model {location} has no model_max_length ({component}/"
+                                 f"tokenizer_config.json); copy or download the whole model folder again")
 
     @classmethod
     def load(cls, folder, dtype):
@@ -167,7 +214,5 @@ class TextFamily(LatentFamily):
         encoder = folder.component("text_encoder", {"CLIPTextModel": CLIPTextModel,
                                                     "CLIPTextModelWithProjection": CLIPTextModelWithProjection}, dtype)
         tokenizer = folder.component("tokenizer", {"CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizerFast})
-        if not 0 < tokenizer.model_max_length <= 100_000:  # unset: transformers' 1e30, an overflow later
-            raise ModelLoadError(f"the tokenizer of model {folder.location} has no model_max_length (tokenizer/"
-                                 f"tokenizer_config.json); copy or download the whole model folder again")
+        cls.check_tokenizer(tokenizer, folder.location)
         return cls(unet, vae, encoder, tokenizer)

@@ -1,10 +1,13 @@
 """DDIM (eq. 2-5 of the paper): the arithmetic as pure tensor functions, and :class:`DDIMSchedule`,
 the :class:`~pipeline.engine.schedules.base.Schedule` of every DDPM-trained model.
 
-Indices follow sampling order: step i goes from timestep ``timesteps[i]`` to
-``timesteps[i + 1]`` (or to the clean image after the last step). Step 0 is the first,
-noisiest step. a_t = sqrt(alpha_t), b_t = sqrt(1 - alpha_t) in the notation of
-:mod:`pipeline.engine.schedules.base`.
+Indices follow sampling order: step i goes from timestep ``timesteps[i]`` to the noise level of
+``timesteps[i] - N // T`` (N training timesteps, T steps), or to the clean image
+(``final_alpha_cumprod``) below 0, as diffusers' ``DDIMScheduler.step`` does. With the "leading"
+spacing that is the next timestep of the list; with "linspace" (PixArt's scheduler) and "trailing"
+it is not: the next step's prediction is then taken at its own listed timestep from a latent at
+another noise level, as in diffusers. Step 0 is the first, noisiest step. a_t = sqrt(alpha_t),
+b_t = sqrt(1 - alpha_t) in the notation of :mod:`pipeline.engine.schedules.base`.
 """
 from __future__ import annotations
 
@@ -28,12 +31,15 @@ class DDIMCoefficients:
 
 
 def ddim_coefficients(
-    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_cumprod: float, eta: torch.Tensor
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_cumprod: float, eta: torch.Tensor,
+    step_ratio: int,
 ) -> DDIMCoefficients:
-    """alpha_t, alpha_prev (the next timestep's, or ``final_alpha_cumprod`` last) and sigma_t (eq. 5)."""
+    """alpha_t, alpha_prev (that of ``t - step_ratio``, or ``final_alpha_cumprod`` below 0) and sigma_t (eq. 5)."""
     acp = alphas_cumprod.to(torch.float64)
     alpha = acp[timesteps]
-    alpha_prev = torch.cat([acp[timesteps[1:]], torch.tensor([float(final_alpha_cumprod)], dtype=torch.float64)])
+    prev = timesteps - int(step_ratio)
+    final = torch.full_like(alpha, float(final_alpha_cumprod))
+    alpha_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], final)
     sigma = eta * torch.sqrt((1 - alpha_prev) / (1 - alpha)) * torch.sqrt(1 - alpha / alpha_prev)
     return DDIMCoefficients(alpha, alpha_prev, sigma, eta)
 
@@ -130,8 +136,9 @@ class DDIMSchedule(Schedule):
     def coefficients(self, eta: float | Sequence[float] | None = None) -> DDIMCoefficients:
         """alpha_t, alpha_{t-1} and sigma_t (eq. 5) of every step."""
         eta_t = self.eta if eta is None else eta_schedule(eta, self.num_steps)
+        step_ratio = self.scheduler.config.num_train_timesteps // self.num_steps
         return ddim_coefficients(self.scheduler.alphas_cumprod, self.timesteps,
-                                 float(self.scheduler.final_alpha_cumprod), eta_t)
+                                 float(self.scheduler.final_alpha_cumprod), eta_t, step_ratio)
 
     def _alpha(self, step: int) -> float:
         return float(self.scheduler.alphas_cumprod[self.timesteps[step]].double())
