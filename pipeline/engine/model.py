@@ -80,14 +80,16 @@ class HSpaceModel:
     ``unet``: the denoising network, or a family adapter holding every network; ``autoencoder``
     makes it a latent model (``component``: its folder, ``vqvae`` or ``vae``), ``text_encoder`` and
     ``tokenizer`` a text-to-image one. ``eta``: 0 is DDIM, 1 DDPM-like, or a list of T values.
-    ``hook``: "after" (mid-block output, default), "before" (mid-block input) or a dotted module
-    path (``"up_blocks.0"``). ``precision``: a ``trainer.precision`` (``32-true`` default; ``*-true``
-    converts the weights, ``*-mixed`` autocasts the passes). ``condition``: the family's conditioning
-    defaults (a text model's ``prompt``, ``negative_prompt``, ``guidance_scale``).
+    ``hook``: "after" (mid-block output), "before" (mid-block input) or a dotted module path
+    (``"up_blocks.0"``, ``"transformer_blocks.12"``); None: the family's default (``after`` for a U-Net,
+    a middle block of a transformer: :attr:`Family.default_hook`). ``precision``: a ``trainer.precision``
+    (``32-true`` default; ``*-true`` converts the weights, ``*-mixed`` autocasts the passes).
+    ``condition``: the family's conditioning defaults (a text model's ``prompt``, ``negative_prompt``,
+    ``guidance_scale``; SD3's and FLUX's also ``height``, ``width``, ``max_sequence_length``, fixed at build).
     """
 
     def __init__(self, unet, scheduler, num_inference_steps: int = 20, eta: float | Sequence[float] = 0.0,
-                 hook: str = "after", device: str | torch.device | None = None, precision=None,
+                 hook: str | None = None, device: str | torch.device | None = None, precision=None,
                  name_or_path: str | None = None, *, autoencoder=None, component: str | None = None,
                  text_encoder=None, tokenizer=None, **condition):
         refuse_renamed(condition)
@@ -104,7 +106,7 @@ class HSpaceModel:
         options = self.family.schedule_options(scheduler.config, int(num_inference_steps))
         self.schedule = schedule_for(scheduler, num_inference_steps, eta, **options)
         self.name_or_path = name_or_path
-        self.hook_point = str(hook)
+        self.hook_point = self.family.default_hook if hook is None else str(hook)
         module, before = resolve_hook(self.unet, self.hook_point)
         self.hook = HSpaceHook(module, before, self.family.hook_element(module), self.hook_point)
         try:
@@ -115,7 +117,7 @@ class HSpaceModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, num_inference_steps: int = 20, eta: float | Sequence[float] = 0.0,
-                        hook: str = "after", device: str | torch.device | None = None, precision=None,
+                        hook: str | None = None, device: str | torch.device | None = None, precision=None,
                         **condition) -> HSpaceModel:
         """Load any family from an embedded name (``toyfaces``), a local ``save_pretrained`` folder, a
         hub id or the HF cache (``HF_HUB_OFFLINE=1``); the family comes from model_index.json

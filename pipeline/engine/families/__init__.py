@@ -5,6 +5,8 @@ adapter (the interface and what it owns: :mod:`.base`).
 - ``latent`` (:mod:`.latent`): a ``UNet2DModel`` on a VQ or KL autoencoder's latents (``LDMPipeline``).
 - ``text`` (:mod:`.text`): Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``), prompts and
   classifier-free guidance.
+- ``sd3`` (:mod:`.sd3`) and ``flux`` (:mod:`.flux`): the multimodal diffusion transformers sampled by
+  flow matching (``StableDiffusion3Pipeline``, ``FluxPipeline``), on what they share (:mod:`.mmdit`).
 
 A new family is a module here and one entry in :data:`FAMILIES`.
 """
@@ -13,18 +15,21 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.engine.families.base import Family
+from pipeline.engine.families.flux import FluxFamily
 from pipeline.engine.families.latent import LatentFamily
 from pipeline.engine.families.pixel import PixelFamily
+from pipeline.engine.families.sd3 import SD3Family
 from pipeline.engine.families.text import Conditioning, TextFamily, prompt_list
 from pipeline.errors import InputError
 
 #: Every family hspace loads, by kind.
-FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFamily, TextFamily)}
+FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFamily, TextFamily, SD3Family, FluxFamily)}
 
 #: The pipeline layouts hspace loads, by the ``_class_name`` of their model_index.json -> the family's kind.
 PIPELINE_FAMILIES = {name: kind for kind, f in FAMILIES.items() for name in f.pipelines}
 
-__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "Conditioning",
+__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "SD3Family",
+           "FluxFamily", "Conditioning",
            "prompt_list", "family_of"]
 
 
