@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import DiffusionPipeline, FluxPipeline
 from test_tiny_families import GUIDANCE, PROMPT, SIZE, STEPS, load
 
 from pipeline.engine.edits import Edit
@@ -105,13 +105,15 @@ def test_any_two_stream_block_gives_its_image_stream(folders, family, hook):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_seed_alone_or_in_a_batch(folders, family):
+def test_same_seed_and_prompt_alone_or_in_a_batch(folders, family):
+    """A sample depends on its seed and prompt only: alone, or in a batch of others with other prompts."""
     m = model(folders, family)
-    batch = m.sample(SEEDS)
-    for i in (0, 2):
-        alone = m.sample([SEEDS[i]])
-        torch.testing.assert_close(alone.images[0], batch.images[i], atol=1e-5, rtol=0)
-        torch.testing.assert_close(alone.h[0], batch.h[i], atol=1e-5, rtol=1e-5)
+    prompts = [PROMPT, "a red dog", PROMPT]
+    batch = m.sample(SEEDS, prompt=prompts)
+    alone = [m.sample([seed], prompt=prompt) for seed, prompt in zip(SEEDS, prompts)]
+    torch.testing.assert_close(torch.cat([a.images for a in alone]), batch.images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([a.h for a in alone]), batch.h, atol=1e-5, rtol=1e-5)
+    assert batch.prompts == prompts
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,3 +206,26 @@ def test_wrong_inputs_are_one_line_errors(folders, family):
             call()
         assert "\n" not in str(error.value), str(error.value)
     assert m.latent_shape[1:] == (SIZE // 2, SIZE // 2), "a refused size leaves the model as it was"
+
+
+def test_sd3_without_t5_takes_zeros_as_the_pipeline_does(folders, tmp_path):
+    """An SD3 folder whose model_index.json lists no T5 (text_encoder_3 null) samples as the pipeline
+    loaded without it: T5's part of the context is zeros."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(folders["sd3"], tmp_path / "sd3-no-t5")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    m = HSpaceModel.from_pretrained(str(folder), num_inference_steps=STEPS, device="cpu", prompt=PROMPT,
+                                    guidance_scale=GUIDANCE)
+    assert "text_encoder_3" not in m.family.modules()
+    out = m.sample(SEEDS[:1])
+    pipe = DiffusionPipeline.from_pretrained(folders["sd3"], text_encoder_3=None, tokenizer_3=None)  # as its docs drop T5
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt=PROMPT, latents=out.x_T, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                 output_type="pt").images
+    assert (out.images / 2 + 0.5 - image).abs().max() < 2e-6
+    with_t5 = model(folders, "sd3").sample(SEEDS[:1])
+    assert (with_t5.images - out.images).abs().max() > 1e-3

@@ -23,7 +23,7 @@ import torch
 from pipeline.engine.families.mmdit import MMDiTFamily, TextEmbedding, device_of, t5_states, token_ids
 from pipeline.engine.families.text import Conditioning, check_guidance, prompt_list
 from pipeline.engine.schedules.flow import resolution_shift
-from pipeline.errors import InputError, ModelLoadError
+from pipeline.errors import InputError
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,8 @@ class FluxFamily(MMDiTFamily):
     kind = "flux"
     pipelines = ("FluxPipeline",)
     condition_inputs = ("prompt", "guidance_scale")
-    encoder_names = ("text_encoder", "text_encoder_2")
+    transformer_class = "FluxTransformer2DModel"
+    text_components = (("clip", "text_encoder", "tokenizer"), ("t5", "text_encoder_2", "tokenizer_2"))
     default_guidance, default_max_sequence_length = 3.5, 512
 
     @property
@@ -114,18 +115,6 @@ class FluxFamily(MMDiTFamily):
                                     txt_ids=x.new_zeros(text.context.shape[1], 3), img_ids=image_ids(h, w, x.dtype, x.device)
                                     ).sample
         return unpack(velocity, h, w)
-
-    @classmethod
-    def load(cls, folder, dtype):
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-        transformer = folder.network(FluxTransformer2DModel, "transformer", dtype)
-        vae = folder.network(AutoencoderKL, "vae", dtype)
-        clip, clip_tokenizer = cls.load_clip(folder, "text_encoder", "tokenizer", dtype)
-        t5, t5_tokenizer = cls.load_t5(folder, "text_encoder_2", "tokenizer_2", dtype)
-        if t5 is None:
-            raise ModelLoadError(f"model {folder.location} lists no text_encoder_2 (T5), which FLUX needs")
-        return cls(transformer, vae, [clip, t5], [clip_tokenizer, t5_tokenizer])
 
 
 def refuse_negative(negative_prompt) -> None:

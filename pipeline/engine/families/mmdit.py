@@ -80,11 +80,13 @@ def t5_states(encoder: nn.Module, tokenizer, prompts: Sequence[str], length: int
 class MMDiTFamily(TextFamily):
     """A transformer on 16-channel latents, conditioned on CLIP and T5 text, sampled by flow matching.
 
-    Subclasses give the encoders' component names (``encoder_names``), the pipeline's defaults
+    Subclasses give the transformer's class and the text encoders' components, the pipeline's defaults
     (guidance, T5 length, image side in latent pixels), the multiple the image side must be of, how
     prompts are encoded (:meth:`encode_prompts`) and the guided pass (:meth:`denoise`)."""
 
-    encoder_names: ClassVar[tuple[str, ...]] = ()
+    transformer_class: ClassVar[str] = ""
+    #: the text encoders as (kind, encoder component, tokenizer component); kind "clip", "t5" or "t5?" (optional)
+    text_components: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     default_guidance: ClassVar[float] = 7.0
     default_max_sequence_length: ClassVar[int] = 256
 
@@ -103,7 +105,7 @@ class MMDiTFamily(TextFamily):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "vae": self.autoencoder,
-                **{name: e for name, e in zip(self.encoder_names, self.encoders) if e is not None}}
+                **{name: e for (_, name, _), e in zip(self.text_components, self.encoders) if e is not None}}
 
     @property
     def default_latent_side(self) -> int:
@@ -174,6 +176,17 @@ class MMDiTFamily(TextFamily):
         return {}
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, folder, dtype):
+        import diffusers
+
+        transformer = folder.network(getattr(diffusers, cls.transformer_class), "transformer", dtype)
+        vae = folder.network(diffusers.AutoencoderKL, "vae", dtype)
+        parts = [cls.load_clip(folder, encoder, tokenizer, dtype) if kind == "clip"
+                 else cls.load_t5(folder, encoder, tokenizer, dtype, required=kind == "t5")
+                 for kind, encoder, tokenizer in cls.text_components]
+        return cls(transformer, vae, [e for e, _ in parts], [t for _, t in parts])
+
     @staticmethod
     def load_clip(folder, name: str, tokenizer_name: str, dtype):
         """A CLIP text encoder and its tokenizer (which must know its length: model_max_length)."""
@@ -188,12 +201,16 @@ class MMDiTFamily(TextFamily):
         return encoder, tokenizer
 
     @staticmethod
-    def load_t5(folder, name: str, tokenizer_name: str, dtype):
-        """A T5 encoder and its tokenizer; (None, None) where model_index.json lists none (SD3 without T5)."""
+    def load_t5(folder, name: str, tokenizer_name: str, dtype, required: bool = True):
+        """A T5 encoder and its tokenizer; (None, None) where model_index.json lists none and it is not
+        ``required`` (SD3 without T5)."""
         from transformers import T5EncoderModel, T5Tokenizer, T5TokenizerFast
 
         entry = folder.index.get(name)
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]):
+            if required:
+                raise ModelLoadError(f"model {folder.location} lists no {name} (T5), which it needs; copy or "
+                                     f"download the whole model folder again")
             return None, None
         encoder = folder.component(name, {"T5EncoderModel": T5EncoderModel}, dtype)
         tokenizer = folder.component(tokenizer_name, {"T5Tokenizer": T5Tokenizer, "T5TokenizerFast": T5TokenizerFast})

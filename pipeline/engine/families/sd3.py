@@ -29,7 +29,9 @@ class SD3Family(MMDiTFamily):
 
     kind = "sd3"
     pipelines = ("StableDiffusion3Pipeline",)
-    encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    transformer_class = "SD3Transformer2DModel"
+    text_components = (("clip", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2"),
+                       ("t5?", "text_encoder_3", "tokenizer_3"))
     default_guidance, default_max_sequence_length = 7.0, 256
 
     @property
@@ -85,14 +87,3 @@ class SD3Family(MMDiTFamily):
     def _velocity(self, x, t, text: TextEmbedding) -> torch.Tensor:
         return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text.context,
                                 pooled_projections=text.pooled).sample
-
-    @classmethod
-    def load(cls, folder, dtype):
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-        transformer = folder.network(SD3Transformer2DModel, "transformer", dtype)
-        vae = folder.network(AutoencoderKL, "vae", dtype)
-        clip_l, tokenizer_l = cls.load_clip(folder, "text_encoder", "tokenizer", dtype)
-        clip_g, tokenizer_g = cls.load_clip(folder, "text_encoder_2", "tokenizer_2", dtype)
-        t5, tokenizer_t5 = cls.load_t5(folder, "text_encoder_3", "tokenizer_3", dtype)
-        return cls(transformer, vae, [clip_l, clip_g, t5], [tokenizer_l, tokenizer_g, tokenizer_t5])
