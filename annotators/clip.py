@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from annotators.base import Annotator
 from pipeline.errors import ConfigError, ModelLoadError, StorageError
-from pipeline.io import atomic_path, hash_file, hash_json
+from pipeline.io import hash_file, hash_json, save_safetensors
 
 #: CLIP-style ensemble templates, applied to each class phrase.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -318,7 +318,7 @@ def cached_text_features(weights: str | None, texts: Sequence[str], encode) -> t
     folder = embedding_cache_dir() if weights else None
     if folder is None:
         return encode(texts)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = folder / f"{hash_json('clip-text', weights, list(texts))}.safetensors"
     if path.is_file():
@@ -330,9 +330,7 @@ def cached_text_features(weights: str | None, texts: Sequence[str], encode) -> t
             pass
     feats = encode(texts)
     try:
-        with atomic_path(path) as tmp:
-            save_file({"features": feats.detach().float().cpu().contiguous()}, str(tmp),
-                      metadata={"weights": weights, "texts": str(len(texts))})
+        save_safetensors({"features": feats.float()}, path, {"weights": weights, "texts": str(len(texts))})
     except StorageError:  # a read-only cache folder costs time, not the run
         pass
     return feats

@@ -22,7 +22,7 @@ from annotators.base import build_annotator
 from pipeline.config import load_config
 from pipeline.formats.identity import make_record
 from pipeline.formats.images import from_uint8
-from pipeline.formats.samples import FORMAT, iter_samples, samples_dir, write_json_atomic, write_shard
+from pipeline.formats.samples import FORMAT, finalise_manifest, iter_samples, samples_dir, write_shard
 from pipeline.stages.annotate import run_annotate
 from toyfaces.render import render_faces, sample_factors
 
@@ -30,14 +30,12 @@ from toyfaces.render import render_faces, sample_factors
 def make_dataset(run: Path, n: int, shard: int = 256) -> None:
     """A samples dataset of rendered toy faces (h is a small dummy: annotation never reads it)."""
     images = render_faces(sample_factors(n, 0))
-    names = []
     for start in range(0, n, shard):
         ids = list(range(start, min(start + shard, n)))
-        names.append(write_shard(samples_dir(run) / "shards", ids, ids, images[ids], torch.zeros(len(ids), 1, 1, 1, 1)).name)
-    write_json_atomic(samples_dir(run) / "manifest.json", {
-        "format": FORMAT, "identity_hash": "bench", "h_shape_t": [1, 1, 1, 1], "h_dtype": "float16",
-        "image_shape": [3, 32, 32], "num_samples": n, "complete": True, "shards": names,
-        "model": {"name_or_path": "renders", "timesteps": [0]}, "record": make_record("generate", content=["bench", n])})
+        write_shard(samples_dir(run) / "shards", ids, ids, images[ids], torch.zeros(len(ids), 1, 1, 1, 1))
+    finalise_manifest(run, {"format": FORMAT, "identity_hash": "bench", "h_shape_t": [1, 1, 1, 1], "h_dtype": "float16",
+                            "image_shape": [3, 32, 32], "model": {"name_or_path": "renders", "timesteps": [0]}},
+                      set(range(n)), make_record("generate"))
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pipeline.cost import measured
 from pipeline.errors import HSpaceError, Interrupted
-from pipeline.io import locked_stage
+from pipeline.io import writing
 from pipeline.process import passive_openmp_waits
-from pipeline.registry import COMMANDS, DISTRIBUTED, STAGES, check_skip
+from pipeline.registry import COMMANDS, DISTRIBUTED, STAGES
 
 STAGE_NAMES = frozenset(st.name for st in STAGES)
 
@@ -103,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         cfg = load_config(path, args.overrides)
         if args.stage == "run":
-            check_skip(cfg.run.skip)  # before the run directory's lock is taken
-        if args.stage in DISTRIBUTED:
-            from pipeline.stages.lightning_utils import join_launched_ranks
+            from pipeline.stages.run import check_plan
 
+            check_plan(cfg)  # run.skip, and what the stages need: before the run directory's lock is taken
+        if args.stage in DISTRIBUTED:
+            from pipeline.stages.lightning_utils import check_trainer, join_launched_ranks
+
+            check_trainer(cfg.trainer)  # settings that cannot work: refused before anything is written
             join_launched_ranks(cfg.trainer)
         command = commands()[args.stage][0]
         if args.stage == "config":
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             # a main-job stage run on its own records its cost too (`run` records each of its stages)
             timed = measured(cfg.run_dir, args.stage, rank0, args.stage in DISTRIBUTED) if args.stage in STAGE_NAMES \
                 else contextlib.nullcontext()
-            with locked_stage(cfg.run_dir, args.stage, rank0), timed:
+            # one writer per run directory; readers (edit and sample writing elsewhere, explore until it saves) take nothing
+            writes = args.stage == "run" or COMMANDS[args.stage].writes_run_dir(cfg)
+            with writing(cfg.run_dir, args.stage, rank0) if writes else contextlib.nullcontext(), timed:
                 command(cfg, **options)
     except HSpaceError as e:
         print(f"hspace {args.stage}: error: {e}", file=sys.stderr)

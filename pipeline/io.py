@@ -30,6 +30,9 @@ from pipeline.errors import HSpaceError, RunLockedError, StorageError
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
 #: .<name>.<pid>-<host>.tmp<suffix>: the writer's pid and host, so a sweep knows whose it is
 _TEMP_RE = re.compile(r"^\..+\.(\d+)-([A-Za-z0-9-]+)\.tmp(\.[A-Za-z0-9]+)?$")
+#: what a library that writes its own temporary leaves (safetensors' ``save_file``, Rust's tempfile: ``.tmpXXXXXX``);
+#: the pipeline writes none of these itself, so under the run directory's lock any one is stale
+_FOREIGN_TEMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 
 def temp_name(path: Path) -> Path:
@@ -99,6 +102,24 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """A ``.safetensors`` file written through :func:`atomic_path` (safetensors' own ``save_file`` writes a
+    temporary of its own, which a sweep would not know and an OS error would not name)."""
+    with atomic_path(path) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+    return Path(path)
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Serialise ``tensors`` (name -> torch tensor) to ``path`` as it is (a temporary of
+    :func:`atomic_path`, or a part of a :class:`PartWriter`); an OS error stays an ``OSError``."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -110,11 +131,16 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_temp_files(root: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries under ``root`` left by processes of this host that are gone -> their paths."""
+    """Remove the temporaries under ``root`` left by processes of this host that are gone, and those a
+    library left (``.tmpXXXXXX``) -> their paths. Called under the run directory's lock."""
     removed = []
     root = Path(root)
     if not root.is_dir():
         return removed
+    for path in root.rglob(".tmp*"):
+        if _FOREIGN_TEMP_RE.match(path.name) and path.is_file():
+            _remove(path)
+            removed.append(path)
     for path in root.rglob(".*.tmp*"):
         m = _TEMP_RE.match(path.name)
         if m and m.group(2) == _HOST and not _alive(int(m.group(1))):
@@ -124,16 +150,23 @@ def sweep_temp_files(root: str | os.PathLike) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- the run-directory lock
+LOCK = ".lock"
+_held: dict[str, str] = {}  # resolved run directory -> the command of this process that holds its lock
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike, name: str, enabled: bool = True) -> Iterator[Path | None]:
-    """Hold ``<run_dir>/.locks/<name>.lock`` for the duration (one writer per stage per run
-    directory). Another holder -> :class:`RunLockedError` naming its pid and host. The kernel
-    releases the lock when its process dies, so the lock of a dead process is simply taken over.
-    ``enabled=False`` (the other ranks of a multi-process job, which rank 0's lock covers) holds nothing."""
-    if not enabled:
+def run_lock(run_dir: str | os.PathLike, command: str, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold ``<run_dir>/.lock`` for the duration: one writer per run directory, whatever it writes (a
+    stage, ``hspace run``, explore's saving); readers take nothing. Another holder ->
+    :class:`RunLockedError` naming its command, pid and host. The kernel releases the lock when its
+    process dies, so the lock of a dead process is simply taken over. Re-entrant within a process
+    (``hspace run`` holds it for each of its stages). ``enabled=False`` (the other ranks of a
+    multi-process job, which rank 0's lock covers) holds nothing."""
+    key = str(Path(run_dir).resolve())
+    if not enabled or key in _held:
         yield None
         return
-    path = Path(run_dir) / ".locks" / f"{name}.lock"
+    path = Path(run_dir) / LOCK
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -148,19 +181,26 @@ def run_lock(run_dir: str | os.PathLike, name: str, enabled: bool = True) -> Ite
             except ValueError:
                 holder = {}
             raise RunLockedError(
-                f"{Path(run_dir)} is in use: `hspace {name}` is running there in process {holder.get('pid', '?')} "
-                f"on host {holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to finish or "
-                f"stop it, or use another run_dir") from None
+                f"{Path(run_dir)} is in use: `hspace {holder.get('command', '?')}` is writing there in process "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')}); wait "
+                f"for it to finish or stop it, or use another run_dir") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+        os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        _held[key] = command
         try:
             yield path
         finally:
+            del _held[key]
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def holds_lock(run_dir: str | os.PathLike) -> bool:
+    """Whether this process holds the run directory's writer lock."""
+    return str(Path(run_dir).resolve()) in _held
 
 
 def launching_rank() -> int:
@@ -173,15 +213,16 @@ def launching_rank() -> int:
 
 
 @contextlib.contextmanager
-def locked_stage(run_dir: str | os.PathLike, name: str, rank0: bool = True) -> Iterator[None]:
+def writing(run_dir: str | os.PathLike, command: str, rank0: bool = True) -> Iterator[None]:
     """What every command that writes a run directory does first (rank 0 only; the other ranks of a
-    multi-process job run under rank 0's lock): take the stage's lock, then remove the temporary
-    files of processes that are gone."""
-    with run_lock(run_dir, name, enabled=rank0):
-        if rank0:
+    multi-process job run under rank 0's lock): take the run directory's lock, then remove the
+    temporary files of processes that are gone."""
+    fresh = rank0 and not holds_lock(run_dir)
+    with run_lock(run_dir, command, enabled=rank0):
+        if fresh:
             swept = sweep_temp_files(run_dir)
             if swept:
-                print(f"hspace {name}: removed {len(swept)} temporary file(s) left by an interrupted run "
+                print(f"hspace {command}: removed {len(swept)} temporary file(s) left by an interrupted run "
                       f"(e.g. {swept[0]})", file=sys.stderr)
         yield
 

@@ -328,7 +328,7 @@ def test_directions_of_another_shape_are_refused_before_sampling(tmp_path, tiny_
     for stage, key in (("edit", "edit.directions"), ("sample", "sample.directions")):
         rc, err = cli(capsys, monkeypatch, stage, *common(run, tiny_model_dir), f"{key}={path}")
         assert rc == 2 and str(path) in err and "(3, 16, 8, 8)" in err and one_error(err, stage), err
-    assert not (run / "edits").exists() and not (run / "sample.png").exists()
+    assert not (run / "grids").exists() and not (run / "sample.png").exists()
 
 
 @pytest.mark.slow

@@ -133,7 +133,7 @@ def test_different_weights_are_refused(tmp_path, tiny_model_dir):
 
     shutil.copytree(other, other_copy)
     out = generate(run, other_copy, "generate.num_samples=2", check=False)
-    assert out.returncode == 2 and "weights_fingerprint" in out.stderr
+    assert out.returncode == 2 and "assets.model" in out.stderr
 
 
 @pytest.mark.slow

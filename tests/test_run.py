@@ -86,15 +86,15 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     again = hspace_run(tmp_path, *args)
     assert again.count("up to date, skipped") == 12
 
-    (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage and the report run again
+    (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage runs again, and gives what it gave
     restored = hspace_run(tmp_path, *args)
-    assert restored.count("up to date, skipped") == 10 and "evaluate: done" in restored and "report: done" in restored
+    assert restored.count("up to date, skipped") == 11 and "evaluate: done" in restored
     assert (run / "evaluation" / "table1_signed.csv").exists()
 
     changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
-    # the calibration in disentangle reads evaluate.scale (calibrate.enabled): disentangle and figures run again
-    assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "fewshot"]
+    # the calibrations in supervised and disentangle read evaluate.scale (calibrate.enabled): they and figures run again
+    assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "fewshot"]
     assert "evaluate: done" in changed and "report: done" in changed
 
     # another precision (generate and annotate keep what was made otherwise until it is deleted): every stage
@@ -135,14 +135,25 @@ def test_main_job_without_the_skipped_stages(tmp_path, tiny_model_dir):
     assert {"table1", "edits"} <= checker.ids and not {"probes", "fig8", "restriction"} & checker.ids
 
 
-def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_model_dir, monkeypatch):
+def predicted_keys(cfg) -> dict[str, str]:
+    """Each stage's identity key as predicted from the configuration alone, every stage before it assumed
+    to be made again from it (what a fresh run directory would record)."""
+    from pipeline.registry import STAGES
+
+    known, keys = {}, {}
+    for st in STAGES:
+        keys[st.name] = known[st.artefact] = st.identity(cfg, known)["key"]
+    return keys
+
+
+def test_stage_identities_follow_the_weights_not_only_the_config(tmp_path, tiny_model_dir, monkeypatch):
     """New weights at the same model path re-run generate and everything after it; new annotator
-    weights re-run annotate and evaluate (and what reads them), not generate or pca."""
+    weights re-run annotate, the calibrations (supervised, disentangle) and evaluate (and what reads
+    them), not generate or pca."""
     import shutil
 
     import annotators
     from pipeline.config import load_config
-    from pipeline.stages.run import stage_hashes
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -150,19 +161,19 @@ def test_stage_hashes_follow_the_weights_not_only_the_config(tmp_path, tiny_mode
     assets.mkdir()
     (assets / "weights.bin").write_bytes(b"one")
     monkeypatch.setattr(annotators, "ASSETS", assets)
-    cfg = load_config(None, [f"model.name_or_path={model_dir}"])
-    before = stage_hashes(cfg)
-    assert stage_hashes(cfg) == before
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", f"run_dir={tmp_path / 'run'}"])
+    before = predicted_keys(cfg)
+    assert predicted_keys(cfg) == before
 
     (assets / "weights.bin").write_bytes(b"two")
-    after_annotator = stage_hashes(cfg)
+    after_annotator = predicted_keys(cfg)
     changed = {k for k in before if before[k] != after_annotator[k]}
     assert changed == {"annotate", "select", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate",
                        "report"}
 
     weights = model_dir / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    after_model = stage_hashes(cfg)
+    after_model = predicted_keys(cfg)
     assert all(after_model[k] != after_annotator[k] for k in before)
 
 
@@ -203,20 +214,21 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
                       "trainer.strategy=ddp").count("up to date, skipped") == 12
 
-    # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions were
-    # lost: rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps
+    # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions change (other
+    # pairs): rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps
     import shutil
 
     torchrun = tmp_path / "torchrun"
     shutil.copytree(runs["two"], torchrun)
-    (torchrun / "directions" / "disentangled.safetensors").unlink()
     out = hspace_run(tmp_path, *tiny_run_args(torchrun, tiny_model_dir), *few, "trainer.devices=2",
-                     "trainer.strategy=ddp",
+                     "trainer.strategy=ddp", "disentangle.pairs={bright: others}",
                      launcher=[str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"])
     done = [line.split("]")[1].split(":")[0].strip() for line in out.splitlines() if ": done in" in line]
     assert done == ["disentangle", "figures", "evaluate", "report"], out[-2000:]
     ev = pd.read_parquet(torchrun / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
+    # bright|others removes red as bright|red did: the same numbers under another name
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, ev.loc[table1, cols].values, atol=1e-5)
+    assert set(ev[ev.family == "disentangled"].direction) == {"bright|others"}
 
 
 def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
@@ -235,12 +247,12 @@ def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
 
 def test_the_stages_that_sample_name_the_precision_in_their_identity(tmp_path):
     """trainer.precision changes the identity of exactly the stages whose outputs it changes: those that
-    sample (with or without a Trainer); not annotate (scores in float32), pca, select, supervised or
-    jacobian (float32 whatever it says)."""
+    sample (with or without a Trainer; supervised for its calibration); not annotate (scores in float32),
+    pca, select or jacobian (float32 whatever it says)."""
     from pipeline.config import load_config
     from pipeline.registry import STAGES
 
     known = {st.artefact: f"id-of-{st.name}" for st in STAGES}  # the same inputs either way
     cfgs = [load_config(None, [f"run_dir={tmp_path}", f"trainer.precision={p}"]) for p in ("32-true", "bf16-mixed")]
     changed = {st.name for st in STAGES if st.identity(cfgs[0], known)["key"] != st.identity(cfgs[1], known)["key"]}
-    assert changed == {"generate", "probe", "disentangle", "fewshot", "figures", "evaluate"}
+    assert changed == {"generate", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate"}

@@ -141,8 +141,9 @@ def evaluate_annotator(annotator: Annotator, n: int = 2048, seed: int = 10_000) 
 
 def train_toy_annotator(cfg) -> Path:
     """Train, evaluate on held-out renders, and save weights (fp16) + config + metrics."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from pipeline.io import save_safetensors
 
     torch.manual_seed(cfg.seed)
     net = ToyFaceNet(cfg.width)
@@ -164,7 +165,8 @@ def train_toy_annotator(cfg) -> Path:
     metrics = evaluate_annotator(annotator)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    save_safetensors(weights, out / "model.safetensors")
     from pipeline.config import to_dict
 
     (out / "config.json").write_text(json.dumps({"config": to_dict(cfg), "train_seconds": round(time.time() - t0)}, indent=2))

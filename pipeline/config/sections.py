@@ -315,7 +315,7 @@ class DisentangleConfig(Section):
 
 
 class CalibrateConfig(Section):
-    """calibrated strengths, measured by hspace disentangle for the supervised and disentangled directions and
+    """calibrated strengths, measured by hspace supervised and hspace disentangle for their directions and
     stored in their files: used by edit, explore and Table 1"""
 
     enabled: bool = Field(True, description="false: no calibration (edit and explore use the files' suggested "
@@ -371,7 +371,7 @@ class FewshotConfig(Section):
 
 
 class EditConfig(Section):
-    """hspace edit: seeds x scales grids -> <run_dir>/edits/<file>/"""
+    """hspace edit: seeds x scales grids -> <run_dir>/grids/<file>/"""
 
     directions: Optional[str] = Field(None, description="a file, or pca | jacobian | supervised | disentangled | real")
     names: List[str] = Field([], description="empty: every direction in the file")
@@ -383,7 +383,7 @@ class EditConfig(Section):
     sequential: bool = Field(False, description="apply names one after another at their scales (Fig. 11)")
     asyrp: bool = False
     x_T_space: bool = Field(False, description="use the supervised directions' x_T-space version (Fig. 8 baseline)")
-    out_dir: Optional[str] = Field(None, description="default <run_dir>/edits/<file>")
+    out_dir: Optional[str] = Field(None, description="default <run_dir>/grids/<file>")
     batch_size: int = Field(64, ge=1, description="images per U-Net call (directions x scales x seeds); also the main "
                             "job's edit strips")
 

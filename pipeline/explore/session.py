@@ -32,6 +32,7 @@ from pipeline.formats.directions import (
     save_directions,
 )
 from pipeline.formats.images import from_uint8, load_image, save_png, to_uint8
+from pipeline.io import writing
 from pipeline.methods.calibration import calibrated_scale
 
 #: method of the files `export_directions` writes (and may overwrite)
@@ -152,7 +153,7 @@ class ExploreSession:
     def name_direction(self, file: str, index: int, label: str) -> str:
         """Save a user's label for a direction in its file (atomically); returns the name shown."""
         self.direction(file, index)
-        with self._lock:
+        with self._lock, writing(self.run_dir, "explore"):  # the run directory's one writer, while it saves
             self.files[file] = label_direction(self.run_dir / "directions" / f"{file}.safetensors", int(index), label)
         return self.files[file].display_name(int(index))
 
@@ -245,7 +246,8 @@ class ExploreSession:
                        source_run=str(self.run_dir.resolve()),
                        params={"components": components, "steps": [first, last], "asyrp": bool(asyrp),
                                "scales": [-1.0, -0.5, 0.0, 0.5, 1.0]})
-        save_directions(d, path)
+        with writing(self.run_dir, "explore"):  # the run directory's one writer, while it saves
+            save_directions(d, path)
         with self._lock:
             self.files[name] = load_directions(path)
         return path

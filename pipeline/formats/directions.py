@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import ConfigError, DatasetError, InputError
-from pipeline.formats.identity import read_record, safetensors_metadata
-from pipeline.io import atomic_path
+from pipeline.formats.identity import read_record, safetensors_bytes
+from pipeline.io import write_bytes_atomic
 
 _META_KEY = "hspace"
 
@@ -113,16 +113,15 @@ def nonfinite(names: list[str], tensors: dict[str, torch.Tensor]) -> str | None:
 
 def save_directions(d: Directions, path: str | os.PathLike, record: dict | None = None) -> Path:
     """Write atomically (a temporary file renamed into place), with the identity ``record`` of
-    what the directions were made from (:mod:`pipeline.formats.identity`) when a stage made them."""
+    what the directions were made from (:mod:`pipeline.formats.identity`, sealed with the file's content)
+    when a stage made them."""
     path = Path(path)
     tensors = {"directions": d.directions.detach().float().cpu().contiguous()}
     for k, v in d.extras.items():
         if k == "directions":
             raise InputError("'directions' is reserved for the main tensor")
         tensors[k] = v.detach().cpu().contiguous()
-    with atomic_path(path) as tmp:
-        meta = {_META_KEY: json.dumps(d.metadata(), default=str), **(safetensors_metadata(record) if record else {})}
-        save_file(tensors, str(tmp), metadata=meta)
+    write_bytes_atomic(path, safetensors_bytes(tensors, {_META_KEY: json.dumps(d.metadata(), default=str)}, record))
     return path
 
 

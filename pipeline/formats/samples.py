@@ -24,8 +24,12 @@ Shards are written to a temporary name, fsynced and renamed, so a crash never le
 that a reader accepts; a shard that fails validation (truncated, wrong row count, wrong ids)
 is reported by name. Each shard's schema metadata keeps the content identity it was made with
 (model, scheduler, eta, hook, dtypes), so the manifest can always be rebuilt from the shards and
-checked. The manifest's ``record`` (see :mod:`pipeline.formats.identity`) identifies the dataset by that
-content identity and exactly which sample ids it holds.
+checked. The manifest lists every shard with its size and sha256 (``shard_hashes``), and its
+``record`` (see :mod:`pipeline.formats.identity`) identifies the dataset by that content identity
+and those hashes (so exactly which sample ids it holds, and their bytes). Every reader goes through
+:func:`shard_paths`, which checks the dataset first (:func:`check_dataset`: the manifest against its
+record, each shard against its size, and its hash when its modification time changed), so a
+damaged, deleted or unlisted shard is never read as if it were the dataset the record describes.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import torch
 
 from pipeline.dtypes import dtype_entry
 from pipeline.errors import DatasetError
-from pipeline.formats.identity import META_KEY, read_record
+from pipeline.formats.identity import META_KEY, file_digest, read_record, seal
 from pipeline.io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
 SHARD_RE = re.compile(r"^part-(\d{10,})-(\d{10,})-n(\d+)\.arrow$")  # seeds of any width up to 2**63 - 1
@@ -156,8 +160,8 @@ def open_shard(path: Path) -> pa.Table:
         with pa.memory_map(str(path), "r") as source:
             return pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-        raise DatasetError(f"shard {path} is corrupt or truncated ({e}); delete it and re-run "
-                           f"`hspace generate` with the same configuration to regenerate its samples") from None
+        raise DatasetError(f"shard {path} is corrupt or truncated ({e}); re-run `hspace generate` with the same "
+                           f"configuration (or `hspace run`): it moves it aside and regenerates its samples") from None
 
 
 def validate_shard(path: str | os.PathLike) -> np.ndarray:
@@ -211,24 +215,93 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
         raise DatasetError(f"no samples dataset in {run_dir} ({path} is missing); run `hspace generate run_dir={run_dir}` first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON ({e}); re-run `hspace generate` to rewrite it") from None
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path} is not an {FORMAT} manifest")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); delete that file alone and re-run `hspace generate` with "
+                           f"the same configuration: it rebuilds it from the shards, each checked first") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not an {FORMAT} manifest; delete that file alone and re-run `hspace generate` "
+                           f"with the same configuration: it rebuilds it from the shards, each checked first")
+    return manifest
+
+
+def shard_entry(path: Path, old: dict | None = None) -> dict:
+    """What the manifest records of one shard: its size, modification time and sha256 (the old entry's
+    hash reused while size and modification time are the same)."""
+    st = path.stat()
+    if old and old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+        return dict(old)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_digest(path)}
+
+
+def shards_content(names: Sequence[str], entries: dict) -> str:
+    """The hash of a dataset's shards: their names (so the ids they hold) and bytes."""
+    return hash_json([(n, (entries.get(n) or {}).get("bytes"), (entries.get(n) or {}).get("sha256")) for n in names])
+
+
+def repair(run_dir) -> str:
+    return (f"re-run `hspace generate run_dir={run_dir}` with the configuration that made it (or `hspace run`): it "
+            f"moves damaged shards to {samples_dir(run_dir) / 'corrupt'}, regenerates their samples and rewrites the manifest")
+
+
+def check_dataset(run_dir: str | os.PathLike, manifest: dict | None = None) -> dict:
+    """The manifest of the complete dataset in ``run_dir``, checked to describe the shards on disk: its
+    shard list and count against its record, each shard's size, and its hash when its modification
+    time is not the one recorded (a copied run). A DatasetError names what differs and the repair."""
+    manifest = read_manifest(run_dir) if manifest is None else manifest
+    path = samples_dir(run_dir) / MANIFEST
+    if not manifest.get("complete", False):
+        raise DatasetError(f"the samples dataset in {run_dir} is incomplete (generation was interrupted); "
+                           f"re-run the same `hspace generate` command to finish it")
+    record, entries, names = manifest.get("record") or {}, manifest.get("shard_hashes") or {}, manifest.get("shards") or []
+    if "content" not in record:
+        raise DatasetError(f"{path} records no shard hashes (written by an older version); {repair(run_dir)}")
+    counts = [int(m.group(3)) if (m := SHARD_RE.match(n)) else -1 for n in names]
+    if shards_content(names, entries) != record["content"] or sum(counts) != manifest.get("num_samples") \
+            or -1 in counts:
+        raise DatasetError(f"{path} was changed after `hspace generate` wrote it (it lists {len(names)} shards and "
+                           f"{manifest.get('num_samples')} samples, not the ones its record describes); {repair(run_dir)}")
+    for name in names:
+        shard, entry = samples_dir(run_dir) / "shards" / name, entries[name]
+        try:
+            st = shard.stat()
+        except FileNotFoundError:
+            raise DatasetError(f"shard {shard} listed in the manifest is missing; {repair(run_dir)}") from None
+        if st.st_size != entry["bytes"] or (st.st_mtime_ns != entry["mtime_ns"] and file_digest(shard) != entry["sha256"]):
+            raise DatasetError(f"shard {shard} is truncated or was changed after it was written ({st.st_size} bytes, "
+                               f"written with {entry['bytes']}); {repair(run_dir)}")
+    return manifest
+
+
+def finalise_manifest(run_dir: str | os.PathLike, manifest: dict, wanted: set[int], record: dict,
+                      listed: dict | None = None) -> dict:
+    """Rewrite the manifest from the shards on disk: their list, sizes and hashes (``listed``: the entries
+    of the manifest before, reused for unchanged shards), count, completeness and the dataset's identity
+    record (content identity + the shards' hashes, so exactly which sample ids and their bytes)."""
+    scan = scan_shards(run_dir)
+    ids = scan.sample_ids
+    if len(ids) != len(set(ids.tolist())):
+        dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})[:5]
+        raise DatasetError(f"samples {dup} appear in more than one shard of {samples_dir(run_dir)}; remove the "
+                           f"older shard(s) by hand")
+    have = set(ids.tolist())
+    names = [p.name for p in sorted(scan.valid)]
+    entries = {p.name: shard_entry(p, listed.get(p.name)) for p in sorted(scan.valid)}
+    record = {**seal(record, shards_content(names, entries), id_parts=manifest["identity_hash"]), "num_samples": len(have)}
+    manifest = {**manifest, "shards": names, "shard_hashes": entries, "num_samples": len(ids),
+                "complete": wanted <= have, "record": record}
+    write_json_atomic(samples_dir(run_dir) / MANIFEST, manifest)
     return manifest
 
 
 def shard_paths(run_dir: str | os.PathLike, require_complete: bool = True) -> list[Path]:
-    """The manifest's shards, checked to exist; with ``require_complete`` the run must be finished."""
-    manifest = read_manifest(run_dir)
-    if require_complete and not manifest.get("complete", False):
-        raise DatasetError(f"the samples dataset in {run_dir} is incomplete (generation was interrupted); "
-                           f"re-run the same `hspace generate` command to finish it")
+    """The manifest's shards; with ``require_complete`` the dataset must be finished, and is checked
+    (:func:`check_dataset`) before anyone reads it."""
+    manifest = check_dataset(run_dir) if require_complete else read_manifest(run_dir)
     paths = [samples_dir(run_dir) / "shards" / name for name in manifest["shards"]]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise DatasetError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing); "
-                           f"re-run `hspace generate` to regenerate them")
+                           f"{repair(run_dir)}")
     return paths
 
 

@@ -23,22 +23,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotators import assets_identity
 from annotators.base import build_annotator, check_columns, column_names
 from pipeline.errors import DatasetError
-from pipeline.formats.identity import artefact_ids, config_sections, is_fresh, make_record, parquet_metadata, read_record, verify
+from pipeline.formats.identity import is_fresh, parquet_metadata, parquet_table, read_record, verify
 from pipeline.formats.images import from_uint8
-from pipeline.formats.samples import dataset_ids, decode_images, open_shard, read_manifest, shard_paths
+from pipeline.formats.samples import dataset_ids, decode_images, open_shard, shard_paths
 from pipeline.io import atomic_path
+from pipeline.registry import COMMANDS
 from pipeline.stages.lightning_utils import (
-    AfterAllRanks,
     ItemModule,
     ItemsProgress,
-    PartWriter,
     RankShare,
-    agreed,
-    launching_rank,
-    make_trainer,
+    predict_parts,
+    rank0_first,
     share_cpu_threads,
 )
 
@@ -82,25 +79,13 @@ def scan_parts(run_dir) -> set[int]:
     return done
 
 
-def part_inputs(cfg) -> dict:
-    """What every annotation part is made from, whichever samples it covers: the samples' content
-    identity (model, scheduler, eta...), the annotators, their options and weights."""
-    return {"samples": read_manifest(cfg.run_dir)["identity_hash"],
-            **config_sections(cfg, "annotate", drop=("annotate.batch_size",)), "annotators_weights": assets_identity()}
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of annotations.parquet: the annotators and exactly which samples dataset."""
-    return make_record("annotate", config_sections(cfg, "annotate", drop=("annotate.batch_size",)),
-                       assets={"annotators": assets_identity()}, artefacts=artefact_ids(cfg.run_dir, ["samples"], known))
-
-
 def _refusal(path: Path, stored: dict, now: dict, run_dir) -> DatasetError:
-    if stored.get("samples") != now["samples"]:
-        what, was, now_ = "samples dataset", f"id {str(stored.get('samples'))[:12]}", f"id {str(now['samples'])[:12]}"
+    if stored.get("artefacts", {}).get("samples") != now["artefacts"]["samples"]:
+        what = "samples dataset"
+        was, now_ = (f"id {str(x.get('artefacts', {}).get('samples'))[:12]}" for x in (stored, now))
     else:
         what = "annotators or their options"
-        was, now_ = stored.get("annotate", {}).get("annotators"), now["annotate"]["annotators"]
+        was, now_ = (x.get("config", {}).get("annotate", {}).get("annotators") for x in (stored, now))
     return DatasetError(f"{path} was made for a different {what} ({was} vs {now_}); delete {annotations_path(run_dir)} "
                         f"and {Path(run_dir) / 'annotations'} to re-annotate")
 
@@ -167,14 +152,13 @@ def merge_parts(run_dir, record: dict, inputs: dict) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("sample_id")
     if df["sample_id"].duplicated().any():
         raise DatasetError(f"duplicate sample ids in {parts_dir(run_dir)}; delete that folder and re-run hspace annotate")
-    want = read_manifest(run_dir)["num_samples"]
-    if len(df) != want:
-        raise DatasetError(f"annotations cover {len(df)} of {want} samples; re-run hspace annotate to finish")
+    missing = set(dataset_ids(run_dir).tolist()) - set(df.sample_id.tolist())
+    if missing:
+        raise DatasetError(f"annotations cover {len(df) - len(missing)} of the {len(df)} samples (e.g. not "
+                           f"{min(missing)}); re-run hspace annotate to finish")
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           **parquet_metadata({**record, "part_inputs": inputs})})
     with atomic_path(annotations_path(run_dir)) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(parquet_table(table, {**record, "part_inputs": inputs}), tmp)
     return df
 
 
@@ -196,12 +180,12 @@ def load_annotations(run_dir) -> pd.DataFrame:
 def run_annotate(cfg) -> pd.DataFrame:
     run_dir = str(cfg.run_dir)
     check_columns(cfg, "annotate")  # before anything is removed
-    shard_paths(run_dir)  # the samples dataset must be complete
-    inputs, record = part_inputs(cfg), identity(cfg)
-    if launching_rank() == 0:
-        clean_existing(cfg, inputs, set(dataset_ids(run_dir).tolist()))
-    agreed(None)  # the other ranks plan after rank 0's clean-up
+    shard_paths(run_dir)  # the samples dataset must be complete and intact
+    stage = COMMANDS["annotate"]
+    inputs, record = stage.part_inputs(cfg), stage.identity(cfg)
     annotators = build_annotators(cfg.annotate)  # fails fast on bad names or missing weights
+    ids = set(dataset_ids(run_dir).tolist())
+    rank0_first(lambda: clean_existing(cfg, inputs, ids))  # the other ranks plan after rank 0's clean-up
     if is_fresh(run_dir, annotations_path(run_dir).name, record):
         print(f"hspace annotate: {annotations_path(run_dir)} is complete")
         return load_annotations(run_dir)
@@ -209,13 +193,11 @@ def run_annotate(cfg) -> pd.DataFrame:
     if todo == 0:  # every part exists: only the merge is left (a run killed just before it, or other samples)
         merge_parts(run_dir, record, inputs)
     else:
-        progress = ItemsProgress("annotate", todo, count=lambda item: len(item["ids"]))
-        writer = PartWriter(parts_dir(run_dir), lambda p: part_name(p["sample_id"]),
-                            lambda p, path: write_part(p, path, inputs))
-        merge = AfterAllRanks(lambda: merge_parts(run_dir, record, inputs), "annotate")
-        trainer = make_trainer(cfg.trainer, [writer, progress, merge])
-        trainer.predict(AnnotateModule(annotators), datamodule=AnnotateData(run_dir, cfg.annotate.batch_size),
-                        return_predictions=False)
+        trainer = predict_parts(
+            cfg.trainer, AnnotateModule(annotators), AnnotateData(run_dir, cfg.annotate.batch_size), tag="annotate",
+            merge=lambda: merge_parts(run_dir, record, inputs), parts=parts_dir(run_dir),
+            name=lambda p: part_name(p["sample_id"]), write=lambda p, path: write_part(p, path, inputs),
+            progress=ItemsProgress("annotate", todo, count=lambda item: len(item["ids"])))
         if not trainer.is_global_zero:
             return None
     df = load_annotations(run_dir)

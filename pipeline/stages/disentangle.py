@@ -6,13 +6,13 @@ file, as in the paper's Table 1; or ``auto``), and writes ``<run_dir>/directions
 with one direction per primary, named ``<primary>|<cond1>,<cond2>`` (``glasses|hair``: glasses
 with hair removed), ``<primary>|others``, or ``<primary>|none`` (``auto`` found no entanglement).
 
-Calibrated strengths (``calibrate``, :mod:`pipeline.methods.calibration`): this stage measures them,
-for the source directions (stored in the run's supervised file, rewritten atomically with its
-identity record kept; done once per calibration setting) and for the disentangled ones (stored
-with them). ``auto`` conditions a direction on the other directions whose attributes it moves,
-at its calibrated strength on the calibration seeds, by at least ``disentangle.threshold``
-standard deviations (and 2 standard errors); the choices and the measured changes are in the
-file's params (``auto``).
+Calibrated strengths (``calibrate``, :mod:`pipeline.methods.calibration`): this stage measures those of
+the disentangled directions (stored with them); those of the source directions are the supervised
+stage's (stored in its file, which this stage only reads), or measured here, in memory, for a
+``disentangle.source`` file that has none for the current settings. ``auto`` conditions a direction
+on the other directions whose attributes it moves, at its calibrated strength on the calibration
+seeds, by at least ``disentangle.threshold`` standard deviations (and 2 standard errors); the
+choices and the measured changes are in the file's params (``auto``).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ import torch
 from pipeline.config import to_dict
 from pipeline.errors import ConfigError
 from pipeline.formats.directions import Directions, load_directions, save_directions
-from pipeline.formats.identity import MODEL_SECTIONS, artefact_ids, config_sections, make_record, read_record, verify
-from pipeline.io import hash_file, hash_json
-from pipeline.methods.calibration import calibrate, entangled_with, own_attribute, unedited_scores
+from pipeline.formats.identity import verify
+from pipeline.methods.calibration import entangled_with, own_attribute
 from pipeline.methods.supervised import cosine, project_out
+from pipeline.registry import COMMANDS, SUPERVISED
+from pipeline.stages.supervised import Calibrator
 
 OTHERS = "others"  # pairs value: every other direction in the file
 AUTO = "auto"  # pairs value: the directions whose attributes it measurably moves (calibration seeds)
@@ -86,74 +87,36 @@ def resolve_auto(directions: Directions, pairs, threshold: float, own: dict | No
     return resolved, choices
 
 
-SUPERVISED = "directions/supervised.safetensors"
+def check_source(cfg, directions: Directions, source: Path) -> None:
+    """A ``disentangle.source`` file made for another number of steps or another h shape than this run's
+    model is refused here, before anything is written (not first by the stages that sample with it)."""
+    T = cfg.model.num_inference_steps
+    if len(directions.timesteps) != T:
+        raise ConfigError(f"disentangle.source={source} was made for T={len(directions.timesteps)} steps but the model "
+                          f"samples T={T} (model.num_inference_steps); use directions made with this model and T")
+    manifest = Path(cfg.run_dir) / "samples" / "manifest.json"
+    if manifest.exists():
+        from pipeline.formats.samples import read_manifest
 
-
-def calibration_sections(cfg) -> dict:
-    """What a calibration depends on (besides the directions and the model's weights): the calibrate
-    section, the scorer and its own-attribute mapping, the start scale and the model section."""
-    return config_sections(cfg, "calibrate", "evaluate.scorer", "evaluate.scorer_options", "evaluate.own_attribute",
-                           "evaluate.scale", *MODEL_SECTIONS, drop=("calibrate.batch_size",))
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of disentangled.safetensors: the pairs and the directions they act on (the run's
-    supervised file, or the content of ``disentangle.source``), and what the calibration reads."""
-    sections = config_sections(cfg, "disentangle")
-    assets = {}
-    if cfg.calibrate.enabled:
-        from annotators import assets_identity
-        from pipeline.engine.loading import weights_identity
-
-        sections.update(calibration_sections(cfg))
-        assets = {"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()}
-    if cfg.disentangle.source:
-        return make_record("disentangle", sections, assets={**assets, "source": hash_file(cfg.disentangle.source)})
-    return make_record("disentangle", sections, assets=assets, artefacts=artefact_ids(cfg.run_dir, [SUPERVISED], known))
-
-
-class Calibrator:
-    """Calibrates directions files with the run's model and scorer (built once, on first use)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.model, self.scorer, self.unedited = cfg, None, None, None
-        self.key = hash_json(calibration_sections(cfg), identity(cfg)["inputs"]["assets"])
-
-    def __call__(self, d: Directions) -> dict:
-        from annotators.base import build_annotator
-        from pipeline.engine.model import HSpaceModel
-
-        c, ev = self.cfg.calibrate, self.cfg.evaluate
-        if self.model is None:
-            self.model = HSpaceModel.from_config(self.cfg)
-            self.scorer = build_annotator(ev.scorer, ev.scorer_options, self.model.device)
-        std_seeds = list(range(c.first_seed, c.first_seed + c.std_samples))
-        if self.unedited is None:  # sampled once for both files
-            self.unedited = unedited_scores(self.model, self.scorer, std_seeds, c.batch_size, self.model.device)
-        try:
-            record = calibrate(self.model, self.scorer, d.names, list(d.directions), std_seeds[:c.num_samples], std_seeds,
-                               ev.scale, c.target, c.rtol, c.max_iter, to_dict(ev.own_attribute), c.batch_size,
-                               self.model.device, self.unedited)
-        except KeyError as e:
-            raise ConfigError(f"calibrate: {e.args[0]}") from None
-        record["key"] = self.key
-        print(f"  calibrated {d.method} directions ({record['rounds']} rounds, {c.num_samples} seeds): " + ", ".join(
-            f"{n} x{s:.2f}" if s is not None else f"{n} (none)" for n, s in record["scales"].items()))
-        return record
+        want = tuple(read_manifest(cfg.run_dir)["h_shape_t"])
+        if tuple(directions.directions.shape[1:]) != want:
+            raise ConfigError(f"disentangle.source={source} holds directions of shape (T, C, H, W) = "
+                              f"{tuple(directions.directions.shape[1:])}, but this run's h trajectories are {want}; use "
+                              f"directions made with the same model, hook and model.num_inference_steps")
 
 
 def run_disentangle(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     source = Path(cfg.disentangle.source or run_dir / SUPERVISED)
-    if not cfg.disentangle.source and source.exists():
-        verify(run_dir, SUPERVISED)
-    directions = load_directions(source)
-    record = identity(cfg)
+    directions = load_directions(source)  # a file that cannot be used (missing, not finite) is said as such first
+    if cfg.disentangle.source:
+        check_source(cfg, directions, source)
+    else:
+        verify(run_dir, SUPERVISED)  # the run's own file: what its record says, made from what the run holds now
+    record = COMMANDS["disentangle"].identity(cfg)
     calibrator = Calibrator(cfg) if cfg.calibrate.enabled else None
-    if calibrator is not None and (directions.params.get("calibration") or {}).get("key") != calibrator.key:
-        directions.params["calibration"] = calibrator(directions)
-        if not cfg.disentangle.source:  # the run's own file: its calibration stored with it, its identity kept
-            save_directions(directions, source, read_record(source))
+    if calibrator is not None and not calibrator.current(directions.params.get("calibration")):
+        directions.params["calibration"] = calibrator(directions)  # in memory: this stage writes only its own file
     pairs = cfg.disentangle.pairs if cfg.disentangle.pairs == AUTO else to_dict(cfg.disentangle.pairs)
     pairs, choices = resolve_auto(directions, pairs, cfg.disentangle.threshold, to_dict(cfg.evaluate.own_attribute))
     result = disentangle(directions, pairs)

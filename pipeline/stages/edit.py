@@ -1,8 +1,10 @@
 """`hspace edit`: grids of samples x edit scales for any directions file, or sequential edits.
 
-One PNG per direction in ``<run_dir>/edits/<file>/<direction>.png`` (rows: seeds; columns:
-scales). With ``edit.sequential`` one PNG applies the chosen directions one after another,
-each at its own scale (paper Fig. 11): column j has directions 1..j applied.
+One PNG per direction in ``<run_dir>/grids/<file>/<direction>.png``, or in ``edit.out_dir`` (rows:
+seeds; columns: scales): not in ``edits/``, which the figures stage writes. With ``edit.out_dir``
+outside the run directory it only reads the run (which may then be read-only). With
+``edit.sequential`` one PNG applies the chosen directions one after another, each at its own
+scale (paper Fig. 11): column j has directions 1..j applied.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def run_edit(cfg) -> list[Path]:
                           f"set model.num_inference_steps={len(directions.timesteps)}")
     names = list(e.names) or list(range(len(directions)))
     scales = list(e.scales) if e.scales else None  # None: calibrated multiples, or the file's suggested scales
-    out_dir = Path(e.out_dir or Path(cfg.run_dir) / "edits" / path.stem)
+    out_dir = Path(e.out_dir or Path(cfg.run_dir) / "grids" / path.stem)
     if e.sequential:
         if scales is None or len(scales) != len(names):
             raise ConfigError(f"edit.sequential applies each of the {len(names)} directions at its own scale: "

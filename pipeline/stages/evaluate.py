@@ -37,7 +37,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from annotators import assets_identity
 from evaluation.metrics import (
     bootstrap_effects,
     disentanglement_summary,
@@ -50,34 +49,22 @@ from evaluation.metrics import (
 )
 from evaluation.preservation import build_embedder, identity_similarity, preservation_table
 from pipeline.config import to_dict
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel, default_device
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats.directions import load_directions
-from pipeline.formats.identity import (
-    FOLDER_RECORD,
-    MODEL_SECTIONS,
-    artefact_ids,
-    config_sections,
-    make_record,
-    parquet_metadata,
-    present,
-    read_record,
-    verify,
-)
+from pipeline.formats.identity import folder_files, parquet_metadata, read_record, seal_folder, verify
 from pipeline.formats.images import to_uint8
 from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
 from pipeline.methods.calibration import calibrated_scale
+from pipeline.registry import COMMANDS
 from pipeline.stages.figures import evaluated_strips
 from pipeline.stages.lightning_utils import (
-    AfterAllRanks,
     ItemModule,
     ItemsProgress,
-    PartWriter,
     RankShare,
-    agreed,
     launching_rank,
-    make_trainer,
+    predict_parts,
+    rank0_first,
     share_cpu_threads,
 )
 
@@ -361,7 +348,7 @@ def write_results(run_dir, ev_cfg, items, record: dict, strips: list[int] = ()) 
     with atomic_path(out / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
     summary = summarise(per_sample, ev_cfg, out)
-    write_json_atomic(out / FOLDER_RECORD, record)
+    seal_folder(out, record, [f for f in folder_files(out) if not f.startswith("parts/") and f != "pixel_matching.json"])
     return summary
 
 
@@ -504,22 +491,6 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
     return summary
 
 
-def _directions(cfg, known: dict | None = None) -> list[str]:
-    """The run's directions files an evaluation applies (supervised, and the others if present)."""
-    optional = ["disentangled"] + (["pca"] if cfg.evaluate.pca_components > 0 else [])
-    return ["directions/supervised.safetensors"] + present(cfg.run_dir, [f"directions/{n}.safetensors" for n in optional],
-                                                           known)
-
-
-def identity(cfg, known: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
-    """The record of the evaluation folder: settings, model, scorer weights and the directions.
-    Without the bootstrap setting (``drop``), what every part is made from."""
-    sections = config_sections(cfg, "evaluate", *MODEL_SECTIONS, "calibrate.first_seed", "edit.seeds", drop=drop)
-    return make_record("evaluate", sections,
-                       assets={"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()},
-                       artefacts=artefact_ids(cfg.run_dir, _directions(cfg, known), known))
-
-
 def clean_existing(out: Path, part_key: str) -> None:
     """Remove parts and calibration made from other directions or settings."""
     calibration = out / "pixel_matching.json"
@@ -545,17 +516,20 @@ def run_evaluate(cfg) -> dict:
     check_columns(cfg, "evaluate")
     if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
         raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
-    for name in _directions(cfg):
+    stage = COMMANDS["evaluate"]
+    for name in stage.read_names(cfg):
         verify(run_dir, name)
     out = eval_dir(run_dir)
-    record, part_key = identity(cfg), identity(cfg, drop=("evaluate.bootstrap",))["key"]
+    record, part_key = stage.identity(cfg), stage.part_key(cfg)
     model = HSpaceModel.from_config(cfg, under_trainer=True)
     scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
     calibration = out / "pixel_matching.json"
-    if launching_rank() == 0:
-        clean_existing(out, part_key)  # after the checks above: a mistyped setting removes nothing
-    edit_list(run_dir, ev, model)  # every file fits the model, before any sampling
+    edits = edit_list(run_dir, ev, model)  # every file fits the model, before any sampling
+    if not any(e.family == "original" for e in edits):
+        raise DatasetError(f"{run_dir}/directions/supervised.safetensors holds no directions; re-run hspace supervised "
+                           f"(with select.attributes naming what to find)")
+    rank0_first(lambda: clean_existing(out, part_key))  # after the checks above: a mistyped setting removes nothing
     if launching_rank() == 0:
         if ev.pixel_matched_random and pca_and_random(run_dir, ev, model) and not calibration.exists():
             seeds = list(range(cfg.calibrate.first_seed, cfg.calibrate.first_seed + CALIBRATION_SEEDS))
@@ -566,15 +540,14 @@ def run_evaluate(cfg) -> dict:
             print("hspace evaluate: random directions rescaled to their component's pixel change: "
                   + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
     items, strips = seed_sets(ev), strip_seeds(cfg)
-    todo = agreed(remaining(run_dir, items))  # after rank 0's clean-up
+    todo = rank0_first(lambda: remaining(run_dir, items))  # after rank 0's calibration
     if todo:
-        progress = ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1]))
-        writer = PartWriter(out / "parts", lambda p: part_name(p["repeat"], p["seeds"]),
-                            lambda p, path: write_part(p, path, part_key))
-        merge = AfterAllRanks(lambda: write_results(run_dir, ev, items, record, strips), "evaluate")
-        trainer = make_trainer(cfg.trainer, [writer, progress, merge])
-        trainer.predict(EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score, strips),
-                        datamodule=EvaluateData(run_dir, items), return_predictions=False)
+        trainer = predict_parts(
+            cfg.trainer, EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score, strips),
+            EvaluateData(run_dir, items), tag="evaluate", merge=lambda: write_results(run_dir, ev, items, record, strips),
+            parts=out / "parts", name=lambda p: part_name(p["repeat"], p["seeds"]),
+            write=lambda p, path: write_part(p, path, part_key),
+            progress=ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1])))
         if not trainer.is_global_zero:
             return {}
     else:

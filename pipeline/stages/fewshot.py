@@ -26,16 +26,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from annotators import assets_identity
 from annotators.base import build_annotator
 from pipeline.config import to_dict
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError
-from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.formats.identity import seal_folder, verify
+from pipeline.io import atomic_path
 from pipeline.methods.probes import restrict_to_steps
 from pipeline.methods.supervised import draw_subsets, mean_difference
+from pipeline.registry import COMMANDS
 from pipeline.stages.annotate import load_annotations
 from pipeline.stages.select import load_selection
 from pipeline.stages.supervised import check_ns, gather_h, gather_x_T, sides
@@ -191,21 +190,6 @@ def restricted_edits(run_dir, cfg, edits: list[dict]) -> list[dict]:
     return out
 
 
-def _reads(cfg, known: dict | None = None) -> list[str]:
-    return ["selection.parquet", "samples", "annotations.parquet"] + (
-        present(cfg.run_dir, ["probes"], known) if cfg.fewshot.restriction else [])
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of the fewshot folder: its settings, the scorer, the model, the selection and
-    samples it estimates from, and the probes when it restricts."""
-    sections = config_sections(cfg, "fewshot", "evaluate.scorer", "evaluate.scorer_options", "supervised.attributes",
-                               *MODEL_SECTIONS, "annotate.annotators", drop=("fewshot.batch_size",))
-    return make_record("fewshot", sections,
-                       {"model": weights_identity(cfg.model.name_or_path), "annotators": assets_identity()},
-                       artefact_ids(cfg.run_dir, _reads(cfg, known), known))
-
-
 def run_fewshot(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     fc = cfg.fewshot
@@ -214,13 +198,15 @@ def run_fewshot(cfg) -> Path:
     if overlap:
         raise ConfigError(f"fewshot.first_seed: held-out seeds {sorted(overlap)[:3]} are selected samples; "
                           f"start them elsewhere")
-    for name in _reads(cfg)[3:]:  # the probes (the rest is checked as it is read)
-        verify(run_dir, name)
-    record = identity(cfg)
+    stage = COMMANDS["fewshot"]
+    record = stage.identity(cfg)
+    restrict = "probes" in stage.read_names(cfg)  # fewshot.restriction, with the probes present
+    if restrict:
+        verify(run_dir, "probes")  # the rest is checked as it is read
     attrs = fewshot_attributes(cfg, selection)
     check_ns("fewshot.ns", fc.ns, selection, attrs)
     edits = fewshot_edits(run_dir, cfg, attrs, selection)
-    restricted = restricted_edits(run_dir, cfg, edits) if fc.restriction and (run_dir / "probes").exists() else []
+    restricted = restricted_edits(run_dir, cfg, edits) if restrict else []
     print(f"hspace fewshot: {len(edits)} edits x {fc.num_samples} held-out seeds"
           + (f", {len(restricted)} x {fc.restriction_samples} for the restriction" if restricted else ""))
     per_edit, rrows = measure(cfg, edits, restricted)
@@ -234,7 +220,7 @@ def run_fewshot(cfg) -> Path:
         if restricted:
             scored = list(dict.fromkeys(e["own"] for e in edits))
             restriction_table(rrows, scored).to_csv(tmp / "restriction.csv", index=False)
-        write_json_atomic(tmp / FOLDER_RECORD, record)
+        seal_folder(tmp, record)
     for (attr, space), c in curve.groupby(["attribute", "space"], sort=False):
         print(f"  {attr} {space}: " + ", ".join(f"n={n}: {e:.2f}±{s:.2f}" for n, e, s in zip(c.n, c.effect, c.effect_std)))
     print(f"hspace fewshot: effect against n -> {out}")

@@ -6,16 +6,23 @@ disentangled, each at its calibrated multiples (pipeline.methods.calibration) or
 file suggests; the report shows them. When the evaluate stage's dose-response sweep covers
 edit.seeds (the default), it draws the strips of the supervised, disentangled, PCA and random
 directions from its own images (``evaluation/strips/``) and this stage leaves them out.
+
+Each family's folder is replaced whole (strips of directions that are gone go too); what else a
+person keeps in ``edits/`` stays, and so does a file of their own inside a family folder, unless a
+strip of the same name replaces it, which is said. The folder's identity record lists the files
+this stage wrote.
 """
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel
 from pipeline.formats.directions import Directions, load_directions
-from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present, verify
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.formats.identity import FOLDER_RECORD, folder_files, read_record, seal_folder, verify
+from pipeline.io import atomic_path
+from pipeline.registry import COMMANDS
 from pipeline.stages.edit import render_edits
 
 #: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
@@ -23,7 +30,8 @@ from pipeline.stages.edit import render_edits
 DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 
-FILES = ("pca", "jacobian", "supervised", "disentangled", "real")
+#: the folders of edits/ this stage writes, one per direction family
+FAMILIES = ("pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled", "real")
 
 
 def evaluated_strips(cfg) -> bool:
@@ -35,28 +43,15 @@ def evaluated_strips(cfg) -> bool:
     return bool(sweep) and set(cfg.edit.seeds) <= sweep
 
 
-def _present(run_dir, known: dict | None = None) -> list[str]:
-    return present(run_dir, [f"directions/{n}.safetensors" for n in FILES], known)
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of the edits folder: the model, the seeds and scales shown, and every directions
-    file of the run it draws."""
-    return make_record("figures", config_sections(cfg, "report", "edit.seeds", *MODEL_SECTIONS, "evaluate.first_seed",
-                                                  "evaluate.sweep_samples", "evaluate.num_samples",
-                                                  "evaluate.pca_components"),
-                       assets={"model": weights_identity(cfg.model.name_or_path)},
-                       artefacts=artefact_ids(cfg.run_dir, _present(cfg.run_dir, known), known))
-
-
 def run_figures(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     d, out = run_dir / "directions", run_dir / "edits"
+    stage = COMMANDS["figures"]
+    record = stage.identity(cfg)
+    for name in stage.read_names(cfg):
+        verify(run_dir, name)
     model = HSpaceModel.from_config(cfg)
     seeds = list(cfg.edit.seeds)
-    for name in _present(run_dir):
-        verify(run_dir, name)
-    record = identity(cfg)
     jobs: list[tuple[str, Directions, list, bool]] = []
     evaluated = evaluated_strips(cfg)  # evaluate draws these families' strips from its sweep
     first_pc = min(cfg.evaluate.pca_components, cfg.report.pca_components) if evaluated else 0
@@ -78,15 +73,56 @@ def run_figures(cfg) -> Path:
                 jobs.append((name, dirs, list(range(len(dirs))), False))
             if name == "supervised" and "x_T_directions" in dirs.extras:
                 jobs.append(("supervised_xT", dirs, list(range(len(dirs))), True))
-    count = 0
-    with atomic_path(out) as tmp:  # the whole folder at once: strips of directions that are gone go too
-        tmp.mkdir()
-        for family, dirs, names, x_T in jobs:
-            if not names:
-                continue
-            scales = list(DEFAULT_SCALES) if x_T else None  # None: each direction's calibrated or suggested scales
-            count += len(render_edits(model, dirs, names, seeds, scales, tmp / family, x_T_space=x_T,
+    ours = written_before(out)
+    count, drawn, kept = 0, [], set()
+    for family, dirs, names, x_T in jobs:
+        if not names:
+            continue
+        scales = list(DEFAULT_SCALES) if x_T else None  # None: each direction's calibrated or suggested scales
+        with atomic_path(out / family) as tmp:  # the family's folder at once: strips of directions that are gone go too
+            count += len(render_edits(model, dirs, names, seeds, scales, tmp, x_T_space=x_T,
                                       batch_size=cfg.edit.batch_size))
-        write_json_atomic(tmp / FOLDER_RECORD, record)
+            kept |= keep_others(out / family, tmp, ours)
+        drawn.append(family)
+    for family in set(FAMILIES) - set(drawn):
+        if (out / family).is_dir():
+            with atomic_path(out / family) as tmp:  # a family no longer drawn: its strips go, a person's files stay
+                tmp.mkdir()
+                kept |= keep_others(out / family, tmp, ours)
+            if not any((out / family).iterdir()):
+                (out / family).rmdir()
+    out.mkdir(parents=True, exist_ok=True)
+    seal_folder(out, record, [f for f in folder_files(out) if f.split("/")[0] in drawn and f not in kept])
     print(f"hspace figures: {count} edit strips in {out}")
     return out
+
+
+def written_before(out: Path) -> set[str]:
+    """The files of edits/ this stage wrote last time (its record's list; every file of the family folders
+    for a record of an older version, which listed none)."""
+    previous = read_record(out) if (out / FOLDER_RECORD).exists() else None
+    if previous is None:
+        return set()
+    if "files" in previous:
+        return set(previous["files"])
+    return {f for f in folder_files(out) if f.split("/")[0] in FAMILIES}
+
+
+def keep_others(old: Path, new: Path, ours: set[str]) -> set[str]:
+    """Copy into the new family folder ``new`` the files of the old one that this stage did not write
+    (``ours``: the paths its last record listed) -> their paths under edits/; one that a new strip
+    replaces is said."""
+    kept = set()
+    for path in sorted(p for p in old.rglob("*") if p.is_file()) if old.is_dir() else []:
+        rel = f"{old.name}/{path.relative_to(old)}"
+        if rel in ours:
+            continue
+        target = new / path.relative_to(old)
+        if target.exists():
+            print(f"hspace figures: warning: {path} was not written by hspace figures; a strip of the same name "
+                  f"replaces it", file=sys.stderr)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        kept.add(rel)
+    return kept

@@ -11,7 +11,13 @@ with the same batch size, bit-identical to an uninterrupted one. A run directory
 manifest or shards were written by a different configuration (model, weights, scheduler, eta,
 hook, dtypes) is refused instead of mixing samples: every shard keeps that configuration in its
 metadata, so shards found without a manifest are adopted only when it matches, and the
-manifest is rebuilt from them.
+manifest is rebuilt from them. Shards that are truncated or whose bytes are not those the manifest
+listed are moved to ``samples/corrupt`` and their samples regenerated.
+
+Generate makes the dataset the configuration asks for by adding samples, never by removing them:
+a run directory holding sample ids that ``first_seed`` and ``num_samples`` leave out (a smaller
+count, another first seed) is refused before anything is written, with the settings that keep it
+and the deletion that would make the one asked for.
 
 Throughput: with ``generate.writer_queue`` > 0 the shards (PNG encoding, Arrow, fsync) are written by
 a writer thread with a bounded queue while the U-Net makes the next batch, in batch order, byte
@@ -30,22 +36,32 @@ import numpy as np
 
 from pipeline.config import to_dict
 from pipeline.dtypes import DTYPES
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.formats.identity import MODEL_SECTIONS, config_sections, differences, make_record
+from pipeline.formats.identity import differences
 from pipeline.formats.images import to_uint8
-from pipeline.formats.samples import FORMAT, MANIFEST, read_record, samples_dir, scan_shards, shard_name, shard_table, write_table
+from pipeline.formats.samples import (
+    FORMAT,
+    MANIFEST,
+    finalise_manifest,
+    read_manifest,
+    read_record,
+    samples_dir,
+    scan_shards,
+    shard_entry,
+    shard_name,
+    shard_table,
+    write_table,
+)
 from pipeline.io import hash_json, write_json_atomic
+from pipeline.registry import COMMANDS
 from pipeline.stages.lightning_utils import (
-    AfterAllRanks,
     ItemModule,
     ItemsProgress,
-    PartWriter,
     RankShare,
     agreed,
     launching_rank,
-    make_trainer,
+    predict_parts,
     share_cpu_threads,
 )
 
@@ -82,15 +98,6 @@ def package_versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return out
-
-
-def content_identity(model: HSpaceModel, h_dtype: str, precision, prompts: dict | None = None) -> dict:
-    """Everything that determines a sample's content (not the batch size, not the devices)."""
-    d = model.describe()
-    out = {"model": d, "h_dtype": h_dtype, "precision": str(precision)}
-    if prompts is not None:
-        out["prompts"] = prompts
     return out
 
 
@@ -135,16 +142,6 @@ def prompt_function(assignment: dict | None):
     return lambda seed: prompts[0] if len(prompts) == 1 else prompts[int(seed) - first]
 
 
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of the samples dataset this configuration asks for (``key``: freshness); the
-    dataset's ``id`` is set when it is complete, from its content identity and sample ids."""
-    # record_x_t adds a column the samples' content does not depend on (readers check for it)
-    return make_record("generate", config_sections(cfg, *MODEL_SECTIONS, "generate",
-                                                   drop=("generate.batch_size", "generate.writer_queue",
-                                                         "generate.record_x_t")),
-                       assets={"model": weights_identity(cfg.model.name_or_path)})
-
-
 # ---------------------------------------------------------------------- Lightning
 class GenerateModule(ItemModule):
     """predict_item: seeds -> images and h trajectories of an HSpaceModel (and x_t with ``record_x_t``)."""
@@ -181,34 +178,15 @@ class GenerateData(RankShare):
         return plan_batches(self.cfg.first_seed, self.cfg.num_samples, self.cfg.batch_size, done)
 
 
-def finalise_manifest(run_dir: str, manifest: dict, wanted: set[int], record: dict) -> dict:
-    """Rewrite the manifest from the shards on disk: their list, count, completeness and the
-    dataset's identity record (content identity + exactly which sample ids)."""
-    scan = scan_shards(run_dir)
-    ids = scan.sample_ids
-    if len(ids) != len(set(ids.tolist())):
-        dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})[:5]
-        raise DatasetError(f"samples {dup} appear in more than one shard of {samples_dir(run_dir)}; remove the "
-                           f"older shard(s) by hand")
-    have = set(ids.tolist())
-    record = {**record, "id": hash_json(manifest["identity_hash"], sorted(have)), "num_samples": len(have)}
-    manifest = {**manifest, "shards": [p.name for p in sorted(scan.valid)], "num_samples": len(ids),
-                "complete": wanted <= have, "record": record}
-    write_json_atomic(samples_dir(run_dir) / MANIFEST, manifest)
-    return manifest
-
-
 # ---------------------------------------------------------------------- the stage
-def check_existing(run_dir: str, identity: dict) -> None:
-    """Refuse a manifest or shards made with another content identity (listing what differs)."""
+def check_existing(run_dir: str, identity: dict) -> dict:
+    """Refuse a manifest or shards made with another content identity (listing what differs) -> the
+    shard entries the manifest lists (name -> size, hash), to tell a shard changed since it was listed."""
     path = samples_dir(run_dir) / MANIFEST
+    listed = {}
     if path.exists():
-        import json
-
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise DatasetError(f"{path} is corrupt; move {samples_dir(run_dir)} away or fix the file") from None
+        old = read_manifest(run_dir)  # a corrupt one: the message says to delete it alone
+        listed = old.get("shard_hashes") or {}
         if old.get("identity_hash") != hash_json(identity):
             diff = differences(old.get("identity", {}), identity)
             raise DatasetError(
@@ -226,6 +204,43 @@ def check_existing(run_dir: str, identity: dict) -> None:
             f"{shard} (and {len(foreign) - 1} more) holds samples made with a different configuration "
             f"({'; '.join(diff[:4]) or 'identity differs'}); use another run_dir, or delete {samples_dir(run_dir)} "
             f"to start over")
+    return listed
+
+
+def check_requested(run_dir: str, g, have: set[int]) -> None:
+    """Generate adds samples and never removes them: a dataset holding ids the configuration does not ask
+    for (a smaller ``num_samples``, another ``first_seed``) is refused, with the commands that would keep
+    it or make the one asked for."""
+    extra = sorted(have - set(range(g.first_seed, g.first_seed + g.num_samples)))
+    if not extra:
+        return
+    lo, hi = min(have), max(have)
+    raise DatasetError(
+        f"{samples_dir(run_dir)} holds {len(have)} samples (ids {lo}..{hi}) and generate.first_seed={g.first_seed} "
+        f"generate.num_samples={g.num_samples} asks for ids {g.first_seed}..{g.first_seed + g.num_samples - 1}, without "
+        f"{len(extra)} of them (e.g. {extra[0]}); generate never removes samples: to keep this dataset run with "
+        f"generate.first_seed={lo} generate.num_samples={hi - lo + 1} (or more, to extend it); to make the one asked "
+        f"for, delete {samples_dir(run_dir)} or choose another run_dir, and run the same command again")
+
+
+def changed_shards(scan, listed: dict) -> dict:
+    """Valid shards whose bytes are not those the manifest listed (same name, another hash): damaged or
+    replaced since they were written -> path: why."""
+    out = {}
+    for path in scan.valid:
+        entry = listed.get(path.name)
+        if entry and shard_entry(path, entry)["sha256"] != entry["sha256"]:
+            out[path] = f"shard {path} is not the one the manifest listed (its bytes changed since it was written)"
+    return out
+
+
+def quarantine(run_dir: str, bad: dict) -> None:
+    """Move damaged shards to samples/corrupt (their samples are then regenerated)."""
+    for path, why in bad.items():
+        folder = samples_dir(run_dir) / "corrupt"
+        folder.mkdir(exist_ok=True)
+        shutil.move(str(path), folder / path.name)
+        print(f"hspace generate: {why.split(';')[0]}; moved to {folder} and regenerating its samples", file=sys.stderr)
 
 
 def check_disk(run_dir: str, n: int, per_sample: int) -> None:
@@ -250,50 +265,45 @@ def run_generate(cfg) -> dict:
     g = cfg.generate
     run_dir = str(cfg.run_dir)
     prompts = prompts_from_config(g)  # before the model loads: a wrong prompts file is a quick one-line error
+    stage = COMMANDS["generate"]
+    record = stage.identity(cfg)
+    content = stage.part_inputs(cfg)  # what every shard's samples are made from (not which seeds)
     model = HSpaceModel.from_config(cfg, under_trainer=True)
     prompts = sample_prompts(cfg, model, prompts)
-    content = content_identity(model, g.h_dtype, cfg.trainer.precision, prompts)
-    check_existing(run_dir, content)
-    record = identity(cfg)
+    listed = check_existing(run_dir, content)
 
     rank0 = launching_rank() == 0
     wanted = set(range(g.first_seed, g.first_seed + g.num_samples))
     manifest = {
         "format": FORMAT, "identity": content, "identity_hash": hash_json(content),
-        "model": content["model"], "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
+        "model": model.describe(), "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
         "image_shape": list(model.image_shape), "latent_shape": list(model.latent_shape),
-        "config": to_dict(cfg), "config_hash": hash_json(to_dict(cfg)),
-        "packages": package_versions(), "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
+        "config": to_dict(cfg), "packages": package_versions(),
+        "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
     }
     scan = scan_shards(run_dir)
+    check_requested(run_dir, g, set(scan.sample_ids.tolist()))
+    bad = {**scan.corrupt, **changed_shards(scan, listed)}
     if rank0:
-        for path, why in scan.corrupt.items():  # quarantined, then regenerated
-            bad = samples_dir(run_dir) / "corrupt"
-            bad.mkdir(exist_ok=True)
-            shutil.move(str(path), bad / path.name)
-            print(f"hspace generate: {why.split(';')[0]}; moved to {bad} and regenerating its samples", file=sys.stderr)
-    todo = agreed(len(wanted - set(scan.sample_ids.tolist())))  # after rank 0 moved corrupt shards away
+        quarantine(run_dir, bad)  # then regenerated
+    have = set(scan.sample_ids.tolist()) - {int(i) for p in bad if p in scan.valid for i in scan.valid[p]}
+    todo = agreed(len(wanted - have))  # after rank 0 moved damaged shards away
     if todo == 0:
-        final = finalise_manifest(run_dir, manifest, wanted, record) if rank0 else manifest
+        final = finalise_manifest(run_dir, manifest, wanted, record, listed) if rank0 else manifest
         print(f"hspace generate: all {g.num_samples} samples already in {samples_dir(run_dir)}")
         return final
     check_disk(run_dir, todo, bytes_per_sample(manifest["h_shape_t"], g.h_dtype, model.image_shape,
                                                model.latent_shape if g.record_x_t else None))
     if rank0:
-        write_json_atomic(samples_dir(run_dir) / MANIFEST, {**manifest, "shards": [p.name for p in sorted(scan.valid)],
-                                                              "complete": False})
-    writer = PartWriter(samples_dir(run_dir) / "shards", lambda p: shard_name(p["seeds"]),
-                        lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype,
-                                                                content, p.get("prompts"), p.get("x_t")), path),
-                        fsync=True,
-                        queue_size=g.writer_queue)
-    trainer = make_trainer(cfg.trainer, [
-        writer, ItemsProgress("generate", todo),
-        AfterAllRanks(lambda: finalise_manifest(run_dir, manifest, wanted, record), "generate"),
-    ])
-    trainer.predict(GenerateModule(model, g.h_dtype, prompt_function(prompts), g.record_x_t),
-                    datamodule=GenerateData(run_dir, g),
-                    return_predictions=False)
+        write_json_atomic(samples_dir(run_dir) / MANIFEST, {**manifest, "shards": [p.name for p in sorted(scan.valid)
+                                                                                   if p not in bad], "complete": False})
+    trainer = predict_parts(
+        cfg.trainer, GenerateModule(model, g.h_dtype, prompt_function(prompts), g.record_x_t),
+        GenerateData(run_dir, g), tag="generate", merge=lambda: finalise_manifest(run_dir, manifest, wanted, record, listed),
+        parts=samples_dir(run_dir) / "shards", name=lambda p: shard_name(p["seeds"]),
+        write=lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype, content,
+                                                      p.get("prompts"), p.get("x_t")), path),
+        progress=ItemsProgress("generate", todo), fsync=True, queue_size=g.writer_queue)
     if trainer.is_global_zero:
         print(f"hspace generate: {g.num_samples} samples in {samples_dir(run_dir)}")
     return manifest

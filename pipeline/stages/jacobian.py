@@ -21,26 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import to_dict
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, ConvergenceError, DatasetError
 from pipeline.formats.directions import Directions, save_directions
-from pipeline.formats.identity import config_sections, make_record, read_record, safetensors_metadata
+from pipeline.formats.identity import read_record, safetensors_metadata
 from pipeline.formats.samples import read_manifest, read_prompts
-from pipeline.io import hash_file
+from pipeline.io import write_safetensors
 from pipeline.methods.jacobian import global_at_index, jacobian_directions_all_steps
+from pipeline.registry import COMMANDS
 from pipeline.stages.lightning_utils import (
-    AfterAllRanks,
     ItemModule,
     ItemsProgress,
-    PartWriter,
     RankShare,
-    agreed,
-    launching_rank,
-    make_trainer,
+    predict_parts,
     share_cpu_threads,
 )
 
@@ -115,25 +111,6 @@ def part_name(sample_id: int) -> str:
     return f"sample-{sample_id:010d}.safetensors"
 
 
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of jacobian.safetensors: the settings and the model (the samples are regenerated
-    from their seeds, so the samples dataset is not an input)."""
-    return make_record("jacobian", config_sections(cfg, "jacobian", "model"), assets=_assets(cfg))
-
-
-def _assets(cfg) -> dict:
-    mask = cfg.jacobian.mask
-    png = {"mask": hash_file(mask)} if mask and not str(mask).startswith("rect:") and Path(mask).is_file() else {}
-    return {"model": weights_identity(cfg.model.name_or_path), **png}
-
-
-def part_inputs(cfg) -> dict:
-    """What every part is made from, whichever sample it is for (tau and the scales only matter
-    when the parts are combined)."""
-    return {**config_sections(cfg, "jacobian", "model", drop=("jacobian.sample_ids", "jacobian.tau", "jacobian.scales")),
-            "assets": _assets(cfg)}
-
-
 def clean_parts(parts: Path, ids, inputs: dict) -> None:
     """Remove the parts made with other settings or for samples no longer asked for."""
     wanted = {part_name(i) for i in ids}
@@ -144,8 +121,8 @@ def clean_parts(parts: Path, ids, inputs: dict) -> None:
 
 
 def write_part(prediction: dict, path: Path, inputs: dict) -> None:
-    save_file({k: v.contiguous() for k, v in prediction.items() if isinstance(v, torch.Tensor)}, str(path),
-              metadata=safetensors_metadata({"inputs": inputs}))
+    write_safetensors({k: v for k, v in prediction.items() if isinstance(v, torch.Tensor)}, path,
+                      safetensors_metadata({"inputs": inputs}))
 
 
 def write_directions(run_dir, jac_cfg, ids, timesteps, model_name, record: dict | None = None) -> Path:
@@ -188,24 +165,22 @@ def run_jacobian(cfg) -> Path:
     ids = [int(i) for i in c.sample_ids]
     if not ids:
         raise ConfigError("jacobian.sample_ids is empty: name the samples (their ids = seeds) to analyse")
+    stage = COMMANDS["jacobian"]
+    record, inputs = stage.identity(cfg), stage.part_inputs(cfg)
     model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # tol is below half precision's rounding
     mask = parse_mask(c.mask, model.image_shape)
-    record, inputs = identity(cfg), part_inputs(cfg)
     parts = run_dir / "jacobian" / "parts"
-    if launching_rank() == 0:
-        clean_parts(parts, ids, inputs)
-    agreed(None)  # the other ranks plan after rank 0's clean-up
     timesteps, name = model.timesteps.tolist(), model.name_or_path
-    writer = PartWriter(parts, lambda p: part_name(p["sample_id"]), lambda p, path: write_part(p, path, inputs))
     todo = Items(parts, ids)
-    float32 = cfg.trainer.model_copy(update={"precision": "32-true"})  # tol is below half precision's rounding
-    trainer = make_trainer(float32, [writer, ItemsProgress("jacobian", len(todo.plan()), count=lambda i: 1),
-                                         AfterAllRanks(lambda: write_directions(run_dir, c, ids, timesteps, name, record),
-                                                       "jacobian")],
-                           inference_mode=False)
     has_samples = (run_dir / "samples" / "manifest.json").exists()
     prompts = read_prompts(run_dir, ids) if model.kind == "text" and has_samples else None
-    trainer.predict(JacobianModule(model, c, mask, prompts), datamodule=todo, return_predictions=False)
+    float32 = cfg.trainer.model_copy(update={"precision": "32-true"})  # tol is below half precision's rounding
+    trainer = predict_parts(
+        float32, JacobianModule(model, c, mask, prompts), todo, tag="jacobian",
+        merge=lambda: write_directions(run_dir, c, ids, timesteps, name, record), parts=parts,
+        name=lambda p: part_name(p["sample_id"]), write=lambda p, path: write_part(p, path, inputs),
+        progress=ItemsProgress("jacobian", lambda: len(todo.plan()), count=lambda i: 1),
+        clean=lambda: clean_parts(parts, ids, inputs), inference_mode=False)
     out = run_dir / "directions" / "jacobian.safetensors"
     if trainer.is_global_zero:
         note = ""

@@ -1,4 +1,6 @@
-"""Lightning wiring shared by the distributed stages (generate, annotate, pca, jacobian, evaluate)."""
+"""Lightning wiring shared by the distributed stages (generate, annotate, pca, jacobian, evaluate): the
+Trainer and its settings checked before anything is written (:func:`check_trainer`), the one runner of a
+stage's predict sequence (:func:`predict_parts`), work sharing, the part writer and the meeting of the ranks."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
-from pipeline.errors import Interrupted
+from pipeline.errors import ConfigError, Interrupted
 from pipeline.io import atomic_path, launching_rank  # noqa: F401 (launching_rank: re-exported)
 
 
@@ -42,6 +44,54 @@ def make_trainer(trainer_cfg, callbacks: list, **kwargs) -> L.Trainer:
         callbacks=[*callbacks, StopRanksOnInterrupt()],
         **kwargs,
     )
+
+
+#: the variables with which a user starts the processes of a multi-node job by hand (Lightning's own environment)
+MANUAL_CLUSTER = ("MASTER_ADDR", "NODE_RANK")
+
+
+def check_trainer(trainer_cfg) -> None:
+    """Refuse ``trainer`` settings that cannot work, as a ConfigError naming them, before a stage writes
+    anything: Lightning's own checks of the accelerator, devices and strategy (a Trainer is built, not
+    run), and several nodes where no cluster environment would start the others (the first node would
+    wait for them forever)."""
+    settings = (f"trainer.accelerator={trainer_cfg.accelerator} trainer.devices={trainer_cfg.devices} "
+                f"trainer.strategy={trainer_cfg.strategy} trainer.num_nodes={trainer_cfg.num_nodes}")
+    try:
+        trainer = make_trainer(trainer_cfg, [])
+    except Exception as e:  # noqa: BLE001 (Lightning raises ValueError, TypeError, MisconfigurationException...)
+        why = " ".join(str(e).split()).split(" Example choices")[0].split(" Find a complete list")[0]
+        raise ConfigError(f"{settings}: {why}; see `hspace config` for what each key accepts") from None
+    environment = type(trainer._accelerator_connector.cluster_environment).__name__
+    manual = all(os.environ.get(v) for v in MANUAL_CLUSTER)
+    if int(trainer_cfg.num_nodes) > 1 and environment == "LightningEnvironment" and not manual:
+        raise ConfigError(f"trainer.num_nodes={trainer_cfg.num_nodes}: no cluster environment found (SLURM, torchrun, "
+                          f"LSF, Kubeflow, MPI), so no other node would join and this one would wait for them forever; "
+                          f"start the command on every node through your scheduler (e.g. srun), or set MASTER_ADDR, "
+                          f"MASTER_PORT and NODE_RANK on each node, or set trainer.num_nodes=1")
+
+
+def predict_parts(trainer_cfg, module: L.LightningModule, data: L.LightningDataModule, *, tag: str,
+                  merge: Callable[[], object], parts: Path | None = None, name: Callable | None = None,
+                  write: Callable | None = None, progress: "ItemsProgress | None" = None,
+                  clean: Callable[[], object] | None = None, fsync: bool = False, queue_size: int = 0,
+                  **trainer_kwargs) -> L.Trainer:
+    """The one predict sequence of a distributed stage: rank 0 cleans up what no longer belongs
+    (``clean``), every rank agrees once it has, then ``Trainer.predict`` with the part writer (one part
+    per batch in ``parts``: ``name(prediction)`` and ``write(prediction, path)``), the progress bar and
+    ``merge`` on rank 0 once every rank has finished (:class:`AfterAllRanks`). -> the Trainer."""
+    rank0_first(clean)
+    callbacks = [PartWriter(parts, name, write, fsync=fsync, queue_size=queue_size)] if parts is not None else []
+    callbacks += [progress] if progress is not None else []
+    trainer = make_trainer(trainer_cfg, [*callbacks, AfterAllRanks(merge, tag)], **trainer_kwargs)
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    return trainer
+
+
+def rank0_first(fn: Callable[[], object] | None):
+    """``fn()`` on rank 0 (a clean-up of what no longer belongs), then every rank goes on -> rank 0's
+    result on every rank."""
+    return agreed(fn() if fn is not None and launching_rank() == 0 else None)
 
 
 def join_launched_ranks(trainer_cfg) -> None:
@@ -141,13 +191,16 @@ class ItemModule(L.LightningModule):
 
 class ItemsProgress(L.Callback):
     """A progress bar on rank 0 counting items (samples/images) per second across all ranks
-    (estimated as rank 0's rate times the world size)."""
+    (estimated as rank 0's rate times the world size); ``total_items``: a number, or a function giving it
+    when predicting starts (after the clean-up)."""
 
-    def __init__(self, desc: str, total_items: int, count=len, unit: str = "samples"):
+    def __init__(self, desc: str, total_items, count=len, unit: str = "samples"):
         self.desc, self.total, self.count, self.unit = desc, total_items, count, unit
         self.bar = None
 
     def on_predict_start(self, trainer, pl_module):
+        if callable(self.total):
+            self.total = self.total()
         if trainer.is_global_zero:
             self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True, smoothing=0.1)
             self.start = time.perf_counter()

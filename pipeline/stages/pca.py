@@ -30,15 +30,14 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import to_dict
 from pipeline.dtypes import torch_dtype
 from pipeline.errors import ConvergenceError
 from pipeline.formats.directions import Directions, save_directions
-from pipeline.formats.identity import artefact_ids, config_sections, make_record
 from pipeline.formats.samples import h_view, open_shard, read_manifest, shard_paths
-from pipeline.io import atomic_path
+from pipeline.io import save_safetensors
 from pipeline.methods.pca import (
     PCA,
     Moments,
@@ -54,6 +53,7 @@ from pipeline.methods.pca import (
     resolve_method,
 )
 from pipeline.methods.signs import align_signs
+from pipeline.registry import COMMANDS
 from pipeline.stages.lightning_utils import (
     IDLE,
     AfterAllRanks,
@@ -74,12 +74,6 @@ def partial_path(run_dir, rank: int, world: int) -> Path:
 
 def basis_path(run_dir) -> Path:
     return Path(run_dir) / "pca" / "basis.safetensors"
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file written atomically."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def new_estimator(pca_cfg) -> StreamingPCA:
@@ -167,7 +161,7 @@ class OnePassModule(_PCAModule):
             self.pca.partial_fit(h)
 
     def write_partial(self) -> None:
-        save_tensors(self.pca.state_dict(), self.partial)
+        save_safetensors(self.pca.state_dict(), self.partial)
 
     def merge(self) -> None:
         merged = new_estimator(self.cfg)
@@ -200,7 +194,7 @@ class ExactModule(_PCAModule):
             if self.cfg.joint:
                 X = X.reshape(len(X), 1, -1)
             st = gram_pca(X, self.cfg.n_components, dtype=torch_dtype(self.cfg.dtype))
-            save_tensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
+            save_safetensors(state_tensors(st, steps=torch.tensor(self.steps)), self.partial)
 
     def merge(self) -> None:
         parts = list(self.partials(1 if self.cfg.joint else min(self.T, self.trainer.world_size)))
@@ -246,7 +240,7 @@ class RandomizedModule(_PCAModule):
     def write_partial(self) -> None:
         self.passes += 1
         if self.acc is not None:
-            save_tensors({"n": torch.tensor(self.acc.n), "mean": self.acc.mean, "ss": self.acc.ss, "Z": self.acc.Z},
+            save_safetensors({"n": torch.tensor(self.acc.n), "mean": self.acc.mean, "ss": self.acc.ss, "Z": self.acc.Z},
                          self.partial)
         elif self.partial.exists():
             self.partial.unlink()
@@ -262,7 +256,7 @@ class RandomizedModule(_PCAModule):
         it = self.iteration
         it.update(merged)
         if not it.done:
-            save_tensors({"basis": it.basis}, basis_path(self.run_dir))
+            save_safetensors({"basis": it.basis}, basis_path(self.run_dir))
         elif it.converged:
             result = PCA.from_state(it.state(), self.T, tuple(self.h_shape_t[1:]), method_used="randomized",
                                     n_passes=it.passes, angle_bound=it.ritz.angle, converged=True,
@@ -289,11 +283,6 @@ class ShardData(RankShare):
             self.items = self.plan() or [IDLE]
         else:
             super().setup(stage)
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of pca.safetensors: the settings and the samples dataset."""
-    return make_record("pca", config_sections(cfg, "pca"), artefacts=artefact_ids(cfg.run_dir, ["samples"], known))
 
 
 def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> Path:
@@ -327,7 +316,7 @@ def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> 
 def run_pca(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     shards = shard_paths(run_dir)
-    record = identity(cfg)
+    record = COMMANDS["pca"].identity(cfg)
     n = read_manifest(run_dir)["num_samples"]
     method = resolve_method(cfg.pca.method, n, cfg.pca.exact_max_samples)
     module = {"exact": ExactModule, "randomized": RandomizedModule, "onepass": OnePassModule}[method](

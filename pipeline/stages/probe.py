@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.loading import weights_identity
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.formats.identity import FOLDER_RECORD, MODEL_SECTIONS, artefact_ids, config_sections, make_record, verify
+from pipeline.formats.identity import seal_folder, verify
 from pipeline.formats.samples import has_x_t, iter_samples, read_manifest
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path
 from pipeline.methods.probes import encoded_steps_of, is_binary, probe_table, split_by_id
+from pipeline.registry import COMMANDS
 from pipeline.stages.annotate import load_annotations
 
 PROBES = "probes"
@@ -151,18 +151,9 @@ def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of the probes folder: its settings, the samples and annotations, and the model
-    (x_t is recomputed with it)."""
-    sections = ["probe", "select.attributes"] + (list(MODEL_SECTIONS) if "x_t" in cfg.probe.spaces else [])
-    assets = {"model": weights_identity(cfg.model.name_or_path)} if "x_t" in cfg.probe.spaces else {}
-    return make_record("probe", config_sections(cfg, *sections, drop=("probe.batch_size",)), assets,
-                       artefact_ids(cfg.run_dir, ["samples", "annotations.parquet"], known))
-
-
 def run_probe(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
-    record = identity(cfg)
+    record = COMMANDS["probe"].identity(cfg)
     table = run_probes(cfg)
     timesteps = read_manifest(run_dir)["model"]["timesteps"]
     out = run_dir / PROBES
@@ -170,7 +161,7 @@ def run_probe(cfg) -> Path:
         tmp.mkdir()
         table.to_csv(tmp / "probes.csv", index=False)
         plot_probes(table, timesteps, tmp / "probes.png")
-        write_json_atomic(tmp / FOLDER_RECORD, record)
+        seal_folder(tmp, record)
     for (attr, space), c in table.groupby(["attribute", "space"], sort=False):
         best = c.loc[c.score.idxmax()] if c.score.notna().any() else None
         line = "no score" if best is None else f"best {best.metric} {best.score:.3f} at step {int(best.step)}"

@@ -22,9 +22,9 @@ from evaluation.costs import costs_html
 from evaluation.semantics import add_sections
 from evaluation.tables import df_html, table1_html
 from pipeline.config import to_yaml
-from pipeline.formats.identity import FOLDER_RECORD, artefact_ids, config_sections, make_record, present, verify
+from pipeline.formats.identity import seal_folder, verify
 from pipeline.formats.samples import read_manifest
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path
 
 CSS = """
 :root { --ink:#1d232b; --muted:#5b6570; --line:#e3e7ec; --accent:#2f6fdf; --bg:#f7f8fa; --good:#1a7f37; --bad:#b3261e; }
@@ -130,15 +130,6 @@ def git_commit() -> str | None:
         return None
 
 
-REPORTED = ("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot")
-
-
-def identity(cfg, known: dict | None = None) -> dict:
-    """The record of the report folder: its settings and everything of the run it shows."""
-    return make_record("report", config_sections(cfg, "report"),
-                       artefacts=artefact_ids(cfg.run_dir, present(cfg.run_dir, REPORTED, known), known))
-
-
 def build_report(run_dir, cfg=None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
@@ -146,7 +137,9 @@ def build_report(run_dir, cfg=None) -> Path:
         tmp.mkdir()
         _write_report(run_dir, cfg, tmp)
         if cfg is not None:
-            write_json_atomic(tmp / FOLDER_RECORD, identity(cfg))
+            from pipeline.registry import COMMANDS
+
+            seal_folder(tmp, COMMANDS["report"].identity(cfg))
     return out / "index.html"
 
 
@@ -305,7 +298,9 @@ def strip_captions(dirs: Path, family: str) -> dict[str, str]:
 
 
 def run_report(cfg) -> Path:
-    for name in present(cfg.run_dir, ("edits", "evaluation")):  # what it shows is what the run holds now
+    from pipeline.registry import COMMANDS
+
+    for name in COMMANDS["report"].read_names(cfg):  # what it shows is what the run holds now
         verify(cfg.run_dir, name)
     path = build_report(cfg.run_dir, cfg)
     print(f"hspace report: {path}")

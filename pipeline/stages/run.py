@@ -1,13 +1,18 @@
 """`hspace run`: the main job, every stage in order on one configuration.
 
-generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures ->
-evaluate -> report (the order and each stage's inputs and outputs: pipeline.registry.STAGES).
+generate -> annotate -> select -> probe -> pca -> jacobian -> supervised -> disentangle -> fewshot ->
+figures -> evaluate -> report (the order, derived from what each stage declares it reads, and each
+stage's inputs and outputs: pipeline.registry.STAGES).
 A stage is skipped when its artefact carries the identity record the stage would write now
 (:mod:`pipeline.formats.identity`: the configuration sections it reads, the content hashes of the
 assets it reads and the identities of the artefacts it reads), so a changed setting re-runs
-exactly the stages downstream of it; a stage that runs again (for example to restore a deleted
-output) makes the stages that read it run again too. Each stage holds the run directory's lock
-for that stage while it runs; each stage's wall time, U-Net evaluations and images/s go to
+exactly the stages downstream of it; an artefact damaged or changed since it was written (its
+content no longer the one its record holds) is not up to date either. An artefact's id covers what
+it holds, so a stage that runs again (for example to restore a deleted output) makes the stages
+that read it run again exactly when what it wrote differs from what they read. Before the first
+stage, what the stages to run need and none of them makes is checked (:func:`check_plan`). The
+job holds the run directory's one writer lock from start to end; each stage's wall time, U-Net
+evaluations and images/s go to
 ``<run_dir>/timings.json`` (:mod:`pipeline.cost`) and the stages run are printed as a table at the
 end. The stages that use Lightning (generate, annotate, pca, jacobian, evaluate) run on whatever
 the ``trainer`` section says.
@@ -18,23 +23,34 @@ import time
 from pathlib import Path
 
 from pipeline.cost import measured, table
-from pipeline.errors import HSpaceError
+from pipeline.errors import ConfigError, HSpaceError
 from pipeline.formats.identity import is_fresh
-from pipeline.io import locked_stage
-from pipeline.registry import STAGES, Stage, check_skip
+from pipeline.io import writing
+from pipeline.registry import PRODUCERS, STAGES, Stage, check_skip
 from pipeline.stages.lightning_utils import agreed, launching_rank
 
 
-def stage_hashes(cfg) -> dict[str, str]:
-    """Each stage's identity key as predicted from the configuration alone, every stage before it
-    assumed to be re-made from it (what a fresh run directory would record)."""
-    known: dict[str, str] = {}
-    keys = {}
-    for st in STAGES:
-        record = st.identity(cfg, known)
-        keys[st.name] = record["key"]
-        known[st.artefact] = record["key"]
-    return keys
+def to_run(cfg, only: list[str] | None = None) -> list[Stage]:
+    """The stages of the main job this run may run (all, or ``only``), but those of ``run.skip``."""
+    check_skip(cfg.run.skip)
+    return [st for st in STAGES if (not only or st.name in only) and st.name not in cfg.run.skip]
+
+
+def check_plan(cfg, only: list[str] | None = None) -> None:
+    """Before the first stage (and before the run directory is locked, so created): ``run.skip`` names
+    stages of the main job, and what the stages to run need and no stage of this run makes (an output
+    of a skipped stage, a file the configuration names) is there, or a ConfigError says which."""
+    run_dir = Path(cfg.run_dir)
+    skipped = set(cfg.run.skip)
+    stages = to_run(cfg, only)
+    for st in stages:
+        st.inputs_exist(cfg)
+        for name in st.required(cfg):
+            producer = PRODUCERS.get(name)
+            if producer in skipped and not (run_dir / name).exists():
+                consumers = [c.name for c in stages if name in c.required(cfg)]
+                raise ConfigError(f"run.skip: {producer} is skipped, but {', '.join(consumers)} read(s) {run_dir / name}, "
+                                  f"which no earlier run made; run {producer}, or skip {', '.join(consumers)} too")
 
 
 def fresh(cfg, st: Stage) -> bool:
@@ -52,11 +68,10 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     from annotators.base import check_columns
 
     check_columns(cfg)  # before the first stage: an attribute no annotator gives would fail only at its stage
-    check_skip(cfg.run.skip)
+    check_plan(cfg, only)
     run_dir = Path(cfg.run_dir)
     rank0 = launching_rank() == 0
     t_start = time.time()
-    ran: set[str] = set()
     costs: dict[str, dict] = {}
     for i, st in enumerate(STAGES, 1):
         if only and st.name not in only:
@@ -67,7 +82,7 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             continue
         if not (rank0 or st.distributed):
             continue  # other ranks only take part in the Lightning stages
-        skip = rank0 and not (ran & set(st.after)) and fresh(cfg, st)
+        skip = rank0 and fresh(cfg, st)  # judged after the stages before it ran: their ids cover what they hold
         if st.distributed:  # the other ranks wait here for rank 0's single-process stages, then follow its decision
             skip = agreed(skip)
         if skip:
@@ -76,9 +91,8 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             continue
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
-        with locked_stage(run_dir, st.name, rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
+        with writing(run_dir, "run", rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
             st.run(cfg)
-        ran.add(st.name)
         costs[st.name] = cost
         if rank0:
             print(f"[{i}/{len(STAGES)}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)

@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DatasetError
-from pipeline.formats.identity import artefact_ids, config_sections, make_record, parquet_metadata, verify
+from pipeline.formats.identity import parquet_table, verify
 from pipeline.io import atomic_path
 from pipeline.methods.selection import selection_table
+from pipeline.registry import COMMANDS
 from pipeline.stages.annotate import load_annotations
 
 
@@ -52,11 +53,6 @@ def contact_sheet(selection: pd.DataFrame, attribute: str, images: dict[int, np.
     return save_figure(fig, out)
 
 
-def identity(cfg, known: dict | None = None) -> dict:
-    return make_record("select", config_sections(cfg, "select"),
-                       artefacts=artefact_ids(cfg.run_dir, ["annotations.parquet"], known))
-
-
 def run_select(cfg) -> pd.DataFrame:
     """selection.parquet (written last, with its identity record) and one contact sheet per attribute
     (the folder replaced as a whole: sheets of attributes no longer selected go)."""
@@ -64,7 +60,7 @@ def run_select(cfg) -> pd.DataFrame:
 
     run_dir = Path(cfg.run_dir)
     annotations = load_annotations(run_dir)
-    record = identity(cfg)
+    record = COMMANDS["select"].identity(cfg)
     attributes = list(cfg.select.attributes) or [c for c in annotations.columns if c != "sample_id"]
     table = selection_table(annotations, attributes, cfg.select.n, cfg.select.balance, cfg.select.threshold,
                             cfg.select.resolution)
@@ -80,7 +76,7 @@ def run_select(cfg) -> pd.DataFrame:
     out = run_dir / "selection.parquet"
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_path(out) as tmp:
-        pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **parquet_metadata(record)}), tmp)
+        pq.write_table(parquet_table(arrow, record), tmp)
     print(f"hspace select: top/bottom {cfg.select.n} for {len(attributes)} attributes -> {out}; "
           f"contact sheets in {sheets}")
     return table
