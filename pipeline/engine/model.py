@@ -121,8 +121,10 @@ class HSpaceModel:
                         **condition) -> HSpaceModel:
         """Load any family from an embedded name (``toyfaces``), a local ``save_pretrained`` folder, a
         hub id or the HF cache (``HF_HUB_OFFLINE=1``); the family comes from model_index.json
-        (``DDPMPipeline``, ``LDMPipeline``, ``StableDiffusionPipeline``) or the flat U-Net layout.
-        ``condition``: a text model's ``prompt``, ``negative_prompt``, ``guidance_scale``."""
+        (``DDPMPipeline``, ``LDMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``,
+        ``FluxPipeline``, ...) or the flat U-Net layout. ``condition``: a text model's ``prompt``,
+        ``negative_prompt``, ``guidance_scale``; SD3's and FLUX's ``height``, ``width`` (pixels) and
+        ``max_sequence_length`` too."""
         from pipeline.engine.loading import load_pipeline
 
         refuse_renamed(condition)
