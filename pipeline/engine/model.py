@@ -81,10 +81,11 @@ class HSpaceModel:
     makes it a latent model (``component``: its folder, ``vqvae`` or ``vae``), ``text_encoder`` and
     ``tokenizer`` a text-to-image one. ``eta``: 0 is DDIM, 1 DDPM-like, or a list of T values.
     ``hook``: "after" (mid-block output), "before" (mid-block input) or a dotted module path
-    (``"up_blocks.0"``, ``"transformer_blocks.14"``); None: the family's default (``after`` for
-    U-Nets, a middle block for transformers). ``precision``: a ``trainer.precision`` (``32-true`` default; ``*-true``
-    converts the weights, ``*-mixed`` autocasts the passes). ``condition``: the family's conditioning
-    defaults (a text model's ``prompt``, ``negative_prompt``, ``guidance_scale``).
+    (``"up_blocks.0"``, ``"transformer_blocks.14"``); None: the family's default (``after`` for a U-Net,
+    a middle block of a transformer: :attr:`Family.default_hook`). ``precision``: a ``trainer.precision``
+    (``32-true`` default; ``*-true`` converts the weights, ``*-mixed`` autocasts the passes).
+    ``condition``: the family's conditioning defaults (a text model's ``prompt``, ``negative_prompt``,
+    ``guidance_scale``; SD3's and FLUX's also ``height``, ``width``, ``max_sequence_length``, fixed at build).
     """
 
     def __init__(self, unet, scheduler, num_inference_steps: int = 20, eta: float | Sequence[float] = 0.0,
@@ -105,7 +106,7 @@ class HSpaceModel:
         options = self.family.schedule_options(scheduler.config, int(num_inference_steps))
         self.schedule = schedule_for(scheduler, num_inference_steps, eta, **options)
         self.name_or_path = name_or_path
-        self.hook_point = self.family.default_hook() if hook is None else str(hook)
+        self.hook_point = self.family.default_hook if hook is None else str(hook)
         module, before = resolve_hook(self.unet, self.hook_point)
         self.hook = HSpaceHook(module, before, self.family.hook_element(module), self.hook_point)
         try:
@@ -121,9 +122,11 @@ class HSpaceModel:
         """Load any family from an embedded name (``toyfaces``), a local ``save_pretrained`` folder, a
         hub id or the HF cache (``HF_HUB_OFFLINE=1``); the family comes from model_index.json
         (``DDPMPipeline``, ``LDMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-        ``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``) or the flat U-Net layout.
+        ``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
+        ``FluxPipeline``) or the flat U-Net layout.
         ``condition``: a text model's ``prompt``, ``negative_prompt``, ``guidance_scale``; DiT's
-        ``class_label``, ``guidance_scale``."""
+        ``class_label``, ``guidance_scale``; SD3's and FLUX's ``height``, ``width`` (pixels) and
+        ``max_sequence_length`` too."""
         from pipeline.engine.loading import load_pipeline
 
         refuse_renamed(condition)

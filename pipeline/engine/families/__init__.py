@@ -10,6 +10,8 @@ adapter (the interface and what it owns: :mod:`.base`).
 - ``dit`` (:mod:`.dit`): DiT (``DiTPipeline``): a class-conditional transformer, ImageNet class names.
 - ``pixart`` (:mod:`.pixart`): PixArt-alpha / Sigma (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``):
   a transformer conditioned on T5 with its attention mask.
+- ``sd3`` (:mod:`.sd3`) and ``flux`` (:mod:`.flux`): the multimodal diffusion transformers sampled by
+  flow matching (``StableDiffusion3Pipeline``, ``FluxPipeline``), on what they share (:mod:`.mmdit`).
 
 A new family is a module here and one entry in :data:`FAMILIES`.
 """
@@ -19,22 +21,25 @@ from torch import nn
 
 from pipeline.engine.families.base import Family
 from pipeline.engine.families.dit import ClassConditioning, DiTFamily
+from pipeline.engine.families.flux import FluxFamily
 from pipeline.engine.families.latent import LatentFamily
 from pipeline.engine.families.pixart import PixArtFamily
 from pipeline.engine.families.pixel import PixelFamily
+from pipeline.engine.families.sd3 import SD3Family
 from pipeline.engine.families.sdxl import SDXLFamily
 from pipeline.engine.families.text import Conditioning, TextFamily, prompt_list
 from pipeline.errors import InputError
 
 #: Every family hspace loads, by kind.
 FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFamily, TextFamily, SDXLFamily, DiTFamily,
-                                                          PixArtFamily)}
+                                                          PixArtFamily, SD3Family, FluxFamily)}
 
 #: The pipeline layouts hspace loads, by the ``_class_name`` of their model_index.json -> the family's kind.
 PIPELINE_FAMILIES = {name: kind for kind, f in FAMILIES.items() for name in f.pipelines}
 
 __all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "SDXLFamily",
-           "DiTFamily", "PixArtFamily", "Conditioning", "ClassConditioning", "prompt_list", "family_of"]
+           "DiTFamily", "PixArtFamily", "SD3Family", "FluxFamily", "Conditioning", "ClassConditioning", "prompt_list",
+           "family_of"]
 
 
 def family_of(unet: nn.Module, autoencoder: nn.Module | None = None, component: str | None = None,

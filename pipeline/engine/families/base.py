@@ -112,10 +112,18 @@ class Family:
         where ``cond`` asks for it; h is recorded from the rows of the conditioned branch."""
         raise NotImplementedError
 
+    @property
     def default_hook(self) -> str:
-        """Where h is taken unless ``hook`` says otherwise: after the mid block of a U-Net; a transformer
-        family names a block (docs/families.md says which and why)."""
-        return "after"
+        """Where h is taken unless ``hook`` says otherwise: after a U-Net's mid block (the paper's h); in a
+        transformer, which has no bottleneck, the output of the block half-way through in execution order,
+        block n // 2 of its n blocks (double-stream ``transformer_blocks`` before ``single_transformer_blocks``):
+        as many blocks before it as after it (reasons and references: docs/families.md)."""
+        net = self.denoiser
+        if getattr(net, "mid_block", None) is not None:
+            return "after"
+        names = [f"{group}.{i}" for group in ("transformer_blocks", "single_transformer_blocks")
+                 for i in range(len(getattr(net, group, ())))]
+        return names[len(names) // 2] if names else "after"
 
     def hook_element(self, module: nn.Module) -> int | None:
         """Which element of ``module``'s tuple output is h (None: the first)."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.families.latent import LatentFamily
-from pipeline.engine.families.pixart import drop_learned_sigma, middle_block
+from pipeline.engine.families.pixart import drop_learned_sigma
 from pipeline.engine.families.text import check_guidance, guided_pass
 from pipeline.errors import InputError
 
@@ -68,9 +68,6 @@ class DiTFamily(LatentFamily):
     def num_classes(self) -> int:
         """The classes the model knows; index ``num_classes`` is the null class."""
         return int(self.net.config.num_embeds_ada_norm)
-
-    def default_hook(self) -> str:
-        return middle_block(self.net)
 
     # ------------------------------------------------------------------ conditioning
     def set_defaults(self, class_label=None, guidance_scale=None, **other) -> None:

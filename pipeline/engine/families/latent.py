@@ -13,7 +13,8 @@ class LatentFamily(PixelFamily):
     """A U-Net on an autoencoder's latents.
 
     Latents are the autoencoder's, multiplied by its ``scaling_factor`` (decode divides by it), as
-    diffusers' LDMPipeline and StableDiffusionPipeline do; encoding takes the VQ encoder's
+    diffusers' LDMPipeline and StableDiffusionPipeline do, less its ``shift_factor`` first where it
+    has one (SD3, FLUX: x_0 = (z - shift) scaling); encoding takes the VQ encoder's
     pre-quantisation output or the KL posterior's mode (deterministic, for inversion)."""
 
     kind = "latent"
@@ -41,13 +42,17 @@ class LatentFamily(PixelFamily):
         return next(self.autoencoder.parameters()).dtype
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        z = (x0 / self.autoencoder.config.scaling_factor).to(self._ae_dtype())
-        return self.autoencoder.decode(z).sample.float().clamp(-1, 1)
+        z = x0 / self.autoencoder.config.scaling_factor
+        shift = getattr(self.autoencoder.config, "shift_factor", None)
+        if shift is not None:  # SD3's and FLUX's autoencoders: z / scaling + shift, as their pipelines decode
+            z = z + shift
+        return self.autoencoder.decode(z.to(self._ae_dtype())).sample.float().clamp(-1, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = self.autoencoder.encode(images.to(self._ae_dtype()))
-        z = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
-        return z.float() * self.autoencoder.config.scaling_factor
+        z = (out.latents if hasattr(out, "latents") else out.latent_dist.mode()).float()
+        shift = getattr(self.autoencoder.config, "shift_factor", None)
+        return (z if shift is None else z - shift) * self.autoencoder.config.scaling_factor
 
     @classmethod
     def load(cls, folder, dtype):

@@ -17,7 +17,7 @@ latents, conditioned on T5 as the pipelines' ``encode_prompt`` does:
   second half (the variance) is dropped (dropping it before or after the guided sum is the same
   arithmetic).
 
-h is a transformer block's output, token-wise (N, C) (:meth:`PixArtFamily.default_hook`).
+h is a transformer block's output, token-wise (N, C) (:attr:`Family.default_hook`).
 """
 from __future__ import annotations
 
@@ -30,11 +30,6 @@ from pipeline.engine.families.text import Embedding, TextFamily
 
 #: T5 tokens per prompt, by pipeline (the pipelines' ``max_sequence_length`` defaults)
 MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
-
-
-def middle_block(net: nn.Module) -> str:
-    """``transformer_blocks.{n // 2}`` of a transformer's n blocks: as many blocks before it as after."""
-    return f"transformer_blocks.{len(net.transformer_blocks) // 2}"
 
 
 def drop_learned_sigma(out: torch.Tensor, channels: int) -> torch.Tensor:
@@ -55,9 +50,6 @@ class PixArtFamily(TextFamily):
                  max_sequence_length: int = 120):
         super().__init__(net, autoencoder, text_encoder, tokenizer)
         self.max_sequence_length = int(max_sequence_length)
-
-    def default_hook(self) -> str:
-        return middle_block(self.net)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Embedding:
