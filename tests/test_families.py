@@ -166,7 +166,7 @@ def test_unsupported_pipeline_types_name_the_supported_ones(folders, tmp_path):
     from pipeline.engine.families import PIPELINE_FAMILIES
 
     with pytest.raises(ModelLoadError, match="KandinskyPipeline; hspace loads the pipeline types DDIMPipeline, "
-                                             "DDPMPipeline, DiTPipeline, LDMPipeline") as info:
+                                             "DDPMPipeline, DiTPipeline, FluxPipeline, LDMPipeline") as info:
         HSpaceModel.from_pretrained(str(folder))
     assert str(info.value).endswith(", ".join(sorted(PIPELINE_FAMILIES)))
 

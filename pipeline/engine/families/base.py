@@ -79,6 +79,7 @@ class Family:
         self._refuse(inputs)
 
     def defaults(self) -> dict:
+        """The current defaults by the name of the attribute that holds each (``prompt``, ...)."""
         return {}
 
     @contextlib.contextmanager
@@ -92,8 +93,9 @@ class Family:
             self.restore_defaults(old)
 
     def restore_defaults(self, old: dict) -> None:
-        """Set the defaults to ``old`` (what :meth:`defaults` gave), None values included."""
-        self.set_defaults(**old)
+        """Set the defaults back to ``old`` (what :meth:`defaults` gave), None values included."""
+        for name, value in old.items():
+            setattr(self, name, value)
 
     def conditioning(self, batch: int, **inputs):
         """The conditioning of a batch (inputs not given: the defaults); None for an unconditional model."""

@@ -80,9 +80,6 @@ class DiTFamily(LatentFamily):
     def defaults(self) -> dict:
         return {"class_label": self.class_label, "guidance_scale": self.guidance_scale}
 
-    def restore_defaults(self, old: dict) -> None:
-        self.class_label, self.guidance_scale = old["class_label"], old["guidance_scale"]
-
     def _refuse(self, inputs: dict) -> None:
         given = [k for k, v in inputs.items() if v is not None]
         if given:
@@ -129,12 +126,9 @@ class DiTFamily(LatentFamily):
     def denoise(self, x, t, cond: ClassConditioning, hook):
         if cond is None:
             raise InputError("a class-conditional model needs its classes")
-        B = len(x)
-        cond = cond.expand(B)
+        cond = cond.expand(len(x))
         labels = cond.labels.to(x.device)
-        if cond.branches == 1:
-            return self.forward(x, t.expand(B), labels)
-        null = torch.full_like(labels, self.num_classes)  # DiTPipeline's order, [class; null]
+        null = None if cond.branches == 1 else torch.full_like(labels, self.num_classes)  # DiTPipeline's order, [class; null]
         return guided_pass(self.forward, x, t, labels, null, cond.scale, hook, conditional_first=True)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,13 @@ h is the image stream of the hooked block; its tokens are the packed patches, ro
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from pipeline.engine.families.mmdit import MMDiTFamily, TextEmbedding, device_of, t5_states, token_ids
-from pipeline.engine.families.text import Conditioning, check_guidance, prompt_list
+from pipeline.engine.families.mmdit import MMDiTFamily, device_of, t5_states, token_ids
+from pipeline.engine.families.text import Conditioning, Embedding
 from pipeline.engine.schedules.flow import resolution_shift
 from pipeline.errors import InputError
 
@@ -75,23 +77,26 @@ class FluxFamily(MMDiTFamily):
         return {"prompt": self.prompt, "guidance_scale": self.guidance_scale}
 
     def conditioning(self, batch: int, prompt=None, negative_prompt=None, guidance_scale=None, **other) -> Conditioning:
-        """Prompts -> their embeddings, for one pass with the guidance embedding at ``guidance_scale``."""
+        """Prompts -> their embeddings and ``guidance`` (B,), the guidance embedding's input, for one pass."""
         refuse_negative(negative_prompt)
-        self._refuse(other)
-        scale = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale)
-        prompts = prompt_list(self.prompt if prompt is None else prompt, batch)
-        return Conditioning(self.embed(prompts), None, scale, prompts)
+        cond = super().conditioning(batch, prompt, None, guidance_scale, **other)
+        guidance = torch.full((batch,), cond.scale, dtype=torch.float32, device=cond.text["context"].device)
+        return dataclasses.replace(cond, text={**cond.text, "guidance": guidance})
+
+    def negative(self, negative_prompt, batch: int, text: Embedding) -> None:
+        """No unconditional branch: the guidance is distilled into the one pass."""
+        return None
 
     @torch.no_grad()
-    def encode_prompts(self, prompts) -> TextEmbedding:
-        """Prompts -> context (B, max_sequence_length, T5 width) and pooled (B, CLIP width)."""
+    def encode_prompts(self, prompts) -> Embedding:
+        """Prompts -> {"context": (B, max_sequence_length, T5 width), "pooled": (B, CLIP width)}."""
         clip, t5 = self.encoders
         pooled = clip(token_ids(self.tokenizers[0], prompts, self.tokenizers[0].model_max_length)
                       .to(device_of(clip))).pooler_output
-        return TextEmbedding(t5_states(t5, self.tokenizers[1], prompts, self.max_sequence_length), pooled)
+        return {"context": t5_states(t5, self.tokenizers[1], prompts, self.max_sequence_length), "pooled": pooled}
 
     def describe(self) -> dict:
-        embedded = bool(self.transformer.config.guidance_embeds)
+        embedded = bool(self.net.config.guidance_embeds)
         return {"guidance_scale": self.guidance_scale if embedded else None, "guidance": "embedded, one pass",
                 "max_sequence_length": self.max_sequence_length}
 
@@ -102,18 +107,16 @@ class FluxFamily(MMDiTFamily):
         sigmas = None if scheduler_config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
         return {"mu": resolution_shift((h // 2) * (w // 2), scheduler_config), "sigmas": sigmas}
 
-    def denoise(self, x, t, cond, hook):
-        if cond is None:
-            raise InputError("a FLUX model needs prompt embeddings")
-        B, (_, h, w) = len(x), x.shape[1:]
-        text = cond.text.expand(B).to(x.dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((B,), cond.scale, dtype=torch.float32, device=x.device)
-        velocity = self.transformer(hidden_states=pack(x), timestep=t.expand(B).to(x.dtype) / 1000, guidance=guidance,
-                                    pooled_projections=text.pooled, encoder_hidden_states=text.context,
-                                    txt_ids=x.new_zeros(text.context.shape[1], 3), img_ids=image_ids(h, w, x.dtype, x.device)
-                                    ).sample
+    def forward(self, x, t, emb):
+        """x (B, C, H, W) packed for the transformer, its velocity unpacked; ``guidance`` to a transformer
+        with a guidance embedding (dev), none to one without (schnell)."""
+        _, h, w = x.shape[1:]
+        guidance = emb["guidance"] if self.net.config.guidance_embeds else None
+        velocity = self.net(hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                            pooled_projections=emb["pooled"].to(x.dtype),
+                            encoder_hidden_states=emb["context"].to(x.dtype),
+                            txt_ids=x.new_zeros(emb["context"].shape[1], 3), img_ids=image_ids(h, w, x.dtype, x.device)
+                            ).sample
         return unpack(velocity, h, w)
 
 

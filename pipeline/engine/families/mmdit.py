@@ -2,8 +2,9 @@
 and FLUX (:mod:`.flux`).
 
 - **Text**: prompts as for Stable Diffusion (:mod:`.text`: one, or one per sample; the distinct ones
-  encoded once), each encoded into a :class:`TextEmbedding`, context tokens (B, L, D) and a pooled
-  vector (B, P), by CLIP and T5 encoders as the family's pipeline does.
+  encoded once), each encoded into the :data:`~pipeline.engine.families.text.Embedding` dict
+  ``{"context": (B, L, D) token states, "pooled": (B, P)}`` by CLIP and T5 encoders as the family's
+  pipeline does.
 - **Latents**: a 16-channel ``AutoencoderKL`` with a shift factor (x_0 = (z - shift) scaling, in
   :class:`~pipeline.engine.families.latent.LatentFamily`).
 - **Image size**: ``height`` and ``width`` in pixels, as the pipelines take them (default: the
@@ -15,7 +16,6 @@ and FLUX (:mod:`.flux`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
@@ -26,33 +26,6 @@ from pipeline.errors import InputError, ModelLoadError
 
 #: settings fixed when the model is built (not per call)
 BUILD_SETTINGS = ("height", "width", "max_sequence_length")
-
-
-@dataclass
-class TextEmbedding:
-    """A batch's text condition: ``context`` (B, L, D) token states, ``pooled`` (B, P)."""
-
-    context: torch.Tensor
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.context)
-
-    def __getitem__(self, rows) -> TextEmbedding:
-        return TextEmbedding(self.context[rows], self.pooled[rows])
-
-    def expand(self, batch: int) -> TextEmbedding:
-        """One sample's embedding repeated for a batch (a Jacobian's vectors)."""
-        if len(self) == batch:
-            return self
-        return TextEmbedding(self.context.expand(batch, -1, -1), self.pooled.expand(batch, -1))
-
-    def to(self, dtype: torch.dtype) -> TextEmbedding:
-        return TextEmbedding(self.context.to(dtype), self.pooled.to(dtype))
-
-    def joined(self, other: TextEmbedding) -> TextEmbedding:
-        """[self; other] along the batch (the guidance batch [uncond; cond])."""
-        return TextEmbedding(torch.cat([self.context, other.context]), torch.cat([self.pooled, other.pooled]))
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -82,7 +55,9 @@ class MMDiTFamily(TextFamily):
 
     Subclasses give the transformer's class and the text encoders' components, the pipeline's defaults
     (guidance, T5 length, image side in latent pixels), the multiple the image side must be of, how
-    prompts are encoded (:meth:`encode_prompts`) and the guided pass (:meth:`denoise`)."""
+    prompts are encoded (:meth:`encode_prompts`) and the transformer called (:meth:`forward`)."""
+
+    net_component = "transformer"
 
     transformer_class: ClassVar[str] = ""
     #: the text encoders as (kind, encoder component, tokenizer component); kind "clip", "t5" or "t5?" (optional)
@@ -99,12 +74,8 @@ class MMDiTFamily(TextFamily):
         self.height, self.width = side, side
         self._size_fixed = False
 
-    @property
-    def transformer(self) -> nn.Module:
-        return self.unet
-
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer, "vae": self.autoencoder,
+        return {**super().modules(),
                 **{name: e for (_, name, _), e in zip(self.text_components, self.encoders) if e is not None}}
 
     @property
@@ -187,17 +158,15 @@ class MMDiTFamily(TextFamily):
                  for kind, encoder, tokenizer in cls.text_components]
         return cls(transformer, vae, [e for e, _ in parts], [t for _, t in parts])
 
-    @staticmethod
-    def load_clip(folder, name: str, tokenizer_name: str, dtype):
+    @classmethod
+    def load_clip(cls, folder, name: str, tokenizer_name: str, dtype):
         """A CLIP text encoder and its tokenizer (which must know its length: model_max_length)."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
 
         encoder = folder.component(name, {"CLIPTextModel": CLIPTextModel,
                                           "CLIPTextModelWithProjection": CLIPTextModelWithProjection}, dtype)
         tokenizer = folder.component(tokenizer_name, {"CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizerFast})
-        if not 0 < tokenizer.model_max_length <= 100_000:  # unset: transformers' 1e30, an overflow later
-            raise ModelLoadError(f"the {tokenizer_name} of model {folder.location} has no model_max_length "
-                                 f"({tokenizer_name}/tokenizer_config.json); copy or download the whole model folder again")
+        cls.check_tokenizer(tokenizer, folder.location, tokenizer_name)
         return encoder, tokenizer
 
     @staticmethod
@@ -217,4 +186,4 @@ class MMDiTFamily(TextFamily):
         return encoder, tokenizer
 
 
-__all__ = ["MMDiTFamily", "TextEmbedding", "clip_states", "t5_states", "token_ids"]
+__all__ = ["MMDiTFamily", "clip_states", "t5_states", "token_ids"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.families.mmdit import MMDiTFamily, TextEmbedding, clip_states, t5_states, token_ids
+from pipeline.engine.families.mmdit import MMDiTFamily, clip_states, t5_states, token_ids
+from pipeline.engine.families.text import Embedding
 from pipeline.engine.schedules.flow import resolution_shift
 from pipeline.errors import InputError
 
@@ -36,54 +37,42 @@ class SD3Family(MMDiTFamily):
 
     @property
     def default_latent_side(self) -> int:
-        return self.transformer.config.sample_size
+        return self.net.config.sample_size
 
     @property
     def size_multiple(self) -> int:
-        return self.scale_factor * self.transformer.config.patch_size
+        return self.scale_factor * self.net.config.patch_size
 
     def check_size(self, height: int, width: int) -> None:
         super().check_size(height, width)
-        config = self.transformer.config
+        config = self.net.config
         limit = (config.pos_embed_max_size or 0) * config.patch_size * self.scale_factor
         if limit and max(height, width) > limit:
             raise InputError(f"{height} x {width} px is larger than this SD3 model's position table allows "
                              f"({limit} px a side); give height and width <= {limit}")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts) -> TextEmbedding:
-        """Prompts -> context (B, 2 x CLIP length + max_sequence_length, T5 width) and pooled (B, P)."""
+    def encode_prompts(self, prompts) -> Embedding:
+        """Prompts -> {"context": (B, 2 x CLIP length + max_sequence_length, T5 width), "pooled": (B, P)}."""
         length = self.tokenizers[0].model_max_length
         states, pooled = zip(*(clip_states(enc, token_ids(tok, prompts, length))
                                for enc, tok in zip(self.encoders[:2], self.tokenizers[:2])))
         clip = torch.cat(states, dim=-1)
         t5_encoder, t5_tokenizer = self.encoders[2], self.tokenizers[2]
         if t5_encoder is None:
-            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.transformer.config.joint_attention_dim)
+            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.net.config.joint_attention_dim)
         else:
             t5 = t5_states(t5_encoder, t5_tokenizer, prompts, self.max_sequence_length)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return TextEmbedding(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+        return {"context": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
     def schedule_options(self, scheduler_config, num_steps: int) -> dict:
         super().schedule_options(scheduler_config, num_steps)
         if not scheduler_config.get("use_dynamic_shifting", False):
             return {}
-        p, (_, h, w) = self.transformer.config.patch_size, self.latent_shape
+        p, (_, h, w) = self.net.config.patch_size, self.latent_shape
         return {"mu": resolution_shift((h // p) * (w // p), scheduler_config)}
 
-    def denoise(self, x, t, cond, hook):
-        if cond is None:
-            raise InputError("an SD3 model needs prompt embeddings")
-        B = len(x)
-        text = cond.text.expand(B)
-        if cond.uncond is None:
-            return self._velocity(x, t.expand(B), text.to(x.dtype))
-        with hook.branch_rows(B):  # h of the conditional half; edits move both halves
-            both = self._velocity(torch.cat([x, x]), t.expand(2 * B), cond.uncond.expand(B).joined(text).to(x.dtype))
-        uncond, conditional = both.chunk(2)
-        return uncond + cond.scale * (conditional - uncond)
-
-    def _velocity(self, x, t, text: TextEmbedding) -> torch.Tensor:
-        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text.context,
-                                pooled_projections=text.pooled).sample
+    def forward(self, x, t, emb):
+        return self.net(hidden_states=x, timestep=t, encoder_hidden_states=emb["context"].to(x.dtype),
+                        pooled_projections=emb["pooled"].to(x.dtype)).sample

@@ -49,8 +49,9 @@ def check_guidance(scale: float) -> float:
     return scale
 
 
-#: A batch's text embeddings: a tensor (B, L, D), or a dict of tensors with B rows each (SDXL's pooled
-#: embeddings, PixArt's attention mask)
+#: A batch's text embeddings: a tensor (B, L, D), or a dict of tensors with B rows each (``context``
+#: (B, L, D) and SDXL's, SD3's and FLUX's ``pooled`` (B, P), PixArt's attention ``mask`` (B, L), FLUX's
+#: ``guidance`` (B,))
 Embedding = Union[torch.Tensor, dict]
 
 
@@ -66,12 +67,15 @@ def join_rows(first: Embedding, second: Embedding) -> Embedding:
     return torch.cat([first, second])
 
 
-def guided_pass(forward, x: torch.Tensor, t: torch.Tensor, conditional: Embedding, null: Embedding, scale: float,
-                hook, conditional_first: bool = False) -> torch.Tensor:
-    """Classifier-free guidance in one pass of ``forward(x, t, condition)`` over the doubled batch,
-    [null; conditional] (SD's order) or [conditional; null] (DiT's): ``null + scale (conditional - null)``.
-    h is recorded from the conditional rows; an edit moves both branches (the hook's ``branch_rows``)."""
+def guided_pass(forward, x: torch.Tensor, t: torch.Tensor, conditional: Embedding, null: Embedding | None,
+                scale: float, hook, conditional_first: bool = False) -> torch.Tensor:
+    """One pass of ``forward(x, t, condition)`` (x (B, ...), t a scalar tensor): on x alone where ``null``
+    is None, else classifier-free guidance over the doubled batch, [null; conditional] (SD's order) or
+    [conditional; null] (DiT's): ``null + scale (conditional - null)``. h is recorded from the
+    conditional rows; an edit moves both branches (the hook's ``branch_rows``)."""
     B = len(x)
+    if null is None:
+        return forward(x, t.expand(B), conditional)
     first, second = (conditional, null) if conditional_first else (null, conditional)
     with hook.branch_rows(0, B) if conditional_first else hook.branch_rows(B):
         both = forward(torch.cat([x, x]), t.expand(2 * B), join_rows(first, second))
@@ -131,9 +135,6 @@ class TextFamily(LatentFamily):
     def defaults(self) -> dict:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance_scale": self.guidance_scale}
 
-    def restore_defaults(self, old: dict) -> None:
-        self.prompt, self.negative_prompt, self.guidance_scale = old["prompt"], old["negative_prompt"], old["guidance_scale"]
-
     def _refuse(self, inputs: dict) -> None:
         if inputs:
             raise InputError(f"unknown conditioning input(s) {', '.join(inputs)} of a {self.kind} text-to-image model; "
@@ -187,10 +188,7 @@ class TextFamily(LatentFamily):
     def denoise(self, x, t, cond: Conditioning, hook):
         if cond is None:
             raise InputError("a text-conditional model needs prompt embeddings")
-        B = len(x)
-        cond = cond.expand(B)
-        if cond.uncond is None:
-            return self.forward(x, t.expand(B), cond.text)
+        cond = cond.expand(len(x))
         return guided_pass(self.forward, x, t, cond.text, cond.uncond, cond.scale, hook)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: Embedding) -> torch.Tensor:
