@@ -120,7 +120,7 @@ class DiTFamily(LatentFamily):
         return ClassConditioning(torch.tensor(labels, dtype=torch.long), scale)
 
     def describe(self) -> dict:
-        return {"class_label": self.class_label, "guidance_scale": self.guidance_scale}
+        return self.defaults()
 
     # ------------------------------------------------------------------ the denoiser
     def denoise(self, x, t, cond: ClassConditioning, hook):
