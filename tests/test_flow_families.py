@@ -185,6 +185,18 @@ def test_the_prediction_is_differentiable_in_h(folders, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_set_for_a_block_is_the_prompt_of_a_call_and_is_undone_after(folders, family):
+    """``model.prompted`` (the stages' regeneration of a stored sample) samples as the prompt given per
+    call, and leaves every default as it was."""
+    m = model(folders, family)
+    before = m.family.defaults()
+    with m.prompted("a red square"):
+        inside = m.sample(SEEDS[:1])
+    assert m.family.defaults() == before
+    assert torch.equal(inside.images, m.sample(SEEDS[:1], prompt="a red square").images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_wrong_inputs_are_one_line_errors(folders, family):
     m = model(folders, family)
     cases = [
