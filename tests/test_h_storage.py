@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_overrides
+from pipeline.formats.identity import make_record
 from pipeline.formats.samples import (
     FORMAT,
     MANIFEST,
@@ -26,7 +27,6 @@ from pipeline.formats.samples import (
     shard_table,
     write_shard,
 )
-from pipeline.formats.identity import make_record
 
 STEPS = 3
 
@@ -100,3 +100,130 @@ def test_layout_scatters_the_recorded_steps_and_names_the_missing_ones():
     with pytest.raises(ConfigError, match=r"^hspace sae needs h at steps 0, 2 \(sae.steps=\[0, 2\]\), which "
                                           r"generate.h_steps=\[1, 3\] did not record"):
         layout.require([0, 2, 3], "hspace sae", "sae.steps=[0, 2]")
+
+
+# ---------------------------------------------------------------------- a token family loaded from a folder
+def write_token_model(folder: Path) -> Path:
+    """test_families' flow-matching family of tokens saved as a pipeline folder: model_index.json, the
+    transformer's weights and a FlowMatchEulerDiscreteScheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from test_families import TinyTokenNet
+
+    (folder / "transformer").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in TinyTokenNet().state_dict().items()},
+              str(folder / "transformer" / "model.safetensors"))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "TokenTestPipeline", "transformer": ["test_families", "TinyTokenNet"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    return folder
+
+
+@pytest.fixture
+def token_model_dir(tmp_path, monkeypatch):
+    """A saved token model, loadable in this process through HSpaceModel.from_pretrained (its family registered)."""
+    from test_families import TinyTokenNet, TokenFamily
+
+    import pipeline.engine.families as families
+
+    class SavedTokenFamily(TokenFamily):
+        pipelines = ("TokenTestPipeline",)
+
+        @classmethod
+        def load(cls, folder, dtype):
+            net = TinyTokenNet()
+            net.load_state_dict(load_file(str(Path(folder.location) / "transformer" / "model.safetensors")))
+            return cls(net.to(dtype))
+
+    monkeypatch.setitem(families.FAMILIES, "tokens", SavedTokenFamily)
+    monkeypatch.setitem(families.PIPELINE_FAMILIES, "TokenTestPipeline", "tokens")
+    return write_token_model(tmp_path / "token-model")
+
+
+@pytest.mark.slow
+def test_generate_h_steps_holds_the_same_samples_whatever_the_batch_size(tmp_path, tiny_model_dir):
+    """generate.h_steps=[0, 2] at batch 2 stores, at those steps, the h of the whole trajectories generated at
+    batch 3 (to within one float16 rounding: another batch size sums in another order) and the same images; the
+    manifest names the steps, the dataset of all steps says every one."""
+    from pipeline.config import load_config
+    from pipeline.stages.generate import run_generate
+
+    def generate(run, *extra):
+        run_generate(load_config(None, [*tiny_overrides(run, tiny_model_dir, steps=STEPS), "generate.num_samples=5",
+                                        *extra]))
+        batches = list(iter_samples(run, images=True))
+        return torch.cat([b["h"] for b in batches]).float(), np.concatenate([b["images"] for b in batches])
+
+    part, part_images = generate(tmp_path / "part", "generate.h_steps=[2,0]", "generate.batch_size=2")
+    full, full_images = generate(tmp_path / "full", "generate.batch_size=3")
+    assert h_layout(json.loads((samples_dir(tmp_path / "part") / MANIFEST).read_text())).steps == (0, 2)
+    assert h_layout(json.loads((samples_dir(tmp_path / "full") / MANIFEST).read_text())).complete
+    assert part.shape == (5, 2, *full.shape[2:]) and len(full.shape) == 5
+    torch.testing.assert_close(part, full[:, [0, 2]], rtol=2e-3, atol=2e-3)
+    assert np.abs(part_images.astype(int) - full_images.astype(int)).max() <= 1
+
+
+def test_sampling_records_h_at_the_chosen_steps_only(token_model_dir):
+    """model.sample(h_steps=...) holds h at those steps only, equal to the same steps of the whole trajectory;
+    the images are the same."""
+    from pipeline.engine.model import HSpaceModel
+
+    m = HSpaceModel.from_pretrained(token_model_dir, num_inference_steps=STEPS, hook="blocks.0", device="cpu")
+    full, part = m.sample([3, 4]), m.sample([3, 4], h_steps=[2, 0])
+    assert part.h.shape == (2, 2, 16, 12) and torch.equal(part.h, full.h[:, [0, 2]])
+    assert torch.equal(part.images, full.images)
+
+
+def token_run_args(run_dir, model_dir, *extra):
+    from test_run import tiny_run_args
+
+    args = [a for a in tiny_run_args(run_dir, model_dir) if not a.startswith(("model.num_inference_steps", "jacobian.k"))]
+    return [*args, f"model.num_inference_steps={STEPS}", "model.hook=blocks.0", "trainer.devices=1",
+            "jacobian.k=2", "jacobian.steps=[1,2]", "generate.batch_size=8", *extra]
+    # jacobian.steps leaves out step 0: there s = 1, eps_t = x_t + (1 - s) v = x_t does not depend on h (J = 0)
+
+
+@pytest.mark.slow
+def test_main_job_on_token_h_recorded_at_two_steps(tmp_path, token_model_dir, capsys):
+    """`hspace run` on a family whose h is (N, C) tokens, with h recorded at steps 0 and 2 of 3: every stage
+    runs and the report is written; the samples hold (2, 16, 12) per sample, the bytes said before sampling
+    are within 10% above the shards written; PCA and supervised directions are zero at step 1 and PCA's equal
+    a PCA of the stored h; the probes read h at steps 0 and 2; the SAE on step 1 is one line, exit 2."""
+    from pipeline.cli import main
+    from pipeline.formats.directions import load_directions
+    from pipeline.methods.pca import PCA
+
+    run = tmp_path / "run"
+    assert main(["run", *token_run_args(run, token_model_dir, "generate.h_steps=[0,2]")]) == 0
+    out = capsys.readouterr().out
+    assert (run / "report" / "index.html").exists()
+    manifest = json.loads((samples_dir(run) / MANIFEST).read_text())
+    assert manifest["h_shape_t"] == [STEPS, 16, 12] and manifest["h_steps"] == [0, 2]
+    h = torch.cat([b["h"] for b in iter_samples(run)])
+    assert h.shape == (24, 2, 16, 12) and torch.isfinite(h).all()
+
+    said = re.search(r"about [\d.]+ (?:bytes|kB|MB) per sample, ([\d.]+) (bytes|kB|MB) in all", out)
+    total = float(said.group(1)) * {"bytes": 1, "kB": 1e3, "MB": 1e6}[said.group(2)]
+    written = sum(p.stat().st_size for p in (samples_dir(run) / "shards").glob("part-*.arrow"))
+    assert written <= total <= 1.1 * written, (total, written)
+
+    pca = load_directions(run / "directions" / "pca.safetensors")
+    assert pca.directions.shape[1:] == (STEPS, 16, 12) and pca.directions[:, 1].eq(0).all()
+    ref = PCA(n_components=3, method="exact").fit(h.float())
+    for k in range(2):  # PCA of the stored steps: the directions' components (up to sign) at steps 0 and 2
+        got = torch.nn.functional.normalize(pca.directions[:, [0, 2][k]].flatten(1), dim=1)
+        cos = (got.double() @ ref.components_[k].double().T).abs().diagonal()
+        assert (cos > 1 - 1e-4).all(), cos
+    sup = load_directions(run / "directions" / "supervised.safetensors")
+    assert sup.directions[:, 1].eq(0).all() and sup.directions[:, [0, 2]].abs().sum() > 0
+    import pandas as pd
+
+    probes = pd.read_csv(run / "probes" / "probes.csv")
+    steps = {space: sorted(set(rows.step)) for space, rows in probes.groupby("space")}
+    assert steps == {"h": [0, 2], "x_t": [0, 1, 2]}
+
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["sae", *token_run_args(run, token_model_dir, "generate.h_steps=[0,2]", "sae.steps=1")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "needs h at steps 1" in err[0] and "generate.h_steps=[0, 2] did not record" in err[0], err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

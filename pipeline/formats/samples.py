@@ -299,7 +299,8 @@ def sample_bytes(stored: Sequence[int], h_dtype: str, image_shape: Sequence[int]
         return math.prod(shape) * itemsize + 4 * (lists + 1)
 
     C, H, W = image_shape
-    png = C * H * W + H * 8 + 1024  # compress_level 1 on noise: deflate's stored blocks, a filter byte per row
+    raw = C * H * W + H  # the rows and their filter bytes; compress_level 1 never grows them beyond deflate's
+    png = raw + 5 * (raw // 16384 + 1) + 128  # stored blocks (5 bytes each) and the PNG chunks around them
     x_t = array(x_t_shape, 4) if x_t_shape is not None else 0
     return array(stored, np.dtype(dtype_entry(h_dtype).storage).itemsize) + png + x_t + 2 * 8 + 64
 
@@ -312,7 +313,7 @@ def shard_overhead(stored: Sequence[int], h_dtype: str, identity: dict | None = 
     if identity is not None:
         stored_id = {"content_hash": hash_json(identity), "content": identity}
         schema = schema.with_metadata({**(schema.metadata or {}), META_KEY.encode(): json.dumps(stored_id).encode()})
-    return schema.serialize().size + 2048
+    return schema.serialize().size + 512
 
 
 def shard_entry(path: Path, old: dict | None = None) -> dict:
