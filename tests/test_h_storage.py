@@ -227,3 +227,13 @@ def test_main_job_on_token_h_recorded_at_two_steps(tmp_path, token_model_dir, ca
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "needs h at steps 1" in err[0] and "generate.h_steps=[0, 2] did not record" in err[0], err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("steps", ["[3]", "[1,1]", "[]", "[-1]"])
+def test_h_steps_outside_the_trajectory_are_refused_when_loaded(steps):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generate.h_steps=.*null or distinct step indices in 0..2"):
+        load_config(None, ["model.num_inference_steps=3", f"generate.h_steps={steps}"])
+    assert load_config(None, ["model.num_inference_steps=3", "generate.h_steps=[2,0]"]).generate.h_steps == [2, 0]
