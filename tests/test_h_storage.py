@@ -91,9 +91,9 @@ def test_layout_scatters_the_recorded_steps_and_names_the_missing_ones():
     from pipeline.errors import ConfigError
 
     layout = HLayout(4, (1, 3), (2, 3), "float16")
-    x = torch.ones(5, 2, 2, 3)
+    x = torch.tensor([1.0, 2.0])[None, :, None, None].expand(5, 2, 2, 3)  # step 1's h is 1, step 3's 2
     full = layout.scatter(x)
-    assert full.shape == (5, 4, 2, 3) and full[:, [1, 3]].eq(1).all() and full[:, [0, 2]].eq(0).all()
+    assert full.shape == (5, 4, 2, 3) and torch.equal(full[:, [1, 3]], x) and full[:, [0, 2]].eq(0).all()
     assert layout.scatter(torch.ones(2, 7), axis=0)[[0, 2]].eq(0).all()
     assert HLayout(2, (0, 1), (2,), "float16").scatter(x) is x
     layout.require([1, 3], "hspace sae", "sae.steps")
