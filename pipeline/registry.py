@@ -45,7 +45,7 @@ class Stage:
     optional: tuple[str, ...] = ()  # artefacts it reads when they exist
     only: dict = field(default_factory=dict)  # artefact -> function of the configuration: read only when true
     sections: Declared = ()  # configuration sections (dotted) its output depends on
-    drop: tuple[str, ...] = ()  # keys inside them that do not change it (batch sizes)
+    drop: Declared = ()  # keys inside them that do not change it (batch sizes)
     model: Declared = False  # True: the model section, its weights and trainer.precision; "float32": no precision
     annotators: Declared = False  # the annotators' weights
     files: Declared = ()  # configuration keys naming files or folders it reads: their content, not their path
@@ -80,7 +80,7 @@ class Stage:
         model = _value(self.model, cfg)
         files = self.inputs_exist(cfg)
         sections = [*_value(self.sections, cfg), *(MODEL_SECTIONS if model is True else ("model",) if model else ())]
-        config = config_sections(cfg, *sections, drop=(*self.drop, *MODEL_DROP, *files, *drop))
+        config = config_sections(cfg, *sections, drop=(*_value(self.drop, cfg), *MODEL_DROP, *files, *drop))
         assets = {key: hash_tree(path) if Path(path).is_dir() else hash_file(path) for key, path in files.items()}
         if model:
             from pipeline.engine.loading import weights_identity
@@ -171,7 +171,8 @@ SUPERVISED = "directions/supervised.safetensors"
 _MAIN_JOB: tuple[Stage, ...] = (
     Stage("generate", "pipeline.stages.generate:run_generate",
           "generate samples with h trajectories into a sharded dataset", "samples", ("samples/manifest.json",),
-          sections=("generate",), drop=("generate.batch_size", "generate.writer_queue", "generate.record_x_t"),
+          sections=("generate",), drop=lambda cfg: ("generate.batch_size", "generate.writer_queue", "generate.record_x_t",
+                                                    *(("generate.h_steps",) if cfg.generate.h_steps is None else ())),
           model=True, files=lambda cfg: ("generate.prompts_file",) if cfg.generate.prompts_file else (),
           part_drop=("generate.first_seed", "generate.num_samples"), distributed=True),
     Stage("annotate", "pipeline.stages.annotate:run_annotate",

@@ -90,6 +90,10 @@ class HSpaceConfig(Section):
         if j.tau is not None and j.tau >= T:
             raise _cross("jacobian.tau", j.tau, f"a step index in 0..{T - 1} (T = model.num_inference_steps)",
                          "model.num_inference_steps")
+        hs = self.generate.h_steps
+        if hs is not None and (not hs or min(hs) < 0 or max(hs) >= T or len(set(hs)) != len(hs)):
+            raise _cross("generate.h_steps", hs, f"null or distinct step indices in 0..{T - 1} "
+                         f"(T = model.num_inference_steps)", "model.num_inference_steps")
         sae_steps = self.sae.step_list(T)
         if sae_steps[-1] >= T:
             raise _cross("sae.steps", self.sae.steps, f"step indices in 0..{T - 1} (T = model.num_inference_steps)",

@@ -108,6 +108,10 @@ class GenerateConfig(Section):
                               "U-Net makes the next batches, this many waiting (for GPUs); 0: each batch written before "
                               "the next (an interrupt then leaves exactly the shards written)")
     h_dtype: Literal["float16", "float32", "bfloat16"] = Field("float16", description="h as stored")
+    h_steps: Optional[List[int]] = Field(None, description="null: record h at every step; a list of step indices "
+                                         "(0 = the first, noisiest): record h there only (a FLUX block's h is about "
+                                         "25 MB per step at 1024 px). Directions found from these samples are zero, "
+                                         "so edit nothing, at the other steps; stages that need h there say so")
     record_x_t: bool = Field(True, description="also store x_t, the latent entering every step (float32), which "
                              "the probe stage reads instead of sampling the seeds again (the toy: 0.25 MB per "
                              "sample; a 256-px pixel model at T=50: 39 MB, so conf.paper.yaml turns it off)")

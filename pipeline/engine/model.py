@@ -143,9 +143,7 @@ class HSpaceModel:
         the CPU and Lightning moves it to each rank's device. The engine applies the precision itself
         either way (Lightning's own at the same setting then changes nothing), so that the networks
         Lightning does not see (the autoencoder, the text encoder) follow it too. Text settings
-        (``model.prompt``, ...) other than their defaults are refused for a model that takes no text, and
-        h of another rank than (C, H, W), which the run directory's samples and directions files cannot
-        hold yet (the API samples and edits h of any rank)."""
+        (``model.prompt``, ...) other than their defaults are refused for a model that takes no text."""
         m = cfg.model
         model = cls.from_pretrained(m.name_or_path, num_inference_steps=m.num_inference_steps, eta=m.eta, hook=m.hook,
                                     device="cpu" if under_trainer else m.device,
@@ -158,9 +156,6 @@ class HSpaceModel:
             settings = ", ".join(f"model.{k}={given[k]!r}" for k in other)
             raise ConfigError(f"{settings}: {m.name_or_path} is a {model.kind} model, which takes no text; "
                               f"remove the setting (it applies to text-to-image models)")
-        if len(model.h_shape) != 3:  # the samples' Array4D and the directions files are (T, C, H, W)
-            raise ConfigError(f"h at model.hook={m.hook} has shape {model.h_shape} per sample, not (C, H, W), which "
-                              f"the stages store; hook a block whose output is a feature map (after, before, up_blocks.0)")
         model.family.set_defaults(**given)
         return model
 
@@ -322,7 +317,8 @@ class HSpaceModel:
     def sample(self, seeds: Sequence[int] | None = None, edit: Edit | None = None, *, x_T: torch.Tensor | None = None,
                noise: torch.Tensor | None = None, eta: float | Sequence[float] | None = None, start_step: int = 0,
                return_latents: bool = False, h_dtype: torch.dtype | None = None,
-               h_device: str | torch.device | None = None, progress: bool = False, **condition) -> SampleOutput:
+               h_device: str | torch.device | None = None, h_steps: Sequence[int] | None = None,
+               progress: bool = False, **condition) -> SampleOutput:
         """Generate images while recording h, optionally editing it.
 
         seeds: one per sample; x_T and the step noise z_t come from each seed's own streams.
@@ -336,6 +332,7 @@ class HSpaceModel:
         return_latents: also return x_t entering every step, ``.latents`` (B, T, *latent_shape).
         h_dtype, h_device: where h is recorded (default: the model's dtype and device); e.g.
             float16 on the CPU streams a batch's trajectories straight into what a shard stores.
+        h_steps: record h at these step indices only (sorted): ``.h`` is then (B, len(h_steps), *h_shape).
         condition: the family's conditioning inputs (text models: ``prompt``, ``negative_prompt``, one
             or one per sample, and ``guidance_scale``; see :mod:`pipeline.engine.families.text`).
         """
@@ -355,19 +352,23 @@ class HSpaceModel:
                 x = x + edits.dx_T
             x_start = x.clone()
             # 4. the denoising loop
-            hs = torch.full((B, self.num_steps, *self.h_shape), float("nan"), device=h_device or self.device,
+            recorded = range(self.num_steps) if h_steps is None else sorted(int(i) for i in h_steps)
+            hs = torch.full((B, len(recorded), *self.h_shape), float("nan"), device=h_device or self.device,
                             dtype=h_dtype or self.dtype)
             latents = (torch.full((B, self.num_steps, *self.latent_shape), float("nan"), device=self.device,
                                   dtype=torch.float32) if return_latents else None)
-            x_0 = self._denoise(x, int(start_step), cond, edits, coef, z, hs, latents, progress)
+            x_0 = self._denoise(x, int(start_step), cond, edits, coef, z, (hs, {i: k for k, i in enumerate(recorded)}),
+                                latents, progress)
             # 5. decoding
             count(images=B)
             return SampleOutput(images=self.family.decode(x_0), h=hs, x_T=x_start, seeds=seeds, latents=latents,
                                 x_0=x_0, prompts=getattr(cond, "prompts", None))
 
-    def _denoise(self, x: torch.Tensor, first: int, cond, edits: StepEdits, coef, z, hs: torch.Tensor,
+    def _denoise(self, x: torch.Tensor, first: int, cond, edits: StepEdits, coef, z, hs: tuple[torch.Tensor, dict],
                  latents: torch.Tensor | None, progress: bool) -> torch.Tensor:
-        """Steps ``first``..T-1 from x (B, *latent_shape), writing h (and x_t) of each; returns x_0 (float32)."""
+        """Steps ``first``..T-1 from x (B, *latent_shape), writing x_t of each and h of the recorded ones (``hs``:
+        the buffer and step -> its row); returns x_0 (float32)."""
+        hs, rows = hs
         state = state_dtype(self.device)
         x = x.to(state)
         for i in tqdm(range(first, self.num_steps), disable=not progress, desc="sampling", leave=False):
@@ -375,7 +376,8 @@ class HSpaceModel:
                 latents[:, i] = x
             with edits.applied(self.hook, i):
                 x0, eps = self.predict(x, i, cond)
-            hs[:, i] = self.hook.h
+            if i in rows:
+                hs[:, rows[i]] = self.hook.h
             if edits.second_pass(i):
                 eps = self.predict(x, i, cond)[1]  # D_t from an unedited pass, P_t from the edited one
             x = self.schedule.step(x0, eps, i, coef, None if z is None else z[:, i])

@@ -1,7 +1,9 @@
 """Directions files: ``<run_dir>/directions/<name>.safetensors``.
 
-One tensor ``directions`` of shape ``(K, T, C, H, W)`` (K directions, each a full h-space
-trajectory, ready to be used as ``delta_h`` with scale 1), optional extra tensors (explained
+One tensor ``directions`` of shape ``(K, T, *h_shape)`` (K directions, each a full h-space
+trajectory, ready to be used as ``delta_h`` with scale 1; h_shape is (C, H, W) at a U-Net's
+bottleneck, (N, C) in a transformer; zero at a step means no edit there, as at the steps a dataset
+recorded with ``generate.h_steps`` leaves out), optional extra tensors (explained
 variance, singular values, ...) and JSON metadata: method, names of the K directions,
 timesteps, h shape, model, source run, the method's parameters and the labels users gave
 directions (``hspace explore``: index -> "hat", shown as "pc3: hat"; the names stay).
@@ -28,7 +30,7 @@ _META_KEY = "hspace"
 
 @dataclass
 class Directions:
-    """K named h-space directions, ``directions``: (K, T, C, H, W), plus provenance."""
+    """K named h-space directions, ``directions``: (K, T, *h_shape), plus provenance."""
 
     directions: torch.Tensor
     names: list[str]
@@ -42,8 +44,9 @@ class Directions:
 
     def __post_init__(self):
         self.labels = {int(i): str(v) for i, v in self.labels.items() if str(v)}
-        if self.directions.ndim != 5:
-            raise InputError(f"directions must be (K, T, C, H, W), got shape {tuple(self.directions.shape)}")
+        if self.directions.ndim < 4:
+            raise InputError(f"directions must be (K, T, *h_shape) with h_shape (C, H, W) or (N, C), got shape "
+                             f"{tuple(self.directions.shape)}")
         if len(self.names) != len(self.directions):
             raise InputError(f"{len(self.names)} names for {len(self.directions)} directions")
         if len(self.timesteps) != self.directions.shape[1]:
@@ -59,7 +62,7 @@ class Directions:
         return len(self.directions)
 
     @property
-    def h_shape(self) -> tuple[int, int, int]:
+    def h_shape(self) -> tuple[int, ...]:
         return tuple(self.directions.shape[2:])
 
     def display_name(self, i: int) -> str:
@@ -83,7 +86,7 @@ class Directions:
         return i % len(self)
 
     def get(self, key: str | int) -> torch.Tensor:
-        """One direction, (T, C, H, W)."""
+        """One direction, (T, *h_shape)."""
         return self.directions[self.index(key)]
 
     def subset(self, keys) -> "Directions":
@@ -127,7 +130,7 @@ def save_directions(d: Directions, path: str | os.PathLike, record: dict | None 
 
 def load_directions(path: str | os.PathLike, model=None) -> Directions:
     """A directions file; with ``model`` (an HSpaceModel), checked to fit its h trajectories
-    (T, C, H, W) before anything is sampled with it."""
+    (T, *h_shape) before anything is sampled with it."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"directions file {path} does not exist; run the stage that writes it "
@@ -155,7 +158,7 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
             raise ConfigError(f"{path} was made for T={d.directions.shape[1]} steps but the model samples "
                               f"T={model.num_steps}; set model.num_inference_steps={d.directions.shape[1]}")
         if tuple(d.directions.shape[1:]) != tuple(want):
-            raise DatasetError(f"{path} holds directions of shape (T, C, H, W) = {tuple(d.directions.shape[1:])}, but "
+            raise DatasetError(f"{path} holds directions of shape (T, *h_shape) = {tuple(d.directions.shape[1:])}, but "
                                f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
                                f"hook and model.num_inference_steps")
     return d
@@ -190,7 +193,7 @@ def label_direction(path: str | os.PathLike, key: str | int, label: str) -> Dire
 
 
 def compose(directions, scales) -> torch.Tensor:
-    """Sequential composition (paper Fig. 11): sum of ``scale * direction``; each (T, C, H, W)."""
+    """Sequential composition (paper Fig. 11): sum of ``scale * direction``; each (T, *h_shape)."""
     directions, scales = list(directions), [float(s) for s in scales]
     if not directions or len(directions) != len(scales):
         raise InputError(f"compose needs one scale per direction, got {len(directions)} and {len(scales)}")

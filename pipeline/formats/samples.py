@@ -2,23 +2,26 @@
 
 Layout::
 
-    samples/manifest.json                 model, scheduler, timesteps, eta, hook, h shape/dtype,
-                                          content hash, package versions, shard list
+    samples/manifest.json                 model, scheduler, timesteps, eta, hook, h shape/dtype, the
+                                          steps h was recorded at, content hash, package versions, shard list
     samples/shards/part-<first>-<last>-n<count>.arrow
 
 Each shard is an Arrow IPC stream in the Hugging Face ``datasets`` cache format (its schema
 carries the features), so ``datasets.Dataset.from_file`` reads it memory-mapped. Columns:
 ``sample_id`` (int64; equals the seed for generated samples), ``seed`` (int64), ``image``
-(``datasets.Image``, PNG bytes) and ``h`` (``datasets.Array4D`` of shape (T, C, H, W),
-float16 by default; bfloat16 is stored bit-exact as uint16 since Arrow has no bfloat16); with
-``generate.record_x_t`` also ``x_t`` (``Array4D`` (T, *latent_shape), float32: the latent entering
-every step, exactly as the sampler held it), which the probe stage reads instead of sampling the
-seeds again.
+(``datasets.Image``, PNG bytes) and ``h`` of shape (T', *h_shape): h at the T' recorded steps
+(``generate.h_steps``; all T by default), ``datasets.Array4D`` for a U-Net's (C, H, W) feature map,
+``Array3D`` for a transformer's (N, C) tokens (:func:`array_feature`), float16 by default; bfloat16
+is stored bit-exact as uint16 since Arrow has no bfloat16. With ``generate.record_x_t`` also ``x_t``
+((T, *latent_shape) at every step, float32: the latent entering every step, exactly as the sampler
+held it), which the probe stage reads instead of sampling the seeds again. The manifest's
+``h_shape_t`` is the whole trajectory's shape (T, *h_shape), ``h_steps`` the recorded step indices
+(absent in datasets written before it: all); :class:`HLayout` reads both.
 
-Why Array4D: it keeps the (T, C, H, W) shape for ``datasets`` users and reads faster through
-``datasets``' numpy formatting than a flat fixed-size list, for a little more disk (its nested
-lists carry offsets; figures in docs/benchmarks.md). Our own reader ignores the offsets and views
-the float16 values in place (zero-copy from the memory map), whatever the format.
+Why ArrayND: it keeps h's shape for ``datasets`` users and reads faster through ``datasets``' numpy
+formatting than a flat fixed-size list, for a little more disk (its nested lists carry offsets;
+figures in docs/benchmarks.md). Our own reader ignores the offsets and views the float16 values in
+place (zero-copy from the memory map), whatever the format.
 
 Shards are written to a temporary name, fsynced and renamed, so a crash never leaves a shard
 that a reader accepts; a shard that fails validation (truncated, wrong row count, wrong ids)
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -47,7 +51,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.dtypes import dtype_entry
-from pipeline.errors import DatasetError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats.identity import META_KEY, file_digest, read_record, seal
 from pipeline.io import atomic_path, hash_json, write_json_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
@@ -65,22 +69,32 @@ def shard_name(sample_ids: Sequence[int]) -> str:
     return f"part-{min(sample_ids):010d}-{max(sample_ids):010d}-n{len(sample_ids)}.arrow"
 
 
+def array_feature(shape: Sequence[int], dtype: str):
+    """``datasets``' fixed-shape array feature of ``shape`` (2 to 5 dimensions): Array4D for h (T, C, H, W),
+    Array3D for token h (T, N, C)."""
+    import datasets
+
+    if not 2 <= len(shape) <= 5:
+        raise DatasetError(f"the samples format stores arrays of 2 to 5 dimensions, not shape {tuple(shape)}")
+    return getattr(datasets, f"Array{len(shape)}D")(shape=tuple(int(n) for n in shape), dtype=dtype)
+
+
 def features(h_shape_t: Sequence[int], h_dtype: str, prompt: bool = False, x_t_shape: Sequence[int] | None = None):
-    """The ``datasets.Features`` of a shard: h_shape_t = (T, C, H, W); text models' samples also
-    have a ``prompt`` column, and with ``x_t_shape`` ((T, *latent_shape)) an ``x_t`` column (float32)."""
-    from datasets import Array4D, Features, Image, Value
+    """The ``datasets.Features`` of a shard: h_shape_t = (T', *h_shape) as stored; text models' samples
+    also have a ``prompt`` column, and with ``x_t_shape`` ((T, *latent_shape)) an ``x_t`` column (float32)."""
+    from datasets import Features, Image, Value
 
     arrow_dtype = np.dtype(dtype_entry(h_dtype).storage).name  # bfloat16: its bits, uint16
     return Features({"sample_id": Value("int64"), "seed": Value("int64"), "image": Image(),
-                     "h": Array4D(shape=tuple(h_shape_t), dtype=arrow_dtype),
+                     "h": array_feature(h_shape_t, arrow_dtype),
                      **({"prompt": Value("string")} if prompt else {}),
-                     **({"x_t": Array4D(shape=tuple(x_t_shape), dtype="float32")} if x_t_shape is not None else {})})
+                     **({"x_t": array_feature(x_t_shape, "float32")} if x_t_shape is not None else {})})
 
 
 def _array_type(feature):
-    from datasets.features.features import Array4DExtensionType
+    from datasets.features import features as ft
 
-    return Array4DExtensionType(shape=feature.shape, dtype=feature.dtype)
+    return getattr(ft, f"Array{len(feature.shape)}DExtensionType")(shape=feature.shape, dtype=feature.dtype)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -95,7 +109,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def shard_table(sample_ids: Sequence[int], seeds: Sequence[int], images: np.ndarray, h: torch.Tensor,
                 h_dtype: str = "float16", identity: dict | None = None,
                 prompts: Sequence[str] | None = None, x_t: torch.Tensor | None = None) -> pa.Table:
-    """One shard's table. images: (B, H, W, 3) uint8; h: (B, T, C, H, W); ``identity``: the content
+    """One shard's table. images: (B, H, W, 3) uint8; h: (B, T', *h_shape); ``identity``: the content
     identity of the samples (model, scheduler, eta, dtypes), kept in the schema metadata so that
     shards found without a manifest can be checked before they are adopted; prompts: (B,) of a
     text model's samples; x_t: (B, T, *latent_shape), stored as float32."""
@@ -142,11 +156,11 @@ def shard_content_hash(path: str | os.PathLike) -> str | None:
 
 
 def _h_to_arrow_storage(h: torch.Tensor, h_dtype: str) -> pa.Array:
-    """(B, T, C, H, W) -> nested list storage of Array4D, built from one flat buffer."""
+    """(B, T', *h_shape) -> nested list storage of an ArrayND, built from one flat buffer."""
     x = h.detach().to("cpu", dtype_entry(h_dtype).tensor).contiguous()
     flat = x.view(torch.int16).numpy().view(np.uint16) if h_dtype == "bfloat16" else x.numpy()
     arr: pa.Array = pa.array(flat.reshape(-1))
-    for size in reversed(x.shape[2:]):  # W, H, C: the per-sample list levels below T
+    for size in reversed(x.shape[2:]):  # W, H, C (or C, N): the per-sample list levels below T
         n = len(arr) // size
         arr = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * size), arr)
     n = len(arr) // x.shape[1]
@@ -222,6 +236,84 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
         raise DatasetError(f"{path} is not an {FORMAT} manifest; delete that file alone and re-run `hspace generate` "
                            f"with the same configuration: it rebuilds it from the shards, each checked first")
     return manifest
+
+
+@dataclass(frozen=True)
+class HLayout:
+    """Where h is in a dataset: the sampler's T steps, the recorded step indices ``steps`` (sorted), h's
+    per-sample ``shape`` ((C, H, W) or (N, C)) and its stored ``dtype``. The shards hold (T', *shape) with
+    T' = len(steps); directions files hold every step (T, *shape): :meth:`scatter` puts what the stages
+    compute at the recorded steps there, zero at the others (no edit at those steps)."""
+
+    num_steps: int
+    steps: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def stored(self) -> tuple[int, ...]:
+        """(T', *shape): one sample's h as the shards hold it."""
+        return (len(self.steps), *self.shape)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.steps) == self.num_steps
+
+    def scatter(self, x: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        """x with ``axis`` over the recorded steps (T') -> the same with ``axis`` over every step (T), zero at
+        the unrecorded ones; x itself when every step is recorded."""
+        if self.complete:
+            return x
+        out = x.new_zeros(*x.shape[:axis], self.num_steps, *x.shape[axis + 1:])
+        out.index_copy_(axis, torch.tensor(self.steps), x)
+        return out
+
+    def require(self, needed, what: str, key: str) -> None:
+        """A ConfigError (one line, exit 2) when steps ``needed`` are not all recorded."""
+        lacking = sorted(set(int(i) for i in needed) - set(self.steps))
+        if lacking:
+            raise ConfigError(f"{what} needs h at steps {_steps_text(lacking)} ({key}), which generate.h_steps="
+                              f"{list(self.steps)} did not record; choose recorded steps, or add them to generate.h_steps "
+                              f"and generate again in a new run_dir")
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return ", ".join(map(str, steps[:8])) + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
+
+
+def h_layout(manifest: dict) -> HLayout:
+    """The :class:`HLayout` of a dataset's manifest (``h_steps`` absent: every step)."""
+    T, *shape = manifest["h_shape_t"]
+    steps = manifest.get("h_steps")
+    return HLayout(int(T), tuple(range(T)) if steps is None else tuple(int(s) for s in steps), tuple(shape),
+                   manifest["h_dtype"])
+
+
+def sample_bytes(stored: Sequence[int], h_dtype: str, image_shape: Sequence[int],
+                 x_t_shape: Sequence[int] | None = None) -> int:
+    """Upper estimate of one sample in a shard: h (T', *h_shape) in ``h_dtype`` and its list offsets (int32
+    per list below the sample), the PNG (at most the raw image plus its headers and row filters), the ids,
+    and x_t ((T, *latent_shape), float32) when recorded."""
+    def array(shape, itemsize):
+        lists = sum(math.prod(shape[:k]) for k in range(len(shape)))  # the sample's list and those below it
+        return math.prod(shape) * itemsize + 4 * (lists + 1)
+
+    C, H, W = image_shape
+    raw = C * H * W + H  # the rows and their filter bytes; compress_level 1 never grows them beyond deflate's
+    png = raw + 5 * (raw // 16384 + 1) + 128  # stored blocks (5 bytes each) and the PNG chunks around them
+    x_t = array(x_t_shape, 4) if x_t_shape is not None else 0
+    return array(stored, np.dtype(dtype_entry(h_dtype).storage).itemsize) + png + x_t + 2 * 8 + 64
+
+
+def shard_overhead(stored: Sequence[int], h_dtype: str, identity: dict | None = None, prompt: bool = False,
+                   x_t_shape: Sequence[int] | None = None) -> int:
+    """Bytes of a shard besides its samples: the stream's schema (with the features and the identity in its
+    metadata) and the framing of its record batch."""
+    schema = features(stored, h_dtype, prompt=prompt, x_t_shape=x_t_shape).arrow_schema
+    if identity is not None:
+        stored_id = {"content_hash": hash_json(identity), "content": identity}
+        schema = schema.with_metadata({**(schema.metadata or {}), META_KEY.encode(): json.dumps(stored_id).encode()})
+    return schema.serialize().size + 512
 
 
 def shard_entry(path: Path, old: dict | None = None) -> dict:
@@ -326,11 +418,12 @@ def load_samples(run_dir: str | os.PathLike):
 
 
 def h_view(column: pa.ChunkedArray | pa.Array, h_shape_t: Sequence[int], h_dtype: str) -> torch.Tensor:
-    """Zero-copy (B, T, C, H, W) view of an Array4D column's values (read-only: it is the memory map)."""
+    """Zero-copy (B, *h_shape_t) view of an ArrayND column's values (read-only: it is the memory map);
+    h_shape_t: the stored (T', *h_shape) (:attr:`HLayout.stored`)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
     values = storage
-    for _ in range(4):
+    for _ in range(len(h_shape_t)):
         values = values.flatten()
     flat = values.to_numpy(zero_copy_only=True)
     with warnings.catch_warnings():  # the memory map is read-only, and so is this view
@@ -357,7 +450,8 @@ def iter_samples(
     run_dir: str | os.PathLike, batch_size: int = 256, images: bool = False, h: bool = True,
     ids: Sequence[int] | None = None, x_t: bool = False,
 ) -> Iterator[dict]:
-    """Stream the dataset in batches: {"sample_id": (B,), "seed": (B,), "h": (B, T, C, H, W) torch,
+    """Stream the dataset in batches: {"sample_id": (B,), "seed": (B,), "h": (B, T', *h_shape) torch (h at
+    the recorded steps, :func:`h_layout`),
     "images": (B, H, W, 3) uint8 (if asked), "prompt": (B,) str (text models), "x_t": (B, T,
     *latent_shape) float32 (if asked; :func:`has_x_t` says whether the shards hold it)}; h and x_t are
     read-only views of the memory-mapped shard.
@@ -365,8 +459,9 @@ def iter_samples(
     ``ids``: only these sample ids (in dataset order). Memory stays at one batch.
     """
     manifest = read_manifest(run_dir)
-    h_shape_t, h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
-    x_t_shape = (h_shape_t[0], *manifest["latent_shape"]) if x_t else None
+    layout = h_layout(manifest)
+    h_shape_t, h_dtype = layout.stored, layout.dtype
+    x_t_shape = (layout.num_steps, *manifest["latent_shape"]) if x_t else None
     wanted = None if ids is None else set(int(i) for i in ids)
     for path in shard_paths(run_dir):
         table = open_shard(path)

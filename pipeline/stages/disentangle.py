@@ -100,7 +100,7 @@ def check_source(cfg, directions: Directions, source: Path) -> None:
 
         want = tuple(read_manifest(cfg.run_dir)["h_shape_t"])
         if tuple(directions.directions.shape[1:]) != want:
-            raise ConfigError(f"disentangle.source={source} holds directions of shape (T, C, H, W) = "
+            raise ConfigError(f"disentangle.source={source} holds directions of shape (T, *h_shape) = "
                               f"{tuple(directions.directions.shape[1:])}, but this run's h trajectories are {want}; use "
                               f"directions made with the same model, hook and model.num_inference_steps")
 

@@ -32,8 +32,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import to_dict
 from pipeline.dtypes import DTYPES
 from pipeline.engine.model import HSpaceModel
@@ -44,12 +42,15 @@ from pipeline.formats.samples import (
     FORMAT,
     MANIFEST,
     finalise_manifest,
+    h_layout,
     read_manifest,
     read_record,
+    sample_bytes,
     samples_dir,
     scan_shards,
     shard_entry,
     shard_name,
+    shard_overhead,
     shard_table,
     write_table,
 )
@@ -78,17 +79,14 @@ def plan_batches(first_seed: int, num_samples: int, batch_size: int, done: set[i
     return batches
 
 
-def bytes_per_sample(h_shape_t, h_dtype: str, image_shape, latent_shape=None) -> int:
-    """Upper estimate of one sample on disk: h with its Array4D offsets, the PNG, the ids, and x_t
-    (float32) with ``latent_shape``."""
-    T, C, H, W = h_shape_t
-    h_bytes = T * C * H * W * np.dtype(DTYPES[h_dtype].storage).itemsize
-    offsets = 4 * (T + T * C + T * C * H + 4)
-    x_t = 0
-    if latent_shape is not None:
-        c, hh, _ = latent_shape
-        x_t = T * int(np.prod(latent_shape)) * 4 + 4 * (T + T * c + T * c * hh + 4)
-    return h_bytes + offsets + x_t + int(np.prod(image_shape)) + 1024
+def run_bytes(manifest: dict, content: dict, prompts: bool, record_x_t: bool, batches: list[list[int]]) -> tuple[int, int]:
+    """(bytes per sample, bytes of the shards still to write) by the samples format's estimate: h at the
+    recorded steps in generate.h_dtype, the PNG, x_t when recorded, and each shard's schema."""
+    layout = h_layout(manifest)
+    x_t_shape = (layout.num_steps, *manifest["latent_shape"]) if record_x_t else None
+    per_sample = sample_bytes(layout.stored, layout.dtype, manifest["image_shape"], x_t_shape)
+    per_shard = shard_overhead(layout.stored, layout.dtype, content, prompts, x_t_shape)
+    return per_sample, sum(len(b) for b in batches) * per_sample + len(batches) * per_shard
 
 
 def package_versions() -> dict:
@@ -146,11 +144,11 @@ def prompt_function(assignment: dict | None):
 class GenerateModule(ItemModule):
     """predict_item: seeds -> images and h trajectories of an HSpaceModel (and x_t with ``record_x_t``)."""
 
-    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None, record_x_t: bool = False):
+    def __init__(self, model: HSpaceModel, h_dtype: str, prompt_of=None, record_x_t: bool = False, h_steps=None):
         super().__init__()
         self.hmodel = model
         self.unet = model.unet  # registered, so Lightning moves it to the rank's device
-        self.h_dtype, self.prompt_of, self.record_x_t = h_dtype, prompt_of, record_x_t
+        self.h_dtype, self.prompt_of, self.record_x_t, self.h_steps = h_dtype, prompt_of, record_x_t, h_steps
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
@@ -160,7 +158,7 @@ class GenerateModule(ItemModule):
         prompts = None if self.prompt_of is None else [self.prompt_of(s) for s in seeds]
         # h goes straight into a CPU buffer of the stored dtype: the batch's trajectories are held once
         out = self.hmodel.sample(seeds, prompt=prompts, h_dtype=DTYPES[self.h_dtype].tensor, h_device="cpu",
-                                 return_latents=self.record_x_t)
+                                 h_steps=self.h_steps, return_latents=self.record_x_t)
         x_t = out.latents.float().cpu() if self.record_x_t else None
         return {"seeds": seeds, "images": to_uint8(out.images), "h": out.h, "prompts": prompts, "x_t": x_t}
 
@@ -243,15 +241,18 @@ def quarantine(run_dir: str, bad: dict) -> None:
         print(f"hspace generate: {why.split(';')[0]}; moved to {folder} and regenerating its samples", file=sys.stderr)
 
 
-def check_disk(run_dir: str, n: int, per_sample: int) -> None:
+def check_disk(run_dir: str, n: int, per_sample: int, need: int) -> None:
+    """Say before sampling what a sample and the run will take (``need``: bytes of the shards to write), and
+    refuse when the disk has less free."""
     target = samples_dir(run_dir)
     target.mkdir(parents=True, exist_ok=True)
-    need, free = n * per_sample, shutil.disk_usage(target).free
-    print(f"hspace generate: {n} samples to write, about {_size(need)} needed, {_size(free)} free in {target}")
+    free = shutil.disk_usage(target).free
+    print(f"hspace generate: {n} samples to write, about {_size(per_sample)} per sample, {_size(need)} in all; "
+          f"{_size(free)} free in {target}")
     if need > free:
         raise DatasetError(f"not enough disk space in {target}: the run needs about {_size(need)} but only "
                            f"{_size(free)} are free; free space, choose another run_dir, or lower "
-                           f"generate.num_samples / use generate.h_dtype=float16")
+                           f"generate.num_samples, record h at fewer steps (generate.h_steps) or use generate.h_dtype=float16")
 
 
 def _size(n: int) -> str:
@@ -277,6 +278,7 @@ def run_generate(cfg) -> dict:
     manifest = {
         "format": FORMAT, "identity": content, "identity_hash": hash_json(content),
         "model": model.describe(), "h_shape_t": [model.num_steps, *model.h_shape], "h_dtype": g.h_dtype,
+        "h_steps": list(range(model.num_steps)) if g.h_steps is None else sorted(g.h_steps),
         "image_shape": list(model.image_shape), "latent_shape": list(model.latent_shape),
         "config": to_dict(cfg), "packages": package_versions(),
         "requested": {"first_seed": g.first_seed, "num_samples": g.num_samples},
@@ -292,13 +294,13 @@ def run_generate(cfg) -> dict:
         final = finalise_manifest(run_dir, manifest, wanted, record, listed) if rank0 else manifest
         print(f"hspace generate: all {g.num_samples} samples already in {samples_dir(run_dir)}")
         return final
-    check_disk(run_dir, todo, bytes_per_sample(manifest["h_shape_t"], g.h_dtype, model.image_shape,
-                                               model.latent_shape if g.record_x_t else None))
+    batches = plan_batches(g.first_seed, g.num_samples, g.batch_size, have)
+    check_disk(run_dir, todo, *run_bytes(manifest, content, prompts is not None, g.record_x_t, batches))
     if rank0:
         write_json_atomic(samples_dir(run_dir) / MANIFEST, {**manifest, "shards": [p.name for p in sorted(scan.valid)
                                                                                    if p not in bad], "complete": False})
     trainer = predict_parts(
-        cfg.trainer, GenerateModule(model, g.h_dtype, prompt_function(prompts), g.record_x_t),
+        cfg.trainer, GenerateModule(model, g.h_dtype, prompt_function(prompts), g.record_x_t, manifest["h_steps"]),
         GenerateData(run_dir, g), tag="generate", merge=lambda: finalise_manifest(run_dir, manifest, wanted, record, listed),
         parts=samples_dir(run_dir) / "shards", name=lambda p: shard_name(p["seeds"]),
         write=lambda p, path: write_table(shard_table(p["seeds"], p["seeds"], p["images"], p["h"], g.h_dtype, content,

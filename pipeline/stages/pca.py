@@ -36,7 +36,7 @@ from pipeline.config import to_dict
 from pipeline.dtypes import torch_dtype
 from pipeline.errors import ConvergenceError
 from pipeline.formats.directions import Directions, save_directions
-from pipeline.formats.samples import h_view, open_shard, read_manifest, shard_paths
+from pipeline.formats.samples import h_layout, h_view, open_shard, read_manifest, shard_paths
 from pipeline.io import save_safetensors
 from pipeline.methods.pca import (
     PCA,
@@ -91,7 +91,7 @@ def estimator_params(pca_cfg) -> dict:
 
 
 def shard_batches(shards: list[Path], batch_size: int, h_shape_t, h_dtype: str):
-    """h of the given shards, (B, T, C, H, W) batches (zero-copy, read-only views)."""
+    """h of the given shards, (B, T', *h_shape) batches (h_shape_t: as stored; zero-copy, read-only views)."""
     for shard in shards:
         table = open_shard(shard)
         for start in range(0, table.num_rows, batch_size):
@@ -124,8 +124,8 @@ class _PCAModule(ItemModule):
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
-        manifest = read_manifest(self.run_dir)
-        self.h_shape_t, self.h_dtype = manifest["h_shape_t"], manifest["h_dtype"]
+        layout = h_layout(read_manifest(self.run_dir))  # the PCA of the recorded steps (T' of them)
+        self.h_shape_t, self.h_dtype = layout.stored, layout.dtype
         self.T, self.D = self.h_shape_t[0], math.prod(self.h_shape_t[1:])
 
     def batches(self, shard: str):
@@ -286,17 +286,21 @@ class ShardData(RankShare):
 
 
 def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> Path:
+    """The directions file of a PCA of the recorded steps: every step's tensors at their place in T, zero
+    (no edit, no variance) at the steps the samples did not record."""
     manifest = read_manifest(run_dir)
-    T, C, H, W = manifest["h_shape_t"]
+    layout = h_layout(manifest)
     comps = align_signs(pca.components_, method=pca_cfg.align) if not pca_cfg.joint else pca.components_
-    dirs = pca_directions(comps, pca.explained_variance_).float().reshape(-1, T, C, H, W)
+    dirs = layout.scatter(pca_directions(comps, pca.explained_variance_).float().reshape(-1, *layout.stored))
     g = torch.Generator().manual_seed(pca_cfg.seed)
     random = random_directions_like(dirs, generator=g).float()
     K = len(dirs)
-    extras = {"explained_variance": pca.explained_variance_.float(),
-              "explained_variance_ratio": pca.explained_variance_ratio_.float(),
-              "singular_values": pca.singular_values_.float(), "mean": pca.mean_.float().reshape(-1, C, H, W),
-              "angle_bound": pca.angle_bound_.float(), "random_directions": random}
+    per_step = (lambda t: t) if pca_cfg.joint else (lambda t: layout.scatter(t, axis=0))
+    extras = {"explained_variance": per_step(pca.explained_variance_.float()),
+              "explained_variance_ratio": per_step(pca.explained_variance_ratio_.float()),
+              "singular_values": per_step(pca.singular_values_.float()),
+              "mean": layout.scatter(pca.mean_.float().reshape(-1, *layout.shape), axis=0),
+              "angle_bound": per_step(pca.angle_bound_.float()), "random_directions": random}
     result = Directions(dirs, [f"pc{k + 1}" for k in range(K)], "pca/joint" if pca_cfg.joint else "pca/per-step",
                         manifest["model"]["timesteps"], model=manifest["model"]["name_or_path"],
                         source_run=str(Path(run_dir).resolve()),
@@ -309,7 +313,8 @@ def write_directions(run_dir, pca_cfg, pca: PCA, record: dict | None = None) -> 
 
     ratio = pca.explained_variance_ratio_.float().numpy()
     if not pca_cfg.joint:
-        explained_variance_plot(ratio, manifest["model"]["timesteps"], Path(run_dir) / "directions" / "explained_variance.png")
+        timesteps = [manifest["model"]["timesteps"][i] for i in layout.steps]
+        explained_variance_plot(ratio, timesteps, Path(run_dir) / "directions" / "explained_variance.png")
     return out
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats.identity import seal_folder, verify
-from pipeline.formats.samples import has_x_t, iter_samples, read_manifest
+from pipeline.formats.samples import h_layout, has_x_t, iter_samples, read_manifest
 from pipeline.io import atomic_path
 from pipeline.methods.probes import encoded_steps_of, is_binary, probe_table, split_by_id
 from pipeline.registry import COMMANDS
@@ -41,7 +41,7 @@ def probe_attributes(cfg, annotations: pd.DataFrame) -> list[str]:
 
 
 def gather_features(cfg, ids, resample: bool = False) -> dict[str, np.ndarray]:
-    """{"h": (N, T, D) float16, "x_t": (N, T, D') float32} for the samples ``ids`` (in that order);
+    """{"h": (N, T', D) float16 (the recorded steps), "x_t": (N, T, D') float32} for the samples ``ids`` (in that order);
     x_t as the samples dataset stores it (``generate.record_x_t``), else (or with ``resample``) from
     sampling their seeds again with the run's model."""
     spaces = list(dict.fromkeys(cfg.probe.spaces))
@@ -94,6 +94,8 @@ def run_probes(cfg) -> pd.DataFrame:
     features = gather_features(cfg, ids)
     table = probe_table(features, {a: annotations[a].to_numpy() for a in attrs}, test, binary, pc.threshold,
                         pc.pca_components or None)
+    h_steps = np.asarray(h_layout(read_manifest(cfg.run_dir)).steps)
+    table.loc[table.space == "h", "step"] = h_steps[table.loc[table.space == "h", "step"].to_numpy(int)]
     table["encoded"] = False
     if "h" in features:
         for attr in attrs:
@@ -115,10 +117,13 @@ def load_probes(run_dir) -> pd.DataFrame:
 def encoded_mask(probes: pd.DataFrame, attribute: str, steps: int) -> np.ndarray:
     """(T,) bool: the steps the probe stage marked as encoding ``attribute`` (from the h probes)."""
     rows = probes[(probes.attribute == attribute) & (probes.space == "h")].sort_values("step")
-    if len(rows) != steps:
-        raise DatasetError(f"the probes hold {len(rows)} h steps of {attribute!r}, the directions {steps}; "
-                           f"add it to probe.attributes and run hspace probe again")
-    return rows.encoded.to_numpy(bool)
+    if rows.empty or int(rows.step.max()) >= steps:
+        raise DatasetError(f"the probes hold {len(rows)} h steps of {attribute!r} (up to step "
+                           f"{rows.step.max() if len(rows) else '-'}), the directions {steps}; add it to "
+                           f"probe.attributes and run hspace probe again")
+    mask = np.zeros(steps, bool)  # steps h was not recorded at (generate.h_steps) have no probe: not encoded
+    mask[rows.step.to_numpy(int)] = rows.encoded.to_numpy(bool)
+    return mask
 
 
 def plot_probes(table: pd.DataFrame, timesteps, out: Path) -> Path:

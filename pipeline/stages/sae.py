@@ -26,7 +26,7 @@ from pipeline.dtypes import torch_dtype
 from pipeline.errors import DatasetError
 from pipeline.formats.identity import read_record
 from pipeline.formats.sae import SAEModel, load_sae, sae_dir, save_sae
-from pipeline.formats.samples import h_view, open_shard, read_manifest, shard_paths
+from pipeline.formats.samples import h_layout, h_view, open_shard, read_manifest, shard_paths
 from pipeline.io import atomic_path, launching_rank, write_text_atomic
 from pipeline.methods.sae import (
     NormStats,
@@ -55,19 +55,22 @@ class Layout:
     """What the stage reads of the samples dataset: shards, h's shape and dtype, the trained steps, the feed."""
 
     def __init__(self, run_dir, sae_cfg):
-        manifest = read_manifest(run_dir)
+        stored = h_layout(read_manifest(run_dir))
         self.shards = shard_paths(run_dir)  # a complete dataset, or a one-line error
-        self.h_shape_t, self.h_dtype = list(manifest["h_shape_t"]), manifest["h_dtype"]
-        self.T, self.h_shape = self.h_shape_t[0], tuple(self.h_shape_t[1:])
+        self.h_shape_t, self.h_dtype = list(stored.stored), stored.dtype
+        self.T, self.h_shape = stored.num_steps, stored.shape
         self.steps = sae_cfg.step_list(self.T)
         if self.steps[-1] >= self.T:
             raise DatasetError(f"sae.steps={sae_cfg.steps}: the samples in {run_dir} have T={self.T} steps (indices "
                                f"0..{self.T - 1}); choose steps within them")
+        stored.require(self.steps, "hspace sae", f"sae.steps={sae_cfg.steps}")
+        self.positions = [stored.steps.index(t) for t in self.steps]  # where the trained steps are in the stored h
         self.feed, self.holdout = sae_cfg.feed, sae_cfg.holdout
         self.d, self.per_step = example_dim(self.feed, self.h_shape), examples_per_step(self.feed, self.h_shape)
 
     def open(self, shard: Path, split: str = "train"):
-        """(h (N, T, C, H, W) read-only view, sample ids (N,), rows of the split: train / heldout / all)."""
+        """(h (N, T', *h_shape) read-only view of the recorded steps, sample ids (N,), rows of the split: train /
+        heldout / all)."""
         table = open_shard(shard)
         ids = table.column("sample_id").to_numpy()
         out = held_out(ids, self.holdout)
@@ -75,8 +78,8 @@ class Layout:
         return h_view(table.column("h"), self.h_shape_t, self.h_dtype), ids, torch.from_numpy(np.flatnonzero(rows))
 
     def at_steps(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """h of those rows at the trained steps, (B, T', C, H, W) (only those steps are read)."""
-        return h[rows[:, None], torch.tensor(self.steps)[None, :]]
+        """h of those rows at the trained steps, (B, len(steps), C, H, W) (only those steps are read)."""
+        return h[rows[:, None], torch.tensor(self.positions)[None, :]]
 
     def train_rows(self) -> list[int]:
         return [int((~held_out(open_shard(s).column("sample_id").to_numpy(), self.holdout)).sum()) for s in self.shards]
@@ -121,7 +124,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """This rank's examples of ``batch``, read from the views of its shards (an empty share is (0, d))."""
         layout = self.layout
         j, row, t, p = batch.locate()
-        steps = torch.tensor(layout.steps)
+        steps = torch.tensor(layout.positions)
         xs, ts = [], []
         for jj, (h, _, rows) in views.items():
             mine = j == jj

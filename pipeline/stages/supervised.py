@@ -36,7 +36,7 @@ from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError, InputError
 from pipeline.formats.directions import Directions, save_directions
 from pipeline.formats.images import from_uint8, load_image
-from pipeline.formats.samples import iter_samples, read_manifest
+from pipeline.formats.samples import h_layout, iter_samples, read_manifest
 from pipeline.io import atomic_path
 from pipeline.methods.calibration import calibrate, unedited_scores
 from pipeline.methods.supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
@@ -45,10 +45,11 @@ from pipeline.stages.select import load_selection
 
 
 def gather_h(run_dir, ids) -> dict[int, torch.Tensor]:
-    """sample_id -> h (T, C, H, W), copied out of the memory map (float16 stays float16)."""
-    out = {}
+    """sample_id -> h (T, *h_shape), copied out of the memory map (float16 stays float16); zero at the steps
+    the samples did not record (``generate.h_steps``), so directions made from it edit nothing there."""
+    out, layout = {}, h_layout(read_manifest(run_dir))
     for b in iter_samples(run_dir, batch_size=256, ids=ids):
-        out.update({int(i): h.clone() for i, h in zip(b["sample_id"], b["h"])})
+        out.update({int(i): h for i, h in zip(b["sample_id"], layout.scatter(b["h"].clone()))})
     missing = set(map(int, ids)) - set(out)
     if missing:
         raise DatasetError(f"samples {sorted(missing)[:5]} are selected but not in the samples dataset")

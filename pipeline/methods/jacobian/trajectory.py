@@ -70,7 +70,7 @@ def _get(sample, name: str):
 
 
 def sample_trajectory(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sample's own trajectory: x_t entering every step (T, 3, H, W) and h_t (T, C, H, W).
+    """The sample's own trajectory: x_t entering every step (T, *latent_shape) and h_t (T, *h_shape).
 
     sample: a seed (int); or a :class:`~pipeline.engine.model.SampleOutput`-like object / dict of ONE
     sample with ``x_T`` ((1, 3, H, W) or (3, H, W)) and, for eta > 0, its step noise ``noise``
@@ -87,8 +87,8 @@ def sample_trajectory(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
         latents, h = _get(sample, "latents"), _get(sample, "h")
         if latents is not None and h is not None:
             latents, h = torch.as_tensor(latents), torch.as_tensor(h)
-            if latents.ndim == 5:
-                if len(latents) != 1 or h.ndim != 5 or len(h) != 1:
+            if latents.ndim == 2 + len(model.latent_shape):  # a batch (B, T, *latent_shape)
+                if len(latents) != 1 or h.ndim != 2 + len(model.h_shape) or len(h) != 1:
                     raise InputError(f"give one sample, not a batch of {len(latents)}: slice it (e.g. out.latents[i:i+1])")
                 latents, h = latents[0], h[0]
             if latents.shape[0] != T or h.shape[0] != T:
@@ -257,17 +257,18 @@ def global_at_index(V: torch.Tensor, S: torch.Tensor, tau: int, index: int | Non
 
         delta[i] = S[i, index] * V[tau, index]
 
-    V: (T, k, C, H, W); S: (T, k) -> (T, C, H, W), or (k, T, C, H, W) for all indices when
+    V: (T, k, *h_shape); S: (T, k) -> (T, *h_shape), or (k, T, *h_shape) for all indices when
     ``index`` is None (one trajectory per direction, ready as ``delta_h`` with scale 1; the
     demo scales are 50-100 for unit singular values, smaller here as S already carries the scale).
     """
-    if V.ndim != 5 or S.ndim != 2 or tuple(S.shape) != tuple(V.shape[:2]):
-        raise InputError(f"V must be (T, k, C, H, W) and S (T, k); got {tuple(V.shape)} and {tuple(S.shape)}")
+    if V.ndim < 4 or S.ndim != 2 or tuple(S.shape) != tuple(V.shape[:2]):
+        raise InputError(f"V must be (T, k, *h_shape) and S (T, k); got {tuple(V.shape)} and {tuple(S.shape)}")
     T, k = S.shape
     if not -T <= tau < T:
         raise InputError(f"tau {tau} out of range 0..{T - 1}")
+    per_h = (None,) * (V.ndim - 2)  # S broadcast over h's dimensions
     if index is None:
-        return S.T[:, :, None, None, None] * V[tau][:, None]
+        return S.T[(..., *per_h)] * V[tau][:, None]
     if not -k <= index < k:
         raise InputError(f"index {index} out of range 0..{k - 1}")
-    return S[:, index, None, None, None] * V[tau, index][None]
+    return S[(slice(None), index, *per_h)] * V[tau, index][None]
