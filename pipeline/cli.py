@@ -38,6 +38,7 @@ USAGE = {
     "edit": (("edit",), "hspace edit edit.directions=supervised edit.names=[smile] edit.scales=[-3,0,3]"),
     "sample": (("sample",), "hspace sample sample.directions=supervised sample.direction=smile sample.scales=[-3,0,3]"),
     "explore": (("evaluate.scorer", "supervised.real.fixed_point_iterations"), "hspace explore run_dir=runs/demo --port 7861"),
+    "sae": (("sae",), "hspace sae sae.feed=token sae.num_latents=2048 sae.k=16 trainer.devices=2"),
     "train-toy": (("train_toy",), "hspace train-toy train_toy.steps=2000 train_toy.out_dir=runs/my-toy"),
     "finetune-toy": (("finetune_toy",), "hspace finetune-toy finetune_toy.steps=1000"),
     "train-toy-annotator": (("train_toy_annotator",), "hspace train-toy-annotator train_toy_annotator.steps=2000"),
@@ -115,7 +116,14 @@ def stage_usage(name: str) -> str:
     return text + shared + (f"\nexample:\n  {example}\n" if example else "")
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line and exit status 2, as every other problem the user can fix."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
     """A sub-command's parser whose --help ends with the command's keys, defaults and example (the
     configuration schema is imported only when help is asked for)."""
 
@@ -130,13 +138,6 @@ def commands() -> dict:
     return {"run": (run, "the main job: every stage in order"),
             **{name: (st.run, st.help) for name, st in COMMANDS.items()},
             "config": (print_config, "print the resolved configuration")}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line and exit status 2, as every other problem the user can fix."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _port(text: str) -> int:

@@ -246,8 +246,8 @@ def test_export_png_carries_how_it_was_made(session, model):
     assert meta["model"] == str(model.name_or_path) and meta["steps"] == T and meta["size"] == 128
     assert [(c["file"], c["index"], c["name"], c["scale"]) for c in meta["sliders"]] == [
         ("supervised", 0, "smile", 1.5), ("pca", 1, "pc2", -2.0)]
-    again = model.sample([4], delta_h=compose([session.direction("supervised", 0), session.direction("pca", 1)],
-                                              [1.5, -2.0]), steps=range(2, 18), asyrp=True)
+    again = model.sample([4], Edit(delta=compose([session.direction("supervised", 0), session.direction("pca", 1)],
+                                                 [1.5, -2.0]), steps=range(2, 18), asyrp=True))
     np.testing.assert_array_equal(view.edited, to_uint8(again.images[0]))  # the metadata remake the image
 
 

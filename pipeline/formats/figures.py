@@ -217,11 +217,10 @@ def curves_by_attribute(table, y: str, out: Path, *, ylabel: str, x: str = "n", 
 
 
 def _x_axis(ax, values: list, timesteps: Sequence[int] | None, steps: int) -> None:
-    """A log axis ticked at ``values`` (n per side; every other label on a crowded axis), or with ``timesteps``,
-    steps 0..steps-1 labelled by timestep."""
+    """A log axis ticked at ``values`` (n per side), or with ``timesteps``, steps 0..steps-1 labelled by timestep."""
     if timesteps is None:
         ax.set_xscale("log")
-        ax.set_xticks(values, [str(v) if i % 2 == 0 or v == values[-1] else "" for i, v in enumerate(values)])
+        ax.set_xticks(values, [str(v) for v in values])
         ax.minorticks_off()
         return
     ticks = list(range(0, steps, max(1, steps // 4)))

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pipeline.errors import DatasetError, InputError
 from pipeline.formats.directions import _META_KEY, read_tensors
 from pipeline.formats.identity import safetensors_metadata
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import save_safetensors, write_json_atomic
 from pipeline.methods.sae import decode, encode, examples, sparse_coder, to_h
 
 
@@ -100,8 +99,7 @@ def save_sae(run_dir, model: SAEModel, record: dict | None = None) -> Path:
             "h_shape": list(model.h_shape), "T": int(model.T), "sparsity": model.sparsity, "info": model.info or {}}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.coder.state_dict().items()}
     path = folder / "sae.safetensors"
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta), **(safetensors_metadata(record) if record else {})})
+    save_safetensors(tensors, path, {_META_KEY: json.dumps(meta), **(safetensors_metadata(record) if record else {})})
     cfg = model.coder.cfg
     write_json_atomic(folder / "cfg.json", {**cfg.to_dict(), "d_in": model.coder.d_in})
     return path

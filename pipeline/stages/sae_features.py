@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import to_dict
 from pipeline.formats.directions import Directions, load_directions, save_directions
 from pipeline.formats.identity import FOLDER_RECORD
 from pipeline.formats.sae import SAEModel, sae_dir
 from pipeline.formats.samples import read_manifest
-from pipeline.io import atomic_path, write_json_atomic, write_text_atomic
+from pipeline.io import save_safetensors, write_json_atomic, write_text_atomic
 from pipeline.methods.sae import CorrelationSums, FeatureStats, best_features, decode, encode, per_sample_activations
 from pipeline.methods.sae_plan import held_out
 from pipeline.stages.lightning_utils import (
@@ -136,8 +136,7 @@ class FeaturesModule(ItemModule):
         tensors.update({f"corr.{i}": t for i, t in enumerate(self.corr.tensors())})
         if self.pca_corr is not None:
             tensors.update({f"pca.{i}": t for i, t in enumerate(self.pca_corr.tensors())})
-        with atomic_path(self.partial()) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_safetensors(tensors, self.partial())
 
     def merged(self) -> tuple[dict, CorrelationSums, CorrelationSums | None]:
         world = self.trainer.world_size

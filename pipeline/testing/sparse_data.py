@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.formats.identity import make_record
-from pipeline.formats.samples import FORMAT, MANIFEST, samples_dir, write_shard
-from pipeline.io import hash_json, write_json_atomic
+from pipeline.formats.samples import FORMAT, finalise_manifest, samples_dir, write_shard
+from pipeline.io import hash_json
 
 
 def dictionary(num_atoms: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -58,13 +58,12 @@ def write_samples(run_dir, h: torch.Tensor, shard_size: int = 16, h_dtype: str =
         images = np.zeros((len(ids), 8, 8, 3), np.uint8)
         names.append(write_shard(folder / "shards", ids, ids, images, h[start:start + len(ids)], h_dtype).name)
     content = {"synthetic": hash_json(float(h.double().sum()), list(h.shape)), "h_dtype": h_dtype}
-    record = make_record("generate", content=[hash_json(content), list(range(first_id, first_id + N))])
     model = {"name_or_path": "synthetic", "timesteps": [int(999 - i * math.floor(1000 / T)) for i in range(T)],
              "h_shape": list(h.shape[2:]), "eta": [0.0] * T}
-    write_json_atomic(folder / MANIFEST, {"format": FORMAT, "identity": content, "identity_hash": hash_json(content),
-                                          "model": model, "h_shape_t": list(h.shape[1:]), "h_dtype": h_dtype,
-                                          "image_shape": [3, 8, 8], "latent_shape": [3, 8, 8], "shards": names,
-                                          "num_samples": N, "complete": True, "record": record})
+    manifest = {"format": FORMAT, "identity": content, "identity_hash": hash_json(content), "model": model,
+                "h_shape_t": list(h.shape[1:]), "h_dtype": h_dtype, "h_steps": list(range(T)),
+                "image_shape": [3, 8, 8], "latent_shape": [3, 8, 8]}
+    finalise_manifest(run_dir, manifest, set(range(first_id, first_id + N)), make_record("generate"), {})
     return folder
 
 
