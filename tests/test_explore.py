@@ -259,7 +259,7 @@ def test_bad_input_is_one_clear_error(session, model, tmp_path):
     shutil.copytree(session.run_dir, bad)
     save_directions(Directions(torch.zeros(1, T, 64, 8, 8), ["x"], "pca/per-step", model.timesteps.tolist()),
                     bad / "directions" / "other.safetensors")
-    with pytest.raises(DatasetError, match=r"holds directions of shape \(T, C, H, W\) = \(20, 64, 8, 8\)"):
+    with pytest.raises(DatasetError, match=r"holds directions of shape \(T, \*h_shape\) = \(20, 64, 8, 8\)"):
         ExploreSession(model, bad)
     text = tmp_path / "notes.png"
     text.write_text("not an image")

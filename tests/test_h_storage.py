@@ -112,6 +112,7 @@ def write_token_model(folder: Path) -> Path:
     (folder / "transformer").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in TinyTokenNet().state_dict().items()},
               str(folder / "transformer" / "model.safetensors"))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "TinyTokenNet"}))  # the layout's
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "TokenTestPipeline", "transformer": ["test_families", "TinyTokenNet"],
