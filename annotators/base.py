@@ -189,13 +189,27 @@ def _missing(cfg, key: str, value, wanted: list, columns, what: str) -> None:
                           f"{', '.join(columns)}")
 
 
-def check_columns(cfg) -> None:
+#: the commands whose columns come from the configured annotators (annotate.annotators; a lone `hspace select`
+#: reads the run's annotations file, whatever annotated it, and checks its columns itself) and scorer
+COLUMNS_FROM_ANNOTATORS = ("annotate", "run", "config")
+COLUMNS_FROM_SCORER = ("evaluate", "run", "config")
+
+
+def check_columns(cfg, command: str = "run") -> None:
     """Check, before any work, that the attribute names the configuration asks for are among the
-    columns its annotators give: select.attributes and select.balance against annotate.annotators
-    with their options (names known, options accepted, no clashing columns), evaluate.attributes,
-    own_attribute's columns and quality_score against the scorer and the quality annotator. The CLI
-    calls it once, right after loading the configuration. Annotators that do not declare their
-    columns (see :meth:`Annotator.columns`) are checked once built."""
+    columns its annotators give: for the commands that annotate (:data:`COLUMNS_FROM_ANNOTATORS`),
+    select.attributes and select.balance against annotate.annotators with their options (names known,
+    options accepted, no clashing columns); for those that score (:data:`COLUMNS_FROM_SCORER`),
+    evaluate.attributes, own_attribute's columns and quality_score against the scorer and the quality
+    annotator. The CLI calls it once, right after loading the configuration. Annotators that do not
+    declare their columns (see :meth:`Annotator.columns`) are checked once built."""
+    if command in COLUMNS_FROM_ANNOTATORS:
+        _check_annotator_columns(cfg)
+    if command in COLUMNS_FROM_SCORER:
+        _check_scorer_columns(cfg)
+
+
+def _check_annotator_columns(cfg) -> None:
     a = cfg.annotate
     declared = {k: declared_columns(k, a.options.get(k)) for k in a.annotators}
     if all(cols is not None for cols in declared.values()):
@@ -205,6 +219,9 @@ def check_columns(cfg) -> None:
         sel = cfg.select
         _missing(cfg, "select.attributes", sel.attributes, list(sel.attributes), columns, what)
         _missing(cfg, "select.balance", sel.balance, [sel.balance] if sel.balance else [], columns, what)
+
+
+def _check_scorer_columns(cfg) -> None:
     ev = cfg.evaluate
     scorer = declared_columns(ev.scorer, ev.scorer_options)
     if scorer is not None:

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config if args.config is not None else ("conf.yaml" if Path("conf.yaml").exists() else None)
         record_command(sys.argv[1:] if argv is None else argv, path)
         cfg = load_config(path, args.overrides)
-        check_columns(cfg)  # the attributes asked for against the annotators' columns: before any command
+        check_columns(cfg, args.stage)  # the attributes asked for against the annotators' columns: before any work
         if args.stage == "run":
             from pipeline.stages.run import check_plan
 

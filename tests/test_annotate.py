@@ -120,7 +120,7 @@ def test_unknown_annotator_and_missing_weights_are_clear(samples_run, tmp_path, 
     run = copy_run(samples_run, tmp_path)
     out = hspace("annotate", run, tiny_model_dir, "annotate.annotators=[nope]", check=False)
     assert out.returncode == 2 and "unknown annotator 'nope'" in out.stderr
-    out = hspace("annotate", run, tiny_model_dir, "annotate.annotators=[celeba]",
+    out = hspace("annotate", run, tiny_model_dir, "annotate.annotators=[celeba]", "select.attributes=[Smiling]",
                  "annotate.options={celeba: {checkpoint: /no/such/file.pt}}", check=False)
     assert out.returncode == 2 and "/no/such/file.pt" in out.stderr and "Traceback" not in out.stderr
 

@@ -72,7 +72,7 @@ def test_a_file_merges_sections_and_replaces_mappings(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("evaluate:\n  scorer_options: {prompts: paper}\nmodel:\n  eta: 1.0\n")
     cfg = load_config(f, ["model.num_inference_steps=4"])
-    assert cfg.model.eta == 1.0 and cfg.model.hook == "after" and cfg.model.num_inference_steps == 4
+    assert cfg.model.eta == 1.0 and cfg.model.hook is None and cfg.model.num_inference_steps == 4
     assert cfg.evaluate.scorer_options == {"prompts": "paper"}
     base = load_config(PAPER)
     f.write_text(PAPER.read_text() + "\ndisentangle:\n  pairs: {Smiling: [Male]}\n")

@@ -359,7 +359,7 @@ def test_text_settings_are_refused_for_a_model_that_takes_no_text(tiny_model_dir
     base = [f"model.name_or_path={tiny_model_dir}", "model.num_inference_steps=2", "model.device=cpu"]
     assert HSpaceModel.from_config(load_config(None, base)).kind == "pixel"  # the defaults are no setting
     with pytest.raises(ConfigError, match=r"^model.prompt='a face', model.guidance_scale=3.0: .* is a pixel model, "
-                                          r"which takes no text; remove the setting"):
+                                          r"which takes no prompt, class or size setting; remove the setting"):
         HSpaceModel.from_config(load_config(None, [*base, "model.prompt=a face", "model.guidance_scale=3"]))
 
 

@@ -422,7 +422,7 @@ def test_browser_typed_scale_upload_clear_and_export(browser, app, app_session, 
     assert page.locator("#scale-0 input[type=range]").get_attribute("max") == "3"  # the file's scales: +-3
     _set_scale(page, 0, 4.5)  # beyond the range
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('beyond its range')")
-    ref = model.sample([0], delta_h=4.5 * session.direction("supervised", 0))
+    ref = model.sample([0], Edit(delta=4.5 * session.direction("supervised", 0)))
     np.testing.assert_array_equal(_shown_image(page, app, "edited"), to_uint8(ref.images[0]))
     page.wait_for_function("() => document.querySelector('#scale-0 input[type=range]').getAttribute('max') === '4.5'")
     assert page.locator("#scale-0 input[type=number]").input_value() == "4.5"

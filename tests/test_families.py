@@ -492,9 +492,19 @@ def write_tiny_clip_hub(cache: Path, repo: str = "hspace-test/tiny-clip") -> str
     return f"hf-hub:{repo}"
 
 
+#: per family config: what points it at its tiny model (tiny_families' tiny models sample at their own small size)
+TINY_OVERRIDES = {"conf.ldm.yaml": [], "conf.sd.yaml": ["model.guidance_scale=3"],
+                  "conf.sdxl.yaml": ["generate.h_steps=null"], "conf.pixart.yaml": ["generate.h_steps=[0,2]"],
+                  "conf.sd3.yaml": ["generate.h_steps=null"],
+                  "conf.flux.yaml": ["generate.h_steps=null", "model.height=16", "model.width=16"],  # its default: 1024 px
+                  "conf.dit.yaml": ["model.class_label=goldfish"]}
+TINY_FOLDER = {"conf.sdxl.yaml": "sdxl", "conf.pixart.yaml": "pixart_sigma", "conf.sd3.yaml": "sd3",
+               "conf.flux.yaml": "flux", "conf.dit.yaml": "dit"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("conf", ["conf.ldm.yaml", "conf.sd.yaml"])
-def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, conf):
+@pytest.mark.parametrize("conf", list(TINY_OVERRIDES))
+def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, tiny_family_folders, conf):
     """`hspace run --config conf.<family>.yaml`, pointed at a tiny model and a tiny random CLIP by
     overrides, runs every stage and writes the report; text samples carry their prompts."""
     from test_run import hspace_run
@@ -502,31 +512,34 @@ def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, conf):
     from pipeline.formats.samples import iter_samples
 
     root = Path(__file__).resolve().parents[1]
-    model = write_ldm(tmp_path / "model") if "ldm" in conf else write_sd(tmp_path / "model")
+    if conf in TINY_FOLDER:
+        model = tiny_family_folders[TINY_FOLDER[conf]]
+    else:
+        model = write_ldm(tmp_path / "model") if "ldm" in conf else write_sd(tmp_path / "model")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     clip = write_tiny_clip_hub(tmp_path / "hub")
     run = tmp_path / "run"
     args = ["--config", str(root / conf), f"run_dir={run}", f"model.name_or_path={model}", "model.num_inference_steps=3",
             "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto",
-            "trainer.precision=32-true", "generate.num_samples=12", "generate.batch_size=6", "annotate.annotators=[clip]",
-            f"annotate.options={{clip: {{model: ViT-B-32, pretrained: '{clip}', prompts: celeba40}}}}",
+            "trainer.precision=32-true", "generate.num_samples=12", "generate.batch_size=6",
+            f"annotate.options.clip.pretrained={clip}", "annotate.options.clip.model=ViT-B-32",
             "annotate.batch_size=12", "select.n=3", "select.contact_sheet_size=2", "pca.n_components=3",
             "jacobian.sample_ids=[0]", "jacobian.k=2", "jacobian.tau=1", "supervised.convergence_ns=[1,3]",
             "supervised.convergence_draws=2", "edit.seeds=[100,101]", "edit.batch_size=16", "evaluate.num_samples=3",
             "evaluate.repeats=2", "evaluate.batch_size=16", "evaluate.quality=null", "evaluate.pca_components=2",
-            "evaluate.bootstrap=10",
-            f"evaluate.scorer_options={{model: ViT-B-32, pretrained: '{clip}', prompts: paper}}",
-            "report.pca_components=2", "report.jacobian_directions=2"]
-    if "sd" in conf:
+            "evaluate.bootstrap=10", f"evaluate.scorer_options.pretrained={clip}", "evaluate.scorer_options.model=ViT-B-32",
+            "report.pca_components=2", "report.jacobian_directions=2", *TINY_OVERRIDES[conf]]
+    texts = conf not in ("conf.ldm.yaml", "conf.dit.yaml")
+    if texts:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS[i % 2] for i in range(12)) + "\n")
-        args += [f"generate.prompts_file={prompts}", "model.guidance_scale=3"]
+        args.append(f"generate.prompts_file={prompts}")
     hspace_run(tmp_path, *args)
     assert (run / "report" / "index.html").exists()
     stored = {int(i): p for b in iter_samples(run, h=False) for i, p in zip(b["sample_id"], b.get("prompt", [None] * 99))}
     assert sorted(stored) == list(range(12))
-    assert list(stored.values()) == ([PROMPTS[i % 2] for i in range(12)] if "sd" in conf else [None] * 12)
+    assert list(stored.values()) == ([PROMPTS[i % 2] for i in range(12)] if texts else [None] * 12)
 
 
 @pytest.mark.slow

@@ -247,6 +247,31 @@ def test_wrong_inputs_are_one_line_input_errors(models):
     assert dit.sample(SEEDS[:1], class_label=" Carassius AURATUS").h.shape[0] == 1  # any synonym, any case
 
 
+def test_the_configuration_builds_each_family_with_its_settings_and_refuses_others(tiny_family_folders):
+    """from_config: model.hook null is the family's default hook, guidance_scale null the pipeline's;
+    class_label and max_sequence_length reach the family; a setting the family does not take is one line."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    def build(family, *overrides):
+        return HSpaceModel.from_config(load_config(None, [f"model.name_or_path={tiny_family_folders[family]}",
+                                                          f"model.num_inference_steps={STEPS}", "model.device=cpu",
+                                                          *overrides]))
+
+    dit = build("dit", "model.class_label=goldfish")
+    assert (dit.hook_point, dit.family.guidance_scale, dit.family.class_label) == ("transformer_blocks.1", 4.0, "goldfish")
+    pixart = build("pixart_sigma", "model.max_sequence_length=12", "model.guidance_scale=2", "model.prompt=a cat")
+    assert (pixart.family.max_sequence_length, pixart.family.guidance_scale, pixart.family.prompt) == (12, 2.0, "a cat")
+    assert pixart.family.encode_prompts(["a cat"])["mask"].shape == (1, 12)
+    assert build("sdxl").family.guidance_scale == 5.0 and build("sdxl", "model.hook=up_blocks.0").hook_point == "up_blocks.0"
+    for family, setting, takes in [("dit", "model.prompt=a cat", "model.class_label, model.guidance_scale"),
+                                   ("sdxl", "model.class_label=3", "model.prompt, model.negative_prompt, model.guidance_scale"),
+                                   ("pixart_sigma", "model.height=256", "model.max_sequence_length")]:
+        with pytest.raises(ConfigError, match=rf"^{setting.split('=')[0]}=.*is a \w+ model, which takes .*{takes}.*; "
+                                              r"remove the setting$"):
+            build(family, setting)
+
+
 # ---------------------------------------------------------------------- DDIM as diffusers steps it
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("linspace", 0), ("trailing", 0)])
 @pytest.mark.parametrize("eta", [0.0, 0.7])

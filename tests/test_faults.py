@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def cli(capsys, monkeypatch, stage, *args) -> tuple[int, str]:
     from pipeline.cli import main
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.chdir(TESTS.parent / "docs")  # no conf.yaml here: only the defaults and the arguments
+    monkeypatch.chdir(tempfile.mkdtemp(prefix="hspace-cli-"))  # no conf.yaml: only the defaults and the arguments
     capsys.readouterr()
     try:
         rc = main([stage, *map(str, args)])
@@ -347,13 +348,14 @@ def test_real_image_folders_name_a_bad_file_and_say_once_that_they_resize(annota
         for i in range(2):
             Image.fromarray(np.full((24, 20, 3), value + i, np.uint8)).save(folder / f"{i}.png")
     (pos / "notes.png").write_text("not an image")
-    real = [f"supervised.real.positive_dir={pos}", f"supervised.real.negative_dir={neg}", "supervised.convergence_ns=[1]"]
+    real = [f"supervised.real.positive_dir={pos}", f"supervised.real.negative_dir={neg}", "supervised.convergence_ns=[1]",
+            "calibrate.enabled=false"]
     rc, err = cli(capsys, monkeypatch, "supervised", *args, *real)
     assert rc == 2 and str(pos / "notes.png") in err and one_error(err, "supervised")
     assert not (run / "directions" / "real.safetensors").exists()
     (pos / "notes.png").unlink()
     rc, err = cli(capsys, monkeypatch, "supervised", *args, *real)
-    assert rc == 0 and err.count("hspace supervised: warning:") == 2  # once per folder, not once per image
+    assert rc == 0 and err.count("hspace supervised: warning:") == 2, err  # once per folder, not once per image
 
 
 # ---------------------------------------------------------------------- 7, 8: signals and the lock

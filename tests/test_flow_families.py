@@ -185,6 +185,34 @@ def test_the_prediction_is_differentiable_in_h(folders, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_jacobian_directions_are_eps_s_and_exist_at_the_first_step(folders, family):
+    """eps_t = x_t + (1 - s) v: at the first step (s = 1) it does not depend on h (its Jacobian is zero),
+    and later J_eps = (1 - s) J_v. The directions come from v: at step 1 they span the top right singular
+    subspace of eps's full Jacobian (an SVD), and at step 0 they exist with positive singular values."""
+    from pipeline.methods.jacobian.products import explicit_jacobian
+    from pipeline.methods.jacobian.trajectory import jacobian_directions
+
+    m = model(folders, family, precision="64-true", guidance_scale=1.0)
+    out = m.sample(SEEDS[:1], return_latents=True)
+    x, h = out.latents[:, 0].double(), out.h[:, 0].double()
+    with autograd_context():
+        J0 = explicit_jacobian(lambda hh: m.eps_given_h(x.expand(len(hh), *x.shape[1:]), 0,
+                                                        hh.reshape(-1, *m.h_shape)).reshape(len(hh), -1), h.reshape(1, -1))
+    assert J0.abs().max() == 0
+    first = jacobian_directions(m, out, 0, k=2, tol=1e-6)
+    assert first.converged and (first.singular_values > 0).all()
+    step = 1
+    x, h = out.latents[:, step].double(), out.h[:, step].double()
+    with autograd_context():
+        J = explicit_jacobian(lambda hh: m.eps_given_h(x.expand(len(hh), *x.shape[1:]), step,
+                                                       hh.reshape(-1, *m.h_shape)).reshape(len(hh), -1), h.reshape(1, -1))
+    V = torch.linalg.svd(J.double(), full_matrices=False).Vh[:2].T  # (d, 2)
+    got = jacobian_directions(m, out, step, k=2, tol=1e-6).directions.reshape(2, -1).double().T
+    overlap = torch.linalg.svdvals(V.T @ got)  # cosines of the principal angles
+    assert overlap.min() > 0.999
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_prompt_set_for_a_block_is_the_prompt_of_a_call_and_is_undone_after(folders, family):
     """``model.prompted`` (the stages' regeneration of a stored sample) samples as the prompt given per
     call, and leaves every default as it was."""

@@ -104,7 +104,7 @@ def test_paper_config_is_valid():
 def test_config_overrides_and_validation(tmp_path):
     cfg = load_config(None, ["model.eta=[0, 1, 1]", "model.num_inference_steps=3", "run_dir=/x"])
     assert list(cfg.model.eta) == [0, 1, 1] and cfg.model.num_inference_steps == 3 and cfg.run_dir == "/x"
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.nme'.*valid keys under 'model': device, eta"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.nme'.*valid keys under 'model': class_label, device, eta"):
         load_config(None, ["model.nme=x"])
     with pytest.raises(ConfigError, match="model.num_inference_steps"):
         load_config(None, ["model.num_inference_steps=many"])
@@ -177,4 +177,4 @@ def test_cli_sample_writes_a_grid(tiny_model_dir, tmp_path):
     assert rc == 0 and out.exists()
     from PIL import Image
 
-    assert Image.open(out).size[1] > Image.open(out).size[0]  # 3 rows, 1 column
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # plain samples: 3 seeds in one row

@@ -54,15 +54,34 @@ class ModelConfig(Section):
     eta: Union[NonNegFloat, List[NonNegFloat]] = Field(
         0.0, description="0 = DDIM (the embedded default), 1 = DDPM-like (the paper), or a list of T values",
         **_accepts("a number >= 0 (0 DDIM, 1 DDPM-like) or a list of T such numbers"))
-    hook: str = Field("after", pattern=r"^[A-Za-z_]\w*(\.\w+)*$",
-                      description='h = mid-block output ("after"), its input ("before"), or the output of a U-Net '
-                      'module by dotted path (up_blocks.0, down_blocks.3.resnets.1); checked against the model',
-                      **_accepts("after, before or a dotted module path of the U-Net (up_blocks.0)"))
+    hook: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_]\w*(\.\w+)*$",
+        description='h = mid-block output ("after"), its input ("before"), or the output of a module of the denoiser '
+        'by dotted path (up_blocks.0, transformer_blocks.14); null: the family\'s default (after a U-Net\'s mid '
+        'block, a transformer\'s middle block: docs/families.md); checked against the model',
+        **_accepts("null, after, before or a dotted module path of the denoiser (up_blocks.0, transformer_blocks.14)"))
     prompt: str = Field("", description="text-to-image models: the prompt of every sample unless generate.prompts "
                         "says otherwise, and of edits and evaluation")
-    negative_prompt: str = Field("", description="text-to-image models: the unconditional branch's prompt")
-    guidance_scale: float = Field(7.5, ge=0, description="text-to-image models: classifier-free guidance (1: one "
-                                  "conditional pass; h is the conditional branch's, edits go into both)")
+    negative_prompt: str = Field("", description="text-to-image models: the unconditional branch's prompt (FLUX has "
+                                 "none)")
+    guidance_scale: Optional[NonNegFloat] = Field(
+        None, description="text-to-image and class-conditional models: classifier-free guidance (1: one conditional "
+        "pass; h is the conditional branch's, edits go into both); null: the family's pipeline default (SD 7.5, SDXL "
+        "5, PixArt 4.5, DiT 4, SD3 7, FLUX 3.5, FLUX's distilled guidance in one pass)",
+        **_accepts("null or a number >= 0"))
+    class_label: Union[NonNegInt, str, None] = Field(
+        None, description="class-conditional models (DiT): the class of every sample, an index or a name of the "
+        "model's id2label (golden retriever); null: the null class (unconditional samples)",
+        **_accepts("null, a class index >= 0 or a class name of the model's id2label"))
+    height: Optional[Annotated[int, Field(ge=1)]] = Field(
+        None, description="SD3, FLUX: image height in pixels, fixed when the model is built; null: the pipeline's "
+        "default (1024)", **_accepts("null or an integer >= 1"))
+    width: Optional[Annotated[int, Field(ge=1)]] = Field(
+        None, description="SD3, FLUX: image width in pixels; null: the pipeline's default (1024)",
+        **_accepts("null or an integer >= 1"))
+    max_sequence_length: Optional[Annotated[int, Field(ge=1)]] = Field(
+        None, description="T5 models (PixArt, SD3, FLUX): text tokens per prompt; null: the pipeline's default "
+        "(PixArt-alpha 120, Sigma 300, SD3 256, FLUX 512)", **_accepts("null or an integer >= 1"))
     device: Optional[str] = Field(None, description="null: cuda if available, else cpu (stages take it from `trainer`)")
 
 

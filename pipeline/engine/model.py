@@ -42,6 +42,12 @@ RENAMED = {"delta_h": "Edit(delta=...)", "replace_h": "Edit(replace=...)", "dx_T
            "steps": "Edit(steps=...)", "asyrp": "Edit(asyrp=...)", "dtype": "precision= ('16-true', 'bf16-true', ...)"}
 
 
+#: the model section's settings passed to the family when not at their defaults (which the family takes:
+#: :meth:`~pipeline.engine.families.Family.settings`)
+CONDITION_SETTINGS = ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width",
+                      "max_sequence_length")
+
+
 def refuse_renamed(kwargs: dict) -> None:
     """A keyword of the earlier API is one line saying what replaced it."""
     old = [k for k in kwargs if k in RENAMED]
@@ -142,22 +148,25 @@ class HSpaceModel:
         under_trainer: a Lightning Trainer runs the model (generate, jacobian, evaluate): it is built on
         the CPU and Lightning moves it to each rank's device. The engine applies the precision itself
         either way (Lightning's own at the same setting then changes nothing), so that the networks
-        Lightning does not see (the autoencoder, the text encoder) follow it too. Text settings
-        (``model.prompt``, ...) other than their defaults are refused for a model that takes no text."""
+        Lightning does not see (the autoencoder, the text encoder) follow it too. The conditioning settings
+        (``model.prompt``, ``class_label``, ``height``, ...) given are passed on; one the family does not take
+        is refused in one line."""
+        from pipeline.engine.loading import load_pipeline
+
         m = cfg.model
-        model = cls.from_pretrained(m.name_or_path, num_inference_steps=m.num_inference_steps, eta=m.eta, hook=m.hook,
-                                    device="cpu" if under_trainer else m.device,
-                                    precision=cfg.trainer.precision if precision is None else precision)
+        precision = cfg.trainer.precision if precision is None else precision
+        parts = load_pipeline(m.name_or_path, dtype=weights_dtype(precision))
         fields = type(m).model_fields
-        given = {k: getattr(m, k) for k in ("prompt", "negative_prompt", "guidance_scale")
-                 if k in fields and getattr(m, k) != fields[k].default}
-        other = [k for k in given if k not in model.family.condition_inputs]
+        given = {k: getattr(m, k) for k in CONDITION_SETTINGS if k in fields and getattr(m, k) != fields[k].default}
+        other = [k for k in given if k not in parts["family"].settings()]
         if other:
+            family = parts["family"]
+            takes = ", ".join(f"model.{k}" for k in family.settings()) or "no prompt, class or size setting"
             settings = ", ".join(f"model.{k}={given[k]!r}" for k in other)
-            raise ConfigError(f"{settings}: {m.name_or_path} is a {model.kind} model, which takes no text; "
-                              f"remove the setting (it applies to text-to-image models)")
-        model.family.set_defaults(**given)
-        return model
+            raise ConfigError(f"{settings}: {m.name_or_path} is a {family.kind} model, which takes {takes}; "
+                              f"remove the setting")
+        return cls(parts["family"], parts["scheduler"], m.num_inference_steps, m.eta, m.hook,
+                   "cpu" if under_trainer else m.device, precision, name_or_path=str(m.name_or_path), **given)
 
     def _probe_h(self) -> tuple[int, ...]:
         """h_shape, from one pass of a batch of one; refuses a hook point whose output is not h."""
@@ -219,7 +228,8 @@ class HSpaceModel:
 
     @property
     def kind(self) -> str:
-        """The model family: ``pixel``, ``latent``, ``text`` (SD 1.x/2.x), ``sdxl``, ``dit`` or ``pixart``."""
+        """The model family: ``pixel``, ``latent``, ``text`` (SD 1.x/2.x), ``sdxl``, ``dit``, ``pixart``, ``sd3``
+        or ``flux``."""
         return self.family.kind
 
     @property
@@ -232,7 +242,7 @@ class HSpaceModel:
 
     @property
     def prompt(self) -> str | None:
-        """A text model's default prompt (None for other models)."""
+        """A text model's default prompt (None for a model that takes no prompt)."""
         return self.family.defaults().get("prompt")
 
     @property
@@ -311,6 +321,13 @@ class HSpaceModel:
         Under guidance the unconditional branch's h moves by the same offset (as an edit does)."""
         with self.hook.editing(replace=h):
             return self.eps(x_t, step, cond)
+
+    def jacobian_output_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor, cond=None) -> torch.Tensor:
+        """What the Jacobian directions differentiate, with h replaced by ``h``: eps_t (a flow model's
+        velocity, whose Jacobian is eps_t's up to the factor 1 - s: :meth:`Schedule.jacobian_output`)."""
+        with self.hook.editing(replace=h):
+            x0, eps = self.predict(x_t, step, cond)
+            return self.schedule.jacobian_output(x0, eps, step).float()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

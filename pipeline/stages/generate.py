@@ -124,7 +124,7 @@ def prompts_from_config(g) -> list[str]:
 def sample_prompts(cfg, model: HSpaceModel, prompts: list[str]) -> dict | None:
     """A text model's prompt assignment: {"first_seed", "prompts"} (one for all, or one per sample,
     from :func:`prompts_from_config`, else model.prompt); None for other models."""
-    if model.kind != "text":
+    if model.prompt is None:
         if prompts:
             raise ConfigError(f"generate.prompts / generate.prompts_file apply to text-to-image models; "
                               f"{cfg.model.name_or_path} is a {model.kind} model")

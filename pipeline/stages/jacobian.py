@@ -173,7 +173,7 @@ def run_jacobian(cfg) -> Path:
     timesteps, name = model.timesteps.tolist(), model.name_or_path
     todo = Items(parts, ids)
     has_samples = (run_dir / "samples" / "manifest.json").exists()
-    prompts = read_prompts(run_dir, ids) if model.kind == "text" and has_samples else None
+    prompts = read_prompts(run_dir, ids) if model.prompt is not None and has_samples else None
     float32 = cfg.trainer.model_copy(update={"precision": "32-true"})  # tol is below half precision's rounding
     trainer = predict_parts(
         float32, JacobianModule(model, c, mask, prompts), todo, tag="jacobian",

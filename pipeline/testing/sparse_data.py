@@ -73,12 +73,11 @@ def write_annotations(run_dir, table) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.formats.identity import artefact_ids, parquet_metadata
+    from pipeline.formats.identity import artefact_ids, parquet_table
     from pipeline.io import atomic_path
 
     record = make_record("annotate", artefacts=artefact_ids(run_dir, ["samples"]))
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
     path = Path(run_dir) / "annotations.parquet"
     with atomic_path(path) as tmp:
-        pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **parquet_metadata(record)}), tmp)
+        pq.write_table(parquet_table(pa.Table.from_pandas(table, preserve_index=False), record), tmp)
     return path

@@ -36,15 +36,22 @@ class Family:
 
     ``kind``: the family's name; ``pipelines``: the model_index.json ``_class_name`` values it loads;
     ``condition_inputs``: the names of its conditioning inputs (``prompt``, ...), which
-    :meth:`conditioning` takes per call and :meth:`set_defaults` sets for every call."""
+    :meth:`conditioning` takes per call and :meth:`set_defaults` sets for every call;
+    ``build_settings``: what :meth:`set_defaults` also takes, when the model is built only (an image size)."""
 
     kind: ClassVar[str] = "base"
     pipelines: ClassVar[tuple[str, ...]] = ()
     condition_inputs: ClassVar[tuple[str, ...]] = ()
+    build_settings: ClassVar[tuple[str, ...]] = ()
 
     @property
     def conditional(self) -> bool:
         return bool(self.condition_inputs)
+
+    @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        """Every setting the model takes when it is built: its conditioning inputs and build settings."""
+        return cls.condition_inputs + cls.build_settings
 
     @property
     def denoiser(self) -> nn.Module:

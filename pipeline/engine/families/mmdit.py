@@ -21,11 +21,8 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from pipeline.engine.families.text import TextFamily
+from pipeline.engine.families.text import TextFamily, check_positive_int
 from pipeline.errors import InputError, ModelLoadError
-
-#: settings fixed when the model is built (not per call)
-BUILD_SETTINGS = ("height", "width", "max_sequence_length")
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -58,6 +55,7 @@ class MMDiTFamily(TextFamily):
     prompts are encoded (:meth:`encode_prompts`) and the transformer called (:meth:`forward`)."""
 
     net_component = "transformer"
+    build_settings = ("height", "width", "max_sequence_length")
 
     transformer_class: ClassVar[str] = ""
     #: the text encoders as (kind, encoder component, tokenizer component); kind "clip", "t5" or "t5?" (optional)
@@ -115,8 +113,7 @@ class MMDiTFamily(TextFamily):
         new = {"height": self.height if height is None else height, "width": self.width if width is None else width,
                "max_sequence_length": self.max_sequence_length if max_sequence_length is None else max_sequence_length}
         for key, value in new.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
+            check_positive_int(key, value)
         if self._size_fixed and (new["height"], new["width"]) != (self.height, self.width):
             raise InputError(f"height and width of a {self.kind} model are set when it is built "
                              f"(HSpaceModel.from_pretrained(..., height=, width=)): its schedule depends on them")
@@ -133,7 +130,7 @@ class MMDiTFamily(TextFamily):
                                  f"try {max(1, round(side / self.size_multiple)) * self.size_multiple}")
 
     def _refuse(self, inputs: dict) -> None:
-        built = [k for k in inputs if k in BUILD_SETTINGS]
+        built = [k for k in inputs if k in self.build_settings]
         if built:
             raise InputError(f"{', '.join(built)} of a {self.kind} model are set when it is built "
                              f"(HSpaceModel.from_pretrained(..., {'=, '.join(built)}=)), not per call")

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.engine.families.text import Embedding, TextFamily
+from pipeline.engine.families.text import Embedding, TextFamily, check_positive_int
 
 #: T5 tokens per prompt, by pipeline (the pipelines' ``max_sequence_length`` defaults)
 MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -39,17 +39,25 @@ def drop_learned_sigma(out: torch.Tensor, channels: int) -> torch.Tensor:
 
 class PixArtFamily(TextFamily):
     """PixArt-alpha / Sigma; ``prompt``, ``negative_prompt`` and ``guidance_scale`` (default 4.5, the
-    pipelines')."""
+    pipelines'); ``max_sequence_length`` when built (default: the pipeline's)."""
 
     kind = "pixart"
     pipelines = tuple(MAX_SEQUENCE_LENGTH)
     net_component = "transformer"
     default_guidance = 4.5
+    build_settings = ("max_sequence_length",)
 
     def __init__(self, net: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module, tokenizer,
                  max_sequence_length: int = 120):
         super().__init__(net, autoencoder, text_encoder, tokenizer)
         self.max_sequence_length = int(max_sequence_length)
+
+    def set_defaults(self, prompt=None, negative_prompt=None, guidance_scale=None, max_sequence_length=None,
+                     **other) -> None:
+        if max_sequence_length is not None:
+            self.max_sequence_length = check_positive_int("max_sequence_length", max_sequence_length)
+            self._cache = None
+        super().set_defaults(prompt, negative_prompt, guidance_scale, **other)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Embedding:

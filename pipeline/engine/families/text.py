@@ -49,6 +49,13 @@ def check_guidance(scale: float) -> float:
     return scale
 
 
+def check_positive_int(key: str, value) -> int:
+    """A size setting (``height``, ``max_sequence_length``): a positive integer, else one line naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
 #: A batch's text embeddings: a tensor (B, L, D), or a dict of tensors with B rows each (``context``
 #: (B, L, D) and SDXL's, SD3's and FLUX's ``pooled`` (B, P), PixArt's attention ``mask`` (B, L), FLUX's
 #: ``guidance`` (B,))

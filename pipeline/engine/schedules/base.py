@@ -89,6 +89,10 @@ class Schedule(ABC):
         (P_t, eps_t) at the current estimate of x_t: solves ``x_next = step(P_t, eps_t)`` for x_t, exactly
         where the prediction is taken at the solution (the fixed point of :func:`ddim_inversion`)."""
 
+    def jacobian_output(self, x0: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
+        """What the Jacobian directions (Sec. 4.2, Alg. 1) differentiate with respect to h: eps_t."""
+        return eps
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, coef) -> torch.Tensor:
         """x_t of every step drawn around x_0 (B, *shape) with ``noise`` (B, T, *shape) -> (B, T, *shape)
         (edit-friendly inversion: stochastic schedules only)."""

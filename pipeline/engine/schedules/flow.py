@@ -128,6 +128,12 @@ class FlowMatchSchedule(Schedule):
         s, s_next = float(self._s[step]), float(self._s[step + 1])
         return x_next + (s - s_next) * (eps - x0)
 
+    def jacobian_output(self, x0, eps, step):
+        """The velocity v = eps_t - P_t: J_eps = (1 - s) J_v, so v's right singular vectors (the directions)
+        are eps's at every s < 1 and their limit at the first step, s = 1, where eps_t = x_t does not depend
+        on h; the singular values are v's."""
+        return eps - x0
+
     def describe(self) -> dict:
         return {**super().describe(), "mu": self.mu, "sigmas": self.sigmas.tolist()}
 
