@@ -7,6 +7,7 @@ import dataclasses
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
+from pipeline.config.sae import SAEConfig
 from pipeline.config.sections import (
     AnnotateConfig,
     CalibrateConfig,
@@ -21,7 +22,6 @@ from pipeline.config.sections import (
     ProbeConfig,
     ReportConfig,
     RunConfig,
-    SAEConfig,
     SampleConfig,
     Section,
     SelectConfig,
