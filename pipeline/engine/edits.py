@@ -114,3 +114,26 @@ class StepEdits:
         with hook.editing(None if self.delta is None else self.delta[:, step],
                           None if self.replace is None else self.replace[:, step]):
             yield
+
+
+def stacked_edit(edits: Sequence[torch.Tensor | None], shape: tuple[int, ...], space: str, asyrp: bool = False):
+    """One Edit for a batch of per-sample edits, each ``shape`` or None (no edit; None for the whole batch
+    when no sample has one): added to h (``space="h"``, shape (T, *h_shape)) or to x_T (``"x_T"``)."""
+    if all(e is None for e in edits):
+        return None
+    delta = torch.stack([torch.zeros(shape, dtype=torch.float32) if e is None
+                         else torch.as_tensor(e, dtype=torch.float32, device="cpu") for e in edits])
+    return Edit(delta=delta, asyrp=asyrp) if space == "h" else Edit(dx_T=delta)
+
+
+#: keywords of the API before the Edit value and the one precision setting -> what says it now
+RENAMED = {"delta_h": "Edit(delta=...)", "replace_h": "Edit(replace=...)", "dx_T": "Edit(dx_T=...)",
+           "steps": "Edit(steps=...)", "asyrp": "Edit(asyrp=...)", "dtype": "precision= ('16-true', 'bf16-true', ...)"}
+
+
+def refuse_renamed(kwargs: dict) -> None:
+    """A keyword of the earlier API is one line saying what replaced it."""
+    old = [k for k in kwargs if k in RENAMED]
+    if old:
+        raise InputError("; ".join(f"{k}= is now {RENAMED[k]}" for k in old)
+                         + " (model.sample(seeds, Edit(delta=...)); HSpaceModel.from_pretrained(name, precision=...))")

@@ -30,30 +30,12 @@ from tqdm.auto import tqdm
 from pipeline.cost import count
 from pipeline.dtypes import autocast, weights_dtype
 from pipeline.engine import noise as noise_streams
-from pipeline.engine.edits import NO_EDIT, Edit, StepEdits
-from pipeline.engine.families import Family, family_of, prompt_list
+from pipeline.engine.edits import NO_EDIT, Edit, StepEdits, refuse_renamed, stacked_edit
+from pipeline.engine.families import SETTINGS, Family, family_of, prompt_list
 from pipeline.engine.hooks import HSpaceHook, check_h, resolve_hook
 from pipeline.engine.inversion import InversionOutput, ddim_inversion, edit_friendly_inversion
 from pipeline.engine.schedules import schedule_for, state_dtype
 from pipeline.errors import ConfigError, InputError
-
-#: keywords of the API before the Edit value and the one precision setting -> what says it now
-RENAMED = {"delta_h": "Edit(delta=...)", "replace_h": "Edit(replace=...)", "dx_T": "Edit(dx_T=...)",
-           "steps": "Edit(steps=...)", "asyrp": "Edit(asyrp=...)", "dtype": "precision= ('16-true', 'bf16-true', ...)"}
-
-
-#: the model section's settings passed to the family when not at their defaults (which the family takes:
-#: :meth:`~pipeline.engine.families.Family.settings`)
-CONDITION_SETTINGS = ("prompt", "negative_prompt", "guidance_scale", "class_label", "height", "width",
-                      "max_sequence_length")
-
-
-def refuse_renamed(kwargs: dict) -> None:
-    """A keyword of the earlier API is one line saying what replaced it."""
-    old = [k for k in kwargs if k in RENAMED]
-    if old:
-        raise InputError("; ".join(f"{k}= is now {RENAMED[k]}" for k in old)
-                         + " (model.sample(seeds, Edit(delta=...)); HSpaceModel.from_pretrained(name, precision=...))")
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -156,16 +138,13 @@ class HSpaceModel:
         m = cfg.model
         precision = cfg.trainer.precision if precision is None else precision
         parts = load_pipeline(m.name_or_path, dtype=weights_dtype(precision))
-        fields = type(m).model_fields
-        given = {k: getattr(m, k) for k in CONDITION_SETTINGS if k in fields and getattr(m, k) != fields[k].default}
-        other = [k for k in given if k not in parts["family"].settings()]
-        if other:
-            family = parts["family"]
+        family, fields = parts["family"], type(m).model_fields
+        given = {k: getattr(m, k) for k in SETTINGS if k in fields and getattr(m, k) != fields[k].default}
+        if other := [k for k in given if k not in family.settings()]:
             takes = ", ".join(f"model.{k}" for k in family.settings()) or "no prompt, class or size setting"
-            settings = ", ".join(f"model.{k}={given[k]!r}" for k in other)
-            raise ConfigError(f"{settings}: {m.name_or_path} is a {family.kind} model, which takes {takes}; "
-                              f"remove the setting")
-        return cls(parts["family"], parts["scheduler"], m.num_inference_steps, m.eta, m.hook,
+            raise ConfigError(f"{', '.join(f'model.{k}={given[k]!r}' for k in other)}: {m.name_or_path} is a "
+                              f"{family.kind} model, which takes {takes}; remove the setting")
+        return cls(family, parts["scheduler"], m.num_inference_steps, m.eta, m.hook,
                    "cpu" if under_trainer else m.device, precision, name_or_path=str(m.name_or_path), **given)
 
     def _probe_h(self) -> tuple[int, ...]:
@@ -451,11 +430,7 @@ class HSpaceModel:
         for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, desc="edits", leave=False):
             idx = list(range(start, min(start + batch_size, len(pairs))))
             chunk = [pairs[i] for i in idx]
-            edit = None
-            if any(e is not None for _, e in chunk):
-                delta = torch.stack([torch.zeros(shape, dtype=torch.float32) if e is None
-                                     else torch.as_tensor(e, dtype=torch.float32, device="cpu") for _, e in chunk])
-                edit = Edit(delta=delta, asyrp=asyrp) if space == "h" else Edit(dx_T=delta)
+            edit = stacked_edit([e for _, e in chunk], shape, space, asyrp)
             condition = {} if prompt is None else {"prompt": [prompt[s] for s, _ in chunk]}
             yield idx, self.sample([int(s) for s, _ in chunk], edit, **condition).images.cpu()
 

@@ -37,7 +37,10 @@ FAMILIES: dict[str, type[Family]] = {f.kind: f for f in (PixelFamily, LatentFami
 #: The pipeline layouts hspace loads, by the ``_class_name`` of their model_index.json -> the family's kind.
 PIPELINE_FAMILIES = {name: kind for kind, f in FAMILIES.items() for name in f.pipelines}
 
-__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "Family", "PixelFamily", "LatentFamily", "TextFamily", "SDXLFamily",
+#: Every setting some family takes when built (prompt, class_label, height, ...): :meth:`Family.settings`.
+SETTINGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.settings()))
+
+__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "SETTINGS", "Family", "PixelFamily", "LatentFamily", "TextFamily", "SDXLFamily",
            "DiTFamily", "PixArtFamily", "SD3Family", "FluxFamily", "Conditioning", "ClassConditioning", "prompt_list",
            "family_of"]
 
