@@ -31,6 +31,7 @@ main { max-width:1280px; margin:0 auto; padding:8px 24px 60px; }
 section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px 22px; margin:20px 0; }
 h2 { font-size:20px; margin:0 0 10px; }
 h3 { font-size:16px; margin:20px 0 8px; color:var(--muted); font-weight:600; }
+p.to-come { color:var(--muted); font-style:italic; border-left:3px solid var(--line); padding-left:10px; }
 p.note { color:var(--muted); font-size:14px; margin:6px 0 12px; max-width:62em; }
 .warn { background:var(--warn); border:1px solid var(--warnline); border-radius:6px; padding:8px 12px; margin:8px 0 12px; }
 .table-wrap { max-width:100%; overflow-x:auto; }
@@ -68,8 +69,9 @@ NAV_SCRIPT = ("<script>(function(){var n=document.querySelector('nav');function 
 class Page:
     """Sections of HTML, the images and data files they show (copied into ``out_dir``), a table of contents."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, pending: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
+        self.pending = dict(pending or {})  # artefact -> the stage of the run still to make it
         self.parts: list[str] = []
         self.toc: list[tuple[str, str]] = []
         self.images: list[str] = []
@@ -84,6 +86,18 @@ class Page:
             self.add("</section>")
         self.toc.append((anchor, short or title))
         self.add(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>')
+
+    def to_come(self, artefact: str, anchor: str, title: str, short: str | None = None) -> bool:
+        """When ``artefact`` is pending: its section, saying it is still to come and which stage makes it
+        (True); else nothing (False)."""
+        stage = self.pending.get(artefact)
+        if stage is None:
+            return False
+        self.section(anchor, title, short)
+        self.add(f'<p class="to-come">Still to come: the <code>{html.escape(stage)}</code> stage of this '
+                 f'<code>hspace run</code> (<code>hspace {html.escape(stage)}</code> on its own) writes '
+                 f'<code>{html.escape(artefact)}/</code>; this page is rendered again when it lands.</p>')
+        return True
 
     def image(self, path: Path, caption: str = "", name: str | None = None, alt: str | None = None) -> None:
         """A figure at its natural size, a link to the PNG; ``caption`` is HTML."""

@@ -49,14 +49,18 @@ def effect_table(curve: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index().fillna("")
 
 
+PROBES_TITLE = "Where semantics live: per-step linear probes"
+FIG8_TITLE = "Fig. 8 as numbers: attribute change against the number of examples"
+
+
 def add_sections(page, run_dir) -> None:
     """Append the probe and Fig. 8 sections to a report ``page`` (pipeline.stages.report.Page) when the
-    run holds their outputs."""
+    run holds their outputs; each says it is still to come while its stage is (``page.pending``)."""
     run_dir = Path(run_dir)
     probes = run_dir / "probes"
-    if (probes / "probes.csv").exists():
+    if not page.to_come("probes", "probes", PROBES_TITLE, "Probes") and (probes / "probes.csv").exists():
         table = pd.read_csv(probes / "probes.csv")
-        page.section("probes", "Where semantics live: per-step linear probes", "Probes")
+        page.section("probes", PROBES_TITLE, "Probes")
         page.note("For every attribute and sampling step, a linear model reads the attribute from h<sub>t</sub> "
                   "(solid) and from x<sub>t</sub>, the latent entering that step (dashed): held-out accuracy for a "
                   "binary attribute, R<sup>2</sup> for a continuous one, on a fixed train/test split by sample id "
@@ -70,9 +74,10 @@ def add_sections(page, run_dir) -> None:
                   f"that rounds to 0 shows as 0.000). All steps: {page.data(probes / 'probes.csv')}.")
         page.table(df_html(probe_summary(table)))
     fewshot = run_dir / "fewshot"
-    if (fewshot / "effect_vs_n.csv").exists():
+    to_come = page.to_come("fewshot", "fig8", FIG8_TITLE + " (and the probe-step restriction)", "Fig. 8")
+    if not to_come and (fewshot / "effect_vs_n.csv").exists():
         curve = pd.read_csv(fewshot / "effect_vs_n.csv")
-        page.section("fig8", "Fig. 8 as numbers: attribute change against the number of examples", "Fig. 8")
+        page.section("fig8", FIG8_TITLE, "Fig. 8")
         page.note("The change of its own attribute produced by a supervised direction estimated from n random "
                   "top and n random bottom samples of the selection (eq. 10), in h-space and in x<sub>T</sub> "
                   "space, applied to held-out seeds (disjoint from every selected sample) and read by the scorer, "
@@ -82,7 +87,7 @@ def add_sections(page, run_dir) -> None:
                   f"draw and no spread (\"1 draw\"). {page.data(fewshot / 'effect_vs_n.csv')}.")
         page.image(fewshot / "effect_vs_n.png", "Mean own-attribute change against n per side.", name="effect_vs_n.png")
         page.table(df_html(effect_table(curve)))
-    if (fewshot / "restriction.csv").exists():
+    if not to_come and (fewshot / "restriction.csv").exists():
         page.section("restriction", "Supervised directions restricted to the probe's steps", "Probe steps")
         page.note("Each supervised direction applied on the same held-out seeds at the same scale over all steps, "
                   "and zeroed outside the steps where the probe finds its attribute encoded: own effect, the "

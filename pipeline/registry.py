@@ -6,11 +6,13 @@ its output depends on, whether it uses the model (and at which precision), the a
 and the files the configuration names. The machinery derives the rest from that declaration: the
 identity record every artefact carries (:meth:`Stage.identity`), the key of its resumable parts
 (:meth:`Stage.part_key`), the stages it waits for (:attr:`Stage.after`) and the order of the main
-job (:data:`STAGES`, a topological order of the declared reads). A field may be a value or a
-function of the configuration (a read that only some settings make).
+job (:data:`STAGES`, a topological order of the declared reads) and the order ``hspace run`` runs it
+in (:func:`run_order`: the paper's pipeline and its report first, then each stage marked ``further``
+followed by the report again). A field may be a value or a function of the configuration (a read
+that only some settings make).
 
-``pipeline.cli`` builds its sub-commands from ``COMMANDS``, ``pipeline.stages.run`` runs ``STAGES``
-in order, and the commands that run Lightning Trainers (every rank of a multi-process job takes
+``pipeline.cli`` builds its sub-commands from ``COMMANDS``, ``pipeline.stages.run`` runs
+``run_order(cfg)``, and the commands that run Lightning Trainers (every rank of a multi-process job takes
 part) are ``DISTRIBUTED``. A stage's module is named as a string and imported only when the stage
 runs, so that ``hspace --help`` does not load Lightning, and so that a stage module can read its own
 record here.
@@ -52,6 +54,8 @@ class Stage:
     part_drop: tuple[str, ...] = ()  # keys that decide how its parts are combined, not what one part holds
     distributed: bool = False  # runs a Lightning Trainer (every rank takes part)
     writes: Declared = True  # writes the run directory (takes its writer lock)
+    further: bool = False  # a further analysis: `hspace run` runs it after the paper's pipeline and its first report
+    renders: bool = False  # the report: rendered after the paper's pipeline and again after each further analysis
 
     def module(self) -> ModuleType:
         return importlib.import_module(self.entry.split(":")[0])
@@ -67,6 +71,10 @@ class Stage:
     def required(self, cfg) -> list[str]:
         """The artefacts it must read with this configuration."""
         return [a for a in self.reads if a not in self.only or self.only[a](cfg)]
+
+    def may_read(self, cfg=None) -> tuple[str, ...]:
+        """The artefacts it reads with this configuration, present or not (``cfg`` None: whatever the settings)."""
+        return tuple(a for a in self.reads + self.optional if cfg is None or a not in self.only or self.only[a](cfg))
 
     def read_names(self, cfg, known: dict | None = None) -> list[str]:
         """The artefacts it reads with this configuration: the required ones and the optional ones present."""
@@ -184,7 +192,7 @@ _MAIN_JOB: tuple[Stage, ...] = (
     Stage("probe", "pipeline.stages.probe:run_probe",
           "per-step linear probes: each attribute read from h_t and from x_t", "probes", ("probes/probes.csv",),
           reads=("samples", "annotations.parquet"), sections=("probe", "select.attributes"), drop=("probe.batch_size",),
-          model=lambda cfg: "x_t" in cfg.probe.spaces),
+          model=lambda cfg: "x_t" in cfg.probe.spaces, further=True),
     Stage("pca", "pipeline.stages.pca:run_pca",
           "per-step PCA of h (streamed, multi-process) -> directions/pca.safetensors",
           "directions/pca.safetensors", ("directions/pca.safetensors",), reads=("samples",), sections=("pca",),
@@ -214,7 +222,7 @@ _MAIN_JOB: tuple[Stage, ...] = (
           "fewshot", ("fewshot/effect_vs_n.csv",), reads=("selection.parquet", "samples", "annotations.parquet"),
           optional=("probes",), only={"probes": lambda cfg: cfg.fewshot.restriction},
           sections=("fewshot", "evaluate.scorer", "evaluate.scorer_options", "supervised.attributes",
-                    "annotate.annotators"), drop=("fewshot.batch_size",), model=True, annotators=True),
+                    "annotate.annotators"), drop=("fewshot.batch_size",), model=True, annotators=True, further=True),
     Stage("figures", "pipeline.stages.figures:run_figures",
           "edit strips of every direction family for the report", "edits", ("edits/identity.json",),
           optional=DIRECTIONS, sections=("report", "edit.seeds", "evaluate.first_seed", "evaluate.sweep_samples",
@@ -230,7 +238,7 @@ _MAIN_JOB: tuple[Stage, ...] = (
     Stage("report", "pipeline.stages.report:run_report", "write <run_dir>/report/index.html", "report",
           ("report/index.html",), optional=("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot",
                                              "sae"),
-          sections=("report",)),
+          sections=("report",), renders=True),
 )
 
 #: artefact -> the stage that writes it
@@ -254,6 +262,27 @@ def ordered(stages) -> tuple[Stage, ...]:
 
 #: the main job, in the order its declared reads give
 STAGES: tuple[Stage, ...] = ordered(_MAIN_JOB)
+
+
+def run_order(cfg=None, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+    """The order `hspace run` runs ``stages`` in: the paper's pipeline (every stage neither ``further`` nor
+    ``renders``, with each further analysis one of them reads with this configuration, and what that one
+    reads in turn), then the report (``renders``), then each further analysis followed by the report again;
+    each part in the order its declared reads give. ``cfg`` None: the reads whatever the settings."""
+    render = [st for st in stages if st.renders]
+    further = {st.name: st for st in stages if st.further}
+    first = [st for st in stages if not st.further and not st.renders]
+    reading = list(first)
+    while reading:  # a further analysis that a stage of the first part reads joins the first part
+        names = [PRODUCERS.get(a) for a in reading.pop().may_read(cfg)]
+        pulled = [further.pop(n) for n in names if n in further]
+        first += pulled
+        reading += pulled
+    first = [st for st in stages if st in first]  # the registry's order, which ordered() keeps where reads allow
+    out = [*ordered(first), *render]
+    for st in ordered(tuple(further.values())):
+        out += [st, *render]
+    return tuple(out)
 
 #: commands outside the main job
 TOOLS: tuple[Stage, ...] = (

@@ -73,8 +73,11 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
         assert not src.startswith(("http", "/")) and (report.parent / src).is_file(), src
     # where the time went: every stage's cost recorded and printed; generate's work is exactly N x T U-Net rows
     timings = json.loads((run / "timings.json").read_text())
-    assert list(timings) == ["generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle",
-                             "fewshot", "figures", "evaluate", "report"]
+    # the paper's pipeline and its report first, then the further analyses (the report rendered again after each)
+    assert list(timings) == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle",
+                             "figures", "evaluate", "report", "probe", "fewshot"]
+    assert first.index("report: done") < first.index("probe: done") < first.index("fewshot: done")
+    assert first.count("report: done") == 3 and "still to come: probe, fewshot" in first
     assert timings["generate"]["unet_evaluations"] == 24 * 3 and timings["generate"]["images"] == 24
     assert timings["annotate"]["scored"] == 24 and timings["annotate"]["unet_evaluations"] == 0
     assert timings["probe"]["unet_evaluations"] == 0  # x_t stored by generate (generate.record_x_t), not re-sampled
@@ -84,17 +87,17 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert families == {"pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled"}
 
     again = hspace_run(tmp_path, *args)
-    assert again.count("up to date, skipped") == 12
+    assert again.count("up to date, skipped") == 14  # 12 stages, the report at each of its 3 steps
 
     (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage runs again, and gives what it gave
     restored = hspace_run(tmp_path, *args)
-    assert restored.count("up to date, skipped") == 11 and "evaluate: done" in restored
+    assert restored.count("up to date, skipped") == 13 and "evaluate: done" in restored
     assert (run / "evaluation" / "table1_signed.csv").exists()
 
     changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
     # the calibrations in supervised and disentangle read evaluate.scale (calibrate.enabled): they and figures run again
-    assert skipped == ["generate", "annotate", "select", "probe", "pca", "jacobian", "fewshot"]
+    assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "probe", "report", "fewshot", "report"]
     assert "evaluate: done" in changed and "report: done" in changed
 
     # another precision (generate and annotate keep what was made otherwise until it is deleted): every stage
@@ -196,7 +199,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     hspace_run(tmp_path, *tiny_run_args(runs["one"], tiny_model_dir), *few)
     two = hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
                      "trainer.strategy=ddp")
-    assert two.count(": done in") == 12 and "report -> " in two
+    assert two.count(": done in") == 14 and "report -> " in two  # the report rendered 3 times
     for name in ("jacobian", "supervised", "disentangled"):
         a, b = (load_directions(r / "directions" / f"{name}.safetensors") for r in runs.values())
         assert a.names == b.names
@@ -213,7 +216,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     cols = [c for c in one_ev.columns if c.startswith("d_")]
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, two_ev.loc[table1, cols].values, atol=1e-5)
     assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
-                      "trainer.strategy=ddp").count("up to date, skipped") == 12
+                      "trainer.strategy=ddp").count("up to date, skipped") == 14
 
     # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions change (other
     # pairs): rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps
@@ -257,3 +260,109 @@ def test_the_stages_that_sample_name_the_precision_in_their_identity(tmp_path):
     cfgs = [load_config(None, [f"run_dir={tmp_path}", f"trainer.precision={p}"]) for p in ("32-true", "bf16-mixed")]
     changed = {st.name for st in STAGES if st.identity(cfgs[0], known)["key"] != st.identity(cfgs[1], known)["key"]}
     assert changed == {"generate", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate"}
+
+
+# ---------------------------------------------------------------------- the paper's answer first
+PAPER = ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures", "evaluate"]
+
+
+def recorded_run(tmp_path, monkeypatch, *overrides, act=None):
+    """`hspace run`'s loop (pipeline.stages.run.run_all) with every stage's function replaced by a recorder
+    (``act(stage, cfg, pending)`` does its work, if given) and no stage up to date: the (stage, pending)
+    pairs in the order it called them."""
+    from pipeline import registry
+    from pipeline.config import load_config
+    from pipeline.stages import run
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *overrides])
+    calls = []
+
+    def record(self, cfg, **kwargs):
+        calls.append((self.name, kwargs.get("pending")))
+        if act:
+            act(self, cfg, kwargs.get("pending"))
+
+    monkeypatch.setattr(registry.Stage, "run", record)
+    monkeypatch.setattr(run, "fresh", lambda cfg, st, pending=None: False)
+    run.run_all(cfg)
+    return calls
+
+
+def test_the_paper_pipeline_and_its_report_come_first_then_each_further_analysis_and_the_report_again(
+        tmp_path, monkeypatch, capsys):
+    """The order derives from the registry: the stages not marked ``further`` (the paper's pipeline) in the
+    order of their reads, the report, then each further analysis (probe, fewshot) and the report again,
+    each rendering told which further analyses are still to come; every stage after every stage it reads."""
+    from pipeline import registry
+    from pipeline.registry import STAGES, run_order
+
+    assert {st.name for st in STAGES if st.further} == {"probe", "fewshot"}
+    calls = recorded_run(tmp_path, monkeypatch)
+    assert calls == [*((name, None) for name in PAPER), ("report", {"probes": "probe", "fewshot": "fewshot"}),
+                     ("probe", None), ("report", {"fewshot": "fewshot"}), ("fewshot", None), ("report", {})]
+    out = capsys.readouterr().out
+    assert "[10/14] report: done" in out and "still to come: probe, fewshot" in out
+    from pipeline.config import load_config
+
+    for cfg in (None, load_config(None, [f"run_dir={tmp_path}"])):  # every stage after every stage it reads
+        order = [st.name for st in run_order(cfg)]
+        for i, st in enumerate(run_order(cfg)):
+            reads = {registry.PRODUCERS.get(a) for a in st.may_read(cfg)} - {None}
+            assert st.renders or reads <= set(order[:i]), st.name
+
+
+def test_a_further_analysis_that_a_paper_stage_reads_runs_before_it(tmp_path, monkeypatch):
+    """supervised.restrict_steps: supervised reads the probes, so probe joins the paper's pipeline where it
+    ran before (after select, before pca); fewshot stays a further analysis; run.skip leaves a stage out
+    of every rendering's list of what is still to come."""
+    calls = recorded_run(tmp_path, monkeypatch, "supervised.restrict_steps=true")
+    assert [c[0] for c in calls] == ["generate", "annotate", "select", "probe", *PAPER[3:], "report", "fewshot",
+                                     "report"]
+    assert calls[-3][1] == {"fewshot": "fewshot"}
+    calls = recorded_run(tmp_path, monkeypatch, "run.skip=[probe]")
+    assert [c for c in calls if c[0] == "report"] == [("report", {"fewshot": "fewshot"})] * 2 + [("report", {})]
+
+
+def fake_outputs(st, cfg, pending) -> None:
+    """What a stage writes, enough for the report (the report itself rendered by the real page code)."""
+    from PIL import Image
+
+    from pipeline.formats.samples import FORMAT
+    from pipeline.stages.report import build_report
+
+    run_dir = Path(cfg.run_dir)
+    png = Image.new("RGB", (8, 8))
+    if st.name == "generate":
+        (run_dir / "samples").mkdir(parents=True)
+        (run_dir / "samples" / "manifest.json").write_text(json.dumps({
+            "format": FORMAT, "num_samples": 4, "model": {"name_or_path": "tiny", "timesteps": [900, 500, 100],
+                                                           "eta": [0.0], "h_shape": [16, 4, 4]}}))
+    elif st.name == "probe":
+        (run_dir / "probes").mkdir()
+        (run_dir / "probes" / "probes.csv").write_text(
+            "attribute,space,metric,step,score,chance,encoded\nbright,h,r2,0,0.5,0.0,True\nbright,h,r2,1,0.7,0.0,True\n")
+        png.save(run_dir / "probes" / "probes.png")
+    elif st.name == "fewshot":
+        (run_dir / "fewshot").mkdir()
+        (run_dir / "fewshot" / "effect_vs_n.csv").write_text(
+            "attribute,space,n,effect,effect_std,draws\nbright,h,1,0.3,0.1,2\nbright,h,5,0.9,0.0,1\n")
+        png.save(run_dir / "fewshot" / "effect_vs_n.png")
+    elif st.renders:
+        page = build_report(run_dir, None, pending).read_text()
+        (run_dir / f"page-{len(list(run_dir.glob('page-*')))}.html").write_text(page)
+
+
+def test_a_report_before_the_further_analyses_says_what_is_still_to_come(tmp_path, monkeypatch):
+    """The report rendered after the paper's pipeline has the probe and Fig. 8 sections saying they are still
+    to come and which stage makes them; after probe, the probes are shown and Fig. 8 is still to come; after
+    fewshot, both are shown and nothing is to come."""
+    recorded_run(tmp_path, monkeypatch, act=fake_outputs)
+    pages = [(tmp_path / "run" / f"page-{i}.html").read_text() for i in range(3)]
+    to_come = ["Still to come: the <code>probe</code> stage", "Still to come: the <code>fewshot</code> stage"]
+    shown = ['<img src="img/probes.png"', '<img src="img/effect_vs_n.png"']
+    for page, still in zip(pages, ([True, True], [False, True], [False, False])):
+        checker = Checker()
+        checker.feed(page)
+        assert not checker.errors and {"probes", "fig8"} <= checker.ids
+        for text, image, pending in zip(to_come, shown, still):
+            assert (text in page) == pending and (image in page) == (not pending), (text, pending)

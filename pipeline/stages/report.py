@@ -10,7 +10,11 @@ Its sections, in order: an overview (with the selection's confounds), then ``SEC
 calibrated Table 1, dose-response, PCA against random, image quality, PCA of h, edit strips, the
 probes and Fig. 8 (evaluation/semantics.py), the contact sheets with their confound check, where the
 time went), then how to reproduce it. A section is a function ``(page, run_dir)`` that adds nothing
-when the run lacks its files: a new one is one more entry of ``SECTIONS``.
+when the run lacks its files: a new one is one more entry of ``SECTIONS``. ``hspace run`` renders the
+page before its further analyses (pipeline.registry.run_order) and names their artefacts ``pending``:
+a section whose data is pending says it is still to come and which stage makes it
+(:meth:`evaluation.page.Page.to_come`), and the page does not show or record a pending artefact an
+earlier run left.
 """
 from __future__ import annotations
 
@@ -233,12 +237,13 @@ def reproduce_section(page: Page, run_dir: Path, cfg) -> None:
 
 
 # ---------------------------------------------------------------------- the page
-def build_report(run_dir, cfg=None) -> Path:
+def build_report(run_dir, cfg=None, pending: dict[str, str] | None = None) -> Path:
+    """The page; ``pending``: artefact -> the stage of this run still to make it (shown as still to come)."""
     run_dir = Path(run_dir)
     out = run_dir / "report"
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        page = Page(tmp)
+        page = Page(tmp, pending)
         overview(page, run_dir)
         for section in SECTIONS:
             section(page, run_dir)
@@ -248,7 +253,7 @@ def build_report(run_dir, cfg=None) -> Path:
         if cfg is not None:
             from pipeline.registry import COMMANDS
 
-            seal_folder(tmp, COMMANDS["report"].identity(cfg))
+            seal_folder(tmp, COMMANDS["report"].identity(cfg, reads=shown(cfg, pending)))
     return out / "index.html"
 
 
@@ -266,11 +271,17 @@ def strip_captions(dirs: Path, family: str) -> dict[str, str]:
     return {safe_name(n) + suffix: d.display_name(i) for i, n in enumerate(d.names) if i in d.labels}
 
 
-def run_report(cfg) -> Path:
+def shown(cfg, pending: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The artefacts the page reads: those of the run present now, but the ``pending`` ones."""
     from pipeline.registry import COMMANDS
 
-    for name in COMMANDS["report"].read_names(cfg):  # what it shows is what the run holds now
+    return tuple(n for n in COMMANDS["report"].read_names(cfg) if n not in (pending or {}))
+
+
+def run_report(cfg, pending: dict[str, str] | None = None) -> Path:
+    """``pending`` (from `hspace run`): artefact -> the stage of this run still to make it."""
+    for name in shown(cfg, pending):  # what it shows is what the run holds now
         verify(cfg.run_dir, name)
-    path = build_report(cfg.run_dir, cfg)
+    path = build_report(cfg.run_dir, cfg, pending)
     print(f"hspace report: {path}")
     return path

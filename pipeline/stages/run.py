@@ -1,8 +1,13 @@
 """`hspace run`: the main job, every stage in order on one configuration.
 
-generate -> annotate -> select -> probe -> pca -> jacobian -> supervised -> disentangle -> fewshot ->
-figures -> evaluate -> report (the order, derived from what each stage declares it reads, and each
-stage's inputs and outputs: pipeline.registry.STAGES).
+The paper's pipeline and its report first, then each further analysis followed by the report again:
+generate -> annotate -> select -> pca -> jacobian -> supervised -> disentangle -> figures -> evaluate ->
+report -> probe -> report -> fewshot -> report (:func:`pipeline.registry.run_order`, derived from the
+stages marked ``further`` and what each stage declares it reads: with ``supervised.restrict_steps``
+supervised reads the probes, so probe runs before it). A report rendered before a further analysis
+shows that analysis' sections as still to come (:func:`to_come`) rather than an earlier run's files.
+The stages share no random state (each seeds its own generators from the configuration), so the
+order does not change what they write.
 A stage is skipped when its artefact carries the identity record the stage would write now
 (:mod:`pipeline.formats.identity`: the configuration sections it reads, the content hashes of the
 assets it reads and the identities of the artefacts it reads), so a changed setting re-runs
@@ -26,7 +31,7 @@ from pipeline.cost import measured, table
 from pipeline.errors import ConfigError, HSpaceError
 from pipeline.formats.identity import is_fresh
 from pipeline.io import writing
-from pipeline.registry import PRODUCERS, STAGES, Stage, check_skip
+from pipeline.registry import PRODUCERS, STAGES, Stage, check_skip, run_order
 from pipeline.stages.lightning_utils import agreed, launching_rank
 
 
@@ -53,15 +58,28 @@ def check_plan(cfg, only: list[str] | None = None) -> None:
                                   f"which no earlier run made; run {producer}, or skip {', '.join(consumers)} too")
 
 
-def fresh(cfg, st: Stage) -> bool:
-    """Outputs present and carrying the identity the stage would write now."""
+def fresh(cfg, st: Stage, pending: dict | None = None) -> bool:
+    """Outputs present and carrying the identity the stage would write now (the report: without the
+    artefacts ``pending``, which it shows as still to come)."""
     run_dir = Path(cfg.run_dir)
     if not all((run_dir / o).exists() for o in st.outputs):
         return False
     try:
-        return is_fresh(run_dir, st.artefact, st.identity(cfg))
+        reads = tuple(n for n in st.read_names(cfg) if n not in pending) if pending else None
+        return is_fresh(run_dir, st.artefact, st.identity(cfg, reads=reads))
     except (HSpaceError, OSError):  # an input missing or unreadable: the stage runs and says what is wrong
         return False
+
+
+def to_come(cfg, ahead, runs) -> dict[str, str]:
+    """The artefacts of the further analyses among the stages ``ahead`` that a report rendered now must show
+    as still to come (artefact -> the stage that writes it): those this run will run (``runs(stage)``) and
+    that are not up to date now or read one that is still to come."""
+    pending: dict[str, str] = {}
+    for st in ahead:
+        if st.further and runs(st) and (not fresh(cfg, st) or any(a in pending for a in st.may_read(cfg))):
+            pending[st.artefact] = st.name
+    return pending
 
 
 def run_all(cfg, only: list[str] | None = None) -> Path:
@@ -70,30 +88,40 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
     rank0 = launching_rank() == 0
     t_start = time.time()
     costs: dict[str, dict] = {}
-    for i, st in enumerate(STAGES, 1):
+    plan = run_order(cfg)
+    n = len(plan)
+    report = run_dir / "report" / "index.html"
+
+    def runs(st: Stage) -> bool:
+        return (not only or st.name in only) and st.name not in cfg.run.skip
+
+    for i, st in enumerate(plan, 1):
         if only and st.name not in only:
             continue
         if st.name in cfg.run.skip:
             if rank0:
-                print(f"[{i}/{len(STAGES)}] {st.name}: not run (run.skip)")
+                print(f"[{i}/{n}] {st.name}: not run (run.skip)")
             continue
         if not (rank0 or st.distributed):
             continue  # other ranks only take part in the Lightning stages
-        skip = rank0 and fresh(cfg, st)  # judged after the stages before it ran: their ids cover what they hold
+        kwargs = {"pending": to_come(cfg, plan[i:], runs)} if st.renders else {}
+        skip = rank0 and fresh(cfg, st, kwargs.get("pending"))  # judged after the stages before it ran
         if st.distributed:  # the other ranks wait here for rank 0's single-process stages, then follow its decision
             skip = agreed(skip)
         if skip:
             if rank0:
-                print(f"[{i}/{len(STAGES)}] {st.name}: up to date, skipped")
-            continue
-        if rank0:
-            print(f"[{i}/{len(STAGES)}] {st.name} ...", flush=True)
-        with writing(run_dir, "run", rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
-            st.run(cfg)
-        costs[st.name] = cost
-        if rank0:
-            print(f"[{i}/{len(STAGES)}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)
-    report = run_dir / "report" / "index.html"
+                print(f"[{i}/{n}] {st.name}: up to date, skipped")
+        else:
+            if rank0:
+                print(f"[{i}/{n}] {st.name} ...", flush=True)
+            with writing(run_dir, "run", rank0), measured(run_dir, st.name, rank0, st.distributed) as cost:
+                st.run(cfg, **kwargs)
+            costs[st.name] = cost
+            if rank0:
+                print(f"[{i}/{n}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)
+        if rank0 and kwargs.get("pending"):
+            print(f"hspace run: report after {time.time() - t_start:.0f} s -> {report.resolve()}; still to come: "
+                  f"{', '.join(kwargs['pending'].values())}", flush=True)
     if rank0:
         if costs:
             print("hspace run: where the time went (also in timings.json)\n" + table(costs), flush=True)
