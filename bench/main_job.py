@@ -32,31 +32,46 @@ passive_openmp_waits()  # before torch is imported, as the hspace command line r
 import torch  # noqa: E402
 
 
-def plain_diffusers(cfg, precision="32-true") -> float:
-    """Seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and batch, at
-    ``precision`` (a ``trainer.precision`` value: weights converted or autocast, as hspace does)."""
+def plain_pipeline(model, precision="32-true"):
+    """One batch of plain diffusers: a function (batch_size, generator) -> images (numpy) that runs
+    ``DDIMPipeline`` on a hook-free copy of ``model``'s U-Net with a DDIMScheduler from its scheduler's
+    config, at the model's T and eta, at ``precision`` (a ``trainer.precision`` value: weights converted
+    or autocast, as hspace does). ``generator``: one, or one per sample (a list)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from pipeline.dtypes import precision_dtypes
-    from pipeline.engine.model import HSpaceModel
 
-    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # converted below, as hspace does
     unet = copy.deepcopy(model.unet).eval()  # the copy carries no hook
     for hook_owner in unet.modules():
         hook_owner._forward_hooks.clear()
+        hook_owner._forward_pre_hooks.clear()
     weights, autocast = precision_dtypes(precision)
     if weights is not None:
         unet.to(weights)
-    compute = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
+    steps, eta = model.num_steps, float(model.eta[0])
+
+    def run(batch_size: int, generator):
+        compute = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with torch.no_grad(), compute:
+            return pipe(batch_size=batch_size, num_inference_steps=steps, eta=eta, generator=generator,
+                        output_type="np").images
+
+    return run
+
+
+def plain_diffusers(cfg, precision="32-true") -> float:
+    """Seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and batch, at
+    ``precision`` (:func:`plain_pipeline`)."""
+    from pipeline.engine.model import HSpaceModel
+
+    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # converted below, as hspace does
+    run = plain_pipeline(model, precision)
     n, b = cfg.generate.num_samples, cfg.generate.batch_size
-    eta = float(model.eta[0])
     t0 = time.perf_counter()
-    with torch.no_grad(), compute:
-        for start in range(0, n, b):
-            pipe(batch_size=min(b, n - start), num_inference_steps=cfg.model.num_inference_steps, eta=eta,
-                 generator=torch.Generator().manual_seed(start), output_type="np")
+    for start in range(0, n, b):
+        run(min(b, n - start), torch.Generator().manual_seed(start))
     return time.perf_counter() - t0
 
 

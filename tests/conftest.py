@@ -106,6 +106,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def load_bench(name: str):
+    """The script bench/<name>.py as a module (bench/ is no package), for the tests of its core."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def exact_pca(X: torch.Tensor):
     """The reference PCA of every step by a full SVD: X (N, T, D) -> mean (T, D), components (T, D', D),
     explained variance (T, D') (ddof=1), total variance (T,)."""

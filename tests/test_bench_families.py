@@ -2,26 +2,17 @@
 (what it measures is in docs/benchmarks.md; no timing threshold here)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from conftest import load_bench
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "families.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_families", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_families_rows_have_their_fields_and_positive_times(tmp_path):
     """An unconditional latent family (LDM, the pipeline's own latents) and a text family (SD3, hspace's
     latents passed to the pipeline: the same images)."""
-    bench = load_bench()
+    bench = load_bench("families")
     rows = bench.run(["ldm", "sd3"], batch=2, steps=2, repeats=1, root=tmp_path)
     assert [(r["family"], r["device"]) for r in rows] == [("ldm", "cpu"), ("sd3", "cpu")]
     for r in rows:
