@@ -244,11 +244,11 @@ def precisions(batch: int, steps: int, rounds: int, names: list[str]) -> str:
     from pipeline.engine.model import HSpaceModel
     from pipeline.stages.generate import GenerateModule
 
-    cfg = bench_config(steps)
     seeds = list(range(batch))
     calls = {}
     for name in names:
-        model = HSpaceModel.from_config(bench_config(steps, name))
+        cfg = bench_config(steps, name)
+        model = HSpaceModel.from_config(cfg)
         module = GenerateModule(model, cfg.generate.h_dtype, None, cfg.generate.record_x_t, cfg.generate.h_steps)
         calls[name] = lambda module=module: module.predict_item(seeds)
         calls[name]()  # warm-up
