@@ -506,10 +506,15 @@ TINY_FOLDER = {"conf.sdxl.yaml": "sdxl", "conf.pixart.yaml": "pixart_sigma", "co
 @pytest.mark.parametrize("conf", list(TINY_OVERRIDES))
 def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, tiny_family_folders, conf):
     """`hspace run --config conf.<family>.yaml`, pointed at a tiny model and a tiny random CLIP by
-    overrides, runs every stage and writes the report; text samples carry their prompts."""
+    overrides, runs every stage and writes the report; text samples carry their prompts; `hspace sample`
+    and the explorer edit with the run's directions."""
+    import numpy as np
     from test_run import hspace_run
 
+    from pipeline.config import load_config
+    from pipeline.explore.session import ExploreSession, Slider
     from pipeline.formats.samples import iter_samples
+    from pipeline.stages.sample import run_sample
 
     root = Path(__file__).resolve().parents[1]
     if conf in TINY_FOLDER:
@@ -540,6 +545,14 @@ def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, tiny_family
     stored = {int(i): p for b in iter_samples(run, h=False) for i, p in zip(b["sample_id"], b.get("prompt", [None] * 99))}
     assert sorted(stored) == list(range(12))
     assert list(stored.values()) == ([PROMPTS[i % 2] for i in range(12)] if texts else [None] * 12)
+    # the commands outside the main job on the run's directions: sample's grid and the explorer's render
+    cfg = load_config(root / conf, [*args[2:], "sample.directions=supervised", "sample.scales=[-1,0,1]",
+                                    "sample.seeds=[5,6]"])
+    assert run_sample(cfg) == run / "sample.png" and (run / "sample.png").stat().st_size > 0
+    session = ExploreSession(HSpaceModel.from_config(cfg), run)
+    file, index = session.choices()[0][1]
+    view = session.render(5, [Slider(file, index, 2.0)])
+    assert view.original.shape == view.edited.shape and not np.array_equal(view.original, view.edited)
 
 
 @pytest.mark.slow
