@@ -534,7 +534,8 @@ def test_hspace_run_end_to_end_on_each_family(tmp_path, monkeypatch, tiny_family
             "supervised.convergence_draws=2", "edit.seeds=[100,101]", "edit.batch_size=16", "evaluate.num_samples=3",
             "evaluate.repeats=2", "evaluate.batch_size=16", "evaluate.quality=null", "evaluate.pca_components=2",
             "evaluate.bootstrap=10", f"evaluate.scorer_options.pretrained={clip}", "evaluate.scorer_options.model=ViT-B-32",
-            "report.pca_components=2", "report.jacobian_directions=2", *TINY_OVERRIDES[conf]]
+            "report.pca_components=2", "report.jacobian_directions=2", "fewshot.ns=[1,3]", "fewshot.draws=2",
+            "fewshot.num_samples=2", "fewshot.restriction_samples=2", *TINY_OVERRIDES[conf]]
     texts = conf not in ("conf.ldm.yaml", "conf.dit.yaml")
     if texts:
         prompts = tmp_path / "prompts.txt"
