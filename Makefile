@@ -17,15 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/hspace run
 
-# lint (ruff, configured in pyproject.toml), then every test
+# lint (ruff, configured in pyproject.toml), then every test, on every core (pytest-xdist: the slow
+# tests' subprocesses run one thread each)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # the edit loop: everything but the tests marked slow (subprocesses, end-to-end stages, training)
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow"
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

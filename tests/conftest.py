@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-torch.set_num_threads(2)
+# one thread per pytest-xdist worker (two workers share the two cores), two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 HSPACE = str(Path(sys.executable).parent / "hspace")
 TESTS = Path(__file__).resolve().parent
