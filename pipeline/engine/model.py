@@ -295,18 +295,15 @@ class HSpaceModel:
         """The (guided) noise prediction eps_t at step index ``step``; the hook's current edit applies."""
         return self.predict(x_t, step, cond)[1].float()
 
-    def eps_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor, cond=None) -> torch.Tensor:
-        """eps_t(x_t, h): the denoiser with its h replaced by ``h`` (B, *h_shape); differentiable in h.
-        Under guidance the unconditional branch's h moves by the same offset (as an edit does)."""
+    def predict_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_t, eps_t) with the denoiser's h replaced by ``h`` (B, *h_shape); differentiable in h. Under
+        guidance the unconditional branch's h moves by the same offset (as an edit does)."""
         with self.hook.editing(replace=h):
-            return self.eps(x_t, step, cond)
+            return self.predict(x_t, step, cond)
 
-    def jacobian_output_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor, cond=None) -> torch.Tensor:
-        """What the Jacobian directions differentiate, with h replaced by ``h``: eps_t (a flow model's
-        velocity, whose Jacobian is eps_t's up to the factor 1 - s: :meth:`Schedule.jacobian_output`)."""
-        with self.hook.editing(replace=h):
-            x0, eps = self.predict(x_t, step, cond)
-            return self.schedule.jacobian_output(x0, eps, step).float()
+    def eps_given_h(self, x_t: torch.Tensor, step: int, h: torch.Tensor, cond=None) -> torch.Tensor:
+        """eps_t(x_t, h) (:meth:`predict_given_h`)."""
+        return self.predict_given_h(x_t, step, h, cond)[1].float()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

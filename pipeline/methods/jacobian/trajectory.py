@@ -49,14 +49,15 @@ def eps_function(model, x_t: torch.Tensor, step: int, mask: torch.Tensor | None 
     x_t: (*latent_shape) or (1, *latent_shape); mask: as :func:`latent_mask` (None: the whole
     image). eps is the guided noise prediction of a text model (its default prompt; an offset of h
     moves both guidance branches, as an edit does); a flow model's velocity, with the same directions
-    (:meth:`~pipeline.engine.model.HSpaceModel.jacobian_output_given_h`).
+    (:meth:`~pipeline.engine.schedules.base.Schedule.jacobian_output`).
     """
     x = x_t.detach().reshape(1, *model.latent_shape).to(model.device).clone()
     m = None if mask is None else latent_mask(model, mask).to(model.device)
 
     def f(hb: torch.Tensor) -> torch.Tensor:
         b = hb.shape[0]
-        eps = model.jacobian_output_given_h(x.expand(b, *model.latent_shape), step, hb.reshape(b, *model.h_shape))
+        x0, eps = model.predict_given_h(x.expand(b, *model.latent_shape), step, hb.reshape(b, *model.h_shape))
+        eps = model.schedule.jacobian_output(x0, eps, step).float()
         if m is not None:
             eps = eps * m
         return eps.reshape(b, -1)
