@@ -17,16 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/hspace run
 
-# lint (ruff, configured in pyproject.toml), then every test, on every core (pytest-xdist: the slow
+# lint (ruff, configured in pyproject.toml), then every test, on every core up to 4 (pytest-xdist: the slow
 # tests' subprocesses run one thread each)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 # the edit loop: everything but the tests marked slow (subprocesses, end-to-end stages, training)
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto -m "not slow"
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow"
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
