@@ -35,28 +35,39 @@ def resolve_directions_path(run_dir, name_or_path: str) -> Path:
 CALIBRATED_MULTIPLES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 
+def edit_strips(model: HSpaceModel, seeds: Sequence[int], rows: Sequence[tuple[torch.Tensor, Sequence[float]]],
+                asyrp: bool = False, x_T_space: bool = False, batch_size: int = 64) -> list[np.ndarray]:
+    """One (len(seeds), K_r, H, W, 3) uint8 strip per row (vector, its K_r scales): every seed edited along
+    the vector at each scale. Every row's edits are sampled together, ``batch_size`` images at a time
+    (full batches across rows), each batch converted to uint8 as it comes.
+
+    vector: (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T). Scale 0 is the plain
+    sample (a zero edit gives it bit for bit), sampled once for all rows."""
+    cells = [(r, j) for r, (_, scales) in enumerate(rows) for j, scale in enumerate(scales) if scale != 0]
+    edits = [None] + [rows[r][1][j] * rows[r][0] for r, j in cells]
+    pairs = [(int(s), e) for e in edits for s in seeds]
+    flat = np.empty((len(pairs), *model.image_shape[1:], 3), np.uint8)
+    for idx, images in model.iter_edits(pairs, space="x_T" if x_T_space else "h", batch_size=batch_size, asyrp=asyrp):
+        flat[idx] = to_uint8(images)
+    images = flat.reshape(len(edits), len(seeds), *flat.shape[1:])      # (1 + edited cells, S, H, W, 3)
+    strips = [np.repeat(images[0][:, None], len(scales), axis=1) for _, scales in rows]  # scale 0, then the edits
+    for (r, j), image in zip(cells, images[1:]):
+        strips[r][:, j] = image
+    return strips
+
+
 def edit_grids(model: HSpaceModel, seeds: Sequence[int], directions: Sequence[torch.Tensor], scales: Sequence,
                asyrp: bool = False, x_T_space: bool = False, batch_size: int = 64) -> np.ndarray:
     """(N, len(seeds), K, H, W, 3) uint8: every seed edited along each of N directions at each of
-    K scales, sampled together in batches of ``batch_size`` images.
+    K scales (:func:`edit_strips`).
 
     directions: N of (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T).
-    scales: K numbers for every direction, or N lists of K (each direction its own scales).
-    Scale 0 is the plain sample (a zero edit gives it bit for bit), sampled once for all directions."""
-    N, S = len(directions), len(seeds)
+    scales: K numbers for every direction, or N lists of K (each direction its own scales)."""
+    N = len(directions)
     per = [list(s) for s in scales] if scales and isinstance(scales[0], (list, tuple)) else [list(scales)] * N
-    K = len(per[0])
-    if len(per) != N or any(len(p) != K for p in per):
+    if len(per) != N or any(len(p) != len(per[0]) for p in per):
         raise ConfigError(f"edit_grids: give one list of scales for all {N} directions or {N} lists of equal length")
-    cells = [(n, j) for n in range(N) for j in range(K) if per[n][j] != 0]
-    edits = [None] + [per[n][j] * directions[n] for n, j in cells]
-    images = to_uint8(model.sample_edits(seeds, edits, space="x_T" if x_T_space else "h", batch_size=batch_size,
-                                         asyrp=asyrp))                     # (1 + edited cells, S, H, W, 3)
-    grids = np.empty((N, S, K, *images.shape[2:]), np.uint8)
-    grids[:] = images[0][None, :, None]                                     # scale 0 everywhere, then the edits
-    for (n, j), image in zip(cells, images[1:]):
-        grids[n, :, j] = image
-    return grids
+    return np.stack(edit_strips(model, seeds, list(zip(directions, per)), asyrp, x_T_space, batch_size))
 
 
 def default_scales(directions: Directions, index: int, multiples: Sequence[float] = CALIBRATED_MULTIPLES) -> list[float]:
@@ -79,35 +90,38 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name)
 
 
+def strip_rows(directions: Directions, names: Sequence, scales: Sequence[float] | None,
+               x_T_space: bool = False) -> list[tuple[int, torch.Tensor, list[float]]]:
+    """(index, vector, scales) of each direction in ``names`` (indices or names); ``scales`` None: each
+    direction's ``default_scales`` (calibrated multiples or the file's scales: rows of unequal length)."""
+    extra = directions.extras.get("x_T_directions") if x_T_space else None
+    if x_T_space and extra is None:
+        raise ConfigError(f"{directions.method} directions have no x_T-space version (only supervised ones do)")
+    index = [directions.index(key) for key in names]
+    return [(i, extra[i] if x_T_space else directions.directions[i],
+             list(scales) if scales is not None else default_scales(directions, i)) for i in index]
+
+
+def save_strips(directions: Directions, rows, strips: Sequence[np.ndarray], seeds: Sequence[int], out_dir: Path,
+                x_T_space: bool = False, title_prefix: str = "") -> list[Path]:
+    """One seeds x scales PNG per row of :func:`strip_rows` and its strip -> their paths."""
+    paths = []
+    for (i, _, cols), strip in zip(rows, strips):
+        label = f"{title_prefix}{directions.display_name(i)}" + (" (x_T space)" if x_T_space else "")
+        fig = image_grid_figure(strip, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{s:+.3g}" for s in cols],
+                                title=label)
+        paths.append(save_figure(fig, out_dir / f"{safe_name(directions.names[i])}{'-xT' if x_T_space else ''}.png"))
+    return paths
+
+
 def render_edits(model: HSpaceModel, directions: Directions, names: Sequence, seeds: Sequence[int],
                  scales: Sequence[float] | None, out_dir: Path, asyrp: bool = False, x_T_space: bool = False,
                  title_prefix: str = "", batch_size: int = 64) -> list[Path]:
     """One seeds x scales PNG per direction in ``names`` (indices or names) -> their paths; ``scales``
     None: each direction's ``default_scales``."""
-    extra = directions.extras.get("x_T_directions") if x_T_space else None
-    if x_T_space and extra is None:
-        raise ConfigError(f"{directions.method} directions have no x_T-space version (only supervised ones do)")
-    index = [directions.index(key) for key in names]
-    vectors = [extra[i] if x_T_space else directions.directions[i] for i in index]
-    per = [list(scales) if scales is not None else default_scales(directions, i) for i in index]
-    # calibrated directions have len(CALIBRATED_MULTIPLES) columns, the others their file's scales: one
-    # edit_grids call per number of columns (a file where only some directions are calibrated mixes them)
-    grids: list = [None] * len(index)
-    groups: dict[int, list[int]] = {}
-    for j, cols in enumerate(per):
-        groups.setdefault(len(cols), []).append(j)
-    for js in groups.values():
-        part = edit_grids(model, seeds, [vectors[j] for j in js], [per[j] for j in js], asyrp=asyrp,
-                          x_T_space=x_T_space, batch_size=batch_size)
-        for j, grid in zip(js, part):
-            grids[j] = grid
-    paths = []
-    for i, grid, cols in zip(index, grids, per):
-        label = f"{title_prefix}{directions.display_name(i)}" + (" (x_T space)" if x_T_space else "")
-        fig = image_grid_figure(grid, row_labels=[f"seed {s}" for s in seeds], col_labels=[f"{s:+.3g}" for s in cols],
-                                title=label)
-        paths.append(save_figure(fig, out_dir / f"{safe_name(directions.names[i])}{'-xT' if x_T_space else ''}.png"))
-    return paths
+    rows = strip_rows(directions, names, scales, x_T_space)
+    strips = edit_strips(model, seeds, [(v, cols) for _, v, cols in rows], asyrp, x_T_space, batch_size)
+    return save_strips(directions, rows, strips, seeds, out_dir, x_T_space, title_prefix)
 
 
 def run_edit(cfg) -> list[Path]:

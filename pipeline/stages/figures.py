@@ -5,7 +5,9 @@ directions), jacobian, supervised, supervised_xT (the same directions in x_T spa
 disentangled, each at its calibrated multiples (pipeline.methods.calibration) or the scales its directions
 file suggests; the report shows them. When the evaluate stage's dose-response sweep covers
 edit.seeds (the default), it draws the strips of the supervised, disentangled, PCA and random
-directions from its own images (``evaluation/strips/``) and this stage leaves them out.
+directions from its own images (``evaluation/strips/``) and this stage leaves them out. The strips of
+every h-space family are sampled together, and those in x_T space together (full batches:
+:func:`pipeline.stages.edit.edit_strips`).
 
 Each family's folder is replaced whole (strips of directions that are gone go too); what else a
 person keeps in ``edits/`` stays, and so does a file of their own inside a family folder, unless a
@@ -23,7 +25,7 @@ from pipeline.formats.directions import Directions, load_directions
 from pipeline.formats.identity import FOLDER_RECORD, folder_files, read_record, seal_folder, verify
 from pipeline.io import atomic_path
 from pipeline.registry import COMMANDS
-from pipeline.stages.edit import render_edits
+from pipeline.stages.edit import edit_strips, save_strips, strip_rows
 
 #: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
 #: class-mean gap of x_T)
@@ -73,15 +75,21 @@ def run_figures(cfg) -> Path:
                 jobs.append((name, dirs, list(range(len(dirs))), False))
             if name == "supervised" and "x_T_directions" in dirs.extras:
                 jobs.append(("supervised_xT", dirs, list(range(len(dirs))), True))
+    jobs = [(family, dirs, strip_rows(dirs, names, list(DEFAULT_SCALES) if x_T else None, x_T), x_T)
+            for family, dirs, names, x_T in jobs if names]  # scales None: each direction's calibrated or suggested
+    strips = {}
+    for x_T in (False, True):  # every family's strips of one space sampled together: full batches
+        rows = [(family, row) for family, _, family_rows, space in jobs if space == x_T for row in family_rows]
+        if rows:
+            images = edit_strips(model, seeds, [(v, cols) for _, (_, v, cols) in rows], x_T_space=x_T,
+                                 batch_size=cfg.edit.batch_size)
+            for (family, _), strip in zip(rows, images):
+                strips.setdefault(family, []).append(strip)
     ours = written_before(out)
     count, drawn, kept = 0, [], set()
-    for family, dirs, names, x_T in jobs:
-        if not names:
-            continue
-        scales = list(DEFAULT_SCALES) if x_T else None  # None: each direction's calibrated or suggested scales
+    for family, dirs, rows, x_T in jobs:
         with atomic_path(out / family) as tmp:  # the family's folder at once: strips of directions that are gone go too
-            count += len(render_edits(model, dirs, names, seeds, scales, tmp, x_T_space=x_T,
-                                      batch_size=cfg.edit.batch_size))
+            count += len(save_strips(dirs, rows, strips[family], seeds, tmp, x_T_space=x_T))
             kept |= keep_others(out / family, tmp, ours)
         drawn.append(family)
     for family in set(FAMILIES) - set(drawn):
