@@ -43,6 +43,8 @@ def edit_strips(model: HSpaceModel, seeds: Sequence[int], rows: Sequence[tuple[t
 
     vector: (T, C, H, W) in h-space, or (3, H, W) when ``x_T_space`` (added to x_T). Scale 0 is the plain
     sample (a zero edit gives it bit for bit), sampled once for all rows."""
+    if not rows:
+        return []
     cells = [(r, j) for r, (_, scales) in enumerate(rows) for j, scale in enumerate(scales) if scale != 0]
     edits = [None] + [rows[r][1][j] * rows[r][0] for r, j in cells]
     pairs = [(int(s), e) for e in edits for s in seeds]
