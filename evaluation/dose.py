@@ -1,7 +1,7 @@
 """Dose-response in the report: the curves (one figure per family: own effect, largest side effect and
 image change against the edit's strength), and the choices of ``disentangle.pairs: auto``.
 
-Read from ``<run_dir>/evaluation/dose_response.csv`` and the directions files' params (``auto``);
+Read from ``<run_dir>/evaluation-calibrated/dose_response.csv`` and the directions files' params (``auto``);
 the report calls :func:`report_section` once.
 """
 from __future__ import annotations
@@ -97,9 +97,10 @@ def auto_choices(run_dir: Path) -> pd.DataFrame:
 
 def report_section(page, run_dir: Path) -> None:
     """The report's dose-response section: the curves of every family, auto's choices."""
-    ev = Path(run_dir) / "evaluation"
+    ev = Path(run_dir) / "evaluation-calibrated"
     summary = json.loads((ev / "summary.json").read_text()) if (ev / "summary.json").exists() else {}
-    if (ev / "dose_response.csv").exists():
+    to_come = page.to_come("evaluation-calibrated", "dose-response", "Dose-response")
+    if not to_come and (ev / "dose_response.csv").exists():
         page.section("dose-response", "Dose-response")
         page.note("Every direction at a sweep of strengths on the first "
                   f"{summary.get('dose_response', {}).get('seeds', '?')} evaluation seeds, one figure per family. "

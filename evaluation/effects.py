@@ -1,7 +1,8 @@
-"""The report's sections on what the edits do (``<run_dir>/evaluation/``): Table 1 at the fixed scale and at
-the calibrated strengths, each with its noise floor stated, its signed version and the version corrected
-for the floor, and the disentanglement checks; PCA against random directions (Fig. 6); image change and
-quality. Every data file named is linked (copied into the report's ``data/``).
+"""The report's sections on what the edits do (``<run_dir>/evaluation/``; ``<run_dir>/evaluation-calibrated/``
+for the calibrated strengths): Table 1 at the fixed scale and at the calibrated strengths, each with its
+noise floor stated, its signed version and the version corrected for the floor, and the disentanglement
+checks; PCA against random directions (Fig. 6); image change and quality. Every data file named is
+linked (copied into the report's ``data/``).
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import pandas as pd
 
 from evaluation.tables import df_html, matching_note, number, table1_html
 
+#: the folders of the two evaluations (pipeline.stages.evaluate)
+FIXED, CALIBRATED = "evaluation", "evaluation-calibrated"
 
-def _summary(run_dir: Path) -> dict:
-    path = Path(run_dir) / "evaluation" / "summary.json"
+
+def _summary(run_dir: Path, folder: str = FIXED) -> dict:
+    path = Path(run_dir) / folder / "summary.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -102,16 +106,19 @@ def table1_section(page, run_dir: Path) -> None:
     table1_block(page, ev, "", summary, summary)
 
 
+CALIBRATED_TITLE = "Table 1 at calibrated strengths (matched own effect)"
+
+
 def calibrated_section(page, run_dir: Path) -> None:
     """Table 1 at the calibrated strengths (matched own effect)."""
-    ev, summary = Path(run_dir) / "evaluation", _summary(run_dir)
-    if not (ev / "table1_calibrated.csv").exists():
+    ev, summary = Path(run_dir) / CALIBRATED, _summary(run_dir, CALIBRATED)
+    if page.to_come(CALIBRATED, "calibrated", CALIBRATED_TITLE, "Calibrated") or not (ev / "table1_calibrated.csv").exists():
         return
     cal = summary.get("calibrated", {})
-    page.section("calibrated", "Table 1 at calibrated strengths (matched own effect)", "Calibrated")
+    page.section("calibrated", CALIBRATED_TITLE, "Calibrated")
     page.note("Each direction at the scale where it moves its own attribute by the calibration target (one standard "
               "deviation of the unedited scores by default), found on calibration seeds disjoint from these "
-              "evaluation seeds and stored in the directions files. At matched own effect the rows compare: a "
+              "evaluation seeds (<code>hspace calibrate</code>). At matched own effect the rows compare: a "
               "disentangled direction is not helped or hurt by being shorter or longer than its original. Scales: "
               + html.escape(", ".join(f"{d} {s:.2f}" for d, s in cal.get("scales", {}).items())))
     for key, label in (("disentangled_own_strongest", "disentangled directions whose own effect is strongest"),

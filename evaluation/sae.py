@@ -73,7 +73,7 @@ def best_table(metrics: dict) -> pd.DataFrame:
 def report_section(page, run_dir: Path) -> None:
     """The report's SAE section, when the run has a trained SAE."""
     run_dir = Path(run_dir)
-    folder, ev = run_dir / "sae", run_dir / "evaluation"
+    folder, ev = run_dir / "sae", run_dir / "evaluation-calibrated"
     if not (folder / "metrics.json").exists():
         return
     m = json.loads((folder / "metrics.json").read_text())
@@ -95,7 +95,10 @@ def report_section(page, run_dir: Path) -> None:
         page.add(df_html(best_table(m)))
         page.image(folder / "correlations.png", "Correlation of the features in directions/sae.safetensors with "
                    "every annotation.", name="sae-correlations.png")
-    if (ev / "sae_factors.csv").exists():
+    if "evaluation-calibrated" in page.pending:
+        page.note("Still to come: the SAE features' evaluation at their calibrated strengths "
+                  f"(<code>hspace {html.escape(page.pending['evaluation-calibrated'])}</code>).")
+    elif (ev / "sae_factors.csv").exists():
         page.add("<h3>Per factor: the best SAE feature, the best PCA component and the supervised direction</h3>")
         page.note("Each edited at its calibrated strength (its own attribute moved by the calibration target on the "
                   "calibration seeds), measured on the evaluation seeds: own effect and the largest side effect, in "

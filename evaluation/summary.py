@@ -1,4 +1,5 @@
-"""The evaluation's files, from its per-sample table (``per_sample.parquet``): Table 1 at the fixed scale
+"""The evaluation's files, from its per-sample tables (``per_sample.parquet``: the fixed-scale evaluation's
+in ``evaluation/``, the calibrated one's in ``evaluation-calibrated/``): Table 1 at the fixed scale
 and at the calibrated strengths, each unsigned (the paper's statistic), signed (with whether every
 seed set agrees on the sign) and corrected for its noise floor, with heatmaps and the
 disentanglement checks; PCA against random directions; image change; what edits leave alone; the
@@ -123,13 +124,13 @@ def _check_counts(summary_rows: pd.DataFrame, bootstrapped: bool, resamples: int
     return counts
 
 
-def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path, sweep: list[int], sections: dict | None = None) -> dict:
-    """Table 1 at the fixed scale and at the calibrated strengths (csv + markdown, heatmaps, checks),
-    image change, PCA vs random, the dose-response curves on the ``sweep`` seeds, summary.json.
-    ``sections``: name -> f(keep, scale), further entries of summary.json (the SAE family's)."""
+def prepare(per_sample: pd.DataFrame, ev_cfg) -> tuple[pd.DataFrame, dict, dict, dict, dict]:
+    """What every file of the evaluation is computed from: (the rows with the measured attributes' changes,
+    the normalising scales (std of the unedited scores), each direction's own attribute by name, each
+    direction's matched attribute, the head of summary.json)."""
     attrs = [a[2:] for a in per_sample.columns if a.startswith("d_")]
-    for col, empty in (("sae", False), ("target", ""), ("target_r", np.nan)):  # parts written before the SAE family
-        per_sample[col] = per_sample[col].fillna(empty) if col in per_sample else empty
+    for col, empty in (("sae", False), ("target", ""), ("target_r", np.nan), ("calibrated", False), ("fig6", False)):
+        per_sample[col] = per_sample[col].fillna(empty) if col in per_sample else empty  # parts of other versions
     # a direction's own attribute: evaluate.own_attribute, or the one an SAE feature was matched to
     mapping = {**to_dict(ev_cfg.own_attribute), **{d: t for d, t in zip(per_sample.direction, per_sample.target) if t}}
     measured = list(ev_cfg.attributes) or [a for a in dict.fromkeys(own_attribute(d, mapping) for d in per_sample.direction)
@@ -143,15 +144,17 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path, sweep: list[int], sec
     keep = per_sample[columns + [f"d_{a}" for a in measured]]
     matched = matched_attributes(keep, scale, mapping)  # every section's direction -> attribute
     unit = "in standard deviations of the unedited scores" if ev_cfg.normalize else "in score units"
+    head = {"num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
+            "scorer": ev_cfg.scorer, "measured": measured, "unit": unit, "matched": matched}
+    return keep, scale, mapping, matched, head
+
+
+def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
+    """The evaluation of the paper's pipeline: Table 1 at the fixed scale (csv + markdown, heatmaps,
+    checks), image change, what edits leave alone, PCA vs random, summary.json."""
+    keep, scale, mapping, matched, head = prepare(per_sample, ev_cfg)
     _, summary = table1_outputs(keep[per_sample.table1], scale, ev_cfg, out)
-    summary = {"num_samples": int(ev_cfg.num_samples), "repeats": int(ev_cfg.repeats), "scale": float(ev_cfg.scale),
-               "scorer": ev_cfg.scorer, "measured": measured, "unit": unit, "matched": matched, **summary}
-    calibrated = {}
-    if per_sample.calibrated.any():
-        cal = keep[per_sample.calibrated]
-        _, cal_summary = table1_outputs(cal, scale, ev_cfg, out, "_calibrated")
-        calibrated = {d: float(g.scale.iloc[0]) for d, g in cal.groupby("direction", sort=False)}
-        summary["calibrated"] = {**cal_summary, "scales": calibrated}
+    summary = {**head, **summary}
     table_rows = keep[per_sample.table1 | per_sample.fig6]
     quality = table_rows.groupby("direction", sort=False)[["pixel_change", "quality_before", "quality_after"]].mean()
     write_text_atomic(out / "image_change.csv", quality.to_csv())
@@ -166,13 +169,33 @@ def summarise(per_sample: pd.DataFrame, ev_cfg, out: Path, sweep: list[int], sec
         summary["random_effect_per_pixel"] = float(fam.get("random", np.nan))
         if "random_pixel" in fam:
             summary["random_pixel_matched_effect_per_pixel"] = float(fam["random_pixel"])
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def summarise_calibrated(per_sample: pd.DataFrame, ev_cfg, out: Path, sweep: list[int],
+                         sections: dict | None = None) -> dict:
+    """The further evaluation, from its own rows and the fixed-scale evaluation's (``per_sample``: both, the
+    fixed-scale ones first: the unedited scores that normalise every table are theirs): Table 1 at the
+    calibrated strengths (csv + markdown, heatmaps, checks), the dose-response curves on the ``sweep``
+    seeds (every scale applied to them, fixed ones included), summary.json. ``sections``: name ->
+    f(keep, scale), further entries of summary.json (the SAE family's)."""
+    keep, scale, mapping, matched, head = prepare(per_sample, ev_cfg)
+    summary, calibrated = dict(head), {}
+    if per_sample.calibrated.any():
+        cal = keep[per_sample.calibrated]
+        _, cal_summary = table1_outputs(cal, scale, ev_cfg, out, "_calibrated")
+        calibrated = {d: float(g.scale.iloc[0]) for d, g in cal.groupby("direction", sort=False)}
+        summary["calibrated"] = {**cal_summary, "scales": calibrated}
     rows = keep[keep.seed.isin(sweep) & (keep.family != "random_pixel")]
+    rows = rows.drop_duplicates(["repeat", "seed", "direction", "scale"])  # a fixed scale swept again: once
     for old in out.glob("dose_response*.png"):  # one figure per family: those of families no longer swept go
         old.unlink()
     if sweep and not rows.empty:
         curves = dose_response(rows, scale, mapping, matched=matched, calibrated=calibrated)
         write_text_atomic(out / "dose_response.csv", curves.to_csv(index=False))
-        dose_response_plots(curves, out, unit, max(abs(m) for m in ev_cfg.sweep_multiples) if ev_cfg.sweep_multiples else 2.0)
+        dose_response_plots(curves, out, head["unit"],
+                            max(abs(m) for m in ev_cfg.sweep_multiples) if ev_cfg.sweep_multiples else 2.0)
         summary["dose_response"] = {"seeds": len(sweep), "directions": int(curves.direction.nunique())}
     for name, section in (sections or {}).items():
         summary[name] = section(keep, scale)

@@ -8,7 +8,7 @@ identity record every artefact carries (:meth:`Stage.identity`), the key of its 
 (:meth:`Stage.part_key`), the stages it waits for (:attr:`Stage.after`) and the order of the main
 job (:data:`STAGES`, a topological order of the declared reads) and the order ``hspace run`` runs it
 in (:func:`run_order`: the paper's pipeline and its report first, then each stage marked ``further``
-followed by the report again). A field may be a value or a function of the configuration (a read
+followed by the report again when the report shows what it wrote). A field may be a value or a function of the configuration (a read
 that only some settings make).
 
 ``pipeline.cli`` builds its sub-commands from ``COMMANDS``, ``pipeline.stages.run`` runs
@@ -155,8 +155,22 @@ CALIBRATION_SECTIONS = ("calibrate", "evaluate.scorer", "evaluate.scorer_options
                         "evaluate.scale")
 
 
-def _calibration_sections(cfg) -> tuple[str, ...]:
-    return CALIBRATION_SECTIONS if cfg.calibrate.enabled else ()
+#: evaluate's settings that only the calibrated evaluation (evaluate-calibrated) reads
+EVALUATED_LATER = ("evaluate.calibrated", "evaluate.sweep_samples", "evaluate.sweep_multiples", "evaluate.sae_features")
+
+
+def _auto(cfg) -> bool:
+    """disentangle.pairs asks for ``auto`` (it calibrates the source directions, in memory)."""
+    return bool(cfg.calibrate.enabled) and cfg.disentangle.uses_auto
+
+
+def evaluated_strips(cfg) -> bool:
+    """Whether evaluate-calibrated draws the strips of the supervised, disentangled, PCA and random
+    directions (its dose-response sweep applies them at their strip scales to seeds that include
+    edit.seeds): then the figures stage leaves them out rather than sample the same images twice."""
+    ev = cfg.evaluate
+    sweep = set(range(ev.first_seed, ev.first_seed + min(ev.sweep_samples, ev.num_samples)))
+    return bool(sweep) and set(cfg.edit.seeds) <= sweep
 
 
 def calibration_key(cfg) -> str:
@@ -174,6 +188,7 @@ def _real(cfg) -> bool:
 
 DIRECTIONS = tuple(f"directions/{n}.safetensors" for n in ("pca", "jacobian", "supervised", "disentangled", "real"))
 SUPERVISED = "directions/supervised.safetensors"
+DISENTANGLED = "directions/disentangled.safetensors"
 
 # ------------------------------------------------------------------ the main job
 _MAIN_JOB: tuple[Stage, ...] = (
@@ -204,40 +219,50 @@ _MAIN_JOB: tuple[Stage, ...] = (
           files=lambda cfg: ("jacobian.mask",) if cfg.jacobian.mask and not str(cfg.jacobian.mask).startswith("rect:")
           else (), part_drop=("jacobian.sample_ids", "jacobian.tau", "jacobian.scales"), distributed=True),
     Stage("supervised", "pipeline.stages.supervised:run_supervised",
-          "supervised directions (eq. 10) from the selection, with their calibrated strengths",
-          SUPERVISED, (SUPERVISED,),
+          "supervised directions (eq. 10) from the selection", SUPERVISED, (SUPERVISED,),
           reads=("selection.parquet", "samples", "probes"), only={"probes": lambda cfg: cfg.supervised.restrict_steps},
-          sections=lambda cfg: ("supervised", *_calibration_sections(cfg)), drop=("calibrate.batch_size",),
-          model=lambda cfg: _real(cfg) or cfg.calibrate.enabled, annotators=lambda cfg: cfg.calibrate.enabled,
+          sections=("supervised",), model=_real,
           files=lambda cfg: ("supervised.real.positive_dir", "supervised.real.negative_dir") if _real(cfg) else ()),
     Stage("disentangle", "pipeline.stages.disentangle:run_disentangle",
           "remove projections onto other directions (eq. 11)",
-          "directions/disentangled.safetensors", ("directions/disentangled.safetensors",),
-          reads=(SUPERVISED,), only={SUPERVISED: lambda cfg: not cfg.disentangle.source},
-          sections=lambda cfg: ("disentangle", *_calibration_sections(cfg)), drop=("calibrate.batch_size",),
-          model=lambda cfg: cfg.calibrate.enabled, annotators=lambda cfg: cfg.calibrate.enabled,
-          files=lambda cfg: ("disentangle.source",) if cfg.disentangle.source else ()),
+          DISENTANGLED, (DISENTANGLED,), reads=(SUPERVISED,), only={SUPERVISED: lambda cfg: not cfg.disentangle.source},
+          sections=lambda cfg: ("disentangle", *(CALIBRATION_SECTIONS if _auto(cfg) else ())), drop=("calibrate.batch_size",),
+          model=_auto, annotators=_auto, files=lambda cfg: ("disentangle.source",) if cfg.disentangle.source else ()),
+    Stage("calibrate", "pipeline.stages.calibrate:run_calibrate",
+          "calibrated strengths of the supervised and disentangled directions -> calibration/strengths.json",
+          "calibration", ("calibration/strengths.json",), reads=(SUPERVISED,), optional=(DISENTANGLED,),
+          sections=CALIBRATION_SECTIONS, drop=("calibrate.batch_size",), model=lambda cfg: cfg.calibrate.enabled,
+          annotators=lambda cfg: cfg.calibrate.enabled, further=True),
+    Stage("figures", "pipeline.stages.figures:run_figures",
+          "edit strips of every direction family for the report", "edits", ("edits/identity.json",),
+          optional=(*DIRECTIONS, "calibration"), only={"calibration": lambda cfg: not evaluated_strips(cfg)},
+          sections=("report", "edit.seeds", "evaluate.first_seed", "evaluate.sweep_samples", "evaluate.num_samples",
+                    "evaluate.pca_components"), model=True),
+    Stage("evaluate", "pipeline.stages.evaluate:run_evaluate",
+          "Table 1 at the fixed scale and PCA against random (Fig. 6) on held-out seeds", "evaluation",
+          ("evaluation/summary.json", "evaluation/table1_signed.csv"), reads=(SUPERVISED,),
+          optional=(DISENTANGLED, "directions/pca.safetensors"),
+          only={"directions/pca.safetensors": lambda cfg: cfg.evaluate.pca_components > 0},
+          sections=("evaluate", "calibrate.first_seed"), drop=EVALUATED_LATER, model=True, annotators=True,
+          part_drop=("evaluate.bootstrap",), distributed=True),
+    Stage("evaluate-calibrated", "pipeline.stages.evaluate:run_evaluate_calibrated",
+          "Table 1 at calibrated strengths, dose-response, the evaluated edit strips, the SAE family",
+          "evaluation-calibrated", ("evaluation-calibrated/summary.json",),
+          reads=("calibration", "evaluation", SUPERVISED),
+          optional=(DISENTANGLED, "directions/pca.safetensors", "directions/sae.safetensors"),
+          only={"directions/pca.safetensors": lambda cfg: cfg.evaluate.pca_components > 0 or cfg.evaluate.sae_features > 0,
+                "directions/sae.safetensors": lambda cfg: cfg.evaluate.sae_features > 0},
+          sections=("evaluate", "calibrate", "edit.seeds"), drop=("calibrate.batch_size",), model=True, annotators=True,
+          part_drop=("evaluate.bootstrap",), distributed=True, further=True),
     Stage("fewshot", "pipeline.stages.fewshot:run_fewshot",
           "Fig. 8 as numbers: effect against n in h and x_T space; probe-step restriction",
           "fewshot", ("fewshot/effect_vs_n.csv",), reads=("selection.parquet", "samples", "annotations.parquet"),
           optional=("probes",), only={"probes": lambda cfg: cfg.fewshot.restriction},
           sections=("fewshot", "evaluate.scorer", "evaluate.scorer_options", "supervised.attributes",
                     "annotate.annotators"), drop=("fewshot.batch_size",), model=True, annotators=True, further=True),
-    Stage("figures", "pipeline.stages.figures:run_figures",
-          "edit strips of every direction family for the report", "edits", ("edits/identity.json",),
-          optional=DIRECTIONS, sections=("report", "edit.seeds", "evaluate.first_seed", "evaluate.sweep_samples",
-                                         "evaluate.num_samples", "evaluate.pca_components"), model=True),
-    Stage("evaluate", "pipeline.stages.evaluate:run_evaluate",
-          "Table 1: effects of every edit on every attribute, held-out seeds", "evaluation",
-          ("evaluation/summary.json", "evaluation/table1_signed.csv"), reads=(SUPERVISED,),
-          optional=("directions/disentangled.safetensors", "directions/pca.safetensors", "directions/sae.safetensors"),
-          only={"directions/pca.safetensors": lambda cfg: cfg.evaluate.pca_components > 0 or cfg.evaluate.sae_features > 0,
-                "directions/sae.safetensors": lambda cfg: cfg.evaluate.sae_features > 0},
-          sections=("evaluate", "calibrate.first_seed", "edit.seeds"), model=True, annotators=True,
-          part_drop=("evaluate.bootstrap",), distributed=True),
     Stage("report", "pipeline.stages.report:run_report", "write <run_dir>/report/index.html", "report",
-          ("report/index.html",), optional=("samples", "selection.parquet", "edits", "evaluation", "probes", "fewshot",
-                                             "sae"),
+          ("report/index.html",), optional=("samples", "selection.parquet", "edits", "evaluation",
+                                             "evaluation-calibrated", "probes", "fewshot", "sae"),
           sections=("report",), renders=True),
 )
 
@@ -267,7 +292,8 @@ STAGES: tuple[Stage, ...] = ordered(_MAIN_JOB)
 def run_order(cfg=None, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
     """The order `hspace run` runs ``stages`` in: the paper's pipeline (every stage neither ``further`` nor
     ``renders``, with each further analysis one of them reads with this configuration, and what that one
-    reads in turn), then the report (``renders``), then each further analysis followed by the report again;
+    reads in turn), then the report (``renders``), then each further analysis, followed by the report again
+    when the report shows its artefact;
     each part in the order its declared reads give. ``cfg`` None: the reads whatever the settings."""
     render = [st for st in stages if st.renders]
     further = {st.name: st for st in stages if st.further}
@@ -280,8 +306,8 @@ def run_order(cfg=None, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]
         reading += pulled
     first = [st for st in stages if st in first]  # the registry's order, which ordered() keeps where reads allow
     out = [*ordered(first), *render]
-    for st in ordered(tuple(further.values())):
-        out += [st, *render]
+    for st in ordered(tuple(further.values())):  # the report again when it shows what the analysis wrote
+        out += [st, *(r for r in render if st.artefact in r.may_read(cfg))]
     return tuple(out)
 
 #: commands outside the main job

@@ -388,7 +388,10 @@ def test_records_part_keys_and_order_derive_from_the_declarations(tmp_path):
     assert {st.name for st in registry.STAGES if st.identity(cfg, known) != st.identity(changed, known)} == {"select"}
     changed = load_config(None, [f"run_dir={tmp_path}", "evaluate.scale=0.5"])  # read by every calibration
     assert {st.name for st in registry.STAGES if st.identity(cfg, known) != st.identity(changed, known)} == {
-        "supervised", "disentangle", "evaluate"}
+        "calibrate", "evaluate", "evaluate-calibrated"}
+    changed = load_config(None, [f"run_dir={tmp_path}", "evaluate.sweep_multiples=[-1,1]"])  # the further part only
+    assert {st.name for st in registry.STAGES if st.identity(cfg, known) != st.identity(changed, known)} == {
+        "evaluate-calibrated"}
     shuffled = registry.ordered(tuple(reversed(registry._MAIN_JOB)))
     for order in (registry.STAGES, shuffled):
         seen = set()

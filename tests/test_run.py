@@ -57,8 +57,8 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     args = tiny_run_args(run, tiny_model_dir)
     first = hspace_run(tmp_path, *args)
-    for stage in ("generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle", "fewshot",
-                  "figures", "evaluate", "report"):
+    for stage in ("generate", "annotate", "select", "probe", "pca", "jacobian", "supervised", "disentangle", "calibrate",
+                  "fewshot", "figures", "evaluate", "evaluate-calibrated", "report"):
         assert f"{stage}: done" in first, stage
     report = run / "report" / "index.html"
     assert f"report -> {report.resolve()}" in first
@@ -66,18 +66,20 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     checker.feed(report.read_text())
     checker.close()
     assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
-    assert {"table1", "edits", "annotators", "provenance", "pca-random", "costs", "probes", "fig8",
-            "restriction"} <= checker.ids
+    assert {"table1", "calibrated", "dose-response", "edits", "annotators", "provenance", "pca-random", "costs", "probes",
+            "fig8", "restriction"} <= checker.ids
     assert len(checker.images) >= 10
     for src in checker.images:
         assert not src.startswith(("http", "/")) and (report.parent / src).is_file(), src
     # where the time went: every stage's cost recorded and printed; generate's work is exactly N x T U-Net rows
     timings = json.loads((run / "timings.json").read_text())
-    # the paper's pipeline and its report first, then the further analyses (the report rendered again after each)
+    # the paper's pipeline and its report first, then the further analyses (the report rendered again after each);
+    # the figures stage draws the strips of the supervised directions at their calibrated strengths (edit.seeds are
+    # not the sweep's seeds here), so calibrate joins the paper's pipeline before it
     assert list(timings) == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle",
-                             "figures", "evaluate", "report", "probe", "fewshot"]
+                             "calibrate", "figures", "evaluate", "report", "probe", "evaluate-calibrated", "fewshot"]
     assert first.index("report: done") < first.index("probe: done") < first.index("fewshot: done")
-    assert first.count("report: done") == 3 and "still to come: probe, fewshot" in first
+    assert first.count("report: done") == 4 and "still to come: probe, evaluate-calibrated, fewshot" in first
     assert timings["generate"]["unet_evaluations"] == 24 * 3 and timings["generate"]["images"] == 24
     assert timings["annotate"]["scored"] == 24 and timings["annotate"]["unet_evaluations"] == 0
     assert timings["probe"]["unet_evaluations"] == 0  # x_t stored by generate (generate.record_x_t), not re-sampled
@@ -87,18 +89,20 @@ def test_main_job_end_to_end_and_skipping(tmp_path, tiny_model_dir):
     assert families == {"pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled"}
 
     again = hspace_run(tmp_path, *args)
-    assert again.count("up to date, skipped") == 14  # 12 stages, the report at each of its 3 steps
+    assert again.count("up to date, skipped") == 17  # 13 stages, the report at each of its 4 steps
 
     (run / "evaluation" / "table1_signed.csv").unlink()  # a lost output: its stage runs again, and gives what it gave
     restored = hspace_run(tmp_path, *args)
-    assert restored.count("up to date, skipped") == 13 and "evaluate: done" in restored
+    assert restored.count("up to date, skipped") == 16 and "evaluate: done" in restored
     assert (run / "evaluation" / "table1_signed.csv").exists()
 
     changed = hspace_run(tmp_path, *args, "evaluate.scale=0.5")
     skipped = [line.split("]")[1].split(":")[0].strip() for line in changed.splitlines() if "skipped" in line]
-    # the calibrations in supervised and disentangle read evaluate.scale (calibrate.enabled): they and figures run again
-    assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "probe", "report", "fewshot", "report"]
-    assert "evaluate: done" in changed and "report: done" in changed
+    # the calibration reads evaluate.scale: calibrate, figures (its calibrated strips) and both evaluations run again
+    assert skipped == ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "probe", "report",
+                       "fewshot", "report"]
+    for stage in ("calibrate", "figures", "evaluate", "evaluate-calibrated", "report"):
+        assert f"{stage}: done" in changed, stage
 
     # another precision (generate and annotate keep what was made otherwise until it is deleted): every stage
     # that samples runs again at it (fewshot, figures and the calibration included, which run without a
@@ -121,7 +125,8 @@ def test_skipping_a_stage_that_is_not_in_the_main_job_is_one_clear_error(tmp_pat
     assert out.returncode == 2 and not (tmp_path / "run").exists()
     assert out.stderr.strip().splitlines()[-1] == (
         "hspace run: error: run.skip: fewshots is not a stage of the main job; its stages are generate, annotate, "
-        "select, probe, pca, jacobian, supervised, disentangle, fewshot, figures, evaluate, report")
+        "select, probe, pca, jacobian, supervised, disentangle, calibrate, figures, evaluate, evaluate-calibrated, "
+        "fewshot, report")
 
 
 @pytest.mark.slow
@@ -132,8 +137,8 @@ def test_main_job_without_the_skipped_stages(tmp_path, tiny_model_dir):
     for stage in ("probe", "fewshot", "jacobian"):
         assert f"{stage}: not run (run.skip)" in out and not (run / stage).exists()
     timings = json.loads((run / "timings.json").read_text())
-    assert list(timings) == ["generate", "annotate", "select", "pca", "supervised", "disentangle", "figures",
-                             "evaluate", "report"]
+    assert list(timings) == ["generate", "annotate", "select", "pca", "supervised", "disentangle", "calibrate",
+                             "figures", "evaluate", "report", "evaluate-calibrated"]
     checker = Checker()
     checker.feed((run / "report" / "index.html").read_text())
     assert {"table1", "edits"} <= checker.ids and not {"probes", "fig8", "restriction"} & checker.ids
@@ -172,8 +177,8 @@ def test_stage_identities_follow_the_weights_not_only_the_config(tmp_path, tiny_
     (assets / "weights.bin").write_bytes(b"two")
     after_annotator = predicted_keys(cfg)
     changed = {k for k in before if before[k] != after_annotator[k]}
-    assert changed == {"annotate", "select", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate",
-                       "report"}
+    assert changed == {"annotate", "select", "probe", "supervised", "disentangle", "calibrate", "fewshot", "figures",
+                       "evaluate", "evaluate-calibrated", "report"}
 
     weights = model_dir / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
@@ -251,15 +256,15 @@ def test_cli_joins_the_ranks_for_exactly_the_lightning_commands():
 
 def test_the_stages_that_sample_name_the_precision_in_their_identity(tmp_path):
     """trainer.precision changes the identity of exactly the stages whose outputs it changes: those that
-    sample (with or without a Trainer; supervised for its calibration); not annotate (scores in float32),
-    pca, select or jacobian (float32 whatever it says)."""
+    sample (with or without a Trainer; calibrate); not annotate (scores in float32), pca, select or jacobian
+    (float32 whatever it says), nor supervised and disentangle (their default settings sample nothing)."""
     from pipeline.config import load_config
     from pipeline.registry import STAGES
 
     known = {st.artefact: f"id-of-{st.name}" for st in STAGES}  # the same inputs either way
     cfgs = [load_config(None, [f"run_dir={tmp_path}", f"trainer.precision={p}"]) for p in ("32-true", "bf16-mixed")]
     changed = {st.name for st in STAGES if st.identity(cfgs[0], known)["key"] != st.identity(cfgs[1], known)["key"]}
-    assert changed == {"generate", "probe", "supervised", "disentangle", "fewshot", "figures", "evaluate"}
+    assert changed == {"generate", "probe", "calibrate", "fewshot", "figures", "evaluate", "evaluate-calibrated"}
 
 
 # ---------------------------------------------------------------------- the paper's answer first
@@ -291,17 +296,22 @@ def recorded_run(tmp_path, monkeypatch, *overrides, act=None):
 def test_the_paper_pipeline_and_its_report_come_first_then_each_further_analysis_and_the_report_again(
         tmp_path, monkeypatch, capsys):
     """The order derives from the registry: the stages not marked ``further`` (the paper's pipeline) in the
-    order of their reads, the report, then each further analysis (probe, fewshot) and the report again,
-    each rendering told which further analyses are still to come; every stage after every stage it reads."""
+    order of their reads, the report, then each further analysis (probe, calibrate, evaluate-calibrated,
+    fewshot) and the report again where it shows what the analysis wrote (not after calibrate), each
+    rendering told which further analyses are still to come; every stage after every stage it reads."""
     from pipeline import registry
     from pipeline.registry import STAGES, run_order
 
-    assert {st.name for st in STAGES if st.further} == {"probe", "fewshot"}
+    assert {st.name for st in STAGES if st.further} == {"probe", "calibrate", "evaluate-calibrated", "fewshot"}
     calls = recorded_run(tmp_path, monkeypatch)
-    assert calls == [*((name, None) for name in PAPER), ("report", {"probes": "probe", "fewshot": "fewshot"}),
-                     ("probe", None), ("report", {"fewshot": "fewshot"}), ("fewshot", None), ("report", {})]
+    calibrated = {"calibration": "calibrate", "evaluation-calibrated": "evaluate-calibrated"}
+    assert calls == [*((name, None) for name in PAPER),
+                     ("report", {"probes": "probe", **calibrated, "fewshot": "fewshot"}),
+                     ("probe", None), ("report", {**calibrated, "fewshot": "fewshot"}),
+                     ("calibrate", None), ("evaluate-calibrated", None), ("report", {"fewshot": "fewshot"}),
+                     ("fewshot", None), ("report", {})]
     out = capsys.readouterr().out
-    assert "[10/14] report: done" in out and "still to come: probe, fewshot" in out
+    assert "[10/17] report: done" in out and "still to come: probe, calibrate, evaluate-calibrated, fewshot" in out
     from pipeline.config import load_config
 
     for cfg in (None, load_config(None, [f"run_dir={tmp_path}"])):  # every stage after every stage it reads
@@ -316,11 +326,13 @@ def test_a_further_analysis_that_a_paper_stage_reads_runs_before_it(tmp_path, mo
     ran before (after select, before pca); fewshot stays a further analysis; run.skip leaves a stage out
     of every rendering's list of what is still to come."""
     calls = recorded_run(tmp_path, monkeypatch, "supervised.restrict_steps=true")
-    assert [c[0] for c in calls] == ["generate", "annotate", "select", "probe", *PAPER[3:], "report", "fewshot",
-                                     "report"]
+    further = ["calibrate", "evaluate-calibrated", "report", "fewshot", "report"]
+    assert [c[0] for c in calls] == ["generate", "annotate", "select", "probe", *PAPER[3:], "report", *further]
     assert calls[-3][1] == {"fewshot": "fewshot"}
     calls = recorded_run(tmp_path, monkeypatch, "run.skip=[probe]")
-    assert [c for c in calls if c[0] == "report"] == [("report", {"fewshot": "fewshot"})] * 2 + [("report", {})]
+    calibrated = {"calibration": "calibrate", "evaluation-calibrated": "evaluate-calibrated"}
+    assert [c for c in calls if c[0] == "report"] == [("report", {**calibrated, "fewshot": "fewshot"})] * 2 + [
+        ("report", {"fewshot": "fewshot"}), ("report", {})]
 
 
 def fake_outputs(st, cfg, pending) -> None:
@@ -347,22 +359,30 @@ def fake_outputs(st, cfg, pending) -> None:
         (run_dir / "fewshot" / "effect_vs_n.csv").write_text(
             "attribute,space,n,effect,effect_std,draws\nbright,h,1,0.3,0.1,2\nbright,h,5,0.9,0.0,1\n")
         png.save(run_dir / "fewshot" / "effect_vs_n.png")
+    elif st.name == "evaluate-calibrated":
+        (run_dir / "evaluation-calibrated").mkdir()
+        (run_dir / "evaluation-calibrated" / "table1_calibrated.csv").write_text(
+            "family,direction,bright,bright_std\noriginal,bright,1.0,0.1\n")
+        png.save(run_dir / "evaluation-calibrated" / "table1_calibrated.png")
     elif st.renders:
         page = build_report(run_dir, None, pending).read_text()
         (run_dir / f"page-{len(list(run_dir.glob('page-*')))}.html").write_text(page)
 
 
 def test_a_report_before_the_further_analyses_says_what_is_still_to_come(tmp_path, monkeypatch):
-    """The report rendered after the paper's pipeline has the probe and Fig. 8 sections saying they are still
-    to come and which stage makes them; after probe, the probes are shown and Fig. 8 is still to come; after
-    fewshot, both are shown and nothing is to come."""
+    """The report rendered after the paper's pipeline has the probe, calibrated Table 1, dose-response and
+    Fig. 8 sections saying they are still to come and which stage makes them; after probe, the probes are
+    shown and the others are still to come; after evaluate-calibrated, Fig. 8 alone; after fewshot, all are
+    shown and nothing is to come."""
     recorded_run(tmp_path, monkeypatch, act=fake_outputs)
-    pages = [(tmp_path / "run" / f"page-{i}.html").read_text() for i in range(3)]
-    to_come = ["Still to come: the <code>probe</code> stage", "Still to come: the <code>fewshot</code> stage"]
-    shown = ['<img src="img/probes.png"', '<img src="img/effect_vs_n.png"']
-    for page, still in zip(pages, ([True, True], [False, True], [False, False])):
+    pages = [(tmp_path / "run" / f"page-{i}.html").read_text() for i in range(4)]
+    to_come = ["Still to come: the <code>probe</code> stage", "Still to come: the <code>fewshot</code> stage",
+               "Still to come: the <code>evaluate-calibrated</code> stage"]
+    shown = ['<img src="img/probes.png"', '<img src="img/effect_vs_n.png"', '<img src="img/table1_calibrated.png"']
+    for page, still in zip(pages, ([True, True, True], [False, True, True], [False, True, False], [False, False, False])):
         checker = Checker()
         checker.feed(page)
         assert not checker.errors and {"probes", "fig8"} <= checker.ids
+        assert ({"calibrated", "dose-response"} <= checker.ids) == still[2]  # the sections say they are to come
         for text, image, pending in zip(to_come, shown, still):
             assert (text in page) == pending and (image in page) == (not pending), (text, pending)

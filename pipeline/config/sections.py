@@ -341,8 +341,8 @@ class DisentangleConfig(Section):
 
 
 class CalibrateConfig(Section):
-    """calibrated strengths, measured by hspace supervised and hspace disentangle for their directions and
-    stored in their files: used by edit, explore and Table 1"""
+    """calibrated strengths of the supervised and disentangled directions, measured by hspace calibrate (a
+    further analysis) into <run_dir>/calibration: used by edit, explore and the calibrated Table 1"""
 
     enabled: bool = Field(True, description="false: no calibration (edit and explore use the files' suggested "
                           "scales; Table 1 at the fixed scale only)")

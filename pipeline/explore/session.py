@@ -38,6 +38,7 @@ from pipeline.formats.directions import (
     label_direction,
     load_directions,
     save_directions,
+    with_calibration,
 )
 from pipeline.formats.images import from_uint8, load_image, save_png, to_uint8
 from pipeline.io import writing
@@ -110,7 +111,8 @@ class _Base:
 
 
 def load_run_directions(run_dir, model: HSpaceModel) -> dict[str, Directions]:
-    """Every ``<run_dir>/directions/*.safetensors`` by file stem, checked against the model."""
+    """Every ``<run_dir>/directions/*.safetensors`` by file stem, checked against the model, with the calibrated
+    strengths the run measured for it (``hspace calibrate``)."""
     folder = Path(run_dir) / "directions"
     paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not paths:
@@ -118,7 +120,7 @@ def load_run_directions(run_dir, model: HSpaceModel) -> dict[str, Directions]:
                            f"(or `hspace run`), or point run_dir at a run that has them")
     files = {}
     for p in paths:
-        files[p.stem] = load_directions(p, model)
+        files[p.stem] = with_calibration(load_directions(p, model), p, run_dir)
     return files
 
 
@@ -195,7 +197,8 @@ class ExploreSession:
         """Save a user's label for a direction in its file (atomically); returns the name shown."""
         self.direction(file, index)
         with self._lock, writing(self.run_dir, "explore"):  # the run directory's one writer, while it saves
-            self.files[file] = label_direction(self.run_dir / "directions" / f"{file}.safetensors", int(index), label)
+            path = self.run_dir / "directions" / f"{file}.safetensors"
+            self.files[file] = with_calibration(label_direction(path, int(index), label), path, self.run_dir)
         return self.files[file].display_name(int(index))
 
     # ------------------------------------------------------------------ sources

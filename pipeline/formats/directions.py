@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.errors import ConfigError, DatasetError, InputError
-from pipeline.formats.identity import read_record, safetensors_bytes
+from pipeline.formats.identity import read_record, safetensors_bytes, safetensors_digest
 from pipeline.io import write_bytes_atomic
 
 _META_KEY = "hspace"
@@ -161,6 +161,38 @@ def load_directions(path: str | os.PathLike, model=None) -> Directions:
             raise DatasetError(f"{path} holds directions of shape (T, *h_shape) = {tuple(d.directions.shape[1:])}, but "
                                f"this model's h trajectories are {tuple(want)}; use directions made with the same model, "
                                f"hook and model.num_inference_steps")
+    return d
+
+
+#: where the calibrate stage keeps the calibrated strengths of a run's directions files (under run_dir)
+CALIBRATION = "calibration/strengths.json"
+
+
+def calibration_entry(path: str | os.PathLike) -> dict:
+    """What identifies a directions file's content in ``calibration/strengths.json`` (its labels aside)."""
+    return {"file": Path(path).name, "content": safetensors_digest(path)}
+
+
+def with_calibration(d: Directions, path: str | os.PathLike, run_dir: str | os.PathLike) -> Directions:
+    """``d``, read from ``path``, with the calibrated strengths that ``hspace calibrate`` measured in ``run_dir``
+    for a file of that content (``params["calibration"]``); ``d`` as it is when there are none."""
+    strengths = Path(run_dir) / CALIBRATION
+    if not strengths.exists():
+        return d
+    try:
+        files = json.loads(strengths.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"{strengths} cannot be read ({type(e).__name__}: {e}); re-run hspace calibrate") from None
+    content = safetensors_digest(path)
+    for entry in files.values():
+        if entry.get("content") == content:
+            scales = entry["record"].get("scales") or {}
+            bad = [n for n, v in scales.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise DatasetError(f"{strengths}: direction {bad[0]!r} has a calibrated strength of {scales[bad[0]]}; "
+                                   f"delete it and run hspace calibrate again")
+            d.params = {**d.params, "calibration": entry["record"]}
+            break
     return d
 
 

@@ -6,13 +6,12 @@ file, as in the paper's Table 1; or ``auto``), and writes ``<run_dir>/directions
 with one direction per primary, named ``<primary>|<cond1>,<cond2>`` (``glasses|hair``: glasses
 with hair removed), ``<primary>|others``, or ``<primary>|none`` (``auto`` found no entanglement).
 
-Calibrated strengths (``calibrate``, :mod:`pipeline.methods.calibration`): this stage measures those of
-the disentangled directions (stored with them); those of the source directions are the supervised
-stage's (stored in its file, which this stage only reads), or measured here, in memory, for a
-``disentangle.source`` file that has none for the current settings. ``auto`` conditions a direction
-on the other directions whose attributes it moves, at its calibrated strength on the calibration
-seeds, by at least ``disentangle.threshold`` standard deviations (and 2 standard errors); the
-choices and the measured changes are in the file's params (``auto``).
+``auto`` conditions a direction on the other directions whose attributes it moves, at its calibrated
+strength on the calibration seeds (``calibrate``, :mod:`pipeline.methods.calibration`), by at least
+``disentangle.threshold`` standard deviations (and 2 standard errors): this stage calibrates the source
+directions for it, in memory (the calibrate stage, a further analysis, measures the strengths that
+edit, explore and the calibrated evaluation use). The choices and the measured changes are in the
+file's params (``auto``).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from pipeline.formats.identity import verify
 from pipeline.methods.calibration import entangled_with, own_attribute
 from pipeline.methods.supervised import cosine, project_out
 from pipeline.registry import COMMANDS, SUPERVISED
-from pipeline.stages.supervised import Calibrator
+from pipeline.stages.calibrate import Calibrator
 
 OTHERS = "others"  # pairs value: every other direction in the file
 AUTO = "auto"  # pairs value: the directions whose attributes it measurably moves (calibration seeds)
@@ -114,10 +113,11 @@ def run_disentangle(cfg) -> Path:
     else:
         verify(run_dir, SUPERVISED)  # the run's own file: what its record says, made from what the run holds now
     record = COMMANDS["disentangle"].identity(cfg)
-    calibrator = Calibrator(cfg) if cfg.calibrate.enabled else None
-    if calibrator is not None and not calibrator.current(directions.params.get("calibration")):
-        directions.params["calibration"] = calibrator(directions)  # in memory: this stage writes only its own file
     pairs = cfg.disentangle.pairs if cfg.disentangle.pairs == AUTO else to_dict(cfg.disentangle.pairs)
+    if cfg.disentangle.uses_auto:
+        calibrator = Calibrator(cfg)
+        if not calibrator.current(directions.params.get("calibration")):
+            directions.params["calibration"] = calibrator(directions)  # in memory: this stage writes only its own file
     pairs, choices = resolve_auto(directions, pairs, cfg.disentangle.threshold, to_dict(cfg.evaluate.own_attribute))
     result = disentangle(directions, pairs)
     if choices:
@@ -126,8 +126,6 @@ def run_disentangle(cfg) -> Path:
             found = ", ".join(f"{n} {v:+.2f}" for n, v in ch["entanglement"].items()) or "none"
             print(f"  auto: {primary} moves {found} (std, at its calibrated strength) -> "
                   f"{'conditioned on ' + ', '.join(ch['conditioned_on']) if ch['conditioned_on'] else 'left as it is'}")
-    if calibrator is not None:
-        result.params["calibration"] = calibrator(result)
     out = save_directions(result, run_dir / "directions" / "disentangled.safetensors", record)
     for name, r in result.params["report"].items():
         before = ", ".join(f"cos(v0,{c})={v:+.2f}" for c, v in r["cosines_before"].items())

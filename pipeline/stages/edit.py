@@ -17,7 +17,7 @@ import torch
 
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError
-from pipeline.formats.directions import Directions, compose, load_directions
+from pipeline.formats.directions import Directions, compose, load_directions, with_calibration
 from pipeline.formats.figures import image_grid_figure, save_figure
 from pipeline.formats.images import to_uint8
 from pipeline.methods.calibration import calibrated_scale
@@ -133,7 +133,7 @@ def run_edit(cfg) -> list[Path]:
                           "disentangled, real) from <run_dir>/directions")
     path = resolve_directions_path(cfg.run_dir, e.directions)
     model = HSpaceModel.from_config(cfg)
-    directions = load_directions(path, model)
+    directions = with_calibration(load_directions(path, model), path, cfg.run_dir)
     if tuple(directions.timesteps) != tuple(model.timesteps.tolist()):
         raise ConfigError(f"{path} was made for timesteps {directions.timesteps[:3]}... (T={len(directions.timesteps)}) "
                           f"but the model samples {model.timesteps.tolist()[:3]}... (T={model.num_steps}); "

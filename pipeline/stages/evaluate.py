@@ -1,29 +1,34 @@
-"""`hspace evaluate`: the paper's Table 1 on held-out seeds, at a fixed scale and at calibrated
-strengths, the dose-response of every direction, plus image-change and quality checks.
+"""`hspace evaluate` and `hspace evaluate-calibrated`: the paper's Table 1 on held-out seeds, at a fixed
+scale, then at calibrated strengths with the dose-response of every direction, plus image-change and
+quality checks.
 
-Every direction of the supervised file ("original") and of the disentangled file is applied
-at ``evaluate.scale`` to ``evaluate.num_samples`` new seeds, in ``evaluate.repeats`` disjoint
-seed sets starting at ``evaluate.first_seed`` (never used to find the directions), and at its
-calibrated strength (the scale that moves its own attribute by one standard deviation on the
-calibration seeds, stored in its file by the disentangle stage: ``table1_calibrated.*``). The
-scorer (an annotator: CLIP with the paper's prompts for faces, the toy annotator for the toy
-domain) scores each original and edited image; also recorded per edit: the mean absolute pixel
-change and an image-quality score (MTCNN face probability, or the toy render error). The top PCA
-directions and as many norm-matched random directions are applied too (paper Fig. 6).
+``hspace evaluate`` (the paper's pipeline, ``<run_dir>/evaluation/``): every direction of the supervised
+file ("original") and of the disentangled file is applied at ``evaluate.scale`` to
+``evaluate.num_samples`` new seeds, in ``evaluate.repeats`` disjoint seed sets starting at
+``evaluate.first_seed`` (never used to find the directions). The scorer (an annotator: CLIP with the
+paper's prompts for faces, the toy annotator for the toy domain) scores each original and edited
+image; also recorded per edit: the mean absolute pixel change and an image-quality score (MTCNN face
+probability, or the toy render error). The top PCA directions and as many norm-matched random
+directions are applied too (paper Fig. 6), and random directions rescaled to their component's pixel
+change.
 
-Dose-response: on the first ``evaluate.sweep_samples`` seeds every direction is also applied at
-its sweep scales (``sweep_multiples`` of its calibrated strength, else its file's suggested
-scales): ``dose_response.csv``/``.png`` (own effect against the largest side effect and the image
-change, with bootstrap intervals). Every (direction, scale) is sampled once per seed whatever
-tables it serves, and each seed's unedited sample once. When those seeds include ``edit.seeds``
-the edit strips of these families are drawn from the same images (``strips/``) and the figures
-stage leaves them out. Images are sampled ``batch_size`` at a time, scored and dropped.
+``hspace evaluate-calibrated`` (a further analysis, after ``hspace calibrate``:
+``<run_dir>/evaluation-calibrated/``): every direction at its calibrated strength (the scale that moves
+its own attribute by one standard deviation on the calibration seeds: ``table1_calibrated.*``), and the
+dose-response: on the first ``evaluate.sweep_samples`` seeds every direction at its sweep scales
+(``sweep_multiples`` of its calibrated strength, else its file's suggested scales):
+``dose_response.csv``/``.png`` (own effect against the largest side effect and the image change, with
+bootstrap intervals; the fixed-scale evaluation's points on those seeds included). When those seeds
+include ``edit.seeds`` the edit strips of these families are drawn from the same images (``strips/``)
+and the figures stage leaves them out. The SAE family (pipeline.stages.sae_evaluate) is evaluated here
+too. Its tables are normalised by the fixed-scale evaluation's unedited scores.
 
-``Trainer.predict`` over (seed set, batch of seeds): one Parquet part per batch, resumable;
-rank 0 merges them into ``<run_dir>/evaluation/per_sample.parquet`` and writes
-``table1.csv``/``table1.md`` (paper layout, strongest effect per row in bold), ``table1_signed.csv``
-(the same with signs), the heatmaps,
-``pca_vs_random.csv`` and ``summary.json``.
+Every (direction, scale) is sampled once per seed whatever tables of a part it serves, and each seed's
+unedited sample once per part. Images are sampled ``batch_size`` at a time, scored and dropped.
+``Trainer.predict`` over (seed set, batch of seeds): one Parquet part per batch, resumable; rank 0
+merges them into ``per_sample.parquet`` and writes ``table1.csv``/``table1.md`` (paper layout, strongest
+effect per row in bold), ``table1_signed.csv`` (the same with signs), the heatmaps,
+``pca_vs_random.csv`` and ``summary.json`` (and the calibrated part's files in its folder).
 """
 from __future__ import annotations
 
@@ -38,16 +43,15 @@ import pyarrow.parquet as pq
 import torch
 
 from evaluation.preservation import build_embedder, identity_similarity
-from evaluation.summary import summarise
+from evaluation.summary import summarise, summarise_calibrated
 from pipeline.engine.model import HSpaceModel, default_device
 from pipeline.errors import DatasetError
-from pipeline.formats.directions import load_directions
+from pipeline.formats.directions import load_directions, with_calibration
 from pipeline.formats.identity import folder_files, parquet_metadata, read_record, seal_folder, verify
 from pipeline.formats.images import to_uint8
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.methods.calibration import calibrated_scale, primary_direction, search_scales
-from pipeline.registry import COMMANDS
-from pipeline.stages.figures import evaluated_strips
+from pipeline.registry import COMMANDS, DISENTANGLED, SUPERVISED, evaluated_strips
 from pipeline.stages.lightning_utils import (
     ItemModule,
     ItemsProgress,
@@ -69,8 +73,13 @@ STRIP_FOLDERS = {"original": "supervised", "disentangled": "disentangled", "pca"
                  "sae": "sae"}
 
 
-def eval_dir(run_dir) -> Path:
-    return Path(run_dir) / "evaluation"
+#: the two parts of the evaluation: their stage and their folder under run_dir
+PAPER, CALIBRATED = "evaluate", "evaluate-calibrated"
+FOLDERS = {PAPER: "evaluation", CALIBRATED: "evaluation-calibrated"}
+
+
+def eval_dir(run_dir, part: str = PAPER) -> Path:
+    return Path(run_dir) / FOLDERS[part]
 
 
 # ---------------------------------------------------------------------- what to apply
@@ -107,26 +116,34 @@ def _add(edits: list[Edit], name, family, unit, scale, role=None, **extra) -> No
     edits.append(Edit(name, family, unit, float(scale), {role} if role else set(), **extra))
 
 
-def edit_list(run_dir, ev_cfg, model=None) -> list[Edit]:
-    """Every edit to evaluate (directions checked to fit ``model``'s h when given): each supervised
-    ("original") and disentangled direction at the fixed scale (a disentangled one rescaled to its
-    original's norm with ``match_norm``), at its calibrated strength (``calibrated``) and at the
-    sweep scales (``sweep_multiples`` of the calibrated strength, else the file's suggested scales);
-    the top PCA directions and as many norm-matched random ones at ``pca_scale`` and the PCA file's
-    suggested scales, and the pixel-matched random ones."""
+def edit_list(run_dir, ev_cfg, model=None, part: str = PAPER) -> list[Edit]:
+    """Every edit of one part of the evaluation (directions checked to fit ``model``'s h when given).
+    ``PAPER``: each supervised ("original") and disentangled direction at the fixed scale (a disentangled
+    one rescaled to its original's norm with ``match_norm``), the top PCA directions and as many
+    norm-matched random ones at ``pca_scale``, and the pixel-matched random ones. ``CALIBRATED``: each
+    supervised and disentangled direction at its calibrated strength (``calibrated``) and at the sweep
+    scales (``sweep_multiples`` of the calibrated strength, else the file's suggested scales), the PCA and
+    random ones at the PCA file's suggested scales, and the SAE family."""
     d = Path(run_dir) / "directions"
     edits: list[Edit] = []
-    original = load_directions(d / "supervised.safetensors", model)
+
+    def read(name):
+        dirs = load_directions(Path(run_dir) / name, model)
+        return with_calibration(dirs, Path(run_dir) / name, run_dir) if part == CALIBRATED else dirs
+
+    original = read(SUPERVISED)
     files = [("original", original)]
-    if (d / "disentangled.safetensors").exists():
-        files.append(("disentangled", load_directions(d / "disentangled.safetensors", model)))
+    if (Path(run_dir) / DISENTANGLED).exists():
+        files.append(("disentangled", read(DISENTANGLED)))
     sweep = ev_cfg.sweep_samples > 0
     for family, dirs in files:
         for name, v in zip(dirs.names, dirs.directions):
-            fixed = ev_cfg.scale
-            if family == "disentangled" and ev_cfg.match_norm and primary_direction(name) in original.names:
-                fixed *= float(original.get(primary_direction(name)).norm() / v.norm().clamp_min(1e-12))
-            _add(edits, name, family, v, fixed, "table1")
+            if part == PAPER:
+                fixed = ev_cfg.scale
+                if family == "disentangled" and ev_cfg.match_norm and primary_direction(name) in original.names:
+                    fixed *= float(original.get(primary_direction(name)).norm() / v.norm().clamp_min(1e-12))
+                _add(edits, name, family, v, fixed, "table1")
+                continue
             calibrated = calibrated_scale(dirs.params, name)
             if calibrated is not None and ev_cfg.calibrated:
                 _add(edits, name, family, v, calibrated, "calibrated")
@@ -136,19 +153,21 @@ def edit_list(run_dir, ev_cfg, model=None) -> list[Edit]:
                 for s in points:
                     _add(edits, name, family, v, s)
     fig6 = pca_and_random(run_dir, ev_cfg, model)
-    for e in fig6:
-        _add(edits, e.name, e.family, e.unit, e.scale, "fig6")
+    if part == PAPER:
+        for e in fig6:
+            _add(edits, e.name, e.family, e.unit, e.scale, "fig6")
+        calibration = eval_dir(run_dir) / "pixel_matching.json"
+        if ev_cfg.pixel_matched_random and calibration.exists():
+            randoms = {e.name: e for e in fig6 if e.family == "random"}
+            for name, c in json.loads(calibration.read_text())["multipliers"].items():
+                _add(edits, f"{name}-pixmatch", "random_pixel", randoms[name].unit, c * randoms[name].scale, "fig6")
+        return edits
     if sweep and fig6:
         pca_scales = load_directions(d / "pca.safetensors").params.get("scales") or []
         for e in fig6:
             for s in pca_scales:
                 if s != 0:
                     _add(edits, e.name, e.family, e.unit, s)
-    calibration = eval_dir(run_dir) / "pixel_matching.json"
-    if ev_cfg.pixel_matched_random and calibration.exists():
-        randoms = {e.name: e for e in fig6 if e.family == "random"}
-        for name, c in json.loads(calibration.read_text())["multipliers"].items():
-            _add(edits, f"{name}-pixmatch", "random_pixel", randoms[name].unit, c * randoms[name].scale, "fig6")
     _add_sae_family(edits, run_dir, ev_cfg, model)
     return edits
 
@@ -159,7 +178,7 @@ def _add_sae_family(edits: list[Edit], run_dir, ev_cfg, model=None) -> None:
     scales (their edit strips)."""
     from pipeline.stages.sae_evaluate import calibrated_scales, candidates
 
-    scales = calibrated_scales(eval_dir(run_dir))
+    scales = calibrated_scales(eval_dir(run_dir, CALIBRATED))
     for c in candidates(run_dir, ev_cfg, model):
         s = 1.0 if scales is None else scales.get(c.name)
         if s is None:
@@ -274,15 +293,15 @@ class EvaluateModule(ItemModule):
     before."""
 
     def __init__(self, model: HSpaceModel, run_dir, ev_cfg, scorer, quality, quality_score: str | None,
-                 strips: list[int] = ()):
+                 strips: list[int] = (), part: str = PAPER):
         super().__init__()
         self.hmodel, self.scorer, self.quality, self.quality_score = model, scorer, quality, quality_score
-        self.run_dir, self.ev_cfg, self.strips = run_dir, ev_cfg, set(strips)
+        self.run_dir, self.ev_cfg, self.strips, self.part = run_dir, ev_cfg, set(strips), part
         self.unet = model.unet
 
     def setup(self, stage: str) -> None:
         share_cpu_threads(self.trainer)
-        self.edits = edit_list(self.run_dir, self.ev_cfg, self.hmodel)
+        self.edits = edit_list(self.run_dir, self.ev_cfg, self.hmodel, self.part)
         self.embedder = build_embedder(self.ev_cfg)  # face identity (evaluation/preservation.py), or None
         for ann in (self.scorer, self.quality, self.embedder):
             if ann is not None:
@@ -298,13 +317,14 @@ class EvaluateModule(ItemModule):
         repeat, seeds = item
         self.hmodel.to(self.device)
         sweep = set(sweep_seeds(self.ev_cfg))
-        jobs = [(s, None) for s in seeds] + [(s, e) for e in self.edits for s in seeds
-                                             if not e.sweep_only or s in sweep]
+        edited = [(s, e) for e in self.edits for s in seeds if not e.sweep_only or s in sweep]
+        used = {s for s, _ in edited}
+        jobs = [(s, None) for s in seeds if s in used] + edited  # the unedited samples first
         base, s0, q0, rows = {}, {}, {}, []
         for idx, images in self.hmodel.iter_edits([(s, None if e is None else e.delta) for s, e in jobs],
                                                   batch_size=self.ev_cfg.batch_size):
             scores, q = self._measure(images)
-            for j, i in enumerate(idx):  # the unedited samples first: every edit of a seed is compared with its own
+            for j, i in enumerate(idx):  # every edit of a seed is compared with its own unedited sample
                 seed, e = jobs[i]
                 if e is None:
                     base[seed], q0[seed] = images[j], float(q[j])
@@ -347,34 +367,39 @@ def part_name(repeat: int, seeds) -> str:
     return f"part-r{repeat:02d}-{min(seeds):010d}-{max(seeds):010d}.parquet"
 
 
-def remaining(run_dir, items) -> list:
+def remaining(run_dir, items, part: str = PAPER) -> list:
     """The (repeat, seeds) items whose Parquet part is not written yet."""
-    return [it for it in items if not (eval_dir(run_dir) / "parts" / part_name(*it)).exists()]
+    return [it for it in items if not (eval_dir(run_dir, part) / "parts" / part_name(*it)).exists()]
 
 
 class EvaluateData(RankShare):
-    def __init__(self, run_dir, items):
+    def __init__(self, run_dir, items, part: str = PAPER):
         super().__init__()
-        self.run_dir, self.all_items = run_dir, items
+        self.run_dir, self.all_items, self.part = run_dir, items, part
 
     def plan(self) -> list:
-        return remaining(self.run_dir, self.all_items)
+        return remaining(self.run_dir, self.all_items, self.part)
 
 
 # ---------------------------------------------------------------------- outputs
-def write_results(run_dir, ev_cfg, items, record: dict, strips: list[int] = ()) -> dict:
-    """Rank 0: the parts -> per_sample.parquet, Table 1 and the rest; the folder's identity record last."""
-    out = eval_dir(run_dir)
+def write_results(run_dir, ev_cfg, items, record: dict, strips: list[int] = (), part: str = PAPER) -> dict:
+    """Rank 0: the parts -> per_sample.parquet, the part's tables and the rest; the folder's identity record last."""
+    out = eval_dir(run_dir, part)
     parts = [out / "parts" / part_name(r, s) for r, s in items]
     missing = [p for p in parts if not p.exists()]
     if missing:
-        raise DatasetError(f"{len(missing)} evaluation parts are missing (e.g. {missing[0].name}); re-run hspace evaluate")
+        raise DatasetError(f"{len(missing)} evaluation parts are missing (e.g. {missing[0].name}); re-run hspace {part}")
     per_sample = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    write_strips(per_sample, list(strips), out / "strips")
+    if part == CALIBRATED:
+        write_strips(per_sample, list(strips), out / "strips")
     per_sample = per_sample.drop(columns=[c for c in ("image", "base_image") if c in per_sample])
     with atomic_path(out / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
-    summary = summarise(per_sample, ev_cfg, out, sweep_seeds(ev_cfg), sae_section(per_sample, ev_cfg, out))
+    if part == PAPER:
+        summary = summarise(per_sample, ev_cfg, out)
+    else:  # with the fixed-scale evaluation's rows: its unedited scores normalise, its points join the curves
+        both = pd.concat([pd.read_parquet(eval_dir(run_dir) / "per_sample.parquet"), per_sample], ignore_index=True)
+        summary = summarise_calibrated(both, ev_cfg, out, sweep_seeds(ev_cfg), sae_section(per_sample, ev_cfg, out))
     seal_folder(out, record, [f for f in folder_files(out) if not f.startswith("parts/") and f != "pixel_matching.json"])
     return summary
 
@@ -443,53 +468,73 @@ def write_part(prediction: dict, path: Path, part_key: str) -> None:
 
 
 def run_evaluate(cfg) -> dict:
+    """`hspace evaluate`: Table 1 at the fixed scale and Fig. 6 (``evaluation/``)."""
+    return evaluate(cfg, PAPER)
+
+
+def run_evaluate_calibrated(cfg) -> dict:
+    """`hspace evaluate-calibrated`: Table 1 at the calibrated strengths, the dose-response, the strips and the SAE
+    family (``evaluation-calibrated/``)."""
+    return evaluate(cfg, CALIBRATED)
+
+
+def evaluate(cfg, part: str) -> dict:
     from annotators.base import build_annotator
 
     run_dir, ev = Path(cfg.run_dir), cfg.evaluate
-    if not (Path(run_dir) / "directions" / "supervised.safetensors").exists():
-        raise DatasetError(f"{run_dir}/directions/supervised.safetensors is missing; run hspace supervised first")
-    stage = COMMANDS["evaluate"]
+    if not (run_dir / SUPERVISED).exists():
+        raise DatasetError(f"{run_dir / SUPERVISED} is missing; run hspace supervised first")
+    stage = COMMANDS[part]
     for name in stage.read_names(cfg):
         verify(run_dir, name)
-    out = eval_dir(run_dir)
+    out = eval_dir(run_dir, part)
     record, part_key = stage.identity(cfg), stage.part_key(cfg)
     model = HSpaceModel.from_config(cfg, under_trainer=True)
     scorer = build_annotator(ev.scorer, ev.scorer_options)
     quality = build_annotator(ev.quality, {}) if ev.quality else None
-    calibration = out / "pixel_matching.json"
-    edits = edit_list(run_dir, ev, model)  # every file fits the model, before any sampling
-    if not any(e.family == "original" for e in edits):
-        raise DatasetError(f"{run_dir}/directions/supervised.safetensors holds no directions; re-run hspace supervised "
+    edits = edit_list(run_dir, ev, model, part)  # every file fits the model, before any sampling
+    if part == PAPER and not any(e.family == "original" for e in edits):
+        raise DatasetError(f"{run_dir / SUPERVISED} holds no directions; re-run hspace supervised "
                            f"(with select.attributes naming what to find)")
     rank0_first(lambda: clean_existing(out, part_key))  # after the checks above: a mistyped setting removes nothing
     if launching_rank() == 0:
-        if ev.pixel_matched_random and pca_and_random(run_dir, ev, model) and not calibration.exists():
-            seeds = list(range(cfg.calibrate.first_seed, cfg.calibrate.first_seed + CALIBRATION_SEEDS))
-            model.to(default_device(cfg.model.device))  # on the GPU if there is one (the ranks start after this)
-            multipliers = calibrate_random(model, run_dir, ev, seeds)
-            model.to("cpu")
-            write_json_atomic(calibration, {"key": part_key, "seeds": seeds, "multipliers": multipliers})
-            print("hspace evaluate: random directions rescaled to their component's pixel change: "
-                  + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))
-        calibrate_sae_family(cfg, model, scorer, out, part_key)
-    items, strips = seed_sets(ev), strip_seeds(cfg)
-    todo = rank0_first(lambda: remaining(run_dir, items))  # after rank 0's calibration
+        if part == PAPER:
+            match_random_pixels(cfg, model, out / "pixel_matching.json", part_key)
+        else:
+            calibrate_sae_family(cfg, model, scorer, out, part_key)
+    items, strips = seed_sets(ev), strip_seeds(cfg) if part == CALIBRATED else []
+    todo = rank0_first(lambda: remaining(run_dir, items, part))  # after rank 0's calibration
     if todo:
         trainer = predict_parts(
-            cfg.trainer, EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score, strips),
-            EvaluateData(run_dir, items), tag="evaluate", merge=lambda: write_results(run_dir, ev, items, record, strips),
+            cfg.trainer, EvaluateModule(model, run_dir, ev, scorer, quality, ev.quality_score, strips, part),
+            EvaluateData(run_dir, items, part), tag=part,
+            merge=lambda: write_results(run_dir, ev, items, record, strips, part),
             parts=out / "parts", name=lambda p: part_name(p["repeat"], p["seeds"]),
             write=lambda p, path: write_part(p, path, part_key),
-            progress=ItemsProgress("evaluate", sum(len(s) for _, s in todo), count=lambda it: len(it[1])))
+            progress=ItemsProgress(part, sum(len(s) for _, s in todo), count=lambda it: len(it[1])))
         if not trainer.is_global_zero:
             return {}
     else:
-        write_results(run_dir, ev, items, record, strips)
+        write_results(run_dir, ev, items, record, strips, part)
     summary = json.loads((out / "summary.json").read_text())
-    print((out / "table1.md").read_text())
-    if (out / "table1_calibrated.md").exists():
+    if part == PAPER:
+        print((out / "table1.md").read_text())
+    elif (out / "table1_calibrated.md").exists():
         print("At the calibrated strengths (matched own effect):\n" + (out / "table1_calibrated.md").read_text())
-    edits = edit_list(run_dir, ev)
+    edits = edit_list(run_dir, ev, part=part)
     images = sum(len(s) if not e.sweep_only else len(set(s) & set(sweep_seeds(ev))) for e in edits for _, s in items)
-    print(f"hspace evaluate: {len(edits)} edits, {images} edited images of {ev.repeats * ev.num_samples} seeds -> {out}")
+    print(f"hspace {part}: {len(edits)} edits, {images} edited images of {ev.repeats * ev.num_samples} seeds -> {out}")
     return summary
+
+
+def match_random_pixels(cfg, model: HSpaceModel, path: Path, part_key: str) -> None:
+    """Rank 0, before the evaluation: the pixel-matched random directions' multipliers, once per evaluation key."""
+    ev = cfg.evaluate
+    if ev.pixel_matched_random and pca_and_random(cfg.run_dir, ev, model) and not path.exists():
+        seeds = list(range(cfg.calibrate.first_seed, cfg.calibrate.first_seed + CALIBRATION_SEEDS))
+        model.to(default_device(cfg.model.device))  # on the GPU if there is one (the ranks start after this)
+        multipliers = calibrate_random(model, cfg.run_dir, ev, seeds)
+        model.to("cpu")
+        write_json_atomic(path, {"key": part_key, "seeds": seeds, "multipliers": multipliers})
+        print("hspace evaluate: random directions rescaled to their component's pixel change: "
+              + ", ".join(f"{k} x{v:.1f}" for k, v in multipliers.items()))

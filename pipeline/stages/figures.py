@@ -2,10 +2,11 @@
 
 ``<run_dir>/edits/<family>/<direction>.png`` for pca, pca_random (norm-matched random
 directions), jacobian, supervised, supervised_xT (the same directions in x_T space) and
-disentangled, each at its calibrated multiples (pipeline.methods.calibration) or the scales its directions
-file suggests; the report shows them. When the evaluate stage's dose-response sweep covers
-edit.seeds (the default), it draws the strips of the supervised, disentangled, PCA and random
-directions from its own images (``evaluation/strips/``) and this stage leaves them out. The strips of
+disentangled, each at its calibrated multiples (pipeline.methods.calibration, from the calibrate stage's
+``calibration/``) or the scales its directions file suggests; the report shows them. When the
+calibrated evaluation's dose-response sweep covers edit.seeds (the default), it draws the strips of the
+supervised, disentangled, PCA and random directions from its own images
+(``evaluation-calibrated/strips/``) and this stage leaves them out. The strips of
 every h-space family are sampled together, and those in x_T space together (full batches:
 :func:`pipeline.stages.edit.edit_strips`).
 
@@ -21,10 +22,10 @@ import sys
 from pathlib import Path
 
 from pipeline.engine.model import HSpaceModel
-from pipeline.formats.directions import Directions, load_directions
+from pipeline.formats.directions import Directions, load_directions, with_calibration
 from pipeline.formats.identity import FOLDER_RECORD, folder_files, read_record, seal_folder, verify
 from pipeline.io import atomic_path
-from pipeline.registry import COMMANDS
+from pipeline.registry import COMMANDS, evaluated_strips
 from pipeline.stages.edit import edit_strips, save_strips, strip_rows
 
 #: edit scales where a directions file suggests none, and of x_T-space edits (multiples of the
@@ -34,15 +35,6 @@ DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 #: the folders of edits/ this stage writes, one per direction family
 FAMILIES = ("pca", "pca_random", "jacobian", "supervised", "supervised_xT", "disentangled", "real")
-
-
-def evaluated_strips(cfg) -> bool:
-    """Whether the evaluate stage draws the strips of the supervised, disentangled, PCA and random
-    directions (its dose-response sweep applies them at their strip scales to seeds that include
-    edit.seeds): then this stage leaves them out rather than sample the same images twice."""
-    ev = cfg.evaluate
-    sweep = set(range(ev.first_seed, ev.first_seed + min(ev.sweep_samples, ev.num_samples)))
-    return bool(sweep) and set(cfg.edit.seeds) <= sweep
 
 
 def run_figures(cfg) -> Path:
@@ -55,7 +47,7 @@ def run_figures(cfg) -> Path:
     model = HSpaceModel.from_config(cfg)
     seeds = list(cfg.edit.seeds)
     jobs: list[tuple[str, Directions, list, bool]] = []
-    evaluated = evaluated_strips(cfg)  # evaluate draws these families' strips from its sweep
+    evaluated = evaluated_strips(cfg)  # evaluate-calibrated draws these families' strips from its sweep
     first_pc = min(cfg.evaluate.pca_components, cfg.report.pca_components) if evaluated else 0
     if (d / "pca.safetensors").exists():
         pca = load_directions(d / "pca.safetensors", model)
@@ -71,6 +63,8 @@ def run_figures(cfg) -> Path:
     for name in ("supervised", "disentangled", "real"):
         if (d / f"{name}.safetensors").exists():
             dirs = load_directions(d / f"{name}.safetensors", model)
+            if not evaluated:  # their calibrated strengths, when the calibrate stage has measured them
+                dirs = with_calibration(dirs, d / f"{name}.safetensors", run_dir)
             if not (evaluated and name in ("supervised", "disentangled")):
                 jobs.append((name, dirs, list(range(len(dirs))), False))
             if name == "supervised" and "x_T_directions" in dirs.extras:

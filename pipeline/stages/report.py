@@ -108,26 +108,30 @@ STRIP_FAMILIES = (
 
 
 def strips_section(page: Page, run_dir: Path) -> None:
-    """Every family's edit strips once: those the evaluation drew from its sweep (``evaluation/strips``) and
-    the others of the figures stage (``edits/``)."""
+    """Every family's edit strips once: those the calibrated evaluation drew from its sweep
+    (``evaluation-calibrated/strips``) and the others of the figures stage (``edits/``)."""
     from pipeline.stages.evaluate import STRIP_FOLDERS
 
     evaluated = set(STRIP_FOLDERS.values())
+    pending = "evaluation-calibrated" in page.pending
     found = []
     for folder, title, explain in STRIP_FAMILIES:
-        where = run_dir / "evaluation" / "strips" / folder
-        if folder not in evaluated or not any(where.glob("*.png")):
+        where = run_dir / "evaluation-calibrated" / "strips" / folder
+        if folder not in evaluated or pending or not any(where.glob("*.png")):
             where = run_dir / "edits" / folder
         pngs = sorted(where.glob("*.png"))
         if pngs:
             found.append((folder, title, explain, pngs))
-    if not found:
+    if not found and not pending:
         return
     page.section("edits", "Edit strips", "Strips")
+    if pending:
+        page.note("Still to come: the strips of the evaluated families that the dose-response sweep draws "
+                  f"(<code>hspace {html.escape(page.pending['evaluation-calibrated'])}</code>).")
     page.note("Rows: held-out seeds (<code>edit.seeds</code>); columns: edit strengths, <i>unedited</i> the plain sample. "
               "A supervised or disentangled direction is shown at multiples of its calibrated strength (<i>+1&times; "
               "cal.</i> moves its own attribute by the calibration target, 1 SD by default; in brackets the scale "
-              "itself) and at Table 1's fixed scale (<i>fixed</i>): the images the dose-response was measured on. "
+              "itself): the images the dose-response was measured on. "
               "Click a strip to open it at full size.")
     for folder, title, explain, pngs in found:
         page.add(f"<h3>{html.escape(title)}</h3>")

@@ -58,10 +58,10 @@ def run_sample(cfg) -> Path:
                                 title=f"{Path(str(model.name_or_path)).name}: samples (T={model.num_steps})")
         shape = f"{len(seeds)} seeds"
     else:
-        from pipeline.formats.directions import load_directions
+        from pipeline.formats.directions import load_directions, with_calibration
         from pipeline.methods.calibration import calibrated_scale
 
-        directions = load_directions(path, model)
+        directions = with_calibration(load_directions(path, model), path, cfg.run_dir)
         index = directions.index(cfg.sample.direction)
         direction, scales = directions.directions[index], list(cfg.sample.scales)
         edits = [None if scale == 0 else scale * direction for scale in scales]

@@ -12,9 +12,7 @@ With ``supervised.restrict_steps`` each direction is set to zero at the steps wh
 stage (``probes/probes.csv``) finds its attribute not encoded in h; the whole-trajectory
 directions stay in the file as ``unrestricted_directions`` and the step masks in its params.
 
-With ``calibrate.enabled`` each direction's calibrated strength (the scale that moves its own attribute
-by ``calibrate.target`` standard deviations, :mod:`pipeline.methods.calibration`) is measured here and
-stored in the file's params (``calibration``), which edit, explore, auto disentanglement and Table 1 read.
+Their calibrated strengths are measured by the calibrate stage (pipeline.stages.calibrate).
 
 With ``supervised.real.positive_dir`` / ``negative_dir`` it also writes ``real.safetensors``:
 the direction between two folders of real images, through DDIM inversion (the paper's BU3DFE
@@ -30,7 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import to_dict
 from pipeline.engine import noise
 from pipeline.engine.model import HSpaceModel
 from pipeline.errors import ConfigError, DatasetError, InputError
@@ -38,9 +35,8 @@ from pipeline.formats.directions import Directions, save_directions
 from pipeline.formats.images import from_uint8, load_image
 from pipeline.formats.samples import h_layout, iter_samples, read_manifest
 from pipeline.io import atomic_path
-from pipeline.methods.calibration import calibrate, unedited_scores
 from pipeline.methods.supervised import convergence_curve, logistic_direction, mean_difference, paired_difference
-from pipeline.registry import COMMANDS, calibration_key
+from pipeline.registry import COMMANDS
 from pipeline.stages.select import load_selection
 
 
@@ -193,48 +189,6 @@ def real_image_direction(model: HSpaceModel, positive_dir, negative_dir, paired:
     return mean_difference(hp, hn), {"positives": len(names_p), "negatives": len(names_n)}
 
 
-# ---------------------------------------------------------------------- calibrated strengths
-class Calibrator:
-    """Calibrates directions with the run's model and scorer (built once, on first use): the scale at
-    which each moves its own attribute by ``calibrate.target`` standard deviations
-    (:mod:`pipeline.methods.calibration`), the record a stage stores in the params of the directions it writes."""
-
-    def __init__(self, cfg):
-        self.cfg, self.model, self.scorer, self.unedited = cfg, None, None, None
-        self.key = calibration_key(cfg)
-
-    def current(self, record: dict | None) -> bool:
-        """Whether a file's calibration ``record`` was measured with these settings; if so its unedited
-        scores of the calibration seeds are used again (not sampled a second time)."""
-        if not record or record.get("key") != self.key:
-            return False
-        if "unedited" in record and self.unedited is None:
-            self.unedited = {a: np.asarray(v, dtype=np.float64) for a, v in record["unedited"].items()}
-        return True
-
-    def __call__(self, d: Directions) -> dict:
-        from annotators.base import build_annotator
-
-        c, ev = self.cfg.calibrate, self.cfg.evaluate
-        if self.model is None:
-            self.model = HSpaceModel.from_config(self.cfg)
-            self.scorer = build_annotator(ev.scorer, ev.scorer_options, self.model.device)
-        std_seeds = list(range(c.first_seed, c.first_seed + c.std_samples))
-        if self.unedited is None:  # sampled once for every file
-            self.unedited = unedited_scores(self.model, self.scorer, std_seeds, c.batch_size, self.model.device)
-        try:
-            record = calibrate(self.model, self.scorer, d.names, list(d.directions), std_seeds[:c.num_samples], std_seeds,
-                               ev.scale, c.target, c.rtol, c.max_iter, to_dict(ev.own_attribute), c.batch_size,
-                               self.model.device, self.unedited)
-        except KeyError as e:
-            raise ConfigError(f"calibrate: {e.args[0]}") from None
-        record["key"] = self.key
-        record["unedited"] = {a: v.tolist() for a, v in self.unedited.items()}  # float64: exact through JSON
-        print(f"  calibrated {d.method} directions ({record['rounds']} rounds, {c.num_samples} seeds): " + ", ".join(
-            f"{n} x{s:.2f}" if s is not None else f"{n} (none)" for n, s in record["scales"].items()))
-        return record
-
-
 def real_directions(cfg, run_dir: Path) -> Directions | None:
     """The direction between the two folders of real images (``supervised.real``), None without them."""
     real = cfg.supervised.real
@@ -251,8 +205,8 @@ def real_directions(cfg, run_dir: Path) -> Directions | None:
 
 
 def run_supervised(cfg) -> Path:
-    """Everything is computed (the directions, their restriction and calibration, the real-image
-    direction) before anything is written: a failure leaves the run directory as it was."""
+    """Everything is computed (the directions, their restriction, the real-image direction) before
+    anything is written: a failure leaves the run directory as it was."""
     run_dir = Path(cfg.run_dir)
     record = COMMANDS["supervised"].identity(cfg)  # the files it names (real-image folders) exist
     directions, curves = supervised_directions(run_dir, cfg.supervised)
@@ -263,8 +217,6 @@ def run_supervised(cfg) -> Path:
         for name, steps in directions.params["restricted_steps"].items():
             print(f"  {name}: restricted to the steps where the probe finds it encoded: {steps}")
     real = real_directions(cfg, run_dir)
-    if cfg.calibrate.enabled:
-        directions.params["calibration"] = Calibrator(cfg)(directions)
     if real is not None:
         save_directions(real, run_dir / "directions" / "real.safetensors", record)
     with atomic_path(run_dir / "directions" / "convergence.csv") as tmp:
