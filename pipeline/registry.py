@@ -8,8 +8,8 @@ identity record every artefact carries (:meth:`Stage.identity`), the key of its 
 (:meth:`Stage.part_key`), the stages it waits for (:attr:`Stage.after`) and the order of the main
 job (:data:`STAGES`, a topological order of the declared reads) and the order ``hspace run`` runs it
 in (:func:`run_order`: the paper's pipeline and its report first, then each stage marked ``further``
-followed by the report again when the report shows what it wrote). A field may be a value or a function of the configuration (a read
-that only some settings make).
+followed by the report again when the report shows what it wrote). A field may be a value or a
+function of the configuration (a read that only some settings make).
 
 ``pipeline.cli`` builds its sub-commands from ``COMMANDS``, ``pipeline.stages.run`` runs
 ``run_order(cfg)``, and the commands that run Lightning Trainers (every rank of a multi-process job takes

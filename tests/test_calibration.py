@@ -228,3 +228,56 @@ def test_edit_and_explore_start_from_the_calibrated_strength():
                    params={"scales": [-3.0, 0.0, 3.0], "calibration": {"scales": {"a": 0.5, "b": None}}})
     assert default_scales(d, 0) == [-1.0, -0.5, 0.0, 0.5, 1.0]  # -2..2 times the calibrated strength
     assert default_scales(d, 1) == [-3.0, 0.0, 3.0]  # no calibrated strength: the file's suggested scales
+
+
+def test_stored_strengths_apply_to_the_file_of_their_content_only(tmp_path):
+    """calibration/strengths.json holds each file's strengths under its content hash: a reader gets them for
+    that file (still after a user labels a direction), not for a file of other content, and a non-finite
+    strength is refused naming the file and the stage to re-run."""
+    import json
+
+    from pipeline.errors import DatasetError
+    from pipeline.formats.directions import (
+        CALIBRATION,
+        calibration_entry,
+        label_direction,
+        load_directions,
+        save_directions,
+        with_calibration,
+    )
+
+    run = tmp_path / "run"
+    path, other = run / "directions" / "supervised.safetensors", tmp_path / "elsewhere" / "supervised.safetensors"
+    d = Directions(torch.ones(2, 1, 3, 1, 1), ["a", "b"], "supervised", [0], params={"scales": [-3.0, 3.0]})
+    save_directions(d, path)
+    save_directions(Directions(2 * torch.ones(2, 1, 3, 1, 1), ["a", "b"], "supervised", [0]), other)
+    record = {"scales": {"a": 0.5, "b": None}, "key": "k"}
+    (run / "calibration").mkdir()
+    (run / CALIBRATION).write_text(json.dumps({"files": {"supervised": {**calibration_entry(path), "record": record}}}))
+    assert with_calibration(load_directions(path), path, run).params["calibration"] == record
+    assert load_directions(path).params == {"scales": [-3.0, 3.0]}  # the file itself is as it was written
+    assert "calibration" not in with_calibration(load_directions(other), other, run).params
+    assert "calibration" not in with_calibration(load_directions(path), path, tmp_path / "no-run").params
+    label_direction(path, 0, "smile")
+    assert with_calibration(load_directions(path), path, run).params["calibration"] == record
+    record["scales"]["a"] = float("nan")
+    (run / CALIBRATION).write_text(json.dumps({"files": {"supervised": {**calibration_entry(path), "record": record}}}))
+    with pytest.raises(DatasetError, match="direction 'a' has a calibrated strength of nan.*hspace calibrate"):
+        with_calibration(load_directions(path), path, run)
+
+
+def test_a_reused_evaluation_folder_loses_what_the_calibrated_part_writes_now(tmp_path):
+    """evaluation/ of an earlier version held the calibrated tables, the sweep and its strips: the fixed-scale
+    evaluation removes them (they live in evaluation-calibrated/ now) and keeps its own files."""
+    from pipeline.stages.evaluate import drop_moved
+
+    out = tmp_path / "evaluation"
+    (out / "strips" / "supervised").mkdir(parents=True)
+    moved = ["table1_calibrated.md", "table1_calibrated_signed.csv", "disentanglement_calibrated.csv", "dose_response.csv",
+             "dose_response-original.png", "table1_sae.csv", "sae_factors.csv", "sae_calibration.json",
+             "strips/supervised/a.png"]
+    kept = ["table1.md", "table1_signed.csv", "disentanglement.csv", "summary.json", "pixel_matching.json"]
+    for name in moved + kept:
+        (out / name).write_text("x")
+    drop_moved(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept)

@@ -169,8 +169,9 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     from pipeline.config import load_config, with_overrides
     from pipeline.formats.directions import load_directions
     from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.calibrate import run_calibrate
     from pipeline.stages.disentangle import run_disentangle
-    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate, run_evaluate_calibrated
     from pipeline.stages.generate import run_generate
     from pipeline.stages.select import run_select
     from pipeline.stages.supervised import run_supervised
@@ -189,14 +190,30 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir):
     summary = run_evaluate(cfg)
     every = pd.read_parquet(run / "evaluation" / "per_sample.parquet")
     per = every[every.table1]
-    assert len(per) == 2 * 4 * 3 and set(per.direction) == {"bright", "red", "bright|red"}
+    assert len(per) == len(every) == 2 * 4 * 3 and set(per.direction) == {"bright", "red", "bright|red"}
     assert set(per.seed) == set(range(1_000_000, 1_000_008))
+    assert not (run / "evaluation" / "dose_response.csv").exists()  # the further part's, after the calibration
+    run_calibrate(cfg)
+    later = run_evaluate_calibrated(cfg)
+    more = pd.read_parquet(run / "evaluation-calibrated" / "per_sample.parquet")
+    assert set(more[more.calibrated].direction) == {"bright", "red", "bright|red"}
+    assert set(more[more.calibrated].seed) == set(range(1_000_000, 1_000_008))
     # the dose-response points: on the sweep seeds only (the first 2 of set 0), each scale once per seed
-    sweep_only = every[~(every.table1 | every.calibrated | every.fig6)]
-    assert set(sweep_only.seed) <= {1_000_000, 1_000_001}
-    assert not every.duplicated(["seed", "direction", "scale"]).any()
-    curves = pd.read_csv(run / "evaluation" / "dose_response.csv")
+    sweep_only = more[~more.calibrated]
+    assert set(sweep_only.seed) == {1_000_000, 1_000_001}
+    assert not more.duplicated(["seed", "direction", "scale"]).any()
+    curves = pd.read_csv(run / "evaluation-calibrated" / "dose_response.csv")
     assert set(curves.direction) == {"bright", "red", "bright|red"} and (curves.n_seeds == 2).all()
+    # the fixed scale's points on the sweep seeds join the curves (from the fixed-scale evaluation's table)
+    assert set(curves[curves.direction == "red"].scale) > set(sweep_only[sweep_only.direction == "red"].scale)
+    assert 2.0 in set(curves[curves.direction == "red"].scale)
+    # its tables are normalised by the fixed-scale evaluation's unedited scores: the calibrated Table 1 recomputed
+    scale = {a: per.drop_duplicates(["repeat", "seed"])[f"o_{a}"].std(ddof=1) for a in ("bright", "red")}
+    cal = more[more.calibrated & (more.family == "original")]
+    mean, _ = effect_matrix(cal[["repeat", "seed", "direction", "family", "d_bright", "d_red"]], scale)
+    table = pd.read_csv(run / "evaluation-calibrated" / "table1_calibrated.csv").set_index("direction")
+    np.testing.assert_allclose(table.loc[["bright", "red"], ["bright", "red"]].values, mean.values, rtol=1e-6)
+    assert set(later["calibrated"]["scales"]) == {"bright", "red", "bright|red"}
     # one stored change, recomputed independently
     model = HSpaceModel.from_pretrained(str(tiny_model_dir), num_inference_steps=3, eta=cfg.model.eta, device="cpu")
     d = load_directions(run / "directions" / "supervised.safetensors").get("red")

@@ -69,7 +69,7 @@ def fingerprint(run) -> dict[str, str]:
     for path in sorted((run / "directions").glob("*.safetensors")):
         tensors = load_file(str(path))
         out[path.name] = _digest(*[k.encode() + v.contiguous().numpy().tobytes() for k, v in sorted(tensors.items())])
-    for name in ("probes/probes.csv", "evaluation/table1_signed.csv", "evaluation/table1_calibrated_signed.csv"):
+    for name in ("probes/probes.csv", "evaluation/table1_signed.csv", "evaluation-calibrated/table1_calibrated_signed.csv"):
         out[name] = _digest((run / name).read_bytes())
     return out
 
@@ -163,7 +163,7 @@ def test_damaged_inputs_are_refused_by_readers_and_rebuilt_by_hspace_run(clean, 
     assert rc == 0, out[-3000:]
     assert fingerprint(run) == clean[1]
     rc, out = main_job(capsys, monkeypatch, run, tiny_model_dir)
-    assert rc == 0 and out.count("up to date, skipped") == 12, out[-3000:]  # 14 steps, 2 skipped
+    assert rc == 0 and out.count("up to date, skipped") == 15, out[-3000:]  # 17 steps, 2 not run (run.skip)
 
 
 # ---------------------------------------------------------------------- 2: generate makes the dataset asked for, or refuses
@@ -241,7 +241,7 @@ def test_a_stage_writes_only_its_outputs_and_keeps_a_users_files(clean, tmp_path
     assert sorted(p.relative_to(run) for p in (run / "grids").rglob("*.png")) == grids
     assert (run / "edits" / "pca" / "pc2.png").exists()
     rc, out = main_job(capsys, monkeypatch, run, tiny_model_dir, "report.pca_components=2")
-    assert rc == 0 and out.count("up to date, skipped") == 12  # 14 steps, 2 skipped; a person's files are not the stage's content
+    assert rc == 0 and out.count("up to date, skipped") == 15  # 17 steps, 2 not run; a person's files are not the stage's content
 
 
 # ---------------------------------------------------------------------- 4: one writer lock per run directory

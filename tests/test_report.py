@@ -41,11 +41,12 @@ def run(tmp_path_factory, tiny_model_dir):
 @pytest.mark.slow
 def test_every_section_matches_a_direction_to_the_same_attribute(run):
     run_dir, _ = run
-    ev = run_dir / "evaluation"
+    ev, later = run_dir / "evaluation", run_dir / "evaluation-calibrated"
     summary = json.loads((ev / "summary.json").read_text())
     pvr = pd.read_csv(ev / "pca_vs_random.csv").set_index("direction")
-    dose = pd.read_csv(ev / "dose_response.csv")
+    dose = pd.read_csv(later / "dose_response.csv")
     matched = summary["matched"]
+    assert json.loads((later / "summary.json").read_text())["matched"] == matched  # both parts match alike
     assert {"pc1", "pc2", "random1", "random2"} <= set(pvr.index) and set(pvr.index) <= set(matched)
     for direction, attribute in pvr.attribute.items():
         assert attribute == matched[direction], direction
@@ -60,8 +61,8 @@ def test_every_section_matches_a_direction_to_the_same_attribute(run):
 @pytest.mark.slow
 def test_the_signed_table_reproduces_table1_where_its_caption_says(run):
     run_dir, _ = run
-    ev = run_dir / "evaluation"
     for suffix in ("", "_calibrated"):
+        ev = run_dir / ("evaluation-calibrated" if suffix else "evaluation")
         table = pd.read_csv(ev / f"table1{suffix}.csv").set_index("direction")
         signed = pd.read_csv(ev / f"table1{suffix}_signed.csv").set_index("direction")
         attrs = [c for c in table.columns if c not in ("family",) and not c.endswith("_std")]
@@ -92,7 +93,8 @@ def test_the_report_folder_is_complete_and_reproduces_its_configuration(run):
     cfg = load_config(str(report / "data" / "config-resolved.yaml"))  # the resolved configuration loads as it is
     assert to_yaml(cfg) == (report / "data" / "config-resolved.yaml").read_text()
     assert cfg.run_dir == str(run_dir) and cfg.select.n == 5
-    for name in ("table1.csv", "table1_signed.csv", "table1_corrected.csv", "dose_response.csv", "pca_vs_random.csv",
+    for name in ("table1.csv", "table1_signed.csv", "table1_corrected.csv", "table1_calibrated.csv", "dose_response.csv",
+                 "pca_vs_random.csv",
                  "confounds.csv", "per_sample.parquet", "annotations.parquet", "selection.parquet", "timings.json"):
         assert (report / "data" / name).is_file(), name
     np.testing.assert_array_equal(pd.read_csv(report / "data" / "table1.csv").select_dtypes("number"),

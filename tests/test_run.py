@@ -204,7 +204,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     hspace_run(tmp_path, *tiny_run_args(runs["one"], tiny_model_dir), *few)
     two = hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
                      "trainer.strategy=ddp")
-    assert two.count(": done in") == 14 and "report -> " in two  # the report rendered 3 times
+    assert two.count(": done in") == 17 and "report -> " in two  # the report rendered 4 times
     for name in ("jacobian", "supervised", "disentangled"):
         a, b = (load_directions(r / "directions" / f"{name}.safetensors") for r in runs.values())
         assert a.names == b.names
@@ -221,10 +221,11 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     cols = [c for c in one_ev.columns if c.startswith("d_")]
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, two_ev.loc[table1, cols].values, atol=1e-5)
     assert hspace_run(tmp_path, *tiny_run_args(runs["two"], tiny_model_dir), *few, "trainer.devices=2",
-                      "trainer.strategy=ddp").count("up to date, skipped") == 14
+                      "trainer.strategy=ddp").count("up to date, skipped") == 17
 
     # a launcher that starts both ranks at once (torchrun), on a run whose disentangled directions change (other
-    # pairs): rank 0 redoes disentangle and figures; the other rank must not judge evaluate by the old stamps
+    # pairs): rank 0 redoes disentangle, calibrate and figures; the other rank must not judge either evaluation by
+    # the old stamps
     import shutil
 
     torchrun = tmp_path / "torchrun"
@@ -233,7 +234,7 @@ def test_main_job_on_two_processes_equals_one(tmp_path, tiny_model_dir):
                      "trainer.strategy=ddp", "disentangle.pairs={bright: others}",
                      launcher=[str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"])
     done = [line.split("]")[1].split(":")[0].strip() for line in out.splitlines() if ": done in" in line]
-    assert done == ["disentangle", "figures", "evaluate", "report"], out[-2000:]
+    assert done == ["disentangle", "calibrate", "figures", "evaluate", "report", "evaluate-calibrated", "report"], out[-2000:]
     ev = pd.read_parquet(torchrun / "evaluation" / "per_sample.parquet").sort_values(key).reset_index(drop=True)
     # bright|others removes red as bright|red did: the same numbers under another name
     np.testing.assert_allclose(one_ev.loc[table1, cols].values, ev.loc[table1, cols].values, atol=1e-5)

@@ -165,13 +165,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, args, m
 
 
 def test_evaluate_edits_the_best_features_at_calibrated_strength_beside_pca_and_supervised(tmp_path, tiny_model_dir):
-    """The SAE family of `hspace evaluate` on a tiny run: each attribute's best feature and best PCA component,
+    """The SAE family of `hspace evaluate-calibrated` on a tiny run: each attribute's best feature and best PCA component,
     calibrated on the calibration seeds, in table1_sae.* and sae_factors.csv; a stored change recomputed."""
     from pipeline import Edit, HSpaceModel
     from pipeline.formats.directions import load_directions
     from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.calibrate import run_calibrate
     from pipeline.stages.disentangle import run_disentangle
-    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate, run_evaluate_calibrated
     from pipeline.stages.generate import run_generate
     from pipeline.stages.pca import run_pca
     from pipeline.stages.sae import run_sae
@@ -192,8 +193,10 @@ def test_evaluate_edits_the_best_features_at_calibrated_strength_beside_pca_and_
                              "calibrate.num_samples=3", "calibrate.std_samples=6", "calibrate.max_iter=3"])
     for stage in (run_generate, run_annotate, run_select, run_supervised, run_disentangle, run_pca, run_sae):
         stage(cfg)
-    summary = run_evaluate(cfg)
-    ev = run / "evaluation"
+    run_evaluate(cfg)
+    run_calibrate(cfg)
+    summary = run_evaluate_calibrated(cfg)
+    ev = run / "evaluation-calibrated"
     every = pd.read_parquet(ev / "per_sample.parquet")
     rows = every[every.sae]
     scales = pd.read_json(ev / "sae_calibration.json", typ="series")["scales"]

@@ -393,15 +393,30 @@ def write_results(run_dir, ev_cfg, items, record: dict, strips: list[int] = (), 
     if part == CALIBRATED:
         write_strips(per_sample, list(strips), out / "strips")
     per_sample = per_sample.drop(columns=[c for c in ("image", "base_image") if c in per_sample])
+    if part == PAPER:
+        drop_moved(out)
     with atomic_path(out / "per_sample.parquet") as tmp:
         per_sample.to_parquet(tmp, index=False)
     if part == PAPER:
         summary = summarise(per_sample, ev_cfg, out)
     else:  # with the fixed-scale evaluation's rows: its unedited scores normalise, its points join the curves
         both = pd.concat([pd.read_parquet(eval_dir(run_dir) / "per_sample.parquet"), per_sample], ignore_index=True)
-        summary = summarise_calibrated(both, ev_cfg, out, sweep_seeds(ev_cfg), sae_section(per_sample, ev_cfg, out))
+        summary = summarise_calibrated(both, ev_cfg, out, sweep_seeds(ev_cfg), sae_section(both, ev_cfg, out))
     seal_folder(out, record, [f for f in folder_files(out) if not f.startswith("parts/") and f != "pixel_matching.json"])
     return summary
+
+
+#: what evaluation/ held before the calibrated part had a folder of its own (evaluation-calibrated/)
+MOVED = ("table1_calibrated*", "disentanglement_calibrated.csv", "dose_response*", "table1_sae*", "sae_factors.csv",
+         "sae_calibration.json", "strips")
+
+
+def drop_moved(out: Path) -> None:
+    """Remove from ``out`` (evaluation/) the files an earlier version wrote there that evaluate-calibrated writes now."""
+    import shutil
+
+    for path in sorted({p for pattern in MOVED for p in out.glob(pattern)}):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def sae_section(per_sample: pd.DataFrame, ev_cfg, out: Path) -> dict:
