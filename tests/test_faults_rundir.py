@@ -141,6 +141,15 @@ def empty_supervised_file(run):
     save_directions(d.subset([]), path, read_record(path))  # 0 directions, the stage's record kept
 
 
+def double_a_strength(run):
+    path = run / "calibration" / "strengths.json"
+    strengths = json.loads(path.read_text())
+    record = strengths["files"]["supervised"]["record"]
+    name = next(n for n, v in record["scales"].items() if v is not None)
+    record["scales"][name] *= 2
+    path.write_text(json.dumps(strengths))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, reader, named", [
     (truncate_shard, "pca", "truncated"),
@@ -148,6 +157,7 @@ def empty_supervised_file(run):
     (cut_shard_list, "select", "manifest.json was changed"),
     (drop_annotation_column, "select", "annotations.parquet was changed"),
     (empty_supervised_file, "evaluate", "supervised.safetensors was changed"),
+    (double_a_strength, "evaluate-calibrated", "calibration was changed"),
 ])
 def test_damaged_inputs_are_refused_by_readers_and_rebuilt_by_hspace_run(clean, tmp_path, tiny_model_dir, capsys,
                                                                           monkeypatch, damage, reader, named):
