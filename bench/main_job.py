@@ -17,6 +17,14 @@ evaluations per second as a fraction of plain diffusers' (wall time, and the pro
 busy machine's descheduling does not inflate; an interval from the two baselines); and the time to the
 first report (``report/index.html`` first written: the paper's pipeline, before the further analyses) in
 units of plain generation. On a shared machine the ratios are what to read, not the seconds.
+
+The two baselines bracket a job of a quarter of an hour, and the machine's speed moves within it. So, by
+default, one batch of plain diffusers (``generate.batch_size`` samples of one seed) is also timed before the
+first step and after every step of the job (``--no-pace``: not): each step is judged against the plain
+rate of the batches just before and just after it, and the whole job's fraction is its U-Net evaluations
+over those that plain diffusers would have done in the same time at the rate of the moment,
+``sum(evals) / sum(seconds_i x plain_rate_i)`` (:func:`paced_fractions`; the interval: every step against
+the batch before it alone, then after it alone). The pacing batches are not part of the job's time.
 """
 from __future__ import annotations
 
@@ -26,7 +34,6 @@ import copy
 import json
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -65,13 +72,9 @@ def plain_pipeline(model, precision="32-true"):
     return run
 
 
-def plain_diffusers(cfg, precision="32-true") -> tuple[float, float]:
-    """(wall, CPU) seconds for DDIMPipeline to generate cfg.generate.num_samples samples, same T, eta and
-    batch, at ``precision`` (:func:`plain_pipeline`)."""
-    from pipeline.engine.model import HSpaceModel
-
-    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # converted below, as hspace does
-    run = plain_pipeline(model, precision)
+def plain_diffusers(run, cfg) -> tuple[float, float]:
+    """(wall, CPU) seconds for plain diffusers (``run``: :func:`plain_pipeline`) to generate
+    cfg.generate.num_samples samples at the same batch size."""
     n, b = cfg.generate.num_samples, cfg.generate.batch_size
     t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, n, b):
@@ -79,18 +82,66 @@ def plain_diffusers(cfg, precision="32-true") -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def first_written(path: Path, t0: float, stop: threading.Event) -> dict:
-    """Watches ``path`` from a thread; the returned dict gets "seconds" (after ``t0``) when it first exists."""
-    out: dict = {}
+def plain_rate(run, batch_size: int, steps: int) -> tuple[float, float]:
+    """(wall, CPU) U-Net evaluations per second of one plain diffusers batch of ``batch_size`` samples of seed 0."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    run(batch_size, torch.Generator().manual_seed(0))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return batch_size * steps / wall, batch_size * steps / cpu
 
-    def watch():
-        while not stop.is_set() and "seconds" not in out:
-            if path.exists():
-                out["seconds"] = time.perf_counter() - t0
-            stop.wait(0.25)
 
-    threading.Thread(target=watch, daemon=True).start()
+def paced_fractions(steps: list[dict]) -> dict:
+    """Each step's and the whole job's U-Net evaluations per second as a fraction of plain diffusers' at the moment.
+
+    steps: one dict per step of the job: "stage", "evals", "wall" and "cpu" (seconds), "before" and "after"
+    ((wall, CPU) plain evaluations/s of the pacing batches around it). -> {"wall"/"CPU": {"job": (fraction,
+    low, high), "stages": [(stage, fraction, low, high)] for the steps with evaluations}}: a fraction against
+    the mean of the two rates, its interval against the rate before alone and after alone."""
+    out = {}
+    for k, clock in enumerate(("wall", "CPU")):
+        key = clock.lower()
+        rates = {side: [s[side][k] for s in steps] for side in ("before", "after")}
+        rates["mean"] = [(b + a) / 2 for b, a in zip(rates["before"], rates["after"])]
+        evals = sum(s["evals"] for s in steps)
+        job = {side: evals / sum(s[key] * r for s, r in zip(steps, rs)) for side, rs in rates.items()}
+        stages = []
+        for i, s in enumerate(steps):
+            if s["evals"]:
+                each = {side: s["evals"] / s[key] / rs[i] for side, rs in rates.items()}
+                stages.append((s["stage"], each["mean"], min(each["before"], each["after"]),
+                               max(each["before"], each["after"])))
+        out[clock] = {"job": (job["mean"], min(job["before"], job["after"]), max(job["before"], job["after"])),
+                      "stages": stages}
     return out
+
+
+class Pacer:
+    """``after_step`` of :func:`pipeline.stages.run.run_all`: records each step's wall and CPU time and
+    evaluations, then times one plain diffusers batch (:func:`plain_rate`) before the next step starts."""
+
+    def __init__(self, run, batch_size: int, steps: int, enabled: bool = True):
+        self.run, self.batch_size, self.T, self.enabled = run, batch_size, steps, enabled
+        self.steps: list[dict] = []
+        self.last = plain_rate(run, batch_size, steps) if enabled else (0.0, 0.0)
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    def __call__(self, stage, cost: dict | None) -> None:
+        wall, cpu = time.perf_counter() - self.t, time.process_time() - self.c
+        evals = (cost or {}).get("unet_evaluations", 0)
+        step = {"stage": stage.name, "evals": evals, "wall": wall, "cpu": cpu, "before": self.last}
+        if self.enabled:
+            self.last = step["after"] = plain_rate(self.run, self.batch_size, self.T)
+        self.steps.append(step)
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    def first_report_s(self) -> float | None:
+        """The job's time (pacing batches left out) until the report was first written."""
+        done = 0.0
+        for s in self.steps:
+            done += s["wall"]
+            if s["stage"] == "report":
+                return done
+        return None
 
 
 def main() -> None:
@@ -98,12 +149,14 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None, help="fresh run directory (default: a temporary one, removed after)")
     ap.add_argument("--config", default=None, help="default: the built-in defaults (= conf.yaml)")
     ap.add_argument("--baseline-once", action="store_true", help="time the baseline only before the main job")
+    ap.add_argument("--no-pace", action="store_true", help="time no plain batch between the job's steps")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
     from pipeline.config import load_config
     from pipeline.cost import read_timings
+    from pipeline.engine.model import HSpaceModel
     from pipeline.stages.run import run_all
 
     tmp = None
@@ -113,28 +166,30 @@ def main() -> None:
     cfg = load_config(args.config, [f"run_dir={run_dir}", *args.overrides])
     T, n, b = cfg.model.num_inference_steps, cfg.generate.num_samples, cfg.generate.batch_size
     precision = str(cfg.trainer.precision)
+    model = HSpaceModel.from_config(cfg, under_trainer=True, precision="32-true")  # converted below, as hspace does
+    plain = plain_pipeline(model, precision)
     print(f"plain diffusers: DDIMPipeline, {n} samples, T={T}, batch {b}, {torch.get_num_threads()} threads, "
           f"{precision}", flush=True)
-    base = [plain_diffusers(cfg, precision)]
+    base = [plain_diffusers(plain, cfg)]
     print(f"  {base[0][0]:.1f} s ({base[0][1]:.1f} s CPU)", flush=True)
     float32 = None
     if precision not in ("32-true", "32"):
-        float32 = plain_diffusers(cfg)[0]
+        float32 = plain_diffusers(plain_pipeline(model), cfg)[0]
         print(f"plain diffusers at 32-true (its default): {float32:.1f} s", flush=True)
-    stop = threading.Event()
-    t0, c0 = time.perf_counter(), time.process_time()
-    first_report = first_written(Path(run_dir) / "report" / "index.html", t0, stop)
-    run_all(cfg)
-    main_s, main_cpu = time.perf_counter() - t0, time.process_time() - c0
-    stop.set()
+    pacer = Pacer(plain, b, T, enabled=not args.no_pace)
+    t0 = time.perf_counter()
+    run_all(cfg, after_step=pacer)
+    main_s = sum(s["wall"] for s in pacer.steps)  # the pacing batches left out
+    main_cpu = sum(s["cpu"] for s in pacer.steps)
+    print(f"the job's steps {main_s:.1f} s; with the pacing batches {time.perf_counter() - t0:.1f} s", flush=True)
     stages = read_timings(run_dir)
     if not args.baseline_once:
-        base.append(plain_diffusers(cfg, precision))
+        base.append(plain_diffusers(plain, cfg))
         print(f"plain diffusers again: {base[1][0]:.1f} s ({base[1][1]:.1f} s CPU)", flush=True)
     ref = sum(w for w, _ in base) / len(base)
     print(f"\n{'stage':<12} {'seconds':>8} {'U-Net evals':>12} {'x generate':>11}")
     gen = stages.get("generate", {}).get("unet_evaluations") or n * T
-    total = sum(s.get("unet_evaluations", 0) for s in stages.values())
+    total = sum(s["evals"] for s in pacer.steps)
     for name, s in stages.items():
         u = s.get("unet_evaluations", 0)
         print(f"{name:<12} {s.get('seconds', 0):8.1f} {u:12d} {u / gen:11.2f}")
@@ -142,22 +197,38 @@ def main() -> None:
     ratio = main_s / ref
     print(f"\nmain job {main_s:.1f} s / plain diffusers {ref:.1f} s = ratio {ratio:.2f} (target <= 3.0)")
     fractions = {}
-    for clock, spent, plain in (("wall", main_s, [w for w, _ in base]), ("CPU", main_cpu, [c for _, c in base])):
-        each = [(total / spent) / (n * T / p) for p in plain]  # evaluations per second over plain diffusers'
+    for clock, spent, base_s in (("wall", main_s, [w for w, _ in base]), ("CPU", main_cpu, [c for _, c in base])):
+        each = [(total / spent) / (n * T / p) for p in base_s]  # evaluations per second over plain diffusers'
         fractions[clock] = each
-        print(f"whole job, U-Net evaluations per second of plain diffusers' ({clock} time): "
-              f"{(total / spent) / (n * T / (sum(plain) / len(plain))):.3f} ({min(each):.3f}..{max(each):.3f} "
+        print(f"whole job, U-Net evaluations per second of plain diffusers' ({clock} time, the two baselines): "
+              f"{(total / spent) / (n * T / (sum(base_s) / len(base_s))):.3f} ({min(each):.3f}..{max(each):.3f} "
               f"against each baseline; target >= 0.9)")
-    if "seconds" in first_report:
-        print(f"first report after {first_report['seconds']:.1f} s = {first_report['seconds'] / ref:.2f} x plain "
-              f"generation ({first_report['seconds'] / max(w for w, _ in base):.2f}.."
-              f"{first_report['seconds'] / min(w for w, _ in base):.2f}; target <= 5)")
+    paced = paced_fractions(pacer.steps) if not args.no_pace else None
+    if paced:
+        print(f"\npaced: one plain batch of {b} before the first step and after each step; fraction = the step's "
+              f"evaluations/s over the mean of its two plain neighbours' (interval: against each alone)")
+        print(f"{'step':<20} {'evals':>7} {'wall s':>7} {'plain/s before, after':>22} {'wall':>19} {'CPU':>19}")
+        cpu_stages = iter(paced["CPU"]["stages"])
+        wall_stages = iter(paced["wall"]["stages"])
+        for s in pacer.steps:
+            cols = ["", ""]
+            if s["evals"]:
+                cols = [f"{f:.3f} ({lo:.2f}..{hi:.2f})" for _, f, lo, hi in (next(wall_stages), next(cpu_stages))]
+            print(f"{s['stage']:<20} {s['evals']:7d} {s['wall']:7.1f} {s['before'][0]:10.1f} {s['after'][0]:10.1f} "
+                  f"{cols[0]:>19} {cols[1]:>19}")
+        for clock in ("wall", "CPU"):
+            f, lo, hi = paced[clock]["job"]
+            print(f"whole job, paced ({clock} time): {f:.3f} ({lo:.3f}..{hi:.3f}; target >= 0.9)")
+    first = pacer.first_report_s()
+    if first is not None:
+        print(f"first report after {first:.1f} s = {first / ref:.2f} x plain "
+              f"generation ({first / max(w for w, _ in base):.2f}..{first / min(w for w, _ in base):.2f}; target <= 5)")
     if float32 is not None:
         print(f"main job at {precision} {main_s:.1f} s / plain diffusers at 32-true {float32:.1f} s = {main_s / float32:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"main_job_s": main_s, "main_job_cpu_s": main_cpu, "plain_diffusers_s": base,
-                                               "ratio": ratio, "fractions": fractions,
-                                               "first_report_s": first_report.get("seconds"),
+                                               "ratio": ratio, "fractions": fractions, "paced": paced,
+                                               "steps": pacer.steps, "first_report_s": first,
                                                "precision": precision, "plain_diffusers_32_true_s": float32,
                                                "unet_evaluations": total, "stages": stages}, indent=1))
     if tmp:

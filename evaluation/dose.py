@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from evaluation.folders import CALIBRATED
 from evaluation.tables import df_html, matching_note
 from pipeline.formats.figures import plt, save_figure, styled
 
@@ -97,9 +98,9 @@ def auto_choices(run_dir: Path) -> pd.DataFrame:
 
 def report_section(page, run_dir: Path) -> None:
     """The report's dose-response section: the curves of every family, auto's choices."""
-    ev = Path(run_dir) / "evaluation-calibrated"
+    ev = Path(run_dir) / CALIBRATED
     summary = json.loads((ev / "summary.json").read_text()) if (ev / "summary.json").exists() else {}
-    to_come = page.to_come("evaluation-calibrated", "dose-response", "Dose-response")
+    to_come = page.to_come(CALIBRATED, "dose-response", "Dose-response")
     if not to_come and (ev / "dose_response.csv").exists():
         page.section("dose-response", "Dose-response")
         page.note("Every direction at a sweep of strengths on the first "

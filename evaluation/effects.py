@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.folders import CALIBRATED, FIXED
 from evaluation.tables import df_html, matching_note, number, table1_html
 
 #: the folders of the two evaluations (pipeline.stages.evaluate)
-FIXED, CALIBRATED = "evaluation", "evaluation-calibrated"
 
 
 def _summary(run_dir: Path, folder: str = FIXED) -> dict:

@@ -87,6 +87,14 @@ class Page:
         self.toc.append((anchor, short or title))
         self.add(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>')
 
+    def still_to_come(self, artefact: str, what: str) -> bool:
+        """When ``artefact`` is pending: a note in the current section that ``what`` is still to come and which
+        stage makes it (True); else nothing (False)."""
+        stage = self.pending.get(artefact)
+        if stage is not None:
+            self.note(f"Still to come: {what} (<code>hspace {html.escape(stage)}</code>).")
+        return stage is not None
+
     def to_come(self, artefact: str, anchor: str, title: str, short: str | None = None) -> bool:
         """When ``artefact`` is pending: its section, saying it is still to come and which stage makes it
         (True); else nothing (False)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evaluation.folders import CALIBRATED
 from evaluation.tables import df_html, table1_html
 from pipeline.formats.figures import plt, save_figure
 
@@ -73,7 +74,7 @@ def best_table(metrics: dict) -> pd.DataFrame:
 def report_section(page, run_dir: Path) -> None:
     """The report's SAE section, when the run has a trained SAE."""
     run_dir = Path(run_dir)
-    folder, ev = run_dir / "sae", run_dir / "evaluation-calibrated"
+    folder, ev = run_dir / "sae", run_dir / CALIBRATED
     if not (folder / "metrics.json").exists():
         return
     m = json.loads((folder / "metrics.json").read_text())
@@ -95,10 +96,8 @@ def report_section(page, run_dir: Path) -> None:
         page.add(df_html(best_table(m)))
         page.image(folder / "correlations.png", "Correlation of the features in directions/sae.safetensors with "
                    "every annotation.", name="sae-correlations.png")
-    if "evaluation-calibrated" in page.pending:
-        page.note("Still to come: the SAE features' evaluation at their calibrated strengths "
-                  f"(<code>hspace {html.escape(page.pending['evaluation-calibrated'])}</code>).")
-    elif (ev / "sae_factors.csv").exists():
+    pending = page.still_to_come(CALIBRATED, "the SAE features' evaluation at their calibrated strengths")
+    if not pending and (ev / "sae_factors.csv").exists():
         page.add("<h3>Per factor: the best SAE feature, the best PCA component and the supervised direction</h3>")
         page.note("Each edited at its calibrated strength (its own attribute moved by the calibration target on the "
                   "calibration seeds), measured on the evaluation seeds: own effect and the largest side effect, in "

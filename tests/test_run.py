@@ -272,7 +272,7 @@ def test_the_stages_that_sample_name_the_precision_in_their_identity(tmp_path):
 PAPER = ["generate", "annotate", "select", "pca", "jacobian", "supervised", "disentangle", "figures", "evaluate"]
 
 
-def recorded_run(tmp_path, monkeypatch, *overrides, act=None):
+def recorded_run(tmp_path, monkeypatch, *overrides, act=None, after_step=None):
     """`hspace run`'s loop (pipeline.stages.run.run_all) with every stage's function replaced by a recorder
     (``act(stage, cfg, pending)`` does its work, if given) and no stage up to date: the (stage, pending)
     pairs in the order it called them."""
@@ -290,8 +290,20 @@ def recorded_run(tmp_path, monkeypatch, *overrides, act=None):
 
     monkeypatch.setattr(registry.Stage, "run", record)
     monkeypatch.setattr(run, "fresh", lambda cfg, st, pending=None: False)
-    run.run_all(cfg)
+    run.run_all(cfg, after_step=after_step)
     return calls
+
+
+def test_after_step_hears_of_every_step_in_order_with_its_cost(tmp_path, monkeypatch, capsys):
+    """run_all's ``after_step`` (bench/main_job.py times plain diffusers with it) is called once after each step
+    that runs, in the plan's order, with the cost the step recorded; not for a stage of ``run.skip``."""
+    heard = []
+    calls = recorded_run(tmp_path, monkeypatch, "run.skip=[fewshot]",
+                         after_step=lambda st, cost: heard.append((st.name, cost)))
+    assert [name for name, _ in heard] == [name for name, _ in calls] and "fewshot" not in dict(heard)
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    for name, cost in heard:
+        assert cost["seconds"] >= 0 and cost["unet_evaluations"] == 0 and cost == timings[name] or name == "report"
 
 
 def test_the_paper_pipeline_and_its_report_come_first_then_each_further_analysis_and_the_report_again(
@@ -385,5 +397,6 @@ def test_a_report_before_the_further_analyses_says_what_is_still_to_come(tmp_pat
         checker.feed(page)
         assert not checker.errors and {"probes", "fig8"} <= checker.ids
         assert ({"calibrated", "dose-response"} <= checker.ids) == still[2]  # the sections say they are to come
+        assert ("Still to come: the strips of the evaluated families" in page) == still[2]  # a note in the strips
         for text, image, pending in zip(to_come, shown, still):
             assert (text in page) == pending and (image in page) == (not pending), (text, pending)

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from evaluation import folders
 from evaluation.preservation import build_embedder, identity_similarity
 from evaluation.summary import summarise, summarise_calibrated
 from pipeline.engine.model import HSpaceModel, default_device
@@ -75,7 +76,7 @@ STRIP_FOLDERS = {"original": "supervised", "disentangled": "disentangled", "pca"
 
 #: the two parts of the evaluation: their stage and their folder under run_dir
 PAPER, CALIBRATED = "evaluate", "evaluate-calibrated"
-FOLDERS = {PAPER: "evaluation", CALIBRATED: "evaluation-calibrated"}
+FOLDERS = {PAPER: folders.FIXED, CALIBRATED: folders.CALIBRATED}
 
 
 def eval_dir(run_dir, part: str = PAPER) -> Path:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from evaluation import dose, effects, sae, semantics
 from evaluation.costs import costs_html
+from evaluation.folders import CALIBRATED
 from evaluation.page import Page
 from pipeline.config import to_yaml
 from pipeline.formats.identity import seal_folder, verify
@@ -113,10 +114,10 @@ def strips_section(page: Page, run_dir: Path) -> None:
     from pipeline.stages.evaluate import STRIP_FOLDERS
 
     evaluated = set(STRIP_FOLDERS.values())
-    pending = "evaluation-calibrated" in page.pending
+    pending = CALIBRATED in page.pending
     found = []
     for folder, title, explain in STRIP_FAMILIES:
-        where = run_dir / "evaluation-calibrated" / "strips" / folder
+        where = run_dir / CALIBRATED / "strips" / folder
         if folder not in evaluated or pending or not any(where.glob("*.png")):
             where = run_dir / "edits" / folder
         pngs = sorted(where.glob("*.png"))
@@ -125,9 +126,7 @@ def strips_section(page: Page, run_dir: Path) -> None:
     if not found and not pending:
         return
     page.section("edits", "Edit strips", "Strips")
-    if pending:
-        page.note("Still to come: the strips of the evaluated families that the dose-response sweep draws "
-                  f"(<code>hspace {html.escape(page.pending['evaluation-calibrated'])}</code>).")
+    page.still_to_come(CALIBRATED, "the strips of the evaluated families that the dose-response sweep draws")
     page.note("Rows: held-out seeds (<code>edit.seeds</code>); columns: edit strengths, <i>unedited</i> the plain sample. "
               "A supervised or disentangled direction is shown at multiples of its calibrated strength (<i>+1&times; "
               "cal.</i> moves its own attribute by the calibration target, 1 SD by default; in brackets the scale "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from pipeline.cost import measured, table
 from pipeline.errors import ConfigError, HSpaceError
@@ -82,7 +83,12 @@ def to_come(cfg, ahead, runs) -> dict[str, str]:
     return pending
 
 
-def run_all(cfg, only: list[str] | None = None) -> Path:
+def run_all(cfg, only: list[str] | None = None,
+            after_step: Callable[[Stage, dict | None], None] | None = None) -> Path:
+    """Every step of :func:`pipeline.registry.run_order` (or those of ``only``) -> the report's path.
+
+    after_step(stage, cost): called on rank 0 after each step that ran (cost: its ``timings.json`` entry) or was
+    up to date (cost None); ``bench/main_job.py`` times plain diffusers between the steps with it."""
     check_plan(cfg, only)
     run_dir = Path(cfg.run_dir)
     rank0 = launching_rank() == 0
@@ -119,6 +125,8 @@ def run_all(cfg, only: list[str] | None = None) -> Path:
             costs[st.name] = cost
             if rank0:
                 print(f"[{i}/{n}] {st.name}: done in {cost['seconds']:.0f} s", flush=True)
+        if rank0 and after_step is not None:
+            after_step(st, None if skip else costs[st.name])
         if rank0 and kwargs.get("pending"):
             print(f"hspace run: report after {time.time() - t_start:.0f} s -> {report.resolve()}; still to come: "
                   f"{', '.join(kwargs['pending'].values())}", flush=True)
