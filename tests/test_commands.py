@@ -114,6 +114,33 @@ def test_figures_record_their_smallest_font(tmp_path):
     assert scale_labels([3.0], 3.0, 3.0) == ["+1× cal. = fixed\n(+3)"] and scale_labels([-4.0], unit=" SD") == ["-4 SD"]
 
 
+def test_an_image_grid_shows_every_image_unchanged_in_its_cell_with_its_labels():
+    """image_grid_figure pastes each image, pixel for pixel, into one mosaic; a missing cell stays white; the
+    row and column labels sit at the cells' centres and the cell titles above each image."""
+    import numpy as np
+
+    from pipeline.formats.figures import image_grid_figure, plt
+
+    rng = np.random.default_rng(0)
+    images = [[rng.integers(0, 255, (8, 6, 3), dtype=np.uint8) for _ in range(3)],
+              [rng.integers(0, 255, (8, 6, 3), dtype=np.uint8), None]]
+    fig = image_grid_figure(images, ["a", "b"], ["x", "y", "z"], cell_titles=[["1", "2", "3"], ["4", "5"]])
+    (ax,) = fig.axes
+    mosaic = np.asarray(ax.images[0].get_array())
+    cols = [round(x - 2.5) for x in ax.get_xticks()]
+    rows = [round(y - 3.5) for y in ax.get_yticks()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"] and len(set(np.diff(cols))) == 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"] and rows[1] - rows[0] > 8
+    for r, row in enumerate(images):
+        for c, image in enumerate(row):
+            cell = mosaic[rows[r]:rows[r] + 8, cols[c]:cols[c] + 6]
+            assert (cell == (255 if image is None else image)).all(), (r, c)
+    titles = sorted((t.get_text(), t.get_position()) for t in ax.texts)
+    assert [t for t, _ in titles] == ["1", "2", "3", "4", "5"]
+    assert all(y < rows[int(t) > 3] for t, (_, y) in titles)  # above its image (the y axis points down)
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("command, resumes", [("explore", False), ("select", True)])
 def test_an_interrupted_command_says_resume_only_when_it_does(command, resumes, tmp_path, monkeypatch, capsys):
     from pipeline.errors import Interrupted

@@ -117,32 +117,47 @@ def label_outer(axes: dict, xlabel: str, ylabel: str, ncols: int = 3) -> None:
             ax.set_ylabel(ylabel)
 
 
+#: one line of text, in inches (10 pt at 1.35 line spacing)
+LINE_IN = FONT_PT * 1.35 / 72
+
+
 @styled
-def image_grid_figure(images: np.ndarray, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
-                      title: str = "", cell: float = 0.72, cell_titles: Sequence[Sequence[str]] | None = None):
-    """images: (rows, cols, H, W, 3) uint8 -> a figure with row/column labels; empty cells may be None.
-    ``cell``: inches per image (0.72: 72 px, so that two strips of six columns fit side by side on a wide page)."""
+def image_grid_figure(images, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (), title: str = "",
+                      cell: float = 0.72, cell_titles: Sequence[Sequence[str]] | None = None):
+    """images: (rows, cols, H, W, 3) uint8 (rows may be shorter; a cell may be None) -> a figure with row and
+    column labels and, with ``cell_titles``, a title above each image. ``cell``: inches per image (0.72: 72 px,
+    so that two strips of six columns fit side by side on a wide page).
+
+    The images are pasted into one mosaic (white gutters) shown by one axes and labelled by its ticks: one axes
+    is laid out and saved much faster than rows x cols of them (docs/benchmarks.md)."""
     rows, cols = len(images), max(len(r) for r in images)
+    first = next(im for r in images for im in r if im is not None)
+    H, W = first.shape[:2]
+    px = H / cell                                      # data units (image pixels) per inch
+    gap = max(1, round(0.03 * H))
+    heads = [0] * rows if cell_titles is None else \
+        [round(LINE_IN * px * max([1] + [str(t).count("\n") + 1 for t in cell_titles[r]])) + gap for r in range(rows)]
+    tops = np.cumsum([0] + [h + H + gap for h in heads])[:-1] + np.array(heads)
+    mosaic = np.full((int(tops[-1] + H), cols * (W + gap) - gap, 3), 255, np.uint8)
+    for r, row in enumerate(images):
+        for c, im in enumerate(row):
+            if im is not None:
+                mosaic[tops[r]:tops[r] + H, c * (W + gap):c * (W + gap) + W] = im
     lines = max([1] + [str(c).count("\n") + 1 for c in col_labels])
-    head = (0.45 if title else 0.0) + (0.2 * lines if col_labels else 0.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.1, rows * cell * (1.25 if cell_titles else 1) + head),
-                             squeeze=False, layout="constrained")
-    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.02)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            if c < len(images[r]) and images[r][c] is not None:
-                ax.imshow(images[r][c], interpolation="nearest" if images[r][c].shape[0] <= 64 else "antialiased")
-            if cell_titles is not None and c < len(cell_titles[r]):
-                ax.set_title(cell_titles[r][c], pad=2)
-            if r == 0 and c < len(col_labels):
-                ax.set_title(col_labels[c] if cell_titles is None else f"{col_labels[c]}\n{cell_titles[r][c]}")
-        if r < len(row_labels):
-            axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center")
+    head = (0.45 if title else 0.0) + (LINE_IN * lines if col_labels else 0.0)
+    fig, ax = plt.subplots(figsize=(cols * cell * (1 + gap / W) + 1.1, mosaic.shape[0] / px + head), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01)
+    ax.imshow(mosaic, interpolation="nearest" if H <= 64 else "antialiased")
+    centres = [c * (W + gap) + (W - 1) / 2 for c in range(cols)]
+    ax.set_xticks(centres[:len(col_labels)], list(col_labels))
+    ax.xaxis.tick_top()
+    ax.set_yticks([tops[r] + (H - 1) / 2 for r in range(len(row_labels))], list(row_labels))
+    ax.tick_params(length=0, pad=3)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    for r in range(rows if cell_titles is not None else 0):
+        for c, text in enumerate(cell_titles[r][:len(images[r])]):
+            ax.text(centres[c], tops[r] - gap / 2 - 0.5, text, ha="center", va="bottom")
     if title:
         fig.suptitle(title)
     return fig
