@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages.run import check_plan
 
             check_plan(cfg)  # run.skip, and what the stages need: before the run directory's lock is taken
+        elif args.stage in STAGE_NAMES:
+            COMMANDS[args.stage].check_reads(cfg)  # what it reads is there: before the lock (which creates the folder)
         if args.stage in DISTRIBUTED:
             from pipeline.stages.lightning_utils import check_trainer, join_launched_ranks
 

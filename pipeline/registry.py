@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Union
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats.identity import MODEL_DROP, MODEL_SECTIONS, artefact_ids, config_sections, make_record, present
 from pipeline.io import hash_json
 
@@ -107,6 +107,16 @@ class Stage:
         if missing:
             raise ConfigError(f"{missing[0]}: no such file or folder")
         return files
+
+    def check_reads(self, cfg) -> None:
+        """Before the stage takes the run directory's lock (so before anything is created): the files the
+        configuration names exist, and so does every artefact it must read, or a one-line error names the stage
+        that writes the first one missing."""
+        self.inputs_exist(cfg)
+        for name in self.required(cfg):
+            if name in PRODUCERS and not present(cfg.run_dir, [name]):
+                raise DatasetError(f"{Path(cfg.run_dir) / name} is missing: run `hspace {PRODUCERS[name]} "
+                                   f"run_dir={cfg.run_dir}` first (or `hspace run`, which runs every stage in order)")
 
     def identity(self, cfg, known: dict | None = None, drop: tuple[str, ...] = (),
                  reads: tuple[str, ...] | None = None) -> dict:

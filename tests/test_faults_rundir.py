@@ -254,6 +254,27 @@ def test_a_stage_writes_only_its_outputs_and_keeps_a_users_files(clean, tmp_path
     assert rc == 0 and out.count("up to date, skipped") == 15  # 17 steps, 2 not run; a person's files are not the stage's content
 
 
+def test_a_stage_without_its_inputs_names_the_stage_that_writes_them_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    """Every stage run on its own in a run directory that lacks what it must read (here: none at all): one
+    line naming the missing artefact and the command that writes it, exit 2, and no folder made (the writer
+    lock is taken after the check)."""
+    from pipeline.config import load_config
+    from pipeline.registry import PRODUCERS, STAGES
+
+    empty = tmp_path / "nothing-here"
+    cfg = load_config(None, [f"run_dir={empty}"])
+    for st in STAGES:
+        needs = [a for a in st.required(cfg) if a in PRODUCERS]
+        if not needs:
+            continue
+        rc, err = cli(capsys, monkeypatch, st.name, f"run_dir={empty}")
+        assert rc == 2 and one_error(err, st.name), (st.name, err)
+        assert f"{empty / needs[0]} is missing: run `hspace {PRODUCERS[needs[0]]} run_dir={empty}` first" in err, err
+        assert not empty.exists(), st.name
+    rc, err = cli(capsys, monkeypatch, "evaluate-calibrated", f"run_dir={empty}")
+    assert "run `hspace calibrate" in err  # the calibrated evaluation's first need: the calibration
+
+
 # ---------------------------------------------------------------------- 4: one writer lock per run directory
 @pytest.mark.slow
 def test_one_writer_per_run_directory_and_readers_need_no_lock(clean, tmp_path, tiny_model_dir, inject):  # noqa: F811
