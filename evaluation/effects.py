@@ -15,8 +15,6 @@ import pandas as pd
 from evaluation.folders import CALIBRATED, FIXED
 from evaluation.tables import df_html, matching_note, number, table1_html
 
-#: the folders of the two evaluations (pipeline.stages.evaluate)
-
 
 def _summary(run_dir: Path, folder: str = FIXED) -> dict:
     path = Path(run_dir) / folder / "summary.json"
