@@ -20,11 +20,13 @@ units of plain generation. On a shared machine the ratios are what to read, not 
 
 The two baselines bracket a job of a quarter of an hour, and the machine's speed moves within it. So, by
 default, one batch of plain diffusers (``generate.batch_size`` samples of one seed) is also timed before the
-first step and after every step of the job (``--no-pace``: not): each step is judged against the plain
-rate of the batches just before and just after it, and the whole job's fraction is its U-Net evaluations
+first step, after every step of the job and, within a step, after the first U-Net pass that ends
+``--pace-every`` seconds (default 60) after the last batch (``--no-pace``: none). The job's time is cut
+into intervals at those batches; each interval is judged against the plain rate of the batches just before
+and just after it, a stage by its intervals together, and the whole job's fraction is its U-Net evaluations
 over those that plain diffusers would have done in the same time at the rate of the moment,
-``sum(evals) / sum(seconds_i x plain_rate_i)`` (:func:`paced_fractions`; the interval: every step against
-the batch before it alone, then after it alone). The pacing batches are not part of the job's time.
+``sum(evals) / sum(seconds_i x plain_rate_i)`` (:func:`paced_fractions`; the interval: every interval
+against the batch before it alone, then after it alone). The pacing batches are not part of the job's time.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def plain_pipeline(model, precision="32-true"):
     steps, eta = model.num_steps, float(model.eta[0])
 
     def run(batch_size: int, generator):
-        compute = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        # its own autocast (or none) even when timed inside a job's step that runs under autocast
+        compute = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
         with torch.no_grad(), compute:
             return pipe(batch_size=batch_size, num_inference_steps=steps, eta=eta, generator=generator,
                         output_type="np").images
@@ -91,48 +94,92 @@ def plain_rate(run, batch_size: int, steps: int) -> tuple[float, float]:
 
 
 def paced_fractions(steps: list[dict]) -> dict:
-    """Each step's and the whole job's U-Net evaluations per second as a fraction of plain diffusers' at the moment.
+    """Each stage's and the whole job's U-Net evaluations per second as a fraction of plain diffusers' at the moment.
 
-    steps: one dict per step of the job: "stage", "evals", "wall" and "cpu" (seconds), "before" and "after"
-    ((wall, CPU) plain evaluations/s of the pacing batches around it). -> {"wall"/"CPU": {"job": (fraction,
-    low, high), "stages": [(stage, fraction, low, high)] for the steps with evaluations}}: a fraction against
-    the mean of the two rates, its interval against the rate before alone and after alone."""
+    steps: one dict per step of the job, "stage" and "intervals": the parts of its time between pacing batches,
+    each with "evals", "wall" and "cpu" (seconds), "before" and "after" ((wall, CPU) plain evaluations/s of the
+    batches around it); a step without "intervals" is one interval itself. -> {"wall"/"CPU": {"job": (fraction,
+    low, high), "stages": [(stage, fraction, low, high)] for the steps with evaluations}}: evaluations over
+    ``sum(seconds_i x plain_rate_i)`` with the mean of each interval's two rates, the bounds with the rate before
+    alone and after alone."""
+    def fraction(intervals, key: str, k: int) -> tuple[float, float, float]:
+        evals = sum(p["evals"] for p in intervals)
+        each = {side: evals / sum(p[key] * rate(p) for p in intervals)
+                for side, rate in (("mean", lambda p: (p["before"][k] + p["after"][k]) / 2),
+                                   ("before", lambda p: p["before"][k]), ("after", lambda p: p["after"][k]))}
+        return each["mean"], min(each["before"], each["after"]), max(each["before"], each["after"])
+
+    parts = [s.get("intervals") or [s] for s in steps]
     out = {}
     for k, clock in enumerate(("wall", "CPU")):
         key = clock.lower()
-        rates = {side: [s[side][k] for s in steps] for side in ("before", "after")}
-        rates["mean"] = [(b + a) / 2 for b, a in zip(rates["before"], rates["after"])]
-        evals = sum(s["evals"] for s in steps)
-        job = {side: evals / sum(s[key] * r for s, r in zip(steps, rs)) for side, rs in rates.items()}
-        stages = []
-        for i, s in enumerate(steps):
-            if s["evals"]:
-                each = {side: s["evals"] / s[key] / rs[i] for side, rs in rates.items()}
-                stages.append((s["stage"], each["mean"], min(each["before"], each["after"]),
-                               max(each["before"], each["after"])))
-        out[clock] = {"job": (job["mean"], min(job["before"], job["after"]), max(job["before"], job["after"])),
-                      "stages": stages}
+        out[clock] = {"job": fraction([p for ps in parts for p in ps], key, k),
+                      "stages": [(s["stage"], *fraction(ps, key, k)) for s, ps in zip(steps, parts)
+                                 if sum(p["evals"] for p in ps)]}
     return out
 
 
 class Pacer:
-    """``after_step`` of :func:`pipeline.stages.run.run_all`: records each step's wall and CPU time and
-    evaluations, then times one plain diffusers batch (:func:`plain_rate`) before the next step starts."""
+    """``after_step`` of :func:`pipeline.stages.run.run_all`, and ``tick`` after every U-Net pass: cuts the job's
+    time into intervals at plain diffusers batches (:func:`plain_rate`), one before the first step, one after
+    each step and one after the first pass that ends ``every`` seconds after the last batch (None: only between
+    steps). Each interval keeps its wall and CPU time and its U-Net evaluations (``pipeline.cost.COUNTERS``)."""
 
-    def __init__(self, run, batch_size: int, steps: int, enabled: bool = True):
-        self.run, self.batch_size, self.T, self.enabled = run, batch_size, steps, enabled
+    def __init__(self, run, batch_size: int, steps: int, enabled: bool = True, every: float | None = None):
+        self.run, self.batch_size, self.T, self.enabled, self.every = run, batch_size, steps, enabled, every
         self.steps: list[dict] = []
+        self.intervals: list[dict] = []  # of the step under way
         self.last = plain_rate(run, batch_size, steps) if enabled else (0.0, 0.0)
-        self.t, self.c = time.perf_counter(), time.process_time()
+        self._start()
+
+    def _start(self) -> None:
+        from pipeline.cost import COUNTERS
+
+        self.t, self.c, self.evals = time.perf_counter(), time.process_time(), COUNTERS.unet_evaluations
+
+    def _close(self, pace: bool) -> dict:
+        from pipeline.cost import COUNTERS
+
+        part = {"evals": COUNTERS.unet_evaluations - self.evals, "wall": time.perf_counter() - self.t,
+                "cpu": time.process_time() - self.c, "before": self.last}
+        if pace:
+            self.last = part["after"] = plain_rate(self.run, self.batch_size, self.T)
+        self.intervals.append(part)
+        self._start()
+        return part
+
+    def tick(self) -> None:
+        """After a U-Net pass: a pacing batch when ``every`` seconds have passed since the last."""
+        if self.enabled and self.every is not None and time.perf_counter() - self.t >= self.every:
+            self._close(pace=True)
 
     def __call__(self, stage, cost: dict | None) -> None:
-        wall, cpu = time.perf_counter() - self.t, time.process_time() - self.c
-        evals = (cost or {}).get("unet_evaluations", 0)
-        step = {"stage": stage.name, "evals": evals, "wall": wall, "cpu": cpu, "before": self.last}
+        self._close(pace=self.enabled)
+        parts, self.intervals = self.intervals, []
+        step = {"stage": stage.name, "evals": (cost or {}).get("unet_evaluations", 0),
+                "wall": sum(p["wall"] for p in parts), "cpu": sum(p["cpu"] for p in parts),
+                "before": parts[0]["before"], "intervals": parts}
         if self.enabled:
-            self.last = step["after"] = plain_rate(self.run, self.batch_size, self.T)
+            step["after"] = parts[-1]["after"]
         self.steps.append(step)
-        self.t, self.c = time.perf_counter(), time.process_time()
+
+    @contextlib.contextmanager
+    def within_steps(self):
+        """Tick after every pass of :meth:`HSpaceModel.predict <pipeline.engine.model.HSpaceModel.predict>`."""
+        from pipeline.engine.model import HSpaceModel
+
+        predict = HSpaceModel.predict
+
+        def paced(model, *args, **kwargs):
+            out = predict(model, *args, **kwargs)
+            self.tick()
+            return out
+
+        HSpaceModel.predict = paced
+        try:
+            yield self
+        finally:
+            HSpaceModel.predict = predict
 
     def first_report_s(self) -> float | None:
         """The job's time (pacing batches left out) until the report was first written."""
@@ -150,6 +197,8 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="default: the built-in defaults (= conf.yaml)")
     ap.add_argument("--baseline-once", action="store_true", help="time the baseline only before the main job")
     ap.add_argument("--no-pace", action="store_true", help="time no plain batch between the job's steps")
+    ap.add_argument("--pace-every", type=float, default=60.0,
+                    help="seconds of a step after which a plain batch is also timed within it (0: between steps only)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -176,9 +225,10 @@ def main() -> None:
     if precision not in ("32-true", "32"):
         float32 = plain_diffusers(plain_pipeline(model), cfg)[0]
         print(f"plain diffusers at 32-true (its default): {float32:.1f} s", flush=True)
-    pacer = Pacer(plain, b, T, enabled=not args.no_pace)
+    pacer = Pacer(plain, b, T, enabled=not args.no_pace, every=args.pace_every or None)
     t0 = time.perf_counter()
-    run_all(cfg, after_step=pacer)
+    with pacer.within_steps():
+        run_all(cfg, after_step=pacer)
     main_s = sum(s["wall"] for s in pacer.steps)  # the pacing batches left out
     main_cpu = sum(s["cpu"] for s in pacer.steps)
     print(f"the job's steps {main_s:.1f} s; with the pacing batches {time.perf_counter() - t0:.1f} s", flush=True)
@@ -205,16 +255,20 @@ def main() -> None:
               f"against each baseline; target >= 0.9)")
     paced = paced_fractions(pacer.steps) if not args.no_pace else None
     if paced:
-        print(f"\npaced: one plain batch of {b} before the first step and after each step; fraction = the step's "
-              f"evaluations/s over the mean of its two plain neighbours' (interval: against each alone)")
-        print(f"{'step':<20} {'evals':>7} {'wall s':>7} {'plain/s before, after':>22} {'wall':>19} {'CPU':>19}")
+        print(f"\npaced: one plain batch of {b} before the first step, after each step and every "
+              f"{args.pace_every:.0f} s within a step; fraction = the step's evaluations over those plain diffusers "
+              f"would have done in its intervals at the mean of each one's two neighbours' rates (interval: against "
+              f"each alone)")
+        print(f"{'step':<20} {'evals':>7} {'wall s':>7} {'parts':>5} {'plain/s before, after':>22} {'wall':>19} "
+              f"{'CPU':>19}")
         cpu_stages = iter(paced["CPU"]["stages"])
         wall_stages = iter(paced["wall"]["stages"])
         for s in pacer.steps:
             cols = ["", ""]
-            if s["evals"]:
+            if sum(p["evals"] for p in s["intervals"]):  # as paced_fractions lists the stages
                 cols = [f"{f:.3f} ({lo:.2f}..{hi:.2f})" for _, f, lo, hi in (next(wall_stages), next(cpu_stages))]
-            print(f"{s['stage']:<20} {s['evals']:7d} {s['wall']:7.1f} {s['before'][0]:10.1f} {s['after'][0]:10.1f} "
+            print(f"{s['stage']:<20} {s['evals']:7d} {s['wall']:7.1f} {len(s['intervals']):5d} {s['before'][0]:10.1f} "
+                  f"{s['after'][0]:10.1f} "
                   f"{cols[0]:>19} {cols[1]:>19}")
         for clock in ("wall", "CPU"):
             f, lo, hi = paced[clock]["job"]

@@ -23,6 +23,46 @@ def test_paced_fractions_weigh_each_step_by_the_plain_rate_around_it():
     assert paced["CPU"]["stages"] == [("generate", pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0))]
 
 
+def test_paced_fractions_weigh_each_interval_of_a_step_by_its_own_plain_rate():
+    bench = load_bench("main_job")
+    steps = [{"stage": "evaluate", "intervals": [
+        {"evals": 100, "wall": 1.0, "cpu": 1.0, "before": (100.0, 100.0), "after": (50.0, 100.0)},
+        {"evals": 50, "wall": 1.0, "cpu": 1.0, "before": (50.0, 100.0), "after": (50.0, 100.0)}]}]
+    paced = bench.paced_fractions(steps)
+    # mean rates 75 then 50: 150 evaluations against 1 s x 75 + 1 s x 50; before alone 100 + 50, after alone 50 + 50
+    expected = (150 / 125, 150 / 150, 150 / 100)
+    assert paced["wall"]["job"] == pytest.approx(expected)
+    assert paced["wall"]["stages"] == [("evaluate", *map(pytest.approx, expected))]
+    assert paced["CPU"]["job"] == pytest.approx((0.75, 0.75, 0.75))
+
+
+def test_the_pacer_cuts_a_step_at_a_plain_batch_after_a_pass_when_its_time_has_come(monkeypatch):
+    bench = load_bench("main_job")
+    from pipeline.cost import count
+    from pipeline.engine.model import HSpaceModel
+
+    batches = []
+    monkeypatch.setattr(HSpaceModel, "predict", lambda model, evals: count(unet_evaluations=evals))
+    pacer = bench.Pacer(lambda batch_size, generator: batches.append(batch_size), batch_size=4, steps=2, every=0.0)
+    with pacer.within_steps():
+        HSpaceModel.predict(None, 8)  # a pass: every=0, so its time has come
+        count(unet_evaluations=3)  # work counted outside a pass is in the interval under way
+        HSpaceModel.predict(None, 4)
+    HSpaceModel.predict(None, 5)  # after the block the passes are no longer paced
+    pacer(types.SimpleNamespace(name="evaluate"), {"unet_evaluations": 20})
+    assert len(batches) == 4  # before the first step, after each of the two passes, after the step
+    (step,) = pacer.steps
+    assert [p["evals"] for p in step["intervals"]] == [8, 7, 5]
+    assert step["wall"] == pytest.approx(sum(p["wall"] for p in step["intervals"]))
+    for before, after in zip(step["intervals"], step["intervals"][1:]):
+        assert after["before"] == before["after"]
+    assert step["before"] == step["intervals"][0]["before"] and step["after"] == step["intervals"][-1]["after"]
+    between_steps_only = bench.Pacer(lambda batch_size, generator: batches.append(batch_size), 4, 2)
+    with between_steps_only.within_steps():
+        HSpaceModel.predict(None, 8)
+    assert len(batches) == 5  # its first batch only
+
+
 def test_the_pacer_times_a_plain_batch_after_every_step_and_leaves_it_out_of_the_steps():
     bench = load_bench("main_job")
     batches = []

@@ -71,6 +71,17 @@ def test_planted_signal_is_found_at_exactly_its_steps(components):
             assert (np.abs(noise - rows.chance.to_numpy()[0]) < 0.2).all()
 
 
+def test_the_table_is_bit_for_bit_the_same_in_worker_processes():
+    rng = np.random.default_rng(1)
+    h, targets = planted()
+    wide = np.concatenate([h[:, :4], rng.standard_normal((N, 4, 3000))], axis=2)  # BLAS products large enough to thread
+    test = split_by_id(np.arange(N), 0.25, seed=0)
+    args = ({"h": wide, "x_t": wide[:, :, ::-1]}, targets, test, ["glasses"], 0.5, 20)
+    here = probe_table(*args, n_jobs=1)
+    assert probe_table(*args, n_jobs=2).to_csv() == here.to_csv()
+    assert np.isfinite(here.score).all() and len(here) == 2 * 2 * 4
+
+
 def test_scores_equal_scikit_learn_fitted_directly():
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV

@@ -307,6 +307,15 @@ class ProbeConfig(Section):
     encoded_fraction: float = Field(0.9, gt=0, le=1, description="a step encodes an attribute when its h probe's "
                                     "score above chance is at least this share of the best step's")
     batch_size: int = Field(64, ge=1, description="samples per U-Net call when recomputing x_t")
+    n_jobs: int = Field(-1, ge=-1, description="worker processes the steps' fits are dealt to (-1: one per core; "
+                        "1: none, in the command's own process); the table is the same for any number")
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _n_jobs(cls, n):
+        if n == 0:
+            raise ValueError("0 workers cannot fit anything: give -1 (one per core), 1 (none) or more")
+        return n
 
 
 class DisentangleConfig(Section):

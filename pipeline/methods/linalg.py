@@ -10,15 +10,22 @@ library (the probes stay in numpy, PCA and the Jacobian in torch, on any device)
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _library(a):
-    """numpy or torch: the library whose functions compute on ``a``."""
-    return np if isinstance(a, np.ndarray) else torch
+    """numpy or torch: the library whose functions compute on ``a`` (torch imported only for a tensor, so
+    that numpy callers, such as the probes' worker processes, do not pay for it)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import torch
+
+    return torch
 
 
 def top_eigh(G, k: int | None = None):
@@ -47,6 +54,8 @@ def gram_svd(G, k: int):
 def orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
     """Reduced QR of the rows: X (..., m, d), m <= d -> (..., m, d) orthonormal rows spanning the same
     space, in order (row i keeps a positive component on X's row i)."""
+    import torch
+
     Q, R = torch.linalg.qr(X.mT)
     signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     signs[signs == 0] = 1
@@ -77,4 +86,4 @@ def rayleigh_ritz(Q: torch.Tensor, Z: torch.Tensor) -> Ritz:
     theta, W = top_eigh((C + C.mT) / 2)
     U, UA = W.mT @ Q, W.mT @ Z
     R = UA - theta.unsqueeze(-1) * U
-    return Ritz(theta, W, U, UA, R, torch.linalg.vector_norm(R, dim=-1))
+    return Ritz(theta, W, U, UA, R, _library(R).linalg.vector_norm(R, dim=-1))

@@ -118,32 +118,55 @@ def probe_step(X: np.ndarray | None, y: np.ndarray, test: np.ndarray, binary: bo
 
 
 def probe_table(spaces: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], test, binary: Iterable[str] = (),
-                threshold: float = 0.5, components: int | None = None) -> pd.DataFrame:
+                threshold: float = 0.5, components: int | None = None, n_jobs: int = 1) -> pd.DataFrame:
     """Every attribute of ``targets`` ({name: (N,)}) probed at every step of every space of
     ``spaces`` ({"h": (N, T, ...), "x_t": ...}). An attribute in ``binary`` is thresholded at
     ``threshold`` into 0/1 labels. Rows {attribute, space, step, metric, score, chance, n_train, n_test},
-    in that order. The features of a step are reduced once for all attributes."""
+    in that order. The features of a step are reduced once for all attributes. ``n_jobs``: worker
+    processes the steps are dealt to (-1: one per core); the table is the same for any number."""
     binary, test = set(binary), np.asarray(test, bool)
     labels = {a: (np.asarray(y, float) > threshold).astype(int) if a in binary else np.asarray(y, float)
               for a, y in targets.items()}
-    rows = []
     for space, X in spaces.items():
         if X.ndim < 3:
             raise InputError(f"features of {space} must be (N, T, ...), got {tuple(X.shape)}")
         if len(X) != len(test) or any(len(y) != len(test) for y in labels.values()):
             raise InputError(f"{len(X)} samples of {space}, {len(test)} split entries and targets of "
                              f"{sorted({len(y) for y in labels.values()})}")
-        for t in range(X.shape[1]):
-            reduced = reduce_features(X[:, t], test, components)
-            for attr, y in labels.items():
-                score, chance = probe_step(None, y, test, attr in binary, reduced=reduced)
-                rows.append({"attribute": attr, "space": space, "step": t,
-                             "metric": "accuracy" if attr in binary else "r2", "score": score, "chance": chance,
-                             "n_train": int((~test).sum()), "n_test": int(test.sum())})
-    table = pd.DataFrame(rows)
+    tasks = [(space, t, X[:, t]) for space, X in spaces.items() for t in range(X.shape[1])]
+    if n_jobs == 1 or len(tasks) < 2:
+        per_step = [step_rows(space, t, X_t, labels, test, binary, components) for space, t, X_t in tasks]
+    else:
+        per_step = in_processes(step_rows, [(space, t, X_t, labels, test, binary, components)
+                                            for space, t, X_t in tasks], n_jobs)
+    table = pd.DataFrame([row for rows in per_step for row in rows])
     order = {a: i for i, a in enumerate(labels)}, {s: i for i, s in enumerate(spaces)}
     return table.sort_values(["attribute", "space", "step"], key=lambda c: c.map(order[0]) if c.name == "attribute"
                              else c.map(order[1]) if c.name == "space" else c, kind="stable").reset_index(drop=True)
+
+
+def step_rows(space: str, t: int, X_t: np.ndarray, labels: Mapping[str, np.ndarray], test: np.ndarray,
+              binary: set, components: int | None) -> list[dict]:
+    """The probe table's rows of one step of one space: features X_t (N, D) reduced once, then every attribute."""
+    reduced = reduce_features(X_t, test, components)
+    rows = []
+    for attr, y in labels.items():
+        score, chance = probe_step(None, y, test, attr in binary, reduced=reduced)
+        rows.append({"attribute": attr, "space": space, "step": t, "metric": "accuracy" if attr in binary else "r2",
+                     "score": score, "chance": chance, "n_train": int((~test).sum()), "n_test": int(test.sum())})
+    return rows
+
+
+def in_processes(fn, args: list[tuple], n_jobs: int) -> list:
+    """``[fn(*a) for a in args]`` in ``n_jobs`` worker processes (joblib's loky, reused between calls), each
+    computing with as many BLAS threads as this process does, so that every result is bit for bit the one this
+    process would compute (a BLAS of another thread count rounds differently)."""
+    from joblib import Parallel, delayed, parallel_config
+    from threadpoolctl import threadpool_info
+
+    blas = max([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] or [1])
+    with parallel_config(backend="loky", inner_max_num_threads=blas):
+        return Parallel(n_jobs=n_jobs)(delayed(fn)(*a) for a in args)
 
 
 def encoded_steps(scores, chance=0.0, fraction: float = 0.9) -> np.ndarray:

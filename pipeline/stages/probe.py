@@ -93,7 +93,7 @@ def run_probes(cfg) -> pd.DataFrame:
     binary = [a for a in attrs if (is_binary(annotations[a]) if pc.binary == "auto" else a in pc.binary)]
     features = gather_features(cfg, ids)
     table = probe_table(features, {a: annotations[a].to_numpy() for a in attrs}, test, binary, pc.threshold,
-                        pc.pca_components or None)
+                        pc.pca_components or None, n_jobs=pc.n_jobs)
     h_steps = np.asarray(h_layout(read_manifest(cfg.run_dir)).steps)
     table.loc[table.space == "h", "step"] = h_steps[table.loc[table.space == "h", "step"].to_numpy(int)]
     table["encoded"] = False
