@@ -204,10 +204,15 @@ def pca_and_random(run_dir, ev_cfg, model=None) -> list[Edit]:
     return edits
 
 
+def mean_pixel_change(images: torch.Tensor, base: torch.Tensor) -> np.ndarray:
+    """(E,) mean absolute pixel change (in [0, 1] units) of each edit's images (E, S, 3, H, W) in [-1, 1]
+    from the unedited ones, base (S, 3, H, W)."""
+    return ((images - base.cpu()).abs().mean(dim=(1, 2, 3, 4)) / 2).numpy()
+
+
 def pixel_changes(model: HSpaceModel, seeds, deltas, base: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Mean absolute pixel change (in [0, 1] units) of the seeds' samples under each delta (T, C, H, W)."""
-    images = model.sample_edits(seeds, list(deltas), batch_size=batch_size)
-    return ((images - base.cpu()).abs().mean(dim=(1, 2, 3, 4)) / 2).numpy()
+    return mean_pixel_change(model.sample_edits(seeds, list(deltas), batch_size=batch_size), base)
 
 
 def match_pixel_change(model: HSpaceModel, seeds, directions, targets, rtol: float = PIXEL_RTOL,
@@ -241,8 +246,8 @@ def calibrate_random(model: HSpaceModel, run_dir, ev_cfg, seeds) -> dict[str, fl
     edits = pca_and_random(run_dir, ev_cfg, model)
     pcs = [e.delta for e in edits if e.family == "pca"]
     randoms = [(e.name, e.delta) for e in edits if e.family == "random"]
-    base = model.sample(seeds).images
-    targets = pixel_changes(model, seeds, pcs[:len(randoms)], base, ev_cfg.batch_size)
+    images = model.sample_edits(seeds, [None, *pcs[:len(randoms)]], batch_size=ev_cfg.batch_size)  # in one batch
+    base, targets = images[0], mean_pixel_change(images[1:], images[0])
     multipliers = match_pixel_change(model, seeds, [v for _, v in randoms], targets, base=base,
                                      batch_size=ev_cfg.batch_size)
     return {name: float(c) for (name, _), c in zip(randoms, multipliers)}
