@@ -108,15 +108,20 @@ class Stage:
             raise ConfigError(f"{missing[0]}: no such file or folder")
         return files
 
+    def missing_reads(self, cfg) -> list[str]:
+        """The artefacts it must read that the run directory does not hold (each written by a stage, in order),
+        once the files the configuration names are checked to exist (a ConfigError if not)."""
+        self.inputs_exist(cfg)
+        return [name for name in self.required(cfg) if name in PRODUCERS and not present(cfg.run_dir, [name])]
+
     def check_reads(self, cfg) -> None:
         """Before the stage takes the run directory's lock (so before anything is created): the files the
         configuration names exist, and so does every artefact it must read, or a one-line error names the stage
         that writes the first one missing."""
-        self.inputs_exist(cfg)
-        for name in self.required(cfg):
-            if name in PRODUCERS and not present(cfg.run_dir, [name]):
-                raise DatasetError(f"{Path(cfg.run_dir) / name} is missing: run `hspace {PRODUCERS[name]} "
-                                   f"run_dir={cfg.run_dir}` first (or `hspace run`, which runs every stage in order)")
+        missing = self.missing_reads(cfg)
+        if missing:
+            raise DatasetError(f"{Path(cfg.run_dir) / missing[0]} is missing: run `hspace {PRODUCERS[missing[0]]} "
+                               f"run_dir={cfg.run_dir}` first (or `hspace run`, which runs every stage in order)")
 
     def identity(self, cfg, known: dict | None = None, drop: tuple[str, ...] = (),
                  reads: tuple[str, ...] | None = None) -> dict:

@@ -129,6 +129,24 @@ def test_skipping_a_stage_that_is_not_in_the_main_job_is_one_clear_error(tmp_pat
         "fewshot, report")
 
 
+def test_a_skipped_stage_whose_output_no_earlier_run_made_is_refused_before_anything_is_created(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.stages.run import check_plan
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", "run.skip=[generate]"])
+    refusal = r"^run\.skip: generate is skipped, but annotate, (\w+, )*\w+ read\(s\) .*/run/samples, which no " \
+              r"earlier run made; run generate, or skip annotate, (\w+, )*\w+ too$"
+    with pytest.raises(ConfigError, match=refusal):
+        check_plan(cfg)
+    assert not run.exists()
+    (run / "samples").mkdir(parents=True)  # a folder a person made under that name is not generate's output
+    with pytest.raises(ConfigError, match=refusal):
+        check_plan(cfg)
+    check_plan(load_config(None, [f"run_dir={run}"]))  # nothing skipped: this run makes the samples
+
+
 @pytest.mark.slow
 def test_main_job_without_the_skipped_stages(tmp_path, tiny_model_dir):
     """run.skip=[probe, fewshot, jacobian]: those stages do not run, and the report renders without them."""

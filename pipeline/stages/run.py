@@ -50,10 +50,9 @@ def check_plan(cfg, only: list[str] | None = None) -> None:
     skipped = set(cfg.run.skip)
     stages = to_run(cfg, only)
     for st in stages:
-        st.inputs_exist(cfg)
-        for name in st.required(cfg):
-            producer = PRODUCERS.get(name)
-            if producer in skipped and not (run_dir / name).exists():
+        for name in st.missing_reads(cfg):
+            producer = PRODUCERS[name]
+            if producer in skipped:
                 consumers = [c.name for c in stages if name in c.required(cfg)]
                 raise ConfigError(f"run.skip: {producer} is skipped, but {', '.join(consumers)} read(s) {run_dir / name}, "
                                   f"which no earlier run made; run {producer}, or skip {', '.join(consumers)} too")
