@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.pace_every < 0:
+        ap.error(f"--pace-every {args.pace_every:g}: give the seconds between pacing batches within a step (0: none)")
 
     from pipeline.config import load_config
     from pipeline.cost import read_timings
